@@ -1,0 +1,767 @@
+"""Durable state: issued certificates, revocations, pre-registered devices.
+
+Callers see only :class:`IStore`, whose methods return Deferreds; the SQL
+runs in a one-connection :class:`twisted.enterprise.adbapi.ConnectionPool`
+thread, and every write is committed before its Deferred fires (so a
+certificate can be sent to a device only once it is on disk).
+
+The SQL is a portable subset (SQLite and PostgreSQL both run it): values
+as TEXT (timestamps as fixed-width ISO 8601 UTC, serials as hex, SANs as
+a JSON list), booleans as 0/1 INTEGER, ``LIMIT``, ``CREATE ... IF NOT
+EXISTS``.  What differs between the two is kept in :class:`_SQLStore`'s
+class attributes: the DB-API paramstyle and a few DDL words.
+
+The schema is versioned: :data:`MIGRATIONS` lists ``(version, [sql...])``
+steps, each applied in its own transaction together with the bump of the
+single-row ``schema_version`` table.  Later steps add pending approvals,
+officer roles and factory certificates.  To change the schema, append a
+step; never edit one that has shipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime, timezone
+from typing import Any, Callable, ClassVar, Sequence, TypeVar
+
+import attr
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from twisted.enterprise import adbapi
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from zope.interface import Attribute, Interface, implementer
+
+__all__ = [
+    "IssuedCertificate",
+    "Device",
+    "DuplicateDevice",
+    "DuplicateCertificate",
+    "UnknownCertificate",
+    "UnsupportedSchemaVersion",
+    "StoreNotRunning",
+    "REVOCATION_REASONS",
+    "MIGRATIONS",
+    "IStore",
+    "SQLiteStore",
+]
+
+_T = TypeVar("_T")
+
+
+# -- values -----------------------------------------------------------------
+
+
+def _require_utc(instance: Any, attribute: Any, value: datetime | None) -> None:
+    # A naive datetime would be stored as if it were UTC and silently shift
+    # validity and revocation dates by the local offset: refuse it.
+    if value is not None and value.utcoffset() is None:
+        raise ValueError(f"{attribute.name} must be timezone-aware, got {value!r}")
+
+
+def _utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _general_name(name: x509.GeneralName) -> str:
+    """One SAN in the ``TYPE:value`` spelling OpenSSL prints."""
+    if isinstance(name, x509.DNSName):
+        return f"DNS:{name.value}"
+    if isinstance(name, x509.IPAddress):
+        return f"IP:{name.value}"
+    if isinstance(name, x509.RFC822Name):
+        return f"email:{name.value}"
+    if isinstance(name, x509.UniformResourceIdentifier):
+        return f"URI:{name.value}"
+    if isinstance(name, x509.DirectoryName):
+        return f"DirName:{name.value.rfc4514_string()}"
+    if isinstance(name, x509.RegisteredID):
+        return f"RID:{name.value.dotted_string}"
+    if isinstance(name, x509.OtherName):
+        return f"othername:{name.type_id.dotted_string}:{name.value.hex()}"
+    return f"unknown:{name!r}"  # pragma: no cover - cryptography has no others
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class IssuedCertificate:
+    """A certificate this gateway issued, and whether it was revoked."""
+
+    serial: int  # up to 160 bits: stored as hex TEXT, not INTEGER
+    subject: str  # cert.subject.rfc4514_string()
+    # "DNS:x", "IP:1.2.3.4", "email:..", "URI:.." in certificate order
+    sans: tuple[str, ...] = attr.ib(converter=tuple)
+    not_before: datetime = attr.ib(validator=_require_utc)
+    not_after: datetime = attr.ib(validator=_require_utc)
+    public_key_sha256: str  # hex SHA-256 of the SubjectPublicKeyInfo DER
+    handler: str  # handler id, e.g. "1"
+    requester: str  # e.g. "device:pump-17" or "cert:CN=x,O=y#serial=ab12.."
+    der: bytes = attr.ib(repr=False)
+    issued_at: datetime = attr.ib(validator=_require_utc)
+    revoked_at: datetime | None = attr.ib(default=None, validator=_require_utc)
+    revocation_reason: str | None = None
+
+    @classmethod
+    def from_certificate(
+        cls,
+        cert: x509.Certificate,
+        handler: str,
+        requester: str,
+        issued_at: datetime | None = None,
+    ) -> IssuedCertificate:
+        """Describe ``cert``; ``issued_at`` defaults to now."""
+        try:
+            san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+            sans = tuple(_general_name(name) for name in san.value)
+        except x509.ExtensionNotFound:
+            sans = ()
+        spki = cert.public_key().public_bytes(
+            Encoding.DER, PublicFormat.SubjectPublicKeyInfo
+        )
+        return cls(
+            serial=cert.serial_number,
+            subject=cert.subject.rfc4514_string(),
+            sans=sans,
+            not_before=cert.not_valid_before_utc,
+            not_after=cert.not_valid_after_utc,
+            public_key_sha256=hashlib.sha256(spki).hexdigest(),
+            handler=handler,
+            requester=requester,
+            der=cert.public_bytes(Encoding.DER),
+            issued_at=_utcnow() if issued_at is None else issued_at,
+        )
+
+    @property
+    def certificate(self) -> x509.Certificate:
+        return x509.load_der_x509_certificate(self.der)
+
+    @property
+    def revoked(self) -> bool:
+        return self.revoked_at is not None
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class Device:
+    """A device an administrator pre-registered for HTTP Basic/Digest."""
+
+    device_id: str
+    password_hash: str | None = attr.ib(repr=False)  # never the password
+    single_use: bool = False
+    created_at: datetime | None = attr.ib(default=None, validator=_require_utc)
+    consumed_at: datetime | None = attr.ib(default=None, validator=_require_utc)
+
+
+#: Reasons :meth:`IStore.revoke_certificate` accepts: the RFC 5280 CRLReason
+#: names as cryptography spells them, so a CRL writer can use
+#: ``x509.ReasonFlags(reason)``.  removeFromCRL is for delta CRLs only.
+REVOCATION_REASONS: frozenset[str] = frozenset(
+    flag.value for flag in x509.ReasonFlags if flag is not x509.ReasonFlags.remove_from_crl
+)
+
+
+class DuplicateDevice(Exception):
+    """add_device for a device id that is already registered."""
+
+
+class DuplicateCertificate(Exception):
+    """record_certificate for a serial number that is already recorded."""
+
+
+class UnknownCertificate(Exception):
+    """No certificate with this serial number was issued here."""
+
+
+class UnsupportedSchemaVersion(Exception):
+    """The database was written by a newer estgw than this one."""
+
+
+class StoreNotRunning(Exception):
+    """An operation on a store that was not started, or was closed."""
+
+
+# -- interface --------------------------------------------------------------
+
+
+class IStore(Interface):
+    """
+    Durable gateway state.  Every method returns a Deferred; a write's
+    Deferred fires only after the write is committed.  Datetimes are
+    timezone-aware UTC; ``when`` arguments default to now.
+    """
+
+    SCHEMA_VERSION = Attribute("The schema version this code reads and writes (int).")
+
+    def start() -> Deferred[None]:
+        """Open the database; create or migrate the schema to SCHEMA_VERSION."""
+
+    def close() -> Deferred[None]:
+        """Finish the operations in flight, then release the database."""
+
+    def record_certificate(issued: IssuedCertificate) -> Deferred[None]:
+        """Record an issued certificate (DuplicateCertificate on a reused serial)."""
+
+    def get_certificate(serial: int) -> Deferred[IssuedCertificate | None]:
+        """The certificate with this serial, or None."""
+
+    def list_certificates(subject: str | None = None) -> Deferred[list[IssuedCertificate]]:
+        """All certificates, or those of one subject; newest first."""
+
+    def revoke_certificate(
+        serial: int, reason: str = "unspecified", when: datetime | None = None
+    ) -> Deferred[IssuedCertificate]:
+        """
+        Mark a certificate revoked and return it.  UnknownCertificate if
+        absent; a second revocation keeps the first date and reason.
+        ``reason`` is one of REVOCATION_REASONS (else ValueError).
+        """
+
+    def is_revoked(serial: int) -> Deferred[bool]:
+        """Whether this serial was issued here and revoked (unknown: False)."""
+
+    def last_issued_for_subject(subject: str) -> Deferred[IssuedCertificate | None]:
+        """The newest certificate for ``subject`` (by issued_at, then insertion)."""
+
+    def count_certificates() -> Deferred[int]:
+        """How many certificates are recorded."""
+
+    def add_device(device: Device) -> Deferred[None]:
+        """Pre-register a device (DuplicateDevice if the id exists)."""
+
+    def get_device(device_id: str) -> Deferred[Device | None]:
+        """The device, or None."""
+
+    def list_devices() -> Deferred[list[Device]]:
+        """All devices, by id."""
+
+    def remove_device(device_id: str) -> Deferred[bool]:
+        """Forget a device; True if there was one."""
+
+    def consume_device(device_id: str, when: datetime | None = None) -> Deferred[bool]:
+        """
+        Use up a single-use device, atomically: True only for the one call
+        that consumed it; False if already consumed, not single-use, or
+        unknown.
+        """
+
+
+# -- schema -----------------------------------------------------------------
+
+# DDL words that differ between databases are {placeholders}, filled from
+# _SQLStore.ddl_words; everything else must run unchanged on both.
+MIGRATIONS: list[tuple[int, list[str]]] = [
+    (
+        1,
+        [
+            """
+            CREATE TABLE certificates (
+                id {autoincrement_primary_key},
+                serial TEXT NOT NULL UNIQUE,
+                subject TEXT NOT NULL,
+                sans TEXT NOT NULL,
+                not_before TEXT NOT NULL,
+                not_after TEXT NOT NULL,
+                public_key_sha256 TEXT NOT NULL,
+                handler TEXT NOT NULL,
+                requester TEXT NOT NULL,
+                der {blob} NOT NULL,
+                issued_at TEXT NOT NULL,
+                revoked_at TEXT,
+                revocation_reason TEXT
+            )
+            """,
+            # Leading subject: serves lookups by subject, and the ordering
+            # of last_issued_for_subject without a sort.
+            "CREATE INDEX certificates_subject ON certificates (subject, issued_at, id)",
+            # For "is this key already certified?" checks (rekey policy).
+            "CREATE INDEX certificates_public_key ON certificates (public_key_sha256)",
+            """
+            CREATE TABLE devices (
+                device_id TEXT PRIMARY KEY,
+                password_hash TEXT,
+                single_use INTEGER NOT NULL,
+                created_at TEXT NOT NULL,
+                consumed_at TEXT
+            )
+            """,
+        ],
+    ),
+]
+
+
+def _serial_text(serial: int) -> str:
+    # Lower-case hex without padding: the one spelling, so equality in SQL
+    # is equality of serials.  A negative serial (RFC 5280 forbids them,
+    # but a foreign client certificate may carry one) still gets a spelling
+    # that can never match a certificate issued here.
+    return format(serial, "x") if serial >= 0 else "-" + format(-serial, "x")
+
+
+def _time_text(when: datetime) -> str:
+    # Fixed width (microseconds always present, UTC offset always +00:00)
+    # so that text order is time order in ORDER BY on every database.
+    if when.utcoffset() is None:
+        raise ValueError(f"timezone-aware datetime required, got {when!r}")
+    return when.astimezone(timezone.utc).isoformat(timespec="microseconds")
+
+
+def _parse_time(text: str | None) -> datetime | None:
+    return None if text is None else datetime.fromisoformat(text)
+
+
+_CERT_COLUMNS = (
+    "serial, subject, sans, not_before, not_after, public_key_sha256,"
+    " handler, requester, der, issued_at, revoked_at, revocation_reason"
+)
+_DEVICE_COLUMNS = "device_id, password_hash, single_use, created_at, consumed_at"
+
+
+def _certificate_from_row(row: Sequence[Any]) -> IssuedCertificate:
+    return IssuedCertificate(
+        serial=int(row[0], 16),
+        subject=row[1],
+        sans=tuple(json.loads(row[2])),
+        not_before=_parse_time(row[3]),
+        not_after=_parse_time(row[4]),
+        public_key_sha256=row[5],
+        handler=row[6],
+        requester=row[7],
+        der=bytes(row[8]),  # psycopg2 returns memoryview for BYTEA
+        issued_at=_parse_time(row[9]),
+        revoked_at=_parse_time(row[10]),
+        revocation_reason=row[11],
+    )
+
+
+def _device_from_row(row: Sequence[Any]) -> Device:
+    return Device(
+        device_id=row[0],
+        password_hash=row[1],
+        single_use=bool(row[2]),
+        created_at=_parse_time(row[3]),
+        consumed_at=_parse_time(row[4]),
+    )
+
+
+# -- implementation ---------------------------------------------------------
+
+
+@implementer(IStore)
+class _SQLStore:
+    """
+    IStore over any DB-API module through adbapi.
+
+    A subclass supplies :meth:`_make_pool`, and sets :attr:`paramstyle`
+    and :attr:`ddl_words` where its database differs from SQLite.  A
+    ``PostgresStore(connection_string, reactor=None)`` needs only:
+
+    - ``_make_pool``: ``adbapi.ConnectionPool("psycopg2", connection_string,
+      cp_min=1, cp_max=N, cp_reactor=self._reactor)`` (several connections
+      are fine there: row locks, not a file lock; the ``consume_device``
+      UPDATE stays atomic under READ COMMITTED);
+    - ``paramstyle = "format"`` (psycopg2 writes ``%s``; no SQL here
+      contains a literal ``%``, which ``format`` would need doubled);
+    - ``ddl_words = {"blob": "BYTEA", "autoincrement_primary_key":
+      "BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY"}``.
+
+    Integrity errors are recognised through the pool's ``dbapi`` module, and
+    BYTEA values come back as memoryview and are turned into bytes, so
+    nothing else changes.  Migrations take the ``schema_version`` row lock
+    first, so several gateway processes starting at once apply each step
+    once.
+    """
+
+    _log: ClassVar[Logger] = Logger()
+
+    SCHEMA_VERSION: ClassVar[int] = 1
+    migrations: ClassVar[list[tuple[int, list[str]]]] = MIGRATIONS
+
+    #: DB-API paramstyle of the driver: "qmark" (?) or "format" (%s).
+    paramstyle: ClassVar[str] = "qmark"
+    ddl_words: ClassVar[dict[str, str]] = {
+        "blob": "BLOB",
+        # AUTOINCREMENT: ids never reused, so id order is insertion order.
+        "autoincrement_primary_key": "INTEGER PRIMARY KEY AUTOINCREMENT",
+    }
+
+    def __init__(self, reactor: Any = None) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as _reactor
+
+            reactor = _reactor
+        self._reactor = reactor
+        self._pool: adbapi.ConnectionPool | None = None
+        self._closing = False
+        # Deferreds that fire when each operation in flight ends: close()
+        # waits for them in the reactor, because stopping the pool while
+        # work is queued would block the reactor thread on a join until
+        # the queue drained.
+        self._in_flight: set[Deferred[None]] = set()
+
+    # -- plumbing
+
+    def _make_pool(self) -> adbapi.ConnectionPool:
+        raise NotImplementedError
+
+    def _sql(self, query: str) -> str:
+        """Queries are written with ``?``; this is the one place that
+        rewrites them for the driver's paramstyle."""
+        if self.paramstyle == "qmark":
+            return query
+        if self.paramstyle == "format":
+            return query.replace("?", "%s")
+        raise ValueError(f"unsupported paramstyle {self.paramstyle!r}")
+
+    def _execute(self, txn: Any, query: str, params: Sequence[Any] = ()) -> Any:
+        txn.execute(self._sql(query), tuple(params))
+        return txn
+
+    def _now(self) -> datetime:
+        # The reactor's clock, so that tests can control it where they
+        # control the reactor.
+        return datetime.fromtimestamp(self._reactor.seconds(), timezone.utc)
+
+    def _is_integrity_error(self, error: BaseException) -> bool:
+        assert self._pool is not None
+        return isinstance(error, self._pool.dbapi.IntegrityError)
+
+    def _run(self, interaction: Callable[..., _T], *args: Any) -> Deferred[_T]:
+        """Run ``interaction(txn, *args)`` in one transaction; committed
+        before the returned Deferred fires."""
+        if self._pool is None or self._closing:
+            return defer.fail(StoreNotRunning("the store is not started, or closed"))
+        finished: Deferred[None] = Deferred()
+        self._in_flight.add(finished)
+
+        def done(result: Any) -> Any:
+            self._in_flight.discard(finished)
+            finished.callback(None)
+            return result
+
+        d: Deferred[_T] = self._pool.runInteraction(interaction, *args)
+        d.addBoth(done)
+        return d
+
+    # -- lifecycle
+
+    def start(self) -> Deferred[None]:
+        if self._pool is not None:
+            return defer.fail(RuntimeError("store already started"))
+        self._closing = False
+        self._pool = self._make_pool()
+        # Start the threads now rather than when the reactor runs, so that
+        # start() also completes when called from startService (before the
+        # reactor is running).
+        self._pool.start()
+        d = Deferred.fromCoroutine(self._migrate())
+
+        def failed(failure: Any) -> Any:
+            # Do not leave pool threads behind a store that did not start.
+            assert self._pool is not None
+            self._pool.close()
+            self._pool = None
+            return failure
+
+        d.addErrback(failed)
+        return d
+
+    async def _migrate(self) -> None:
+        current = await self._run(self._bootstrap)
+        if current > self.SCHEMA_VERSION:
+            raise UnsupportedSchemaVersion(
+                f"the database has schema version {current}, but this estgw"
+                f" knows versions up to {self.SCHEMA_VERSION}: it was written"
+                f" by a newer estgw; upgrade estgw (or restore a backup)"
+            )
+        for version, statements in self.migrations:
+            if version > current:
+                await self._run(self._apply_migration, version, statements)
+                current = version
+
+    def _bootstrap(self, txn: Any) -> int:
+        """Create the version table if needed; return the version on disk."""
+        self._execute(
+            txn,
+            "CREATE TABLE IF NOT EXISTS schema_version ("
+            " id INTEGER PRIMARY KEY CHECK (id = 1),"
+            " version INTEGER NOT NULL)",
+        )
+        self._execute(txn, "SELECT version FROM schema_version WHERE id = 1")
+        row = txn.fetchone()
+        if row is not None:
+            return int(row[0])
+        try:
+            self._execute(txn, "INSERT INTO schema_version (id, version) VALUES (1, 0)")
+        except Exception as e:
+            if not self._is_integrity_error(e):
+                raise
+            # Another process created the row between our SELECT and
+            # INSERT; the migrations below re-read it under the lock.
+        return 0
+
+    def _apply_migration(self, txn: Any, version: int, statements: list[str]) -> None:
+        # Write the version row first: it takes the write lock (SQLite) or
+        # the row lock (PostgreSQL), and in Python's sqlite3 the DML opens
+        # the transaction that the DDL below then joins, so the step and
+        # the version bump commit or roll back together.
+        self._execute(txn, "UPDATE schema_version SET version = version WHERE id = 1")
+        self._execute(txn, "SELECT version FROM schema_version WHERE id = 1")
+        (current,) = txn.fetchone()
+        if int(current) >= version:
+            return  # another process applied it meanwhile
+        for statement in statements:
+            self._execute(txn, statement.format(**self.ddl_words))
+        self._execute(txn, "UPDATE schema_version SET version = ? WHERE id = 1", (version,))
+        self._log.info("applied store schema migration {version}", version=version)
+
+    def close(self) -> Deferred[None]:
+        if self._pool is None or self._closing:
+            return defer.succeed(None)
+        self._closing = True  # refuse new work; let work in flight finish
+
+        def close_pool(_: object) -> None:
+            assert self._pool is not None
+            self._pool.close()
+            self._pool = None
+            self._closing = False
+
+        d = defer.DeferredList(list(self._in_flight))
+        d.addCallback(close_pool)
+        return d
+
+    # -- certificates
+
+    def record_certificate(self, issued: IssuedCertificate) -> Deferred[None]:
+        def interaction(txn: Any) -> None:
+            try:
+                self._execute(
+                    txn,
+                    f"INSERT INTO certificates ({_CERT_COLUMNS})"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        _serial_text(issued.serial),
+                        issued.subject,
+                        json.dumps(list(issued.sans)),
+                        _time_text(issued.not_before),
+                        _time_text(issued.not_after),
+                        issued.public_key_sha256,
+                        issued.handler,
+                        issued.requester,
+                        issued.der,
+                        _time_text(issued.issued_at),
+                        None if issued.revoked_at is None else _time_text(issued.revoked_at),
+                        issued.revocation_reason,
+                    ),
+                )
+            except Exception as e:
+                if self._is_integrity_error(e):
+                    raise DuplicateCertificate(f"serial {issued.serial:x} is already recorded") from e
+                raise
+
+        return self._run(interaction)
+
+    def _select_certificate(self, txn: Any, serial: int) -> IssuedCertificate | None:
+        self._execute(
+            txn,
+            f"SELECT {_CERT_COLUMNS} FROM certificates WHERE serial = ?",
+            (_serial_text(serial),),
+        )
+        row = txn.fetchone()
+        return None if row is None else _certificate_from_row(row)
+
+    def get_certificate(self, serial: int) -> Deferred[IssuedCertificate | None]:
+        return self._run(self._select_certificate, serial)
+
+    def list_certificates(self, subject: str | None = None) -> Deferred[list[IssuedCertificate]]:
+        def interaction(txn: Any) -> list[IssuedCertificate]:
+            if subject is None:
+                self._execute(
+                    txn,
+                    f"SELECT {_CERT_COLUMNS} FROM certificates"
+                    " ORDER BY issued_at DESC, id DESC",
+                )
+            else:
+                self._execute(
+                    txn,
+                    f"SELECT {_CERT_COLUMNS} FROM certificates WHERE subject = ?"
+                    " ORDER BY issued_at DESC, id DESC",
+                    (subject,),
+                )
+            return [_certificate_from_row(row) for row in txn.fetchall()]
+
+        return self._run(interaction)
+
+    def revoke_certificate(
+        self, serial: int, reason: str = "unspecified", when: datetime | None = None
+    ) -> Deferred[IssuedCertificate]:
+        if reason not in REVOCATION_REASONS:
+            return defer.fail(
+                ValueError(
+                    f"unknown revocation reason {reason!r};"
+                    f" use one of {', '.join(sorted(REVOCATION_REASONS))}"
+                )
+            )
+        try:
+            revoked_at = _time_text(self._now() if when is None else when)
+        except ValueError as e:
+            return defer.fail(e)
+
+        def interaction(txn: Any) -> IssuedCertificate:
+            # "IS NULL": the first revocation's date and reason stand, which
+            # is what every CRL already published says.
+            self._execute(
+                txn,
+                "UPDATE certificates SET revoked_at = ?, revocation_reason = ?"
+                " WHERE serial = ? AND revoked_at IS NULL",
+                (revoked_at, reason, _serial_text(serial)),
+            )
+            issued = self._select_certificate(txn, serial)
+            if issued is None:
+                raise UnknownCertificate(f"no certificate with serial {_serial_text(serial)}")
+            return issued
+
+        return self._run(interaction)
+
+    def is_revoked(self, serial: int) -> Deferred[bool]:
+        def interaction(txn: Any) -> bool:
+            self._execute(
+                txn,
+                "SELECT revoked_at FROM certificates WHERE serial = ?",
+                (_serial_text(serial),),
+            )
+            row = txn.fetchone()
+            return row is not None and row[0] is not None
+
+        return self._run(interaction)
+
+    def last_issued_for_subject(self, subject: str) -> Deferred[IssuedCertificate | None]:
+        def interaction(txn: Any) -> IssuedCertificate | None:
+            self._execute(
+                txn,
+                f"SELECT {_CERT_COLUMNS} FROM certificates WHERE subject = ?"
+                " ORDER BY issued_at DESC, id DESC LIMIT 1",
+                (subject,),
+            )
+            row = txn.fetchone()
+            return None if row is None else _certificate_from_row(row)
+
+        return self._run(interaction)
+
+    def count_certificates(self) -> Deferred[int]:
+        def interaction(txn: Any) -> int:
+            self._execute(txn, "SELECT COUNT(*) FROM certificates")
+            return int(txn.fetchone()[0])
+
+        return self._run(interaction)
+
+    # -- devices
+
+    def add_device(self, device: Device) -> Deferred[None]:
+        created_at = device.created_at if device.created_at is not None else self._now()
+
+        def interaction(txn: Any) -> None:
+            try:
+                self._execute(
+                    txn,
+                    f"INSERT INTO devices ({_DEVICE_COLUMNS}) VALUES (?, ?, ?, ?, ?)",
+                    (
+                        device.device_id,
+                        device.password_hash,
+                        1 if device.single_use else 0,  # INTEGER on both databases
+                        _time_text(created_at),
+                        None if device.consumed_at is None else _time_text(device.consumed_at),
+                    ),
+                )
+            except Exception as e:
+                if self._is_integrity_error(e):
+                    raise DuplicateDevice(f"device {device.device_id!r} is already registered") from e
+                raise
+
+        return self._run(interaction)
+
+    def get_device(self, device_id: str) -> Deferred[Device | None]:
+        def interaction(txn: Any) -> Device | None:
+            self._execute(
+                txn,
+                f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE device_id = ?",
+                (device_id,),
+            )
+            row = txn.fetchone()
+            return None if row is None else _device_from_row(row)
+
+        return self._run(interaction)
+
+    def list_devices(self) -> Deferred[list[Device]]:
+        def interaction(txn: Any) -> list[Device]:
+            self._execute(txn, f"SELECT {_DEVICE_COLUMNS} FROM devices ORDER BY device_id")
+            return [_device_from_row(row) for row in txn.fetchall()]
+
+        return self._run(interaction)
+
+    def remove_device(self, device_id: str) -> Deferred[bool]:
+        def interaction(txn: Any) -> bool:
+            self._execute(txn, "DELETE FROM devices WHERE device_id = ?", (device_id,))
+            return bool(txn.rowcount > 0)
+
+        return self._run(interaction)
+
+    def consume_device(self, device_id: str, when: datetime | None = None) -> Deferred[bool]:
+        try:
+            consumed_at = _time_text(self._now() if when is None else when)
+        except ValueError as e:
+            return defer.fail(e)
+
+        def interaction(txn: Any) -> bool:
+            # One conditional UPDATE, not a SELECT then an UPDATE: of two
+            # racing calls (even from two processes) exactly one matches.
+            self._execute(
+                txn,
+                "UPDATE devices SET consumed_at = ?"
+                " WHERE device_id = ? AND single_use = 1 AND consumed_at IS NULL",
+                (consumed_at, device_id),
+            )
+            return bool(txn.rowcount == 1)
+
+        return self._run(interaction)
+
+
+class SQLiteStore(_SQLStore):
+    """
+    :class:`IStore` in one SQLite file, through one pooled connection
+    (SQLite serialises writers anyway).  WAL journal so readers in other
+    processes (the CLI) do not block the gateway; ``synchronous=FULL`` so a
+    committed certificate survives a power cut.
+
+    ``path`` must be a file: ``":memory:"`` would give every pool
+    connection its own empty database.
+    """
+
+    def __init__(self, path: str, reactor: Any = None) -> None:
+        if path == ":memory:" or path.startswith("file::memory:"):
+            raise ValueError("SQLiteStore needs a file path, not an in-memory database")
+        super().__init__(reactor)
+        self.path = path
+
+    def __repr__(self) -> str:
+        return f"SQLiteStore({self.path!r})"
+
+    @staticmethod
+    def _open(connection: Any) -> None:
+        # Per connection: PRAGMAs are not stored in the file (except
+        # journal_mode, which is set again harmlessly).
+        cursor = connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    def _make_pool(self) -> adbapi.ConnectionPool:
+        return adbapi.ConnectionPool(
+            "sqlite3",
+            self.path,
+            check_same_thread=False,  # the pool closes it from the reactor thread
+            cp_min=1,
+            cp_max=1,
+            cp_openfun=self._open,
+            cp_reactor=self._reactor,
+        )

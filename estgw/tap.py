@@ -1,0 +1,126 @@
+"""``twistd estgw``: options and the service tree.
+
+The configuration is loaded and checked in ``postOptions`` so a bad file
+stops twistd before anything listens, with the key and the reason.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application import service
+from twisted.internet import defer
+from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint, wrapServerTLS
+from twisted.logger import Logger
+from twisted.python import usage
+
+from estgw import bootstrap, config as config_module
+from estgw.auth import device_portal
+from estgw.ca import CAError
+from estgw.config import Config, ConfigError
+from estgw.enroll import Gateway
+from estgw.tls import server_context_factory
+from estgw.web import build_site
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = "Serve EST (RFC 7030 / RFC 8951) over TLS as configured in est.properties."
+    optParameters = [
+        ["config", "c", "etc/est.properties", "The est.properties file."],
+        ["port", "p", None, "Listen on this TCP port instead of server.port.", int],
+    ]
+
+    def postOptions(self) -> None:
+        try:
+            loaded = config_module.load(self["config"])
+        except ConfigError as e:
+            raise usage.UsageError(str(e)) from None
+        if self["port"] is not None:
+            if not 0 <= self["port"] <= 65535:
+                raise usage.UsageError(f"--port: not a TCP port: {self['port']}")
+            import attr
+
+            loaded = attr.evolve(loaded, port=self["port"])
+        self.loaded: Config = loaded
+
+
+class GatewayService(service.Service):
+    """Opens the store, then listens; stops listening, then closes it."""
+
+    _log = Logger()
+
+    def __init__(self, config: Config, reactor: Any = None) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor
+        self.config = config
+        self.reactor = reactor
+        try:
+            self.state = bootstrap.initialize(config)
+        except CAError as e:
+            raise usage.UsageError(f"{config.source}: state.directory: {e}") from None
+        self.store = bootstrap.open_store(config, reactor)
+        self.port: Any = None
+        self.ready: defer.Deferred = defer.Deferred()
+
+    def build_gateway(self) -> Gateway:
+        return Gateway(
+            config=self.config,
+            store=self.store,
+            procedures=bootstrap.token_procedures(self.config, self.state.ca, self.reactor),
+            ca_chain=self.state.ca.chain(),
+            portal=device_portal(self.store, self.reactor),
+            reactor=self.reactor,
+        )
+
+    def _endpoint(self) -> Any:
+        interface = self.config.interface
+        tcp = TCP6ServerEndpoint if ":" in interface else TCP4ServerEndpoint
+        context = server_context_factory(
+            self.state.server_key,
+            self.state.server_certificate,
+            [self.state.ca.issuing],
+            self.state.trust_anchors,
+        )
+        return wrapServerTLS(context, tcp(self.reactor, self.config.port, interface=interface))
+
+    async def _start(self) -> None:
+        await self.store.start()
+        site = build_site(self.build_gateway())
+        self.port = await self._endpoint().listen(site)
+        host = self.config.hostnames[0] if self.config.hostnames else "localhost"
+        self._log.info(
+            "estgw serving EST at https://{host}:{port}/.well-known/est/ ; "
+            "CA certificate (trust anchor for clients): {ca}",
+            host=host,
+            port=self.port.getHost().port,
+            ca=self.config.ca_certificate_path,
+        )
+
+    def startService(self) -> None:
+        super().startService()
+        d = defer.Deferred.fromCoroutine(self._start())
+
+        def failed(failure: Any) -> None:
+            self._log.failure("estgw could not start", failure)
+            if self.reactor.running:
+                self.reactor.stop()
+
+        d.addCallbacks(self.ready.callback, failed)
+
+    async def _stop(self) -> None:
+        if self.port is not None:
+            await self.port.stopListening()
+        await self.store.close()
+
+    def stopService(self) -> defer.Deferred:
+        super().stopService()
+        return defer.Deferred.fromCoroutine(self._stop())
+
+
+def makeService(options: Options, reactor: Any = None) -> service.MultiService:
+    top = service.MultiService()
+    GatewayService(options.loaded, reactor).setServiceParent(top)
+    return top

@@ -1,0 +1,206 @@
+"""The EST resource tree: ``/.well-known/est[/<label>]/<operation>``.
+
+One resource renders every operation: it finds the handler, runs it as a
+coroutine, and turns the result or a :class:`Refusal` into a response in
+one place, always with a Content-Length (HTTP/1.0 clients and devices
+that cannot read chunked replies) and a plain-text reason on errors.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Awaitable, Callable
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import resource, server
+from twisted.web.http import Request
+
+from estgw import protocol
+from estgw.config import OPERATIONS
+from estgw.enroll import Gateway, enroll
+from estgw.refusal import Refusal
+from estgw.tls import PeerInfo, peer_info
+
+_audit = Logger(namespace="estgw.audit")
+_METHODS = {
+    "cacerts": b"GET",
+    "csrattrs": b"GET",
+    "simpleenroll": b"POST",
+    "simplereenroll": b"POST",
+    "serverkeygen": b"POST",
+    "fullcmc": b"POST",
+}
+
+
+class LimitedRequest(server.Request):
+    """A request that keeps at most ``max_body`` bytes of its body.
+
+    Past the limit the rest is read and dropped, and the handler answers
+    413, so a large upload cannot grow the process.
+    """
+
+    max_body = 65536
+    body_too_large = False
+
+    def gotLength(self, length: int | None) -> None:
+        if length is not None and length > self.max_body:
+            self.body_too_large = True
+        super().gotLength(None if self.body_too_large else length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self.body_too_large:
+            return
+        if self.content.tell() + len(data) > self.max_body:
+            self.body_too_large = True
+            self.content.seek(0)
+            self.content.truncate()
+            return
+        super().handleContentChunk(data)
+
+
+def request_factory(max_body: int) -> type[LimitedRequest]:
+    return type("LimitedRequest", (LimitedRequest,), {"max_body": max_body})
+
+
+def _respond(
+    request: Request,
+    status: int,
+    body: bytes,
+    content_type: str | None,
+    headers: dict[str, str] | None = None,
+) -> None:
+    request.setResponseCode(status)
+    if content_type is not None:
+        request.setHeader(b"Content-Type", content_type.encode("ascii"))
+    for name, value in (headers or {}).items():
+        request.setHeader(name.encode("ascii"), value.encode("latin-1"))
+    request.setHeader(b"Content-Length", str(len(body)).encode("ascii"))
+    if body and request.method != b"HEAD":
+        request.write(body)
+    request.finish()
+
+
+def _refuse(request: Request, refusal: Refusal, peer: PeerInfo | None) -> None:
+    _audit.info(
+        "refused {method} {path} from {client}: {status} {code}: {reason}",
+        method=request.method.decode("ascii", "replace"),
+        path=request.path.decode("ascii", "replace"),
+        client=_client_name(request, peer),
+        status=refusal.status,
+        code=refusal.code,
+        reason=refusal.reason,
+        event="refused",
+    )
+    body = (refusal.reason + "\n").encode("utf-8")
+    _respond(request, refusal.status, body, "text/plain; charset=utf-8", refusal.headers)
+
+
+def _client_name(request: Request, peer: PeerInfo | None) -> str:
+    address = request.getClientAddress()
+    host = getattr(address, "host", "?")
+    if peer is not None and peer.certificate is not None:
+        return f"{host} ({peer.certificate.subject.rfc4514_string()})"
+    return str(host)
+
+
+class ESTResource(resource.Resource):
+    """Serves every EST path below ``/.well-known/est/``."""
+
+    isLeaf = True
+    _log = Logger()
+
+    def __init__(self, gateway: Gateway) -> None:
+        super().__init__()
+        self._gateway = gateway
+        labels = {h.label for h in gateway.config.handlers}
+        self._labels = labels | {""}
+
+    def render(self, request: Request) -> Any:
+        finished = []
+        request.notifyFinish().addBoth(finished.append)
+        d = defer.Deferred.fromCoroutine(self._serve(request))
+
+        def failed(failure: Failure) -> None:
+            # A bug, never bad input: bad input is a Refusal.
+            self._log.failure("while serving {path}", failure, path=request.path)
+            if not finished:
+                _respond(request, 500, b"internal error\n", "text/plain; charset=utf-8")
+
+        d.addErrback(failed)
+        return server.NOT_DONE_YET
+
+    def _route(self, request: Request) -> tuple[str, str]:
+        segments = [s.decode("utf-8", "replace") for s in request.postpath if s]
+        if len(segments) == 1:
+            label, operation = "", segments[0]
+        elif len(segments) == 2:
+            label, operation = segments
+        else:
+            raise Refusal(404, "not-found", "no such EST resource")
+        if label not in self._labels:
+            raise Refusal(404, "unknown-label", f"no CA label {label!r} here")
+        if operation not in OPERATIONS:
+            raise Refusal(404, "unknown-operation", f"no EST operation {operation!r}")
+        allowed = _METHODS[operation]
+        if request.method not in (allowed, b"HEAD" if allowed == b"GET" else allowed):
+            raise Refusal(
+                405, "method-not-allowed",
+                f"{operation} takes {allowed.decode()}", {"Allow": allowed.decode()},
+            )
+        return label, operation
+
+    async def _serve(self, request: Request) -> None:
+        peer: PeerInfo | None = None
+        try:
+            label, operation = self._route(request)
+            peer = peer_info(request)
+            await self._operation(request, label, operation, peer)
+        except Refusal as refusal:
+            if not request.finished and not request._disconnected:
+                _refuse(request, refusal, peer)
+
+    async def _operation(self, request: Request, label: str, operation: str, peer: PeerInfo) -> None:
+        if operation in ("serverkeygen", "fullcmc"):
+            raise Refusal(501, "not-implemented", f"{operation} is not offered by this gateway")
+        handler = self._gateway.config.handler(label, operation)
+        if handler is None:
+            raise Refusal(404, "operation-not-configured", f"{operation} is not served here")
+        if getattr(request, "body_too_large", False):
+            raise Refusal(
+                413, "body-too-large",
+                f"the request body exceeds {self._gateway.config.max_request_bytes} bytes",
+            )
+        if operation == "cacerts":
+            body = protocol.encode_certs_only(self._gateway.ca_chain)
+            return self._send(request, body, protocol.PKCS7_MIME)
+        if operation == "csrattrs":
+            from estgw.auth import authenticate
+
+            await authenticate(request, handler, peer, self._gateway.portal)
+            if not handler.csrattrs:
+                return _respond(request, 204, b"", None)
+            return self._send(request, protocol.encode_csrattrs(handler.csrattrs), protocol.CSRATTRS)
+        content_type = request.getHeader(b"content-type")
+        body = request.content.read()
+        certificate = await enroll(
+            self._gateway, handler, request, peer, body,
+            content_type.decode("latin-1") if content_type else None,
+        )
+        self._send(request, protocol.encode_certs_only([certificate]), protocol.CERTS_ONLY)
+
+    def _send(self, request: Request, body: bytes, content_type: str) -> None:
+        if request.finished or request._disconnected:
+            return
+        _respond(request, 200, body, content_type, {"Content-Transfer-Encoding": "base64"})
+
+
+def build_site(gateway: Gateway) -> server.Site:
+    root = resource.Resource()
+    well_known = resource.Resource()
+    root.putChild(b".well-known", well_known)
+    well_known.putChild(b"est", ESTResource(gateway))
+    site = server.Site(root)
+    site.requestFactory = request_factory(gateway.config.max_request_bytes)
+    site.displayTracebacks = False
+    return site

@@ -1,0 +1,648 @@
+"""Tests for estgw.store: real SQLite files, real certificates."""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import os
+import sqlite3
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import attr
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from cryptography.x509.oid import NameOID
+from twisted.internet import defer
+from twisted.trial import unittest
+from zope.interface.verify import verifyObject
+
+from estgw.passwords import hash_password
+from estgw.store import (
+    MIGRATIONS,
+    Device,
+    DuplicateCertificate,
+    DuplicateDevice,
+    IssuedCertificate,
+    IStore,
+    SQLiteStore,
+    StoreNotRunning,
+    UnknownCertificate,
+    UnsupportedSchemaVersion,
+    _SQLStore,
+)
+
+UTC = timezone.utc
+T0 = datetime(2025, 3, 1, 12, 0, 0, tzinfo=UTC)
+
+# One issuer key for the module: EC keys are cheap, but there is no need
+# to make one per certificate.
+_ISSUER_KEY = ec.generate_private_key(ec.SECP256R1())
+_ISSUER = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "estgw test CA")])
+
+
+def make_certificate(
+    cn: str = "pump-17",
+    serial: int | None = None,
+    sans: list[x509.GeneralName] | None = None,
+) -> x509.Certificate:
+    """A certificate for ``cn`` signed by the module's test issuer."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(
+            x509.Name(
+                [
+                    x509.NameAttribute(NameOID.COMMON_NAME, cn),
+                    x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Example"),
+                ]
+            )
+        )
+        .issuer_name(_ISSUER)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number() if serial is None else serial)
+        .not_valid_before(T0)
+        .not_valid_after(T0 + timedelta(days=365))
+    )
+    if sans:
+        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    return builder.sign(_ISSUER_KEY, hashes.SHA256())
+
+
+def issued(
+    cn: str = "pump-17",
+    serial: int | None = None,
+    issued_at: datetime = T0,
+    handler: str = "1",
+) -> IssuedCertificate:
+    return IssuedCertificate.from_certificate(
+        make_certificate(cn, serial), handler, f"device:{cn}", issued_at
+    )
+
+
+class _ClockedReactor:
+    """The real reactor, but with a fixed seconds(): the store's "now"."""
+
+    def __init__(self, now: datetime) -> None:
+        from twisted.internet import reactor
+
+        self._reactor = reactor
+        self._now = now.timestamp()
+
+    def seconds(self) -> float:
+        return self._now
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._reactor, name)
+
+
+class StoreTestCase(unittest.TestCase):
+    def setUp(self) -> None:
+        base = self.mktemp()
+        os.makedirs(base)
+        self.path = os.path.join(base, "state.sqlite")
+
+    async def open_store(self, cls: type[_SQLStore] = SQLiteStore, **kwargs: Any) -> Any:
+        """A started store on self.path, closed when the test ends."""
+        store = cls(self.path, **kwargs)  # type: ignore[call-arg]
+        await store.start()
+        self.addCleanup(store.close)
+        return store
+
+    def on_disk(self, query: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        """Read the file with a connection of our own, not the store's."""
+        connection = sqlite3.connect(self.path)
+        try:
+            return connection.execute(query, params).fetchall()
+        finally:
+            connection.close()
+
+
+class CertificateTests(StoreTestCase):
+    async def test_round_trip(self) -> None:
+        """
+        A certificate made by cryptography is recorded and read back equal,
+        field by field, with its DER intact.
+        """
+        cert = make_certificate(
+            sans=[
+                x509.DNSName("pump-17.example"),
+                x509.IPAddress(ipaddress.ip_address("192.0.2.7")),
+                x509.RFC822Name("ops@example.com"),
+                x509.UniformResourceIdentifier("urn:dev:pump-17"),
+            ]
+        )
+        record = IssuedCertificate.from_certificate(cert, "1", "device:pump-17", T0)
+        store = await self.open_store()
+        await store.record_certificate(record)
+        got = await store.get_certificate(cert.serial_number)
+        self.assertEqual(got, record)
+        self.assertEqual(got.certificate, cert)
+        self.assertFalse(got.revoked)
+        self.assertEqual(await store.count_certificates(), 1)
+
+    def test_from_certificate(self) -> None:
+        """
+        from_certificate reads subject, SANs in certificate order with their
+        type prefixes, UTC validity and the SPKI SHA-256.
+        """
+        cert = make_certificate(
+            "meter-1",
+            sans=[
+                x509.UniformResourceIdentifier("urn:x"),
+                x509.DNSName("b.example"),
+                x509.IPAddress(ipaddress.ip_address("2001:db8::1")),
+                x509.DNSName("a.example"),
+                x509.RFC822Name("m@example.com"),
+            ],
+        )
+        record = IssuedCertificate.from_certificate(cert, "2", "cert:CN=ra", T0)
+        self.assertEqual(record.subject, "O=Example,CN=meter-1")
+        self.assertEqual(
+            record.sans,
+            ("URI:urn:x", "DNS:b.example", "IP:2001:db8::1", "DNS:a.example", "email:m@example.com"),
+        )
+        self.assertEqual(record.not_before, T0)
+        self.assertEqual(record.not_after, T0 + timedelta(days=365))
+        self.assertEqual(record.not_before.utcoffset(), timedelta(0))
+        spki = cert.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+        self.assertEqual(record.public_key_sha256, hashlib.sha256(spki).hexdigest())
+        self.assertEqual((record.handler, record.requester, record.issued_at), ("2", "cert:CN=ra", T0))
+        self.assertEqual(record.der, cert.public_bytes(Encoding.DER))
+
+    def test_from_certificate_without_sans_and_default_issued_at(self) -> None:
+        """
+        No SAN extension gives an empty tuple; issued_at defaults to now in
+        UTC.
+        """
+        before = datetime.now(UTC)
+        record = IssuedCertificate.from_certificate(make_certificate(), "1", "device:x")
+        self.assertEqual(record.sans, ())
+        self.assertTrue(before <= record.issued_at <= datetime.now(UTC))
+
+    def test_naive_datetimes_refused(self) -> None:
+        """
+        A naive datetime is refused rather than stored as if it were UTC.
+        """
+        record = issued()
+        with self.assertRaises(ValueError):
+            attr.evolve(record, issued_at=datetime(2025, 1, 1))
+        with self.assertRaises(ValueError):
+            Device("d", None, created_at=datetime(2025, 1, 1))
+
+    async def test_twenty_octet_serial(self) -> None:
+        """
+        A 159-bit serial (20 DER octets, the RFC 5280 maximum) survives the
+        round trip, is stored as hex text, and can be revoked and checked.
+        """
+        serial = (1 << 158) | int.from_bytes(os.urandom(19), "big")
+        cert = make_certificate(serial=serial)
+        self.assertEqual(serial.bit_length(), 159)  # 20 octets, no sign padding
+        store = await self.open_store()
+        await store.record_certificate(IssuedCertificate.from_certificate(cert, "1", "device:x", T0))
+        got = await store.get_certificate(serial)
+        self.assertEqual(got.serial, serial)
+        self.assertEqual(got.certificate.serial_number, serial)
+        self.assertEqual(self.on_disk("SELECT serial, typeof(serial) FROM certificates"), [(format(serial, "x"), "text")])
+        self.assertFalse(await store.is_revoked(serial))
+        await store.revoke_certificate(serial, "keyCompromise", T0)
+        self.assertTrue(await store.is_revoked(serial))
+        # A serial differing only in its low bit is another certificate.
+        self.assertIsNone(await store.get_certificate(serial ^ 1))
+
+    async def test_get_unknown(self) -> None:
+        """get_certificate of a serial never recorded is None."""
+        store = await self.open_store()
+        self.assertIsNone(await store.get_certificate(12345))
+
+    async def test_duplicate_serial(self) -> None:
+        """
+        Recording a serial twice fails with DuplicateCertificate and keeps
+        the first record.
+        """
+        store = await self.open_store()
+        first = issued("a", serial=77)
+        await store.record_certificate(first)
+        with self.assertRaises(DuplicateCertificate):
+            await store.record_certificate(issued("b", serial=77))
+        self.assertEqual(await store.get_certificate(77), first)
+        self.assertEqual(await store.count_certificates(), 1)
+
+    async def test_list_newest_first(self) -> None:
+        """
+        list_certificates orders by issued_at, newest first, whatever the
+        insertion order.
+        """
+        store = await self.open_store()
+        middle = issued("a", issued_at=T0 + timedelta(hours=1))
+        oldest = issued("b", issued_at=T0)
+        newest = issued("c", issued_at=T0 + timedelta(hours=2))
+        for record in (middle, oldest, newest):
+            await store.record_certificate(record)
+        self.assertEqual(await store.list_certificates(), [newest, middle, oldest])
+
+    async def test_list_by_subject(self) -> None:
+        """
+        list_certificates(subject) returns only that subject's certificates,
+        newest first; an unknown subject gives an empty list.
+        """
+        store = await self.open_store()
+        a1 = issued("a", issued_at=T0)
+        b1 = issued("b", issued_at=T0 + timedelta(minutes=1))
+        a2 = issued("a", issued_at=T0 + timedelta(minutes=2))
+        for record in (a1, b1, a2):
+            await store.record_certificate(record)
+        self.assertEqual(await store.list_certificates("O=Example,CN=a"), [a2, a1])
+        self.assertEqual(await store.list_certificates("O=Example,CN=b"), [b1])
+        self.assertEqual(await store.list_certificates("CN=nobody"), [])
+        self.assertEqual(await store.count_certificates(), 3)
+
+    async def test_revoke(self) -> None:
+        """
+        revoke_certificate marks the certificate with date and reason,
+        returns it, and is_revoked then says so; others stay unrevoked.
+        """
+        store = await self.open_store()
+        target, other = issued("a", serial=1), issued("b", serial=2)
+        await store.record_certificate(target)
+        await store.record_certificate(other)
+        when = T0 + timedelta(days=3)
+        revoked = await store.revoke_certificate(1, "keyCompromise", when)
+        self.assertEqual((revoked.serial, revoked.revoked_at, revoked.revocation_reason), (1, when, "keyCompromise"))
+        self.assertTrue(revoked.revoked)
+        self.assertTrue(await store.is_revoked(1))
+        self.assertFalse(await store.is_revoked(2))
+        self.assertEqual(await store.get_certificate(1), revoked)
+
+    async def test_revoke_defaults(self) -> None:
+        """
+        Without arguments the reason is "unspecified" and the date is the
+        reactor's now.
+        """
+        now = T0 + timedelta(days=10, microseconds=123)
+        store = await self.open_store(reactor=_ClockedReactor(now))
+        await store.record_certificate(issued(serial=5))
+        revoked = await store.revoke_certificate(5)
+        self.assertEqual((revoked.revoked_at, revoked.revocation_reason), (now, "unspecified"))
+
+    async def test_revoke_unknown(self) -> None:
+        """Revoking a serial that was never issued fails with UnknownCertificate."""
+        store = await self.open_store()
+        with self.assertRaises(UnknownCertificate):
+            await store.revoke_certificate(999)
+        self.assertFalse(await store.is_revoked(999))
+
+    async def test_revoke_twice_keeps_first(self) -> None:
+        """A second revocation keeps the first date and reason."""
+        store = await self.open_store()
+        await store.record_certificate(issued(serial=3))
+        first = await store.revoke_certificate(3, "superseded", T0 + timedelta(days=1))
+        second = await store.revoke_certificate(3, "keyCompromise", T0 + timedelta(days=2))
+        self.assertEqual(second, first)
+        self.assertEqual(second.revoked_at, T0 + timedelta(days=1))
+        self.assertEqual(second.revocation_reason, "superseded")
+
+    async def test_revoke_bad_reason(self) -> None:
+        """
+        A reason that is not an RFC 5280 CRLReason name is refused and
+        nothing is revoked.
+        """
+        store = await self.open_store()
+        await store.record_certificate(issued(serial=4))
+        with self.assertRaises(ValueError):
+            await store.revoke_certificate(4, "lost it")
+        with self.assertRaises(ValueError):
+            await store.revoke_certificate(4, "removeFromCRL")
+        self.assertFalse(await store.is_revoked(4))
+
+    async def test_is_revoked_unknown_and_negative(self) -> None:
+        """
+        is_revoked is False for a serial never issued here, including a
+        negative one from a malformed foreign certificate.
+        """
+        store = await self.open_store()
+        await store.record_certificate(issued(serial=0x10))
+        await store.revoke_certificate(0x10)
+        self.assertFalse(await store.is_revoked(0x11))
+        self.assertFalse(await store.is_revoked(-0x10))
+
+    async def test_last_issued_by_issued_at(self) -> None:
+        """
+        last_issued_for_subject picks the latest issued_at, even when it
+        was recorded before an older one.
+        """
+        store = await self.open_store()
+        newer = issued("a", issued_at=T0 + timedelta(days=1))
+        older = issued("a", issued_at=T0)
+        await store.record_certificate(newer)
+        await store.record_certificate(older)
+        await store.record_certificate(issued("b", issued_at=T0 + timedelta(days=5)))
+        self.assertEqual(await store.last_issued_for_subject("O=Example,CN=a"), newer)
+
+    async def test_last_issued_ties_by_insertion(self) -> None:
+        """
+        With equal issued_at, the certificate recorded last wins, whatever
+        the serial numbers.
+        """
+        store = await self.open_store()
+        first = issued("a", serial=900, issued_at=T0)
+        second = issued("a", serial=100, issued_at=T0)
+        await store.record_certificate(first)
+        await store.record_certificate(second)
+        self.assertEqual(await store.last_issued_for_subject("O=Example,CN=a"), second)
+        self.assertEqual(await store.list_certificates("O=Example,CN=a"), [second, first])
+        self.assertEqual(await store.list_certificates(), [second, first])
+
+    async def test_last_issued_none(self) -> None:
+        """last_issued_for_subject of a subject never seen is None."""
+        store = await self.open_store()
+        await store.record_certificate(issued("a"))
+        self.assertIsNone(await store.last_issued_for_subject("O=Example,CN=b"))
+
+
+class DeviceTests(StoreTestCase):
+    async def test_add_and_get(self) -> None:
+        """
+        A device is read back as added; created_at, when not given, is the
+        reactor's now.
+        """
+        now = T0 + timedelta(seconds=42)
+        store = await self.open_store(reactor=_ClockedReactor(now))
+        password_hash = hash_password("s3cret")
+        await store.add_device(Device("pump-17", password_hash, single_use=True))
+        got = await store.get_device("pump-17")
+        self.assertEqual(got, Device("pump-17", password_hash, True, now, None))
+        self.assertIsNone(await store.get_device("pump-18"))
+
+    async def test_add_keeps_given_fields(self) -> None:
+        """A device with no password and explicit dates is stored as given."""
+        store = await self.open_store()
+        device = Device("factory-1", None, False, T0, T0 + timedelta(hours=1))
+        await store.add_device(device)
+        self.assertEqual(await store.get_device("factory-1"), device)
+
+    async def test_duplicate(self) -> None:
+        """
+        Adding an id twice fails with DuplicateDevice and keeps the first
+        registration.
+        """
+        store = await self.open_store()
+        first = Device("pump-17", "hash-1", created_at=T0)
+        await store.add_device(first)
+        with self.assertRaises(DuplicateDevice):
+            await store.add_device(Device("pump-17", "hash-2", created_at=T0))
+        self.assertEqual(await store.get_device("pump-17"), first)
+
+    async def test_list(self) -> None:
+        """list_devices returns every device, ordered by id."""
+        store = await self.open_store()
+        for device_id in ("c", "a", "b"):
+            await store.add_device(Device(device_id, None, created_at=T0))
+        self.assertEqual([d.device_id for d in await store.list_devices()], ["a", "b", "c"])
+
+    async def test_remove(self) -> None:
+        """remove_device is True once, then False; the device is gone."""
+        store = await self.open_store()
+        await store.add_device(Device("a", None, created_at=T0))
+        await store.add_device(Device("b", None, created_at=T0))
+        self.assertTrue(await store.remove_device("a"))
+        self.assertFalse(await store.remove_device("a"))
+        self.assertIsNone(await store.get_device("a"))
+        self.assertEqual([d.device_id for d in await store.list_devices()], ["b"])
+
+    async def test_consume_once(self) -> None:
+        """
+        consume_device is True the first time, sets consumed_at, and is
+        False afterwards without moving the date.
+        """
+        store = await self.open_store()
+        await store.add_device(Device("one-shot", "h", single_use=True, created_at=T0))
+        when = T0 + timedelta(minutes=5)
+        self.assertTrue(await store.consume_device("one-shot", when))
+        self.assertFalse(await store.consume_device("one-shot", when + timedelta(minutes=1)))
+        self.assertEqual((await store.get_device("one-shot")).consumed_at, when)
+
+    async def test_consume_race(self) -> None:
+        """
+        Two consume calls fired before either is awaited: exactly one wins.
+        """
+        store = await self.open_store()
+        await store.add_device(Device("one-shot", "h", single_use=True, created_at=T0))
+        results = await defer.gatherResults(
+            [store.consume_device("one-shot"), store.consume_device("one-shot")]
+        )
+        self.assertEqual(sorted(results), [False, True])
+
+    async def test_consume_race_two_stores(self) -> None:
+        """
+        Two stores (two connections, as two gateway processes would have)
+        on one file racing to consume: exactly one wins.
+        """
+        store = await self.open_store()
+        other = await self.open_store()
+        await store.add_device(Device("one-shot", "h", single_use=True, created_at=T0))
+        calls = [s.consume_device("one-shot") for _ in range(5) for s in (store, other)]
+        results = await defer.gatherResults(calls)
+        self.assertEqual(results.count(True), 1)
+
+    async def test_consume_not_single_use_or_unknown(self) -> None:
+        """
+        A device that is not single-use is never consumed, and an unknown
+        id is not either.
+        """
+        store = await self.open_store()
+        await store.add_device(Device("multi", "h", single_use=False, created_at=T0))
+        self.assertFalse(await store.consume_device("multi"))
+        self.assertIsNone((await store.get_device("multi")).consumed_at)
+        self.assertFalse(await store.consume_device("nobody"))
+
+
+class SchemaTests(StoreTestCase):
+    async def test_version_persists(self) -> None:
+        """
+        A new file gets schema version 1 in a single row; reopening applies
+        no migration again and the version stays.
+        """
+        store = SQLiteStore(self.path)
+        await store.start()
+        await store.close()
+        self.assertEqual(self.on_disk("SELECT id, version FROM schema_version"), [(1, 1)])
+        store = await self.open_store()
+        self.assertEqual(await store.count_certificates(), 0)
+        self.assertEqual(self.on_disk("SELECT id, version FROM schema_version"), [(1, 1)])
+        self.assertEqual(SQLiteStore.SCHEMA_VERSION, MIGRATIONS[-1][0])
+
+    async def test_too_new_version_refused(self) -> None:
+        """
+        A file written by a newer estgw (higher schema version) refuses to
+        open with a clear exception and leaves the file as it was.
+        """
+        store = SQLiteStore(self.path)
+        await store.start()
+        await store.close()
+        connection = sqlite3.connect(self.path)
+        connection.execute("UPDATE schema_version SET version = 99")
+        connection.commit()
+        connection.close()
+        store = SQLiteStore(self.path)
+        with self.assertRaises(UnsupportedSchemaVersion) as caught:
+            await store.start()
+        self.assertIn("99", str(caught.exception))
+        self.assertIn("upgrade estgw", str(caught.exception))
+        self.assertEqual(self.on_disk("SELECT version FROM schema_version"), [(99,)])
+        # The failed start released its pool: the store refuses work.
+        with self.assertRaises(StoreNotRunning):
+            await store.count_certificates()
+
+    async def test_migrates_older_database(self) -> None:
+        """
+        A version 1 file opened by code that knows version 2 is migrated,
+        keeping its data.
+        """
+        store = SQLiteStore(self.path)
+        await store.start()
+        await store.record_certificate(issued(serial=8))
+        await store.close()
+
+        class V2Store(SQLiteStore):
+            SCHEMA_VERSION = 2
+            migrations = MIGRATIONS + [(2, ["CREATE TABLE pending (id TEXT PRIMARY KEY)"])]
+
+        store = await self.open_store(V2Store)
+        self.assertEqual(self.on_disk("SELECT version FROM schema_version"), [(2,)])
+        self.assertEqual(self.on_disk("SELECT COUNT(*) FROM pending"), [(0,)])
+        self.assertEqual((await store.get_certificate(8)).serial, 8)
+
+    async def test_failed_migration_rolls_back(self) -> None:
+        """
+        A migration step that fails half-way leaves neither its first
+        statements nor a version bump behind; the file still opens.
+        """
+        store = SQLiteStore(self.path)
+        await store.start()
+        await store.close()
+
+        class BrokenStore(SQLiteStore):
+            SCHEMA_VERSION = 2
+            migrations = MIGRATIONS + [
+                (2, ["CREATE TABLE half (id TEXT)", "CREATE TABLE certificates (x TEXT)"])
+            ]
+
+        with self.assertRaises(sqlite3.OperationalError):
+            await BrokenStore(self.path).start()
+        self.assertEqual(self.on_disk("SELECT version FROM schema_version"), [(1,)])
+        self.assertEqual(
+            self.on_disk("SELECT name FROM sqlite_master WHERE name = 'half'"), []
+        )
+        store = await self.open_store()
+        self.assertEqual(await store.count_certificates(), 0)
+
+    async def test_connection_pragmas(self) -> None:
+        """
+        The store's connection runs in WAL mode with synchronous=FULL and
+        foreign keys enforced.
+        """
+        store = await self.open_store()
+
+        def pragmas(txn: Any) -> list[Any]:
+            values = []
+            for name in ("journal_mode", "synchronous", "foreign_keys"):
+                txn.execute(f"PRAGMA {name}")
+                values.append(txn.fetchone()[0])
+            return values
+
+        self.assertEqual(await store._run(pragmas), ["wal", 2, 1])
+
+    def test_paramstyle_isolated(self) -> None:
+        """
+        Queries are written with "?" and rewritten in one place for a
+        driver using the "format" paramstyle (psycopg2).
+        """
+
+        class FormatStore(SQLiteStore):
+            paramstyle = "format"
+
+        query = "SELECT 1 FROM devices WHERE device_id = ? AND consumed_at IS NULL"
+        self.assertEqual(SQLiteStore(self.path)._sql(query), query)
+        self.assertEqual(
+            FormatStore(self.path)._sql(query),
+            "SELECT 1 FROM devices WHERE device_id = %s AND consumed_at IS NULL",
+        )
+
+
+class LifecycleTests(StoreTestCase):
+    async def test_provides_istore(self) -> None:
+        """SQLiteStore provides every method of IStore."""
+        store = await self.open_store()
+        self.assertTrue(verifyObject(IStore, store))
+
+    def test_memory_path_refused(self) -> None:
+        """":memory:" cannot back a pool (one database per connection)."""
+        with self.assertRaises(ValueError):
+            SQLiteStore(":memory:")
+
+    async def test_not_started_or_closed(self) -> None:
+        """
+        Operations before start() and after close() fail with
+        StoreNotRunning; closing twice is harmless.
+        """
+        store = SQLiteStore(self.path)
+        with self.assertRaises(StoreNotRunning):
+            await store.get_device("x")
+        await store.start()
+        await store.close()
+        await store.close()
+        with self.assertRaises(StoreNotRunning):
+            await store.count_certificates()
+
+    async def test_close_waits_for_work_in_flight(self) -> None:
+        """
+        close() called while a write is running lets it commit before the
+        pool stops, and fires only after it.
+        """
+        store = SQLiteStore(self.path)
+        await store.start()
+        write = store.record_certificate(issued(serial=11))
+        closed = store.close()
+        # close() waits in the reactor rather than joining the pool thread
+        # (which would block the reactor until the queue drained).
+        self.assertNoResult(closed)
+        await write
+        await closed
+        self.assertEqual(self.on_disk("SELECT serial FROM certificates"), [("b",)])
+
+    async def test_committed_before_deferred_fires(self) -> None:
+        """
+        Once a write's Deferred fires, another connection already sees the
+        row: it is committed, not waiting in an open transaction.
+        """
+        store = await self.open_store()
+        await store.record_certificate(issued(serial=0xABC))
+        await store.add_device(Device("d", None, created_at=T0))
+        self.assertEqual(self.on_disk("SELECT serial FROM certificates"), [("abc",)])
+        self.assertEqual(self.on_disk("SELECT device_id FROM devices"), [("d",)])
+
+    async def test_survives_reopen(self) -> None:
+        """
+        Certificates, revocations and devices written by one store are all
+        there for the next store opened on the same file.
+        """
+        store = SQLiteStore(self.path)
+        await store.start()
+        record = issued(serial=0xFEED)
+        await store.record_certificate(record)
+        revoked = await store.revoke_certificate(0xFEED, "superseded", T0 + timedelta(days=1))
+        device = Device("pump-17", hash_password("pw"), True, T0)
+        await store.add_device(device)
+        await store.consume_device("pump-17", T0 + timedelta(hours=1))
+        await store.close()
+
+        store = await self.open_store()
+        self.assertEqual(await store.get_certificate(0xFEED), revoked)
+        self.assertTrue(await store.is_revoked(0xFEED))
+        self.assertEqual(await store.list_certificates(), [revoked])
+        got = await store.get_device("pump-17")
+        self.assertEqual(got.password_hash, device.password_hash)
+        self.assertEqual(got.consumed_at, T0 + timedelta(hours=1))
