@@ -108,7 +108,8 @@ def _positive_int(value: str) -> int:
 
 
 def _port(value: str) -> int:
-    number = _positive_int(value)
+    # 0 asks the system for a free port (tests, several instances).
+    number = 0 if value.strip() == "0" else _positive_int(value)
     if number > 65535:
         raise ValueError(f"not a TCP port: {number}")
     return number

@@ -95,7 +95,9 @@ def _parse(encoded: str) -> tuple[int, int, int, bytes, bytes] | None:
         return None  # scrypt needs n a power of two > 1
     if 128 * r * n > _MAX_MEMORY:
         return None
-    if len(salt) < 8 or len(digest) < 16:
+    # scrypt output is a prefix-stable stream: a truncated digest would
+    # still match a shorter derived key, so insist on the full length.
+    if len(salt) < _SALT_BYTES or len(digest) != _HASH_BYTES:
         return None
     return n, r, p, salt, digest
 

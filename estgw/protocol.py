@@ -109,9 +109,7 @@ def _encode_base64(der: bytes) -> bytes:
     return b"".join(text[i : i + _LINE] + b"\n" for i in range(0, len(text), _LINE))
 
 
-def parse_csr(
-    body: bytes, content_type: str | None
-) -> x509.CertificateSigningRequest:
+def parse_csr(body: bytes, content_type: str | None) -> x509.CertificateSigningRequest:
     """Decode a simpleenroll/simplereenroll request body.
 
     ``content_type`` may be missing or empty (sloppy clients), otherwise it
@@ -190,7 +188,7 @@ def decode_certs_only(data: bytes) -> list[x509.Certificate]:
     der = decode_base64_body(data)
     try:
         return pkcs7.load_der_pkcs7_certificates(der)
-    except Exception:
+    except Exception:  # as in _load_csr: any parser error means "not PKCS#7"
         raise Refusal(
             400, "bad-pkcs7", "body is not a PKCS#7 certs-only structure"
         ) from None
@@ -353,6 +351,4 @@ def decode_csrattrs(data: bytes) -> tuple[CsrAttr, ...]:
             result.append(CsrAttr(str(attribute["attrType"]), tuple(values)))
         return tuple(result)
     except (PyAsn1Error, ValueError):
-        raise Refusal(
-            400, "bad-csrattrs", "body is not a CsrAttrs of OIDs"
-        ) from None
+        raise Refusal(400, "bad-csrattrs", "body is not a CsrAttrs of OIDs") from None

@@ -195,7 +195,9 @@ class ContentTypeMatchesTests(SynchronousTestCase):
         self.assertFalse(content_type_matches(None, PKCS10))
         self.assertFalse(content_type_matches("", PKCS10))
         self.assertFalse(content_type_matches("application/pkcs10x", PKCS10))
-        self.assertFalse(content_type_matches("text/plain; x=application/pkcs10", PKCS10))
+        self.assertFalse(
+            content_type_matches("text/plain; x=application/pkcs10", PKCS10)
+        )
 
     def test_response_types(self) -> None:
         """The response media types are exactly the strings of RFC 7030
@@ -286,7 +288,10 @@ class ParseCsrTests(RefusalAssertions):
 
     def test_pem_with_bad_base64(self) -> None:
         """A CSR armour around junk is refused, not raised."""
-        body = b"-----BEGIN CERTIFICATE REQUEST-----\n!!\n-----END CERTIFICATE REQUEST-----\n"
+        body = (
+            b"-----BEGIN CERTIFICATE REQUEST-----\n!!\n"
+            b"-----END CERTIFICATE REQUEST-----\n"
+        )
         self.assertRefused(400, "bad-base64", parse_csr, body, PKCS10)
 
     def test_der(self) -> None:
@@ -489,8 +494,12 @@ class ParseCsrattrsSettingTests(SynchronousTestCase):
         for name, oid in known.items():
             self.assertEqual(CSR_ATTRIBUTE_NAMES[name], oid.dotted_string, name)
         # Not in cryptography; from RFC 2985 and RFC 2307.
-        self.assertEqual(CSR_ATTRIBUTE_NAMES["extensionRequest"], "1.2.840.113549.1.9.14")
-        self.assertEqual(CSR_ATTRIBUTE_NAMES["unstructuredAddress"], "1.2.840.113549.1.9.8")
+        self.assertEqual(
+            CSR_ATTRIBUTE_NAMES["extensionRequest"], "1.2.840.113549.1.9.14"
+        )
+        self.assertEqual(
+            CSR_ATTRIBUTE_NAMES["unstructuredAddress"], "1.2.840.113549.1.9.8"
+        )
         self.assertEqual(CSR_ATTRIBUTE_NAMES["macAddress"], "1.3.6.1.1.1.1.22")
 
     def assertSettingError(self, text: str, *fragments: str) -> None:
@@ -514,13 +523,28 @@ class ParseCsrattrsSettingTests(SynchronousTestCase):
         """Malformed dotted OIDs (one arc, empty arcs, leading zeros, first
         arc above 2, second arc above 39 under 0/1, letters) are errors
         naming the item, as attribute or as value."""
-        for oid in ["1", "1.", "1..2", "1.2.", "1.02", "3.1", "1.40", "0.99", "1.2a", "1.-2"]:
+        for oid in [
+            "1",
+            "1.",
+            "1..2",
+            "1.2.",
+            "1.02",
+            "3.1",
+            "1.40",
+            "0.99",
+            "1.2a",
+            "1.-2",
+        ]:
             self.assertSettingError(oid, f"'{oid}'", "malformed OID")
             self.assertSettingError(f"ecPublicKey={oid}", f"'{oid}'", "malformed OID")
 
     def test_empty_item(self) -> None:
         """An empty item (doubled or trailing comma) is an error."""
-        for text in ["challengePassword,,ecPublicKey", "challengePassword,", ",keyUsage"]:
+        for text in [
+            "challengePassword,,ecPublicKey",
+            "challengePassword,",
+            ",keyUsage",
+        ]:
             self.assertSettingError(text, "empty item")
 
     def test_missing_attribute(self) -> None:
@@ -531,13 +555,20 @@ class ParseCsrattrsSettingTests(SynchronousTestCase):
     def test_empty_value(self) -> None:
         """'name=' or an empty slot in the '|' list is an error naming the
         item."""
-        for item in ["ecPublicKey=", "ecPublicKey= ", "ecPublicKey=secp384r1||secp256r1", "ecPublicKey=|secp384r1"]:
+        for item in [
+            "ecPublicKey=",
+            "ecPublicKey= ",
+            "ecPublicKey=secp384r1||secp256r1",
+            "ecPublicKey=|secp384r1",
+        ]:
             self.assertSettingError(item, repr(item.strip()), "empty value")
 
     def test_equals_in_value(self) -> None:
         """A second '=' makes the value an unknown name, not a silent
         split."""
-        self.assertSettingError("ecPublicKey=secp384r1=x", "unknown name", "'secp384r1=x'")
+        self.assertSettingError(
+            "ecPublicKey=secp384r1=x", "unknown name", "'secp384r1=x'"
+        )
 
     def test_duplicate(self) -> None:
         """The same OID twice (by name and number) is an error naming it."""
