@@ -35,6 +35,11 @@ class Identity:
     kind: str  # "anonymous" | "certificate" | "device"
     certificate: x509.Certificate | None = None
     device_id: str | None = None
+    # Officer/RA roles the client certificate holds (SPEC §3): such a
+    # client may enroll for other subjects.
+    officer_roles: tuple[str, ...] = ()
+    # Set when an officer/RA certificate acts on behalf of others.
+    acting_as_officer: bool = False
 
     @property
     def requester(self) -> str:

@@ -373,7 +373,7 @@ class _SQLStore:
 
     _log: ClassVar[Logger] = Logger()
 
-    SCHEMA_VERSION: ClassVar[int] = 1
+    SCHEMA_VERSION: ClassVar[int] = max(version for version, _ in MIGRATIONS)
     migrations: ClassVar[list[tuple[int, list[str]]]] = MIGRATIONS
 
     #: DB-API paramstyle of the driver: "qmark" (?) or "format" (%s).
