@@ -19,7 +19,7 @@ from estgw import bootstrap, config as config_module
 from estgw.ca import CAError
 from estgw.config import Config, ConfigError
 from estgw.passwords import hash_password
-from estgw.store import Device, DuplicateDevice, IssuedCertificate, IStore, UnknownCertificate
+from estgw.store import REVOCATION_REASONS, Device, DuplicateDevice, IssuedCertificate, IStore, UnknownCertificate
 
 
 class CommandError(Exception):
@@ -193,7 +193,9 @@ def _parser() -> argparse.ArgumentParser:
     show.set_defaults(run=cmd_cert_show)
     revoke = cert.add_parser("revoke", help="revoke a certificate; refused from the next request on")
     revoke.add_argument("serial", help="the serial number in hex")
-    revoke.add_argument("--reason", default="unspecified", help="RFC 5280 reason, e.g. keyCompromise")
+    revoke.add_argument(
+        "--reason", default="unspecified", choices=sorted(REVOCATION_REASONS), help="RFC 5280 reason"
+    )
     revoke.set_defaults(run=cmd_cert_revoke)
     return parser
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 from datetime import datetime, timezone
-from typing import Any, Callable, ClassVar, Sequence, TypeVar
+from typing import Any, Callable, ClassVar, Iterable, Sequence, TypeVar
 
 import attr
 from cryptography import x509
@@ -54,11 +54,16 @@ _T = TypeVar("_T")
 # -- values -----------------------------------------------------------------
 
 
-def _require_utc(instance: Any, attribute: Any, value: datetime | None) -> None:
+def _require_utc(instance: Any, attribute: Any, value: Any) -> None:
     # A naive datetime would be stored as if it were UTC and silently shift
     # validity and revocation dates by the local offset: refuse it.
     if value is not None and value.utcoffset() is None:
         raise ValueError(f"{attribute.name} must be timezone-aware, got {value!r}")
+
+
+def _to_tuple(values: Iterable[str]) -> tuple[str, ...]:
+    # Lists (e.g. from JSON) compare unequal to tuples: normalise.
+    return tuple(values)
 
 
 def _utcnow() -> datetime:
@@ -91,7 +96,7 @@ class IssuedCertificate:
     serial: int  # up to 160 bits: stored as hex TEXT, not INTEGER
     subject: str  # cert.subject.rfc4514_string()
     # "DNS:x", "IP:1.2.3.4", "email:..", "URI:.." in certificate order
-    sans: tuple[str, ...] = attr.ib(converter=tuple)
+    sans: tuple[str, ...] = attr.ib(converter=_to_tuple)
     not_before: datetime = attr.ib(validator=_require_utc)
     not_after: datetime = attr.ib(validator=_require_utc)
     public_key_sha256: str  # hex SHA-256 of the SubjectPublicKeyInfo DER
@@ -305,8 +310,12 @@ def _time_text(when: datetime) -> str:
     return when.astimezone(timezone.utc).isoformat(timespec="microseconds")
 
 
-def _parse_time(text: str | None) -> datetime | None:
-    return None if text is None else datetime.fromisoformat(text)
+def _parse_time(text: str) -> datetime:
+    return datetime.fromisoformat(text)
+
+
+def _parse_optional_time(text: str | None) -> datetime | None:
+    return None if text is None else _parse_time(text)
 
 
 _CERT_COLUMNS = (
@@ -328,7 +337,7 @@ def _certificate_from_row(row: Sequence[Any]) -> IssuedCertificate:
         requester=row[7],
         der=bytes(row[8]),  # psycopg2 returns memoryview for BYTEA
         issued_at=_parse_time(row[9]),
-        revoked_at=_parse_time(row[10]),
+        revoked_at=_parse_optional_time(row[10]),
         revocation_reason=row[11],
     )
 
@@ -339,7 +348,7 @@ def _device_from_row(row: Sequence[Any]) -> Device:
         password_hash=row[1],
         single_use=bool(row[2]),
         created_at=_parse_time(row[3]),
-        consumed_at=_parse_time(row[4]),
+        consumed_at=_parse_optional_time(row[4]),
     )
 
 
@@ -525,8 +534,7 @@ class _SQLStore:
             self._pool = None
             self._closing = False
 
-        d = defer.DeferredList(list(self._in_flight))
-        d.addCallback(close_pool)
+        d: Deferred[None] = defer.DeferredList(list(self._in_flight)).addCallback(close_pool)
         return d
 
     # -- certificates

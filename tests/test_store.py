@@ -106,7 +106,7 @@ class StoreTestCase(unittest.TestCase):
 
     async def open_store(self, cls: type[_SQLStore] = SQLiteStore, **kwargs: Any) -> Any:
         """A started store on self.path, closed when the test ends."""
-        store = cls(self.path, **kwargs)  # type: ignore[call-arg]
+        store = cls(self.path, **kwargs)
         await store.start()
         self.addCleanup(store.close)
         return store
