@@ -172,6 +172,9 @@ class HandlerConfig:
     qop: str = "auth"
     csrattrs: tuple[CsrAttr, ...] = ()
     allow_renewal_with_old_certificates: bool = False
+    # RFC 7030 §3.5 linking: the CSR's challengePassword must carry the
+    # connection's tls-unique (TLS 1.2) or tls-exporter (TLS 1.3) value.
+    channel_binding: bool = False
 
     @property
     def path(self) -> str:
@@ -250,6 +253,7 @@ _HANDLER_KEYS: dict[str, tuple[str, Callable[[str], Any]]] = {
         "allow_renewal_with_old_certificates",
         _bool,
     ),
+    "channelBinding": ("channel_binding", _bool),
 }
 # Handler keys that may also stand alone at the top level (as in the
 # model product's est.properties) and then act like default.<key>.

@@ -21,7 +21,7 @@ from estgw.config import Config, HandlerConfig
 from estgw.protocol import parse_csr
 from estgw.refusal import Refusal
 from estgw.store import IssuedCertificate, IStore
-from estgw.tls import PeerInfo
+from estgw.tls import PeerInfo, channel_binding
 
 _log = Logger(namespace="estgw.audit")
 
@@ -46,6 +46,24 @@ async def _client_certificate_not_revoked(gateway: Gateway, identity: auth.Ident
         raise Refusal(403, "client-certificate-revoked", "the TLS client certificate has been revoked")
 
 
+async def _renewing_last_issued(gateway: Gateway, identity: auth.Identity, ctx: policy.PolicyContext) -> None:
+    """SPEC §4.4: with allowRenewalWithOldCertificates = true (the product's
+    name reads backwards: true turns the check ON), only the certificate
+    issued last for the subject may renew it."""
+    cert = identity.certificate
+    if cert is None or identity.acting_as_officer:
+        return
+    last = await gateway.store.last_issued_for_subject(ctx.subject.rfc4514_string())
+    if last is None or last.serial != cert.serial_number:
+        raise Refusal(
+            403,
+            "not-last-issued-certificate",
+            "renewal requires the certificate issued last for this subject; a newer one exists"
+            if last is not None else
+            "renewal requires the certificate issued last for this subject; this gateway has no record of one",
+        )
+
+
 async def enroll(
     gateway: Gateway,
     handler: HandlerConfig,
@@ -57,11 +75,15 @@ async def enroll(
     """Run one enrollment; return the issued certificate or raise Refusal."""
     identity = await auth.authenticate(request, handler, peer, gateway.portal)
     csr = parse_csr(body, content_type)
-    ctx = policy.PolicyContext(
-        operation=handler.operation, handler=handler, identity=identity, csr=csr
+    binding = channel_binding(peer)
+    ctx = policy.build_context(
+        handler.operation, handler, identity, csr,
+        policy.ChannelBinding(*binding) if binding else None,
     )
     policy.run_format(ctx)
     await _client_certificate_not_revoked(gateway, identity)
+    if handler.operation == "simplereenroll" and handler.allow_renewal_with_old_certificates:
+        await _renewing_last_issued(gateway, identity, ctx)
 
     procedure = gateway.procedures[handler.token_procedure]
     certificate = await procedure.issue(policy.issue_request(ctx))

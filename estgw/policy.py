@@ -6,16 +6,25 @@ ordered tuple of checks (:data:`FORMATS`); the enrollment pipeline runs
 the handler's format, then :func:`issue_request` builds what the CA signs.
 Checks that need the store (revocation, last issued) live in
 :mod:`estgw.enroll`.
+
+The SAN/CN copy rules (SPEC §4.5) are applied first, by
+:func:`build_context`, so every check that compares names sees what
+would be issued: a renewal of a certificate whose SAN was copied from
+its CN must still match.
 """
 
 from __future__ import annotations
 
+import base64
+import hmac
+import ipaddress
+import re
 from typing import Callable
 
 import attr
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
-from cryptography.x509.oid import NameOID
+from cryptography.x509.oid import AttributeOID, ExtendedKeyUsageOID, NameOID, ObjectIdentifier
 
 from estgw.auth import Identity
 from estgw.ca import IssueRequest
@@ -25,6 +34,22 @@ from estgw.refusal import Refusal
 MIN_RSA_BITS = 2048
 ALLOWED_CURVES = (ec.SECP256R1, ec.SECP384R1, ec.SECP521R1)
 
+UNSTRUCTURED_NAME = ObjectIdentifier("1.2.840.113549.1.9.2")
+UNSTRUCTURED_ADDRESS = ObjectIdentifier("1.2.840.113549.1.9.8")
+CHALLENGE_PASSWORD = AttributeOID.CHALLENGE_PASSWORD
+CMC_RA = ObjectIdentifier("1.3.6.1.5.5.7.3.28")  # id-kp-cmcRA
+ANY_EKU = ObjectIdentifier("2.5.29.37.0")
+
+_DNS_NAME = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?$")
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class ChannelBinding:
+    """The TLS channel binding of the connection a request came on."""
+
+    kind: str  # "tls-unique" (TLS 1.2) or "tls-exporter" (TLS 1.3, RFC 9266)
+    value: bytes
+
 
 @attr.s(frozen=True, auto_attribs=True)
 class PolicyContext:
@@ -32,6 +57,10 @@ class PolicyContext:
     handler: HandlerConfig
     identity: Identity
     csr: x509.CertificateSigningRequest
+    # What would be issued, after the SAN/CN copy rules.
+    subject: x509.Name = attr.ib(factory=lambda: x509.Name([]))
+    sans: tuple[x509.GeneralName, ...] = ()
+    channel_binding: ChannelBinding | None = None
 
 
 Check = Callable[[PolicyContext], None]
@@ -39,6 +68,94 @@ Check = Callable[[PolicyContext], None]
 
 def _policy(code: str, reason: str) -> Refusal:
     return Refusal(403, code, reason)
+
+
+# -- names: the copy rules of SPEC §4.5 ---------------------------------------
+
+
+def sans_of(item: x509.CertificateSigningRequest | x509.Certificate) -> list[x509.GeneralName]:
+    try:
+        return list(item.extensions.get_extension_for_class(x509.SubjectAlternativeName).value)
+    except x509.ExtensionNotFound:
+        return []
+
+
+def _text_attribute(csr: x509.CertificateSigningRequest, oid: ObjectIdentifier) -> str | None:
+    """A PKCS#9 attribute, from the subject DN or from the CSR attributes."""
+    in_subject = csr.subject.get_attributes_for_oid(oid)
+    if in_subject:
+        value = in_subject[0].value
+        return value if isinstance(value, str) else value.decode("utf-8", "replace")
+    try:
+        raw = csr.attributes.get_attribute_for_oid(oid).value
+    except x509.AttributeNotFound:
+        return None
+    return raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+
+
+def _name_as_san(text: str) -> x509.GeneralName | None:
+    """A host name or address as a SAN; None when it is neither (e.g. "Jane Doe")."""
+    text = text.strip()
+    try:
+        return x509.IPAddress(ipaddress.ip_address(text))
+    except ValueError:
+        pass
+    if _DNS_NAME.match(text):
+        return x509.DNSName(text.rstrip("."))
+    return None
+
+
+def copied_names(csr: x509.CertificateSigningRequest) -> tuple[x509.Name, tuple[x509.GeneralName, ...]]:
+    """SPEC §4.5: with neither a dNSName nor an iPAddress SAN, dNSName comes
+    from unstructuredName (else commonName) and iPAddress from
+    unstructuredAddress; with no commonName, commonName comes from the
+    dNSName.  SANs the request already has are left alone."""
+    sans = sans_of(csr)
+    subject = csr.subject
+    has_host_san = any(isinstance(n, (x509.DNSName, x509.IPAddress)) for n in sans)
+    if not has_host_san:
+        added: list[x509.GeneralName] = []
+        common_names = subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        source = _text_attribute(csr, UNSTRUCTURED_NAME)
+        if source is None and common_names:
+            value = common_names[0].value
+            source = value if isinstance(value, str) else None
+        if source:
+            name = _name_as_san(source)
+            if name is not None:
+                added.append(name)
+        address = _text_attribute(csr, UNSTRUCTURED_ADDRESS)
+        if address:
+            try:
+                added.append(x509.IPAddress(ipaddress.ip_address(address.strip())))
+            except ValueError:
+                raise Refusal(
+                    400, "csr-bad-unstructured-address",
+                    f"unstructuredAddress {address.strip()[:60]!r} is not an IP address",
+                ) from None
+        sans = sans + [n for n in added if n not in sans]
+    if not subject.get_attributes_for_oid(NameOID.COMMON_NAME):
+        dns = [n.value for n in sans if isinstance(n, x509.DNSName)]
+        if dns:
+            subject = x509.Name(list(subject.rdns) + [x509.RelativeDistinguishedName([x509.NameAttribute(NameOID.COMMON_NAME, dns[0])])])
+    return subject, tuple(sans)
+
+
+def build_context(
+    operation: str,
+    handler: HandlerConfig,
+    identity: Identity,
+    csr: x509.CertificateSigningRequest,
+    channel_binding: ChannelBinding | None = None,
+) -> PolicyContext:
+    subject, sans = copied_names(csr)
+    return PolicyContext(
+        operation=operation, handler=handler, identity=identity, csr=csr,
+        subject=subject, sans=sans, channel_binding=channel_binding,
+    )
+
+
+# -- the checks ------------------------------------------------------------------
 
 
 def csr_signature_valid(ctx: PolicyContext) -> None:
@@ -73,35 +190,90 @@ def key_acceptable(ctx: PolicyContext) -> None:
     raise Refusal(400, "csr-unsupported-key", "the CSR public key type is not supported")
 
 
-def _sans(csr_or_cert: x509.CertificateSigningRequest | x509.Certificate) -> list[x509.GeneralName]:
-    try:
-        return list(csr_or_cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value)
-    except x509.ExtensionNotFound:
-        return []
-
-
 def has_subject(ctx: PolicyContext) -> None:
     """A certificate must name something: a subject or a SAN."""
-    if len(ctx.csr.subject) == 0 and not _sans(ctx.csr):
+    if len(ctx.csr.subject) == 0 and not sans_of(ctx.csr):
         raise Refusal(400, "csr-no-subject", "the CSR has neither a subject nor a subjectAltName")
 
 
-def subject_matches_client_certificate(ctx: PolicyContext) -> None:
-    """RFC 7030 §3.3.2/§4.2.2: renewal keeps the subject and SANs of the
-    certificate being renewed.  Officer/RA identities are excepted."""
+def no_cmc_ra(ctx: PolicyContext) -> None:
+    """SPEC §3/§4.7: the id-kp-cmcRA extended key usage is not used here."""
+    try:
+        ekus = ctx.csr.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        return
+    if CMC_RA in ekus:
+        raise _policy(
+            "csr-requests-cmcra",
+            "requests for the id-kp-cmcRA extended key usage are denied; RA clients use an officer certificate",
+        )
+
+
+def challenge_password(ctx: PolicyContext) -> None:
+    """SPEC §4.6: denied by default; with channelBinding on, required and
+    equal to the base64 tls-unique / tls-exporter value of this connection."""
+    try:
+        raw = ctx.csr.attributes.get_attribute_for_oid(CHALLENGE_PASSWORD).value
+    except x509.AttributeNotFound:
+        raw = None
+    if not ctx.handler.channel_binding:
+        if raw is not None:
+            raise _policy(
+                "challenge-password-not-supported",
+                "challengePassword attribute not supported: remove it from the CSR",
+            )
+        return
+    if raw is None:
+        raise _policy(
+            "channel-binding-missing",
+            "this endpoint requires the TLS channel binding (RFC 7030 §3.5) in the challengePassword attribute",
+        )
+    binding = ctx.channel_binding
+    if binding is None:
+        raise _policy("channel-binding-unavailable", "the TLS connection offers no channel binding value")
+    given = raw if isinstance(raw, bytes) else str(raw).encode("utf-8")
+    expected = base64.b64encode(binding.value)
+    if not hmac.compare_digest(given.strip(), expected):
+        raise _policy(
+            "channel-binding-mismatch",
+            f"the challengePassword is not the {binding.kind} value of this TLS connection",
+        )
+
+
+def client_certificate_has_client_auth(ctx: PolicyContext) -> None:
+    """SPEC §4.2: a client certificate used to enroll carries id-kp-clientAuth."""
     cert = ctx.identity.certificate
-    if ctx.identity.kind != "certificate" or cert is None:
+    if cert is None or ctx.identity.kind == "device":
+        return
+    try:
+        ekus = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        ekus = []
+    if ExtendedKeyUsageOID.CLIENT_AUTH not in ekus and ANY_EKU not in ekus:
+        raise _policy(
+            "client-certificate-not-client-auth",
+            "the TLS client certificate lacks the Client Authentication extended key usage",
+        )
+
+
+def subject_matches_client_certificate(ctx: PolicyContext) -> None:
+    """SPEC §4.1, RFC 7030 §4.2.2: the request names the same subject and
+    SANs as the client certificate.  Officer/RA identities are excepted."""
+    if ctx.identity.acting_as_officer:
+        return
+    cert = ctx.identity.certificate
+    if ctx.identity.kind not in ("certificate", "factory") or cert is None:
         raise Refusal(
             403, "client-certificate-required",
             "this operation is authenticated by the current certificate: present it as the TLS client certificate",
         )
-    if ctx.csr.subject != cert.subject:
+    if ctx.subject != cert.subject:
         raise _policy(
             "subject-mismatch",
-            f"the CSR subject {ctx.csr.subject.rfc4514_string()!r} differs from the client "
+            f"the CSR subject {ctx.subject.rfc4514_string()!r} differs from the client "
             f"certificate subject {cert.subject.rfc4514_string()!r}",
         )
-    if set(_sans(ctx.csr)) != set(_sans(cert)):
+    if set(ctx.sans) != set(sans_of(cert)):
         raise _policy("san-mismatch", "the CSR subjectAltNames differ from those of the client certificate")
 
 
@@ -110,7 +282,7 @@ def device_owns_subject(ctx: PolicyContext) -> None:
     own registered id only: the CSR commonName must be that id."""
     if ctx.identity.kind != "device":
         return
-    names = ctx.csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    names = ctx.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     if not names or names[0].value != ctx.identity.device_id:
         raise _policy(
             "subject-not-registered",
@@ -118,7 +290,14 @@ def device_owns_subject(ctx: PolicyContext) -> None:
         )
 
 
-_COMMON: tuple[Check, ...] = (csr_signature_valid, key_acceptable, has_subject)
+_COMMON: tuple[Check, ...] = (
+    csr_signature_valid,
+    key_acceptable,
+    has_subject,
+    no_cmc_ra,
+    challenge_password,
+    client_certificate_has_client_auth,
+)
 
 FORMATS: dict[str, tuple[Check, ...]] = {
     "est-simpleenroll": _COMMON + (device_owns_subject,),
@@ -134,9 +313,5 @@ def run_format(ctx: PolicyContext) -> None:
 
 
 def issue_request(ctx: PolicyContext) -> IssueRequest:
-    """What the CA signs: the CSR's subject, key and SANs."""
-    return IssueRequest(
-        subject=ctx.csr.subject,
-        public_key=ctx.csr.public_key(),
-        sans=tuple(_sans(ctx.csr)),
-    )
+    """What the CA signs: the subject, key and SANs after the copy rules."""
+    return IssueRequest(subject=ctx.subject, public_key=ctx.csr.public_key(), sans=ctx.sans)

@@ -68,9 +68,10 @@ def server_context_factory(
 ) -> GatewayContextFactory:
     """The TLS server context: our key and chain, client certs optional."""
     return GatewayContextFactory(
-        privateKey=crypto.PKey.from_cryptography_key(private_key),
-        certificate=crypto.X509.from_cryptography(certificate),
-        extraCertChain=[crypto.X509.from_cryptography(c) for c in chain],
+        # cryptography objects: pyOpenSSL deprecates its own PKey/X509 here.
+        privateKey=private_key,
+        certificate=certificate,
+        extraCertChain=list(chain),
         verify=True,
         caCerts=[crypto.X509.from_cryptography(c) for c in trust_anchors],
         requireCertificate=False,
@@ -129,3 +130,18 @@ def peer_info(request: Any) -> PeerInfo:
         tls_version=version,
         connection=connection,
     )
+
+
+def channel_binding(peer: PeerInfo) -> tuple[str, bytes] | None:
+    """RFC 5929 tls-unique for TLS 1.2, RFC 9266 tls-exporter for TLS 1.3.
+
+    tls-unique is the first Finished message of the handshake: the
+    client's, since sessions are never resumed here (enableSessions=False).
+    """
+    connection = peer.connection
+    if connection is None:
+        return None
+    if peer.tls_version == "TLSv1.3":
+        return "tls-exporter", connection.export_keying_material(b"EXPORTER-Channel-Binding", 32, b"")
+    finished = connection.get_peer_finished()
+    return ("tls-unique", finished) if finished else None

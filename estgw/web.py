@@ -178,9 +178,10 @@ class ESTResource(resource.Resource):
             from estgw.auth import authenticate
 
             await authenticate(request, handler, peer, self._gateway.portal)
-            if not handler.csrattrs:
+            attributes = self._csr_attributes(label, handler)
+            if not attributes:
                 return _respond(request, 204, b"", None)
-            return self._send(request, protocol.encode_csrattrs(handler.csrattrs), protocol.CSRATTRS)
+            return self._send(request, protocol.encode_csrattrs(attributes), protocol.CSRATTRS)
         content_type = request.getHeader(b"content-type")
         body = request.content.read()
         certificate = await enroll(
@@ -188,6 +189,18 @@ class ESTResource(resource.Resource):
             content_type.decode("latin-1") if content_type else None,
         )
         self._send(request, protocol.encode_certs_only([certificate]), protocol.CERTS_ONLY)
+
+    def _csr_attributes(self, label: str, handler: Any) -> tuple[protocol.CsrAttr, ...]:
+        """The configured attributes, plus challengePassword where an
+        enrollment handler under this label wants the channel binding."""
+        attributes = tuple(handler.csrattrs)
+        wants_binding = any(
+            h.channel_binding for h in self._gateway.config.handlers if h.label == label
+        )
+        challenge = protocol.CSR_ATTRIBUTE_NAMES["challengePassword"]
+        if wants_binding and all(a.oid != challenge for a in attributes):
+            attributes = (protocol.CsrAttr(challenge),) + attributes
+        return attributes
 
     def _send(self, request: Request, body: bytes, content_type: str) -> None:
         if request.finished or request._disconnected:
