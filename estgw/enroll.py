@@ -74,6 +74,8 @@ async def enroll(
 ) -> x509.Certificate:
     """Run one enrollment; return the issued certificate or raise Refusal."""
     identity = await auth.authenticate(request, handler, peer, gateway.portal)
+    # Who the client is comes before what it asks for.
+    await _client_certificate_not_revoked(gateway, identity)
     csr = parse_csr(body, content_type)
     binding = channel_binding(peer)
     ctx = policy.build_context(
@@ -81,7 +83,6 @@ async def enroll(
         policy.ChannelBinding(*binding) if binding else None,
     )
     policy.run_format(ctx)
-    await _client_certificate_not_revoked(gateway, identity)
     if handler.operation == "simplereenroll" and handler.allow_renewal_with_old_certificates:
         await _renewing_last_issued(gateway, identity, ctx)
 

@@ -192,7 +192,8 @@ def key_acceptable(ctx: PolicyContext) -> None:
 
 def has_subject(ctx: PolicyContext) -> None:
     """A certificate must name something: a subject or a SAN."""
-    if len(ctx.csr.subject) == 0 and not sans_of(ctx.csr):
+    # After the copy rules: an unstructuredName alone is enough.
+    if len(ctx.subject) == 0 and not ctx.sans:
         raise Refusal(400, "csr-no-subject", "the CSR has neither a subject nor a subjectAltName")
 
 

@@ -1,0 +1,266 @@
+"""The refusal matrix: every refusal over real TLS with curl as the client.
+
+Each row sets up one bad request, sends it with curl to a real gateway on
+127.0.0.1, and asserts the status, the reason text, exactly one audit log
+line with the reason code, and that the store holds no new certificate.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from typing import Any, Awaitable, Callable
+
+import attr
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID
+from twisted.logger import globalLogPublisher
+from twisted.trial.unittest import TestCase
+
+from estgw import policy
+from estgw.ca import IssueRequest, Profile
+from estgw.passwords import hash_password
+from estgw.store import Device, IssuedCertificate
+from estgw.testing import TEST_CONFIG, RunningGateway, cert_pem, csr_pem, key_pem, make_csr, name, new_key, write
+
+MATRIX_CONFIG = TEST_CONFIG + """\
+handler.10.operation = simpleenroll
+handler.10.label = bound
+handler.10.authtype = Basic
+handler.10.realm = bound
+handler.10.channelBinding = true
+handler.11.operation = simplereenroll
+handler.11.label = strict
+handler.11.allowRenewalWithOldCertificates = true
+"""
+
+
+@attr.s(auto_attribs=True)
+class Case:
+    path: str
+    status: int
+    code: str
+    reason: str
+    setup: Callable[[RunningGateway, str], Awaitable[dict[str, Any]]]
+    header: str | None = None  # a response header that must be present
+
+
+async def register(gateway: RunningGateway, device_id: str = "pump-17", password: str = "s3cret") -> None:
+    await gateway.store.add_device(Device(device_id=device_id, password_hash=hash_password(password)))
+
+
+async def client_certificate(
+    gateway: RunningGateway,
+    directory: str,
+    common_name: str = "pump-17",
+    ekus: tuple = (ExtendedKeyUsageOID.CLIENT_AUTH,),
+    sans: tuple = (),
+    record: bool = True,
+) -> tuple[str, str, x509.Certificate]:
+    """A certificate from the gateway's own CA, recorded as issued."""
+    key = new_key()
+    cert = gateway.service.state.ca.sign(
+        IssueRequest(subject=name(common_name), public_key=key.public_key(), sans=tuple(sans)),
+        Profile(extended_key_usage=tuple(ekus)),
+    )
+    if record:
+        await gateway.store.record_certificate(IssuedCertificate.from_certificate(cert, "test", "test"))
+    prefix = os.path.join(directory, f"{common_name}-{cert.serial_number:x}")
+    cert_path = write(prefix + ".pem", cert_pem(cert))
+    key_path = write(prefix + ".key", key_pem(key))
+    os.environ.setdefault("_ESTGW_LAST_KEY", key_path)
+    return cert_path, key_path, cert
+
+
+def _key_for(cert_path: str) -> Any:
+    with open(cert_path[: -len(".pem")] + ".key", "rb") as f:
+        return serialization.load_pem_private_key(f.read(), None)
+
+
+def basic_csr(common_name: str = "pump-17", **kwargs: Any) -> bytes:
+    return csr_pem(make_csr(new_key(), common_name, **kwargs))
+
+
+# -- rows ---------------------------------------------------------------------------
+
+
+async def unknown_device(gw, d):
+    return {"data": basic_csr(), "user": "ghost:s3cret"}
+
+
+async def wrong_password(gw, d):
+    await register(gw)
+    return {"data": basic_csr(), "user": "pump-17:wrong"}
+
+
+async def no_credentials(gw, d):
+    return {"data": basic_csr()}
+
+
+async def untrusted_certificate(gw, d):
+    key = new_key()
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder().subject_name(name("pump-17")).issuer_name(name("pump-17"))
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    return {"data": basic_csr(), "cert": write(f"{d}/self.pem", cert_pem(cert)), "key": write(f"{d}/self.key", key_pem(key))}
+
+
+async def reenroll_without_certificate(gw, d):
+    return {"data": basic_csr()}
+
+
+async def revoked_certificate(gw, d):
+    cert_path, key_path, cert = await client_certificate(gw, d)
+    await gw.store.revoke_certificate(cert.serial_number, "keyCompromise")
+    return {"data": csr_pem(make_csr(_key_for(cert_path), "pump-17")), "cert": cert_path, "key": key_path}
+
+
+async def no_client_auth_eku(gw, d):
+    cert_path, key_path, _ = await client_certificate(gw, d, ekus=(ExtendedKeyUsageOID.SERVER_AUTH,))
+    return {"data": basic_csr(), "cert": cert_path, "key": key_path}
+
+
+async def subject_mismatch(gw, d):
+    cert_path, key_path, _ = await client_certificate(gw, d)
+    return {"data": basic_csr("pump-18"), "cert": cert_path, "key": key_path}
+
+
+async def san_mismatch(gw, d):
+    cert_path, key_path, _ = await client_certificate(gw, d, sans=(x509.DNSName("pump-17"),))
+    return {"data": basic_csr(sans=[x509.DNSName("pump-17"), x509.DNSName("other.example")]), "cert": cert_path, "key": key_path}
+
+
+async def not_last_issued(gw, d):
+    old_cert, old_key, _ = await client_certificate(gw, d, sans=(x509.DNSName("pump-17"),))
+    # A later certificate for the same subject makes the first one old.
+    await client_certificate(gw, d, sans=(x509.DNSName("pump-17"),))
+    return {"data": basic_csr(), "cert": old_cert, "key": old_key}
+
+
+async def device_wrong_subject(gw, d):
+    await register(gw)
+    return {"data": basic_csr("pump-18"), "user": "pump-17:s3cret"}
+
+
+async def bad_signature(gw, d):
+    await register(gw)
+    der = bytearray(make_csr(new_key(), "pump-17").public_bytes(serialization.Encoding.DER))
+    der[-5] ^= 0x01
+    return {"data": bytes(der), "user": "pump-17:s3cret", "content_type": "application/pkcs10"}
+
+
+async def weak_key(gw, d):
+    await register(gw)
+    return {"data": csr_pem(make_csr(new_key("rsa1024"), "pump-17")), "user": "pump-17:s3cret"}
+
+
+async def unknown_curve(gw, d):
+    await register(gw)
+    return {"data": csr_pem(make_csr(ec.generate_private_key(ec.SECP256K1()), "pump-17")), "user": "pump-17:s3cret"}
+
+
+async def no_subject(gw, d):
+    cert_path, key_path, _ = await client_certificate(gw, d)
+    return {"data": csr_pem(make_csr(new_key(), x509.Name([]))), "cert": cert_path, "key": key_path}
+
+
+async def cmc_ra(gw, d):
+    await register(gw)
+    csr = make_csr(new_key(), "pump-17", extensions=[(x509.ExtendedKeyUsage([policy.CMC_RA]), False)])
+    return {"data": csr_pem(csr), "user": "pump-17:s3cret"}
+
+
+async def challenge_password(gw, d):
+    await register(gw)
+    csr = make_csr(new_key(), "pump-17", attributes=[(policy.CHALLENGE_PASSWORD, b"letmein")])
+    return {"data": csr_pem(csr), "user": "pump-17:s3cret"}
+
+
+async def bad_unstructured_address(gw, d):
+    await register(gw)
+    csr = make_csr(new_key(), "pump-17", attributes=[(policy.UNSTRUCTURED_ADDRESS, b"hall 4")])
+    return {"data": csr_pem(csr), "user": "pump-17:s3cret"}
+
+
+async def binding_missing(gw, d):
+    await register(gw)
+    return {"data": basic_csr(), "user": "pump-17:s3cret"}
+
+
+async def binding_wrong(gw, d):
+    await register(gw)
+    csr = make_csr(new_key(), "pump-17", attributes=[(policy.CHALLENGE_PASSWORD, b"AAAAAAAAAAAAAAAA")])
+    return {"data": csr_pem(csr), "user": "pump-17:s3cret"}
+
+
+MATRIX: dict[str, Case] = {
+    "unknown_device": Case("simpleenroll", 401, "bad-credentials", "unknown device or wrong password", unknown_device, "www-authenticate"),
+    "wrong_password": Case("simpleenroll", 401, "bad-credentials", "unknown device or wrong password", wrong_password, "www-authenticate"),
+    "no_credentials": Case("simpleenroll", 401, "authentication-required", "pre-registered device", no_credentials, "www-authenticate"),
+    "untrusted_certificate": Case("simpleenroll", 403, "client-certificate-untrusted", "not trusted", untrusted_certificate),
+    "reenroll_without_certificate": Case("simplereenroll", 403, "client-certificate-required", "client certificate", reenroll_without_certificate),
+    "revoked_certificate": Case("simplereenroll", 403, "client-certificate-revoked", "revoked", revoked_certificate),
+    "no_client_auth_eku": Case("simplereenroll", 403, "client-certificate-not-client-auth", "Client Authentication", no_client_auth_eku),
+    "subject_mismatch": Case("simplereenroll", 403, "subject-mismatch", "differs from the client certificate subject", subject_mismatch),
+    "san_mismatch": Case("simplereenroll", 403, "san-mismatch", "subjectAltNames differ", san_mismatch),
+    "not_last_issued": Case("strict/simplereenroll", 403, "not-last-issued-certificate", "issued last", not_last_issued),
+    "device_wrong_subject": Case("simpleenroll", 403, "subject-not-registered", "registered device id", device_wrong_subject),
+    "bad_signature": Case("simpleenroll", 400, "csr-bad-signature", "signature does not verify", bad_signature),
+    "weak_key": Case("simpleenroll", 400, "csr-weak-key", "at least 2048 bits", weak_key),
+    "unknown_curve": Case("simpleenroll", 400, "csr-unsupported-curve", "secp256k1", unknown_curve),
+    "no_subject": Case("simplereenroll", 400, "csr-no-subject", "neither a subject nor a subjectAltName", no_subject),
+    "cmc_ra": Case("simpleenroll", 403, "csr-requests-cmcra", "id-kp-cmcRA", cmc_ra),
+    "challenge_password": Case("simpleenroll", 403, "challenge-password-not-supported", "challengePassword attribute not supported", challenge_password),
+    "bad_unstructured_address": Case("simpleenroll", 400, "csr-bad-unstructured-address", "not an IP address", bad_unstructured_address),
+    "binding_missing": Case("bound/simpleenroll", 403, "channel-binding-missing", "channel binding", binding_missing),
+    "binding_wrong": Case("bound/simpleenroll", 403, "channel-binding-mismatch", "tls-", binding_wrong),
+}
+
+
+class RefusalMatrixTests(TestCase):
+    """One test per row of MATRIX (generated below)."""
+
+    async def check(self, case: Case) -> None:
+        events: list[dict] = []
+
+        def observe(event: dict) -> None:
+            if event.get("log_namespace") == "estgw.audit":
+                events.append(event)
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        gateway = await RunningGateway.start(self, MATRIX_CONFIG)
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        request = await case.setup(gateway, directory)
+        before = await gateway.store.count_certificates()
+        result = await gateway.curl(case.path, **request)
+        self.assertEqual(result.status, case.status, result.text)
+        self.assertIn(case.reason, result.text)
+        self.assertTrue(result.headers.get("content-type", "").startswith("text/plain"))
+        if case.header:
+            self.assertIn(case.header, result.headers)
+        refused = [e for e in events if e.get("event") == "refused"]
+        self.assertEqual([e["code"] for e in refused], [case.code])
+        issued = [e for e in events if e.get("event") == "issued"]
+        self.assertEqual(issued, [])
+        self.assertEqual(await gateway.store.count_certificates(), before)
+
+
+def _make_test(case_name: str, case: Case) -> Callable[[RefusalMatrixTests], Awaitable[None]]:
+    async def test(self: RefusalMatrixTests) -> None:
+        await self.check(case)
+
+    test.__name__ = f"test_{case_name}"
+    test.__doc__ = f"{case.path}: {case.status} {case.code}, nothing issued."
+    return test
+
+
+for _name, _case in MATRIX.items():
+    setattr(RefusalMatrixTests, f"test_{_name}", _make_test(_name, _case))
