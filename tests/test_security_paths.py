@@ -1,0 +1,89 @@
+"""Positive paths of the security checks over real TLS with curl + openssl."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+from twisted.trial.unittest import TestCase
+
+from estgw import policy, protocol
+from estgw.testing import RunningGateway, csr_pem, make_csr, new_key, run_process, write
+from tests.test_refusals import MATRIX_CONFIG, client_certificate, register
+
+
+def _sans(cert: x509.Certificate) -> list:
+    return list(cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value)
+
+
+class SecurityPathTests(TestCase):
+    async def test_device_enroll_copies_names(self) -> None:
+        """A device CSR with only a CN and an unstructuredAddress gets a
+        certificate with dNSName and iPAddress SANs, verified by openssl."""
+        gateway = await RunningGateway.start(self, MATRIX_CONFIG)
+        await register(gateway)
+        csr = make_csr(new_key(), "pump-17", attributes=[(policy.UNSTRUCTURED_ADDRESS, b"2001:db8::17")])
+        result = await gateway.curl("simpleenroll", data=csr_pem(csr), user="pump-17:s3cret")
+        self.assertEqual(result.status, 200, result.text)
+        [cert] = protocol.decode_certs_only(result.body)
+        self.assertEqual(
+            set(_sans(cert)),
+            {x509.DNSName("pump-17"), x509.IPAddress(ipaddress.ip_address("2001:db8::17"))},
+        )
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        chain = await gateway.curl("cacerts")
+        from estgw.testing import cert_pem
+
+        ca = write(os.path.join(directory, "ca.pem"), cert_pem(*protocol.decode_certs_only(chain.body)))
+        leaf = write(os.path.join(directory, "leaf.pem"), cert_pem(cert))
+        verified = await run_process(["openssl", "verify", "-purpose", "sslclient", "-CAfile", ca, leaf])
+        self.assertEqual(verified.code, 0, verified.stdout + verified.stderr)
+
+    async def test_renewal_with_last_issued_certificate(self) -> None:
+        """With allowRenewalWithOldCertificates = true the newest certificate
+        of a subject still renews; the renewal then becomes the newest."""
+        gateway = await RunningGateway.start(self, MATRIX_CONFIG)
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        await client_certificate(gateway, directory, sans=(x509.DNSName("pump-17"),))
+        cert_path, key_path, cert = await client_certificate(gateway, directory, sans=(x509.DNSName("pump-17"),))
+        result = await gateway.curl(
+            "strict/simplereenroll", data=csr_pem(make_csr(new_key(), "pump-17")), cert=cert_path, key=key_path
+        )
+        self.assertEqual(result.status, 200, result.text)
+        [renewed] = protocol.decode_certs_only(result.body)
+        last = await gateway.store.last_issued_for_subject("CN=pump-17")
+        self.assertEqual(last.serial, renewed.serial_number)
+        # The certificate that renewed is no longer the last one.
+        again = await gateway.curl(
+            "strict/simplereenroll", data=csr_pem(make_csr(new_key(), "pump-17")), cert=cert_path, key=key_path
+        )
+        self.assertEqual(again.status, 403)
+        self.assertIn("issued last", again.text)
+
+    async def test_renewal_with_old_certificate_when_rule_off(self) -> None:
+        """With the rule off (the default) an older certificate of the subject renews."""
+        gateway = await RunningGateway.start(self, MATRIX_CONFIG)
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        old_cert, old_key, _ = await client_certificate(gateway, directory, sans=(x509.DNSName("pump-17"),))
+        await client_certificate(gateway, directory, sans=(x509.DNSName("pump-17"),))
+        result = await gateway.curl(
+            "simplereenroll", data=csr_pem(make_csr(new_key(), "pump-17")), cert=old_cert, key=old_key
+        )
+        self.assertEqual(result.status, 200, result.text)
+
+    async def test_csr_with_sans_keeps_them(self) -> None:
+        """A CSR that has SANs is issued with exactly those SANs."""
+        gateway = await RunningGateway.start(self, MATRIX_CONFIG)
+        await register(gateway)
+        sans = [x509.DNSName("pump-17.plant.example"), x509.IPAddress(ipaddress.ip_address("192.0.2.17"))]
+        csr = make_csr(new_key(), "pump-17", sans=sans)
+        result = await gateway.curl("simpleenroll", data=csr_pem(csr), user="pump-17:s3cret")
+        self.assertEqual(result.status, 200, result.text)
+        [cert] = protocol.decode_certs_only(result.body)
+        self.assertEqual(_sans(cert), sans)
+        self.assertEqual(cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value, "pump-17")
