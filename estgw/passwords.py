@@ -21,7 +21,7 @@ import os
 import unicodedata
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredSemaphore
 from twisted.internet.threads import deferToThreadPool
 
 __all__ = ["hash_password", "verify_password", "check_password_in_thread"]
@@ -158,6 +158,11 @@ def check_password_in_thread(
         from twisted.internet import reactor as _reactor
 
         reactor = _reactor
-    return deferToThreadPool(
-        reactor, reactor.getThreadPool(), _verify_or_burn, password, encoded
+    # Each scrypt check holds 16 MiB: at most one per core at a time keeps
+    # a burst of logins from growing the process (bench/enroll_bench.py).
+    return _SCRYPT_SLOTS.run(
+        deferToThreadPool, reactor, reactor.getThreadPool(), _verify_or_burn, password, encoded
     )
+
+
+_SCRYPT_SLOTS = DeferredSemaphore(max(1, os.cpu_count() or 1))
