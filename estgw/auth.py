@@ -1,15 +1,31 @@
 """Filters: who is calling a handler, and may they?
 
 Security rests on TLS client certificates (see :mod:`estgw.tls`).  HTTP
-Basic/Digest is accepted only for a device an operator pre-registered,
-and only over TLS; credentials go through a twisted.cred portal whose
-checker reads the device store.  Every failure is a :class:`Refusal`
-with its own code.
+Basic/Digest is accepted only over TLS, through a twisted.cred portal
+whose checker reads the device store.  What a handler demands:
+
+- filter ``device`` (and the approval filter): a client certificate, or
+  HTTP auth of a pre-registered device;
+- filter ``clientcert``: a client certificate; with ``authtype`` set,
+  HTTP auth is an extra layer on top (the certificate is still needed);
+- a token procedure with ``estenroll.use-authentication-cert = true``
+  (simpleenroll): a registered factory certificate, plus the device's
+  password when ``enroll.mandatorypassword = true``;
+- ``requiredRoRoles``: an officer/RA certificate (:mod:`estgw.officers`).
+
+Every failure is a :class:`Refusal` with its own code.  A single-use
+pre-registration is claimed just before issuing (:func:`single_use`).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import hashlib
+import os
+import tempfile
+import unicodedata
+from contextlib import asynccontextmanager
+from datetime import datetime, timezone
+from typing import Any, AsyncIterator, Sequence
 
 import attr
 from cryptography import x509
@@ -17,35 +33,64 @@ from twisted.cred import credentials, error
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.portal import IRealm, Portal
 from twisted.internet import defer
+from twisted.logger import Logger
 from twisted.web.guard import BasicCredentialFactory, DigestCredentialFactory
 from twisted.web.iweb import ICredentialFactory
 from zope.interface import implementer
 
+from estgw import officers
 from estgw.config import HandlerConfig
 from estgw.passwords import check_password_in_thread
 from estgw.refusal import Refusal
-from estgw.store import IStore
+from estgw.store import Device, IStore, certificate_fingerprint
 from estgw.tls import PeerInfo
+
+__all__ = [
+    "Identity",
+    "certificate_identity",
+    "digest_ha1",
+    "DeviceChecker",
+    "DevicePortal",
+    "device_portal",
+    "digest_secret",
+    "credential_factory",
+    "authenticate",
+    "single_use",
+]
 
 
 @attr.s(frozen=True, auto_attribs=True)
 class Identity:
     """Who a request was authenticated as."""
 
-    kind: str  # "anonymous" | "certificate" | "device"
+    kind: str  # "anonymous" | "certificate" | "device" | "factory"
     certificate: x509.Certificate | None = None
+    # "device": the HTTP login; "factory": the device the factory
+    # certificate is registered to; "certificate": the HTTP login of the
+    # extra layer, if any.
     device_id: str | None = None
     # Officer/RA roles the client certificate holds (SPEC §3): such a
     # client may enroll for other subjects.
     officer_roles: tuple[str, ...] = ()
     # Set when an officer/RA certificate acts on behalf of others.
     acting_as_officer: bool = False
+    # The pre-registration that authenticated (single use, factory CN and
+    # subject values); None for a certificate alone.
+    registration: Device | None = attr.ib(default=None, eq=False, repr=False)
 
     @property
     def requester(self) -> str:
         """The identity recorded with every certificate issued for it."""
+        if self.acting_as_officer and self.certificate is not None:
+            roles = f";roles={','.join(self.officer_roles)}" if self.officer_roles else ""
+            return (
+                f"officer:{self.certificate.subject.rfc4514_string()}"
+                f"#serial={self.certificate.serial_number:x}{roles}"
+            )
         if self.kind == "device":
             return f"device:{self.device_id}"
+        if self.kind == "factory":
+            return f"factory:{self.device_id}"
         if self.certificate is not None:
             return (
                 f"cert:{self.certificate.subject.rfc4514_string()}"
@@ -58,28 +103,84 @@ def certificate_identity(certificate: x509.Certificate) -> Identity:
     return Identity(kind="certificate", certificate=certificate)
 
 
+def digest_ha1(device_id: str, realm: str, password: str) -> str:
+    """RFC 2617 H(A1) = MD5(id:realm:password), hex: what a device's Digest
+    response is checked against.
+
+    Digest cannot work from the salted scrypt hash Basic is checked
+    against: the client proves knowledge of this unsalted, realm-bound
+    value, so the server must hold it.  It is computed at registration for
+    every Digest realm in the configuration and stored per realm.  It is a
+    password equivalent for that realm, which is one more reason Digest is
+    accepted only over TLS and the value is never shown.
+    """
+    secret = unicodedata.normalize("NFC", password).encode("utf-8")
+    return hashlib.md5(f"{device_id}:{realm}:".encode("utf-8") + secret).hexdigest()
+
+
+class ConsumedRegistration(error.UnauthorizedLogin):
+    """Right credentials, but the single-use registration was used up."""
+
+    def __init__(self, device_id: str) -> None:
+        super().__init__(device_id)
+        self.device_id = device_id
+
+
+def _consumed(device_id: str) -> Refusal:
+    return Refusal(
+        403, "single-use-consumed",
+        f"the single-use registration of device {device_id!r} has already been used",
+    )
+
+
 @implementer(ICredentialsChecker)
 class DeviceChecker:
-    """Checks HTTP Basic credentials against the pre-registered devices."""
+    """Checks HTTP Basic and Digest credentials against pre-registered devices."""
 
-    credentialInterfaces = (credentials.IUsernamePassword,)
+    credentialInterfaces = (credentials.IUsernamePassword, credentials.IUsernameDigestHash)
+    _log = Logger()
 
     def __init__(self, store: IStore, reactor: Any = None) -> None:
         self._store = store
         self._reactor = reactor
 
-    async def _check(self, creds: credentials.IUsernamePassword) -> bytes:
-        device_id = creds.username.decode("utf-8", "replace")
-        device = await self._store.get_device(device_id)
-        if device is None or device.password_hash is None or device.consumed_at:
-            raise error.UnauthorizedLogin("unknown device")
-        password = creds.password.decode("utf-8", "replace")
-        if not await check_password_in_thread(password, device.password_hash, self._reactor):
-            raise error.UnauthorizedLogin("wrong password")
-        return creds.username
-
     def requestAvatarId(self, creds: Any) -> defer.Deferred:
-        return defer.Deferred.fromCoroutine(self._check(creds))
+        if credentials.IUsernameDigestHash.providedBy(creds):
+            return defer.Deferred.fromCoroutine(self._check_digest(creds))
+        return defer.Deferred.fromCoroutine(self._check_password(creds))
+
+    async def _check_password(self, creds: credentials.IUsernamePassword) -> bytes:
+        device = await self._store.get_device(creds.username.decode("utf-8", "replace"))
+        # An unknown device costs as much time as a known one (see passwords).
+        encoded = device.password_hash if device is not None else None
+        if not await check_password_in_thread(creds.password, encoded, self._reactor):
+            raise error.UnauthorizedLogin("unknown device or wrong password")
+        assert device is not None
+        return self._usable(device)
+
+    async def _check_digest(self, creds: Any) -> bytes:
+        device = await self._store.get_device(creds.username.decode("utf-8", "replace"))
+        realm = creds.realm.decode("utf-8") if isinstance(creds.realm, bytes) else creds.realm
+        ha1 = dict(device.digest_ha1).get(realm) if device is not None else None
+        if ha1 is None:
+            if device is not None and device.password_hash is not None:
+                self._log.warn(
+                    "device {device} has no Digest hash for realm {realm!r}: register it"
+                    " again (estgw device remove, device add) to log in with Digest",
+                    device=device.device_id, realm=realm,
+                )
+            raise error.UnauthorizedLogin("unknown device or wrong password")
+        if not creds.checkHash(ha1.encode("ascii")):
+            raise error.UnauthorizedLogin("unknown device or wrong password")
+        assert device is not None
+        return self._usable(device)
+
+    @staticmethod
+    def _usable(device: Device) -> bytes:
+        # Told only after the password checked out.
+        if device.single_use and device.consumed_at is not None:
+            raise ConsumedRegistration(device.device_id)
+        return device.device_id.encode("utf-8")
 
 
 @implementer(IRealm)
@@ -90,15 +191,12 @@ class DeviceRealm:
         return interfaces[0], avatarId.decode("utf-8"), lambda: None
 
 
-def device_portal(store: IStore, reactor: Any = None) -> Portal:
-    return Portal(DeviceRealm(), [DeviceChecker(store, reactor)])
-
-
 class _Avatar:
     """Marker interface for Portal.login: the realm hands back a str."""
 
 
 def credential_factory(handler: HandlerConfig) -> ICredentialFactory | None:
+    """A new credential factory for the handler's authtype (None without)."""
     realm = (handler.realm or "").encode("utf-8")
     if handler.authtype == "Basic":
         return BasicCredentialFactory(realm)
@@ -107,23 +205,126 @@ def credential_factory(handler: HandlerConfig) -> ICredentialFactory | None:
     return None
 
 
+DIGEST_SECRET_FILE = "digest-secret"
+
+
+def digest_secret(directory: str) -> bytes:
+    """The key of Digest challenges, shared by every gateway process using
+    ``directory`` (the state directory): created once, then read.
+
+    A Digest response is accepted only if its opaque value was made with
+    this key, so processes that share a listening socket or sit behind one
+    load balancer must all hold the same one.  Blocking file I/O: call it
+    at start-up.
+    """
+    path = os.path.join(directory, DIGEST_SECRET_FILE)
+    if not os.path.exists(path):
+        # Written in full under another name, then linked into place: of
+        # processes starting together one link wins, and no one ever
+        # reads a half-written file.
+        fd, temporary = tempfile.mkstemp(dir=directory, prefix=".digest-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(os.urandom(32).hex().encode("ascii"))
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(temporary, path)
+            except FileExistsError:
+                pass
+        finally:
+            os.unlink(temporary)
+    with open(path, "rb") as f:
+        return f.read().strip()
+
+
+class DevicePortal(Portal):
+    """The device-login portal, and what the filters need besides it: the
+    store (factory certificates, officer roles), the gateway's CA and the
+    key of Digest challenges (random per portal unless given)."""
+
+    def __init__(
+        self,
+        store: IStore,
+        reactor: Any = None,
+        ca_chain: Sequence[x509.Certificate] = (),
+        digest_secret: bytes | None = None,
+    ) -> None:
+        super().__init__(DeviceRealm(), [DeviceChecker(store, reactor)])
+        self.store = store
+        self.ca_chain = tuple(ca_chain)
+        self._digest_secret = digest_secret
+        self._factories: dict[tuple[str, str, str | None], ICredentialFactory | None] = {}
+
+    def credential_factory(self, handler: HandlerConfig) -> ICredentialFactory | None:
+        # One per handler for the process's life: a Digest factory checks
+        # that a response answers a challenge it made (nonce and opaque are
+        # keyed with its privateKey, here the shared secret).
+        key = (handler.id, handler.authtype, handler.realm)
+        if key not in self._factories:
+            factory = credential_factory(handler)
+            if isinstance(factory, DigestCredentialFactory) and self._digest_secret is not None:
+                factory.digest.privateKey = self._digest_secret
+            self._factories[key] = factory
+        return self._factories[key]
+
+
+def device_portal(
+    store: IStore,
+    reactor: Any = None,
+    ca_chain: Sequence[x509.Certificate] = (),
+    digest_secret: bytes | None = None,
+) -> DevicePortal:
+    return DevicePortal(store, reactor, ca_chain, digest_secret)
+
+
+# -- responses ------------------------------------------------------------------
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+
+
 def _challenge(factory: ICredentialFactory, request: Any) -> dict[str, str]:
-    fields = factory.getChallenge(request)
-    parts = []
+    fields = {_text(k): _text(v) for k, v in factory.getChallenge(request).items()}
+    parts = [f'realm="{_quoted(fields.pop("realm", ""))}"']
     for key, value in fields.items():
-        key = key.decode() if isinstance(key, bytes) else key
-        value = value.decode() if isinstance(value, bytes) else value
-        parts.append(f'{key}="{value}"')
+        if key == "algorithm":
+            parts.append(f"algorithm={value.upper()}")  # a token, not a quoted string (RFC 7616)
+        else:
+            parts.append(f'{key}="{_quoted(value)}"')
     scheme = factory.scheme.decode().capitalize()
     return {"WWW-Authenticate": f"{scheme} " + ", ".join(parts)}
+
+
+def _quoted(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"')
 
 
 def unauthorized(factory: ICredentialFactory, request: Any, code: str, reason: str) -> Refusal:
     return Refusal(401, code, reason, _challenge(factory, request))
 
 
+def _scheme(factory: ICredentialFactory) -> str:
+    return factory.scheme.decode().capitalize()
+
+
+def _certificate_required() -> Refusal:
+    return Refusal(
+        403, "client-certificate-required", "a TLS client certificate issued by a trusted CA is required"
+    )
+
+
+def _require_tls(peer: PeerInfo) -> None:
+    if not peer.is_tls:
+        raise Refusal(403, "http-auth-without-tls", "HTTP authentication is accepted only over TLS")
+
+
+# -- the filters ------------------------------------------------------------------
+
+
 async def authenticate(
-    request: Any, handler: HandlerConfig, peer: PeerInfo, portal: Portal
+    request: Any, handler: HandlerConfig, peer: PeerInfo, portal: DevicePortal
 ) -> Identity:
     """Apply the handler's filter; return the identity or raise Refusal."""
     if peer.untrusted_reason is not None and handler.filter != "public":
@@ -136,41 +337,191 @@ async def authenticate(
         if peer.certificate is not None:
             return certificate_identity(peer.certificate)
         return Identity(kind="anonymous")
+    if handler.factory is not None:
+        identity = await _factory_device(request, handler, peer, portal)
+    elif handler.filter == "clientcert":
+        identity = await _client_certificate(request, handler, peer, portal)
+    else:
+        identity = await _device_or_certificate(request, handler, peer, portal)
+    if handler.required_ro_roles is not None:
+        identity = await _officer(identity, handler, portal)
+    return identity
 
-    factory = credential_factory(handler)
-    header = request.getHeader(b"authorization")
-    if header and factory is not None and handler.filter != "clientcert":
-        return await _http_login(request, factory, header, peer, portal)
+
+async def _device_or_certificate(
+    request: Any, handler: HandlerConfig, peer: PeerInfo, portal: DevicePortal
+) -> Identity:
+    """A pre-registered device's HTTP login, or a client certificate."""
+    factory = portal.credential_factory(handler)
+    if factory is not None and request.getHeader(b"authorization"):
+        device = await _http_login(request, handler, factory, peer, portal)
+        return Identity(kind="device", device_id=device.device_id, registration=device)
     if peer.certificate is not None:
         return certificate_identity(peer.certificate)
-    if factory is not None and handler.filter != "clientcert":
+    if factory is not None:
+        _require_tls(peer)
         raise unauthorized(
             factory, request, "authentication-required",
             "authenticate with a TLS client certificate or as a pre-registered device",
         )
-    raise Refusal(
-        403,
-        "client-certificate-required",
-        "a TLS client certificate issued by a trusted CA is required",
+    raise _certificate_required()
+
+
+async def _client_certificate(
+    request: Any, handler: HandlerConfig, peer: PeerInfo, portal: DevicePortal
+) -> Identity:
+    """A client certificate; with authtype, HTTP auth too (an extra layer
+    for devices that are not pre-registered: it never replaces the
+    certificate)."""
+    if peer.certificate is None:
+        raise _certificate_required()
+    identity = certificate_identity(peer.certificate)
+    factory = portal.credential_factory(handler)
+    if factory is None:
+        return identity
+    if not request.getHeader(b"authorization"):
+        raise unauthorized(
+            factory, request, "authentication-required",
+            f"this endpoint also needs HTTP {_scheme(factory)} authentication besides the client certificate",
+        )
+    device = await _http_login(request, handler, factory, peer, portal)
+    return attr.evolve(identity, device_id=device.device_id, registration=device)
+
+
+async def _factory_device(
+    request: Any, handler: HandlerConfig, peer: PeerInfo, portal: DevicePortal
+) -> Identity:
+    """SPEC §4.8: the client certificate is a registered factory certificate
+    (and, with enroll.mandatorypassword, the same device logs in over HTTP)."""
+    assert handler.factory is not None
+    if peer.certificate is None:
+        raise Refusal(
+            403, "factory-certificate-required",
+            "present the device's registered factory certificate as the TLS client certificate",
+        )
+    device = await portal.store.get_device_by_factory_cert(certificate_fingerprint(peer.certificate))
+    if device is None:
+        raise Refusal(
+            403, "factory-certificate-not-registered",
+            "the TLS client certificate is not a registered factory certificate",
+        )
+    if device.single_use and device.consumed_at is not None:
+        raise _consumed(device.device_id)
+    if handler.factory.mandatory_password:
+        await _factory_password(request, handler, peer, portal, device)
+    return Identity(
+        kind="factory", certificate=peer.certificate, device_id=device.device_id, registration=device
     )
 
 
+async def _factory_password(
+    request: Any, handler: HandlerConfig, peer: PeerInfo, portal: DevicePortal, device: Device
+) -> None:
+    factory = portal.credential_factory(handler)
+    assert factory is not None  # the configuration demands authtype here
+    if not request.getHeader(b"authorization"):
+        raise unauthorized(
+            factory, request, "password-required",
+            f"this endpoint also needs the device password (HTTP {_scheme(factory)}) besides the factory certificate",
+        )
+    logged_in = await _http_login(request, handler, factory, peer, portal)
+    if logged_in.device_id != device.device_id:
+        raise Refusal(
+            403, "factory-certificate-other-device",
+            f"the factory certificate is registered to another device than {logged_in.device_id!r}",
+        )
+
+
+async def _officer(identity: Identity, handler: HandlerConfig, portal: DevicePortal) -> Identity:
+    """requiredRoRoles: the client certificate must be an officer's."""
+    cert = identity.certificate
+    if identity.kind != "certificate" or cert is None:
+        raise officers.not_an_officer(
+            "this endpoint serves officer/RA clients: authenticate with the officer's TLS client certificate"
+        )
+    required = handler.required_ro_roles or ()
+    if not required:  # requiredRoRoles = none
+        if not officers.issued_by(cert, portal.ca_chain):
+            raise officers.not_an_officer(
+                "this endpoint serves RA clients: the TLS client certificate must be issued by this gateway's CA"
+            )
+        return attr.evolve(identity, acting_as_officer=True)
+    held = await portal.store.officer_roles(certificate_fingerprint(cert))
+    officers.check_roles(required, held)
+    return attr.evolve(identity, officer_roles=tuple(held), acting_as_officer=True)
+
+
+# -- HTTP Basic / Digest ------------------------------------------------------------
+
+
 async def _http_login(
-    request: Any, factory: ICredentialFactory, header: bytes, peer: PeerInfo, portal: Portal
-) -> Identity:
-    if not peer.is_tls:
-        raise Refusal(403, "http-auth-without-tls", "HTTP authentication is accepted only over TLS")
-    scheme, _, response = header.partition(b" ")
+    request: Any, handler: HandlerConfig, factory: ICredentialFactory, peer: PeerInfo, portal: DevicePortal
+) -> Device:
+    """Check the Authorization header; the device that logged in."""
+    _require_tls(peer)
+    scheme, _, response = request.getHeader(b"authorization").partition(b" ")
     if scheme.lower() != factory.scheme:
         raise unauthorized(
-            factory, request, "wrong-auth-scheme",
-            f"this endpoint takes HTTP {factory.scheme.decode().capitalize()} authentication",
+            factory, request, "wrong-auth-scheme", f"this endpoint takes HTTP {_scheme(factory)} authentication"
         )
     try:
         creds = factory.decode(response.strip(), request)
-        _interface, device_id, _logout = await portal.login(creds, None, _Avatar)
     except error.LoginFailed:
         raise unauthorized(
-            factory, request, "bad-credentials", "unknown device or wrong password"
+            factory, request, "bad-credentials", f"malformed or expired HTTP {_scheme(factory)} credentials"
         ) from None
-    return Identity(kind="device", device_id=device_id)
+    if credentials.IUsernameDigestHash.providedBy(creds):
+        _check_digest_response(creds.fields, request, handler, factory)
+    try:
+        _interface, device_id, _logout = await portal.login(creds, None, _Avatar)
+    except ConsumedRegistration as e:
+        raise _consumed(e.device_id) from None
+    except error.LoginFailed:
+        raise unauthorized(factory, request, "bad-credentials", "unknown device or wrong password") from None
+    device = await portal.store.get_device(device_id)
+    if device is None:  # removed a moment ago
+        raise unauthorized(factory, request, "bad-credentials", "unknown device or wrong password")
+    return device
+
+
+def _check_digest_response(
+    fields: dict[str, bytes], request: Any, handler: HandlerConfig, factory: ICredentialFactory
+) -> None:
+    """What twisted.cred leaves to us: the response uses the qop and
+    algorithm we announced and is for this request's URI (no replay of a
+    response made for another resource)."""
+    qop = handler.qop.encode("ascii")
+    if fields.get("qop") != qop or not fields.get("cnonce") or not fields.get("nc"):
+        raise unauthorized(
+            factory, request, "digest-bad-response", f"the Digest response must use qop={handler.qop}"
+        )
+    if fields.get("algorithm", b"md5").lower() != b"md5":
+        raise unauthorized(factory, request, "digest-bad-response", "the Digest response must use algorithm MD5")
+    if fields.get("uri") != request.uri:
+        raise unauthorized(factory, request, "digest-bad-response", "the Digest response is for another URI")
+
+
+# -- single-use registrations ---------------------------------------------------------
+
+
+@asynccontextmanager
+async def single_use(store: IStore, identity: Identity) -> AsyncIterator[None]:
+    """Claim the identity's single-use registration around issuing.
+
+    Claimed before issuing with one conditional UPDATE, so of two
+    concurrent enrollments with the same registration one goes on and the
+    other is refused: at most one certificate.  If issuing or recording
+    fails, the claim is released so the device can try again.
+    """
+    device = identity.registration
+    if device is None or not device.single_use:
+        yield
+        return
+    claimed_at = datetime.now(timezone.utc)
+    if not await store.consume_device(device.device_id, claimed_at):
+        raise _consumed(device.device_id)
+    try:
+        yield
+    except BaseException:
+        await store.release_device(device.device_id, claimed_at)
+        raise

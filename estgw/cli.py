@@ -8,18 +8,31 @@ non-zero exit status.
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import sys
-from datetime import datetime, timezone
+import tempfile
+from datetime import datetime, timedelta, timezone
 from typing import Any, Sequence
 
 from cryptography.hazmat.primitives.serialization import Encoding
 from twisted.internet import defer, task
 
-from estgw import bootstrap, config as config_module
-from estgw.ca import CAError
+from estgw import bootstrap, config as config_module, device_import, factory, officers
+from estgw.ca import CRL_FILE, CAError, LocalCA
 from estgw.config import Config, ConfigError
-from estgw.passwords import hash_password
-from estgw.store import REVOCATION_REASONS, Device, DuplicateDevice, IssuedCertificate, IStore, UnknownCertificate
+from estgw.store import (
+    REVOCATION_REASONS,
+    DuplicateDevice,
+    DuplicateFactoryCertificate,
+    IssuedCertificate,
+    IStore,
+    UnknownCertificate,
+    certificate_fingerprint,
+)
+
+
+_HEX = re.compile(r"[0-9a-f]+")
 
 
 class CommandError(Exception):
@@ -29,10 +42,10 @@ class CommandError(Exception):
 def parse_serial(text: str) -> int:
     """Serials are shown in hex; accept that, with or without 0x or colons."""
     cleaned = text.strip().lower().removeprefix("0x").replace(":", "")
-    try:
-        return int(cleaned, 16)
-    except ValueError:
-        raise CommandError(f"not a serial number (hex expected): {text!r}") from None
+    # Hex digits only: int() alone would also take "-1", "+a" and "1_0".
+    if not _HEX.fullmatch(cleaned):
+        raise CommandError(f"not a serial number (hex expected): {text!r}")
+    return int(cleaned, 16)
 
 
 def _when(value: datetime | None) -> str:
@@ -48,7 +61,7 @@ async def cmd_init(options: Any, config: Config, store: IStore, out: Any) -> Non
     out.write(f"store:           {config.store_path}\n")
 
 
-def _read_password(options: Any) -> str:
+def _read_password(options: Any) -> str | None:
     if options["password"] is not None and options["password_file"] is not None:
         raise CommandError("give --password or --password-file, not both")
     if options["password_file"] is not None:
@@ -60,7 +73,7 @@ def _read_password(options: Any) -> str:
     elif options["password"] is not None:
         password = options["password"]
     else:
-        raise CommandError("device add needs --password or --password-file")
+        return None
     if not password:
         raise CommandError("the password is empty")
     return password
@@ -69,16 +82,86 @@ def _read_password(options: Any) -> str:
 async def cmd_device_add(options: Any, config: Config, store: IStore, out: Any) -> None:
     device_id = options["id"]
     password = _read_password(options)
-    device = Device(
-        device_id=device_id,
-        password_hash=hash_password(password),  # blocking is fine: no one else waits
-        single_use=bool(options["single_use"]),
-    )
+    if password is None and options["factory_cert"] is None:
+        raise CommandError("device add needs --password, --password-file or --factory-cert")
     try:
+        registration = device_import.Registration(
+            device_id=device_id,
+            password=password,
+            factory_cert=(
+                None if options["factory_cert"] is None else factory.read_certificate(options["factory_cert"])
+            ),
+            factory_cn=options["cn"],
+            subject_values=tuple(factory.parse_subject_value(v) for v in options["subject_value"] or ()),
+            single_use=bool(options["single_use"]),
+        )
+        # Hashing blocks; fine here: no one else waits on this reactor.
+        device = device_import.build_device(registration, device_import.digest_realms(config))
         await store.add_device(device)
+    except DuplicateFactoryCertificate as e:
+        raise CommandError(str(e)) from None
     except DuplicateDevice:
         raise CommandError(f"device {device_id!r} is already registered") from None
+    except ValueError as e:
+        raise CommandError(str(e)) from None
     out.write(f"registered device {device_id}\n")
+
+
+async def cmd_device_import(options: Any, config: Config, store: IStore, out: Any) -> None:
+    try:
+        rows = device_import.read_csv(options["file"])
+    except ValueError as e:
+        raise CommandError(str(e)) from None
+    result = await device_import.import_devices(store, rows, device_import.digest_realms(config))
+    for line, reason in result.bad:
+        out.write(f"line {line}: {reason}\n")
+    out.write(device_import.describe(result, len(rows)) + "\n")
+    if result.bad:
+        raise CommandError(f"{len(result.bad)} bad row(s) in {options['file']}; the others were imported")
+
+
+def _read_certificate(path: str) -> Any:
+    try:
+        return factory.read_certificate(path)
+    except ValueError as e:
+        raise CommandError(str(e)) from None
+
+
+async def cmd_officer_add(options: Any, config: Config, store: IStore, out: Any) -> None:
+    cert = _read_certificate(options["cert"])
+    try:
+        role = config_module.role_name(options["role"])
+    except ValueError as e:
+        raise CommandError(str(e)) from None
+    grant = officers.role_grant(cert, role)
+    if await store.add_officer_role(grant):
+        out.write(f"granted officer role {role} to {grant.subject} (SHA-256 {grant.fingerprint})\n")
+    else:
+        out.write(f"{grant.subject} (SHA-256 {grant.fingerprint}) already holds officer role {role}\n")
+
+
+async def cmd_officer_list(options: Any, config: Config, store: IStore, out: Any) -> None:
+    grants = await store.list_officer_roles()
+    if not grants:
+        out.write("no officer roles granted\n")
+        return
+    out.write(f"{'ROLE':<16} {'SUBJECT':<40} {'SERIAL':<42} {'GRANTED':<20} SHA-256\n")
+    for g in grants:
+        out.write(f"{g.role:<16} {g.subject:<40} {g.serial:<42x} {_when(g.granted_at):<20} {g.fingerprint}\n")
+
+
+async def cmd_officer_remove(options: Any, config: Config, store: IStore, out: Any) -> None:
+    if (options["cert"] is None) == (options["fingerprint"] is None):
+        raise CommandError("officer remove needs --cert or --fingerprint (one of them)")
+    if options["cert"] is not None:
+        fingerprint = certificate_fingerprint(_read_certificate(options["cert"]))
+    else:
+        fingerprint = options["fingerprint"].strip().lower().replace(":", "")
+    removed = await store.remove_officer_roles(fingerprint, options["role"])
+    if not removed:
+        what = f"role {options['role']}" if options["role"] else "officer roles"
+        raise CommandError(f"the certificate with SHA-256 {fingerprint} holds no {what}")
+    out.write(f"withdrew {removed} officer role(s) from the certificate with SHA-256 {fingerprint}\n")
 
 
 async def cmd_device_list(options: Any, config: Config, store: IStore, out: Any) -> None:
@@ -86,11 +169,13 @@ async def cmd_device_list(options: Any, config: Config, store: IStore, out: Any)
     if not devices:
         out.write("no devices registered\n")
         return
-    out.write(f"{'DEVICE':<32} {'AUTH':<10} {'SINGLE-USE':<10} {'REGISTERED':<20} CONSUMED\n")
+    out.write(f"{'DEVICE':<32} {'AUTH':<16} {'SINGLE-USE':<10} {'REGISTERED':<20} CONSUMED\n")
     for d in devices:
-        auth = "password" if d.password_hash else "-"
+        auth = "+".join(
+            kind for kind, present in (("password", d.password_hash), ("factory", d.factory_cert_sha256)) if present
+        ) or "-"
         single = "yes" if d.single_use else "no"
-        out.write(f"{d.device_id:<32} {auth:<10} {single:<10} {_when(d.created_at):<20} {_when(d.consumed_at)}\n")
+        out.write(f"{d.device_id:<32} {auth:<16} {single:<10} {_when(d.created_at):<20} {_when(d.consumed_at)}\n")
 
 
 async def cmd_device_remove(options: Any, config: Config, store: IStore, out: Any) -> None:
@@ -152,7 +237,44 @@ async def cmd_cert_revoke(options: Any, config: Config, store: IStore, out: Any)
         issued = await store.revoke_certificate(serial, options["reason"])
     except UnknownCertificate:
         raise CommandError(f"no certificate with serial {serial:x}") from None
+    except ValueError as e:  # an unknown --reason
+        raise CommandError(str(e)) from None
     out.write(f"revoked {serial:x} ({issued.subject}) at {_when(issued.revoked_at)}\n")
+
+
+def _write_file_atomically(path: str, data: bytes) -> None:
+    # A gateway reading the file (tls.crls) never sees half of it.
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, temporary = tempfile.mkstemp(dir=directory, prefix=".crl-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(temporary, 0o644)
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+
+
+async def cmd_crl_write(options: Any, config: Config, store: IStore, out: Any) -> None:
+    """The local CA's CRL of every certificate revoked in the store."""
+    ca = LocalCA.load_or_create(config.ca_directory, config.ca_name)
+    revoked = [
+        (c.serial, c.revoked_at) for c in await store.list_certificates() if c.revoked_at is not None
+    ]
+    crl = ca.write_crl(revoked, next_update=timedelta(days=options["days"]))
+    written = [os.path.join(config.ca_directory, CRL_FILE)]
+    if options["out"]:
+        encoding = Encoding.DER if options["der"] else Encoding.PEM
+        try:
+            _write_file_atomically(options["out"], crl.public_bytes(encoding))
+        except OSError as e:
+            raise CommandError(f"cannot write {options['out']}: {e.strerror}") from None
+        written.append(options["out"])
+    out.write(
+        f"wrote CRL of {len(crl)} revoked certificate(s), next update "
+        f"{_when(crl.next_update_utc)}, to {', '.join(written)}\n"
+    )
 
 
 # -- argument parsing -------------------------------------------------------
@@ -171,16 +293,54 @@ def _parser() -> argparse.ArgumentParser:
     device = commands.add_parser("device", help="pre-registered devices").add_subparsers(
         dest="action", metavar="ACTION", required=True
     )
-    add = device.add_parser("add", help="pre-register a device for HTTP authentication")
+    add = device.add_parser(
+        "add", help="pre-register a device: a password (HTTP Basic/Digest), a factory certificate, or both"
+    )
     add.add_argument("id")
     add.add_argument("--password", help="the password (visible in ps; prefer --password-file)")
     add.add_argument("--password-file", help="read the password from the first line of this file")
     add.add_argument("--single-use", action="store_true", help="consumed by the first certificate issued")
+    add.add_argument(
+        "--factory-cert", metavar="FILE",
+        help="the device's factory (authentication) certificate, PEM or DER, e.g. its IDevID",
+    )
+    add.add_argument("--cn", help="the commonName requests must carry (default: the device id)")
+    add.add_argument(
+        "--subject-value", action="append", metavar="NAME=VALUE",
+        help="a value the request must carry, e.g. serialNumber=SN17 or IP=10.0.0.17 (repeatable;"
+        " an empty VALUE matches anything)",
+    )
     add.set_defaults(run=cmd_device_add)
+    importing = device.add_parser(
+        "import",
+        help="pre-register devices from a CSV file",
+        description="CSV with a header row naming the columns "
+        + ",".join(device_import.CSV_COLUMNS)
+        + " (id required; any order). password may be empty when factory_cert (a file relative to"
+        " the CSV) is given; cn defaults to the id; single_use is yes/no; subject_values are"
+        " NAME=VALUE pairs separated by ';'. Each bad row is reported as 'line N: reason' and"
+        " skipped; the good rows are imported; the exit status is 1 if any row was bad.",
+    )
+    importing.add_argument("file", help="the CSV file")
+    importing.set_defaults(run=cmd_device_import)
     device.add_parser("list", help="list pre-registered devices").set_defaults(run=cmd_device_list)
     remove = device.add_parser("remove", help="remove a pre-registered device")
     remove.add_argument("id")
     remove.set_defaults(run=cmd_device_remove)
+
+    officer = commands.add_parser("officer", help="officer/RA roles of client certificates").add_subparsers(
+        dest="action", metavar="ACTION", required=True
+    )
+    grant = officer.add_parser("add", help="grant an officer role to a certificate (see requiredRoRoles)")
+    grant.add_argument("--cert", required=True, metavar="FILE", help="the officer's certificate, PEM or DER")
+    grant.add_argument("--role", required=True, help="the role, e.g. ra")
+    grant.set_defaults(run=cmd_officer_add)
+    officer.add_parser("list", help="list officer roles").set_defaults(run=cmd_officer_list)
+    withdraw = officer.add_parser("remove", help="withdraw officer roles from a certificate")
+    withdraw.add_argument("--cert", metavar="FILE", help="the officer's certificate")
+    withdraw.add_argument("--fingerprint", metavar="SHA256", help="its SHA-256, as officer list shows it")
+    withdraw.add_argument("--role", help="only this role (default: all)")
+    withdraw.set_defaults(run=cmd_officer_remove)
 
     cert = commands.add_parser("cert", help="issued certificates").add_subparsers(
         dest="action", metavar="ACTION", required=True
@@ -197,12 +357,43 @@ def _parser() -> argparse.ArgumentParser:
         "--reason", default="unspecified", choices=sorted(REVOCATION_REASONS), help="RFC 5280 reason"
     )
     revoke.set_defaults(run=cmd_cert_revoke)
+
+    crl = commands.add_parser("crl", help="certificate revocation lists").add_subparsers(
+        dest="action", metavar="ACTION", required=True
+    )
+    crl_write = crl.add_parser(
+        "write", help="sign the local CA's CRL of the revoked certificates (ca/crl.pem)"
+    )
+    crl_write.add_argument("--out", help="also write it to this file (e.g. one named in tls.crls)")
+    crl_write.add_argument("--der", action="store_true", help="write --out in DER instead of PEM")
+    crl_write.add_argument(
+        "--days", type=_positive_days, default=7, help="days until its nextUpdate (default 7)"
+    )
+    crl_write.set_defaults(run=cmd_crl_write)
+
+    # Talks to the approval service (its own config), not to this store.
+    from estgw.approval import cli as approval_cli
+
+    approval_cli.add_parser(commands)
     return parser
+
+
+def _positive_days(text: str) -> int:
+    try:
+        days = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number of days: {text!r}") from None
+    if days < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 day, not {days}")
+    return days
 
 
 async def run(reactor: Any, argv: Sequence[str], out: Any = sys.stdout) -> None:
     """Parse ``argv`` and run the command; raise CommandError on failure."""
     options = _parser().parse_args(list(argv))  # exits 2 with usage on a mistake
+    if getattr(options, "standalone", None) is not None:
+        await options.standalone(reactor, vars(options), out)
+        return
     try:
         config = config_module.load(options.config)
         bootstrap.initialize(config)
@@ -227,3 +418,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             raise SystemExit(1)
 
     task.react(lambda reactor: defer.Deferred.fromCoroutine(_main(reactor)))
+
+
+if __name__ == "__main__":
+    main()

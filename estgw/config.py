@@ -22,6 +22,7 @@ import os
 import re
 import socket
 from typing import Any, Callable, Mapping
+from urllib.parse import urlsplit
 
 import attr
 
@@ -142,6 +143,73 @@ def _csrattrs(value: str) -> tuple[CsrAttr, ...]:
     return parse_csrattrs_setting(value)
 
 
+def _seconds(value: str) -> float:
+    try:
+        number = float(value.strip())
+    except ValueError:
+        raise ValueError(f"expected a number of seconds, not {value!r}") from None
+    if not 0 < number <= 86400:
+        raise ValueError(f"must be more than 0 and at most 86400 seconds, not {number:g}")
+    return number
+
+
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _hours(value: str) -> int:
+    """A duration in hours, or with a unit: ``72``, ``72h``, ``30m``, ``2d``, ``90s``."""
+    text = value.strip().lower()
+    unit = _DURATION_UNITS.get(text[-1:], 0)
+    number = text[:-1] if unit else text
+    try:
+        seconds = round(float(number) * (unit or 3600))
+    except ValueError:
+        raise ValueError(f"expected hours (or a number with s, m, h or d), not {value!r}") from None
+    if seconds < 1:
+        raise ValueError(f"must be at least 1 second, not {value.strip()!r}")
+    return seconds
+
+
+def _non_negative_int(value: str) -> int:
+    return 0 if value.strip() == "0" else _positive_int(value)
+
+
+def _ocsp(value: str) -> str:
+    """``off``, ``aia`` (the certificate's AuthorityInformationAccess) or a responder URL."""
+    text = value.strip()
+    if text.lower() in ("off", "aia"):
+        return text.lower()
+    scheme, _, rest = text.partition("://")
+    if scheme.lower() not in ("http", "https") or not rest.split("/", 1)[0]:
+        raise ValueError(f"expected off, aia or an http(s) URL, not {text!r}")
+    return text
+
+
+_ROLE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+def role_name(value: str) -> str:
+    """An officer role: letters, digits, ``_ . -``; ``none`` is reserved."""
+    role = value.strip()
+    if not _ROLE.match(role):
+        raise ValueError(f"not a role name (letters, digits, _ . -): {role!r}")
+    if role.lower() == "none":
+        raise ValueError("'none' is not a role: it means no role is needed")
+    return role
+
+
+def _roles(value: str) -> tuple[str, ...]:
+    """``none`` → () (any certificate of this gateway's CA), else role names."""
+    items = _list(value)
+    if [item.lower() for item in items] == ["none"]:
+        return ()
+    if not items:
+        raise ValueError("expected none or a comma list of officer roles")
+    if any(item.lower() == "none" for item in items):
+        raise ValueError("none cannot be combined with roles")
+    return tuple(dict.fromkeys(role_name(item) for item in items))
+
+
 # -- the typed result ------------------------------------------------------
 
 
@@ -155,6 +223,23 @@ class TokenProcedureConfig:
     validity_days: int = 365
     key_usage: str = "digitalSignature, keyEncipherment"
     extended_key_usage: str = "clientAuth"
+    # Factory (authentication) certificates on simpleenroll (SPEC §4.8).
+    # mandatorypassword defaults to false: the factory key (an IDevID kept
+    # in hardware) is the authenticator, the password an optional second
+    # factor.  check-subject-values defaults to true: values an operator
+    # registered are meant to be checked, and an empty one matches anything.
+    use_authentication_cert: bool = False
+    mandatory_password: bool = False
+    check_subject_values: bool = True
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class FactoryAuthConfig:
+    """What a simpleenroll handler demands of a factory certificate, taken
+    from its token procedure's ``estenroll.*``/``enroll.*`` keys."""
+
+    mandatory_password: bool = False
+    check_subject_values: bool = True
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -175,6 +260,24 @@ class HandlerConfig:
     # RFC 7030 §3.5 linking: the CSR's challengePassword must carry the
     # connection's tls-unique (TLS 1.2) or tls-exporter (TLS 1.3) value.
     channel_binding: bool = False
+    # Officer/RA handler (SPEC §3): None = not one; () = "none", any
+    # certificate this gateway's CA issued; else the client certificate
+    # must hold at least one of these roles (estgw officer add).
+    required_ro_roles: tuple[str, ...] | None = None
+    # Set (from the token procedure) when simpleenroll needs a registered
+    # factory certificate.
+    factory: FactoryAuthConfig | None = None
+    # Manual approval (filter registersimpleenroll-basic-idm-auth, SPEC §5):
+    # the approval service's URL, the PKCS#12 client token (path resolved
+    # against the config file's directory) and its password, the CA files
+    # that verify the service (empty: the system's trust store).
+    idm_request_url: str = ""
+    idm_token: str = ""
+    idm_password: str = attr.ib(default="", repr=False)
+    idm_trust_anchors: tuple[str, ...] = ()
+    idm_timeout: float = 10.0  # seconds per call to the service
+    idm_retry_after: int = 60  # seconds, told to devices in Retry-After
+    idm_pending_lifetime: int = 72 * 3600  # seconds an undecided request lives
 
     @property
     def path(self) -> str:
@@ -193,6 +296,14 @@ class Config:
     store_url: str = "sqlite:estgw.sqlite"
     ca_name: str = "estgw"
     trust_anchor_files: tuple[str, ...] = ()
+    # Revocation beyond the store (estgw.revocation): CRL files, what a
+    # stale CRL means, and OCSP.
+    crl_files: tuple[str, ...] = ()
+    crl_stale: str = "hard"
+    ocsp: str = "off"
+    ocsp_timeout: float = 5.0
+    ocsp_cache_seconds: int = 300
+    ocsp_failure: str = "hard"
     token_procedures: Mapping[str, TokenProcedureConfig] = attr.Factory(dict)
     handlers: tuple[HandlerConfig, ...] = ()
 
@@ -231,6 +342,12 @@ _GLOBAL_KEYS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "store.url": ("store_url", _text),
     "ca.name": ("ca_name", _text),
     "tls.trustAnchors": ("trust_anchor_files", _list),
+    "tls.crls": ("crl_files", _list),
+    "tls.crl.stale": ("crl_stale", _choice("hard", "soft")),
+    "tls.ocsp": ("ocsp", _ocsp),
+    "tls.ocsp.timeout": ("ocsp_timeout", _seconds),
+    "tls.ocsp.cacheSeconds": ("ocsp_cache_seconds", _non_negative_int),
+    "tls.ocsp.failure": ("ocsp_failure", _choice("hard", "soft")),
 }
 _TOKEN_PROCEDURE_KEYS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "name": ("name", _text),
@@ -238,6 +355,9 @@ _TOKEN_PROCEDURE_KEYS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "validity.days": ("validity_days", _positive_int),
     "keyusage": ("key_usage", _text),
     "extendedkeyusage": ("extended_key_usage", _text),
+    "estenroll.use-authentication-cert": ("use_authentication_cert", _bool),
+    "enroll.mandatorypassword": ("mandatory_password", _bool),
+    "enroll.check-subject-values": ("check_subject_values", _bool),
 }
 _HANDLER_KEYS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "operation": ("operation", _choice(*OPERATIONS)),
@@ -254,6 +374,14 @@ _HANDLER_KEYS: dict[str, tuple[str, Callable[[str], Any]]] = {
         _bool,
     ),
     "channelBinding": ("channel_binding", _bool),
+    "requiredRoRoles": ("required_ro_roles", _roles),
+    "idm.requestUrl": ("idm_request_url", _text),
+    "idm.tls.token": ("idm_token", _text),
+    "idm.tls.password": ("idm_password", _text),
+    "idm.tls.trustAnchors": ("idm_trust_anchors", _list),
+    "idm.timeout": ("idm_timeout", _seconds),
+    "idm.retryAfter": ("idm_retry_after", _positive_int),
+    "idm.pendingLifetime": ("idm_pending_lifetime", _hours),
 }
 # Handler keys that may also stand alone at the top level (as in the
 # model product's est.properties) and then act like default.<key>.
@@ -291,7 +419,7 @@ def from_string(text: str, source: str = "est.properties", base_dir: str = ".") 
 
     values = {key: value for key, (value, _line) in raw.items()}
     global_values: dict[str, Any] = {}
-    defaults: dict[str, str] = {}
+    defaults: dict[str, tuple[str, str]] = {}  # handler key -> (config key, value)
     numbered: dict[tuple[str, str], dict[str, str]] = {}
 
     for key, value in values.items():
@@ -299,12 +427,12 @@ def from_string(text: str, source: str = "est.properties", base_dir: str = ".") 
             attribute, parser = _GLOBAL_KEYS[key]
             global_values[attribute] = _parse(key, parser, value, source)
         elif key in _TOP_LEVEL_HANDLER_KEYS:
-            defaults.setdefault(key, value)
+            _set_default(defaults, key, key, value, source)
         elif key.startswith("default."):
             name = key[len("default."):]
             if name not in _HANDLER_KEYS or name in ("operation", "label"):
                 raise ConfigError(key, "unknown handler key", source)
-            defaults[name] = value
+            _set_default(defaults, name, key, value, source)
         else:
             match = _NUMBERED.match(key)
             if match is None:
@@ -314,6 +442,7 @@ def from_string(text: str, source: str = "est.properties", base_dir: str = ".") 
 
     procedures = _token_procedures(numbered, source)
     handlers = _handlers(numbered, defaults, procedures, source)
+    handlers = tuple(_resolve_idm_files(h, base_dir, source) for h in handlers)
 
     state = global_values.pop("state_directory", "state")
     global_values["trust_anchor_files"] = tuple(
@@ -322,6 +451,11 @@ def from_string(text: str, source: str = "est.properties", base_dir: str = ".") 
     for index, anchor in enumerate(global_values["trust_anchor_files"]):
         if not os.path.isfile(anchor):
             raise ConfigError("tls.trustAnchors", f"no such file: {anchor}", source)
+    # Read and verified when the gateway starts (estgw.revocation), so that
+    # `estgw crl write` can create a file named here.
+    global_values["crl_files"] = tuple(
+        _resolve(base_dir, f) for f in global_values.get("crl_files", ())
+    )
     if not global_values.get("hostnames"):
         global_values["hostnames"] = default_hostnames()
     store_url = global_values.get("store_url", "sqlite:estgw.sqlite")
@@ -334,6 +468,17 @@ def from_string(text: str, source: str = "est.properties", base_dir: str = ".") 
         handlers=handlers,
         **global_values,
     )
+
+
+def _set_default(
+    defaults: dict[str, tuple[str, str]], name: str, key: str, value: str, source: str
+) -> None:
+    if name in defaults:
+        raise ConfigError(key, f"{defaults[name][0]} already sets it", source)
+    # Checked here too, so a bad default is an error even where every
+    # handler overrides it.
+    _parse(key, _HANDLER_KEYS[name][1], value, source)
+    defaults[name] = (key, value)
 
 
 def _token_procedures(
@@ -370,23 +515,25 @@ def _check_profile(procedure: TokenProcedureConfig, prefix: str, source: str) ->
     # Build the CA profile once here so a bad key usage name stops start-up.
     from estgw.ca import Profile
 
-    try:
-        Profile.from_settings(
-            procedure.validity_days, procedure.key_usage, procedure.extended_key_usage
-        )
-    except ValueError as e:
-        text = str(e)
-        key = "extendedkeyusage" if "extended" in text.lower() or "eku" in text.lower() else "keyusage"
-        raise ConfigError(prefix + key, text, source) from None
+    # One setting at a time, so the error names the key that is wrong.
+    days = procedure.validity_days
+    for key, usages, extended in (
+        ("keyusage", procedure.key_usage, ""),
+        ("extendedkeyusage", "", procedure.extended_key_usage),
+    ):
+        try:
+            Profile.from_settings(days, usages, extended)
+        except ValueError as e:
+            raise ConfigError(prefix + key, str(e), source) from None
 
 
 def _handlers(
     numbered: dict[tuple[str, str], dict[str, str]],
-    defaults: Mapping[str, str],
+    defaults: Mapping[str, tuple[str, str]],
     procedures: list[TokenProcedureConfig],
     source: str,
 ) -> tuple[HandlerConfig, ...]:
-    names = {p.name for p in procedures}
+    names = {p.name: p for p in procedures}
     result: list[HandlerConfig] = []
     routes: dict[tuple[str, str], str] = {}
     for (kind, number), keys in sorted(numbered.items(), key=lambda i: int(i[0][1])):
@@ -398,13 +545,17 @@ def _handlers(
                 raise ConfigError(prefix + name, "unknown handler key", source)
         if "operation" not in keys:
             raise ConfigError(prefix + "operation", "required: which EST operation this handler serves", source)
-        merged = {**{k: v for k, v in defaults.items()}, **keys}
+        merged = {name: value for name, (_key, value) in defaults.items()}
+        merged.update(keys)
+        # Which line of the file each setting came from, for messages.
+        origin = {name: prefix + name if name in keys else defaults[name][0] for name in merged}
         fields: dict[str, Any] = {}
         for name, value in merged.items():
             attribute, parser = _HANDLER_KEYS[name]
-            where = (prefix + name) if name in keys else f"default.{name}"
-            fields[attribute] = _parse(where, parser, value, source)
-        handler = _complete_handler(HandlerConfig(id=number, **fields), keys, prefix, names, source)
+            fields[attribute] = _parse(origin[name], parser, value, source)
+        handler = _complete_handler(
+            HandlerConfig(id=number, **fields), keys, prefix, origin, names, source
+        )
         route = (handler.label, handler.operation)
         if route in routes:
             raise ConfigError(
@@ -421,10 +572,15 @@ def _complete_handler(
     handler: HandlerConfig,
     own_keys: Mapping[str, str],
     prefix: str,
-    procedure_names: set[str],
+    origin: Mapping[str, str],
+    procedure_names: Mapping[str, TokenProcedureConfig],
     source: str,
 ) -> HandlerConfig:
     """Fill per-operation defaults and check keys that depend on each other."""
+
+    def where(name: str) -> str:
+        return origin.get(name, prefix + name)
+
     op = handler.operation
     enroll = op in ENROLL_OPERATIONS
     changes: dict[str, Any] = {}
@@ -433,48 +589,133 @@ def _complete_handler(
     if enroll and not handler.format:
         changes["format"] = DEFAULT_FORMAT[op]
     handler = attr.evolve(handler, **changes)
+    handler = _complete_idm(handler, own_keys, where, source)
 
     if not enroll:
         # Settings that mean nothing here are errors only when set on the
         # handler itself; the default section applies to all handlers.
-        for name in ("format", "tokenprocedure", "authtype"):
+        for name in ("format", "tokenprocedure", "authtype", "qop", "requiredRoRoles"):
             if name in own_keys:
                 raise ConfigError(prefix + name, f"not used by {op}", source)
-        handler = attr.evolve(handler, format="", token_procedure="", authtype="", realm=None)
+        handler = attr.evolve(
+            handler, format="", token_procedure="", authtype="", realm=None, required_ro_roles=None
+        )
         if op != "csrattrs" and "csrattrs" in own_keys:
             raise ConfigError(prefix + "csrattrs", f"not used by {op}", source)
         if handler.filter not in ("public", "clientcert") and op in ("cacerts", "csrattrs"):
-            raise ConfigError(prefix + "filter", f"{op} takes filter public or clientcert", source)
+            raise ConfigError(where("filter"), f"{op} takes filter public or clientcert", source)
         return handler
 
     if not handler.token_procedure:
-        raise ConfigError(prefix + "tokenprocedure", f"required: which token procedure issues for {op}", source)
+        raise ConfigError(where("tokenprocedure"), f"required: which token procedure issues for {op}", source)
     if handler.token_procedure not in procedure_names:
         known = ", ".join(sorted(procedure_names)) or "none is defined"
         raise ConfigError(
-            prefix + "tokenprocedure",
+            where("tokenprocedure"),
             f"no token procedure named {handler.token_procedure!r} (known: {known})",
             source,
         )
     if handler.authtype and handler.realm is None:
         raise ConfigError(prefix + "realm", "required when authtype is set (it may be empty)", source)
     if handler.filter == "public":
-        raise ConfigError(prefix + "filter", f"{op} cannot be public", source)
+        raise ConfigError(where("filter"), f"{op} cannot be public", source)
     if handler.filter == "registersimpleenroll-basic-idm-auth" and op != "simpleenroll":
-        raise ConfigError(prefix + "filter", "manual approval is only for simpleenroll", source)
+        raise ConfigError(where("filter"), "manual approval is only for simpleenroll", source)
     if handler.filter == "registersimpleenroll-basic-idm-auth" and not handler.authtype:
-        raise ConfigError(prefix + "authtype", "required by filter registersimpleenroll-basic-idm-auth", source)
+        raise ConfigError(where("authtype"), "required by filter registersimpleenroll-basic-idm-auth", source)
     if op == "simplereenroll" and handler.filter not in ("clientcert",):
         raise ConfigError(
-            prefix + "filter",
+            where("filter"),
             "simplereenroll is authenticated by the current certificate: use clientcert",
             source,
         )
     if op == "simplereenroll" and not handler.format == "est-simplereenroll":
-        raise ConfigError(prefix + "format", "simplereenroll takes format est-simplereenroll", source)
+        raise ConfigError(where("format"), "simplereenroll takes format est-simplereenroll", source)
     if op == "simpleenroll" and handler.format == "est-simplereenroll":
-        raise ConfigError(prefix + "format", "est-simplereenroll is for simplereenroll", source)
+        raise ConfigError(where("format"), "est-simplereenroll is for simplereenroll", source)
+    return _complete_authentication(
+        handler, own_keys, where, procedure_names[handler.token_procedure], source
+    )
+
+
+def _complete_authentication(
+    handler: HandlerConfig,
+    own_keys: Mapping[str, str],
+    where: Callable[[str], str],
+    procedure: TokenProcedureConfig,
+    source: str,
+) -> HandlerConfig:
+    """qop, requiredRoRoles and the factory-certificate keys of the handler's
+    token procedure, which depend on each other (see estgw.auth)."""
+    if "qop" in own_keys and handler.authtype != "Digest":
+        raise ConfigError(where("qop"), "only used with authtype Digest", source)
+    if not (procedure.use_authentication_cert and handler.operation == "simpleenroll"):
+        return handler
+    flag = f"tokenprocedure.{procedure.key}.estenroll.use-authentication-cert"
+    if handler.required_ro_roles is not None:
+        raise ConfigError(
+            where("requiredRoRoles"), f"an officer/RA handler cannot also require factory certificates ({flag})", source
+        )
+    if handler.format == "est-simpleenroll-subjectmatch":
+        raise ConfigError(
+            where("format"),
+            f"a factory certificate ({flag}) does not carry the subject of the request: use est-simpleenroll",
+            source,
+        )
+    if procedure.mandatory_password and not handler.authtype:
+        raise ConfigError(
+            where("authtype"),
+            f"required: tokenprocedure.{procedure.key}.enroll.mandatorypassword asks for the device password",
+            source,
+        )
+    factory = FactoryAuthConfig(procedure.mandatory_password, procedure.check_subject_values)
+    return attr.evolve(handler, factory=factory)
+
+
+IDM_FILTER = "registersimpleenroll-basic-idm-auth"
+_IDM_REQUIRED = ("idm.requestUrl", "idm.tls.token", "idm.tls.password")
+
+
+def _complete_idm(
+    handler: HandlerConfig, own_keys: Mapping[str, str], where: Callable[[str], str], source: str
+) -> HandlerConfig:
+    """The manual-approval keys: required with the IDM filter, errors elsewhere."""
+    if handler.filter != IDM_FILTER:
+        for name in _HANDLER_KEYS:
+            if name.startswith("idm.") and name in own_keys:
+                raise ConfigError(where(name), f"only used with filter {IDM_FILTER}", source)
+        if handler.format == "est-simpleenroll-idm":
+            # Without the filter nobody would approve: refuse rather than
+            # let the operator believe approval is on.
+            raise ConfigError(where("format"), f"est-simpleenroll-idm needs filter {IDM_FILTER}", source)
+        # default.idm.* applies to approval handlers only.
+        return attr.evolve(handler, idm_request_url="", idm_token="", idm_password="", idm_trust_anchors=())
+    if handler.operation != "simpleenroll":
+        raise ConfigError(where("filter"), "manual approval is only for simpleenroll", source)
+    for name in _IDM_REQUIRED:
+        attribute = _HANDLER_KEYS[name][0]
+        if not getattr(handler, attribute):
+            raise ConfigError(where(name), f"required by filter {IDM_FILTER}", source)
+    url = urlsplit(handler.idm_request_url)
+    if url.scheme != "https" or not url.hostname:
+        raise ConfigError(
+            where("idm.requestUrl"), f"expected an https:// URL, not {handler.idm_request_url!r}", source
+        )
     return handler
+
+
+def _resolve_idm_files(handler: HandlerConfig, base_dir: str, source: str) -> HandlerConfig:
+    if handler.filter != IDM_FILTER:
+        return handler
+    prefix = f"handler.{handler.id}."
+    token = _resolve(base_dir, handler.idm_token)
+    if not os.path.isfile(token):
+        raise ConfigError(prefix + "idm.tls.token", f"no such file: {token}", source)
+    anchors = tuple(_resolve(base_dir, f) for f in handler.idm_trust_anchors)
+    for anchor in anchors:
+        if not os.path.isfile(anchor):
+            raise ConfigError(prefix + "idm.tls.trustAnchors", f"no such file: {anchor}", source)
+    return attr.evolve(handler, idm_token=token, idm_trust_anchors=anchors)
 
 
 def load(path: str) -> Config:

@@ -12,14 +12,15 @@ from typing import Any, Mapping
 
 import attr
 from cryptography import x509
-from twisted.cred.portal import Portal
 from twisted.logger import Logger
 
 from estgw import auth, policy
+from estgw.approval.gate import ApprovalGate
 from estgw.ca import ITokenProcedure
 from estgw.config import Config, HandlerConfig
 from estgw.protocol import parse_csr
 from estgw.refusal import Refusal
+from estgw.revocation import RevocationChecker
 from estgw.store import IssuedCertificate, IStore
 from estgw.tls import PeerInfo, channel_binding
 
@@ -34,16 +35,29 @@ class Gateway:
     store: IStore
     procedures: Mapping[str, ITokenProcedure]
     ca_chain: list[x509.Certificate]
-    portal: Portal
+    portal: auth.DevicePortal
     reactor: Any = None
+    # CRL files and OCSP (tls.crls, tls.ocsp); None: the store only.
+    revocation: RevocationChecker | None = None
+    # Manual approval (SPEC §5): handler id -> its gate, for handlers with
+    # filter registersimpleenroll-basic-idm-auth.
+    approvals: Mapping[str, ApprovalGate] = attr.Factory(dict)
 
 
-async def _client_certificate_not_revoked(gateway: Gateway, identity: auth.Identity) -> None:
+async def _client_certificate_not_revoked(
+    gateway: Gateway, identity: auth.Identity, peer: PeerInfo | None = None
+) -> None:
     cert = identity.certificate
     if cert is None:
         return
-    if await gateway.store.is_revoked(cert.serial_number):
+    # The store is read on every request: `estgw cert revoke` needs no restart.
+    # It knows only serials of our own CA: a foreign certificate with an
+    # equal serial is not ours to refuse.
+    ours = bool(gateway.ca_chain) and cert.issuer == gateway.ca_chain[0].subject
+    if ours and await gateway.store.is_revoked(cert.serial_number):
         raise Refusal(403, "client-certificate-revoked", "the TLS client certificate has been revoked")
+    if gateway.revocation is not None:
+        await gateway.revocation.check(cert, peer.chain if peer is not None else ())
 
 
 async def _renewing_last_issued(gateway: Gateway, identity: auth.Identity, ctx: policy.PolicyContext) -> None:
@@ -75,7 +89,7 @@ async def enroll(
     """Run one enrollment; return the issued certificate or raise Refusal."""
     identity = await auth.authenticate(request, handler, peer, gateway.portal)
     # Who the client is comes before what it asks for.
-    await _client_certificate_not_revoked(gateway, identity)
+    await _client_certificate_not_revoked(gateway, identity, peer)
     csr = parse_csr(body, content_type)
     binding = channel_binding(peer)
     ctx = policy.build_context(
@@ -87,11 +101,23 @@ async def enroll(
         await _renewing_last_issued(gateway, identity, ctx)
 
     procedure = gateway.procedures[handler.token_procedure]
-    certificate = await procedure.issue(policy.issue_request(ctx))
-    # Committed before the response is written: nothing sent is unrecorded.
-    await gateway.store.record_certificate(
-        IssuedCertificate.from_certificate(certificate, handler.id, identity.requester)
-    )
+    approval = gateway.approvals.get(handler.id)
+    if approval is not None:
+        # SPEC §5: 202 until an operator approves, then issued exactly once.
+        return await approval.enroll(
+            csr,
+            identity.requester,
+            sign=lambda: procedure.issue(policy.issue_request(ctx)),
+            claim=lambda: auth.single_use(gateway.store, identity),
+        )
+    # A single-use registration is claimed first (one winner among
+    # concurrent requests) and released if issuing or recording fails.
+    async with auth.single_use(gateway.store, identity):
+        certificate = await procedure.issue(policy.issue_request(ctx))
+        # Committed before the response is written: nothing sent is unrecorded.
+        await gateway.store.record_certificate(
+            IssuedCertificate.from_certificate(certificate, handler.id, identity.requester)
+        )
     _log.info(
         "issued serial {serial:x} subject {subject} to {requester} by handler {handler}",
         serial=certificate.serial_number,

@@ -26,6 +26,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.x509.oid import AttributeOID, ExtendedKeyUsageOID, NameOID, ObjectIdentifier
 
+from estgw import factory
 from estgw.auth import Identity
 from estgw.ca import IssueRequest
 from estgw.config import HandlerConfig
@@ -316,3 +317,35 @@ def run_format(ctx: PolicyContext) -> None:
 def issue_request(ctx: PolicyContext) -> IssueRequest:
     """What the CA signs: the subject, key and SANs after the copy rules."""
     return IssueRequest(subject=ctx.subject, public_key=ctx.csr.public_key(), sans=ctx.sans)
+
+
+# -- factory certificates (SPEC §4.8) ----------------------------------------------
+
+
+def factory_certificate_matches_request(ctx: PolicyContext) -> None:
+    """On a handler whose token procedure uses factory certificates, the
+    request's commonName is the one registered with the factory
+    certificate, and (with enroll.check-subject-values) it carries the
+    registered subject values; an empty registered value matches anything."""
+    settings = ctx.handler.factory
+    if settings is None:
+        return
+    device = ctx.identity.registration
+    if ctx.identity.kind != "factory" or device is None:
+        raise _policy("factory-certificate-required", "this endpoint needs a registered factory certificate")
+    requested = factory.common_name(ctx.subject)
+    if requested != device.expected_common_name:
+        raise _policy(
+            "factory-cn-mismatch",
+            f"the CSR commonName {requested!r} is not {device.expected_common_name!r},"
+            " the one registered with the factory certificate",
+        )
+    if settings.check_subject_values:
+        mismatch = factory.subject_value_mismatch(device.subject_values, ctx.subject, ctx.sans)
+        if mismatch is not None:
+            raise _policy("subject-value-mismatch", mismatch)
+
+
+# Follows the token procedure, not the format: on every simpleenroll format.
+for _format in ("est-simpleenroll", "est-simpleenroll-idm"):
+    FORMATS[_format] += (factory_certificate_matches_request,)

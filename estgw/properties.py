@@ -14,6 +14,8 @@ from typing import Iterator
 
 _ESCAPES = {"t": "\t", "n": "\n", "r": "\r", "f": "\f"}
 _UNICODE = re.compile(r"\\u([0-9a-fA-F]{4})")
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+_BLANK = " \t\f"  # what Java counts as white space in this format
 
 
 class PropertiesError(ValueError):
@@ -23,19 +25,22 @@ class PropertiesError(ValueError):
 def _logical_lines(text: str) -> Iterator[tuple[int, str]]:
     pending: list[str] = []
     start = 0
-    for number, raw in enumerate(text.splitlines(), 1):
-        line = raw.lstrip() if pending else raw.strip()
+    # Only CR, LF and CRLF end a line (str.splitlines also splits on form
+    # feeds and Unicode separators, which may sit inside a value).
+    for number, raw in enumerate(_LINE_BREAK.split(text), 1):
+        line = raw.lstrip(_BLANK)
         if not pending:
             start = number
             if not line or line[0] in "#!":
                 continue
-        # An odd number of trailing backslashes continues the line.
-        stripped = line.rstrip()
-        trailing = len(stripped) - len(stripped.rstrip("\\"))
+        # An odd number of backslashes at the very end continues the line.
+        # As in Java, "\\ " at the end is an escaped space, not a
+        # continuation: it must not swallow the next line.
+        trailing = len(line) - len(line.rstrip("\\"))
         if trailing % 2 == 1:
-            pending.append(stripped[:-1])
+            pending.append(line[:-1])
             continue
-        pending.append(stripped)
+        pending.append(line)
         yield start, "".join(pending)
         pending = []
     if pending:
@@ -74,13 +79,13 @@ def _split(line: str) -> tuple[str, str]:
         if char == "\\":
             i += 2
             continue
-        if char in "=: \t":
+        if char in "=:" or char in _BLANK:
             break
         i += 1
     key = line[:i]
-    rest = line[i:].lstrip(" \t")
+    rest = line[i:].lstrip(_BLANK)
     if rest[:1] in ("=", ":"):
-        rest = rest[1:].lstrip(" \t")
+        rest = rest[1:].lstrip(_BLANK)
     return key, rest
 
 

@@ -14,6 +14,8 @@ from typing import Mapping
 class Refusal(Exception):
     """A request was refused; nothing is issued."""
 
+    event = "refused"  # the audit log's word for it
+
     def __init__(
         self,
         status: int,
@@ -32,6 +34,17 @@ class Refusal(Exception):
 
     def __str__(self) -> str:
         return f"{self.status} {self.code}: {self.reason}"
+
+
+class Pending(Refusal):
+    """Not refused, not yet granted: 202 + Retry-After (an operator must
+    approve first, RFC 7030 §4.2.3).  Logged as pending, not refused."""
+
+    event = "pending"
+
+    def __init__(self, code: str, reason: str, retry_after: int) -> None:
+        super().__init__(202, code, reason, {"Retry-After": str(int(retry_after))})
+        self.retry_after = int(retry_after)
 
 
 def bad_request(code: str, reason: str) -> Refusal:

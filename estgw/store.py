@@ -38,8 +38,13 @@ __all__ = [
     "IssuedCertificate",
     "Device",
     "DuplicateDevice",
+    "DuplicateFactoryCertificate",
+    "OfficerRole",
+    "certificate_fingerprint",
     "DuplicateCertificate",
     "UnknownCertificate",
+    "Approval",
+    "APPROVAL_STATES",
     "UnsupportedSchemaVersion",
     "StoreNotRunning",
     "REVOCATION_REASONS",
@@ -64,6 +69,12 @@ def _require_utc(instance: Any, attribute: Any, value: Any) -> None:
 def _to_tuple(values: Iterable[str]) -> tuple[str, ...]:
     # Lists (e.g. from JSON) compare unequal to tuples: normalise.
     return tuple(values)
+
+
+def _pairs(values: Any) -> tuple[tuple[str, str], ...]:
+    # Accept a mapping or pairs (e.g. lists from JSON); keep the order.
+    items = values.items() if hasattr(values, "items") else values
+    return tuple((str(k), str(v)) for k, v in items)
 
 
 def _utcnow() -> datetime:
@@ -155,6 +166,38 @@ class Device:
     single_use: bool = False
     created_at: datetime | None = attr.ib(default=None, validator=_require_utc)
     consumed_at: datetime | None = attr.ib(default=None, validator=_require_utc)
+    # Factory (authentication) certificate, e.g. an IDevID: the SHA-256 of
+    # its DER (certificate_fingerprint); the commonName a CSR must carry
+    # (None: the device id); expected subject values, ("serialNumber",
+    # "SN1"), ("IP", "10.0.0.5"): an empty value matches anything.
+    factory_cert_sha256: str | None = None
+    factory_cn: str | None = None
+    subject_values: tuple[tuple[str, str], ...] = attr.ib(default=(), converter=_pairs)
+    # HTTP Digest H(A1) = MD5(id:realm:password) per realm: a password
+    # equivalent for that realm, so never shown.
+    digest_ha1: tuple[tuple[str, str], ...] = attr.ib(default=(), converter=_pairs, repr=False)
+
+    @property
+    def expected_common_name(self) -> str:
+        return self.device_id if self.factory_cn is None else self.factory_cn
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class OfficerRole:
+    """An officer/RA role granted to one certificate (by its fingerprint)."""
+
+    fingerprint: str  # certificate_fingerprint() of the officer certificate
+    role: str
+    subject: str  # for people reading `estgw officer list`
+    issuer: str
+    serial: int
+    granted_at: datetime | None = attr.ib(default=None, validator=_require_utc)
+
+
+def certificate_fingerprint(cert: x509.Certificate) -> str:
+    """Lower-case hex SHA-256 of the DER: how the store keys factory
+    certificates and officer roles."""
+    return hashlib.sha256(cert.public_bytes(Encoding.DER)).hexdigest()
 
 
 #: Reasons :meth:`IStore.revoke_certificate` accepts: the RFC 5280 CRLReason
@@ -167,6 +210,10 @@ REVOCATION_REASONS: frozenset[str] = frozenset(
 
 class DuplicateDevice(Exception):
     """add_device for a device id that is already registered."""
+
+
+class DuplicateFactoryCertificate(DuplicateDevice):
+    """add_device with a factory certificate registered to another device."""
 
 
 class DuplicateCertificate(Exception):
@@ -183,6 +230,35 @@ class UnsupportedSchemaVersion(Exception):
 
 class StoreNotRunning(Exception):
     """An operation on a store that was not started, or was closed."""
+
+
+#: States of a request that waits for an operator (SPEC §5):
+#: pending -> approved -> issued, pending -> rejected, pending|approved -> expired.
+APPROVAL_STATES = ("pending", "approved", "rejected", "issued", "expired")
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class Approval:
+    """An enrollment request that waits for, or had, an operator's decision."""
+
+    request_id: str  # generated here; the approval service dedups on it
+    handler: str
+    public_key_sha256: str  # hex SHA-256 of the CSR's SubjectPublicKeyInfo
+    subject: str  # the CSR subject, RFC 4514
+    requester: str
+    csr: bytes = attr.ib(repr=False)  # DER
+    created_at: datetime = attr.ib(validator=_require_utc)
+    expires_at: datetime = attr.ib(validator=_require_utc)
+    state: str = attr.ib(default="pending", validator=attr.validators.in_(APPROVAL_STATES))
+    # When the approval service acknowledged the submission; None: not yet.
+    submitted_at: datetime | None = attr.ib(default=None, validator=_require_utc)
+    decided_at: datetime | None = attr.ib(default=None, validator=_require_utc)
+    reason: str | None = None  # the operator's reason (rejections)
+    serial: int | None = None  # the certificate issued for it
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return (self.handler, self.public_key_sha256, self.subject)
 
 
 # -- interface --------------------------------------------------------------
@@ -249,6 +325,65 @@ class IStore(Interface):
         unknown.
         """
 
+    def release_device(device_id: str, consumed_at: datetime) -> Deferred[bool]:
+        """
+        Undo the consume_device(device_id, when=consumed_at) whose issue
+        failed, so the device can try again; True if it was undone.
+        """
+
+    def get_device_by_factory_cert(fingerprint: str) -> Deferred[Device | None]:
+        """The device registered with this factory certificate, or None."""
+
+    def add_officer_role(role: OfficerRole) -> Deferred[bool]:
+        """Grant a role to a certificate; False if it already held it."""
+
+    def officer_roles(fingerprint: str) -> Deferred[tuple[str, ...]]:
+        """The roles the certificate with this fingerprint holds, sorted."""
+
+    def list_officer_roles() -> Deferred[list[OfficerRole]]:
+        """Every grant, by subject, fingerprint and role."""
+
+    def remove_officer_roles(fingerprint: str, role: str | None = None) -> Deferred[int]:
+        """Withdraw one role (or all) from a certificate; how many went."""
+
+    def add_approval(approval: Approval) -> Deferred[Approval]:
+        """
+        Record a new pending request and return it; when a live (pending or
+        approved) request with the same (handler, public key, subject)
+        exists already, record nothing and return that one.
+        """
+
+    def find_approval(handler: str, public_key_sha256: str, subject: str) -> Deferred[Approval | None]:
+        """The newest request with this (handler, public key, subject), or None."""
+
+    def get_approval(request_id: str) -> Deferred[Approval | None]:
+        """The request with this id, or None."""
+
+    def list_approvals(state: str | None = None) -> Deferred[list[Approval]]:
+        """All requests, or those in one state; newest first."""
+
+    def set_approval_submitted(request_id: str, when: datetime | None) -> Deferred[None]:
+        """Record that the approval service has the request (None: it has not)."""
+
+    def decide_approval(
+        request_id: str, state: str, reason: str | None, expires_at: datetime, when: datetime | None = None
+    ) -> Deferred[Approval | None]:
+        """
+        pending -> ``state`` ("approved" or "rejected"), atomically; the
+        decision is kept until ``expires_at``.  Returns the request as it
+        now is (also when it was no longer pending), None if unknown.
+        """
+
+    def expire_approval(request_id: str, when: datetime | None = None) -> Deferred[bool]:
+        """pending or approved -> expired; True only for the call that did it."""
+
+    def issue_approved(request_id: str, issued: IssuedCertificate) -> Deferred[bool]:
+        """
+        approved -> issued and record ``issued``, in one transaction.  True
+        for the one call that did it; False (and nothing recorded) when the
+        request was not approved, e.g. another call issued first.
+        """
+
 
 # -- schema -----------------------------------------------------------------
 
@@ -291,6 +426,61 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             """,
         ],
     ),
+    (
+        2,
+        [
+            # Factory (authentication) certificates: the SHA-256 of the DER,
+            # the commonName a CSR must carry, expected subject values
+            # (JSON object) and per-realm HTTP Digest H(A1) (JSON object).
+            "ALTER TABLE devices ADD COLUMN factory_cert_sha256 TEXT",
+            "ALTER TABLE devices ADD COLUMN factory_cn TEXT",
+            "ALTER TABLE devices ADD COLUMN subject_values TEXT",
+            "ALTER TABLE devices ADD COLUMN digest_ha1 TEXT",
+            # NULLs do not collide in a unique index (SQLite, PostgreSQL).
+            "CREATE UNIQUE INDEX devices_factory_cert ON devices (factory_cert_sha256)",
+            # Officer/RA roles, keyed by the SHA-256 of the certificate's DER.
+            """
+            CREATE TABLE officer_roles (
+                fingerprint TEXT NOT NULL,
+                role TEXT NOT NULL,
+                subject TEXT NOT NULL,
+                issuer TEXT NOT NULL,
+                serial TEXT NOT NULL,
+                granted_at TEXT NOT NULL,
+                PRIMARY KEY (fingerprint, role)
+            )
+            """,
+        ],
+    ),
+    (
+        3,
+        [
+            # Requests waiting for an operator's approval (SPEC §5).
+            """
+            CREATE TABLE approvals (
+                id {autoincrement_primary_key},
+                request_id TEXT NOT NULL UNIQUE,
+                handler TEXT NOT NULL,
+                public_key_sha256 TEXT NOT NULL,
+                subject TEXT NOT NULL,
+                requester TEXT NOT NULL,
+                csr {blob} NOT NULL,
+                state TEXT NOT NULL,
+                created_at TEXT NOT NULL,
+                expires_at TEXT NOT NULL,
+                submitted_at TEXT,
+                decided_at TEXT,
+                reason TEXT,
+                serial TEXT
+            )
+            """,
+            # Retries find their request by key, newest first.
+            "CREATE INDEX approvals_key ON approvals (handler, public_key_sha256, subject, id)",
+            # One live request per key, even with several gateway processes.
+            "CREATE UNIQUE INDEX approvals_live ON approvals (handler, public_key_sha256, subject)"
+            " WHERE state IN ('pending', 'approved')",
+        ],
+    ),
 ]
 
 
@@ -322,7 +512,11 @@ _CERT_COLUMNS = (
     "serial, subject, sans, not_before, not_after, public_key_sha256,"
     " handler, requester, der, issued_at, revoked_at, revocation_reason"
 )
-_DEVICE_COLUMNS = "device_id, password_hash, single_use, created_at, consumed_at"
+_DEVICE_COLUMNS = (
+    "device_id, password_hash, single_use, created_at, consumed_at,"
+    " factory_cert_sha256, factory_cn, subject_values, digest_ha1"
+)
+_OFFICER_COLUMNS = "fingerprint, role, subject, issuer, serial, granted_at"
 
 
 def _certificate_from_row(row: Sequence[Any]) -> IssuedCertificate:
@@ -349,6 +543,67 @@ def _device_from_row(row: Sequence[Any]) -> Device:
         single_use=bool(row[2]),
         created_at=_parse_time(row[3]),
         consumed_at=_parse_optional_time(row[4]),
+        factory_cert_sha256=row[5],
+        factory_cn=row[6],
+        subject_values=json.loads(row[7]) if row[7] else (),
+        digest_ha1=json.loads(row[8]) if row[8] else (),
+    )
+
+
+def _officer_from_row(row: Sequence[Any]) -> OfficerRole:
+    return OfficerRole(
+        fingerprint=row[0],
+        role=row[1],
+        subject=row[2],
+        issuer=row[3],
+        serial=int(row[4], 16),
+        granted_at=_parse_time(row[5]),
+    )
+
+
+_APPROVAL_COLUMNS = (
+    "request_id, handler, public_key_sha256, subject, requester, csr, state,"
+    " created_at, expires_at, submitted_at, decided_at, reason, serial"
+)
+
+
+def _optional_time_text(when: datetime | None) -> str | None:
+    return None if when is None else _time_text(when)
+
+
+def _approval_from_row(row: Sequence[Any]) -> Approval:
+    return Approval(
+        request_id=row[0],
+        handler=row[1],
+        public_key_sha256=row[2],
+        subject=row[3],
+        requester=row[4],
+        csr=bytes(row[5]),  # memoryview from psycopg2
+        state=row[6],
+        created_at=_parse_time(row[7]),
+        expires_at=_parse_time(row[8]),
+        submitted_at=_parse_optional_time(row[9]),
+        decided_at=_parse_optional_time(row[10]),
+        reason=row[11],
+        serial=None if row[12] is None else int(row[12], 16),
+    )
+
+
+def _approval_params(approval: Approval) -> tuple[Any, ...]:
+    return (
+        approval.request_id,
+        approval.handler,
+        approval.public_key_sha256,
+        approval.subject,
+        approval.requester,
+        approval.csr,
+        approval.state,
+        _time_text(approval.created_at),
+        _time_text(approval.expires_at),
+        _optional_time_text(approval.submitted_at),
+        _optional_time_text(approval.decided_at),
+        approval.reason,
+        None if approval.serial is None else _serial_text(approval.serial),
     )
 
 
@@ -668,16 +923,33 @@ class _SQLStore:
         created_at = device.created_at if device.created_at is not None else self._now()
 
         def interaction(txn: Any) -> None:
+            if device.factory_cert_sha256 is not None:
+                # Asked first so the operator learns which device has it;
+                # the unique index still guards against a racing writer.
+                self._execute(
+                    txn,
+                    "SELECT device_id FROM devices WHERE factory_cert_sha256 = ?",
+                    (device.factory_cert_sha256,),
+                )
+                row = txn.fetchone()
+                if row is not None:
+                    raise DuplicateFactoryCertificate(
+                        f"the factory certificate is already registered to device {row[0]!r}"
+                    )
             try:
                 self._execute(
                     txn,
-                    f"INSERT INTO devices ({_DEVICE_COLUMNS}) VALUES (?, ?, ?, ?, ?)",
+                    f"INSERT INTO devices ({_DEVICE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         device.device_id,
                         device.password_hash,
                         1 if device.single_use else 0,  # INTEGER on both databases
                         _time_text(created_at),
                         None if device.consumed_at is None else _time_text(device.consumed_at),
+                        device.factory_cert_sha256,
+                        device.factory_cn,
+                        json.dumps(dict(device.subject_values)) if device.subject_values else None,
+                        json.dumps(dict(device.digest_ha1)) if device.digest_ha1 else None,
                     ),
                 )
             except Exception as e:
@@ -729,6 +1001,277 @@ class _SQLStore:
                 (consumed_at, device_id),
             )
             return bool(txn.rowcount == 1)
+
+        return self._run(interaction)
+
+    def release_device(self, device_id: str, consumed_at: datetime) -> Deferred[bool]:
+        try:
+            when = _time_text(consumed_at)
+        except ValueError as e:
+            return defer.fail(e)
+
+        def interaction(txn: Any) -> bool:
+            # Only the claim this caller made (same timestamp) is undone.
+            self._execute(
+                txn,
+                "UPDATE devices SET consumed_at = NULL WHERE device_id = ? AND consumed_at = ?",
+                (device_id, when),
+            )
+            return bool(txn.rowcount == 1)
+
+        return self._run(interaction)
+
+    def get_device_by_factory_cert(self, fingerprint: str) -> Deferred[Device | None]:
+        def interaction(txn: Any) -> Device | None:
+            self._execute(
+                txn,
+                f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE factory_cert_sha256 = ?",
+                (fingerprint.lower(),),
+            )
+            row = txn.fetchone()
+            return None if row is None else _device_from_row(row)
+
+        return self._run(interaction)
+
+    # -- officer roles
+
+    def add_officer_role(self, role: OfficerRole) -> Deferred[bool]:
+        granted_at = role.granted_at if role.granted_at is not None else self._now()
+
+        def interaction(txn: Any) -> bool:
+            self._execute(
+                txn,
+                "SELECT 1 FROM officer_roles WHERE fingerprint = ? AND role = ?",
+                (role.fingerprint, role.role),
+            )
+            if txn.fetchone() is not None:
+                return False
+            try:
+                self._execute(
+                    txn,
+                    f"INSERT INTO officer_roles ({_OFFICER_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
+                    (
+                        role.fingerprint,
+                        role.role,
+                        role.subject,
+                        role.issuer,
+                        _serial_text(role.serial),
+                        _time_text(granted_at),
+                    ),
+                )
+            except Exception as e:
+                if self._is_integrity_error(e):
+                    return False  # granted by another process meanwhile
+                raise
+            return True
+
+        return self._run(interaction)
+
+    def officer_roles(self, fingerprint: str) -> Deferred[tuple[str, ...]]:
+        def interaction(txn: Any) -> tuple[str, ...]:
+            self._execute(
+                txn,
+                "SELECT role FROM officer_roles WHERE fingerprint = ? ORDER BY role",
+                (fingerprint.lower(),),
+            )
+            return tuple(row[0] for row in txn.fetchall())
+
+        return self._run(interaction)
+
+    def list_officer_roles(self) -> Deferred[list[OfficerRole]]:
+        def interaction(txn: Any) -> list[OfficerRole]:
+            self._execute(
+                txn,
+                f"SELECT {_OFFICER_COLUMNS} FROM officer_roles ORDER BY subject, fingerprint, role",
+            )
+            return [_officer_from_row(row) for row in txn.fetchall()]
+
+        return self._run(interaction)
+
+    def remove_officer_roles(self, fingerprint: str, role: str | None = None) -> Deferred[int]:
+        def interaction(txn: Any) -> int:
+            if role is None:
+                self._execute(txn, "DELETE FROM officer_roles WHERE fingerprint = ?", (fingerprint.lower(),))
+            else:
+                self._execute(
+                    txn,
+                    "DELETE FROM officer_roles WHERE fingerprint = ? AND role = ?",
+                    (fingerprint.lower(), role),
+                )
+            return int(txn.rowcount)
+
+        return self._run(interaction)
+
+    # -- approvals (SPEC §5): every state change is one conditional UPDATE,
+    # so of two racing callers (threads or processes) exactly one wins.
+
+    def _select_approval(self, txn: Any, request_id: str) -> Approval | None:
+        self._execute(
+            txn, f"SELECT {_APPROVAL_COLUMNS} FROM approvals WHERE request_id = ?", (request_id,)
+        )
+        row = txn.fetchone()
+        return None if row is None else _approval_from_row(row)
+
+    def _select_live_approval(self, txn: Any, key: tuple[str, str, str]) -> Approval | None:
+        self._execute(
+            txn,
+            f"SELECT {_APPROVAL_COLUMNS} FROM approvals"
+            " WHERE handler = ? AND public_key_sha256 = ? AND subject = ?"
+            " AND state IN ('pending', 'approved')",
+            key,
+        )
+        row = txn.fetchone()
+        return None if row is None else _approval_from_row(row)
+
+    def add_approval(self, approval: Approval) -> Deferred[Approval]:
+        def interaction(txn: Any) -> Approval:
+            live = self._select_live_approval(txn, approval.key)
+            if live is not None:
+                return live
+            self._execute(
+                txn,
+                f"INSERT INTO approvals ({_APPROVAL_COLUMNS})"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                _approval_params(approval),
+            )
+            return approval
+
+        def lost_race(failure: Any) -> Any:
+            # Another process inserted a live request for this key between
+            # our SELECT and INSERT (the unique index refused ours): use it.
+            if not self._is_integrity_error(failure.value):
+                return failure
+            d = self._run(self._select_live_approval, approval.key)
+            return d.addCallback(lambda live: failure if live is None else live)
+
+        return self._run(interaction).addErrback(lost_race)
+
+    def find_approval(
+        self, handler: str, public_key_sha256: str, subject: str
+    ) -> Deferred[Approval | None]:
+        def interaction(txn: Any) -> Approval | None:
+            self._execute(
+                txn,
+                f"SELECT {_APPROVAL_COLUMNS} FROM approvals"
+                " WHERE handler = ? AND public_key_sha256 = ? AND subject = ?"
+                " ORDER BY id DESC LIMIT 1",
+                (handler, public_key_sha256, subject),
+            )
+            row = txn.fetchone()
+            return None if row is None else _approval_from_row(row)
+
+        return self._run(interaction)
+
+    def get_approval(self, request_id: str) -> Deferred[Approval | None]:
+        return self._run(self._select_approval, request_id)
+
+    def list_approvals(self, state: str | None = None) -> Deferred[list[Approval]]:
+        def interaction(txn: Any) -> list[Approval]:
+            query = f"SELECT {_APPROVAL_COLUMNS} FROM approvals"
+            params: tuple[str, ...] = ()
+            if state is not None:
+                query += " WHERE state = ?"
+                params = (state,)
+            self._execute(txn, query + " ORDER BY id DESC", params)
+            return [_approval_from_row(row) for row in txn.fetchall()]
+
+        return self._run(interaction)
+
+    def set_approval_submitted(self, request_id: str, when: datetime | None) -> Deferred[None]:
+        try:
+            submitted_at = _optional_time_text(when)
+        except ValueError as e:
+            return defer.fail(e)
+
+        def interaction(txn: Any) -> None:
+            self._execute(
+                txn,
+                "UPDATE approvals SET submitted_at = ? WHERE request_id = ?",
+                (submitted_at, request_id),
+            )
+
+        return self._run(interaction)
+
+    def decide_approval(
+        self,
+        request_id: str,
+        state: str,
+        reason: str | None,
+        expires_at: datetime,
+        when: datetime | None = None,
+    ) -> Deferred[Approval | None]:
+        if state not in ("approved", "rejected"):
+            return defer.fail(ValueError(f"a decision is approved or rejected, not {state!r}"))
+        try:
+            decided_at = _time_text(self._now() if when is None else when)
+            params = (state, reason, decided_at, _time_text(expires_at), request_id)
+        except ValueError as e:
+            return defer.fail(e)
+
+        def interaction(txn: Any) -> Approval | None:
+            self._execute(
+                txn,
+                "UPDATE approvals SET state = ?, reason = ?, decided_at = ?, expires_at = ?"
+                " WHERE request_id = ? AND state = 'pending'",
+                params,
+            )
+            return self._select_approval(txn, request_id)
+
+        return self._run(interaction)
+
+    def expire_approval(self, request_id: str, when: datetime | None = None) -> Deferred[bool]:
+        try:
+            decided_at = _time_text(self._now() if when is None else when)
+        except ValueError as e:
+            return defer.fail(e)
+
+        def interaction(txn: Any) -> bool:
+            self._execute(
+                txn,
+                "UPDATE approvals SET state = 'expired', decided_at = ?"
+                " WHERE request_id = ? AND state IN ('pending', 'approved')",
+                (decided_at, request_id),
+            )
+            return bool(txn.rowcount == 1)
+
+        return self._run(interaction)
+
+    def issue_approved(self, request_id: str, issued: IssuedCertificate) -> Deferred[bool]:
+        def interaction(txn: Any) -> bool:
+            self._execute(
+                txn,
+                "UPDATE approvals SET state = 'issued', serial = ?"
+                " WHERE request_id = ? AND state = 'approved'",
+                (_serial_text(issued.serial), request_id),
+            )
+            if txn.rowcount != 1:
+                return False
+            try:
+                self._execute(
+                    txn,
+                    f"INSERT INTO certificates ({_CERT_COLUMNS})"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        _serial_text(issued.serial),
+                        issued.subject,
+                        json.dumps(list(issued.sans)),
+                        _time_text(issued.not_before),
+                        _time_text(issued.not_after),
+                        issued.public_key_sha256,
+                        issued.handler,
+                        issued.requester,
+                        issued.der,
+                        _time_text(issued.issued_at),
+                        _optional_time_text(issued.revoked_at),
+                        issued.revocation_reason,
+                    ),
+                )
+            except Exception as e:
+                # Raising rolls the state change back with it.
+                if self._is_integrity_error(e):
+                    raise DuplicateCertificate(f"serial {issued.serial:x} is already recorded") from e
+                raise
+            return True
 
         return self._run(interaction)
 

@@ -15,10 +15,12 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from estgw import bootstrap, config as config_module
-from estgw.auth import device_portal
+from estgw.approval.gateway import build_gates, load_approval_tls
+from estgw.auth import device_portal, digest_secret
 from estgw.ca import CAError
 from estgw.config import Config, ConfigError
 from estgw.enroll import Gateway
+from estgw.revocation import build_checker
 from estgw.tls import server_context_factory
 from estgw.web import build_site
 
@@ -34,6 +36,8 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         try:
             loaded = config_module.load(self["config"])
+            bootstrap.configured_trust_anchors(loaded)  # unreadable files stop start-up here
+            load_approval_tls(loaded)  # so does a wrong idm.tls.password
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
         if self["port"] is not None:
@@ -61,6 +65,17 @@ class GatewayService(service.Service):
             self.state = bootstrap.initialize(config)
         except CAError as e:
             raise usage.UsageError(f"{config.source}: state.directory: {e}") from None
+        except ConfigError as e:
+            raise usage.UsageError(str(e)) from None
+        try:
+            # CRLs are verified now: a bad one stops start with the key and the reason.
+            self.revocation = build_checker(
+                config, self.state.trust_anchors, [self.state.ca.issuing], reactor
+            )
+            # PKCS#12 tokens of approval handlers, opened before listening.
+            self.approval_tls = load_approval_tls(config)
+        except ConfigError as e:
+            raise usage.UsageError(str(e)) from None
         self.store = bootstrap.open_store(config, reactor)
         self.port: Any = None
         self.ready: defer.Deferred = defer.Deferred()
@@ -71,8 +86,12 @@ class GatewayService(service.Service):
             store=self.store,
             procedures=bootstrap.token_procedures(self.config, self.state.ca, self.reactor),
             ca_chain=self.state.ca.chain(),
-            portal=device_portal(self.store, self.reactor),
+            portal=device_portal(
+                self.store, self.reactor, self.state.ca.chain(), digest_secret(self.config.state_directory)
+            ),
             reactor=self.reactor,
+            revocation=self.revocation,
+            approvals=build_gates(self.config, self.approval_tls, self.store, self.reactor),
         )
 
     def _endpoint(self) -> Any:
@@ -122,5 +141,11 @@ class GatewayService(service.Service):
 
 def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     top = service.MultiService()
-    GatewayService(options.loaded, reactor).setServiceParent(top)
+    try:
+        gateway = GatewayService(options.loaded, reactor)
+    except usage.UsageError as e:
+        # twistd shows a traceback for errors raised here; the message is
+        # what the operator needs, and the exit status is non-zero.
+        raise SystemExit(f"estgw: {e}") from None
+    gateway.setServiceParent(top)
     return top

@@ -49,6 +49,13 @@ def _record_verify_result(
     return True
 
 
+def _select_alpn(connection: SSL.Connection, offered: list[bytes]) -> Any:
+    # HTTP/1.1 when offered, else no ALPN at all: HTTP/1.0 clients (curl
+    # --http1.0) offer only "http/1.0", and twisted.web's own callback
+    # ends such handshakes with an alert.  h2 is never chosen.
+    return b"http/1.1" if b"http/1.1" in offered else SSL.NO_OVERLAPPING_PROTOCOLS
+
+
 class GatewayContextFactory(ssl.CertificateOptions):
     """CertificateOptions that record client-chain errors instead of failing."""
 
@@ -56,6 +63,7 @@ class GatewayContextFactory(ssl.CertificateOptions):
         if getattr(self, "_context", None) is None:
             context = super().getContext()
             context.set_verify(SSL.VERIFY_PEER, _record_verify_result)
+            context.set_alpn_select_callback(_select_alpn)
             return context
         return super().getContext()
 

@@ -75,7 +75,8 @@ def _respond(
         request.setHeader(b"Content-Type", content_type.encode("ascii"))
     for name, value in (headers or {}).items():
         request.setHeader(name.encode("ascii"), value.encode("latin-1"))
-    request.setHeader(b"Content-Length", str(len(body)).encode("ascii"))
+    if status != 204:  # RFC 9110 §8.6: never on a 204, which has no body
+        request.setHeader(b"Content-Length", str(len(body)).encode("ascii"))
     if body and request.method != b"HEAD":
         request.write(body)
     request.finish()
@@ -83,14 +84,14 @@ def _respond(
 
 def _refuse(request: Request, refusal: Refusal, peer: PeerInfo | None) -> None:
     _audit.info(
-        "refused {method} {path} from {client}: {status} {code}: {reason}",
+        "{event} {method} {path} from {client}: {status} {code}: {reason}",
         method=request.method.decode("ascii", "replace"),
         path=request.path.decode("ascii", "replace"),
         client=_client_name(request, peer),
         status=refusal.status,
         code=refusal.code,
         reason=refusal.reason,
-        event="refused",
+        event=refusal.event,
     )
     body = (refusal.reason + "\n").encode("utf-8")
     _respond(request, refusal.status, body, "text/plain; charset=utf-8", refusal.headers)
@@ -208,12 +209,42 @@ class ESTResource(resource.Resource):
         _respond(request, 200, body, content_type, {"Content-Transfer-Encoding": "base64"})
 
 
+class _NotEST(resource.Resource):
+    """Any path outside ``/.well-known/est/``: a plain-text 404 like every
+    other refusal (twisted.web's own pages are HTML)."""
+
+    isLeaf = True
+
+    def render(self, request: Request) -> Any:
+        _respond(
+            request, 404, b"no such resource: EST is served under /.well-known/est/\n",
+            "text/plain; charset=utf-8",
+        )
+        return server.NOT_DONE_YET
+
+
+class _Branch(resource.Resource):
+    """An inner node of the tree (``/``, ``/.well-known``): 404 itself and
+    for every child it does not have."""
+
+    def getChild(self, path: bytes, request: Request) -> resource.Resource:
+        return _NotEST()
+
+    def render(self, request: Request) -> Any:
+        return _NotEST().render(request)
+
+
+# Idle keep-alive connections are closed after this many seconds
+# (twisted.web's default is twelve hours).
+IDLE_TIMEOUT = 60
+
+
 def build_site(gateway: Gateway) -> server.Site:
-    root = resource.Resource()
-    well_known = resource.Resource()
+    root = _Branch()
+    well_known = _Branch()
     root.putChild(b".well-known", well_known)
     well_known.putChild(b"est", ESTResource(gateway))
-    site = server.Site(root)
+    site = server.Site(root, timeout=IDLE_TIMEOUT)
     site.requestFactory = request_factory(gateway.config.max_request_bytes)
     site.displayTracebacks = False
     return site

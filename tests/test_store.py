@@ -462,16 +462,17 @@ class DeviceTests(StoreTestCase):
 class SchemaTests(StoreTestCase):
     async def test_version_persists(self) -> None:
         """
-        A new file gets schema version 1 in a single row; reopening applies
-        no migration again and the version stays.
+        A new file gets the newest schema version in a single row;
+        reopening applies no migration again and the version stays.
         """
+        newest = MIGRATIONS[-1][0]
         store = SQLiteStore(self.path)
         await store.start()
         await store.close()
-        self.assertEqual(self.on_disk("SELECT id, version FROM schema_version"), [(1, 1)])
+        self.assertEqual(self.on_disk("SELECT id, version FROM schema_version"), [(1, newest)])
         store = await self.open_store()
         self.assertEqual(await store.count_certificates(), 0)
-        self.assertEqual(self.on_disk("SELECT id, version FROM schema_version"), [(1, 1)])
+        self.assertEqual(self.on_disk("SELECT id, version FROM schema_version"), [(1, newest)])
         self.assertEqual(SQLiteStore.SCHEMA_VERSION, MIGRATIONS[-1][0])
 
     async def test_too_new_version_refused(self) -> None:
@@ -498,20 +499,21 @@ class SchemaTests(StoreTestCase):
 
     async def test_migrates_older_database(self) -> None:
         """
-        A version 1 file opened by code that knows version 2 is migrated,
-        keeping its data.
+        A file of the current version opened by code that knows one more
+        version is migrated, keeping its data.
         """
+        following = SQLiteStore.SCHEMA_VERSION + 1
         store = SQLiteStore(self.path)
         await store.start()
         await store.record_certificate(issued(serial=8))
         await store.close()
 
-        class V2Store(SQLiteStore):
-            SCHEMA_VERSION = 2
-            migrations = MIGRATIONS + [(2, ["CREATE TABLE pending (id TEXT PRIMARY KEY)"])]
+        class NextStore(SQLiteStore):
+            SCHEMA_VERSION = following
+            migrations = MIGRATIONS + [(following, ["CREATE TABLE pending (id TEXT PRIMARY KEY)"])]
 
-        store = await self.open_store(V2Store)
-        self.assertEqual(self.on_disk("SELECT version FROM schema_version"), [(2,)])
+        store = await self.open_store(NextStore)
+        self.assertEqual(self.on_disk("SELECT version FROM schema_version"), [(following,)])
         self.assertEqual(self.on_disk("SELECT COUNT(*) FROM pending"), [(0,)])
         self.assertEqual((await store.get_certificate(8)).serial, 8)
 
@@ -524,15 +526,17 @@ class SchemaTests(StoreTestCase):
         await store.start()
         await store.close()
 
+        current = SQLiteStore.SCHEMA_VERSION
+
         class BrokenStore(SQLiteStore):
-            SCHEMA_VERSION = 2
+            SCHEMA_VERSION = current + 1
             migrations = MIGRATIONS + [
-                (2, ["CREATE TABLE half (id TEXT)", "CREATE TABLE certificates (x TEXT)"])
+                (current + 1, ["CREATE TABLE half (id TEXT)", "CREATE TABLE certificates (x TEXT)"])
             ]
 
         with self.assertRaises(sqlite3.OperationalError):
             await BrokenStore(self.path).start()
-        self.assertEqual(self.on_disk("SELECT version FROM schema_version"), [(1,)])
+        self.assertEqual(self.on_disk("SELECT version FROM schema_version"), [(current,)])
         self.assertEqual(
             self.on_disk("SELECT name FROM sqlite_master WHERE name = 'half'"), []
         )

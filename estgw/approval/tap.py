@@ -1,0 +1,52 @@
+"""``twistd estgw-approval``: the reference approval service.
+
+The configuration is loaded and checked in ``postOptions`` and the
+service's CAs and certificates are made (or loaded) before anything
+listens, so a bad file stops twistd with the key and the reason.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attr
+from twisted.application import service
+from twisted.python import usage
+
+from estgw.approval import config as config_module
+from estgw.approval.config import ServiceConfig
+from estgw.approval.service import ApprovalService
+from estgw.config import ConfigError
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "Serve the estgw approval API (docs/approval-api.rst) over HTTPS with"
+        " client certificates, as configured in approval.properties."
+    )
+    optParameters = [
+        ["config", "c", "etc/approval.properties", "The approval.properties file."],
+        ["port", "p", None, "Listen on this TCP port instead of service.port.", int],
+    ]
+
+    def postOptions(self) -> None:
+        try:
+            loaded = config_module.load(self["config"])
+        except ConfigError as e:
+            raise usage.UsageError(str(e)) from None
+        if self["port"] is not None:
+            if not 0 <= self["port"] <= 65535:
+                raise usage.UsageError(f"--port: not a TCP port: {self['port']}")
+            loaded = attr.evolve(loaded, port=self["port"])
+        self.loaded: ServiceConfig = loaded
+
+
+def makeService(options: Options, reactor: Any = None) -> service.MultiService:
+    top = service.MultiService()
+    try:
+        approval = ApprovalService(options.loaded, reactor)
+    except usage.UsageError as e:
+        raise SystemExit(f"estgw-approval: {e}") from None
+    approval.setServiceParent(top)
+    return top

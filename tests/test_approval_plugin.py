@@ -1,0 +1,112 @@
+"""`twistd estgw-approval`: the plugin, and the daemon itself."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import sys
+from typing import Any
+
+from twisted.application.service import IServiceMaker
+from twisted.internet import defer, protocol
+from twisted.plugin import getPlugins
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from estgw.approval import pki, tap
+from estgw.approval.config import load
+from estgw.testing import run_process, write
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
+SERVING = re.compile(rb"estgw-approval serving (https://127\.0\.0\.1:[0-9]+/approval/requests)")
+
+
+class PluginTests(SynchronousTestCase):
+    def test_plugin_found(self) -> None:
+        """getPlugins finds tapname estgw-approval backed by estgw.approval.tap."""
+        (maker,) = [m for m in getPlugins(IServiceMaker) if m.tapname == "estgw-approval"]
+        self.assertEqual(maker.module, "estgw.approval.tap")
+        self.assertIs(maker.options, tap.Options)
+
+    def test_plugin_file_imports_nothing_of_estgw(self) -> None:
+        """The plugin file names its module as a string only."""
+        with open(os.path.join(ROOT, "twisted", "plugins", "estgw_approval_plugin.py")) as f:
+            source = f.read()
+        self.assertNotIn("import estgw", source)
+        self.assertIn('"estgw.approval.tap"', source)
+
+
+class _Watch(protocol.ProcessProtocol):
+    """Collects a daemon's output; fires ``serving`` with its URL."""
+
+    def __init__(self) -> None:
+        self.output = b""
+        self.serving: defer.Deferred = defer.Deferred()
+        self.ended: defer.Deferred = defer.Deferred()
+
+    def outReceived(self, data: bytes) -> None:
+        self.output += data
+        match = SERVING.search(self.output)
+        if match and not self.serving.called:
+            self.serving.callback(match.group(1).decode())
+
+    errReceived = outReceived
+
+    def processEnded(self, reason: Any) -> None:
+        if not self.serving.called:
+            self.serving.errback(RuntimeError(self.output.decode(errors="replace")))
+        self.ended.callback(None)
+
+
+class DaemonTests(TestCase):
+    timeout = 60
+
+    def setUp(self) -> None:
+        self.directory = os.path.abspath(self.mktemp())
+        os.makedirs(self.directory)
+        self.env = dict(os.environ, PYTHONPATH=ROOT)
+
+    async def test_serves_operators(self) -> None:
+        """`twistd -n estgw-approval --config FILE` makes its CAs on first
+        start, serves HTTPS, and answers its default operator (curl with
+        the operator certificate); without a certificate, no answer."""
+        config = write(
+            os.path.join(self.directory, "approval.properties"),
+            b"service.port = 0\nservice.interface = 127.0.0.1\nservice.hostnames = 127.0.0.1\n",
+        )
+        from twisted.internet import reactor
+
+        watch = _Watch()
+        daemon = reactor.spawnProcess(
+            watch, TWISTD, [TWISTD, "-n", "--pidfile=", "estgw-approval", "--config", config],
+            env=self.env, path=self.directory,
+        )
+
+        async def stop() -> None:
+            if daemon.pid is not None:
+                daemon.signalProcess(signal.SIGTERM)
+            await watch.ended
+
+        self.addCleanup(lambda: defer.ensureDeferred(stop()))
+        url = await watch.serving.addTimeout(30, reactor)
+        certificate, key = pki.default_operator_paths(load(config))
+        ca = os.path.join(self.directory, "approval-state", "ca", "root-ca.pem")
+        listed = await run_process(
+            ["/usr/bin/env", "curl", "-sS", "--cacert", ca, "--cert", certificate, "--key", key, url]
+        )
+        self.assertEqual(listed.code, 0, listed.stderr)
+        self.assertEqual(json.loads(listed.stdout), {"requests": []})
+        refused = await run_process(["/usr/bin/env", "curl", "-sS", "--cacert", ca, url])
+        self.assertNotEqual(refused.code, 0)
+        self.assertEqual(refused.stdout, b"")
+
+    async def test_bad_config_stops_start(self) -> None:
+        """A typo in approval.properties stops twistd with the key and reason."""
+        config = write(os.path.join(self.directory, "approval.properties"), b"service.prot = 8444\n")
+        result = await run_process(
+            [TWISTD, "-n", "--pidfile=", "estgw-approval", "--config", config], env=self.env, path=self.directory
+        )
+        self.assertNotEqual(result.code, 0)
+        self.assertIn(b"service.prot: unknown key", result.stdout + result.stderr)

@@ -1,0 +1,218 @@
+"""The operator CLI: ``estgw --config FILE <command>``."""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+from twisted.internet import reactor
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from estgw import bootstrap, config as config_module
+from estgw.ca import IssueRequest, Profile
+from estgw.cli import CommandError, parse_serial, run
+from estgw.passwords import verify_password
+from estgw.store import IssuedCertificate
+from estgw.testing import TEST_CONFIG, name, new_key, run_process, write
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class ParseSerialTests(SynchronousTestCase):
+    def test_hex_spellings(self) -> None:
+        """Serials are hex, with or without 0x, colons, blanks or upper case."""
+        for text in ("1a2b", "0x1A2B", "1a:2b", " 1A:2B ", "0X1a2b"):
+            self.assertEqual(parse_serial(text), 0x1A2B, text)
+
+    def test_rejects_what_is_not_hex(self) -> None:
+        """Signs, underscores, decimal-looking junk and empty text are refused."""
+        for text in ("", "0x", "-1", "+a", "1_0", "xyz", "12 34", "0x-5"):
+            e = self.assertRaises(CommandError, parse_serial, text)
+            self.assertIn("not a serial number", str(e))
+
+
+class CLITestCase(TestCase):
+    def setUp(self) -> None:
+        self.directory = os.path.abspath(self.mktemp())
+        os.makedirs(self.directory)
+        self.config_path = write(os.path.join(self.directory, "est.properties"), TEST_CONFIG.encode())
+        self.config = config_module.load(self.config_path)
+
+    async def cli(self, *argv: str) -> str:
+        out = io.StringIO()
+        await run(reactor, ["--config", self.config_path, *argv], out)
+        return out.getvalue()
+
+    async def fails(self, *argv: str) -> str:
+        """Run a command that must fail; return its message."""
+        try:
+            await self.cli(*argv)
+        except CommandError as e:
+            return str(e)
+        self.fail(f"{argv} did not fail")
+
+    async def issue(self, common_name: str = "dev-1") -> x509.Certificate:
+        """A certificate signed by the local CA and recorded as the gateway would."""
+        state = bootstrap.initialize(self.config)
+        cert = state.ca.sign(
+            IssueRequest(name(common_name), new_key().public_key(), (x509.DNSName(common_name),)),
+            Profile(),
+        )
+        store = bootstrap.open_store(self.config, reactor)
+        await store.start()
+        try:
+            await store.record_certificate(IssuedCertificate.from_certificate(cert, "2", f"device:{common_name}"))
+        finally:
+            await store.close()
+        return cert
+
+
+class InitTests(CLITestCase):
+    async def test_init_is_idempotent(self) -> None:
+        """init creates the CA, TLS credentials and store; a second init
+        keeps them (same root certificate) and says where they are."""
+        first = await self.cli("init")
+        with open(self.config.ca_certificate_path, "rb") as f:
+            root = f.read()
+        self.assertTrue(os.path.exists(self.config.store_path))
+        self.assertTrue(os.path.exists(os.path.join(self.config.tls_directory, "server.pem")))
+        second = await self.cli("init")
+        self.assertEqual(first, second)
+        self.assertIn(self.config.ca_certificate_path, second)
+        self.assertIn(self.config.store_path, second)
+        with open(self.config.ca_certificate_path, "rb") as f:
+            self.assertEqual(f.read(), root)
+
+    async def test_bad_config(self) -> None:
+        """A bad config file is a CommandError naming the key."""
+        write(self.config_path, TEST_CONFIG.encode() + b"server.prot = 1\n")
+        message = await self.fails("init")
+        self.assertIn("server.prot: unknown key", message)
+        self.assertFalse(os.path.exists(self.config.state_directory))
+
+
+class DeviceTests(CLITestCase):
+    async def stored_hash(self, device_id: str) -> str | None:
+        store = bootstrap.open_store(self.config, reactor)
+        await store.start()
+        try:
+            device = await store.get_device(device_id)
+        finally:
+            await store.close()
+        return None if device is None else device.password_hash
+
+    async def test_add_list_remove(self) -> None:
+        """device add registers a password device, list shows it, remove drops it."""
+        self.assertEqual(await self.cli("device", "list"), "no devices registered\n")
+        self.assertEqual(await self.cli("device", "add", "pump-1", "--password", "pw-1"), "registered device pump-1\n")
+        listing = await self.cli("device", "list")
+        self.assertIn("pump-1", listing)
+        self.assertIn("password", listing)
+        self.assertNotIn("pw-1", listing)
+        self.assertTrue(verify_password("pw-1", await self.stored_hash("pump-1")))
+        self.assertEqual(await self.cli("device", "remove", "pump-1"), "removed device pump-1\n")
+        self.assertEqual(await self.cli("device", "list"), "no devices registered\n")
+
+    async def test_password_file(self) -> None:
+        """--password-file reads the first line, without its line break."""
+        path = write(os.path.join(self.directory, "pw"), b"from file\r\nsecond line\n")
+        await self.cli("device", "add", "pump-2", "--password-file", path)
+        stored = await self.stored_hash("pump-2")
+        self.assertTrue(verify_password("from file", stored))
+        self.assertFalse(verify_password("from file\r", stored))
+
+    async def test_duplicate(self) -> None:
+        """Adding an id twice fails with a message; the first password stays."""
+        await self.cli("device", "add", "pump-3", "--password", "one")
+        message = await self.fails("device", "add", "pump-3", "--password", "two")
+        self.assertEqual(message, "device 'pump-3' is already registered")
+        self.assertTrue(verify_password("one", await self.stored_hash("pump-3")))
+
+    async def test_password_mistakes(self) -> None:
+        """Both password options, an empty password file and a missing one
+        are errors that register nothing."""
+        empty = write(os.path.join(self.directory, "empty"), b"\n")
+        both = await self.fails("device", "add", "p", "--password", "x", "--password-file", empty)
+        self.assertIn("not both", both)
+        self.assertIn("the password is empty", await self.fails("device", "add", "p", "--password-file", empty))
+        self.assertIn("the password is empty", await self.fails("device", "add", "p", "--password", ""))
+        missing = os.path.join(self.directory, "missing")
+        self.assertIn(f"cannot read {missing}", await self.fails("device", "add", "p", "--password-file", missing))
+        self.assertIsNone(await self.stored_hash("p"))
+
+    async def test_remove_unknown(self) -> None:
+        """Removing an id nobody registered fails with a message."""
+        self.assertEqual(await self.fails("device", "remove", "ghost"), "no device 'ghost'")
+
+
+class CertTests(CLITestCase):
+    async def test_list_and_show(self) -> None:
+        """cert list shows serial, status, subject and requester; cert show
+        takes the serial in any hex spelling and prints fields and PEM."""
+        self.assertEqual(await self.cli("cert", "list"), "no certificates issued\n")
+        cert = await self.issue("dev-9")
+        serial = f"{cert.serial_number:x}"
+        listing = await self.cli("cert", "list")
+        self.assertIn(serial, listing)
+        self.assertIn("valid", listing)
+        self.assertIn("CN=dev-9", listing)
+        self.assertIn("device:dev-9", listing)
+        padded = serial.zfill(len(serial) + len(serial) % 2)  # openssl's spelling: whole octets
+        colons = ":".join(padded[i:i + 2] for i in range(0, len(padded), 2))
+        for spelling in (serial, "0x" + serial.upper(), colons):
+            shown = await self.cli("cert", "show", spelling)
+            self.assertIn(f"serial:              {serial}\n", shown)
+            self.assertIn("subjectAltName:      DNS:dev-9\n", shown)
+            self.assertIn("status:              valid\n", shown)
+            self.assertIn(cert.public_bytes(Encoding.PEM).decode(), shown)
+
+    async def test_revoke(self) -> None:
+        """cert revoke marks the certificate revoked, with its reason."""
+        cert = await self.issue()
+        serial = f"{cert.serial_number:x}"
+        out = await self.cli("cert", "revoke", serial, "--reason", "keyCompromise")
+        self.assertTrue(out.startswith(f"revoked {serial} (CN=dev-1) at "), out)
+        shown = await self.cli("cert", "show", serial)
+        self.assertIn("status:              revoked\n", shown)
+        self.assertIn("revocation reason:   keyCompromise\n", shown)
+        self.assertIn("revoked", await self.cli("cert", "list"))
+
+    async def test_unknown_and_bad_serials(self) -> None:
+        """Unknown serials and non-hex text fail with a message."""
+        await self.issue()
+        self.assertEqual(await self.fails("cert", "show", "abc123"), "no certificate with serial abc123")
+        self.assertEqual(await self.fails("cert", "revoke", "0xABC123"), "no certificate with serial abc123")
+        self.assertIn("not a serial number", await self.fails("cert", "revoke", "-5"))
+
+class ProcessTests(CLITestCase):
+    """``python -m estgw.cli``: exit status and stderr as operators see them."""
+
+    async def run_cli(self, *argv: str) -> tuple[int, str, str]:
+        env = dict(os.environ, PYTHONPATH=REPO)
+        result = await run_process(
+            [sys.executable, "-m", "estgw.cli", "--config", self.config_path, *argv], env=env
+        )
+        return result.code, result.stdout.decode(), result.stderr.decode()
+
+    async def test_exit_status(self) -> None:
+        """Success exits 0; an operator mistake exits 1 with 'estgw: <message>'."""
+        self.assertEqual(await self.run_cli("device", "add", "d", "--password", "p"), (0, "registered device d\n", ""))
+        code, out, err = await self.run_cli("device", "add", "d", "--password", "p")
+        self.assertEqual((code, out, err), (1, "", "estgw: device 'd' is already registered\n"))
+        code, _out, err = await self.run_cli("cert", "show", "ff")
+        self.assertEqual((code, err), (1, "estgw: no certificate with serial ff\n"))
+
+    async def test_usage_errors(self) -> None:
+        """An unknown command or revocation reason exits 2 with argparse's
+        usage message, and revokes nothing."""
+        code, _out, err = await self.run_cli("frobnicate")
+        self.assertEqual(code, 2)
+        self.assertIn("usage: estgw", err)
+        cert = await self.issue()
+        code, _out, err = await self.run_cli("cert", "revoke", f"{cert.serial_number:x}", "--reason", "lost")
+        self.assertEqual(code, 2)
+        self.assertIn("invalid choice: 'lost'", err)
+        self.assertIn("valid", await self.cli("cert", "list"))

@@ -1,0 +1,397 @@
+"""est.properties → Config: the shipped file, defaults, and every error."""
+
+import os
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from estgw import config
+from estgw.config import ConfigError, from_string, load
+from estgw.protocol import CsrAttr
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SHIPPED = os.path.join(os.path.dirname(HERE), "etc", "est.properties")
+
+# The smallest useful configuration: one procedure, one enroll handler.
+BARE = """\
+tokenprocedure.1.name = P
+handler.1.operation = simpleenroll
+"""
+BASE = BARE + "handler.1.tokenprocedure = P\n"
+
+
+class ShippedConfigTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.config = load(SHIPPED)
+
+    def test_loads_with_eight_handlers(self) -> None:
+        """etc/est.properties loads and defines handlers 1..8 in order."""
+        self.assertEqual([h.id for h in self.config.handlers], [str(n) for n in range(1, 9)])
+
+    def test_serves_four_operations_twice(self) -> None:
+        """The four issue-2 operations at /.well-known/est/ and under 'devices'."""
+        paths = sorted(h.path for h in self.config.handlers)
+        expected = sorted(
+            f"/.well-known/est/{label}{op}"
+            for label in ("", "devices/")
+            for op in ("cacerts", "simpleenroll", "simplereenroll", "csrattrs")
+        )
+        self.assertEqual(paths, expected)
+
+    def test_listener_and_state(self) -> None:
+        """Port 8443, the default host names, and state next to the file."""
+        self.assertEqual(self.config.port, 8443)
+        self.assertEqual(self.config.interface, "")
+        self.assertIn("localhost", self.config.hostnames)
+        self.assertIn("127.0.0.1", self.config.hostnames)
+        self.assertEqual(self.config.state_directory, os.path.join(os.path.dirname(SHIPPED), "state"))
+        self.assertEqual(self.config.max_request_bytes, 65536)
+
+    def test_enroll_handlers(self) -> None:
+        """simpleenroll: device filter with Basic; simplereenroll: clientcert;
+        both through the one token procedure from default.tokenprocedure."""
+        enroll = self.config.handler("", "simpleenroll")
+        reenroll = self.config.handler("devices", "simplereenroll")
+        assert enroll is not None and reenroll is not None
+        self.assertEqual((enroll.filter, enroll.authtype, enroll.realm), ("device", "Basic", "estgw"))
+        self.assertEqual((reenroll.filter, reenroll.format), ("clientcert", "est-simplereenroll"))
+        self.assertEqual(enroll.token_procedure, "EST Enroll Procedure")
+        self.assertEqual(reenroll.token_procedure, "EST Enroll Procedure")
+        self.assertFalse(reenroll.allow_renewal_with_old_certificates)
+
+    def test_token_procedure(self) -> None:
+        """The procedure issues for a year with clientAuth."""
+        procedure = self.config.token_procedures["EST Enroll Procedure"]
+        self.assertEqual(procedure.validity_days, 365)
+        self.assertEqual(procedure.extended_key_usage, "clientAuth")
+
+    def test_csrattrs(self) -> None:
+        """handler.4.csrattrs becomes OIDs; cacerts handlers carry none."""
+        attrs = self.config.handler("", "csrattrs").csrattrs
+        self.assertEqual(attrs[0], CsrAttr("1.2.840.10045.2.1", ("1.2.840.10045.3.1.7",)))
+        self.assertEqual(len(attrs), 3)
+        self.assertEqual(self.config.handler("", "cacerts").csrattrs, ())
+
+
+class DefaultsTests(SynchronousTestCase):
+    def test_operation_defaults(self) -> None:
+        """Filters and formats default per operation; non-enroll handlers
+        drop enroll-only defaults."""
+        c = from_string(
+            BARE
+            + "default.tokenprocedure = P\n"
+            "handler.2.operation = simplereenroll\n"
+            "handler.3.operation = cacerts\n"
+            "handler.4.operation = csrattrs\n"
+        )
+        h1, h2, h3, h4 = c.handlers
+        self.assertEqual((h1.filter, h1.format), ("device", "est-simpleenroll"))
+        self.assertEqual((h2.filter, h2.format), ("clientcert", "est-simplereenroll"))
+        self.assertEqual((h3.filter, h3.token_procedure), ("public", ""))
+        self.assertEqual((h4.filter, h4.csrattrs), ("public", ()))
+
+    def test_handler_overrides_default(self) -> None:
+        """A handler's own key wins over default.<key>."""
+        c = from_string(
+            "tokenprocedure.1.name = P\ntokenprocedure.2.name = Q\n"
+            "default.tokenprocedure = P\n"
+            "handler.1.operation = simpleenroll\n"
+            "handler.2.operation = simpleenroll\nhandler.2.label = x\n"
+            "handler.2.tokenprocedure = Q\n"
+        )
+        self.assertEqual([h.token_procedure for h in c.handlers], ["P", "Q"])
+
+    def test_top_level_allow_renewal(self) -> None:
+        """allowRenewalWithOldCertificates at the top level applies to every
+        handler, in the product's (reversed) meaning: true turns the check on."""
+        c = from_string(BASE + "allowRenewalWithOldCertificates = true\n")
+        self.assertTrue(c.handlers[0].allow_renewal_with_old_certificates)
+
+    def test_case_insensitive_choices(self) -> None:
+        """Choice values match in any case and come out canonical."""
+        c = from_string(BASE + "handler.1.authtype = basic\nhandler.1.realm =\n")
+        self.assertEqual(c.handlers[0].authtype, "Basic")
+        self.assertEqual(c.handlers[0].realm, "")
+
+    def test_booleans(self) -> None:
+        """true/yes/on/1 and false/no/off/0 are booleans."""
+        for text, expected in (("yes", True), ("ON", True), ("1", True), ("no", False), ("Off", False), ("0", False)):
+            c = from_string(BASE + f"handler.1.allowRenewalWithOldCertificates = {text}\n")
+            self.assertEqual(c.handlers[0].allow_renewal_with_old_certificates, expected, text)
+
+    def test_port_zero_and_hostnames(self) -> None:
+        """Port 0 asks for a free port; server.hostnames is a comma list."""
+        c = from_string(BASE + "server.port = 0\nserver.hostnames = a.example, 192.0.2.1\n")
+        self.assertEqual(c.port, 0)
+        self.assertEqual(c.hostnames, ("a.example", "192.0.2.1"))
+
+    def test_handler_numbers_sort_numerically(self) -> None:
+        """handler.10 comes after handler.9, not after handler.1."""
+        text = "".join(f"handler.{n}.operation = cacerts\nhandler.{n}.label = l{n}\n" for n in (10, 9, 1))
+        self.assertEqual([h.id for h in from_string(text).handlers], ["1", "9", "10"])
+
+
+class PathTests(SynchronousTestCase):
+    def test_relative_paths_follow_the_config_file(self) -> None:
+        """state.directory and tls.trustAnchors are relative to the file's
+        directory; the SQLite file is relative to the state directory."""
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(os.path.join(directory, "anchors"))
+        with open(os.path.join(directory, "anchors", "f.pem"), "w") as f:
+            f.write("x")
+        path = os.path.join(directory, "est.properties")
+        with open(path, "w") as f:
+            f.write(BASE + "state.directory = var/st\n"
+                    "tls.trustAnchors = anchors/f.pem\nstore.url = sqlite:db/x.sqlite\n")
+        c = load(path)
+        self.assertEqual(c.state_directory, os.path.join(directory, "var", "st"))
+        self.assertEqual(c.trust_anchor_files, (os.path.join(directory, "anchors", "f.pem"),))
+        self.assertEqual(c.store_path, os.path.join(directory, "var", "st", "db", "x.sqlite"))
+        self.assertEqual(c.ca_certificate_path, os.path.join(directory, "var", "st", "ca", "root-ca.pem"))
+        self.assertEqual(c.source, path)
+
+    def test_absolute_paths_stay(self) -> None:
+        """An absolute state.directory or store path is used as written."""
+        c = from_string(BASE + "state.directory = /srv/est\n"
+                        "store.url = sqlite:/var/lib/e.sqlite\n", base_dir="/etc")
+        self.assertEqual(c.state_directory, "/srv/est")
+        self.assertEqual(c.store_path, "/var/lib/e.sqlite")
+
+    def test_unreadable_file(self) -> None:
+        """A missing config file is an error naming --config and the path."""
+        missing = os.path.abspath(self.mktemp())
+        e = self.assertRaises(ConfigError, load, missing)
+        self.assertEqual(e.key, "--config")
+        self.assertIn(missing, e.reason)
+
+
+class ErrorTests(SynchronousTestCase):
+    """Every ConfigError names the key (as written in the file) and why."""
+
+    def error(self, text: str, key: str, reason: str) -> ConfigError:
+        e = self.assertRaises(ConfigError, from_string, text, "test.properties", os.path.abspath(self.mktemp()))
+        self.assertEqual(e.key, key, str(e))
+        self.assertIn(reason, e.reason)
+        self.assertEqual(str(e), f"test.properties: {key}: {e.reason}")
+        return e
+
+    # -- syntax and names --------------------------------------------------
+
+    def test_syntax_error(self) -> None:
+        """A properties syntax error (here a duplicate key) is reported with the line."""
+        self.error(BASE + "handler.1.operation = cacerts\n", "(syntax)", "line 4")
+
+    def test_unknown_key(self) -> None:
+        """A misspelt global key is an error, not ignored."""
+        self.error(BASE + "server.prot = 1\n", "server.prot", "unknown key")
+
+    def test_unknown_numbered_kind(self) -> None:
+        """Numbered keys other than handler/tokenprocedure are unknown."""
+        self.error(BASE + "handlers.1.operation = cacerts\n", "handlers.1.operation", "unknown key")
+
+    def test_unknown_handler_key(self) -> None:
+        """A misspelt handler key is an error naming it."""
+        self.error(BASE + "handler.1.authype = Basic\n", "handler.1.authype", "unknown handler key")
+
+    def test_unknown_token_procedure_key(self) -> None:
+        """A misspelt token procedure key is an error naming it."""
+        self.error(BASE + "tokenprocedure.1.validity = 3\n", "tokenprocedure.1.validity", "unknown token procedure key")
+
+    def test_unknown_default_key(self) -> None:
+        """default.<x> must be a handler key."""
+        self.error(BASE + "default.colour = red\n", "default.colour", "unknown handler key")
+
+    def test_default_operation_or_label(self) -> None:
+        """operation and label identify a handler: they have no default."""
+        self.error(BASE + "default.operation = cacerts\n", "default.operation", "unknown handler key")
+        self.error(BASE + "default.label = x\n", "default.label", "unknown handler key")
+
+    # -- values --------------------------------------------------------------
+
+    def test_bad_port(self) -> None:
+        """server.port must be a number within 0..65535."""
+        self.error(BASE + "server.port = https\n", "server.port", "whole number")
+        self.error(BASE + "server.port = 65536\n", "server.port", "not a TCP port")
+        self.error(BASE + "server.port = -1\n", "server.port", "at least 1")
+
+    def test_bad_max_request_bytes(self) -> None:
+        """server.maxRequestBytes must be a positive number."""
+        self.error(BASE + "server.maxRequestBytes = 0\n", "server.maxRequestBytes", "at least 1")
+
+    def test_bad_bool(self) -> None:
+        """A boolean key takes true/false (and yes/no, on/off, 1/0) only."""
+        self.error(BASE + "handler.1.allowRenewalWithOldCertificates = maybe\n",
+                   "handler.1.allowRenewalWithOldCertificates", "expected true or false")
+
+    def test_bad_top_level_bool_names_its_own_key(self) -> None:
+        """The top-level allowRenewalWithOldCertificates is named as written,
+        and checked even when every handler sets its own value."""
+        self.error(BASE + "handler.1.allowRenewalWithOldCertificates = true\n"
+                   "allowRenewalWithOldCertificates = sure\n",
+                   "allowRenewalWithOldCertificates", "expected true or false")
+
+    def test_bad_default_value_checked_without_handlers(self) -> None:
+        """A bad default.* value is an error even if no handler uses it."""
+        self.error("default.authtype = NTLM\n", "default.authtype", "must be one of Basic, Digest")
+
+    def test_default_set_twice(self) -> None:
+        """The top-level and default. spellings of one setting cannot both be set."""
+        self.error(BASE + "default.allowRenewalWithOldCertificates = true\nallowRenewalWithOldCertificates = false\n",
+                   "allowRenewalWithOldCertificates", "already sets it")
+
+    def test_bad_operation(self) -> None:
+        """handler.<n>.operation must be an EST operation."""
+        self.error(BASE + "handler.2.operation = enroll\n", "handler.2.operation", "must be one of")
+
+    def test_bad_label(self) -> None:
+        """A CA label is one URL path segment."""
+        self.error(BASE + "handler.2.operation = cacerts\nhandler.2.label = a/b\n",
+                   "handler.2.label", "not a valid URL path segment")
+
+    def test_bad_filter_and_format(self) -> None:
+        """filter and format take known names only."""
+        self.error(BASE + "handler.1.filter = anyone\n", "handler.1.filter", "must be one of")
+        self.error(BASE + "handler.1.format = pkcs10\n", "handler.1.format", "must be one of")
+
+    def test_bad_authtype_and_qop(self) -> None:
+        """authtype is Basic or Digest; qop is only auth."""
+        self.error(BASE + "handler.1.authtype = NTLM\n", "handler.1.authtype", "must be one of Basic, Digest")
+        self.error(BASE + "handler.1.qop = auth-int\n", "handler.1.qop", "must be one of auth")
+
+    def test_bad_csrattrs(self) -> None:
+        """An unknown attribute name or malformed OID in csrattrs is an error."""
+        self.error("handler.1.operation = csrattrs\nhandler.1.csrattrs = fooBar\n",
+                   "handler.1.csrattrs", "unknown name 'fooBar'")
+        self.error("handler.1.operation = csrattrs\nhandler.1.csrattrs = 1.2.03\n",
+                   "handler.1.csrattrs", "malformed OID")
+        self.error("handler.1.operation = csrattrs\nhandler.1.csrattrs = commonName, commonName\n",
+                   "handler.1.csrattrs", "listed twice")
+
+    # -- token procedures ---------------------------------------------------------
+
+    def test_token_procedure_without_name(self) -> None:
+        """A token procedure needs a name handlers refer to."""
+        self.error("tokenprocedure.1.validity.days = 3\n", "tokenprocedure.1.name", "required")
+
+    def test_token_procedure_name_twice(self) -> None:
+        """Two procedures cannot share a name."""
+        self.error("tokenprocedure.1.name = P\ntokenprocedure.2.name = P\n",
+                   "tokenprocedure.2.name", "already the name of tokenprocedure.1")
+
+    def test_bad_validity(self) -> None:
+        """validity.days is a positive number."""
+        self.error(BASE + "tokenprocedure.1.validity.days = 0\n", "tokenprocedure.1.validity.days", "at least 1")
+
+    def test_bad_ca(self) -> None:
+        """Only the local CA exists so far."""
+        self.error(BASE + "tokenprocedure.1.ca = remote\n", "tokenprocedure.1.ca", "must be one of local")
+
+    def test_bad_key_usage(self) -> None:
+        """An unknown key usage names the keyusage key."""
+        self.error(BASE + "tokenprocedure.1.keyusage = digitalSignature, extendedKeyUsage\n",
+                   "tokenprocedure.1.keyusage", "unknown key usage 'extendedKeyUsage'")
+
+    def test_bad_extended_key_usage(self) -> None:
+        """An unknown extended key usage names the extendedkeyusage key."""
+        self.error(BASE + "tokenprocedure.1.extendedkeyusage = clientAuth, keyEncipherment\n",
+                   "tokenprocedure.1.extendedkeyusage", "unknown extended key usage 'keyEncipherment'")
+
+    # -- handlers --------------------------------------------------------------
+
+    def test_missing_operation(self) -> None:
+        """Every handler names its operation."""
+        self.error(BASE + "handler.2.label = x\n", "handler.2.operation", "required")
+
+    def test_duplicate_route(self) -> None:
+        """Two handlers cannot serve the same label and operation."""
+        self.error("handler.1.operation = cacerts\nhandler.2.operation = cacerts\n",
+                   "handler.2.operation", "/.well-known/est/cacerts is already served by handler.1")
+
+    def test_missing_token_procedure(self) -> None:
+        """An enroll handler needs a token procedure."""
+        self.error(BARE, "handler.1.tokenprocedure", "required")
+
+    def test_unknown_token_procedure(self) -> None:
+        """A token procedure name must be defined; the known ones are listed."""
+        self.error(BARE + "handler.1.tokenprocedure = Q\n", "handler.1.tokenprocedure", "no token procedure named 'Q' (known: P)")
+
+    def test_unknown_default_token_procedure_names_default_key(self) -> None:
+        """A typo in default.tokenprocedure is reported at default.tokenprocedure,
+        the key the file actually has."""
+        self.error(BARE + "default.tokenprocedure = Q\n", "default.tokenprocedure", "no token procedure named 'Q'")
+
+    def test_authtype_without_realm(self) -> None:
+        """authtype needs a realm line (which may be empty)."""
+        self.error(BASE + "handler.1.authtype = Basic\n",
+                   "handler.1.realm", "required when authtype is set")
+
+    def test_enroll_cannot_be_public(self) -> None:
+        """simpleenroll with filter public is refused."""
+        self.error(BASE + "handler.1.filter = public\n",
+                   "handler.1.filter", "cannot be public")
+
+    def test_reenroll_with_filter_device(self) -> None:
+        """simplereenroll is authenticated by the current certificate only."""
+        self.error("tokenprocedure.1.name = P\nhandler.1.operation = simplereenroll\n"
+                   "handler.1.tokenprocedure = P\nhandler.1.filter = device\n",
+                   "handler.1.filter", "use clientcert")
+
+    def test_reenroll_with_enroll_format(self) -> None:
+        """simplereenroll takes the reenroll format only, and vice versa."""
+        self.error("tokenprocedure.1.name = P\nhandler.1.operation = simplereenroll\n"
+                   "handler.1.tokenprocedure = P\nhandler.1.format = est-simpleenroll\n",
+                   "handler.1.format", "simplereenroll takes format est-simplereenroll")
+        self.error(BASE + "handler.1.format = est-simplereenroll\n",
+                   "handler.1.format", "est-simplereenroll is for simplereenroll")
+
+    def test_approval_filter_only_for_simpleenroll(self) -> None:
+        """The manual-approval filter cannot guard simplereenroll."""
+        self.error("tokenprocedure.1.name = P\nhandler.1.operation = simplereenroll\nhandler.1.tokenprocedure = P\n"
+                   "handler.1.filter = registersimpleenroll-basic-idm-auth\nhandler.1.authtype = Basic\n"
+                   "handler.1.realm = r\n",
+                   "handler.1.filter", "only for simpleenroll")
+
+    def test_enroll_keys_on_cacerts(self) -> None:
+        """format, tokenprocedure, authtype and csrattrs on a handler that
+        does not use them are errors (a misplaced line)."""
+        for key, value in (("format", "est-simpleenroll"), ("tokenprocedure", "P"),
+                           ("authtype", "Basic"), ("csrattrs", "commonName")):
+            self.error(f"tokenprocedure.1.name = P\nhandler.1.operation = cacerts\nhandler.1.{key} = {value}\n",
+                       f"handler.1.{key}", "not used by cacerts")
+
+    def test_cacerts_filter(self) -> None:
+        """cacerts/csrattrs are public or clientcert."""
+        self.error("handler.1.operation = csrattrs\nhandler.1.filter = device\n",
+                   "handler.1.filter", "takes filter public or clientcert")
+
+    def test_default_filter_error_names_default_key(self) -> None:
+        """A default filter that does not fit a handler is reported at default.filter."""
+        self.error("default.filter = device\nhandler.1.operation = cacerts\n",
+                   "default.filter", "takes filter public or clientcert")
+
+    # -- global checks --------------------------------------------------------------
+
+    def test_missing_trust_anchor_file(self) -> None:
+        """A tls.trustAnchors file that does not exist stops loading."""
+        e = self.error(BASE + "tls.trustAnchors = factory.pem\n",
+                       "tls.trustAnchors", "no such file")
+        self.assertIn("factory.pem", e.reason)
+
+    def test_bad_store_url(self) -> None:
+        """store.url must be sqlite:PATH."""
+        self.error(BASE + "store.url = postgres://db/est\n",
+                   "store.url", "expected sqlite:PATH")
+        self.error(BASE + "store.url = sqlite:\n",
+                   "store.url", "expected sqlite:PATH")
+
+
+class HelperTests(SynchronousTestCase):
+    def test_default_hostnames(self) -> None:
+        """localhost and both loopback addresses are always named."""
+        names = config.default_hostnames()
+        self.assertEqual(names[:3], ("localhost", "127.0.0.1", "::1"))
+
+    def test_is_ip_address(self) -> None:
+        """IP literals are told apart from host names."""
+        self.assertTrue(config.is_ip_address("::1"))
+        self.assertTrue(config.is_ip_address("192.0.2.1"))
+        self.assertFalse(config.is_ip_address("localhost"))

@@ -1,0 +1,223 @@
+"""HTTP Digest (qop=auth) for pre-registered devices: through curl over
+real TLS, and the response checks twisted.cred leaves to us, unit-tested
+with hand-made responses."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+from twisted.internet.address import IPv4Address
+from twisted.logger import globalLogPublisher
+from twisted.trial.unittest import TestCase
+from twisted.web.test.requesthelper import DummyRequest
+
+from estgw import auth
+from estgw.config import from_string
+from estgw.passwords import hash_password
+from estgw.refusal import Refusal
+from estgw.store import Device, SQLiteStore
+from estgw.testing import TEST_CONFIG
+from estgw.tls import PeerInfo
+from tests.test_auth import SecurityTestCase, csr_for, run_cli
+
+DIGEST_PATH = b"/.well-known/est/digest/simpleenroll"
+
+
+class DigestOverTLSTests(SecurityTestCase):
+    """curl --digest against handler 20 (authtype Digest, realm "digest realm")."""
+
+    async def setUp(self) -> None:
+        await self.setUpGateway()
+
+    async def test_digest_success(self) -> None:
+        """A device registered with the CLI enrolls with Digest: a 401
+        challenge first, then the certificate, recorded for the device."""
+        await run_cli(self.gateway, "device", "add", "pump-17", "--password", "s3cret")
+        result = await self.gateway.curl("digest/simpleenroll", data=csr_for("pump-17"), user="pump-17:s3cret", digest=True)
+        await self.assertIssued(result, "device:pump-17")
+        self.assertEqual(self.audit.refused, ["authentication-required"])
+
+    async def test_digest_wrong_password(self) -> None:
+        """A wrong password: 401 with a fresh Digest challenge, nothing issued."""
+        await run_cli(self.gateway, "device", "add", "pump-17", "--password", "s3cret")
+        result = await self.gateway.curl("digest/simpleenroll", data=csr_for("pump-17"), user="pump-17:wrong", digest=True)
+        await self.assertRefused(result, 401, "bad-credentials", "unknown device or wrong password", challenges=1)
+        challenge = result.headers["www-authenticate"]
+        self.assertTrue(challenge.startswith('Digest realm="digest realm", '), challenge)
+        for part in ('qop="auth"', "algorithm=MD5", "nonce=", "opaque="):
+            self.assertIn(part, challenge)
+
+    async def test_digest_unknown_device(self) -> None:
+        """An unknown device id: the same 401 as a wrong password."""
+        result = await self.gateway.curl("digest/simpleenroll", data=csr_for("ghost"), user="ghost:s3cret", digest=True)
+        await self.assertRefused(result, 401, "bad-credentials", "unknown device or wrong password", challenges=1)
+
+    async def test_device_without_digest_hash(self) -> None:
+        """A device registered without a hash for this realm cannot use
+        Digest (401), and the operator is told to register it again."""
+        warnings: list[dict] = []
+        globalLogPublisher.addObserver(warnings.append)
+        self.addCleanup(globalLogPublisher.removeObserver, warnings.append)
+        await self.gateway.store.add_device(Device("pump-17", hash_password("s3cret")))
+        result = await self.gateway.curl("digest/simpleenroll", data=csr_for("pump-17"), user="pump-17:s3cret", digest=True)
+        await self.assertRefused(result, 401, "bad-credentials", "unknown device or wrong password", challenges=1)
+        told = [e for e in warnings if "no Digest hash" in e.get("log_format", "")]
+        self.assertEqual([(e["device"], e["realm"]) for e in told], [("pump-17", "digest realm")])
+        self.assertNotIn("s3cret", repr(told))
+
+    async def test_basic_on_digest_handler(self) -> None:
+        """Basic credentials sent to a Digest handler: 401 naming Digest."""
+        await run_cli(self.gateway, "device", "add", "pump-17", "--password", "s3cret")
+        result = await self.gateway.curl("digest/simpleenroll", data=csr_for("pump-17"), user="pump-17:s3cret")
+        await self.assertRefused(result, 401, "wrong-auth-scheme", "takes HTTP Digest authentication")
+
+    async def test_registration_stores_realm_hashes(self) -> None:
+        """device add stores H(A1) for each Digest realm of the config and
+        for no other realm; the Basic hash is scrypt."""
+        await run_cli(self.gateway, "device", "add", "pump-17", "--password", "s3cret")
+        device = await self.gateway.store.get_device("pump-17")
+        expected = hashlib.md5(b"pump-17:digest realm:s3cret").hexdigest()
+        self.assertEqual(device.digest_ha1, (("digest realm", expected),))
+        self.assertTrue(device.password_hash.startswith("scrypt$"))
+        self.assertNotIn("ha1", repr(device).lower())
+
+
+def _md5(text: str) -> str:
+    return hashlib.md5(text.encode()).hexdigest()
+
+
+class DigestResponseTests(TestCase):
+    """auth.authenticate with hand-made Digest responses (DummyRequest)."""
+
+    CONFIG = TEST_CONFIG + (
+        "handler.20.operation = simpleenroll\nhandler.20.label = digest\n"
+        "handler.20.authtype = Digest\nhandler.20.realm = r\n"
+    )
+
+    async def setUp(self) -> None:
+        self.handler = from_string(self.CONFIG).handler("digest", "simpleenroll")
+        self.store = SQLiteStore(os.path.abspath(self.mktemp()))
+        await self.store.start()
+        self.addCleanup(self.store.close)
+        ha1 = auth.digest_ha1("pump-17", "r", "pw")
+        await self.store.add_device(Device("pump-17", hash_password("pw"), digest_ha1={"r": ha1}))
+        self.portal = auth.device_portal(self.store)
+        self.peer = PeerInfo(is_tls=True)
+
+    def request(self, authorization: str | None = None, uri: bytes = DIGEST_PATH) -> DummyRequest:
+        request = DummyRequest([b"simpleenroll"])
+        request.client = IPv4Address("TCP", "127.0.0.1", 40000)  # its __init__ drops client=
+        request.method = b"POST"
+        request.uri = uri
+        if authorization is not None:
+            request.requestHeaders.setRawHeaders(b"authorization", [authorization.encode()])
+        return request
+
+    def challenge(self) -> dict[str, str]:
+        factory = self.portal.credential_factory(self.handler)
+        fields = factory.getChallenge(self.request())
+        return {k: v.decode() if isinstance(v, bytes) else v for k, v in fields.items()}
+
+    def response(self, password: str = "pw", uri: str = DIGEST_PATH.decode(), qop: bool = True,
+                 algorithm: str = "MD5", challenge: dict[str, str] | None = None) -> str:
+        c = challenge or self.challenge()
+        ha1, ha2 = _md5(f"pump-17:r:{password}"), _md5(f"POST:{uri}")
+        if qop:
+            digest = _md5(f"{ha1}:{c['nonce']}:00000001:0a4f113b:auth:{ha2}")
+            extra = ', qop=auth, nc=00000001, cnonce="0a4f113b"'
+        else:  # RFC 2069 style
+            digest = _md5(f"{ha1}:{c['nonce']}:{ha2}")
+            extra = ""
+        return (
+            f'Digest username="pump-17", realm="r", nonce="{c["nonce"]}", uri="{uri}", '
+            f'response="{digest}", opaque="{c["opaque"]}", algorithm={algorithm}{extra}'
+        )
+
+    async def refusal(self, request: DummyRequest) -> Refusal:
+        with self.assertRaises(Refusal) as caught:
+            await auth.authenticate(request, self.handler, self.peer, self.portal)
+        return caught.exception
+
+    async def test_valid_response(self) -> None:
+        """A correct qop=auth response authenticates the device."""
+        identity = await auth.authenticate(self.request(self.response()), self.handler, self.peer, self.portal)
+        self.assertEqual((identity.kind, identity.device_id), ("device", "pump-17"))
+
+    async def test_no_qop(self) -> None:
+        """A response without qop (RFC 2069) is refused though its digest is right."""
+        refusal = await self.refusal(self.request(self.response(qop=False)))
+        self.assertEqual((refusal.status, refusal.code), (401, "digest-bad-response"))
+        self.assertIn("qop=auth", refusal.reason)
+        self.assertIn("WWW-Authenticate", refusal.headers)
+
+    async def test_other_uri(self) -> None:
+        """A response computed for another URI is refused."""
+        other = "/.well-known/est/simpleenroll"
+        refusal = await self.refusal(self.request(self.response(uri=other)))
+        self.assertEqual((refusal.status, refusal.code, refusal.reason),
+                         (401, "digest-bad-response", "the Digest response is for another URI"))
+
+    async def test_other_algorithm(self) -> None:
+        """A response claiming an algorithm other than MD5 is refused."""
+        refusal = await self.refusal(self.request(self.response(algorithm="SHA")))
+        self.assertEqual((refusal.status, refusal.code), (401, "digest-bad-response"))
+
+    async def test_wrong_password(self) -> None:
+        """A response made with another password: 401 bad-credentials."""
+        refusal = await self.refusal(self.request(self.response(password="guess")))
+        self.assertEqual((refusal.status, refusal.code), (401, "bad-credentials"))
+
+    async def test_challenge_of_another_process(self) -> None:
+        """A nonce/opaque this gateway did not make (e.g. another process's)
+        is refused as expired or malformed, with a new challenge."""
+        stranger = auth.credential_factory(self.handler)
+        fields = stranger.getChallenge(self.request())
+        challenge = {k: v.decode() if isinstance(v, bytes) else v for k, v in fields.items()}
+        refusal = await self.refusal(self.request(self.response(challenge=challenge)))
+        self.assertEqual((refusal.status, refusal.code), (401, "bad-credentials"))
+        self.assertIn("expired", refusal.reason)
+
+    async def test_challenge_of_a_process_sharing_the_state(self) -> None:
+        """Processes with the same state directory share the Digest key: a
+        challenge made by one is answered to the other."""
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        secret = auth.digest_secret(directory)
+        self.assertEqual(auth.digest_secret(directory), secret)
+        self.assertEqual(os.stat(os.path.join(directory, auth.DIGEST_SECRET_FILE)).st_mode & 0o777, 0o600)
+        self.assertEqual(os.listdir(directory), [auth.DIGEST_SECRET_FILE])
+        one = auth.device_portal(self.store, digest_secret=secret)
+        other = auth.device_portal(self.store, digest_secret=secret)
+        fields = one.credential_factory(self.handler).getChallenge(self.request())
+        challenge = {k: v.decode() if isinstance(v, bytes) else v for k, v in fields.items()}
+        identity = await auth.authenticate(
+            self.request(self.response(challenge=challenge)), self.handler, self.peer, other
+        )
+        self.assertEqual(identity.device_id, "pump-17")
+
+    async def test_no_tls(self) -> None:
+        """A correct response on a non-TLS channel: 403, never checked."""
+        with self.assertRaises(Refusal) as caught:
+            await auth.authenticate(self.request(self.response()), self.handler, PeerInfo(is_tls=False), self.portal)
+        self.assertEqual((caught.exception.status, caught.exception.code), (403, "http-auth-without-tls"))
+
+    async def test_single_use_consumed(self) -> None:
+        """Right Digest credentials of a consumed single-use device: 403."""
+        ha1 = auth.digest_ha1("once", "r", "pw")
+        await self.store.add_device(Device("once", None, single_use=True, digest_ha1={"r": ha1}))
+        await self.store.consume_device("once")
+        c = self.challenge()
+        ha2 = _md5(f"POST:{DIGEST_PATH.decode()}")
+        digest = _md5(f"{ha1}:{c['nonce']}:00000001:0a4f113b:auth:{ha2}")
+        header = (
+            f'Digest username="once", realm="r", nonce="{c["nonce"]}", uri="{DIGEST_PATH.decode()}", '
+            f'response="{digest}", opaque="{c["opaque"]}", qop=auth, nc=00000001, cnonce="0a4f113b"'
+        )
+        refusal = await self.refusal(self.request(header))
+        self.assertEqual((refusal.status, refusal.code), (403, "single-use-consumed"))
+
+    def test_ha1(self) -> None:
+        """H(A1) is MD5 of id:realm:password, the password NFC-normalised."""
+        self.assertEqual(auth.digest_ha1("d", "r", "pw"), hashlib.md5(b"d:r:pw").hexdigest())
+        self.assertEqual(auth.digest_ha1("d", "r", "e\u0301"), auth.digest_ha1("d", "r", "\u00e9"))

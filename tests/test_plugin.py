@@ -1,0 +1,152 @@
+"""The twistd plugin and estgw.tap's options."""
+
+from __future__ import annotations
+
+import configparser
+import os
+
+from twisted.application.service import IServiceMaker
+from twisted.plugin import getPlugins
+from twisted.python import usage
+from twisted.trial.unittest import SynchronousTestCase
+
+from estgw import tap
+from estgw.testing import TEST_CONFIG, write
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class PluginTests(SynchronousTestCase):
+    def test_plugin_found(self) -> None:
+        """getPlugins(IServiceMaker) finds the repo's plugin: tapname estgw,
+        backed by the estgw.tap module, from twisted/plugins/estgw_plugin.py."""
+        import twisted.plugins
+
+        self.assertIn(os.path.join(REPO, "twisted", "plugins"), list(twisted.plugins.__path__))
+        makers = [m for m in getPlugins(IServiceMaker) if m.tapname == "estgw"]
+        self.assertEqual(len(makers), 1)
+        (maker,) = makers
+        self.assertEqual(maker.module, "estgw.tap")
+        self.assertIs(maker.options, tap.Options)
+        self.assertIs(maker.makeService, tap.makeService)
+        self.assertIn("EST", maker.description)
+
+    def test_plugin_file_imports_nothing_of_estgw(self) -> None:
+        """The plugin file names estgw.tap as a string, so listing plugins
+        never imports the gateway."""
+        with open(os.path.join(REPO, "twisted", "plugins", "estgw_plugin.py")) as f:
+            source = f.read()
+        self.assertNotIn("import estgw", source)
+        self.assertNotIn("from estgw", source)
+        self.assertIn('"estgw.tap"', source)
+
+
+class LayoutTests(SynchronousTestCase):
+    """What makes a plain ``pip install .`` ship the plugin."""
+
+    def read(self, name: str) -> str:
+        with open(os.path.join(REPO, name)) as f:
+            return f.read()
+
+    def test_packages_listed_not_found(self) -> None:
+        """setup.cfg lists twisted.plugins and every package under estgw/
+        explicitly (find: would miss the plugin directory, and an unlisted
+        subpackage would be missing from the installed gateway)."""
+        parser = configparser.ConfigParser()
+        parser.read_string(self.read("setup.cfg"))
+        listed = set(parser["options"]["packages"].replace(",", " ").split())
+        expected = {"twisted.plugins"}
+        for directory, _dirs, files in os.walk(os.path.join(REPO, "estgw")):
+            if "__init__.py" in files:
+                expected.add(os.path.relpath(directory, REPO).replace(os.sep, "."))
+        self.assertEqual(listed, expected)
+
+    def test_no_init_in_twisted_namespace(self) -> None:
+        """No __init__.py under twisted/: it would shadow the installed Twisted."""
+        self.assertFalse(os.path.exists(os.path.join(REPO, "twisted", "__init__.py")))
+        self.assertFalse(os.path.exists(os.path.join(REPO, "twisted", "plugins", "__init__.py")))
+
+    def test_pyproject_is_build_system_only(self) -> None:
+        """pyproject.toml holds only the build-system table; metadata is in setup.cfg."""
+        tables = [line.strip() for line in self.read("pyproject.toml").splitlines() if line.startswith("[")]
+        self.assertEqual(tables, ["[build-system]"])
+
+
+class OptionsTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.directory = os.path.abspath(self.mktemp())
+        os.makedirs(self.directory)
+        self.path = os.path.join(self.directory, "est.properties")
+        write(self.path, TEST_CONFIG.encode())
+
+    def parse(self, *argv: str) -> tap.Options:
+        options = tap.Options()
+        options.parseOptions(["--config", self.path, *argv])
+        return options
+
+    def test_loads_config(self) -> None:
+        """--config loads the file in postOptions; its port is used."""
+        options = self.parse()
+        self.assertEqual(options.loaded.source, self.path)
+        self.assertEqual(options.loaded.port, 0)
+
+    def test_port_overrides(self) -> None:
+        """--port N (or -p N) overrides server.port."""
+        self.assertEqual(self.parse("--port", "9443").loaded.port, 9443)
+        self.assertEqual(self.parse("-p", "10443").loaded.port, 10443)
+
+    def test_bad_port(self) -> None:
+        """A --port that is no TCP port is a UsageError."""
+        self.assertRaises(usage.UsageError, self.parse, "--port", "https")
+        e = self.assertRaises(usage.UsageError, self.parse, "--port", "70000")
+        self.assertIn("--port", str(e))
+
+    def test_bad_config_names_key(self) -> None:
+        """A bad config is a UsageError with the file, the key and the reason."""
+        write(self.path, TEST_CONFIG.encode() + b"handler.2.qop = auth-int\n")
+        e = self.assertRaises(usage.UsageError, self.parse)
+        self.assertEqual(str(e), f"{self.path}: handler.2.qop: must be one of auth, not 'auth-int'")
+
+    def test_missing_config(self) -> None:
+        """A config file that is not there is a UsageError naming it."""
+        os.remove(self.path)
+        e = self.assertRaises(usage.UsageError, self.parse)
+        self.assertIn(f"--config: cannot read {self.path}", str(e))
+
+    def test_bad_trust_anchor_file(self) -> None:
+        """A trust anchor file without a certificate is caught in option
+        parsing, before any state is created."""
+        write(os.path.join(self.directory, "bad.pem"), b"-----BEGIN CERTIFICATE-----\nxx\n")
+        write(self.path, TEST_CONFIG.encode() + b"tls.trustAnchors = bad.pem\n")
+        e = self.assertRaises(usage.UsageError, self.parse)
+        self.assertIn("tls.trustAnchors: no PEM or DER certificate in", str(e))
+        self.assertFalse(os.path.exists(os.path.join(self.directory, "state")))
+
+
+class MakeServiceTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.directory = os.path.abspath(self.mktemp())
+        os.makedirs(self.directory)
+        self.path = os.path.join(self.directory, "est.properties")
+
+    def test_builds_gateway_service(self) -> None:
+        """makeService creates the state and returns a MultiService holding
+        the (not yet started) gateway service."""
+        write(self.path, TEST_CONFIG.encode())
+        options = tap.Options()
+        options.parseOptions(["--config", self.path])
+        top = tap.makeService(options)
+        (gateway,) = list(top)
+        self.assertIsInstance(gateway, tap.GatewayService)
+        self.assertFalse(gateway.running)
+        self.assertTrue(os.path.exists(options.loaded.ca_certificate_path))
+
+    def test_unusable_state_directory(self) -> None:
+        """A state.directory that cannot be created ends twistd with a
+        message naming the key (SystemExit, not a traceback)."""
+        write(os.path.join(self.directory, "taken"), b"a file, not a directory")
+        write(self.path, TEST_CONFIG.replace("state.directory = state", "state.directory = taken").encode())
+        options = tap.Options()
+        options.parseOptions(["--config", self.path])
+        e = self.assertRaises(SystemExit, tap.makeService, options)
+        self.assertIn("state.directory: cannot create", str(e.code))

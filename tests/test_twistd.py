@@ -1,0 +1,220 @@
+"""The daemon itself: ``twistd -n estgw`` as a subprocess on a copy of the
+shipped etc/est.properties, driven by the operator CLI and curl."""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+import os
+import re
+import shutil
+import socket
+import sys
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+from twisted.internet import defer, protocol, reactor
+from twisted.internet.error import ProcessDone, ProcessExitedAlready
+from twisted.trial.unittest import TestCase
+
+from estgw.protocol import decode_certs_only
+from estgw.testing import ProcessResult, _which, make_csr, new_key, run_process
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHIPPED = os.path.join(REPO, "etc", "est.properties")
+TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+READY = re.compile(rb"serving EST at https://[^:/]+:([0-9]+)/\.well-known/est/")
+START_TIMEOUT = 30.0  # seconds; a start takes about one on a slow machine
+
+
+def environment() -> dict[str, str]:
+    env = dict(os.environ)
+    # The repo root first, so twisted.plugins finds twisted/plugins/estgw_plugin.py.
+    env["PYTHONPATH"] = os.pathsep.join([REPO] + [p for p in [env.get("PYTHONPATH")] if p])
+    return env
+
+
+class Daemon(protocol.ProcessProtocol):
+    """A twistd process: its output so far, and when it ended."""
+
+    def __init__(self) -> None:
+        self.output = b""
+        self.ended: defer.Deferred = defer.Deferred()
+        self.exit_code: int | None = None
+        self._ready: defer.Deferred = defer.Deferred()
+        self.port: int | None = None
+        self._waiting = False
+
+    def outReceived(self, data: bytes) -> None:
+        self.output += data
+        match = READY.search(self.output)
+        if match and self.port is None:
+            self.port = int(match.group(1))
+            self._ready.callback(self.port)
+
+    errReceived = outReceived
+
+    def processEnded(self, reason: Any) -> None:
+        self.exit_code = 0 if reason.check(ProcessDone) else reason.value.exitCode
+        self.signal = getattr(reason.value, "signal", None)
+        if self._waiting and not self._ready.called:
+            self._ready.errback(RuntimeError(f"twistd exited ({self.exit_code}):\n{self.output.decode()}"))
+        self.ended.callback(self.exit_code)
+
+    def ready(self) -> defer.Deferred:
+        self._waiting = True
+        return self._ready.addTimeout(START_TIMEOUT, reactor)
+
+    def stop(self) -> defer.Deferred:
+        if self.exit_code is None:
+            try:
+                self.transport.signalProcess("TERM")
+            except ProcessExitedAlready:
+                pass
+        return self.ended
+
+
+class TwistdTestCase(TestCase):
+    def setUp(self) -> None:
+        self.directory = os.path.abspath(self.mktemp())
+        os.makedirs(self.directory)
+        self.config = os.path.join(self.directory, "est.properties")
+        shutil.copy(SHIPPED, self.config)
+
+    def spawn(self, *extra: str) -> Daemon:
+        daemon = Daemon()
+        argv = TWISTD + ["-n", "--pidfile=", "estgw", "--config", self.config, *extra]
+        reactor.spawnProcess(daemon, argv[0], argv, env=environment(), path=self.directory)
+        self.addCleanup(self._stop, daemon)
+        return daemon
+
+    async def _stop(self, daemon: Daemon) -> None:
+        daemon.stop()
+        try:
+            await defer.Deferred.fromCoroutine(_wait(daemon.ended, 15))
+        except defer.TimeoutError:
+            daemon.transport.signalProcess("KILL")
+            await daemon.ended
+
+    async def start(self) -> Daemon:
+        daemon = self.spawn("--port", "0")
+        await daemon.ready()
+        return daemon
+
+    async def cli(self, *args: str) -> ProcessResult:
+        return await run_process(
+            [sys.executable, "-m", "estgw.cli", "--config", self.config, *args],
+            env=environment(), path=self.directory,
+        )
+
+    async def curl(self, port: int, operation: str, data: bytes | None = None,
+                   user: str | None = None) -> tuple[int, bytes]:
+        body = os.path.join(self.directory, "body")
+        argv = [_which("curl"), "-sS", "--max-time", "20", "-o", body, "-w", "%{http_code}",
+                "--cacert", os.path.join(self.directory, "state", "ca", "root-ca.pem")]
+        if user:
+            argv += ["--basic", "-u", user]
+        if data is not None:
+            request = os.path.join(self.directory, "request")
+            with open(request, "wb") as f:
+                f.write(data)
+            argv += ["-H", "Content-Type: application/pkcs10", "--data-binary", "@" + request]
+        # By name: the generated server certificate must carry "localhost".
+        argv.append(f"https://localhost:{port}/.well-known/est/{operation}")
+        result = await run_process(argv)
+        with open(body, "rb") as f:
+            return int(result.stdout or b"0"), f.read()
+
+
+async def _wait(d: defer.Deferred, seconds: float) -> Any:
+    return await d.addTimeout(seconds, reactor)
+
+
+class DaemonTests(TwistdTestCase):
+    async def test_serve_register_enroll_restart(self) -> None:
+        """The shipped config serves at once on a fresh state directory with
+        a server certificate for localhost, 127.0.0.1, ::1 and this host; a
+        device registered through the CLI enrolls through curl; a second
+        start reuses the CA and still knows the certificate."""
+        daemon = await self.start()
+        output = daemon.output.decode()
+        root_path = os.path.join(self.directory, "state", "ca", "root-ca.pem")
+        self.assertIn(f"CA certificate (trust anchor for clients): {root_path}", output)
+        for created in ("ca/root-ca.pem", "ca/issuing-ca.pem", "tls/server.pem", "estgw.sqlite"):
+            self.assertTrue(os.path.exists(os.path.join(self.directory, "state", created)), created)
+
+        with open(os.path.join(self.directory, "state", "tls", "server.pem"), "rb") as f:
+            server = x509.load_pem_x509_certificate(f.read())
+        names = set(server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value)
+        self.assertLessEqual(
+            {x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+             x509.IPAddress(ipaddress.ip_address("::1")), x509.DNSName(socket.gethostname())},
+            names,
+        )
+
+        added = await self.cli("device", "add", "pump-7", "--password", "pw-7")
+        self.assertEqual((added.code, added.stdout), (0, b"registered device pump-7\n"), added.stderr.decode())
+
+        csr = make_csr(new_key(), "pump-7").public_bytes(Encoding.DER)
+        status, body = await self.curl(daemon.port, "simpleenroll", base64.b64encode(csr), "pump-7:pw-7")
+        self.assertEqual(status, 200, body.decode(errors="replace"))
+        (cert,) = decode_certs_only(body)
+        status, body = await self.curl(daemon.port, "devices/cacerts")
+        self.assertEqual(status, 200)
+        with open(root_path, "rb") as f:
+            root = f.read()
+        first_chain = decode_certs_only(body)
+
+        await daemon.stop()
+        # twistd ends on SIGTERM by re-raising it once the services stopped.
+        self.assertIn((daemon.exit_code, daemon.signal), ((0, None), (None, 15)))
+        self.assertIn(b"Server Shut Down.", daemon.output)
+        again = await self.start()
+        with open(root_path, "rb") as f:
+            self.assertEqual(f.read(), root)
+        self.assertNotIn("Created a new local CA", again.output.decode())
+        status, body = await self.curl(again.port, "cacerts")
+        self.assertEqual(decode_certs_only(body), first_chain)
+        listed = await self.cli("cert", "list")
+        self.assertEqual(listed.code, 0, listed.stderr.decode())
+        self.assertIn(f"{cert.serial_number:x}".encode(), listed.stdout)
+        self.assertIn(b"device:pump-7", listed.stdout)
+
+
+class BadConfigTests(TwistdTestCase):
+    async def assert_refuses_to_start(self, key: str, reason: str) -> None:
+        daemon = self.spawn("--port", "0")
+        code = await _wait(daemon.ended, START_TIMEOUT)
+        output = daemon.output.decode()
+        self.assertNotEqual(code, 0, output)
+        self.assertIsNone(daemon.port, "it must not listen")
+        self.assertIn(f"{self.config}: {key}: {reason}", output)
+        self.assertNotIn("Traceback", output)
+        self.assertFalse(os.path.exists(os.path.join(self.directory, "state")), "nothing created")
+
+    def append(self, text: str) -> None:
+        with open(self.config, "a") as f:
+            f.write(text)
+
+    async def test_unknown_key(self) -> None:
+        """A misspelt key stops twistd with the key and 'unknown key'."""
+        self.append("server.prot = 8443\n")
+        await self.assert_refuses_to_start("server.prot", "unknown key")
+
+    async def test_bad_value(self) -> None:
+        """A bad value stops twistd naming the key and the value."""
+        self.append("handler.9.operation = simpleenrol\n")
+        await self.assert_refuses_to_start("handler.9.operation", "must be one of")
+
+    async def test_missing_trust_anchor_file(self) -> None:
+        """A trust anchor file that is not there stops twistd."""
+        self.append("tls.trustAnchors = factory-ca.pem\n")
+        await self.assert_refuses_to_start("tls.trustAnchors", "no such file")
+
+    async def test_unreadable_trust_anchor_file(self) -> None:
+        """A trust anchor file holding no certificate stops twistd cleanly."""
+        with open(os.path.join(self.directory, "factory-ca.pem"), "w") as f:
+            f.write("not a certificate\n")
+        self.append("tls.trustAnchors = factory-ca.pem\n")
+        await self.assert_refuses_to_start("tls.trustAnchors", "no PEM or DER certificate")
