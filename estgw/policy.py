@@ -250,6 +250,11 @@ def client_certificate_has_client_auth(ctx: PolicyContext) -> None:
     try:
         ekus = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     except x509.ExtensionNotFound:
+        # A registered factory certificate (IDevID) often has no EKU at all,
+        # which RFC 5280 reads as unrestricted; every other client
+        # certificate must name clientAuth (SPEC §4.2).
+        if ctx.identity.kind == "factory":
+            return
         ekus = []
     if ExtendedKeyUsageOID.CLIENT_AUTH not in ekus and ANY_EKU not in ekus:
         raise _policy(

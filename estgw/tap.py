@@ -13,6 +13,7 @@ from twisted.internet import defer
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint, wrapServerTLS
 from twisted.logger import Logger
 from twisted.python import usage
+from twisted.python.failure import Failure
 
 from estgw import bootstrap, config as config_module
 from estgw.approval.gateway import build_gates, load_approval_tls
@@ -105,10 +106,22 @@ class GatewayService(service.Service):
         )
         return wrapServerTLS(context, tcp(self.reactor, self.config.port, interface=interface))
 
-    async def _start(self) -> None:
+    def _listen(self) -> Any:
+        """Bind the port now, before the reactor runs, so a port in use
+        stops twistd with a message and a non-zero status; accept nothing
+        until the store is open (connections wait in the listen backlog)."""
+        outcome: list[Any] = []
+        self._endpoint().listen(build_site(self.build_gateway())).addBoth(outcome.append)
+        if not outcome or isinstance(outcome[0], Failure):
+            reason = outcome[0].getErrorMessage() if outcome else "listening did not complete"
+            raise SystemExit(f"estgw: cannot listen on port {self.config.port}: {reason}")
+        port = outcome[0]
+        port.stopReading()
+        return port
+
+    async def _open(self) -> None:
         await self.store.start()
-        site = build_site(self.build_gateway())
-        self.port = await self._endpoint().listen(site)
+        self.port.startReading()
         host = self.config.hostnames[0] if self.config.hostnames else "localhost"
         self._log.info(
             "estgw serving EST at https://{host}:{port}/.well-known/est/ ; "
@@ -119,8 +132,9 @@ class GatewayService(service.Service):
         )
 
     def startService(self) -> None:
+        self.port = self._listen()
         super().startService()
-        d = defer.Deferred.fromCoroutine(self._start())
+        d = defer.Deferred.fromCoroutine(self._open())
 
         def failed(failure: Any) -> None:
             self._log.failure("estgw could not start", failure)
@@ -130,8 +144,9 @@ class GatewayService(service.Service):
         d.addCallbacks(self.ready.callback, failed)
 
     async def _stop(self) -> None:
-        if self.port is not None:
-            await self.port.stopListening()
+        port, self.port = self.port, None  # stopping twice is harmless
+        if port is not None:
+            await defer.maybeDeferred(port.stopListening)
         await self.store.close()
 
     def stopService(self) -> defer.Deferred:

@@ -55,6 +55,23 @@ class FactoryEnrollmentTests(SecurityTestCase):
         result = await self.enroll(csr=csr_for("PUMP-17.example"))
         await self.assertIssued(result, "factory:pump-17")
 
+    async def test_factory_certificate_without_eku(self) -> None:
+        """An IDevID with no EKU extension (unrestricted, RFC 5280) enrolls."""
+        self.idevid = FACTORY_CA.issue(self.directory, "ACME-PUMP-0017", ekus=(), serial_number="SN17")
+        await self.register()
+        await self.assertIssued(await self.enroll(), "factory:pump-17")
+
+    async def test_factory_certificate_restricted_to_other_eku(self) -> None:
+        """An IDevID whose EKU names only serverAuth cannot authenticate a client."""
+        from cryptography.x509.oid import ExtendedKeyUsageOID
+
+        self.idevid = FACTORY_CA.issue(
+            self.directory, "ACME-PUMP-0017", ekus=(ExtendedKeyUsageOID.SERVER_AUTH,), serial_number="SN17"
+        )
+        await self.register()
+        result = await self.enroll()
+        await self.assertRefused(result, 403, "client-certificate-not-client-auth", "Client Authentication")
+
     async def test_not_registered(self) -> None:
         """A trusted factory certificate that is not registered: 403."""
         result = await self.enroll()

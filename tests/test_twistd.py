@@ -218,3 +218,19 @@ class BadConfigTests(TwistdTestCase):
             f.write("not a certificate\n")
         self.append("tls.trustAnchors = factory-ca.pem\n")
         await self.assert_refuses_to_start("tls.trustAnchors", "no PEM or DER certificate")
+
+
+class PortInUseTests(TwistdTestCase):
+    async def test_port_in_use_exits_non_zero(self) -> None:
+        """A port another process holds stops twistd with the port and the
+        reason, a non-zero status and no traceback (a process manager sees
+        the failure)."""
+        holder = reactor.listenTCP(0, protocol.Factory(), interface="")
+        self.addCleanup(holder.stopListening)
+        busy = holder.getHost().port
+        daemon = self.spawn("--port", str(busy))
+        code = await _wait(daemon.ended, START_TIMEOUT)
+        output = daemon.output.decode()
+        self.assertNotEqual(code, 0, output)
+        self.assertIn(f"estgw: cannot listen on port {busy}", output)
+        self.assertNotIn("Traceback", output)
