@@ -3,12 +3,18 @@
 Each row sets up one bad request, sends it with curl to a real gateway on
 127.0.0.1, and asserts the status, the reason text, exactly one audit log
 line with the reason code, and that the store holds no new certificate.
+
+Refusals that need a gateway-wide setting of their own (a stale CRL,
+OCSP, an approval service) are in tests/test_revocation.py and
+tests/test_approval_*.py with the same assertions; wire-level refusals
+(404, 405, 413, 415, bad base64) are in tests/test_web.py.
 """
 
 from __future__ import annotations
 
 import datetime
 import os
+import tempfile
 from typing import Any, Awaitable, Callable
 
 import attr
@@ -23,7 +29,10 @@ from estgw import policy
 from estgw.ca import IssueRequest, Profile
 from estgw.passwords import hash_password
 from estgw.store import Device, IssuedCertificate
+from tests.test_auth import FACTORY_CA, SECURITY_CONFIG, gateway_certificate, run_cli
 from estgw.testing import TEST_CONFIG, RunningGateway, cert_pem, csr_pem, key_pem, make_csr, name, new_key, write
+
+REVOKED_IDEVID = FACTORY_CA.issue(tempfile.mkdtemp(prefix="estgw-matrix-"), "ACME-PUMP-0066")
 
 MATRIX_CONFIG = TEST_CONFIG + """\
 handler.10.operation = simpleenroll
@@ -37,6 +46,12 @@ handler.11.allowRenewalWithOldCertificates = true
 """
 
 
+# The matrix gateway also serves every handler of the security tests
+# (Digest, extra layer, RA, factory certificates) and loads a CRL of the
+# factory CA that lists REVOKED_IDEVID.
+FULL_CONFIG = SECURITY_CONFIG + MATRIX_CONFIG[len(TEST_CONFIG):] + "tls.crls = {factory_crl}\n"
+
+
 @attr.s(auto_attribs=True)
 class Case:
     path: str
@@ -45,6 +60,27 @@ class Case:
     reason: str
     setup: Callable[[RunningGateway, str], Awaitable[dict[str, Any]]]
     header: str | None = None  # a response header that must be present
+    challenges: int = 0  # 401 rounds that ask curl for Digest credentials first
+
+
+def write_factory_files(directory: str) -> dict[str, str]:
+    """The factory CA's certificate, and its CRL revoking REVOKED_IDEVID."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    crl = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(FACTORY_CA.cert.subject)
+        .last_update(now - datetime.timedelta(minutes=5))
+        .next_update(now + datetime.timedelta(days=7))
+        .add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(REVOKED_IDEVID.cert.serial_number)
+            .revocation_date(now - datetime.timedelta(minutes=1)).build()
+        )
+        .sign(FACTORY_CA.key, hashes.SHA256())
+    )
+    return {
+        "factory_ca": write(os.path.join(directory, "factory-ca.pem"), cert_pem(FACTORY_CA.cert)),
+        "factory_crl": write(os.path.join(directory, "factory.crl"), crl.public_bytes(serialization.Encoding.PEM)),
+    }
 
 
 async def register(gateway: RunningGateway, device_id: str = "pump-17", password: str = "s3cret") -> None:
@@ -199,6 +235,69 @@ async def binding_wrong(gw, d):
     return {"data": csr_pem(csr), "user": "pump-17:s3cret"}
 
 
+async def officer_without_role(gw, d):
+    own = gateway_certificate(gw, d, "ra-7")
+    return {"data": basic_csr("pump-99"), **own.curl}
+
+
+async def officer_without_role_registered(gw, d):
+    own = gateway_certificate(gw, d, "ra-7")
+    await run_cli(gw, "officer", "add", "--cert", own.cert_path, "--role", "auditor")
+    return {"data": basic_csr("pump-99"), **own.curl}
+
+
+async def digest_wrong_password(gw, d):
+    await run_cli(gw, "device", "add", "pump-17", "--password", "s3cret")
+    return {"data": basic_csr(), "user": "pump-17:wrong", "digest": True}
+
+
+async def extra_layer_without_certificate(gw, d):
+    await run_cli(gw, "device", "add", "pump-17", "--password", "s3cret")
+    return {"data": basic_csr(), "user": "pump-17:s3cret"}
+
+
+async def extra_layer_wrong_password(gw, d):
+    await run_cli(gw, "device", "add", "pump-17", "--password", "s3cret")
+    own = gateway_certificate(gw, d, "pump-17")
+    return {"data": basic_csr(), "user": "pump-17:wrong", **own.curl}
+
+
+async def single_use_consumed(gw, d):
+    await run_cli(gw, "device", "add", "pump-17", "--password", "s3cret", "--single-use")
+    first = await gw.curl("simpleenroll", data=basic_csr(), user="pump-17:s3cret")
+    assert first.status == 200, first.text
+    return {"data": basic_csr(), "user": "pump-17:s3cret"}
+
+
+async def factory_not_registered(gw, d):
+    idevid = FACTORY_CA.issue(d, "ACME-PUMP-0017")
+    return {"data": basic_csr(), **idevid.curl}
+
+
+async def factory_cn_mismatch(gw, d):
+    idevid = FACTORY_CA.issue(d, "ACME-PUMP-0017")
+    await run_cli(gw, "device", "add", "pump-17", "--factory-cert", idevid.cert_path)
+    return {"data": basic_csr("pump-18"), **idevid.curl}
+
+
+async def factory_subject_value_mismatch(gw, d):
+    idevid = FACTORY_CA.issue(d, "ACME-PUMP-0017")
+    await run_cli(gw, "device", "add", "pump-17", "--factory-cert", idevid.cert_path,
+                  "--subject-value", "serialNumber=SN17")
+    return {"data": csr_pem(make_csr(new_key(), name("pump-17", serial_number="SN99"))), **idevid.curl}
+
+
+async def factory_password_missing(gw, d):
+    idevid = FACTORY_CA.issue(d, "ACME-PUMP-0017")
+    await run_cli(gw, "device", "add", "pump-17", "--factory-cert", idevid.cert_path, "--password", "s3cret")
+    return {"data": basic_csr(), **idevid.curl}
+
+
+async def on_factory_crl(gw, d):
+    await run_cli(gw, "device", "add", "pump-17", "--factory-cert", REVOKED_IDEVID.cert_path)
+    return {"data": basic_csr(), **REVOKED_IDEVID.curl}
+
+
 MATRIX: dict[str, Case] = {
     "unknown_device": Case("simpleenroll", 401, "bad-credentials", "unknown device or wrong password", unknown_device, "www-authenticate"),
     "wrong_password": Case("simpleenroll", 401, "bad-credentials", "unknown device or wrong password", wrong_password, "www-authenticate"),
@@ -220,6 +319,17 @@ MATRIX: dict[str, Case] = {
     "bad_unstructured_address": Case("simpleenroll", 400, "csr-bad-unstructured-address", "not an IP address", bad_unstructured_address),
     "binding_missing": Case("bound/simpleenroll", 403, "channel-binding-missing", "channel binding", binding_missing),
     "binding_wrong": Case("bound/simpleenroll", 403, "channel-binding-mismatch", "tls-", binding_wrong),
+    "officer_without_role": Case("ra/simpleenroll", 403, "officer-role-required", "officer roles ra", officer_without_role),
+    "officer_other_role": Case("ra/simpleenroll", 403, "officer-role-required", "officer roles ra", officer_without_role_registered),
+    "digest_wrong_password": Case("digest/simpleenroll", 401, "bad-credentials", "unknown device or wrong password", digest_wrong_password, "www-authenticate", challenges=1),
+    "extra_layer_without_certificate": Case("extra/simpleenroll", 403, "client-certificate-required", "client certificate", extra_layer_without_certificate),
+    "extra_layer_wrong_password": Case("extra/simpleenroll", 401, "bad-credentials", "wrong password", extra_layer_wrong_password, "www-authenticate"),
+    "single_use_consumed": Case("simpleenroll", 403, "single-use-consumed", "already been used", single_use_consumed),
+    "factory_not_registered": Case("factory/simpleenroll", 403, "factory-certificate-not-registered", "not a registered factory certificate", factory_not_registered),
+    "factory_cn_mismatch": Case("factory/simpleenroll", 403, "factory-cn-mismatch", "'pump-18' is not 'pump-17'", factory_cn_mismatch),
+    "factory_subject_value_mismatch": Case("factory/simpleenroll", 403, "subject-value-mismatch", "serialNumber", factory_subject_value_mismatch),
+    "factory_password_missing": Case("factorypw/simpleenroll", 401, "password-required", "password", factory_password_missing, "www-authenticate"),
+    "on_factory_crl": Case("factory/simpleenroll", 403, "client-certificate-revoked", "certificate revocation list", on_factory_crl),
 }
 
 
@@ -235,11 +345,12 @@ class RefusalMatrixTests(TestCase):
 
         globalLogPublisher.addObserver(observe)
         self.addCleanup(globalLogPublisher.removeObserver, observe)
-        gateway = await RunningGateway.start(self, MATRIX_CONFIG)
         directory = os.path.abspath(self.mktemp())
         os.makedirs(directory)
+        gateway = await RunningGateway.start(self, FULL_CONFIG.format(**write_factory_files(directory)))
         request = await case.setup(gateway, directory)
         before = await gateway.store.count_certificates()
+        del events[:]  # only what the request under test causes
         result = await gateway.curl(case.path, **request)
         self.assertEqual(result.status, case.status, result.text)
         self.assertIn(case.reason, result.text)
@@ -247,7 +358,7 @@ class RefusalMatrixTests(TestCase):
         if case.header:
             self.assertIn(case.header, result.headers)
         refused = [e for e in events if e.get("event") == "refused"]
-        self.assertEqual([e["code"] for e in refused], [case.code])
+        self.assertEqual([e["code"] for e in refused], ["authentication-required"] * case.challenges + [case.code])
         issued = [e for e in events if e.get("event") == "issued"]
         self.assertEqual(issued, [])
         self.assertEqual(await gateway.store.count_certificates(), before)
