@@ -63,10 +63,24 @@ DEFAULT_FILTER = {
     "serverkeygen": "device",
     "fullcmc": "device",
 }
-DEFAULT_FORMAT = {
-    "simpleenroll": "est-simpleenroll",
-    "simplereenroll": "est-simplereenroll",
-}
+
+
+def default_format(operation: str, filter: str, procedure: "TokenProcedureConfig | None") -> str:
+    """The format of an enrollment handler that names none: the strict one.
+
+    A client certificate on simpleenroll may only ask for its own subject
+    unless the handler says otherwise (est-simpleenroll) or the client is
+    an officer; a factory certificate does not carry the request's subject,
+    and approval handlers have their own format.
+    """
+    if operation == "simplereenroll":
+        return "est-simplereenroll"
+    if filter == "registersimpleenroll-basic-idm-auth":
+        return "est-simpleenroll-idm"
+    if procedure is not None and procedure.use_authentication_cert:
+        return "est-simpleenroll"
+    return "est-simpleenroll-subjectmatch"
+
 
 _LABEL = re.compile(r"^[A-Za-z0-9_.~-]+$")  # one RFC 7030 §3.2.2 path segment
 
@@ -586,9 +600,10 @@ def _complete_handler(
     changes: dict[str, Any] = {}
     if not handler.filter:
         changes["filter"] = DEFAULT_FILTER[op]
-    if enroll and not handler.format:
-        changes["format"] = DEFAULT_FORMAT[op]
     handler = attr.evolve(handler, **changes)
+    if enroll and not handler.format:
+        procedure = procedure_names.get(handler.token_procedure)
+        handler = attr.evolve(handler, format=default_format(op, handler.filter, procedure))
     handler = _complete_idm(handler, own_keys, where, source)
 
     if not enroll:

@@ -106,40 +106,66 @@ def _name_as_san(text: str) -> x509.GeneralName | None:
     return None
 
 
+def _copy_rules(
+    subject: x509.Name,
+    sans: list[x509.GeneralName],
+    unstructured_name: str | None,
+    unstructured_address: str | None,
+) -> tuple[x509.Name, tuple[x509.GeneralName, ...]]:
+    has_host_san = any(isinstance(n, (x509.DNSName, x509.IPAddress)) for n in sans)
+    if not has_host_san:
+        added: list[x509.GeneralName] = []
+        source = unstructured_name
+        common_names = subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        if source is None and common_names and isinstance(common_names[0].value, str):
+            source = common_names[0].value
+        if source:
+            name = _name_as_san(source)
+            if name is not None:
+                added.append(name)
+        if unstructured_address:
+            added.append(x509.IPAddress(ipaddress.ip_address(unstructured_address.strip())))
+        sans = sans + [n for n in added if n not in sans]
+    if not subject.get_attributes_for_oid(NameOID.COMMON_NAME):
+        dns = [n.value for n in sans if isinstance(n, x509.DNSName)]
+        if dns:
+            cn = x509.RelativeDistinguishedName([x509.NameAttribute(NameOID.COMMON_NAME, dns[0])])
+            subject = x509.Name(list(subject.rdns) + [cn])
+    return subject, tuple(sans)
+
+
 def copied_names(csr: x509.CertificateSigningRequest) -> tuple[x509.Name, tuple[x509.GeneralName, ...]]:
     """SPEC §4.5: with neither a dNSName nor an iPAddress SAN, dNSName comes
     from unstructuredName (else commonName) and iPAddress from
     unstructuredAddress; with no commonName, commonName comes from the
     dNSName.  SANs the request already has are left alone."""
-    sans = sans_of(csr)
-    subject = csr.subject
-    has_host_san = any(isinstance(n, (x509.DNSName, x509.IPAddress)) for n in sans)
-    if not has_host_san:
-        added: list[x509.GeneralName] = []
-        common_names = subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-        source = _text_attribute(csr, UNSTRUCTURED_NAME)
-        if source is None and common_names:
-            value = common_names[0].value
-            source = value if isinstance(value, str) else None
-        if source:
-            name = _name_as_san(source)
-            if name is not None:
-                added.append(name)
-        address = _text_attribute(csr, UNSTRUCTURED_ADDRESS)
-        if address:
-            try:
-                added.append(x509.IPAddress(ipaddress.ip_address(address.strip())))
-            except ValueError:
-                raise Refusal(
-                    400, "csr-bad-unstructured-address",
-                    f"unstructuredAddress {address.strip()[:60]!r} is not an IP address",
-                ) from None
-        sans = sans + [n for n in added if n not in sans]
-    if not subject.get_attributes_for_oid(NameOID.COMMON_NAME):
-        dns = [n.value for n in sans if isinstance(n, x509.DNSName)]
-        if dns:
-            subject = x509.Name(list(subject.rdns) + [x509.RelativeDistinguishedName([x509.NameAttribute(NameOID.COMMON_NAME, dns[0])])])
-    return subject, tuple(sans)
+    address = _text_attribute(csr, UNSTRUCTURED_ADDRESS)
+    if address:
+        try:
+            ipaddress.ip_address(address.strip())
+        except ValueError:
+            raise Refusal(
+                400, "csr-bad-unstructured-address",
+                f"unstructuredAddress {address.strip()[:60]!r} is not an IP address",
+            ) from None
+    return _copy_rules(csr.subject, sans_of(csr), _text_attribute(csr, UNSTRUCTURED_NAME), address)
+
+
+def certificate_names(cert: x509.Certificate) -> tuple[x509.Name, tuple[x509.GeneralName, ...]]:
+    """The same rules applied to a certificate, so that a certificate some
+    other CA issued without copying still matches a renewal of itself."""
+
+    def subject_text(oid: ObjectIdentifier) -> str | None:
+        values = cert.subject.get_attributes_for_oid(oid)
+        return str(values[0].value) if values else None
+
+    address = subject_text(UNSTRUCTURED_ADDRESS)
+    if address:
+        try:
+            ipaddress.ip_address(address.strip())
+        except ValueError:
+            address = None
+    return _copy_rules(cert.subject, sans_of(cert), subject_text(UNSTRUCTURED_NAME), address)
 
 
 def build_context(
@@ -268,19 +294,24 @@ def subject_matches_client_certificate(ctx: PolicyContext) -> None:
     SANs as the client certificate.  Officer/RA identities are excepted."""
     if ctx.identity.acting_as_officer:
         return
+    # A password login names no subject of its own: device_owns_subject
+    # holds it to its registered id instead.
+    if ctx.identity.kind == "device":
+        return
     cert = ctx.identity.certificate
     if ctx.identity.kind not in ("certificate", "factory") or cert is None:
         raise Refusal(
             403, "client-certificate-required",
             "this operation is authenticated by the current certificate: present it as the TLS client certificate",
         )
-    if ctx.subject != cert.subject:
+    cert_subject, cert_sans = certificate_names(cert)
+    if ctx.subject != cert_subject:
         raise _policy(
             "subject-mismatch",
             f"the CSR subject {ctx.subject.rfc4514_string()!r} differs from the client "
             f"certificate subject {cert.subject.rfc4514_string()!r}",
         )
-    if set(ctx.sans) != set(sans_of(cert)):
+    if set(ctx.sans) != set(cert_sans):
         raise _policy("san-mismatch", "the CSR subjectAltNames differ from those of the client certificate")
 
 

@@ -84,10 +84,28 @@ class DefaultsTests(SynchronousTestCase):
             "handler.4.operation = csrattrs\n"
         )
         h1, h2, h3, h4 = c.handlers
-        self.assertEqual((h1.filter, h1.format), ("device", "est-simpleenroll"))
+        self.assertEqual((h1.filter, h1.format), ("device", "est-simpleenroll-subjectmatch"))
         self.assertEqual((h2.filter, h2.format), ("clientcert", "est-simplereenroll"))
         self.assertEqual((h3.filter, h3.token_procedure), ("public", ""))
         self.assertEqual((h4.filter, h4.csrattrs), ("public", ()))
+
+    def test_simpleenroll_default_format_follows_the_handler(self) -> None:
+        """simpleenroll defaults to the strict subject match, except where
+        the client cannot carry the subject: a factory-certificate
+        procedure (est-simpleenroll) or manual approval (its own format)."""
+        c = from_string(
+            "tokenprocedure.1.name = P\n"
+            "tokenprocedure.2.name = F\n"
+            "tokenprocedure.2.estenroll.use-authentication-cert = true\n"
+            "handler.1.operation = simpleenroll\nhandler.1.tokenprocedure = P\n"
+            "handler.2.operation = simpleenroll\nhandler.2.label = f\nhandler.2.tokenprocedure = F\n"
+            "handler.3.operation = simpleenroll\nhandler.3.label = e\nhandler.3.tokenprocedure = P\n"
+            "handler.3.format = est-simpleenroll\n"
+        )
+        self.assertEqual(
+            [h.format for h in c.handlers],
+            ["est-simpleenroll-subjectmatch", "est-simpleenroll", "est-simpleenroll"],
+        )
 
     def test_handler_overrides_default(self) -> None:
         """A handler's own key wins over default.<key>."""

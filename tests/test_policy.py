@@ -196,6 +196,18 @@ class CheckTests(SynchronousTestCase):
         extra = context(csr_with(name("pump-17"), sans=[x509.DNSName("x.example")]), identity=identity)
         self.assertEqual(refusal_of(policy.subject_matches_client_certificate, extra).code, "san-mismatch")
 
+    def test_subject_match_applies_copy_rules_to_the_certificate(self) -> None:
+        """A certificate issued without a SAN (by another CA, say) matches a
+        CSR with the same CN: both sides get the copied dNSName."""
+        cert = self_signed("pump-17", [ExtendedKeyUsageOID.CLIENT_AUTH])
+        identity = Identity(kind="certificate", certificate=cert)
+        policy.subject_matches_client_certificate(context(csr_with(name("pump-17")), identity=identity))
+
+    def test_password_login_is_held_to_its_id_not_a_certificate(self) -> None:
+        """With the subject-match format a password device is checked by
+        device_owns_subject; the certificate match does not apply."""
+        policy.subject_matches_client_certificate(context(csr_with(name("pump-17"))))
+
     def test_officer_skips_subject_match(self) -> None:
         """An officer acting for others is not held to its own subject."""
         cert = self_signed("ra-1", [ExtendedKeyUsageOID.CLIENT_AUTH])
