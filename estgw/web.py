@@ -144,10 +144,11 @@ class ESTResource(resource.Resource):
         if operation not in OPERATIONS:
             raise Refusal(404, "unknown-operation", f"no EST operation {operation!r}")
         allowed = _METHODS[operation]
-        if request.method not in (allowed, b"HEAD" if allowed == b"GET" else allowed):
+        methods = (allowed, b"HEAD") if allowed == b"GET" else (allowed,)
+        if request.method not in methods:
             raise Refusal(
                 405, "method-not-allowed",
-                f"{operation} takes {allowed.decode()}", {"Allow": allowed.decode()},
+                f"{operation} takes {allowed.decode()}", {"Allow": b", ".join(methods).decode()},
             )
         return label, operation
 

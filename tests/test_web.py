@@ -109,7 +109,7 @@ class RoutingTests(WireTestCase):
         self.assertEqual(result.headers["allow"], "POST")
         result = await gateway.curl("cacerts", b"x")
         self.assert_refused(result, 405, "cacerts takes GET")
-        self.assertEqual(result.headers["allow"], "GET")
+        self.assertEqual(result.headers["allow"], "GET, HEAD")
         result = await gateway.curl("csrattrs", extra=["-X", "PUT"])
         self.assert_refused(result, 405, "csrattrs takes GET")
 
