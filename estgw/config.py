@@ -317,6 +317,9 @@ class Config:
     ocsp: str = "off"
     ocsp_timeout: float = 5.0
     ocsp_cache_seconds: int = 300
+    # GET /metrics (Prometheus text) on its own plain-HTTP listener; None: off.
+    metrics_port: int | None = None
+    metrics_interface: str = "127.0.0.1"
     ocsp_failure: str = "hard"
     token_procedures: Mapping[str, TokenProcedureConfig] = attr.Factory(dict)
     handlers: tuple[HandlerConfig, ...] = ()
@@ -362,6 +365,8 @@ _GLOBAL_KEYS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "tls.ocsp.timeout": ("ocsp_timeout", _seconds),
     "tls.ocsp.cacheSeconds": ("ocsp_cache_seconds", _non_negative_int),
     "tls.ocsp.failure": ("ocsp_failure", _choice("hard", "soft")),
+    "metrics.port": ("metrics_port", _port),
+    "metrics.interface": ("metrics_interface", _text),
 }
 _TOKEN_PROCEDURE_KEYS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "name": ("name", _text),

@@ -18,6 +18,7 @@ from estgw import auth, policy
 from estgw.approval.gate import ApprovalGate
 from estgw.ca import ITokenProcedure
 from estgw.config import Config, HandlerConfig
+from estgw.metrics import Metrics
 from estgw.protocol import parse_csr
 from estgw.refusal import Refusal
 from estgw.revocation import RevocationChecker
@@ -42,6 +43,7 @@ class Gateway:
     # Manual approval (SPEC §5): handler id -> its gate, for handlers with
     # filter registersimpleenroll-basic-idm-auth.
     approvals: Mapping[str, ApprovalGate] = attr.Factory(dict)
+    metrics: Metrics = attr.Factory(Metrics)
 
 
 async def _client_certificate_not_revoked(

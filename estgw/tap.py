@@ -22,6 +22,7 @@ from estgw.ca import CAError
 from estgw.config import Config, ConfigError
 from estgw.enroll import Gateway
 from estgw.revocation import build_checker
+from estgw.metrics import metrics_site
 from estgw.tls import server_context_factory
 from estgw.web import build_site
 
@@ -48,6 +49,16 @@ class Options(usage.Options):
 
             loaded = attr.evolve(loaded, port=self["port"])
         self.loaded: Config = loaded
+
+
+def _listen_now(endpoint: Any, factory: Any, number: int) -> Any:
+    """Listen before the reactor runs (TCP endpoints answer at once)."""
+    outcome: list[Any] = []
+    endpoint.listen(factory).addBoth(outcome.append)
+    if not outcome or isinstance(outcome[0], Failure):
+        reason = outcome[0].getErrorMessage() if outcome else "listening did not complete"
+        raise SystemExit(f"estgw: cannot listen on port {number}: {reason}")
+    return outcome[0]
 
 
 class GatewayService(service.Service):
@@ -79,6 +90,7 @@ class GatewayService(service.Service):
             raise usage.UsageError(str(e)) from None
         self.store = bootstrap.open_store(config, reactor)
         self.port: Any = None
+        self.metrics_port: Any = None
         self.ready: defer.Deferred = defer.Deferred()
 
     def build_gateway(self) -> Gateway:
@@ -110,13 +122,14 @@ class GatewayService(service.Service):
         """Bind the port now, before the reactor runs, so a port in use
         stops twistd with a message and a non-zero status; accept nothing
         until the store is open (connections wait in the listen backlog)."""
-        outcome: list[Any] = []
-        self._endpoint().listen(build_site(self.build_gateway())).addBoth(outcome.append)
-        if not outcome or isinstance(outcome[0], Failure):
-            reason = outcome[0].getErrorMessage() if outcome else "listening did not complete"
-            raise SystemExit(f"estgw: cannot listen on port {self.config.port}: {reason}")
-        port = outcome[0]
+        gateway = self.build_gateway()
+        port = _listen_now(self._endpoint(), build_site(gateway), self.config.port)
         port.stopReading()
+        if self.config.metrics_port is not None:
+            endpoint = TCP4ServerEndpoint(
+                self.reactor, self.config.metrics_port, interface=self.config.metrics_interface
+            )
+            self.metrics_port = _listen_now(endpoint, metrics_site(gateway.metrics), self.config.metrics_port)
         return port
 
     async def _open(self) -> None:
@@ -147,6 +160,9 @@ class GatewayService(service.Service):
         port, self.port = self.port, None  # stopping twice is harmless
         if port is not None:
             await defer.maybeDeferred(port.stopListening)
+        metrics, self.metrics_port = self.metrics_port, None
+        if metrics is not None:
+            await defer.maybeDeferred(metrics.stopListening)
         await self.store.close()
 
     def stopService(self) -> defer.Deferred:

@@ -8,7 +8,8 @@ that cannot read chunked replies) and a plain-text reason on errors.
 
 from __future__ import annotations
 
-from typing import Any, Awaitable, Callable
+import time
+from typing import Any
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -118,8 +119,15 @@ class ESTResource(resource.Resource):
         self._labels = labels | {""}
 
     def render(self, request: Request) -> Any:
-        finished = []
+        finished: list[Any] = []
         request.notifyFinish().addBoth(finished.append)
+        started = time.monotonic()
+        # The status is known once the response is written, by any path.
+        request.notifyFinish().addCallback(
+            lambda _: self._gateway.metrics.response(
+                self._operation_name(request), request.code, time.monotonic() - started
+            )
+        )
         d = defer.Deferred.fromCoroutine(self._serve(request))
 
         def failed(failure: Failure) -> None:
@@ -130,6 +138,12 @@ class ESTResource(resource.Resource):
 
         d.addErrback(failed)
         return server.NOT_DONE_YET
+
+    @staticmethod
+    def _operation_name(request: Request) -> str:
+        segments = [s for s in request.postpath if s]
+        name = segments[-1].decode("ascii", "replace") if segments else ""
+        return name if name in OPERATIONS else "other"
 
     def _route(self, request: Request) -> tuple[str, str]:
         segments = [s.decode("utf-8", "replace") for s in request.postpath if s]
@@ -159,6 +173,8 @@ class ESTResource(resource.Resource):
             peer = peer_info(request)
             await self._operation(request, label, operation, peer)
         except Refusal as refusal:
+            if refusal.event == "refused":
+                self._gateway.metrics.refusal(refusal.code)
             if not request.finished and not request._disconnected:
                 _refuse(request, refusal, peer)
 
@@ -190,6 +206,7 @@ class ESTResource(resource.Resource):
             self._gateway, handler, request, peer, body,
             content_type.decode("latin-1") if content_type else None,
         )
+        self._gateway.metrics.certificate_issued(operation)
         self._send(request, protocol.encode_certs_only([certificate]), protocol.CERTS_ONLY)
 
     def _csr_attributes(self, label: str, handler: Any) -> tuple[protocol.CsrAttr, ...]:

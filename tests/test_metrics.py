@@ -1,0 +1,74 @@
+"""GET /metrics: responses, refusals by code, issued certificates and
+latency, in the Prometheus text format, on their own loopback listener."""
+
+from __future__ import annotations
+
+import re
+
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from estgw.config import ConfigError, from_string
+from estgw.metrics import Metrics
+from estgw.testing import TEST_CONFIG, RunningGateway, run_process
+from tests.test_refusals import basic_csr, register
+
+CONFIG = TEST_CONFIG + "metrics.port = 0\n"
+
+
+def value(text: str, series: str) -> float:
+    match = re.search("^" + re.escape(series) + r" ([0-9.e+-]+)$", text, re.M)
+    if match is None:
+        raise AssertionError(f"{series} not in:\n{text}")
+    return float(match.group(1))
+
+
+class MetricsEndpointTests(TestCase):
+    async def test_counts_what_happened(self) -> None:
+        """After a cacerts, a refused and an issued enrollment, /metrics
+        counts each response by status, the refusal by its code, the
+        certificate, and their latencies."""
+        gateway = await RunningGateway.start(self, CONFIG)
+        await register(gateway)
+        self.assertEqual((await gateway.curl("cacerts")).status, 200)
+        refused = await gateway.curl("simpleenroll", data=basic_csr(), user="pump-17:wrong")
+        self.assertEqual(refused.status, 401)
+        issued = await gateway.curl("simpleenroll", data=basic_csr(), user="pump-17:s3cret")
+        self.assertEqual(issued.status, 200)
+
+        port = gateway.service.metrics_port.getHost().port
+        result = await run_process(["curl", "-sS", "-i", f"http://127.0.0.1:{port}/metrics"])
+        self.assertEqual(result.code, 0, result.stderr)
+        head, _, text = result.stdout.decode().partition("\r\n\r\n")
+        self.assertIn("text/plain; version=0.0.4", head)
+        self.assertEqual(value(text, 'estgw_responses_total{operation="cacerts",status="200"}'), 1)
+        self.assertEqual(value(text, 'estgw_responses_total{operation="simpleenroll",status="401"}'), 1)
+        self.assertEqual(value(text, 'estgw_responses_total{operation="simpleenroll",status="200"}'), 1)
+        self.assertEqual(value(text, 'estgw_refusals_total{code="bad-credentials"}'), 1)
+        self.assertEqual(value(text, 'estgw_certificates_issued_total{operation="simpleenroll"}'), 1)
+        self.assertEqual(value(text, 'estgw_request_seconds_count{operation="simpleenroll"}'), 2)
+        self.assertEqual(value(text, 'estgw_request_seconds_bucket{le="+Inf",operation="simpleenroll"}'), 2)
+
+    async def test_off_by_default(self) -> None:
+        """Without metrics.port nothing else listens."""
+        gateway = await RunningGateway.start(self)
+        self.assertIsNone(gateway.service.metrics_port)
+
+
+class MetricsTests(SynchronousTestCase):
+    def test_histogram_is_cumulative(self) -> None:
+        """Bucket counts include every faster response; sum and count agree."""
+        metrics = Metrics()
+        for seconds in (0.001, 0.03, 0.03, 7.0, 60.0):
+            metrics.response("cacerts", 200, seconds)
+        text = metrics.render().decode()
+        self.assertEqual(value(text, 'estgw_request_seconds_bucket{le="0.005",operation="cacerts"}'), 1)
+        self.assertEqual(value(text, 'estgw_request_seconds_bucket{le="0.05",operation="cacerts"}'), 3)
+        self.assertEqual(value(text, 'estgw_request_seconds_bucket{le="10.0",operation="cacerts"}'), 4)
+        self.assertEqual(value(text, 'estgw_request_seconds_bucket{le="+Inf",operation="cacerts"}'), 5)
+        self.assertAlmostEqual(value(text, 'estgw_request_seconds_sum{operation="cacerts"}'), 67.061, places=3)
+
+    def test_bad_port(self) -> None:
+        """metrics.port is checked like any port."""
+        with self.assertRaises(ConfigError) as caught:
+            from_string(TEST_CONFIG + "metrics.port = 70000\n")
+        self.assertEqual(caught.exception.key, "metrics.port")
