@@ -106,7 +106,6 @@ async def client_certificate(
     prefix = os.path.join(directory, f"{common_name}-{cert.serial_number:x}")
     cert_path = write(prefix + ".pem", cert_pem(cert))
     key_path = write(prefix + ".key", key_pem(key))
-    os.environ.setdefault("_ESTGW_LAST_KEY", key_path)
     return cert_path, key_path, cert
 
 
