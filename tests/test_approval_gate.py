@@ -193,6 +193,42 @@ class GateTests(TestCase):
         recorded = await self.store.get_certificate(first.serial_number)
         self.assertEqual((recorded.handler, recorded.requester), ("3", "device:pump-17"))
 
+    async def test_regenerated_csr_is_the_same_request(self) -> None:
+        """A device that signs the same request again (a new ECDSA signature)
+        gets the approved certificate."""
+        key = new_key()
+        gate = await self.gate()
+        first = make_csr(key, "pump-17")
+        with self.assertRaises(Pending):
+            await self.enroll(gate, first)
+        row = await self.only_row()
+        self.client.decide(row.request_id, "approved")
+        again = make_csr(key, "pump-17")
+        self.assertNotEqual(again.signature, first.signature)
+        certificate = await self.enroll(gate, again)
+        self.assertEqual(certificate.subject.rfc4514_string(), "CN=pump-17")
+
+    async def test_approved_request_cannot_be_swapped(self) -> None:
+        """Once approved, a CSR with the same key and subject but other
+        names is refused (409): the operator approved what was submitted,
+        and nothing is issued for the swapped request."""
+        key = new_key()
+        gate = await self.gate()
+        with self.assertRaises(Pending):
+            await self.enroll(gate, make_csr(key, "pump-17"))
+        row = await self.only_row()
+        self.client.decide(row.request_id, "approved")
+        swapped = make_csr(key, "pump-17", sans=[x509.DNSName("bank.example")])
+        try:
+            await self.enroll(gate, swapped)
+        except Refusal as refusal:
+            self.assertEqual((refusal.status, refusal.code), (409, "approval-request-differs"))
+            self.assertIn(row.request_id, refusal.reason)
+        else:
+            self.fail("a swapped request was issued")
+        self.assertEqual(self.signer.calls, 0)
+        self.assertEqual(await self.store.count_certificates(), 0)
+
     async def test_rejected_refused_with_reason(self) -> None:
         """A rejection is a 403 carrying the operator's reason, then and on
         every later retry, without asking the service again; nothing is issued."""

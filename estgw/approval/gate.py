@@ -67,6 +67,21 @@ def _one_line(text: str | None) -> str:
     return cleaned[:_REASON_LIMIT] or "no reason given"
 
 
+def _same_request(row: Approval, csr: x509.CertificateSigningRequest) -> None:
+    """The operator approves what was submitted: a retry with the same key
+    and subject but other names or extensions is not that request.  The
+    signed part is compared, not the signature (ECDSA signs differently
+    each time a device regenerates the same CSR)."""
+    submitted = x509.load_der_x509_csr(row.csr)
+    if submitted.tbs_certrequest_bytes != csr.tbs_certrequest_bytes:
+        raise Refusal(
+            409,
+            "approval-request-differs",
+            f"request {row.request_id} for this key and subject is awaiting approval with other contents;"
+            " send the CSR that was submitted, or a new key",
+        )
+
+
 class ApprovalGate:
     """Decides, for each enrollment on one handler, 202 / certificate / refusal."""
 
@@ -134,6 +149,8 @@ class ApprovalGate:
                 return certificate
         if row is None or row.state in ("expired", "issued") or now >= row.expires_at:
             row = await self._store.add_approval(self._new_row(key, csr, requester, now))
+        if row.state in ("pending", "approved"):
+            _same_request(row, csr)
         if row.state == "pending":
             row = await self._ask_service(row, csr, now)
         if row.state == "approved":
