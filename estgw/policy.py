@@ -40,6 +40,7 @@ UNSTRUCTURED_ADDRESS = ObjectIdentifier("1.2.840.113549.1.9.8")
 CHALLENGE_PASSWORD = AttributeOID.CHALLENGE_PASSWORD
 CMC_RA = ObjectIdentifier("1.3.6.1.5.5.7.3.28")  # id-kp-cmcRA
 ANY_EKU = ObjectIdentifier("2.5.29.37.0")
+UB_COMMON_NAME = 64
 
 _DNS_NAME = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?$")
 
@@ -127,7 +128,9 @@ def _copy_rules(
             added.append(x509.IPAddress(ipaddress.ip_address(unstructured_address.strip())))
         sans = sans + [n for n in added if n not in sans]
     if not subject.get_attributes_for_oid(NameOID.COMMON_NAME):
-        dns = [n.value for n in sans if isinstance(n, x509.DNSName)]
+        # A dNSName may be 253 characters, a commonName only 64 (RFC 5280
+        # ub-common-name): copy the first that fits, if any.
+        dns = [n.value for n in sans if isinstance(n, x509.DNSName) and 0 < len(n.value) <= UB_COMMON_NAME]
         if dns:
             cn = x509.RelativeDistinguishedName([x509.NameAttribute(NameOID.COMMON_NAME, dns[0])])
             subject = x509.Name(list(subject.rdns) + [cn])
@@ -222,6 +225,16 @@ def has_subject(ctx: PolicyContext) -> None:
     # After the copy rules: an unstructuredName alone is enough.
     if len(ctx.subject) == 0 and not ctx.sans:
         raise Refusal(400, "csr-no-subject", "the CSR has neither a subject nor a subjectAltName")
+
+
+def sans_well_formed(ctx: PolicyContext) -> None:
+    """No certificate may carry an iPAddress of 8 or 32 octets (an address
+    range: the name-constraints form, RFC 5280 4.2.1.6) or an empty dNSName."""
+    for san in ctx.sans:
+        if isinstance(san, x509.IPAddress) and not isinstance(san.value, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
+            raise Refusal(400, "csr-bad-san", f"the iPAddress subjectAltName {san.value} is an address range, not an address")
+        if isinstance(san, x509.DNSName) and not san.value.strip():
+            raise Refusal(400, "csr-bad-san", "the CSR has an empty dNSName subjectAltName")
 
 
 def no_cmc_ra(ctx: PolicyContext) -> None:
@@ -321,6 +334,13 @@ def device_owns_subject(ctx: PolicyContext) -> None:
     if ctx.identity.kind != "device":
         return
     names = ctx.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    # A second CN (another RDN, or a multi-valued one) would be the name
+    # verifiers that read the last CN see.
+    if len(names) > 1:
+        raise _policy(
+            "subject-not-registered",
+            f"the CSR must carry exactly one commonName, the registered device id {ctx.identity.device_id!r}",
+        )
     if not names or names[0].value != ctx.identity.device_id:
         raise _policy(
             "subject-not-registered",
@@ -328,20 +348,39 @@ def device_owns_subject(ctx: PolicyContext) -> None:
         )
 
 
+def device_sans_are_host_names(ctx: PolicyContext) -> None:
+    """A password login proves a device id, nothing more: its SANs are the
+    host names and addresses the copy rules deal in, never a URI, e-mail,
+    directory name or otherName (e.g. a UPN), and never a wildcard."""
+    if ctx.identity.kind != "device":
+        return
+    for san in ctx.sans:
+        if not isinstance(san, (x509.DNSName, x509.IPAddress)):
+            raise _policy(
+                "san-not-allowed",
+                "a device that logs in with a password may ask for only dNSName and iPAddress"
+                f" subjectAltNames, not {type(san).__name__}",
+            )
+        if isinstance(san, x509.DNSName) and "*" in san.value:
+            raise _policy("san-not-allowed", f"a wildcard dNSName ({san.value!r}) is not issued to a device")
+
+
 _COMMON: tuple[Check, ...] = (
     csr_signature_valid,
     key_acceptable,
     has_subject,
+    sans_well_formed,
     no_cmc_ra,
     challenge_password,
     client_certificate_has_client_auth,
 )
 
 FORMATS: dict[str, tuple[Check, ...]] = {
-    "est-simpleenroll": _COMMON + (device_owns_subject,),
-    "est-simpleenroll-subjectmatch": _COMMON + (device_owns_subject, subject_matches_client_certificate),
+    "est-simpleenroll": _COMMON + (device_owns_subject, device_sans_are_host_names),
+    "est-simpleenroll-subjectmatch": _COMMON
+    + (device_owns_subject, device_sans_are_host_names, subject_matches_client_certificate),
     "est-simplereenroll": _COMMON + (subject_matches_client_certificate,),
-    "est-simpleenroll-idm": _COMMON + (device_owns_subject,),
+    "est-simpleenroll-idm": _COMMON + (device_owns_subject, device_sans_are_host_names),
 }
 
 
@@ -369,6 +408,12 @@ def factory_certificate_matches_request(ctx: PolicyContext) -> None:
     device = ctx.identity.registration
     if ctx.identity.kind != "factory" or device is None:
         raise _policy("factory-certificate-required", "this endpoint needs a registered factory certificate")
+    if len(ctx.subject.get_attributes_for_oid(NameOID.COMMON_NAME)) > 1:
+        raise _policy(
+            "factory-cn-mismatch",
+            f"the CSR must carry exactly one commonName, {device.expected_common_name!r},"
+            " the one registered with the factory certificate",
+        )
     requested = factory.common_name(ctx.subject)
     if requested != device.expected_common_name:
         raise _policy(
