@@ -337,6 +337,7 @@ async def authenticate(
         if peer.certificate is not None:
             return certificate_identity(peer.certificate)
         return Identity(kind="anonymous")
+    peer = _issuer_accepted(request, handler, peer, portal)
     if handler.factory is not None:
         identity = await _factory_device(request, handler, peer, portal)
     elif handler.filter == "clientcert":
@@ -346,6 +347,23 @@ async def authenticate(
     if handler.required_ro_roles is not None:
         identity = await _officer(identity, handler, portal)
     return identity
+
+
+def _issuer_accepted(request: Any, handler: HandlerConfig, peer: PeerInfo, portal: DevicePortal) -> PeerInfo:
+    """clientCertificateIssuers = local: only this gateway's certificates
+    count.  A foreign one beside a password login is ignored; alone, refused."""
+    cert = peer.certificate
+    if cert is None or handler.client_certificate_issuers != "local":
+        return peer
+    if officers.issued_by(cert, portal.ca_chain):
+        return peer
+    if handler.filter == "device" and request.getHeader(b"authorization"):
+        return attr.evolve(peer, certificate=None, chain=())
+    raise Refusal(
+        403,
+        "client-certificate-issuer-not-accepted",
+        "this endpoint accepts client certificates issued by this gateway's CA only",
+    )
 
 
 async def _device_or_certificate(

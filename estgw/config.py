@@ -278,6 +278,9 @@ class HandlerConfig:
     # certificate this gateway's CA issued; else the client certificate
     # must hold at least one of these roles (estgw officer add).
     required_ro_roles: tuple[str, ...] | None = None
+    # Which client certificates count here: "local" (issued by this
+    # gateway's CA) or "any" (also those of tls.trustAnchors CAs).
+    client_certificate_issuers: str = ""
     # Set (from the token procedure) when simpleenroll needs a registered
     # factory certificate.
     factory: FactoryAuthConfig | None = None
@@ -394,6 +397,7 @@ _HANDLER_KEYS: dict[str, tuple[str, Callable[[str], Any]]] = {
     ),
     "channelBinding": ("channel_binding", _bool),
     "requiredRoRoles": ("required_ro_roles", _roles),
+    "clientCertificateIssuers": ("client_certificate_issuers", _choice("local", "any")),
     "idm.requestUrl": ("idm_request_url", _text),
     "idm.tls.token": ("idm_token", _text),
     "idm.tls.password": ("idm_password", _text),
@@ -618,7 +622,8 @@ def _complete_handler(
             if name in own_keys:
                 raise ConfigError(prefix + name, f"not used by {op}", source)
         handler = attr.evolve(
-            handler, format="", token_procedure="", authtype="", realm=None, required_ro_roles=None
+            handler, format="", token_procedure="", authtype="", realm=None, required_ro_roles=None,
+            client_certificate_issuers=handler.client_certificate_issuers or "any",
         )
         if op != "csrattrs" and "csrattrs" in own_keys:
             raise ConfigError(prefix + "csrattrs", f"not used by {op}", source)
@@ -653,9 +658,16 @@ def _complete_handler(
         raise ConfigError(where("format"), "simplereenroll takes format est-simplereenroll", source)
     if op == "simpleenroll" and handler.format == "est-simplereenroll":
         raise ConfigError(where("format"), "est-simplereenroll is for simplereenroll", source)
-    return _complete_authentication(
+    handler = _complete_authentication(
         handler, own_keys, where, procedure_names[handler.token_procedure], source
     )
+    if not handler.client_certificate_issuers:
+        # A factory CA in tls.trustAnchors vouches for devices on the
+        # handlers that check their registration (factory certificates,
+        # officer roles), not for enrollment and renewal everywhere.
+        foreign_ok = handler.factory is not None or handler.required_ro_roles is not None
+        handler = attr.evolve(handler, client_certificate_issuers="any" if foreign_ok else "local")
+    return handler
 
 
 def _complete_authentication(

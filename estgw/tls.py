@@ -21,19 +21,17 @@ from OpenSSL import SSL, crypto
 from twisted.internet import ssl
 from twisted.internet.ssl import TLSVersion
 
-# X509_V_ERR_* codes worth a human-readable reason; others are reported by number.
-_VERIFY_ERRORS = {
-    2: "the issuer certificate cannot be found",
-    7: "certificate signature failure",
-    9: "the certificate is not yet valid",
-    10: "the certificate has expired",
-    18: "self-signed certificate",
-    19: "self-signed certificate in the chain",
-    20: "unable to get local issuer certificate",
-    21: "unable to verify the first certificate",
-    24: "invalid CA certificate",
-    25: "path length constraint exceeded",
-}
+def _verify_error_text(errno: int) -> str:
+    """OpenSSL's own words for an X509_V_ERR_* code: the numbers differ
+    between OpenSSL releases, so no table of ours can be right for all."""
+    try:
+        from OpenSSL._util import ffi, lib  # pyOpenSSL's binding of libssl
+
+        return ffi.string(lib.X509_verify_cert_error_string(errno)).decode("ascii", "replace")
+    except Exception:  # a pyOpenSSL without it: the number still tells
+        return f"verification error {errno}"
+
+
 _UNSUPPORTED_PURPOSE = 26
 
 # Connection -> first verification error; weak so closed connections vanish.
@@ -44,7 +42,7 @@ def _record_verify_result(
     connection: SSL.Connection, certificate: crypto.X509, errno: int, depth: int, ok: int
 ) -> bool:
     if not ok and errno != _UNSUPPORTED_PURPOSE and connection not in _verify_errors:
-        reason = _VERIFY_ERRORS.get(errno, f"verification error {errno}")
+        reason = _verify_error_text(errno)
         _verify_errors[connection] = f"{reason} (depth {depth})"
     return True
 

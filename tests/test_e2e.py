@@ -338,7 +338,9 @@ class TrustAnchorTests(TestCase):
             "x509", "-req", "-in", "dev.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-set_serial", "4660",
             "-days", "1", "-extfile", "ext.cnf", "-out", "dev.pem",
         )
-        config = TEST_CONFIG + "tls.trustAnchors = factory/ca.pem\n"
+        # The label "lab" takes certificates of the factory CA; the root
+        # handlers keep the default, this gateway's CA only.
+        config = TEST_CONFIG + "tls.trustAnchors = factory/ca.pem\nhandler.6.clientCertificateIssuers = any\n"
         self.gateway = RunningGateway(directory, config)
         await self.gateway.run()
         self.addCleanup(self.gateway.stop)
@@ -348,12 +350,26 @@ class TrustAnchorTests(TestCase):
         result = await run_process([_which("openssl"), *args], path=self.factory)
         self.assertEqual(result.code, 0, result.stderr.decode())
 
-    async def test_factory_certificate_enrolls(self) -> None:
-        """A client certificate of a configured factory CA authenticates
-        simpleenroll; the requester recorded is that certificate."""
+    async def test_factory_certificate_refused_where_not_accepted(self) -> None:
+        """By default an enrollment handler takes only this gateway's
+        certificates: a trusted factory certificate gets 403 there, and
+        nothing is issued."""
         _key, csr = await self.client.key_and_csr("/CN=factory-dev")
         result = await self.client.enroll(
             "simpleenroll", csr,
+            cert=os.path.join(self.factory, "dev.pem"), key=os.path.join(self.factory, "dev.key"),
+        )
+        self.assertEqual(result.status, 403, result.text)
+        self.assertIn("issued by this gateway's CA only", result.text)
+        self.assertEqual(await self.gateway.store.count_certificates(), 0)
+
+    async def test_factory_certificate_enrolls(self) -> None:
+        """A client certificate of a configured factory CA authenticates
+        simpleenroll where clientCertificateIssuers = any; the requester
+        recorded is that certificate."""
+        _key, csr = await self.client.key_and_csr("/CN=factory-dev")
+        result = await self.client.enroll(
+            "lab/simpleenroll", csr,
             cert=os.path.join(self.factory, "dev.pem"), key=os.path.join(self.factory, "dev.key"),
         )
         self.assertEqual(result.status, 200, result.text)

@@ -178,6 +178,11 @@ async def not_last_issued(gw, d):
     return {"data": basic_csr(), "cert": old_cert, "key": old_key}
 
 
+async def foreign_certificate(gw, d):
+    idevid = FACTORY_CA.issue(d, "pump-17")
+    return {"data": basic_csr(), **idevid.curl}
+
+
 async def certificate_enrolls_other_subject(gw, d):
     cert_path, key_path, _ = await client_certificate(gw, d)
     return {"data": basic_csr("pump-18"), "cert": cert_path, "key": key_path}
@@ -313,6 +318,8 @@ MATRIX: dict[str, Case] = {
     "subject_mismatch": Case("simplereenroll", 403, "subject-mismatch", "differs from the client certificate subject", subject_mismatch),
     "san_mismatch": Case("simplereenroll", 403, "san-mismatch", "subjectAltNames differ", san_mismatch),
     "not_last_issued": Case("strict/simplereenroll", 403, "not-last-issued-certificate", "issued last", not_last_issued),
+    "foreign_certificate": Case("simpleenroll", 403, "client-certificate-issuer-not-accepted", "issued by this gateway's CA only", foreign_certificate),
+    "foreign_certificate_renews": Case("simplereenroll", 403, "client-certificate-issuer-not-accepted", "issued by this gateway's CA only", foreign_certificate),
     "certificate_enrolls_other_subject": Case("simpleenroll", 403, "subject-mismatch", "differs from the client certificate subject", certificate_enrolls_other_subject),
     "device_wrong_subject": Case("simpleenroll", 403, "subject-not-registered", "registered device id", device_wrong_subject),
     "bad_signature": Case("simpleenroll", 400, "csr-bad-signature", "signature does not verify", bad_signature),

@@ -657,6 +657,7 @@ default.tokenprocedure = Test Procedure
 handler.1.operation = simpleenroll
 handler.1.filter = clientcert
 handler.1.format = est-simpleenroll-subjectmatch
+handler.1.clientCertificateIssuers = any
 handler.2.operation = simplereenroll
 """
 FACTORY = "tls.trustAnchors = factory-ca.pem\n"

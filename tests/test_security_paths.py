@@ -87,3 +87,22 @@ class SecurityPathTests(TestCase):
         [cert] = protocol.decode_certs_only(result.body)
         self.assertEqual(_sans(cert), sans)
         self.assertEqual(cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value, "pump-17")
+
+
+class ForeignCertificateTests(TestCase):
+    async def test_password_login_beside_a_foreign_certificate(self) -> None:
+        """On a handler that takes only this gateway's certificates, a
+        device that logs in with its password while its TLS stack also
+        presents a factory certificate is served as the password device."""
+        from tests.test_refusals import FULL_CONFIG, basic_csr, write_factory_files
+        from tests.test_auth import FACTORY_CA
+
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        gateway = await RunningGateway.start(self, FULL_CONFIG.format(**write_factory_files(directory)))
+        await register(gateway)
+        idevid = FACTORY_CA.issue(directory, "ACME-PUMP-0017")
+        result = await gateway.curl("simpleenroll", data=basic_csr(), user="pump-17:s3cret", **idevid.curl)
+        self.assertEqual(result.status, 200, result.text)
+        [issued] = await gateway.store.list_certificates()
+        self.assertEqual(issued.requester, "device:pump-17")
