@@ -210,6 +210,10 @@ def key_acceptable(ctx: PolicyContext) -> None:
                 400, "csr-weak-key",
                 f"RSA keys must be at least {MIN_RSA_BITS} bits, this one has {key.key_size}",
             )
+        exponent = key.public_numbers().e
+        if exponent < 65537 or exponent % 2 == 0:
+            # Small exponents have a history of padding attacks (RFC 8017 §3.1 advice).
+            raise Refusal(400, "csr-weak-key", f"RSA public exponent {exponent} is not accepted; use 65537")
         return
     if isinstance(key, ec.EllipticCurvePublicKey):
         if not isinstance(key.curve, ALLOWED_CURVES):
@@ -365,10 +369,41 @@ def device_sans_are_host_names(ctx: PolicyContext) -> None:
             raise _policy("san-not-allowed", f"a wildcard dNSName ({san.value!r}) is not issued to a device")
 
 
+# RFC 5280 Appendix A upper bounds (characters) of subject attributes.
+_SUBJECT_BOUNDS = {
+    NameOID.COMMON_NAME: 64,
+    NameOID.ORGANIZATION_NAME: 64,
+    NameOID.ORGANIZATIONAL_UNIT_NAME: 64,
+    NameOID.LOCALITY_NAME: 128,
+    NameOID.STATE_OR_PROVINCE_NAME: 128,
+    NameOID.SERIAL_NUMBER: 64,
+    NameOID.TITLE: 64,
+    NameOID.EMAIL_ADDRESS: 255,
+}
+
+
+def subject_within_bounds(ctx: PolicyContext) -> None:
+    """Every subject value is non-empty and within RFC 5280's bounds, and a
+    country is two letters: what a client may name is at least well formed."""
+    for attribute in ctx.subject:
+        value = attribute.value if isinstance(attribute.value, str) else ""
+        name = attribute.oid._name
+        if isinstance(attribute.value, str) and not value.strip():
+            raise Refusal(400, "csr-bad-subject", f"the subject attribute {name} is empty")
+        if attribute.oid == NameOID.COUNTRY_NAME and not (len(value) == 2 and value.isascii() and value.isalpha()):
+            raise Refusal(400, "csr-bad-subject", f"countryName must be two letters, not {value[:10]!r}")
+        bound = _SUBJECT_BOUNDS.get(attribute.oid)
+        if bound is not None and len(value) > bound:
+            raise Refusal(
+                400, "csr-bad-subject", f"the subject attribute {name} is longer than {bound} characters"
+            )
+
+
 _COMMON: tuple[Check, ...] = (
     csr_signature_valid,
     key_acceptable,
     has_subject,
+    subject_within_bounds,
     sans_well_formed,
     no_cmc_ra,
     challenge_password,

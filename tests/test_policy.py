@@ -245,3 +245,45 @@ def self_signed(cn, ekus, sans=()):
     if sans:
         builder = builder.add_extension(x509.SubjectAlternativeName(list(sans)), critical=False)
     return builder.sign(key, hashes.SHA256())
+
+
+class BoundsTests(SynchronousTestCase):
+    """What a client may name is at least well formed (RFC 5280 bounds)."""
+
+    def attribute(self, oid, value):
+        # Built without cryptography's own checks: a device's CSR is not.
+        return x509.NameAttribute(oid, value, _validate=False)
+
+    def refused(self, subject) -> Refusal:
+        csr = make_csr(new_key(), x509.Name(subject))
+        return refusal_of(policy.subject_within_bounds, context(csr))
+
+    def test_common_name_too_long(self) -> None:
+        """A 300-character commonName is refused, 400."""
+        refusal = self.refused([self.attribute(NameOID.COMMON_NAME, "x" * 300)])
+        self.assertEqual((refusal.status, refusal.code), (400, "csr-bad-subject"))
+        self.assertIn("longer than 64", refusal.reason)
+
+    def test_country_of_three_letters(self) -> None:
+        """countryName is two letters."""
+        refusal = self.refused([self.attribute(NameOID.COUNTRY_NAME, "USA"), self.attribute(NameOID.COMMON_NAME, "a")])
+        self.assertIn("two letters", refusal.reason)
+
+    def test_empty_value(self) -> None:
+        """An empty organizationName is refused."""
+        refusal = self.refused([self.attribute(NameOID.ORGANIZATION_NAME, ""), self.attribute(NameOID.COMMON_NAME, "a")])
+        self.assertIn("is empty", refusal.reason)
+
+    def test_ordinary_subject_passes(self) -> None:
+        """A usual device subject passes."""
+        csr = make_csr(new_key(), name("pump-17", country_name="DE", organization_name="ACME"))
+        policy.subject_within_bounds(context(csr))
+
+    def test_small_rsa_exponent(self) -> None:
+        """An RSA key with public exponent 3 is refused."""
+        from cryptography.hazmat.primitives.asymmetric import rsa
+
+        key = rsa.generate_private_key(public_exponent=3, key_size=2048)
+        refusal = refusal_of(policy.key_acceptable, context(make_csr(key, "pump-17")))
+        self.assertEqual(refusal.code, "csr-weak-key")
+        self.assertIn("exponent 3", refusal.reason)

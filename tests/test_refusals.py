@@ -178,6 +178,17 @@ async def not_last_issued(gw, d):
     return {"data": basic_csr(), "cert": old_cert, "key": old_key}
 
 
+async def malformed_subject(gw, d):
+    await register(gw)
+    from cryptography.x509.oid import NameOID
+
+    subject = x509.Name([
+        x509.NameAttribute(NameOID.COUNTRY_NAME, "USA", _validate=False),
+        x509.NameAttribute(NameOID.COMMON_NAME, "pump-17"),
+    ])
+    return {"data": csr_pem(make_csr(new_key(), subject)), "user": "pump-17:s3cret"}
+
+
 async def foreign_certificate(gw, d):
     idevid = FACTORY_CA.issue(d, "pump-17")
     return {"data": basic_csr(), **idevid.curl}
@@ -318,6 +329,7 @@ MATRIX: dict[str, Case] = {
     "subject_mismatch": Case("simplereenroll", 403, "subject-mismatch", "differs from the client certificate subject", subject_mismatch),
     "san_mismatch": Case("simplereenroll", 403, "san-mismatch", "subjectAltNames differ", san_mismatch),
     "not_last_issued": Case("strict/simplereenroll", 403, "not-last-issued-certificate", "issued last", not_last_issued),
+    "malformed_subject": Case("simpleenroll", 400, "csr-bad-subject", "countryName must be two letters", malformed_subject),
     "foreign_certificate": Case("simpleenroll", 403, "client-certificate-issuer-not-accepted", "issued by this gateway's CA only", foreign_certificate),
     "foreign_certificate_renews": Case("simplereenroll", 403, "client-certificate-issuer-not-accepted", "issued by this gateway's CA only", foreign_certificate),
     "certificate_enrolls_other_subject": Case("simpleenroll", 403, "subject-mismatch", "differs from the client certificate subject", certificate_enrolls_other_subject),
