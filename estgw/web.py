@@ -132,7 +132,7 @@ class ESTResource(resource.Resource):
 
         def failed(failure: Failure) -> None:
             # A bug, never bad input: bad input is a Refusal.
-            self._log.failure("while serving {path}", failure, path=request.path)
+            self._log.failure("while serving {path}", failure, path=request.path.decode("ascii", "replace"))
             if not finished:
                 _respond(request, 500, b"internal error\n", "text/plain; charset=utf-8")
 
