@@ -20,7 +20,7 @@ run: install
 	$(VENV)/bin/twistd -n estgw --config $(CONFIG)
 
 test: install
-	$(PY) -b -m twisted.trial --temp-directory=/tmp/estgw-trial-$$$$ tests
+	$(PY) -b -W error::DeprecationWarning -m twisted.trial --temp-directory=/tmp/estgw-trial-$$$$ tests
 
 bench: install
 	$(PY) bench/enroll_bench.py
