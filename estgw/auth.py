@@ -69,7 +69,7 @@ class Identity:
     # certificate is registered to; "certificate": the HTTP login of the
     # extra layer, if any.
     device_id: str | None = None
-    # Officer/RA roles the client certificate holds (SPEC §3): such a
+    # Officer/RA roles the client certificate holds: such a
     # client may enroll for other subjects.
     officer_roles: tuple[str, ...] = ()
     # Set when an officer/RA certificate acts on behalf of others.
@@ -409,7 +409,7 @@ async def _client_certificate(
 async def _factory_device(
     request: Any, handler: HandlerConfig, peer: PeerInfo, portal: DevicePortal
 ) -> Identity:
-    """SPEC §4.8: the client certificate is a registered factory certificate
+    """The client certificate is a registered factory certificate
     (and, with enroll.mandatorypassword, the same device logs in over HTTP)."""
     assert handler.factory is not None
     if peer.certificate is None:

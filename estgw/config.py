@@ -237,7 +237,7 @@ class TokenProcedureConfig:
     validity_days: int = 365
     key_usage: str = "digitalSignature, keyEncipherment"
     extended_key_usage: str = "clientAuth"
-    # Factory (authentication) certificates on simpleenroll (SPEC §4.8).
+    # Factory (authentication) certificates on simpleenroll.
     # mandatorypassword defaults to false: the factory key (an IDevID kept
     # in hardware) is the authenticator, the password an optional second
     # factor.  check-subject-values defaults to true: values an operator
@@ -274,7 +274,7 @@ class HandlerConfig:
     # RFC 7030 §3.5 linking: the CSR's challengePassword must carry the
     # connection's tls-unique (TLS 1.2) or tls-exporter (TLS 1.3) value.
     channel_binding: bool = False
-    # Officer/RA handler (SPEC §3): None = not one; () = "none", any
+    # Officer/RA handler: None = not one; () = "none", any
     # certificate this gateway's CA issued; else the client certificate
     # must hold at least one of these roles (estgw officer add).
     required_ro_roles: tuple[str, ...] | None = None
@@ -284,7 +284,7 @@ class HandlerConfig:
     # Set (from the token procedure) when simpleenroll needs a registered
     # factory certificate.
     factory: FactoryAuthConfig | None = None
-    # Manual approval (filter registersimpleenroll-basic-idm-auth, SPEC §5):
+    # Manual approval (filter registersimpleenroll-basic-idm-auth):
     # the approval service's URL, the PKCS#12 client token (path resolved
     # against the config file's directory) and its password, the CA files
     # that verify the service (empty: the system's trust store).

@@ -1,8 +1,8 @@
 """Pre-registering devices: one (``estgw device add``) or many from CSV
 (``estgw device import``).
 
-A registration has a password (HTTP Basic/Digest), a factory certificate
-(SPEC §4.8), or both.  Only hashes of the password are stored: scrypt for
+A registration has a password (HTTP Basic/Digest), a factory certificate,
+or both.  Only hashes of the password are stored: scrypt for
 Basic, and for every Digest realm of the configuration the realm-bound
 H(A1) Digest needs (see :func:`estgw.auth.digest_ha1`); a device
 registered before a Digest realm was configured must be registered again

@@ -40,7 +40,7 @@ class Gateway:
     reactor: Any = None
     # CRL files and OCSP (tls.crls, tls.ocsp); None: the store only.
     revocation: RevocationChecker | None = None
-    # Manual approval (SPEC §5): handler id -> its gate, for handlers with
+    # Manual approval: handler id -> its gate, for handlers with
     # filter registersimpleenroll-basic-idm-auth.
     approvals: Mapping[str, ApprovalGate] = attr.Factory(dict)
     metrics: Metrics = attr.Factory(Metrics)
@@ -63,7 +63,7 @@ async def _client_certificate_not_revoked(
 
 
 async def _renewing_last_issued(gateway: Gateway, identity: auth.Identity, ctx: policy.PolicyContext) -> None:
-    """SPEC §4.4: with allowRenewalWithOldCertificates = true (the product's
+    """With allowRenewalWithOldCertificates = true (the product's
     name reads backwards: true turns the check ON), only the certificate
     issued last for the subject may renew it."""
     cert = identity.certificate
@@ -105,7 +105,7 @@ async def enroll(
     procedure = gateway.procedures[handler.token_procedure]
     approval = gateway.approvals.get(handler.id)
     if approval is not None:
-        # SPEC §5: 202 until an operator approves, then issued exactly once.
+        # 202 until an operator approves, then issued exactly once.
         return await approval.enroll(
             csr,
             identity.requester,

@@ -1,4 +1,4 @@
-"""Officer/RA clients (SPEC §3): certificates that enroll for others.
+"""Officer/RA clients: certificates that enroll for others.
 
 An operator grants a role to one certificate (``estgw officer add --cert
 FILE --role ROLE``); the store keys the grant by the SHA-256 of the

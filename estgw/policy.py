@@ -7,7 +7,7 @@ the handler's format, then :func:`issue_request` builds what the CA signs.
 Checks that need the store (revocation, last issued) live in
 :mod:`estgw.enroll`.
 
-The SAN/CN copy rules (SPEC §4.5) are applied first, by
+The SAN/CN copy rules are applied first, by
 :func:`build_context`, so every check that compares names sees what
 would be issued: a renewal of a certificate whose SAN was copied from
 its CN must still match.
@@ -72,7 +72,7 @@ def _policy(code: str, reason: str) -> Refusal:
     return Refusal(403, code, reason)
 
 
-# -- names: the copy rules of SPEC §4.5 ---------------------------------------
+# -- names: the SAN/CN copy rules ---------------------------------------------
 
 
 def sans_of(item: x509.CertificateSigningRequest | x509.Certificate) -> list[x509.GeneralName]:
@@ -138,7 +138,7 @@ def _copy_rules(
 
 
 def copied_names(csr: x509.CertificateSigningRequest) -> tuple[x509.Name, tuple[x509.GeneralName, ...]]:
-    """SPEC §4.5: with neither a dNSName nor an iPAddress SAN, dNSName comes
+    """With neither a dNSName nor an iPAddress SAN, dNSName comes
     from unstructuredName (else commonName) and iPAddress from
     unstructuredAddress; with no commonName, commonName comes from the
     dNSName.  SANs the request already has are left alone."""
@@ -242,7 +242,7 @@ def sans_well_formed(ctx: PolicyContext) -> None:
 
 
 def no_cmc_ra(ctx: PolicyContext) -> None:
-    """SPEC §3/§4.7: the id-kp-cmcRA extended key usage is not used here."""
+    """The id-kp-cmcRA extended key usage is not used here."""
     try:
         ekus = ctx.csr.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     except x509.ExtensionNotFound:
@@ -255,7 +255,7 @@ def no_cmc_ra(ctx: PolicyContext) -> None:
 
 
 def challenge_password(ctx: PolicyContext) -> None:
-    """SPEC §4.6: denied by default; with channelBinding on, required and
+    """Denied by default; with channelBinding on, required and
     equal to the base64 tls-unique / tls-exporter value of this connection."""
     try:
         raw = ctx.csr.attributes.get_attribute_for_oid(CHALLENGE_PASSWORD).value
@@ -286,7 +286,7 @@ def challenge_password(ctx: PolicyContext) -> None:
 
 
 def client_certificate_has_client_auth(ctx: PolicyContext) -> None:
-    """SPEC §4.2: a client certificate used to enroll carries id-kp-clientAuth."""
+    """A client certificate used to enroll carries id-kp-clientAuth."""
     cert = ctx.identity.certificate
     if cert is None or ctx.identity.kind == "device":
         return
@@ -295,7 +295,7 @@ def client_certificate_has_client_auth(ctx: PolicyContext) -> None:
     except x509.ExtensionNotFound:
         # A registered factory certificate (IDevID) often has no EKU at all,
         # which RFC 5280 reads as unrestricted; every other client
-        # certificate must name clientAuth (SPEC §4.2).
+        # certificate must name clientAuth.
         if ctx.identity.kind == "factory":
             return
         ekus = []
@@ -307,7 +307,7 @@ def client_certificate_has_client_auth(ctx: PolicyContext) -> None:
 
 
 def subject_matches_client_certificate(ctx: PolicyContext) -> None:
-    """SPEC §4.1, RFC 7030 §4.2.2: the request names the same subject and
+    """RFC 7030 §4.2.2: the request names the same subject and
     SANs as the client certificate.  Officer/RA identities are excepted."""
     if ctx.identity.acting_as_officer:
         return
@@ -429,7 +429,7 @@ def issue_request(ctx: PolicyContext) -> IssueRequest:
     return IssueRequest(subject=ctx.subject, public_key=ctx.csr.public_key(), sans=ctx.sans)
 
 
-# -- factory certificates (SPEC §4.8) ----------------------------------------------
+# -- factory certificates ----------------------------------------------
 
 
 def factory_certificate_matches_request(ctx: PolicyContext) -> None:

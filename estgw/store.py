@@ -232,7 +232,7 @@ class StoreNotRunning(Exception):
     """An operation on a store that was not started, or was closed."""
 
 
-#: States of a request that waits for an operator (SPEC §5):
+#: States of a request that waits for an operator:
 #: pending -> approved -> issued, pending -> rejected, pending|approved -> expired.
 APPROVAL_STATES = ("pending", "approved", "rejected", "issued", "expired")
 
@@ -455,7 +455,7 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
     (
         3,
         [
-            # Requests waiting for an operator's approval (SPEC §5).
+            # Requests waiting for an operator's approval.
             """
             CREATE TABLE approvals (
                 id {autoincrement_primary_key},
@@ -1102,7 +1102,7 @@ class _SQLStore:
 
         return self._run(interaction)
 
-    # -- approvals (SPEC §5): every state change is one conditional UPDATE,
+    # -- approvals: every state change is one conditional UPDATE,
     # so of two racing callers (threads or processes) exactly one wins.
 
     def _select_approval(self, txn: Any, request_id: str) -> Approval | None:

@@ -11,8 +11,8 @@ from estgw import config
 from estgw.approval import config as approval_config
 from estgw.config import ConfigError
 
-# The example of SPEC §5, with what a test needs around it.
-SPEC_EXAMPLE = """\
+# The example of with what a test needs around it.
+PRODUCT_EXAMPLE = """\
 tokenprocedure.1.name = EST Registration and Enroll Procedure
 handler.3.operation = simpleenroll
 handler.3.filter = registersimpleenroll-basic-idm-auth
@@ -42,9 +42,9 @@ class HandlerKeyTests(SynchronousTestCase):
         return self.assertRaises(ConfigError, self.parse, text)
 
     def test_spec_example(self) -> None:
-        """The SPEC §5 handler parses; the token path is resolved against
+        """The approval handler of the product documentation parses; the token path is resolved against
         the config file's directory; the rest has defaults."""
-        handler = self.parse(SPEC_EXAMPLE).handlers[0]
+        handler = self.parse(PRODUCT_EXAMPLE).handlers[0]
         self.assertEqual(handler.idm_request_url, "https://localhost:8443/idm/ws/processes/enroll")
         self.assertEqual(handler.idm_token, os.path.join(self.base, "protocol-gateway-ra.p12"))
         self.assertEqual(handler.idm_password, "abcd1234")
@@ -55,13 +55,13 @@ class HandlerKeyTests(SynchronousTestCase):
 
     def test_password_not_in_repr(self) -> None:
         """The token password never shows in a repr (logs, tracebacks)."""
-        self.assertNotIn("abcd1234", repr(self.parse(SPEC_EXAMPLE)))
+        self.assertNotIn("abcd1234", repr(self.parse(PRODUCT_EXAMPLE)))
 
     def test_optional_keys(self) -> None:
         """Trust anchors, timeout, Retry-After and lifetime (hours, or with
         a unit) are read."""
         handler = self.parse(
-            SPEC_EXAMPLE
+            PRODUCT_EXAMPLE
             + "handler.3.idm.tls.trustAnchors = service-ca.pem\n"
             + "handler.3.idm.timeout = 2.5\n"
             + "handler.3.idm.retryAfter = 30\n"
@@ -70,14 +70,14 @@ class HandlerKeyTests(SynchronousTestCase):
         self.assertEqual(handler.idm_trust_anchors, (os.path.join(self.base, "service-ca.pem"),))
         self.assertEqual((handler.idm_timeout, handler.idm_retry_after, handler.idm_pending_lifetime), (2.5, 30, 5400))
         for value, seconds in (("24", 86400), ("2d", 172800), ("45s", 45), ("0.5h", 1800)):
-            text = SPEC_EXAMPLE + f"handler.3.idm.pendingLifetime = {value}\n"
+            text = PRODUCT_EXAMPLE + f"handler.3.idm.pendingLifetime = {value}\n"
             self.assertEqual(self.parse(text).handlers[0].idm_pending_lifetime, seconds)
 
     def test_required_with_filter(self) -> None:
         """The approval filter needs requestUrl, token and password; the
         error names the key."""
         for key in ("idm.requestUrl", "idm.tls.token", "idm.tls.password"):
-            text = "\n".join(line for line in SPEC_EXAMPLE.splitlines() if f".{key} " not in line)
+            text = "\n".join(line for line in PRODUCT_EXAMPLE.splitlines() if f".{key} " not in line)
             e = self.error(text)
             self.assertEqual((e.key, e.reason), (f"handler.3.{key}", "required by filter registersimpleenroll-basic-idm-auth"))
 
@@ -95,7 +95,7 @@ class HandlerKeyTests(SynchronousTestCase):
         ]
         for line, key, words in cases:
             name = line.split(" = ")[0]
-            text = "\n".join(l for l in SPEC_EXAMPLE.splitlines() if not l.startswith(name + " ")) + "\n" + line
+            text = "\n".join(l for l in PRODUCT_EXAMPLE.splitlines() if not l.startswith(name + " ")) + "\n" + line
             e = self.error(text)
             self.assertEqual(e.key, key, line)
             self.assertIn(words, e.reason, line)
@@ -112,7 +112,7 @@ class HandlerKeyTests(SynchronousTestCase):
 
     def test_defaults_apply_to_approval_handlers_only(self) -> None:
         """default.idm.* fills approval handlers and leaves others alone."""
-        text = SPEC_EXAMPLE + (
+        text = PRODUCT_EXAMPLE + (
             "default.idm.retryAfter = 11\n"
             "handler.2.operation = cacerts\n"
         )

@@ -242,7 +242,7 @@ class SignTests(_CAMixin, SynchronousTestCase):
     def test_leaf_verifies_with_cryptography(self) -> None:
         """A default-profile leaf verifies as a TLS client against root with the issuing CA as intermediate.
 
-        cryptography's verifier insists on a SAN; the policy module (SPEC 4.5) always supplies one.
+        cryptography's verifier insists on a SAN; the policy module (the SAN/CN copy rules) always supplies one.
         """
         leaf = self.ca.sign(_ec_request(sans=(x509.DNSName("device-1"),)), Profile())
         verifier = PolicyBuilder().store(Store([self.ca.root])).build_client_verifier()

@@ -1,4 +1,4 @@
-"""Factory (authentication) certificates (SPEC §4.8, issue point 10):
+"""Factory (authentication) certificates:
 registration with the CLI (one device or a CSV file), enrollment with a
 registered factory certificate over real TLS, and each refusal."""
 

@@ -1,4 +1,4 @@
-"""Officer/RA clients (SPEC §3, issue point 8): roles granted with the CLI,
+"""Officer/RA clients: roles granted with the CLI,
 handlers with requiredRoRoles, enrollment for other subjects over real
 TLS, and every other check still applied to the officer's certificate."""
 

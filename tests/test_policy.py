@@ -29,7 +29,7 @@ def csr_with(subject, attributes=(), sans=()):
 
 
 class CopyRuleTests(SynchronousTestCase):
-    """SPEC §4.5, one test per combination."""
+    """The SAN/CN copy rules, one test per combination."""
 
     def test_unstructured_name_only(self) -> None:
         """unstructuredName (as a CSR attribute) becomes the dNSName, and the

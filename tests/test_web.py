@@ -1,4 +1,4 @@
-"""Routing and the wire rules of SPEC §2, against a real gateway and curl.
+"""Routing and the wire rules of against a real gateway and curl.
 
 Every response is checked by :func:`assert_wire`: a Content-Length that
 matches the body, never chunked, and a one-line plain-text reason on

@@ -1,4 +1,4 @@
-"""Manual approval of enrollments (SPEC §5): the "IDM" web service.
+"""Manual approval of enrollments: the "IDM" web service.
 
 * :mod:`estgw.approval.tls`: client credentials (PKCS#12 token, PEM
   files) and the TLS policy treq uses to present them;

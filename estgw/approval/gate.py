@@ -1,4 +1,4 @@
-"""The gateway's side of manual approval, for one handler (SPEC §5).
+"""The gateway's side of manual approval, for one handler.
 
 A request is recognised across retries by (handler, SHA-256 of the CSR's
 public key, CSR subject), never by the connection.  Its life, in the
