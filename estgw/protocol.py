@@ -113,12 +113,14 @@ def parse_csr(body: bytes, content_type: str | None) -> x509.CertificateSigningR
     """Decode a simpleenroll/simplereenroll request body.
 
     ``content_type`` may be missing or empty (sloppy clients), otherwise it
-    must be ``application/pkcs10`` (any case, any parameters).  The body may
+    must be ``application/pkcs10`` (any case, any parameters; the older
+    ``application/x-pkcs10`` too).  The body may
     be base64 DER (the standard), a PEM-armoured CSR, or raw DER.  The CSR's
     signature is *not* verified here; a policy check does that.
     """
     if content_type is not None and content_type.strip():
-        if not content_type_matches(content_type, PKCS10):
+        # application/x-pkcs10: the pre-RFC 5967 name some clients still send.
+        if not any(content_type_matches(content_type, t) for t in (PKCS10, "application/x-pkcs10")):
             got = _printable(_media_type(content_type))
             raise Refusal(
                 415,

@@ -229,6 +229,11 @@ class ParseCsrTests(RefusalAssertions):
         csr = parse_csr(body, "Application/PKCS10; charset=us-ascii")
         self.assertEqual(der(csr), der(self.csr))
 
+    def test_legacy_x_pkcs10(self) -> None:
+        """The pre-RFC 5967 name application/x-pkcs10 is accepted too."""
+        body = base64.b64encode(der(self.csr))
+        self.assertEqual(der(parse_csr(body, "application/x-pkcs10")), der(self.csr))
+
     def test_wrong_content_type(self) -> None:
         """Any other media type, including curl's default
         application/x-www-form-urlencoded, is a 415 naming what was sent."""
