@@ -61,7 +61,8 @@ async def cmd_init(options: Any, config: Config, store: IStore, out: Any) -> Non
     out.write(f"store:           {config.store_path}\n")
 
 
-def _read_password(options: Any) -> str | None:
+def read_password(options: Any) -> str | None:
+    """--password or the first line of --password-file; None when neither."""
     if options["password"] is not None and options["password_file"] is not None:
         raise CommandError("give --password or --password-file, not both")
     if options["password_file"] is not None:
@@ -81,7 +82,7 @@ def _read_password(options: Any) -> str | None:
 
 async def cmd_device_add(options: Any, config: Config, store: IStore, out: Any) -> None:
     device_id = options["id"]
-    password = _read_password(options)
+    password = read_password(options)
     if password is None and options["factory_cert"] is None:
         raise CommandError("device add needs --password, --password-file or --factory-cert")
     try:

@@ -33,7 +33,7 @@ from estgw.approval.tls import (
     load_pem_credentials,
 )
 from estgw.ca import CAError
-from estgw.cli import CommandError
+from estgw.cli import CommandError, read_password
 from estgw.config import ConfigError
 
 __all__ = ["add_parser", "run"]
@@ -176,17 +176,8 @@ async def cmd_init(reactor: Any, options: dict[str, Any], out: Any) -> None:
 
 
 def _password(options: dict[str, Any]) -> str:
-    if options["password"] is not None and options["password_file"] is not None:
-        raise CommandError("give --password or --password-file, not both")
-    if options["password_file"] is not None:
-        try:
-            with open(options["password_file"], encoding="utf-8") as f:
-                password = f.readline().rstrip("\r\n")
-        except OSError as e:
-            raise CommandError(f"cannot read {options['password_file']}: {e.strerror}") from None
-    else:
-        password = options["password"] or ""
-    if not password:
+    password = read_password(options)
+    if password is None:
         raise CommandError("the token needs a password: --password or --password-file")
     return password
 
