@@ -342,6 +342,8 @@ async def authenticate(
         identity = await _factory_device(request, handler, peer, portal)
     elif handler.filter == "clientcert":
         identity = await _client_certificate(request, handler, peer, portal)
+    elif handler.filter == "registersimpleenroll-basic-idm-auth":
+        identity = await _registered_device(request, handler, peer, portal)
     else:
         identity = await _device_or_certificate(request, handler, peer, portal)
     if handler.required_ro_roles is not None:
@@ -353,6 +355,10 @@ def _issuer_accepted(request: Any, handler: HandlerConfig, peer: PeerInfo, porta
     """clientCertificateIssuers = local: only this gateway's certificates
     count.  A foreign one beside a password login is ignored; alone, refused."""
     cert = peer.certificate
+    if cert is not None and handler.filter == "registersimpleenroll-basic-idm-auth" and handler.factory is None:
+        # Only the device's login counts here: a certificate beside it
+        # neither helps nor hinders.
+        return attr.evolve(peer, certificate=None, chain=())
     if cert is None or handler.client_certificate_issuers != "local":
         return peer
     if officers.issued_by(cert, portal.ca_chain):
@@ -383,6 +389,24 @@ async def _device_or_certificate(
             "authenticate with a TLS client certificate or as a pre-registered device",
         )
     raise _certificate_required()
+
+
+async def _registered_device(
+    request: Any, handler: HandlerConfig, peer: PeerInfo, portal: DevicePortal
+) -> Identity:
+    """The approval filter: the HTTP login of a pre-registered device, and
+    nothing else.  A client certificate alone (even one this gateway
+    issued) is not a registration, so it never reaches an operator."""
+    factory = portal.credential_factory(handler)
+    assert factory is not None  # the configuration demands authtype here
+    if not request.getHeader(b"authorization"):
+        _require_tls(peer)
+        raise unauthorized(
+            factory, request, "authentication-required",
+            f"this endpoint serves pre-registered devices: log in with HTTP {_scheme(factory)}",
+        )
+    device = await _http_login(request, handler, factory, peer, portal)
+    return Identity(kind="device", device_id=device.device_id, registration=device)
 
 
 async def _client_certificate(

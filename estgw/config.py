@@ -345,6 +345,20 @@ class Config:
     def ca_certificate_path(self) -> str:
         return os.path.join(self.ca_directory, "root-ca.pem")
 
+    @property
+    def last_issued_rule(self) -> bool:
+        """Whether only the certificate issued last for a subject may renew it.
+
+        ``allowRenewalWithOldCertificates = true`` on any enrollment handler
+        turns the rule on for the whole gateway: a subject has one
+        last-issued certificate however it was obtained, so a holder of an
+        older one must not get around the rule through another operation,
+        label or filter (see :func:`estgw.policy.renews_own_subject`).
+        """
+        return any(
+            h.allow_renewal_with_old_certificates for h in self.handlers if h.operation in ENROLL_OPERATIONS
+        )
+
     def handler(self, label: str, operation: str) -> HandlerConfig | None:
         for handler in self.handlers:
             if handler.label == label and handler.operation == operation:
@@ -648,6 +662,12 @@ def _complete_handler(
         raise ConfigError(where("filter"), "manual approval is only for simpleenroll", source)
     if handler.filter == "registersimpleenroll-basic-idm-auth" and not handler.authtype:
         raise ConfigError(where("authtype"), "required by filter registersimpleenroll-basic-idm-auth", source)
+    if handler.filter == "registersimpleenroll-basic-idm-auth" and handler.required_ro_roles is not None:
+        raise ConfigError(
+            where("requiredRoRoles"),
+            "filter registersimpleenroll-basic-idm-auth serves pre-registered devices, not officers",
+            source,
+        )
     if op == "simplereenroll" and handler.filter not in ("clientcert",):
         raise ConfigError(
             where("filter"),

@@ -65,11 +65,16 @@ async def _client_certificate_not_revoked(
 async def _renewing_last_issued(gateway: Gateway, identity: auth.Identity, ctx: policy.PolicyContext) -> None:
     """With allowRenewalWithOldCertificates = true (the product's
     name reads backwards: true turns the check ON), only the certificate
-    issued last for the subject may renew it."""
+    issued last for the subject may renew it, by any operation.
+
+    A simpleenroll of a subject this gateway never issued is a first
+    enrollment, not a renewal; a simplereenroll needs the record.
+    """
     cert = identity.certificate
-    if cert is None or identity.acting_as_officer:
-        return
+    assert cert is not None  # policy.renews_own_subject
     last = await gateway.store.last_issued_for_subject(ctx.subject.rfc4514_string())
+    if last is None and ctx.operation != "simplereenroll":
+        return
     if last is None or last.serial != cert.serial_number:
         raise Refusal(
             403,
@@ -99,7 +104,9 @@ async def enroll(
         policy.ChannelBinding(*binding) if binding else None,
     )
     policy.run_format(ctx)
-    if handler.operation == "simplereenroll" and handler.allow_renewal_with_old_certificates:
+    # Who is renewing is decided once, for every operation, label and
+    # filter: an older certificate must not renew through simpleenroll.
+    if gateway.config.last_issued_rule and policy.renews_own_subject(ctx):
         await _renewing_last_issued(gateway, identity, ctx)
 
     procedure = gateway.procedures[handler.token_procedure]

@@ -81,7 +81,7 @@ def _utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def _general_name(name: x509.GeneralName) -> str:
+def general_name_text(name: x509.GeneralName) -> str:
     """One SAN in the ``TYPE:value`` spelling OpenSSL prints."""
     if isinstance(name, x509.DNSName):
         return f"DNS:{name.value}"
@@ -129,7 +129,7 @@ class IssuedCertificate:
         """Describe ``cert``; ``issued_at`` defaults to now."""
         try:
             san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
-            sans = tuple(_general_name(name) for name in san.value)
+            sans = tuple(general_name_text(name) for name in san.value)
         except x509.ExtensionNotFound:
             sans = ()
         spki = cert.public_key().public_bytes(
