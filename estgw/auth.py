@@ -118,14 +118,6 @@ def digest_ha1(device_id: str, realm: str, password: str) -> str:
     return hashlib.md5(f"{device_id}:{realm}:".encode("utf-8") + secret).hexdigest()
 
 
-class ConsumedRegistration(error.UnauthorizedLogin):
-    """Right credentials, but the single-use registration was used up."""
-
-    def __init__(self, device_id: str) -> None:
-        super().__init__(device_id)
-        self.device_id = device_id
-
-
 def _consumed(device_id: str) -> Refusal:
     return Refusal(
         403, "single-use-consumed",
@@ -177,9 +169,9 @@ class DeviceChecker:
 
     @staticmethod
     def _usable(device: Device) -> bytes:
-        # Told only after the password checked out.
-        if device.single_use and device.consumed_at is not None:
-            raise ConsumedRegistration(device.device_id)
+        # A consumed single-use registration still logs in: the pipeline
+        # may send its certificate again (estgw.enroll), and refuses
+        # anything else when it claims the registration (single_use).
         return device.device_id.encode("utf-8")
 
 
@@ -447,8 +439,6 @@ async def _factory_device(
             403, "factory-certificate-not-registered",
             "the TLS client certificate is not a registered factory certificate",
         )
-    if device.single_use and device.consumed_at is not None:
-        raise _consumed(device.device_id)
     if handler.factory.mandatory_password:
         await _factory_password(request, handler, peer, portal, device)
     return Identity(
@@ -516,8 +506,6 @@ async def _http_login(
         _check_digest_response(creds.fields, request, handler, factory)
     try:
         _interface, device_id, _logout = await portal.login(creds, None, _Avatar)
-    except ConsumedRegistration as e:
-        raise _consumed(e.device_id) from None
     except error.LoginFailed:
         raise unauthorized(factory, request, "bad-credentials", "unknown device or wrong password") from None
     device = await portal.store.get_device(device_id)

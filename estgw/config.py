@@ -324,6 +324,10 @@ class Config:
     metrics_port: int | None = None
     metrics_interface: str = "127.0.0.1"
     ocsp_failure: str = "hard"
+    # How long a consumed single-use registration may fetch again the
+    # certificate its first enrollment got (same key): a device whose
+    # connection dropped after issuing is not locked out.  0: never.
+    single_use_refetch_seconds: int = 900
     token_procedures: Mapping[str, TokenProcedureConfig] = attr.Factory(dict)
     handlers: tuple[HandlerConfig, ...] = ()
 
@@ -382,6 +386,7 @@ _GLOBAL_KEYS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "tls.ocsp.timeout": ("ocsp_timeout", _seconds),
     "tls.ocsp.cacheSeconds": ("ocsp_cache_seconds", _non_negative_int),
     "tls.ocsp.failure": ("ocsp_failure", _choice("hard", "soft")),
+    "singleUse.refetchSeconds": ("single_use_refetch_seconds", _non_negative_int),
     "metrics.port": ("metrics_port", _port),
     "metrics.interface": ("metrics_interface", _text),
 }

@@ -8,10 +8,13 @@ elsewhere that raises :class:`Refusal` to stop it.
 
 from __future__ import annotations
 
+import hashlib
+from datetime import datetime, timedelta, timezone
 from typing import Any, Mapping
 
 import attr
 from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from twisted.logger import Logger
 
 from estgw import auth, policy
@@ -85,6 +88,36 @@ async def _renewing_last_issued(gateway: Gateway, identity: auth.Identity, ctx: 
         )
 
 
+async def _sent_again(
+    gateway: Gateway, identity: auth.Identity, csr: x509.CertificateSigningRequest
+) -> x509.Certificate | None:
+    """The certificate a consumed single-use registration already got for
+    this CSR's key, if it got it within ``singleUse.refetchSeconds``.
+
+    The device proved its password (or factory certificate) and, by the
+    CSR's signature, the key: sending it the certificate it was issued,
+    whose response its dropped connection lost, issues nothing new.
+    """
+    device = identity.registration
+    window = gateway.config.single_use_refetch_seconds
+    if device is None or not device.single_use or device.consumed_at is None or window <= 0:
+        return None
+    now = datetime.now(timezone.utc)
+    if now - device.consumed_at > timedelta(seconds=window):
+        return None
+    spki = csr.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    for issued in await gateway.store.certificates_for_public_key(hashlib.sha256(spki).hexdigest()):
+        if issued.requester == identity.requester and not issued.revoked and issued.issued_at >= device.consumed_at:
+            _log.info(
+                "sent again serial {serial:x} to {requester}: its single-use registration was"
+                " consumed by this certificate {age:.0f} s ago",
+                serial=issued.serial, requester=identity.requester,
+                age=(now - device.consumed_at).total_seconds(), event="reissued",
+            )
+            return issued.certificate
+    return None
+
+
 async def enroll(
     gateway: Gateway,
     handler: HandlerConfig,
@@ -119,6 +152,9 @@ async def enroll(
             sign=lambda: procedure.issue(policy.issue_request(ctx)),
             claim=lambda: auth.single_use(gateway.store, identity),
         )
+    again = await _sent_again(gateway, identity, csr)
+    if again is not None:
+        return again
     # A single-use registration is claimed first (one winner among
     # concurrent requests) and released if issuing or recording fails.
     async with auth.single_use(gateway.store, identity):

@@ -303,6 +303,10 @@ class IStore(Interface):
     def last_issued_for_subject(subject: str) -> Deferred[IssuedCertificate | None]:
         """The newest certificate for ``subject`` (by issued_at, then insertion)."""
 
+    def certificates_for_public_key(public_key_sha256: str) -> Deferred[list[IssuedCertificate]]:
+        """Certificates issued for a public key (hex SHA-256 of its
+        SubjectPublicKeyInfo DER), newest first."""
+
     def count_certificates() -> Deferred[int]:
         """How many certificates are recorded."""
 
@@ -907,6 +911,18 @@ class _SQLStore:
             )
             row = txn.fetchone()
             return None if row is None else _certificate_from_row(row)
+
+        return self._run(interaction)
+
+    def certificates_for_public_key(self, public_key_sha256: str) -> Deferred[list[IssuedCertificate]]:
+        def interaction(txn: Any) -> list[IssuedCertificate]:
+            self._execute(
+                txn,
+                f"SELECT {_CERT_COLUMNS} FROM certificates WHERE public_key_sha256 = ?"
+                " ORDER BY issued_at DESC, id DESC",
+                (public_key_sha256,),
+            )
+            return [_certificate_from_row(row) for row in txn.fetchall()]
 
         return self._run(interaction)
 
