@@ -22,7 +22,7 @@ import os
 import re
 import socket
 from typing import Any, Callable, Mapping
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import attr
 
@@ -82,7 +82,9 @@ def default_format(operation: str, filter: str, procedure: "TokenProcedureConfig
     return "est-simpleenroll-subjectmatch"
 
 
-_LABEL = re.compile(r"^[A-Za-z0-9_.~-]+$")  # one RFC 7030 §3.2.2 path segment
+# RFC 3986 §3.3 pchar, less pct-encoded: unreserved / sub-delims / ":" / "@".
+_LABEL = re.compile(r"^[A-Za-z0-9._~!$&'()*+,;=:@-]+$")
+_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
 
 
 class ConfigError(ValueError):
@@ -147,10 +149,31 @@ def _choice(*allowed: str) -> Callable[[str], str]:
 
 
 def _label(value: str) -> str:
+    """An RFC 7030 §3.2.2 CA label: one RFC 3986 path segment, kept decoded.
+
+    Any pchar is allowed (``ca:1``, ``ra@site``, ``a+b``); a
+    percent-encoded form is read as what it encodes (``ca%3A1`` is
+    ``ca:1``), and requests are routed on the decoded form too.  Refused:
+    characters a segment cannot hold, ``.`` and ``..`` (clients remove
+    them before sending, RFC 3986 §5.2.4), and the name of an operation
+    (RFC 7030 §3.2.2: the label cannot be one of the operation path
+    segments).
+    """
     label = value.strip()
-    if label and not _LABEL.match(label):
-        raise ValueError(f"not a valid URL path segment: {label!r}")
-    return label
+    if not label:
+        return label
+    if _PERCENT.search(label):
+        raise ValueError(f"'%' must start a percent-encoded octet (%XX): {label!r}")
+    decoded = unquote(label, errors="replace")
+    if not _LABEL.match(decoded):
+        raise ValueError(
+            f"not a valid URL path segment (RFC 3986 §3.3: letters, digits and - . _ ~ ! $ & ' ( ) * + , ; = : @): {label!r}"
+        )
+    if decoded in (".", ".."):
+        raise ValueError(f"{label!r} is a dot-segment, which clients remove from paths before sending")
+    if decoded.lower() in OPERATIONS:
+        raise ValueError(f"{label!r} is the name of an EST operation (RFC 7030 §3.2.2)")
+    return decoded
 
 
 def _csrattrs(value: str) -> tuple[CsrAttr, ...]:

@@ -8,6 +8,7 @@ that cannot read chunked replies) and a plain-text reason on errors.
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any
 
@@ -15,7 +16,8 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import resource, server
-from twisted.web.http import Request
+from twisted.web.http import Request, unquote
+from twisted.web.http_headers import Headers
 
 from estgw import protocol
 from estgw.config import OPERATIONS
@@ -44,6 +46,10 @@ class LimitedRequest(server.Request):
     max_body = 65536
     body_too_large = False
 
+    def process(self) -> None:
+        self.path = origin_path(self.path, self.requestHeaders)
+        super().process()
+
     def gotLength(self, length: int | None) -> None:
         if length is not None and length > self.max_body:
             self.body_too_large = True
@@ -58,6 +64,44 @@ class LimitedRequest(server.Request):
             self.content.truncate()
             return
         super().handleContentChunk(data)
+
+
+_ABSOLUTE_FORM = re.compile(rb"^(?i:https?)://([^/?#]*)(.*)$", re.DOTALL)
+
+
+def origin_path(target: bytes, headers: Headers | None = None) -> bytes:
+    """The path a request is routed on, from its request-target (no query).
+
+    - absolute-form (``https://host:port/p``, RFC 9112 §3.2.2) is accepted
+      and routed on its path; its authority replaces the Host header, as
+      a server MUST do;
+    - empty segments are dropped (``//.well-known/est//cacerts`` is
+      ``/.well-known/est/cacerts``), everywhere in the path, so one
+      resource has one spelling however a client joins its URL parts;
+    - dot-segments, also percent-encoded, are resolved as RFC 3986 §5.2.4
+      says (never above the root).
+
+    Segments stay percent-encoded: twisted.web decodes each one after
+    splitting, so ``%2F`` inside a segment never becomes a separator.
+    """
+    match = _ABSOLUTE_FORM.match(target)
+    if match is not None:
+        authority, target = match.group(1), match.group(2) or b"/"
+        if headers is not None and authority:
+            headers.setRawHeaders(b"host", [authority.rpartition(b"@")[2]])
+    if target == b"*" or not target.startswith(b"/"):
+        return target  # asterisk-form, or nothing routable: left to twisted.web
+    segments: list[bytes] = []
+    for segment in target.split(b"/"):
+        decoded = unquote(segment)
+        if decoded in (b"", b"."):
+            continue
+        if decoded == b"..":
+            if segments:
+                segments.pop()
+            continue
+        segments.append(segment)
+    return b"/" + b"/".join(segments)
 
 
 def request_factory(max_body: int) -> type[LimitedRequest]:
@@ -94,8 +138,22 @@ def _refuse(request: Request, refusal: Refusal, peer: PeerInfo | None) -> None:
         reason=refusal.reason,
         event=refusal.event,
     )
+    if is_bare_challenge(request, refusal):
+        return _respond(request, refusal.status, b"", None, refusal.headers)
     body = (refusal.reason + "\n").encode("utf-8")
     _respond(request, refusal.status, body, "text/plain; charset=utf-8", refusal.headers)
+
+
+def is_bare_challenge(request: Request, refusal: Refusal) -> bool:
+    """A 401 challenge to a request that sent no credentials goes out with
+    an empty body (Content-Length: 0); the reason is in the audit log.
+
+    Such a 401 is the first step of HTTP authentication, not an error, and
+    some EST clients (Java ones among them) close the response without
+    reading a body and then fail on the unread bytes.  A 401 to refused
+    credentials keeps its one-line reason (RFC 9110 §15.5.2).
+    """
+    return refusal.status == 401 and not request.getHeader(b"authorization")
 
 
 def _client_name(request: Request, peer: PeerInfo | None) -> str:
