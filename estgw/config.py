@@ -207,6 +207,20 @@ def _hours(value: str) -> int:
     return seconds
 
 
+def _nonempty(value: str) -> str:
+    text = value.strip()
+    if not text:
+        raise ValueError("must not be empty (remove the line for the default)")
+    return text
+
+
+def _security_level(value: str) -> int:
+    """An OpenSSL security level, 0 (anything) to 5 (256-bit)."""
+    if value.strip() not in ("0", "1", "2", "3", "4", "5"):
+        raise ValueError(f"expected an OpenSSL security level 0 to 5, not {value.strip()!r}")
+    return int(value)
+
+
 def _non_negative_int(value: str) -> int:
     return 0 if value.strip() == "0" else _positive_int(value)
 
@@ -297,6 +311,9 @@ class HandlerConfig:
     # RFC 7030 §3.5 linking: the CSR's challengePassword must carry the
     # connection's tls-unique (TLS 1.2) or tls-exporter (TLS 1.3) value.
     channel_binding: bool = False
+    # A SHA-1 CSR signature is accepted as proof of possession (older
+    # routers sign no other way); off: refused as an unsupported algorithm.
+    accept_sha1_csr_signature: bool = False
     # Officer/RA handler: None = not one; () = "none", any
     # certificate this gateway's CA issued; else the client certificate
     # must hold at least one of these roles (estgw officer add).
@@ -351,6 +368,12 @@ class Config:
     # certificate its first enrollment got (same key): a device whose
     # connection dropped after issuing is not locked out.  0: never.
     single_use_refetch_seconds: int = 900
+    # OpenSSL cipher list (TLS 1.2), TLS 1.3 suites, groups, security
+    # level: empty strings take estgw.tls's defaults (checked at load).
+    tls_ciphers: str = ""
+    tls_ciphersuites: str = ""
+    tls_groups: str = ""
+    tls_security_level: int = 2
     token_procedures: Mapping[str, TokenProcedureConfig] = attr.Factory(dict)
     handlers: tuple[HandlerConfig, ...] = ()
 
@@ -410,6 +433,10 @@ _GLOBAL_KEYS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "tls.ocsp.cacheSeconds": ("ocsp_cache_seconds", _non_negative_int),
     "tls.ocsp.failure": ("ocsp_failure", _choice("hard", "soft")),
     "singleUse.refetchSeconds": ("single_use_refetch_seconds", _non_negative_int),
+    "tls.ciphers": ("tls_ciphers", _nonempty),
+    "tls.ciphersuites": ("tls_ciphersuites", _nonempty),
+    "tls.groups": ("tls_groups", _nonempty),
+    "tls.securityLevel": ("tls_security_level", _security_level),
     "metrics.port": ("metrics_port", _port),
     "metrics.interface": ("metrics_interface", _text),
 }
@@ -438,6 +465,7 @@ _HANDLER_KEYS: dict[str, tuple[str, Callable[[str], Any]]] = {
         _bool,
     ),
     "channelBinding": ("channel_binding", _bool),
+    "acceptSha1CsrSignature": ("accept_sha1_csr_signature", _bool),
     "requiredRoRoles": ("required_ro_roles", _roles),
     "clientCertificateIssuers": ("client_certificate_issuers", _choice("local", "any")),
     "idm.requestUrl": ("idm_request_url", _text),
@@ -523,6 +551,7 @@ def from_string(text: str, source: str = "est.properties", base_dir: str = ".") 
     )
     if not global_values.get("hostnames"):
         global_values["hostnames"] = default_hostnames()
+    _check_tls(global_values, source)
     store_url = global_values.get("store_url", "sqlite:estgw.sqlite")
     if not store_url.startswith("sqlite:") or not store_url[len("sqlite:"):].strip():
         raise ConfigError("store.url", f"expected sqlite:PATH, not {store_url!r}", source)
@@ -533,6 +562,20 @@ def from_string(text: str, source: str = "est.properties", base_dir: str = ".") 
         handlers=handlers,
         **global_values,
     )
+
+
+def _check_tls(values: Mapping[str, Any], source: str) -> None:
+    """The tls.* cipher settings as OpenSSL reads them, so a bad name
+    stops start-up with the key (estgw.tls has the defaults and checks)."""
+    from estgw import tls
+
+    settings = tls.settings_of(Config(source=source, state_directory="", **{
+        k: v for k, v in values.items() if k.startswith("tls_")
+    }))
+    try:
+        tls.check_tls_settings(settings)
+    except tls.TLSSettingError as e:
+        raise ConfigError(e.key, e.reason, source) from None
 
 
 def _set_default(
@@ -660,11 +703,12 @@ def _complete_handler(
     if not enroll:
         # Settings that mean nothing here are errors only when set on the
         # handler itself; the default section applies to all handlers.
-        for name in ("format", "tokenprocedure", "authtype", "qop", "requiredRoRoles"):
+        for name in ("format", "tokenprocedure", "authtype", "qop", "requiredRoRoles", "acceptSha1CsrSignature"):
             if name in own_keys:
                 raise ConfigError(prefix + name, f"not used by {op}", source)
         handler = attr.evolve(
             handler, format="", token_procedure="", authtype="", realm=None, required_ro_roles=None,
+            accept_sha1_csr_signature=False,
             client_certificate_issuers=handler.client_certificate_issuers or "any",
         )
         if op != "csrattrs" and "csrattrs" in own_keys:

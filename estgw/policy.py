@@ -23,7 +23,9 @@ from typing import Callable
 
 import attr
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa
 from cryptography.x509.oid import AttributeOID, ExtendedKeyUsageOID, NameOID, ObjectIdentifier
 
 from estgw import factory
@@ -205,14 +207,72 @@ def renews_own_subject(ctx: PolicyContext) -> bool:
 # -- the checks ------------------------------------------------------------------
 
 
+# Hashes a CSR signature may use: SHA-2 and SHA-3 (Ed25519/Ed448 name none).
+STRONG_SIGNATURE_HASHES = (
+    hashes.SHA224, hashes.SHA256, hashes.SHA384, hashes.SHA512,
+    hashes.SHA3_224, hashes.SHA3_256, hashes.SHA3_384, hashes.SHA3_512,
+)
+_HASH_NAMES = {"sha1": "SHA-1", "md5": "MD5", "sha512-224": "SHA-512/224", "sha512-256": "SHA-512/256"}
+
+
 def csr_signature_valid(ctx: PolicyContext) -> None:
-    """Proof of possession: the CSR is signed by the key it carries."""
+    """Proof of possession: the CSR is signed by the key it carries, with
+    an algorithm this gateway accepts.
+
+    Refusals (400): ``csr-unsupported-signature-algorithm`` naming the
+    algorithm when its hash is weak (SHA-1, MD5, ...) or unknown;
+    ``csr-bad-signature`` when the signature does not verify.  A handler
+    with ``acceptSha1CsrSignature = true`` accepts a SHA-1 signature as
+    proof of possession (older routers cannot sign otherwise); the CA
+    still signs the certificate with its own hash.  SHA-1 is verified
+    here with the public key: cryptography's ``is_signature_valid``
+    refuses it for ECDSA and RSA PKCS#1 v1.5.
+    """
+    csr = ctx.csr
     try:
-        valid = ctx.csr.is_signature_valid
-    except Exception:  # unsupported algorithm: cannot prove possession
-        valid = False
+        algorithm = csr.signature_hash_algorithm
+    except UnsupportedAlgorithm:  # an OID cryptography does not know
+        raise _unsupported_signature(csr, None) from None
+    if isinstance(algorithm, hashes.SHA1) and ctx.handler.accept_sha1_csr_signature:
+        valid = _sha1_signature_verifies(csr)
+    elif algorithm is not None and not isinstance(algorithm, STRONG_SIGNATURE_HASHES):
+        raise _unsupported_signature(csr, algorithm)
+    else:
+        try:
+            valid = csr.is_signature_valid
+        except Exception:  # e.g. a key and signature of different kinds
+            valid = False
     if not valid:
         raise Refusal(400, "csr-bad-signature", "the CSR signature does not verify")
+
+
+def _unsupported_signature(csr: x509.CertificateSigningRequest, algorithm: hashes.HashAlgorithm | None) -> Refusal:
+    oid = csr.signature_algorithm_oid
+    name = oid._name if oid._name != "Unknown OID" else oid.dotted_string
+    if algorithm is None:
+        reason = f"the CSR signature algorithm {name} is not supported: sign it with SHA-256 or stronger"
+    else:
+        hash_name = _HASH_NAMES.get(algorithm.name, algorithm.name.upper())
+        reason = f"the CSR is signed with {name} ({hash_name}), which is not accepted: sign it with SHA-256 or stronger"
+    return Refusal(400, "csr-unsupported-signature-algorithm", reason)
+
+
+def _sha1_signature_verifies(csr: x509.CertificateSigningRequest) -> bool:
+    """Verify a SHA-1 CSR signature with the CSR's public key."""
+    key = csr.public_key()
+    signature, data = csr.signature, csr.tbs_certrequest_bytes
+    try:
+        if isinstance(key, ec.EllipticCurvePublicKey):
+            key.verify(signature, data, ec.ECDSA(hashes.SHA1()))
+        elif isinstance(key, rsa.RSAPublicKey):
+            # RSASSA-PSS carries its parameters; sha1WithRSAEncryption is PKCS#1 v1.5.
+            parameters = csr.signature_algorithm_parameters
+            key.verify(signature, data, parameters or padding.PKCS1v15(), hashes.SHA1())  # type: ignore[arg-type]
+        else:
+            return False
+    except (InvalidSignature, TypeError, ValueError, UnsupportedAlgorithm):
+        return False
+    return True
 
 
 def key_acceptable(ctx: PolicyContext) -> None:

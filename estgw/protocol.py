@@ -158,13 +158,15 @@ def _load_csr(der: bytes) -> x509.CertificateSigningRequest | None:
         csr.extensions
         list(csr.attributes)
         csr.public_key()
-        csr.signature_hash_algorithm
+        csr.signature_algorithm_oid
+        # The signature algorithm (weak, unknown) is judged by the policy
+        # check csr_signature_valid, which names it.
     except UnsupportedAlgorithm:
-        # A CSR, but with a key or signature we cannot check or certify.
+        # A CSR, but with a key we cannot check or certify.
         raise Refusal(
             400,
             "unsupported-algorithm",
-            "the request's key or signature algorithm is not supported",
+            "the request's public key algorithm is not supported",
         ) from None
     except Exception:
         # Arbitrary bytes from the network: ValueError, InvalidVersion,

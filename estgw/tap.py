@@ -23,7 +23,7 @@ from estgw.config import Config, ConfigError
 from estgw.enroll import Gateway
 from estgw.revocation import build_checker
 from estgw.metrics import metrics_site
-from estgw.tls import server_context_factory
+from estgw.tls import server_context_factory, settings_of
 from estgw.web import build_site
 
 
@@ -115,6 +115,7 @@ class GatewayService(service.Service):
             self.state.server_certificate,
             [self.state.ca.issuing],
             self.state.trust_anchors,
+            settings_of(self.config),
         )
         return wrapServerTLS(context, tcp(self.reactor, self.config.port, interface=interface))
 

@@ -54,14 +54,171 @@ def _select_alpn(connection: SSL.Connection, offered: list[bytes]) -> Any:
     return b"http/1.1" if b"http/1.1" in offered else SSL.NO_OVERLAPPING_PROTOCOLS
 
 
+# -- cipher suites, groups, security level (tls.* settings) -----------------------
+
+# TLS 1.2: forward-secret AEAD suites first, then AES-CBC with SHA-2 for
+# older stacks.  CCM_8 (the RFC 7925 suite) is left out: OpenSSL 3.2 and
+# later allow its 64-bit tag only at security level 0, which also admits
+# 1024-bit RSA and SHA-1 signatures in every handshake; an operator opts
+# in with tls.ciphers and tls.securityLevel = 0 (see the README).
+DEFAULT_CIPHERS = (
+    "ECDHE+AESGCM:ECDHE+CHACHA20:ECDHE+AESCCM:ECDHE+AES+SHA256:ECDHE+AES+SHA384:"
+    "!AESCCM8:!aNULL:!eNULL"
+)
+# OpenSSL's own TLS 1.3 default.
+DEFAULT_CIPHERSUITES = "TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256:TLS_AES_128_GCM_SHA256"
+_CLASSIC_GROUPS = "X25519:P-256:P-384:P-521"
+# 112-bit security: RSA and DH of at least 2048 bits, no SHA-1 signatures.
+DEFAULT_SECURITY_LEVEL = 2
+
+
+def _set_groups(context: SSL.Context, groups: str) -> bool:
+    """SSL_CTX_set1_groups_list through pyOpenSSL's binding (pyOpenSSL has
+    no public call for it); False when OpenSSL refuses the list."""
+    from OpenSSL._util import lib
+
+    return bool(lib.SSL_CTX_set1_curves_list(context._context, groups.encode("ascii")))
+
+
+def default_groups() -> str:
+    """The hybrid post-quantum X25519MLKEM768 first where this OpenSSL has
+    it (3.5 and later), then X25519 and the NIST curves."""
+    hybrid = "X25519MLKEM768:" + _CLASSIC_GROUPS
+    return hybrid if _set_groups(SSL.Context(SSL.TLS_METHOD), hybrid) else _CLASSIC_GROUPS
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class TLSSettings:
+    """The ``tls.ciphers``, ``tls.ciphersuites``, ``tls.groups`` and
+    ``tls.securityLevel`` settings: OpenSSL syntax, colon-separated."""
+
+    ciphers: str = DEFAULT_CIPHERS  # TLS 1.2 cipher list
+    ciphersuites: str = DEFAULT_CIPHERSUITES  # TLS 1.3 suites
+    groups: str = attr.ib(factory=default_groups)  # key exchange groups
+    security_level: int = DEFAULT_SECURITY_LEVEL  # OpenSSL security level 0-5
+
+
+class TLSSettingError(ValueError):
+    """A tls.* setting OpenSSL cannot use; ``key`` names the setting."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(f"{key}: {reason}")
+        self.key = key
+        self.reason = reason
+
+
+def _offers(level: int, cipher: str | None = None, suite: str | None = None) -> bool:
+    """Whether a client at security ``level`` can offer this TLS 1.2
+    cipher or TLS 1.3 suite at all (a ClientHello is built, nothing sent)."""
+    context = SSL.Context(SSL.TLS_METHOD)
+    if cipher is not None:
+        context.set_max_proto_version(SSL.TLS1_2_VERSION)
+        context.set_cipher_list(f"{cipher}:@SECLEVEL={level}".encode("ascii"))
+    else:
+        context.set_min_proto_version(SSL.TLS1_3_VERSION)
+        context.set_cipher_list(f"DEFAULT:@SECLEVEL={level}".encode("ascii"))
+        context.set_tls13_ciphersuites((suite or "").encode("ascii"))
+    connection = SSL.Connection(context, None)
+    connection.set_connect_state()
+    try:
+        connection.do_handshake()
+    except SSL.WantReadError:
+        return True
+    except SSL.Error:
+        return False
+    return True
+
+
+def _level_check(key: str, name: str, level: int, **what: str) -> None:
+    if _offers(level, **what):
+        return
+    usable = [lower for lower in range(level) if _offers(lower, **what)]
+    hint = f" (it is usable up to tls.securityLevel {max(usable)})" if usable else ""
+    raise TLSSettingError(key, f"{name} cannot be used at tls.securityLevel {level}{hint}")
+
+
+def _names(value: str) -> list[str]:
+    return [item.strip() for item in value.replace(",", ":").split(":") if item.strip()]
+
+
+def check_tls_settings(settings: TLSSettings) -> None:
+    """Raise :class:`TLSSettingError` naming the first setting OpenSSL
+    cannot use: an unknown cipher, suite or group name, an empty list, or
+    a name the security level disallows (as OpenSSL 3.2+ does CCM_8 above
+    level 0).  Unknown names are errors here although OpenSSL itself
+    skips them: a typo must not silently change what is offered."""
+    level = settings.security_level
+    if not 0 <= level <= 5:
+        raise TLSSettingError("tls.securityLevel", f"must be 0 to 5, not {level}")
+    ciphers = settings.ciphers.strip()
+    if not ciphers:
+        raise TLSSettingError("tls.ciphers", "must name at least one cipher")
+    if "@seclevel" in ciphers.lower():
+        raise TLSSettingError("tls.ciphers", "set the security level with tls.securityLevel, not @SECLEVEL")
+    for token in _names(ciphers):
+        if token[0] in "!-+@":
+            continue  # exclusions, reordering and @STRENGTH select nothing by themselves
+        try:
+            SSL.Context(SSL.TLS_METHOD).set_cipher_list(token.encode("ascii"))
+        except (SSL.Error, UnicodeEncodeError):
+            raise TLSSettingError("tls.ciphers", f"OpenSSL knows no cipher or cipher group {token!r}") from None
+    probe = SSL.Context(SSL.TLS_METHOD)
+    try:
+        probe.set_cipher_list(ciphers.encode("ascii"))
+    except SSL.Error:
+        raise TLSSettingError("tls.ciphers", f"selects no cipher: {ciphers!r}") from None
+    selected = [c for c in SSL.Connection(probe, None).get_cipher_list() if not c.startswith("TLS_")]
+    for token in _names(ciphers):
+        if token in selected:  # a cipher named on its own: it must work
+            _level_check("tls.ciphers", token, level, cipher=token)
+    if not any(_offers(level, cipher=c) for c in selected):
+        raise TLSSettingError("tls.ciphers", f"no cipher it selects can be used at tls.securityLevel {level}")
+
+    suites = _names(settings.ciphersuites)
+    if not suites:
+        raise TLSSettingError("tls.ciphersuites", "must name at least one TLS 1.3 cipher suite")
+    for suite in suites:
+        try:
+            SSL.Context(SSL.TLS_METHOD).set_tls13_ciphersuites(suite.encode("ascii"))
+        except (SSL.Error, UnicodeEncodeError):
+            raise TLSSettingError("tls.ciphersuites", f"OpenSSL knows no TLS 1.3 cipher suite {suite!r}") from None
+        _level_check("tls.ciphersuites", suite, level, suite=suite)
+
+    groups = _names(settings.groups)
+    if not groups:
+        raise TLSSettingError("tls.groups", "must name at least one group")
+    for group in groups:
+        try:
+            known = _set_groups(SSL.Context(SSL.TLS_METHOD), group)
+        except UnicodeEncodeError:
+            known = False
+        if not known:
+            raise TLSSettingError("tls.groups", f"OpenSSL knows no group {group!r}")
+
+
+def apply_tls_settings(context: SSL.Context, settings: TLSSettings) -> None:
+    """Set the cipher list (with the security level), TLS 1.3 suites and
+    groups on a context not yet used for a connection."""
+    context.set_cipher_list(f"{settings.ciphers}:@SECLEVEL={settings.security_level}".encode("ascii"))
+    context.set_tls13_ciphersuites(":".join(_names(settings.ciphersuites)).encode("ascii"))
+    if not _set_groups(context, ":".join(_names(settings.groups))):
+        raise TLSSettingError("tls.groups", f"OpenSSL refused {settings.groups!r}")
+
+
 class GatewayContextFactory(ssl.CertificateOptions):
-    """CertificateOptions that record client-chain errors instead of failing."""
+    """CertificateOptions that record client-chain errors instead of
+    failing, with the tls.* cipher, group and security-level settings."""
+
+    settings = TLSSettings()
 
     def getContext(self) -> SSL.Context:
         if getattr(self, "_context", None) is None:
             context = super().getContext()
             context.set_verify(SSL.VERIFY_PEER, _record_verify_result)
             context.set_alpn_select_callback(_select_alpn)
+            # After CertificateOptions: these replace its cipher list and
+            # its single ECDH curve (P-256).
+            apply_tls_settings(context, self.settings)
             return context
         return super().getContext()
 
@@ -71,9 +228,12 @@ def server_context_factory(
     certificate: x509.Certificate,
     chain: Sequence[x509.Certificate],
     trust_anchors: Sequence[x509.Certificate],
+    settings: TLSSettings | None = None,
 ) -> GatewayContextFactory:
-    """The TLS server context: our key and chain, client certs optional."""
-    return GatewayContextFactory(
+    """The TLS server context: our key and chain, client certs optional,
+    ciphers, groups and security level from ``settings`` (the defaults
+    when None)."""
+    factory = GatewayContextFactory(
         # cryptography objects: pyOpenSSL deprecates its own PKey/X509 here.
         privateKey=private_key,
         certificate=certificate,
@@ -83,6 +243,20 @@ def server_context_factory(
         requireCertificate=False,
         raiseMinimumTo=TLSVersion.TLSv1_2,
         enableSessions=False,
+    )
+    if settings is not None:
+        factory.settings = settings
+    return factory
+
+
+def settings_of(config: Any) -> TLSSettings:
+    """The TLS settings of a :class:`estgw.config.Config`; unset ones
+    take the defaults."""
+    return TLSSettings(
+        ciphers=config.tls_ciphers or DEFAULT_CIPHERS,
+        ciphersuites=config.tls_ciphersuites or DEFAULT_CIPHERSUITES,
+        groups=config.tls_groups or default_groups(),
+        security_level=config.tls_security_level,
     )
 
 
