@@ -61,9 +61,10 @@ def _select_alpn(connection: SSL.Connection, offered: list[bytes]) -> Any:
 # later allow its 64-bit tag only at security level 0, which also admits
 # 1024-bit RSA and SHA-1 signatures in every handshake; an operator opts
 # in with tls.ciphers and tls.securityLevel = 0 (see the README).
+# ("-AESCCM8", not "!": a cipher named after it adds it back.)
 DEFAULT_CIPHERS = (
-    "ECDHE+AESGCM:ECDHE+CHACHA20:ECDHE+AESCCM:ECDHE+AES+SHA256:ECDHE+AES+SHA384:"
-    "!AESCCM8:!aNULL:!eNULL"
+    "ECDHE+AESGCM:ECDHE+CHACHA20:ECDHE+AESCCM:-AESCCM8:ECDHE+AES+SHA256:ECDHE+AES+SHA384:"
+    "!aNULL:!eNULL"
 )
 # OpenSSL's own TLS 1.3 default.
 DEFAULT_CIPHERSUITES = "TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256:TLS_AES_128_GCM_SHA256"
@@ -137,6 +138,14 @@ def _level_check(key: str, name: str, level: int, **what: str) -> None:
     raise TLSSettingError(key, f"{name} cannot be used at tls.securityLevel {level}{hint}")
 
 
+def _tls12_ciphers(cipher_list: str) -> list[str]:
+    """The TLS 1.2 ciphers an OpenSSL cipher list selects, in order
+    (SSL.Error when none)."""
+    context = SSL.Context(SSL.TLS_METHOD)
+    context.set_cipher_list(cipher_list.encode("ascii"))
+    return [c for c in SSL.Connection(context, None).get_cipher_list() if not c.startswith("TLS_")]
+
+
 def _names(value: str) -> list[str]:
     return [item.strip() for item in value.replace(",", ":").split(":") if item.strip()]
 
@@ -155,22 +164,23 @@ def check_tls_settings(settings: TLSSettings) -> None:
         raise TLSSettingError("tls.ciphers", "must name at least one cipher")
     if "@seclevel" in ciphers.lower():
         raise TLSSettingError("tls.ciphers", "set the security level with tls.securityLevel, not @SECLEVEL")
+    named = []  # ciphers named on their own (not a group like ECDHE+AESGCM)
     for token in _names(ciphers):
         if token[0] in "!-+@":
             continue  # exclusions, reordering and @STRENGTH select nothing by themselves
         try:
-            SSL.Context(SSL.TLS_METHOD).set_cipher_list(token.encode("ascii"))
+            if _tls12_ciphers(token) == [token]:
+                named.append(token)
         except (SSL.Error, UnicodeEncodeError):
             raise TLSSettingError("tls.ciphers", f"OpenSSL knows no cipher or cipher group {token!r}") from None
-    probe = SSL.Context(SSL.TLS_METHOD)
     try:
-        probe.set_cipher_list(ciphers.encode("ascii"))
+        selected = _tls12_ciphers(ciphers)
     except SSL.Error:
         raise TLSSettingError("tls.ciphers", f"selects no cipher: {ciphers!r}") from None
-    selected = [c for c in SSL.Connection(probe, None).get_cipher_list() if not c.startswith("TLS_")]
-    for token in _names(ciphers):
-        if token in selected:  # a cipher named on its own: it must work
-            _level_check("tls.ciphers", token, level, cipher=token)
+    for token in named:  # a cipher named on its own must be offered
+        if token not in selected:
+            raise TLSSettingError("tls.ciphers", f"{token} is named but an exclusion (!) in the list removes it")
+        _level_check("tls.ciphers", token, level, cipher=token)
     if not any(_offers(level, cipher=c) for c in selected):
         raise TLSSettingError("tls.ciphers", f"no cipher it selects can be used at tls.securityLevel {level}")
 
