@@ -266,6 +266,18 @@ class LabelRoutingTests(TestCase):
         result = await gateway.curl("ca:2/cacerts")
         self.assertEqual((result.status, result.text), (404, "no CA label 'ca:2' here\n"))
 
+    async def test_sub_delims_label_served(self) -> None:
+        """A label with '@' and sub-delims is reached spelt out and
+        percent-encoded ('+' is not a space in a path)."""
+        gateway = await RunningGateway.start(
+            self, TEST_CONFIG + "handler.9.operation = cacerts\nhandler.9.label = ra@site+1;v=2\n"
+        )
+        for label in ("ra@site+1;v=2", "ra%40site%2B1%3Bv%3D2"):
+            result = await gateway.curl(f"{label}/cacerts", extra=["--path-as-is"])
+            self.assertEqual(result.status, 200, f"{label}: {result.text}")
+        result = await gateway.curl("ra@site%201;v=2/cacerts", extra=["--path-as-is"])
+        self.assertEqual(result.status, 404)
+
 
 class LabelDaemonTests(TwistdTestCase):
     async def test_twistd_serves_colon_label(self) -> None:
