@@ -13,13 +13,16 @@ clientAuth rule is a policy check with its own named reason.
 from __future__ import annotations
 
 import weakref
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import attr
 from cryptography import x509
 from OpenSSL import SSL, crypto
 from twisted.internet import ssl
 from twisted.internet.ssl import TLSVersion
+
+if TYPE_CHECKING:
+    from estgw.config import Config
 
 def _verify_error_text(errno: int) -> str:
     """OpenSSL's own words for an X509_V_ERR_* code: the numbers differ
@@ -259,7 +262,7 @@ def server_context_factory(
     return factory
 
 
-def settings_of(config: Any) -> TLSSettings:
+def settings_of(config: "Config") -> TLSSettings:
     """The TLS settings of a :class:`estgw.config.Config`; unset ones
     take the defaults."""
     return TLSSettings(

@@ -25,6 +25,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.serialization import Encoding
 from twisted.internet.threads import deferToThread
+from twisted.web.http_headers import Headers
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from estgw import tls
@@ -33,6 +34,7 @@ from estgw.config import ConfigError, from_string
 from estgw.passwords import hash_password
 from estgw.protocol import decode_certs_only
 from estgw.store import Device
+from estgw.web import origin_path
 from estgw.testing import TEST_CONFIG, HTTPResult, RunningGateway, csr_pem, make_csr, new_key, run_process, write
 from tests.test_auth import FACTORY_CA, SECURITY_CONFIG, AuditLog, gateway_certificate, run_cli
 from tests.test_twistd import START_TIMEOUT, TwistdTestCase, _wait
@@ -302,6 +304,33 @@ class LabelDaemonTests(TwistdTestCase):
 
 
 # -- the request-target ----------------------------------------------------------------
+
+
+class OriginPathTests(SynchronousTestCase):
+    def test_forms(self) -> None:
+        """What each request-target is routed on (the query is already
+        split off by twisted.web)."""
+        for target, path in (
+            (b"https://h:8443/.well-known/est/cacerts", b"/.well-known/est/cacerts"),
+            (b"HTTP://h", b"/"),
+            (b"https://user@h:1//a//b/", b"/a/b"),
+            (b"/a/./b/../../../c", b"/c"),
+            (b"/a/%2e%2E/b", b"/b"),
+            (b"/a%2Fb/%2e/c", b"/a%2Fb/c"),
+            (b"*", b"*"),
+            (b"ftp://h/x", b"ftp://h/x"),
+        ):
+            self.assertEqual(origin_path(target), path, target)
+
+    def test_absolute_form_host(self) -> None:
+        """The authority of an absolute-form target replaces Host (RFC 9112
+        §3.2.2: the server MUST ignore the received Host)."""
+        headers = Headers({b"host": [b"wrong.example"]})
+        origin_path(b"https://est.example:8443/.well-known/est/cacerts", headers)
+        self.assertEqual(headers.getRawHeaders(b"host"), [b"est.example:8443"])
+        headers = Headers({b"host": [b"est.example"]})
+        origin_path(b"/.well-known/est/cacerts", headers)
+        self.assertEqual(headers.getRawHeaders(b"host"), [b"est.example"])
 
 
 class RequestTargetTests(TestCase):
