@@ -23,6 +23,7 @@ from pyasn1.error import PyAsn1Error
 from pyasn1.type import univ
 from pyasn1_modules import rfc7030
 
+from estgw import names
 from estgw.refusal import Refusal
 
 __all__ = [
@@ -169,6 +170,11 @@ def _load_csr(der: bytes) -> x509.CertificateSigningRequest | None:
             "the request's public key algorithm is not supported",
         ) from None
     except Exception:
+        # A subject or subjectAltName cryptography cannot represent (an
+        # INTEGER commonName, a 5-octet iPAddress) is named as such.
+        refusal = names.unparsable_name_refusal(der)
+        if refusal is not None:
+            raise refusal from None
         # Arbitrary bytes from the network: ValueError, InvalidVersion,
         # DuplicateExtension... all mean the same thing to the client.
         return None
