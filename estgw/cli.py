@@ -18,7 +18,7 @@ from typing import Any, Sequence
 from cryptography.hazmat.primitives.serialization import Encoding
 from twisted.internet import defer, task
 
-from estgw import bootstrap, config as config_module, device_import, factory, officers
+from estgw import bootstrap, config as config_module, device_import, factory, names, officers
 from estgw.ca import CRL_FILE, CAError, LocalCA
 from estgw.config import Config, ConfigError
 from estgw.store import (
@@ -93,7 +93,8 @@ async def cmd_device_add(options: Any, config: Config, store: IStore, out: Any) 
                 None if options["factory_cert"] is None else factory.read_certificate(options["factory_cert"])
             ),
             factory_cn=options["cn"],
-            subject_values=tuple(factory.parse_subject_value(v) for v in options["subject_value"] or ()),
+            subject_values=tuple(factory.parse_subject_value(v) for v in options["subject_value"] or ())
+            + tuple(factory.parse_san(v) for v in options["san"] or ()),
             single_use=bool(options["single_use"]),
         )
         # Hashing blocks; fine here: no one else waits on this reactor.
@@ -170,13 +171,30 @@ async def cmd_device_list(options: Any, config: Config, store: IStore, out: Any)
     if not devices:
         out.write("no devices registered\n")
         return
-    out.write(f"{'DEVICE':<32} {'AUTH':<16} {'SINGLE-USE':<10} {'REGISTERED':<20} CONSUMED\n")
+    out.write(f"{'DEVICE':<32} {'AUTH':<16} {'SINGLE-USE':<10} {'REGISTERED':<20} {'CONSUMED':<20} NAMES\n")
     for d in devices:
         auth = "+".join(
             kind for kind, present in (("password", d.password_hash), ("factory", d.factory_cert_sha256)) if present
         ) or "-"
         single = "yes" if d.single_use else "no"
-        out.write(f"{d.device_id:<32} {auth:<16} {single:<10} {_when(d.created_at):<20} {_when(d.consumed_at)}\n")
+        out.write(
+            f"{d.device_id:<32} {auth:<16} {single:<10} {_when(d.created_at):<20} {_when(d.consumed_at):<20}"
+            f" {_registered_names(d)}\n"
+        )
+
+
+def _registered_names(device: Any) -> str:
+    """``CN=id, serialNumber=SN1, DNS:pump-1.example``: what the device may
+    be called; a value that is not plain printable text is shown escaped."""
+
+    def text(value: str) -> str:
+        return value if value.isprintable() and value.strip() == value and value else names.shown(value)
+
+    parts = [f"CN={text(device.expected_common_name)}"]
+    for name, value in device.subject_values:
+        separator = ":" if name in factory.SAN_KINDS else "="
+        parts.append(f"{name}{separator}{text(value) if value else '(any)'}")
+    return ", ".join(parts)
 
 
 async def cmd_device_remove(options: Any, config: Config, store: IStore, out: Any) -> None:
@@ -308,8 +326,14 @@ def _parser() -> argparse.ArgumentParser:
     add.add_argument("--cn", help="the commonName requests must carry (default: the device id)")
     add.add_argument(
         "--subject-value", action="append", metavar="NAME=VALUE",
-        help="a value the request must carry, e.g. serialNumber=SN17 or IP=10.0.0.17 (repeatable;"
-        " an empty VALUE matches anything)",
+        help="a subject value the device may carry (and, with a factory certificate and"
+        " enroll.check-subject-values, must carry), e.g. serialNumber=SN17 (repeatable;"
+        " an empty VALUE matches any one value)",
+    )
+    add.add_argument(
+        "--san", action="append", metavar="KIND:VALUE",
+        help="a subjectAltName the device may carry: DNS:name, IP:address, email:address or URI:uri"
+        " (repeatable)",
     )
     add.set_defaults(run=cmd_device_add)
     importing = device.add_parser(
@@ -319,7 +343,7 @@ def _parser() -> argparse.ArgumentParser:
         + ",".join(device_import.CSV_COLUMNS)
         + " (id required; any order). password may be empty when factory_cert (a file relative to"
         " the CSV) is given; cn defaults to the id; single_use is yes/no; subject_values are"
-        " NAME=VALUE pairs separated by ';'. Each bad row is reported as 'line N: reason' and"
+        " NAME=VALUE pairs and sans KIND:VALUE names, each separated by ';'. Each bad row is reported as 'line N: reason' and"
         " skipped; the good rows are imported; the exit status is 1 if any row was bad.",
     )
     importing.add_argument("file", help="the CSV file")

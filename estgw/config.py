@@ -321,6 +321,10 @@ class HandlerConfig:
     # Which client certificates count here: "local" (issued by this
     # gateway's CA) or "any" (also those of tls.trustAnchors CAs).
     client_certificate_issuers: str = ""
+    # What a password or factory device may be called besides its id:
+    # "registered" (only the names registered for it) or "any" (also any
+    # other well-formed name; see estgw.policy.device_names).
+    device_names: str = "registered"
     # Set (from the token procedure) when simpleenroll needs a registered
     # factory certificate.
     factory: FactoryAuthConfig | None = None
@@ -468,6 +472,7 @@ _HANDLER_KEYS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "acceptSha1CsrSignature": ("accept_sha1_csr_signature", _bool),
     "requiredRoRoles": ("required_ro_roles", _roles),
     "clientCertificateIssuers": ("client_certificate_issuers", _choice("local", "any")),
+    "deviceNames": ("device_names", _choice("registered", "any")),
     "idm.requestUrl": ("idm_request_url", _text),
     "idm.tls.token": ("idm_token", _text),
     "idm.tls.password": ("idm_password", _text),
@@ -703,7 +708,9 @@ def _complete_handler(
     if not enroll:
         # Settings that mean nothing here are errors only when set on the
         # handler itself; the default section applies to all handlers.
-        for name in ("format", "tokenprocedure", "authtype", "qop", "requiredRoRoles", "acceptSha1CsrSignature"):
+        for name in (
+            "format", "tokenprocedure", "authtype", "qop", "requiredRoRoles", "acceptSha1CsrSignature", "deviceNames",
+        ):
             if name in own_keys:
                 raise ConfigError(prefix + name, f"not used by {op}", source)
         handler = attr.evolve(

@@ -178,7 +178,7 @@ def _check_host(what: str, text: str, wildcard: bool) -> str:
 def check_dns_name(text: str, wildcard: bool = True) -> str:
     """A dNSName (RFC 5280 §4.2.1.6); ``wildcard``: whether the
     documented wildcard form is acceptable.  Returns it unchanged."""
-    return _check_host("the dNSName", text, wildcard)
+    return _check_host("the dNSName subjectAltName", text, wildcard)
 
 
 def is_host_name(text: str) -> bool:
@@ -313,7 +313,7 @@ def check_attribute(attribute: x509.NameAttribute) -> x509.NameAttribute:
         type_name = kind.name if isinstance(kind, _ASN1Type) else type(value).__name__
         raise BadName(f"{what} is a {type_name}, not a character string")
     check_text(what, value)
-    if bound is not None and len(value) > bound:
+    if bound is not None and len(value) > bound and syntax != _COUNTRY:
         raise BadName(f"{what} {shown(value)} is longer than {bound} characters")
     if syntax == _COUNTRY:
         if not (len(value) == 2 and _ascii(value) and value.isalpha()):

@@ -58,7 +58,7 @@ class FactoryEnrollmentTests(SecurityTestCase):
     async def test_factory_certificate_without_eku(self) -> None:
         """An IDevID with no EKU extension (unrestricted, RFC 5280) enrolls."""
         self.idevid = FACTORY_CA.issue(self.directory, "ACME-PUMP-0017", ekus=(), serial_number="SN17")
-        await self.register()
+        await self.register("--subject-value", "serialNumber=SN17")
         await self.assertIssued(await self.enroll(), "factory:pump-17")
 
     async def test_factory_certificate_restricted_to_other_eku(self) -> None:
@@ -128,11 +128,18 @@ class FactoryEnrollmentTests(SecurityTestCase):
         await self.assertIssued(await self.enroll(csr=csr_for("pump-17")), "factory:pump-17")
 
     async def test_subject_values_not_checked(self) -> None:
-        """With enroll.check-subject-values = false a mismatch is accepted;
-        the CN is still checked."""
+        """With enroll.check-subject-values = false a registered value need
+        not be present; the CN is still checked."""
+        await self.register("--subject-value", "serialNumber=SN17")
+        result = await self.enroll("factoryany", csr=csr_for("pump-17"))
+        await self.assertIssued(result, "factory:pump-17")
+
+    async def test_subject_values_not_checked_still_registered_only(self) -> None:
+        """enroll.check-subject-values = false does not widen what the
+        device may be called: another serialNumber is not registered."""
         await self.register("--subject-value", "serialNumber=SN17")
         result = await self.enroll("factoryany", csr=csr_for("pump-17", serial_number="SN99"))
-        await self.assertIssued(result, "factory:pump-17")
+        await self.assertRefused(result, 403, "subject-not-registered", "serialNumber 'SN99' is not registered")
 
     async def test_mandatory_password_missing(self) -> None:
         """enroll.mandatorypassword = true: the certificate alone gets 401."""
@@ -157,7 +164,7 @@ class FactoryEnrollmentTests(SecurityTestCase):
 
     async def test_mandatory_password_given(self) -> None:
         """Factory certificate plus the device's password: issued."""
-        await self.register("--password", "pw17")
+        await self.register("--password", "pw17", "--subject-value", "serialNumber=SN17")
         await self.assertIssued(await self.enroll("factorypw", user="pump-17:pw17"), "factory:pump-17")
 
     async def test_single_use_factory_registration(self) -> None:
