@@ -146,8 +146,14 @@ class OperationTests(E2ETestCase):
             self.assertIn(name, parsed.stdout)
 
     async def test_enroll_with_basic(self) -> None:
-        """A pre-registered device enrolls with HTTP Basic; the certificate
-        verifies against the cacerts chain and is recorded as sent."""
+        """A pre-registered device enrolls with HTTP Basic, with the names
+        registered for it; the certificate verifies against the cacerts
+        chain and is recorded as sent."""
+        await self.gateway.store.remove_device(DEVICE)
+        await self.gateway.store.add_device(Device(
+            DEVICE, hash_password(PASSWORD),
+            subject_values=(("O", "Example"), ("DNS", "dev-1.example"), ("IP", "192.0.2.7")),
+        ))
         chain = await self.client.cacerts()
         key, csr = await self.client.key_and_csr(
             f"/CN={DEVICE}/O=Example", "subjectAltName=DNS:dev-1.example,IP:192.0.2.7"
