@@ -12,8 +12,8 @@ the request must carry the registered commonName and, with
 Registered names are ``NAME=VALUE`` pairs (``device add --subject-value``,
 and ``--san KIND:VALUE`` for the subjectAltName kinds).  NAME is a subject
 attribute (``serialNumber``, ``O``, ``OU``, ``C``, ``L``, ``ST``,
-``emailAddress``, ``unstructuredName``, ``unstructuredAddress``, ``UID``
-or a dotted OID) or a subjectAltName kind (``DNS``, ``IP``, ``email``,
+``emailAddress``, ``unstructuredName``, ``unstructuredAddress``, ``UID``,
+``DC`` or a dotted OID) or a subjectAltName kind (``DNS``, ``IP``, ``email``,
 ``URI``).  A VALUE must be a well-formed name of its kind
 (:mod:`estgw.names`); an empty one matches any value, and a request
 without that name.  What a device may be called with them is decided by
@@ -56,6 +56,7 @@ SUBJECT_ATTRIBUTES: dict[str, x509.ObjectIdentifier] = {
     "ST": NameOID.STATE_OR_PROVINCE_NAME,
     "emailAddress": NameOID.EMAIL_ADDRESS,
     "UID": NameOID.USER_ID,
+    "DC": NameOID.DOMAIN_COMPONENT,
     "unstructuredName": UNSTRUCTURED_NAME,
     "unstructuredAddress": UNSTRUCTURED_ADDRESS,
 }

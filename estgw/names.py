@@ -64,6 +64,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import unicodedata
+import warnings
 from typing import Iterable
 
 from cryptography import x509
@@ -311,7 +312,7 @@ def check_attribute(attribute: x509.NameAttribute) -> x509.NameAttribute:
     value = attribute.value
     if kind not in STRING_TYPES or not isinstance(value, str):
         type_name = kind.name if isinstance(kind, _ASN1Type) else type(value).__name__
-        raise BadName(f"{what} is a {type_name}, not a character string")
+        raise BadName(f"{what} is encoded as {type_name}, not as a character string")
     check_text(what, value)
     if bound is not None and len(value) > bound and syntax != _COUNTRY:
         raise BadName(f"{what} {shown(value)} is longer than {bound} characters")
@@ -343,7 +344,11 @@ def check_attribute(attribute: x509.NameAttribute) -> x509.NameAttribute:
         encoding = kind  # a type we know no syntax of: as the request had it
     if encoding is attribute._type:
         return attribute
-    return x509.NameAttribute(attribute.oid, value, _type=encoding)
+    with warnings.catch_warnings():
+        # cryptography counts a commonName's bound in UTF-8 bytes, RFC 5280
+        # in characters: the bound was checked above.
+        warnings.simplefilter("ignore")
+        return x509.NameAttribute(attribute.oid, value, _type=encoding, _validate=False)
 
 
 def check_name(name: x509.Name, what: str = "subject") -> x509.Name:
@@ -453,8 +458,8 @@ def _value_problem(what: str, der: bytes) -> str:
     if tag in _STRING_TAGS:
         return f"{what} is not a valid {_STRING_TAGS[tag]}"
     kind = _TAG_NAMES.get(tag & 0x1F) if tag >= 0 and not tag & 0xC0 else None
-    kind = kind or "non-universal ASN.1 value"
-    return f"{what} is {'an' if kind[0] in 'AEIOU' else 'a'} {kind}, not a character string"
+    kind = kind or f"a value of tag {tag:#04x}" if tag >= 0 else "nothing"
+    return f"{what} is encoded as {kind}, not as a character string"
 
 
 def _subject_problem(name: object) -> str | None:
@@ -468,26 +473,22 @@ def _subject_problem(name: object) -> str | None:
 
 
 def _decodes(der: bytes) -> bool:
-    """Whether cryptography can represent this one attribute value."""
-    tag = der[:1]
-    if not tag or tag[0] not in _STRING_TAGS:
+    """Whether cryptography can represent this one attribute value: a
+    character string whose content decodes."""
+    if len(der) < 2 or der[0] not in _STRING_TAGS:
         return False
+    length, offset = der[1], 2
+    if length & 0x80:
+        count = length & 0x7F
+        if not 0 < count <= 4 or len(der) < 2 + count:
+            return False
+        length, offset = int.from_bytes(der[2:2 + count], "big"), 2 + count
+    if len(der) != offset + length:
+        return False
+    content = der[offset:]
+    codec = {12: "utf-8", 30: "utf-16-be", 28: "utf-32-be"}.get(der[0], "ascii")
     try:
-        value, rest = der_decoder.decode(der)
-    except (PyAsn1Error, ValueError, TypeError):
-        return False
-    if rest:
-        return False
-    raw = value.asOctets()
-    try:
-        if tag[0] == 12:
-            raw.decode("utf-8")
-        elif tag[0] in (18, 19, 20, 22, 26):
-            raw.decode("ascii")
-        elif tag[0] == 30:
-            raw.decode("utf-16-be")
-        elif tag[0] == 28:
-            raw.decode("utf-32-be")
+        content.decode(codec)
     except UnicodeDecodeError:
         return False
     return True

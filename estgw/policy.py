@@ -131,7 +131,10 @@ def _copy_rules(
     if not subject.get_attributes_for_oid(NameOID.COMMON_NAME):
         # A dNSName may be 253 characters, a commonName only 64 (RFC 5280
         # ub-common-name): copy the first that fits, if any.
-        dns = [n.value for n in sans if isinstance(n, x509.DNSName) and 0 < len(n.value) <= UB_COMMON_NAME]
+        dns = [
+            n.value for n in sans
+            if isinstance(n, x509.DNSName) and len(n.value) <= UB_COMMON_NAME and names.is_host_name(n.value)
+        ]
         if dns:
             cn = x509.RelativeDistinguishedName([x509.NameAttribute(NameOID.COMMON_NAME, dns[0])])
             subject = x509.Name(list(subject.rdns) + [cn])
