@@ -151,6 +151,9 @@ _LABEL = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 def _check_host(what: str, text: str, wildcard: bool) -> str:
     if not text:
         raise BadName(f"{what} is empty")
+    for character in text:
+        if unicodedata.category(character) == "Cc":
+            raise BadName(f"{what} {shown(text)} is not a host name: it holds the control character U+{ord(character):04X}")
     if not _ascii(text) or not text.isprintable():
         raise BadName(f"{what} {shown(text)} is not an ASCII host name (an IDN goes in as its xn-- A-label)")
     if len(text) > 253:
