@@ -17,6 +17,7 @@ from cryptography.x509.name import _ASN1Type
 from cryptography.x509.oid import NameOID
 from pyasn1.codec.der import encoder
 from pyasn1.type import univ
+from twisted.trial.unittest import SynchronousTestCase
 
 from estgw import protocol
 from estgw.testing import csr_pem, make_csr, new_key, run_process, write
@@ -364,3 +365,19 @@ class IssuedEncodingTests(SecurityTestCase):
         [cn] = cert.subject
         self.assertEqual((cn.value, cn._type), ("Zähler 17", _ASN1Type.UTF8String))
         self.assertIn("CN=UTF8STRING:Z", await self.openssl_text(result.body))
+
+
+class DeviceNamesConfigTests(SynchronousTestCase):
+    def test_setting(self) -> None:
+        """deviceNames is registered (default) or any, on enrollment
+        handlers only; anything else stops the gateway with the key."""
+        from estgw.config import ConfigError, from_string
+        from estgw.testing import TEST_CONFIG
+
+        handlers = {h.id: h for h in from_string(TEST_CONFIG + "handler.6.deviceNames = any\n").handlers}
+        self.assertEqual((handlers["2"].device_names, handlers["6"].device_names), ("registered", "any"))
+        for extra, key in (("handler.2.deviceNames = all\n", "handler.2.deviceNames"),
+                           ("handler.1.deviceNames = any\n", "handler.1.deviceNames")):
+            with self.assertRaises(ConfigError) as caught:
+                from_string(TEST_CONFIG + extra)
+            self.assertIn(key, str(caught.exception))
