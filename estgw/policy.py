@@ -524,12 +524,14 @@ def device_names(ctx: PolicyContext) -> None:
             raise _policy("subject-not-registered", f"the subject attribute {described} is not registered for {who}")
 
     own_san = _name_as_san(own)
+    own_entry = factory.san_entry(own_san) if own_san is not None else None
     for san in ctx.sans:
-        if own_san is not None and san == own_san:
-            own_san = None  # the id's own dNSName, once
+        entry = factory.san_entry(san)
+        if own_entry is not None and entry is not None and entry[0] == own_entry[0] \
+                and factory.same_value(entry[0], own_entry[1], entry[1]):
+            own_entry = None  # the id's own dNSName, once
             continue
         described = names.describe_general_name(san)
-        entry = factory.san_entry(san)
         if entry is None:
             raise _policy("san-not-allowed", f"a {type(san).__name__} subjectAltName ({described}) is not issued to a device")
         if claim(*entry):

@@ -215,10 +215,22 @@ class CheckTests(SynchronousTestCase):
         policy.subject_matches_client_certificate(context(csr_with(name("pump-99")), identity=officer))
 
     def test_device_names(self) -> None:
-        """A password device gets certificates for its own id only."""
+        """A password device gets certificates for its own id only; the
+        dNSName of its id may be given in any letter case, once."""
         refusal = refusal_of(policy.device_names, context(csr_with(name("pump-18"))))
         self.assertEqual(refusal.code, "subject-not-registered")
         policy.device_names(context(csr_with(name("pump-17"))))
+        policy.device_names(context(csr_with(name("pump-17"), sans=[x509.DNSName("PUMP-17")])))
+        twice = context(csr_with(name("pump-17"), sans=[x509.DNSName("pump-17"), x509.DNSName("Pump-17")]))
+        self.assertEqual(refusal_of(policy.device_names, twice).code, "san-not-registered")
+
+    def test_every_format_checks_names(self) -> None:
+        """Whatever the handler's format, names are checked as names and a
+        device is held to its names: the rule cannot be left out by
+        configuration."""
+        for format_name, checks in policy.FORMATS.items():
+            for check in (policy.subject_well_formed, policy.sans_well_formed, policy.device_names):
+                self.assertIn(check, checks, format_name)
 
 
 def serialization_der():
