@@ -26,6 +26,7 @@ from urllib.parse import unquote, urlsplit
 
 import attr
 
+from estgw import names
 from estgw.properties import PropertiesError, parse_properties
 from estgw.protocol import CsrAttr, parse_csrattrs_setting
 
@@ -134,6 +135,21 @@ def _port(value: str) -> int:
 
 def _list(value: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in value.split(",") if item.strip())
+
+
+def _hostnames(value: str) -> tuple[str, ...]:
+    """Names for the gateway's TLS certificate: IP addresses or dNSNames
+    (estgw.names rules, a wildcard allowed)."""
+    items = _list(value)
+    for item in items:
+        try:
+            ipaddress.ip_address(item)
+        except ValueError:
+            try:
+                names.check_dns_name(item)
+            except names.BadName as e:
+                raise ValueError(f"{e}: not an IP address either") from None
+    return items
 
 
 def _choice(*allowed: str) -> Callable[[str], str]:
@@ -424,7 +440,7 @@ class Config:
 _GLOBAL_KEYS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "server.port": ("port", _port),
     "server.interface": ("interface", _text),
-    "server.hostnames": ("hostnames", _list),
+    "server.hostnames": ("hostnames", _hostnames),
     "server.maxRequestBytes": ("max_request_bytes", _positive_int),
     "state.directory": ("state_directory", _text),
     "store.url": ("store_url", _text),
@@ -489,11 +505,12 @@ _NUMBERED = re.compile(r"^(handler|tokenprocedure)\.([0-9]+)\.(.+)$")
 
 
 def default_hostnames() -> tuple[str, ...]:
-    names = ["localhost", "127.0.0.1", "::1"]
+    defaults = ["localhost", "127.0.0.1", "::1"]
     host = socket.gethostname()
-    if host and host not in names:
-        names.append(host)
-    return tuple(names)
+    # A host name that is no dNSName (e.g. with '_') stays out of the certificate.
+    if host and host not in defaults and names.is_host_name(host):
+        defaults.append(host)
+    return tuple(defaults)
 
 
 def _parse(key: str, parser: Callable[[str], Any], value: str, source: str) -> Any:

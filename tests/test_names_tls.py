@@ -381,3 +381,18 @@ class DeviceNamesConfigTests(SynchronousTestCase):
             with self.assertRaises(ConfigError) as caught:
                 from_string(TEST_CONFIG + extra)
             self.assertIn(key, str(caught.exception))
+
+    def test_server_hostnames_are_names(self) -> None:
+        """server.hostnames, which go into the gateway's own TLS
+        certificate, are host names or IP addresses: a space or a NUL in
+        one stops the gateway with the key."""
+        from estgw.config import ConfigError, from_string
+        from estgw.testing import TEST_CONFIG
+
+        good = TEST_CONFIG.replace("server.hostnames = localhost, 127.0.0.1", "server.hostnames = est.example, ::1")
+        self.assertEqual(from_string(good).hostnames, ("est.example", "::1"))
+        for bad in ("est example", "est.example\\u0000x", "-est.example"):
+            text = TEST_CONFIG.replace("server.hostnames = localhost, 127.0.0.1", f"server.hostnames = {bad}")
+            with self.assertRaises(ConfigError) as caught:
+                from_string(text)
+            self.assertIn("server.hostnames", str(caught.exception))
