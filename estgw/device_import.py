@@ -41,8 +41,9 @@ from typing import Iterable, Sequence
 
 import attr
 from cryptography import x509
+from cryptography.x509.oid import NameOID
 
-from estgw import factory
+from estgw import factory, names
 from estgw.auth import digest_ha1
 from estgw.config import Config
 from estgw.passwords import hash_password
@@ -101,6 +102,12 @@ def check_registration(registration: Registration) -> Registration:
         raise ValueError("the password is empty")
     if registration.factory_cert is None and registration.factory_cn:
         raise ValueError("a commonName other than the device id needs a factory certificate")
+    # The id (or --cn) is the commonName of every certificate the device gets.
+    common_name = registration.factory_cn or registration.device_id
+    try:
+        names.check_value(NameOID.COMMON_NAME, common_name)
+    except names.BadName as e:
+        raise ValueError(f"{e}; the device's commonName is its id or --cn") from None
     return registration
 
 

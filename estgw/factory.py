@@ -140,7 +140,7 @@ def _registered_name(name: str, value: str) -> tuple[str, str]:
             names.check_uri(value)
         else:
             oid = SUBJECT_ATTRIBUTES.get(name) or x509.ObjectIdentifier(name)
-            names.check_attribute(x509.NameAttribute(oid, value, _validate=False))
+            names.check_value(oid, value)
     except names.BadName as e:
         raise ValueError(str(e)) from None
     return name, value

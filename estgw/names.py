@@ -88,6 +88,7 @@ __all__ = [
     "check_email",
     "check_uri",
     "check_attribute",
+    "check_value",
     "check_name",
     "check_general_name",
     "check_subject",
@@ -106,11 +107,7 @@ def shown(value: str | bytes, limit: int = 64) -> str:
     """A client-supplied value for a one-line reason or log line: quoted
     and escaped like Python's repr (no raw control characters, no line
     breaks), at most ``limit`` characters of it, then ``...``."""
-    if isinstance(value, bytes):
-        text = repr(value[:limit])
-    else:
-        text = repr(value[:limit])
-    return text + ("..." if len(value) > limit else "")
+    return repr(value[:limit]) + ("..." if len(value) > limit else "")
 
 
 # -- character strings ------------------------------------------------------------
@@ -354,7 +351,16 @@ def check_attribute(attribute: x509.NameAttribute) -> x509.NameAttribute:
         return x509.NameAttribute(attribute.oid, value, _type=encoding, _validate=False)
 
 
-def check_name(name: x509.Name, what: str = "subject") -> x509.Name:
+def check_value(oid: ObjectIdentifier, value: str) -> None:
+    """A subject value an operator registers (as a UTF8String, the type
+    it would be given): :func:`check_attribute`.  :raises BadName:"""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # cryptography's own bounds: checked here
+        attribute = x509.NameAttribute(oid, value, _validate=False)
+    check_attribute(attribute)
+
+
+def check_name(name: x509.Name) -> x509.Name:
     """Every attribute of ``name`` checked and re-encoded (the RDN
     structure is kept).  :raises BadName:"""
     rdns = []

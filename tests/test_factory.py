@@ -257,6 +257,10 @@ class DeviceRegistrationCLITests(SecurityTestCase):
             with self.assertRaises(cli.CommandError, msg=options) as caught:
                 await run_cli(self.gateway, "device", "add", "pump-17", "--password", "s3cret", *options)
             self.assertIn(message, str(caught.exception))
+        # The id is the commonName: one no certificate could carry is refused.
+        with self.assertRaises(cli.CommandError) as caught:
+            await run_cli(self.gateway, "device", "add", "p" * 65, "--password", "s3cret")
+        self.assertIn("longer than 64 characters; the device's commonName is its id", str(caught.exception))
         self.assertEqual(await self.gateway.store.list_devices(), [])
 
     async def test_import_sans_column(self) -> None:
