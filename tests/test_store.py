@@ -1,4 +1,10 @@
-"""Tests for estgw.store: real SQLite files, real certificates."""
+"""Tests for estgw.store: real SQLite files, a real PostgreSQL server, real
+certificates.
+
+The tests of the interface run against both backends: each class below
+runs on SQLite, and its ``PostgreSQL...`` twin (at the end) runs the same
+tests on a PostgreSQL database of its own (tests/postgresql.py).
+"""
 
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ from twisted.trial import unittest
 from zope.interface.verify import verifyObject
 
 from estgw.passwords import hash_password
+from tests import postgresql
 from estgw.store import (
     MIGRATIONS,
     Device,
@@ -99,25 +106,70 @@ class _ClockedReactor:
 
 
 class StoreTestCase(unittest.TestCase):
+    """Runs on SQLite; :class:`OnPostgreSQL` moves a subclass to PostgreSQL."""
+
+    store_class: type[_SQLStore] = SQLiteStore
+    database_error: type[Exception] = sqlite3.Error
+
     def setUp(self) -> None:
         base = self.mktemp()
         os.makedirs(base)
         self.path = os.path.join(base, "state.sqlite")
 
-    async def open_store(self, cls: type[_SQLStore] = SQLiteStore, **kwargs: Any) -> Any:
-        """A started store on self.path, closed when the test ends."""
-        store = cls(self.path, **kwargs)
+    async def location(self) -> str:
+        """What the store class opens: the file (or, on PostgreSQL, the URL)."""
+        return self.path
+
+    async def open_store(self, cls: type[_SQLStore] | None = None, **kwargs: Any) -> Any:
+        """A started store on self.location(), closed when the test ends."""
+        store = (cls or self.store_class)(await self.location(), **kwargs)
         await store.start()
         self.addCleanup(store.close)
         return store
 
     def on_disk(self, query: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-        """Read the file with a connection of our own, not the store's."""
+        """Read (or change) the database with a connection of our own, not the store's."""
         connection = sqlite3.connect(self.path)
         try:
-            return connection.execute(query, params).fetchall()
+            rows = connection.execute(query, params).fetchall()
+            connection.commit()
+            return rows
         finally:
             connection.close()
+
+    def table_exists(self, name: str) -> bool:
+        return bool(self.on_disk("SELECT name FROM sqlite_master WHERE name = ?", (name,)))
+
+
+class OnPostgreSQL:
+    """Mixed in before a StoreTestCase subclass: the same tests on a fresh
+    PostgreSQL database."""
+
+    _url: str | None = None
+
+    @property
+    def store_class(self) -> Any:  # type: ignore[override]
+        from estgw.store.postgresql import PostgreSQLStore
+
+        return PostgreSQLStore
+
+    @property
+    def database_error(self) -> Any:  # type: ignore[override]
+        import psycopg
+
+        return psycopg.Error
+
+    async def location(self) -> str:
+        if self._url is None:
+            self._url = await postgresql.new_database(self)
+        return self._url
+
+    def on_disk(self, query: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        assert self._url is not None
+        return postgresql.query(self._url, query.replace("?", "%s"), params)
+
+    def table_exists(self, name: str) -> bool:
+        return bool(self.on_disk("SELECT table_name FROM information_schema.tables WHERE table_name = ?", (name,)))
 
 
 class CertificateTests(StoreTestCase):
@@ -205,7 +257,7 @@ class CertificateTests(StoreTestCase):
         got = await store.get_certificate(serial)
         self.assertEqual(got.serial, serial)
         self.assertEqual(got.certificate.serial_number, serial)
-        self.assertEqual(self.on_disk("SELECT serial, typeof(serial) FROM certificates"), [(format(serial, "x"), "text")])
+        self.assertEqual(self.on_disk("SELECT serial FROM certificates"), [(format(serial, "x"),)])
         self.assertFalse(await store.is_revoked(serial))
         await store.revoke_certificate(serial, "keyCompromise", T0)
         self.assertTrue(await store.is_revoked(serial))
@@ -466,7 +518,7 @@ class SchemaTests(StoreTestCase):
         reopening applies no migration again and the version stays.
         """
         newest = MIGRATIONS[-1][0]
-        store = SQLiteStore(self.path)
+        store = self.store_class(await self.location())
         await store.start()
         await store.close()
         self.assertEqual(self.on_disk("SELECT id, version FROM schema_version"), [(1, newest)])
@@ -480,14 +532,11 @@ class SchemaTests(StoreTestCase):
         A file written by a newer estgw (higher schema version) refuses to
         open with a clear exception and leaves the file as it was.
         """
-        store = SQLiteStore(self.path)
+        store = self.store_class(await self.location())
         await store.start()
         await store.close()
-        connection = sqlite3.connect(self.path)
-        connection.execute("UPDATE schema_version SET version = 99")
-        connection.commit()
-        connection.close()
-        store = SQLiteStore(self.path)
+        self.on_disk("UPDATE schema_version SET version = 99")
+        store = self.store_class(await self.location())
         with self.assertRaises(UnsupportedSchemaVersion) as caught:
             await store.start()
         self.assertIn("99", str(caught.exception))
@@ -502,13 +551,13 @@ class SchemaTests(StoreTestCase):
         A file of the current version opened by code that knows one more
         version is migrated, keeping its data.
         """
-        following = SQLiteStore.SCHEMA_VERSION + 1
-        store = SQLiteStore(self.path)
+        following = self.store_class.SCHEMA_VERSION + 1
+        store = self.store_class(await self.location())
         await store.start()
         await store.record_certificate(issued(serial=8))
         await store.close()
 
-        class NextStore(SQLiteStore):
+        class NextStore(self.store_class):  # type: ignore[name-defined,misc]
             SCHEMA_VERSION = following
             migrations = MIGRATIONS + [(following, ["CREATE TABLE pending (id TEXT PRIMARY KEY)"])]
 
@@ -522,26 +571,103 @@ class SchemaTests(StoreTestCase):
         A migration step that fails half-way leaves neither its first
         statements nor a version bump behind; the file still opens.
         """
-        store = SQLiteStore(self.path)
+        store = self.store_class(await self.location())
         await store.start()
         await store.close()
 
-        current = SQLiteStore.SCHEMA_VERSION
+        current = self.store_class.SCHEMA_VERSION
 
-        class BrokenStore(SQLiteStore):
+        class BrokenStore(self.store_class):  # type: ignore[name-defined,misc]
             SCHEMA_VERSION = current + 1
             migrations = MIGRATIONS + [
                 (current + 1, ["CREATE TABLE half (id TEXT)", "CREATE TABLE certificates (x TEXT)"])
             ]
 
-        with self.assertRaises(sqlite3.OperationalError):
-            await BrokenStore(self.path).start()
+        with self.assertRaises(self.database_error):
+            await BrokenStore(await self.location()).start()
         self.assertEqual(self.on_disk("SELECT version FROM schema_version"), [(current,)])
-        self.assertEqual(
-            self.on_disk("SELECT name FROM sqlite_master WHERE name = 'half'"), []
-        )
+        self.assertFalse(self.table_exists("half"))
         store = await self.open_store()
         self.assertEqual(await store.count_certificates(), 0)
+
+class LifecycleTests(StoreTestCase):
+    async def test_provides_istore(self) -> None:
+        """The store provides every method of IStore."""
+        store = await self.open_store()
+        self.assertTrue(verifyObject(IStore, store))
+
+    async def test_not_started_or_closed(self) -> None:
+        """
+        Operations before start() and after close() fail with
+        StoreNotRunning; closing twice is harmless.
+        """
+        store = self.store_class(await self.location())
+        with self.assertRaises(StoreNotRunning):
+            await store.get_device("x")
+        await store.start()
+        await store.close()
+        await store.close()
+        with self.assertRaises(StoreNotRunning):
+            await store.count_certificates()
+
+    async def test_close_waits_for_work_in_flight(self) -> None:
+        """
+        close() called while a write is running lets it commit before the
+        pool stops, and fires only after it.
+        """
+        store = self.store_class(await self.location())
+        await store.start()
+        write = store.record_certificate(issued(serial=11))
+        closed = store.close()
+        # close() waits in the reactor rather than joining the pool thread
+        # (which would block the reactor until the queue drained).
+        self.assertNoResult(closed)
+        await write
+        await closed
+        self.assertEqual(self.on_disk("SELECT serial FROM certificates"), [("b",)])
+
+    async def test_committed_before_deferred_fires(self) -> None:
+        """
+        Once a write's Deferred fires, another connection already sees the
+        row: it is committed, not waiting in an open transaction.
+        """
+        store = await self.open_store()
+        await store.record_certificate(issued(serial=0xABC))
+        await store.add_device(Device("d", None, created_at=T0))
+        self.assertEqual(self.on_disk("SELECT serial FROM certificates"), [("abc",)])
+        self.assertEqual(self.on_disk("SELECT device_id FROM devices"), [("d",)])
+
+    async def test_survives_reopen(self) -> None:
+        """
+        Certificates, revocations and devices written by one store are all
+        there for the next store opened on the same file.
+        """
+        store = self.store_class(await self.location())
+        await store.start()
+        record = issued(serial=0xFEED)
+        await store.record_certificate(record)
+        revoked = await store.revoke_certificate(0xFEED, "superseded", T0 + timedelta(days=1))
+        device = Device("pump-17", hash_password("pw"), True, T0)
+        await store.add_device(device)
+        await store.consume_device("pump-17", T0 + timedelta(hours=1))
+        await store.close()
+
+        store = await self.open_store()
+        self.assertEqual(await store.get_certificate(0xFEED), revoked)
+        self.assertTrue(await store.is_revoked(0xFEED))
+        self.assertEqual(await store.list_certificates(), [revoked])
+        got = await store.get_device("pump-17")
+        self.assertEqual(got.password_hash, device.password_hash)
+        self.assertEqual(got.consumed_at, T0 + timedelta(hours=1))
+
+
+class SQLiteTests(StoreTestCase):
+    """What only the SQLite backend has."""
+
+    def test_memory_path_refused(self) -> None:
+        """":memory:" cannot back a pool (one database per connection)."""
+        with self.assertRaises(ValueError):
+            SQLiteStore(":memory:")
 
     async def test_connection_pragmas(self) -> None:
         """
@@ -574,79 +700,3 @@ class SchemaTests(StoreTestCase):
             FormatStore(self.path)._sql(query),
             "SELECT 1 FROM devices WHERE device_id = %s AND consumed_at IS NULL",
         )
-
-
-class LifecycleTests(StoreTestCase):
-    async def test_provides_istore(self) -> None:
-        """SQLiteStore provides every method of IStore."""
-        store = await self.open_store()
-        self.assertTrue(verifyObject(IStore, store))
-
-    def test_memory_path_refused(self) -> None:
-        """":memory:" cannot back a pool (one database per connection)."""
-        with self.assertRaises(ValueError):
-            SQLiteStore(":memory:")
-
-    async def test_not_started_or_closed(self) -> None:
-        """
-        Operations before start() and after close() fail with
-        StoreNotRunning; closing twice is harmless.
-        """
-        store = SQLiteStore(self.path)
-        with self.assertRaises(StoreNotRunning):
-            await store.get_device("x")
-        await store.start()
-        await store.close()
-        await store.close()
-        with self.assertRaises(StoreNotRunning):
-            await store.count_certificates()
-
-    async def test_close_waits_for_work_in_flight(self) -> None:
-        """
-        close() called while a write is running lets it commit before the
-        pool stops, and fires only after it.
-        """
-        store = SQLiteStore(self.path)
-        await store.start()
-        write = store.record_certificate(issued(serial=11))
-        closed = store.close()
-        # close() waits in the reactor rather than joining the pool thread
-        # (which would block the reactor until the queue drained).
-        self.assertNoResult(closed)
-        await write
-        await closed
-        self.assertEqual(self.on_disk("SELECT serial FROM certificates"), [("b",)])
-
-    async def test_committed_before_deferred_fires(self) -> None:
-        """
-        Once a write's Deferred fires, another connection already sees the
-        row: it is committed, not waiting in an open transaction.
-        """
-        store = await self.open_store()
-        await store.record_certificate(issued(serial=0xABC))
-        await store.add_device(Device("d", None, created_at=T0))
-        self.assertEqual(self.on_disk("SELECT serial FROM certificates"), [("abc",)])
-        self.assertEqual(self.on_disk("SELECT device_id FROM devices"), [("d",)])
-
-    async def test_survives_reopen(self) -> None:
-        """
-        Certificates, revocations and devices written by one store are all
-        there for the next store opened on the same file.
-        """
-        store = SQLiteStore(self.path)
-        await store.start()
-        record = issued(serial=0xFEED)
-        await store.record_certificate(record)
-        revoked = await store.revoke_certificate(0xFEED, "superseded", T0 + timedelta(days=1))
-        device = Device("pump-17", hash_password("pw"), True, T0)
-        await store.add_device(device)
-        await store.consume_device("pump-17", T0 + timedelta(hours=1))
-        await store.close()
-
-        store = await self.open_store()
-        self.assertEqual(await store.get_certificate(0xFEED), revoked)
-        self.assertTrue(await store.is_revoked(0xFEED))
-        self.assertEqual(await store.list_certificates(), [revoked])
-        got = await store.get_device("pump-17")
-        self.assertEqual(got.password_hash, device.password_hash)
-        self.assertEqual(got.consumed_at, T0 + timedelta(hours=1))

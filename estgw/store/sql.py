@@ -1,493 +1,45 @@
-"""Durable state: issued certificates, revocations, pre-registered devices.
+"""The SQL of every :class:`~estgw.store.IStore` backend.
 
-Callers see only :class:`IStore`, whose methods return Deferreds; the SQL
-runs in a one-connection :class:`twisted.enterprise.adbapi.ConnectionPool`
-thread, and every write is committed before its Deferred fires (so a
-certificate can be sent to a device only once it is on disk).
-
-The SQL is a portable subset (SQLite and PostgreSQL both run it): values
-as TEXT (timestamps as fixed-width ISO 8601 UTC, serials as hex, SANs as
-a JSON list), booleans as 0/1 INTEGER, ``LIMIT``, ``CREATE ... IF NOT
-EXISTS``.  What differs between the two is kept in :class:`_SQLStore`'s
-class attributes: the DB-API paramstyle and a few DDL words.
-
-The schema is versioned: :data:`MIGRATIONS` lists ``(version, [sql...])``
-steps, each applied in its own transaction together with the bump of the
-single-row ``schema_version`` table.  Later steps add pending approvals,
-officer roles and factory certificates.  To change the schema, append a
-step; never edit one that has shipped.
+:class:`_SQLStore` implements the interface once, over any DB-API driver
+reached through an adbapi-like pool (``runInteraction``, ``start``,
+``close``, ``dbapi``).  A backend module (:mod:`estgw.store.sqlite`,
+:mod:`estgw.store.postgresql`) supplies the pool, the paramstyle, the DDL
+words that differ, and the locks that SQLite does not need.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from datetime import datetime, timezone
-from typing import Any, Callable, ClassVar, Iterable, Sequence, TypeVar
+from typing import Any, Callable, ClassVar, Sequence, TypeVar
 
-import attr
-from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-from twisted.enterprise import adbapi
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
-from zope.interface import Attribute, Interface, implementer
+from zope.interface import implementer
 
-__all__ = [
-    "IssuedCertificate",
-    "Device",
-    "DuplicateDevice",
-    "DuplicateFactoryCertificate",
-    "OfficerRole",
-    "certificate_fingerprint",
-    "DuplicateCertificate",
-    "UnknownCertificate",
-    "Approval",
-    "APPROVAL_STATES",
-    "UnsupportedSchemaVersion",
-    "StoreNotRunning",
-    "REVOCATION_REASONS",
-    "MIGRATIONS",
-    "IStore",
-    "SQLiteStore",
-]
+from estgw.store import (
+    REVOCATION_REASONS,
+    Approval,
+    CertificatePage,
+    Device,
+    DuplicateCertificate,
+    DuplicateDevice,
+    DuplicateFactoryCertificate,
+    IssuedCertificate,
+    IStore,
+    NotLastIssued,
+    OfficerRole,
+    StoreNotRunning,
+    UnknownCertificate,
+    UnsupportedSchemaVersion,
+)
+from estgw.store.migrations import MIGRATIONS
 
 _T = TypeVar("_T")
 
-
-# -- values -----------------------------------------------------------------
-
-
-def _require_utc(instance: Any, attribute: Any, value: Any) -> None:
-    # A naive datetime would be stored as if it were UTC and silently shift
-    # validity and revocation dates by the local offset: refuse it.
-    if value is not None and value.utcoffset() is None:
-        raise ValueError(f"{attribute.name} must be timezone-aware, got {value!r}")
-
-
-def _to_tuple(values: Iterable[str]) -> tuple[str, ...]:
-    # Lists (e.g. from JSON) compare unequal to tuples: normalise.
-    return tuple(values)
-
-
-def _pairs(values: Any) -> tuple[tuple[str, str], ...]:
-    # Accept a mapping or pairs (e.g. lists from JSON); keep the order.
-    items = values.items() if hasattr(values, "items") else values
-    return tuple((str(k), str(v)) for k, v in items)
-
-
-def _utcnow() -> datetime:
-    return datetime.now(timezone.utc)
-
-
-def general_name_text(name: x509.GeneralName) -> str:
-    """One SAN in the ``TYPE:value`` spelling OpenSSL prints."""
-    if isinstance(name, x509.DNSName):
-        return f"DNS:{name.value}"
-    if isinstance(name, x509.IPAddress):
-        return f"IP:{name.value}"
-    if isinstance(name, x509.RFC822Name):
-        return f"email:{name.value}"
-    if isinstance(name, x509.UniformResourceIdentifier):
-        return f"URI:{name.value}"
-    if isinstance(name, x509.DirectoryName):
-        return f"DirName:{name.value.rfc4514_string()}"
-    if isinstance(name, x509.RegisteredID):
-        return f"RID:{name.value.dotted_string}"
-    if isinstance(name, x509.OtherName):
-        return f"othername:{name.type_id.dotted_string}:{name.value.hex()}"
-    return f"unknown:{name!r}"  # pragma: no cover - cryptography has no others
-
-
-@attr.s(frozen=True, auto_attribs=True)
-class IssuedCertificate:
-    """A certificate this gateway issued, and whether it was revoked."""
-
-    serial: int  # up to 160 bits: stored as hex TEXT, not INTEGER
-    subject: str  # cert.subject.rfc4514_string()
-    # "DNS:x", "IP:1.2.3.4", "email:..", "URI:.." in certificate order
-    sans: tuple[str, ...] = attr.ib(converter=_to_tuple)
-    not_before: datetime = attr.ib(validator=_require_utc)
-    not_after: datetime = attr.ib(validator=_require_utc)
-    public_key_sha256: str  # hex SHA-256 of the SubjectPublicKeyInfo DER
-    handler: str  # handler id, e.g. "1"
-    requester: str  # e.g. "device:pump-17" or "cert:CN=x,O=y#serial=ab12.."
-    der: bytes = attr.ib(repr=False)
-    issued_at: datetime = attr.ib(validator=_require_utc)
-    revoked_at: datetime | None = attr.ib(default=None, validator=_require_utc)
-    revocation_reason: str | None = None
-
-    @classmethod
-    def from_certificate(
-        cls,
-        cert: x509.Certificate,
-        handler: str,
-        requester: str,
-        issued_at: datetime | None = None,
-    ) -> IssuedCertificate:
-        """Describe ``cert``; ``issued_at`` defaults to now."""
-        try:
-            san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
-            sans = tuple(general_name_text(name) for name in san.value)
-        except x509.ExtensionNotFound:
-            sans = ()
-        spki = cert.public_key().public_bytes(
-            Encoding.DER, PublicFormat.SubjectPublicKeyInfo
-        )
-        return cls(
-            serial=cert.serial_number,
-            subject=cert.subject.rfc4514_string(),
-            sans=sans,
-            not_before=cert.not_valid_before_utc,
-            not_after=cert.not_valid_after_utc,
-            public_key_sha256=hashlib.sha256(spki).hexdigest(),
-            handler=handler,
-            requester=requester,
-            der=cert.public_bytes(Encoding.DER),
-            issued_at=_utcnow() if issued_at is None else issued_at,
-        )
-
-    @property
-    def certificate(self) -> x509.Certificate:
-        return x509.load_der_x509_certificate(self.der)
-
-    @property
-    def revoked(self) -> bool:
-        return self.revoked_at is not None
-
-
-@attr.s(frozen=True, auto_attribs=True)
-class Device:
-    """A device an administrator pre-registered for HTTP Basic/Digest."""
-
-    device_id: str
-    password_hash: str | None = attr.ib(repr=False)  # never the password
-    single_use: bool = False
-    created_at: datetime | None = attr.ib(default=None, validator=_require_utc)
-    consumed_at: datetime | None = attr.ib(default=None, validator=_require_utc)
-    # Factory (authentication) certificate, e.g. an IDevID: the SHA-256 of
-    # its DER (certificate_fingerprint); the commonName a CSR must carry
-    # (None: the device id); registered names, subject values and
-    # subjectAltNames, ("serialNumber", "SN1"), ("DNS", "pump-1.example"),
-    # ("IP", "10.0.0.5"): an empty value matches anything (stored as a JSON
-    # list of pairs; an object from older versions reads the same).
-    factory_cert_sha256: str | None = None
-    factory_cn: str | None = None
-    subject_values: tuple[tuple[str, str], ...] = attr.ib(default=(), converter=_pairs)
-    # HTTP Digest H(A1) = MD5(id:realm:password) per realm: a password
-    # equivalent for that realm, so never shown.
-    digest_ha1: tuple[tuple[str, str], ...] = attr.ib(default=(), converter=_pairs, repr=False)
-
-    @property
-    def expected_common_name(self) -> str:
-        return self.device_id if self.factory_cn is None else self.factory_cn
-
-
-@attr.s(frozen=True, auto_attribs=True)
-class OfficerRole:
-    """An officer/RA role granted to one certificate (by its fingerprint)."""
-
-    fingerprint: str  # certificate_fingerprint() of the officer certificate
-    role: str
-    subject: str  # for people reading `estgw officer list`
-    issuer: str
-    serial: int
-    granted_at: datetime | None = attr.ib(default=None, validator=_require_utc)
-
-
-def certificate_fingerprint(cert: x509.Certificate) -> str:
-    """Lower-case hex SHA-256 of the DER: how the store keys factory
-    certificates and officer roles."""
-    return hashlib.sha256(cert.public_bytes(Encoding.DER)).hexdigest()
-
-
-#: Reasons :meth:`IStore.revoke_certificate` accepts: the RFC 5280 CRLReason
-#: names as cryptography spells them, so a CRL writer can use
-#: ``x509.ReasonFlags(reason)``.  removeFromCRL is for delta CRLs only.
-REVOCATION_REASONS: frozenset[str] = frozenset(
-    flag.value for flag in x509.ReasonFlags if flag is not x509.ReasonFlags.remove_from_crl
-)
-
-
-class DuplicateDevice(Exception):
-    """add_device for a device id that is already registered."""
-
-
-class DuplicateFactoryCertificate(DuplicateDevice):
-    """add_device with a factory certificate registered to another device."""
-
-
-class DuplicateCertificate(Exception):
-    """record_certificate for a serial number that is already recorded."""
-
-
-class UnknownCertificate(Exception):
-    """No certificate with this serial number was issued here."""
-
-
-class UnsupportedSchemaVersion(Exception):
-    """The database was written by a newer estgw than this one."""
-
-
-class StoreNotRunning(Exception):
-    """An operation on a store that was not started, or was closed."""
-
-
-#: States of a request that waits for an operator:
-#: pending -> approved -> issued, pending -> rejected, pending|approved -> expired.
-APPROVAL_STATES = ("pending", "approved", "rejected", "issued", "expired")
-
-
-@attr.s(frozen=True, auto_attribs=True)
-class Approval:
-    """An enrollment request that waits for, or had, an operator's decision."""
-
-    request_id: str  # generated here; the approval service dedups on it
-    handler: str
-    public_key_sha256: str  # hex SHA-256 of the CSR's SubjectPublicKeyInfo
-    subject: str  # the CSR subject, RFC 4514
-    requester: str
-    csr: bytes = attr.ib(repr=False)  # DER
-    created_at: datetime = attr.ib(validator=_require_utc)
-    expires_at: datetime = attr.ib(validator=_require_utc)
-    state: str = attr.ib(default="pending", validator=attr.validators.in_(APPROVAL_STATES))
-    # When the approval service acknowledged the submission; None: not yet.
-    submitted_at: datetime | None = attr.ib(default=None, validator=_require_utc)
-    decided_at: datetime | None = attr.ib(default=None, validator=_require_utc)
-    reason: str | None = None  # the operator's reason (rejections)
-    serial: int | None = None  # the certificate issued for it
-
-    @property
-    def key(self) -> tuple[str, str, str]:
-        return (self.handler, self.public_key_sha256, self.subject)
-
-
-# -- interface --------------------------------------------------------------
-
-
-class IStore(Interface):
-    """
-    Durable gateway state.  Every method returns a Deferred; a write's
-    Deferred fires only after the write is committed.  Datetimes are
-    timezone-aware UTC; ``when`` arguments default to now.
-    """
-
-    SCHEMA_VERSION = Attribute("The schema version this code reads and writes (int).")
-
-    def start() -> Deferred[None]:
-        """Open the database; create or migrate the schema to SCHEMA_VERSION."""
-
-    def close() -> Deferred[None]:
-        """Finish the operations in flight, then release the database."""
-
-    def record_certificate(issued: IssuedCertificate) -> Deferred[None]:
-        """Record an issued certificate (DuplicateCertificate on a reused serial)."""
-
-    def get_certificate(serial: int) -> Deferred[IssuedCertificate | None]:
-        """The certificate with this serial, or None."""
-
-    def list_certificates(subject: str | None = None) -> Deferred[list[IssuedCertificate]]:
-        """All certificates, or those of one subject; newest first."""
-
-    def revoke_certificate(
-        serial: int, reason: str = "unspecified", when: datetime | None = None
-    ) -> Deferred[IssuedCertificate]:
-        """
-        Mark a certificate revoked and return it.  UnknownCertificate if
-        absent; a second revocation keeps the first date and reason.
-        ``reason`` is one of REVOCATION_REASONS (else ValueError).
-        """
-
-    def is_revoked(serial: int) -> Deferred[bool]:
-        """Whether this serial was issued here and revoked (unknown: False)."""
-
-    def last_issued_for_subject(subject: str) -> Deferred[IssuedCertificate | None]:
-        """The newest certificate for ``subject`` (by issued_at, then insertion)."""
-
-    def certificates_for_public_key(public_key_sha256: str) -> Deferred[list[IssuedCertificate]]:
-        """Certificates issued for a public key (hex SHA-256 of its
-        SubjectPublicKeyInfo DER), newest first."""
-
-    def count_certificates() -> Deferred[int]:
-        """How many certificates are recorded."""
-
-    def add_device(device: Device) -> Deferred[None]:
-        """Pre-register a device (DuplicateDevice if the id exists)."""
-
-    def get_device(device_id: str) -> Deferred[Device | None]:
-        """The device, or None."""
-
-    def list_devices() -> Deferred[list[Device]]:
-        """All devices, by id."""
-
-    def remove_device(device_id: str) -> Deferred[bool]:
-        """Forget a device; True if there was one."""
-
-    def consume_device(device_id: str, when: datetime | None = None) -> Deferred[bool]:
-        """
-        Use up a single-use device, atomically: True only for the one call
-        that consumed it; False if already consumed, not single-use, or
-        unknown.
-        """
-
-    def release_device(device_id: str, consumed_at: datetime) -> Deferred[bool]:
-        """
-        Undo the consume_device(device_id, when=consumed_at) whose issue
-        failed, so the device can try again; True if it was undone.
-        """
-
-    def get_device_by_factory_cert(fingerprint: str) -> Deferred[Device | None]:
-        """The device registered with this factory certificate, or None."""
-
-    def add_officer_role(role: OfficerRole) -> Deferred[bool]:
-        """Grant a role to a certificate; False if it already held it."""
-
-    def officer_roles(fingerprint: str) -> Deferred[tuple[str, ...]]:
-        """The roles the certificate with this fingerprint holds, sorted."""
-
-    def list_officer_roles() -> Deferred[list[OfficerRole]]:
-        """Every grant, by subject, fingerprint and role."""
-
-    def remove_officer_roles(fingerprint: str, role: str | None = None) -> Deferred[int]:
-        """Withdraw one role (or all) from a certificate; how many went."""
-
-    def add_approval(approval: Approval) -> Deferred[Approval]:
-        """
-        Record a new pending request and return it; when a live (pending or
-        approved) request with the same (handler, public key, subject)
-        exists already, record nothing and return that one.
-        """
-
-    def find_approval(handler: str, public_key_sha256: str, subject: str) -> Deferred[Approval | None]:
-        """The newest request with this (handler, public key, subject), or None."""
-
-    def get_approval(request_id: str) -> Deferred[Approval | None]:
-        """The request with this id, or None."""
-
-    def list_approvals(state: str | None = None) -> Deferred[list[Approval]]:
-        """All requests, or those in one state; newest first."""
-
-    def set_approval_submitted(request_id: str, when: datetime | None) -> Deferred[None]:
-        """Record that the approval service has the request (None: it has not)."""
-
-    def decide_approval(
-        request_id: str, state: str, reason: str | None, expires_at: datetime, when: datetime | None = None
-    ) -> Deferred[Approval | None]:
-        """
-        pending -> ``state`` ("approved" or "rejected"), atomically; the
-        decision is kept until ``expires_at``.  Returns the request as it
-        now is (also when it was no longer pending), None if unknown.
-        """
-
-    def expire_approval(request_id: str, when: datetime | None = None) -> Deferred[bool]:
-        """pending or approved -> expired; True only for the call that did it."""
-
-    def issue_approved(request_id: str, issued: IssuedCertificate) -> Deferred[bool]:
-        """
-        approved -> issued and record ``issued``, in one transaction.  True
-        for the one call that did it; False (and nothing recorded) when the
-        request was not approved, e.g. another call issued first.
-        """
-
-
-# -- schema -----------------------------------------------------------------
-
-# DDL words that differ between databases are {placeholders}, filled from
-# _SQLStore.ddl_words; everything else must run unchanged on both.
-MIGRATIONS: list[tuple[int, list[str]]] = [
-    (
-        1,
-        [
-            """
-            CREATE TABLE certificates (
-                id {autoincrement_primary_key},
-                serial TEXT NOT NULL UNIQUE,
-                subject TEXT NOT NULL,
-                sans TEXT NOT NULL,
-                not_before TEXT NOT NULL,
-                not_after TEXT NOT NULL,
-                public_key_sha256 TEXT NOT NULL,
-                handler TEXT NOT NULL,
-                requester TEXT NOT NULL,
-                der {blob} NOT NULL,
-                issued_at TEXT NOT NULL,
-                revoked_at TEXT,
-                revocation_reason TEXT
-            )
-            """,
-            # Leading subject: serves lookups by subject, and the ordering
-            # of last_issued_for_subject without a sort.
-            "CREATE INDEX certificates_subject ON certificates (subject, issued_at, id)",
-            # For "is this key already certified?" checks (rekey policy).
-            "CREATE INDEX certificates_public_key ON certificates (public_key_sha256)",
-            """
-            CREATE TABLE devices (
-                device_id TEXT PRIMARY KEY,
-                password_hash TEXT,
-                single_use INTEGER NOT NULL,
-                created_at TEXT NOT NULL,
-                consumed_at TEXT
-            )
-            """,
-        ],
-    ),
-    (
-        2,
-        [
-            # Factory (authentication) certificates: the SHA-256 of the DER,
-            # the commonName a CSR must carry, expected subject values
-            # (JSON object) and per-realm HTTP Digest H(A1) (JSON object).
-            "ALTER TABLE devices ADD COLUMN factory_cert_sha256 TEXT",
-            "ALTER TABLE devices ADD COLUMN factory_cn TEXT",
-            "ALTER TABLE devices ADD COLUMN subject_values TEXT",
-            "ALTER TABLE devices ADD COLUMN digest_ha1 TEXT",
-            # NULLs do not collide in a unique index (SQLite, PostgreSQL).
-            "CREATE UNIQUE INDEX devices_factory_cert ON devices (factory_cert_sha256)",
-            # Officer/RA roles, keyed by the SHA-256 of the certificate's DER.
-            """
-            CREATE TABLE officer_roles (
-                fingerprint TEXT NOT NULL,
-                role TEXT NOT NULL,
-                subject TEXT NOT NULL,
-                issuer TEXT NOT NULL,
-                serial TEXT NOT NULL,
-                granted_at TEXT NOT NULL,
-                PRIMARY KEY (fingerprint, role)
-            )
-            """,
-        ],
-    ),
-    (
-        3,
-        [
-            # Requests waiting for an operator's approval.
-            """
-            CREATE TABLE approvals (
-                id {autoincrement_primary_key},
-                request_id TEXT NOT NULL UNIQUE,
-                handler TEXT NOT NULL,
-                public_key_sha256 TEXT NOT NULL,
-                subject TEXT NOT NULL,
-                requester TEXT NOT NULL,
-                csr {blob} NOT NULL,
-                state TEXT NOT NULL,
-                created_at TEXT NOT NULL,
-                expires_at TEXT NOT NULL,
-                submitted_at TEXT,
-                decided_at TEXT,
-                reason TEXT,
-                serial TEXT
-            )
-            """,
-            # Retries find their request by key, newest first.
-            "CREATE INDEX approvals_key ON approvals (handler, public_key_sha256, subject, id)",
-            # One live request per key, even with several gateway processes.
-            "CREATE UNIQUE INDEX approvals_live ON approvals (handler, public_key_sha256, subject)"
-            " WHERE state IN ('pending', 'approved')",
-        ],
-    ),
-]
+#: Bounds of certificate_page's ``limit``.
+MAX_PAGE = 10000
 
 
 def _serial_text(serial: int) -> str:
@@ -613,32 +165,22 @@ def _approval_params(approval: Approval) -> tuple[Any, ...]:
     )
 
 
-# -- implementation ---------------------------------------------------------
-
-
 @implementer(IStore)
 class _SQLStore:
     """
-    IStore over any DB-API module through adbapi.
+    IStore over any DB-API module through an adbapi-like pool.
 
-    A subclass supplies :meth:`_make_pool`, and sets :attr:`paramstyle`
-    and :attr:`ddl_words` where its database differs from SQLite.  A
-    ``PostgresStore(connection_string, reactor=None)`` needs only:
+    A subclass supplies :meth:`_make_pool` (an object with adbapi's
+    ``start()``, ``close()``, ``runInteraction(f, *args)`` and ``dbapi``),
+    and sets :attr:`paramstyle` and :attr:`ddl_words` where its database
+    differs from SQLite, and :meth:`_lock_schema` / :meth:`_lock_subject`
+    where concurrent transactions need an explicit lock (SQLite has one
+    writer at a time and needs none).
 
-    - ``_make_pool``: ``adbapi.ConnectionPool("psycopg2", connection_string,
-      cp_min=1, cp_max=N, cp_reactor=self._reactor)`` (several connections
-      are fine there: row locks, not a file lock; the ``consume_device``
-      UPDATE stays atomic under READ COMMITTED);
-    - ``paramstyle = "format"`` (psycopg2 writes ``%s``; no SQL here
-      contains a literal ``%``, which ``format`` would need doubled);
-    - ``ddl_words = {"blob": "BYTEA", "autoincrement_primary_key":
-      "BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY"}``.
-
-    Integrity errors are recognised through the pool's ``dbapi`` module, and
-    BYTEA values come back as memoryview and are turned into bytes, so
-    nothing else changes.  Migrations take the ``schema_version`` row lock
-    first, so several gateway processes starting at once apply each step
-    once.
+    Integrity errors are recognised through the pool's ``dbapi`` module;
+    binary values are turned into bytes whatever the driver returns.
+    Migrations run under the schema lock, so several gateway processes
+    starting at once apply each step once.
     """
 
     _log: ClassVar[Logger] = Logger()
@@ -685,6 +227,14 @@ class _SQLStore:
     def _execute(self, txn: Any, query: str, params: Sequence[Any] = ()) -> Any:
         txn.execute(self._sql(query), tuple(params))
         return txn
+
+    def _lock_schema(self, txn: Any) -> None:
+        """Serialise schema creation and migration across processes for
+        the rest of ``txn`` (SQLite: its single writer lock suffices)."""
+
+    def _lock_subject(self, txn: Any, subject: str) -> None:
+        """Serialise, for the rest of ``txn``, the transactions that decide
+        which certificate is the last issued for ``subject``."""
 
     def _now(self) -> datetime:
         # The reactor's clock, so that tests can control it where they
@@ -750,6 +300,7 @@ class _SQLStore:
 
     def _bootstrap(self, txn: Any) -> int:
         """Create the version table if needed; return the version on disk."""
+        self._lock_schema(txn)
         self._execute(
             txn,
             "CREATE TABLE IF NOT EXISTS schema_version ("
@@ -774,6 +325,7 @@ class _SQLStore:
         # the row lock (PostgreSQL), and in Python's sqlite3 the DML opens
         # the transaction that the DDL below then joins, so the step and
         # the version bump commit or roll back together.
+        self._lock_schema(txn)
         self._execute(txn, "UPDATE schema_version SET version = version WHERE id = 1")
         self._execute(txn, "SELECT version FROM schema_version WHERE id = 1")
         (current,) = txn.fetchone()
@@ -800,32 +352,92 @@ class _SQLStore:
 
     # -- certificates
 
-    def record_certificate(self, issued: IssuedCertificate) -> Deferred[None]:
+    def _insert_certificate(self, txn: Any, issued: IssuedCertificate) -> None:
+        try:
+            self._execute(
+                txn,
+                f"INSERT INTO certificates ({_CERT_COLUMNS})"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    _serial_text(issued.serial),
+                    issued.subject,
+                    json.dumps(list(issued.sans)),
+                    _time_text(issued.not_before),
+                    _time_text(issued.not_after),
+                    issued.public_key_sha256,
+                    issued.handler,
+                    issued.requester,
+                    issued.der,
+                    _time_text(issued.issued_at),
+                    _optional_time_text(issued.revoked_at),
+                    issued.revocation_reason,
+                ),
+            )
+        except Exception as e:
+            # Raising rolls back whatever the transaction did before.
+            if self._is_integrity_error(e):
+                raise DuplicateCertificate(f"serial {issued.serial:x} is already recorded") from e
+            raise
+
+    def record_certificate(self, issued: IssuedCertificate, renewing: int | None = None) -> Deferred[None]:
         def interaction(txn: Any) -> None:
-            try:
-                self._execute(
-                    txn,
-                    f"INSERT INTO certificates ({_CERT_COLUMNS})"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        _serial_text(issued.serial),
-                        issued.subject,
-                        json.dumps(list(issued.sans)),
-                        _time_text(issued.not_before),
-                        _time_text(issued.not_after),
-                        issued.public_key_sha256,
-                        issued.handler,
-                        issued.requester,
-                        issued.der,
-                        _time_text(issued.issued_at),
-                        None if issued.revoked_at is None else _time_text(issued.revoked_at),
-                        issued.revocation_reason,
-                    ),
+            if renewing is not None:
+                self._lock_subject(txn, issued.subject)
+            # Inserting first also takes SQLite's write lock, so the check
+            # below reads the latest committed state.
+            self._insert_certificate(txn, issued)
+            if renewing is None:
+                return
+            self._execute(
+                txn,
+                "SELECT serial FROM certificates WHERE subject = ? AND serial <> ?"
+                " ORDER BY issued_at DESC, id DESC LIMIT 1",
+                (issued.subject, _serial_text(issued.serial)),
+            )
+            row = txn.fetchone()
+            if row is None or row[0] != _serial_text(renewing):
+                raise NotLastIssued(
+                    f"certificate {_serial_text(renewing)} is no longer the last issued for {issued.subject}"
                 )
-            except Exception as e:
-                if self._is_integrity_error(e):
-                    raise DuplicateCertificate(f"serial {issued.serial:x} is already recorded") from e
-                raise
+
+        return self._run(interaction)
+
+    def certificate_page(
+        self,
+        after: tuple[str, int] | None = None,
+        limit: int = 1000,
+        subject: str | None = None,
+        revoked_only: bool = False,
+    ) -> Deferred[CertificatePage]:
+        if not 1 <= limit <= MAX_PAGE:
+            return defer.fail(ValueError(f"a page holds 1 to {MAX_PAGE} certificates, not {limit}"))
+        conditions: list[str] = []
+        params: list[Any] = []
+        if subject is not None:
+            conditions.append("subject = ?")
+            params.append(subject)
+        if revoked_only:
+            # Written as the partial index's WHERE so the planner uses it.
+            conditions.append("revoked_at IS NOT NULL")
+        if after is not None:
+            # Keyset paging: the position is the last row's (issued_at,
+            # id).  "issued_at <= ?" bounds the index range scan on both
+            # databases; the second term drops the few rows of that same
+            # instant already shown.
+            conditions.append("issued_at <= ? AND (issued_at < ? OR id < ?)")
+            params += [after[0], after[0], int(after[1])]
+        where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
+        query = (
+            f"SELECT {_CERT_COLUMNS}, id FROM certificates{where}"
+            f" ORDER BY issued_at DESC, id DESC LIMIT {int(limit)}"
+        )
+
+        def interaction(txn: Any) -> CertificatePage:
+            self._execute(txn, query, params)
+            rows = txn.fetchall()
+            certificates = [_certificate_from_row(row) for row in rows]
+            last = rows[-1] if len(rows) == limit else None
+            return CertificatePage(certificates, None if last is None else (last[9], int(last[12])))
 
         return self._run(interaction)
 
@@ -1265,73 +877,7 @@ class _SQLStore:
             )
             if txn.rowcount != 1:
                 return False
-            try:
-                self._execute(
-                    txn,
-                    f"INSERT INTO certificates ({_CERT_COLUMNS})"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        _serial_text(issued.serial),
-                        issued.subject,
-                        json.dumps(list(issued.sans)),
-                        _time_text(issued.not_before),
-                        _time_text(issued.not_after),
-                        issued.public_key_sha256,
-                        issued.handler,
-                        issued.requester,
-                        issued.der,
-                        _time_text(issued.issued_at),
-                        _optional_time_text(issued.revoked_at),
-                        issued.revocation_reason,
-                    ),
-                )
-            except Exception as e:
-                # Raising rolls the state change back with it.
-                if self._is_integrity_error(e):
-                    raise DuplicateCertificate(f"serial {issued.serial:x} is already recorded") from e
-                raise
+            self._insert_certificate(txn, issued)
             return True
 
         return self._run(interaction)
-
-
-class SQLiteStore(_SQLStore):
-    """
-    :class:`IStore` in one SQLite file, through one pooled connection
-    (SQLite serialises writers anyway).  WAL journal so readers in other
-    processes (the CLI) do not block the gateway; ``synchronous=FULL`` so a
-    committed certificate survives a power cut.
-
-    ``path`` must be a file: ``":memory:"`` would give every pool
-    connection its own empty database.
-    """
-
-    def __init__(self, path: str, reactor: Any = None) -> None:
-        if path == ":memory:" or path.startswith("file::memory:"):
-            raise ValueError("SQLiteStore needs a file path, not an in-memory database")
-        super().__init__(reactor)
-        self.path = path
-
-    def __repr__(self) -> str:
-        return f"SQLiteStore({self.path!r})"
-
-    @staticmethod
-    def _open(connection: Any) -> None:
-        # Per connection: PRAGMAs are not stored in the file (except
-        # journal_mode, which is set again harmlessly).
-        cursor = connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA synchronous=FULL")
-        cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.close()
-
-    def _make_pool(self) -> adbapi.ConnectionPool:
-        return adbapi.ConnectionPool(
-            "sqlite3",
-            self.path,
-            check_same_thread=False,  # the pool closes it from the reactor thread
-            cp_min=1,
-            cp_max=1,
-            cp_openfun=self._open,
-            cp_reactor=self._reactor,
-        )
