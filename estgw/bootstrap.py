@@ -15,7 +15,7 @@ from cryptography import x509
 
 from estgw.ca import LocalCA, LocalTokenProcedure, Profile
 from estgw.config import Config, ConfigError
-from estgw.store import SQLiteStore
+from estgw.store import IStore, open_store as _open_store
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -65,10 +65,12 @@ def initialize(config: Config) -> State:
     return State(ca=ca, server_key=key, server_certificate=cert, trust_anchors=tuple(anchors))
 
 
-def open_store(config: Config, reactor: Any = None) -> SQLiteStore:
-    """The store (not yet started: call ``start()``)."""
-    os.makedirs(os.path.dirname(config.store_path) or ".", mode=0o700, exist_ok=True)
-    return SQLiteStore(config.store_path, reactor=reactor)
+def open_store(config: Config, reactor: Any = None) -> IStore:
+    """The store of ``store.url`` (not yet started: call ``start()``, which
+    creates or migrates its schema)."""
+    if config.store_path is not None:
+        os.makedirs(os.path.dirname(config.store_path) or ".", mode=0o700, exist_ok=True)
+    return _open_store(config.store_location, reactor=reactor)
 
 
 def token_procedures(config: Config, ca: LocalCA, reactor: Any = None) -> dict[str, LocalTokenProcedure]:

@@ -29,6 +29,7 @@ from estgw.store import (
     IStore,
     UnknownCertificate,
     certificate_fingerprint,
+    redact_url,
 )
 
 
@@ -58,7 +59,7 @@ def _when(value: datetime | None) -> str:
 async def cmd_init(options: Any, config: Config, store: IStore, out: Any) -> None:
     out.write(f"state directory: {config.state_directory}\n")
     out.write(f"CA certificate:  {config.ca_certificate_path}\n")
-    out.write(f"store:           {config.store_path}\n")
+    out.write(f"store:           {redact_url(config.store_location)}\n")
 
 
 def read_password(options: Any) -> str | None:

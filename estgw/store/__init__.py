@@ -21,6 +21,7 @@ copy kept in a process, so it holds across processes.
 from __future__ import annotations
 
 import hashlib
+import re
 from datetime import datetime, timezone
 from typing import Any, AsyncIterator, Iterable
 
@@ -453,23 +454,11 @@ POSTGRESQL_SCHEMES = ("postgresql://", "postgres://")
 
 
 def redact_url(url: str) -> str:
-    """``url`` with any password replaced by ``***``: for logs and output
-    (a PostgreSQL URL may carry the database password)."""
-    if not url.startswith(POSTGRESQL_SCHEMES):
-        return url
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(url)
-    if parts.password is None:
-        netloc = parts.netloc
-    else:
-        host = parts.netloc.rpartition("@")[2]
-        netloc = f"{parts.username or ''}:***@{host}"
-    query = "&".join(
-        "password=***" if item.lower().startswith("password=") else item
-        for item in parts.query.split("&")
-    ) if parts.query else ""
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    """``url`` with any password (``user:password@`` or ``password=`` in the
+    query) replaced by ``***``: for logs and output (a PostgreSQL URL may
+    carry the database password)."""
+    url = re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://[^/?#@:]*):[^/?#@]*@", r"\1:***@", url)
+    return re.sub(r"([?&]password=)[^&#]*", r"\1***", url, flags=re.IGNORECASE)
 
 
 def open_store(url: str, reactor: Any = None) -> IStore:

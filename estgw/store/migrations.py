@@ -115,6 +115,10 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             # order: a partial index holds only them.
             "CREATE INDEX certificates_revoked ON certificates (issued_at, id)"
             " WHERE revoked_at IS NOT NULL",
+            # Certificates of one key newest first (the single-use refetch)
+            # straight from the index, without a sort.
+            "DROP INDEX certificates_public_key",
+            "CREATE INDEX certificates_public_key ON certificates (public_key_sha256, issued_at, id)",
         ],
     ),
 ]
