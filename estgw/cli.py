@@ -27,8 +27,12 @@ from estgw.store import (
     DuplicateFactoryCertificate,
     IssuedCertificate,
     IStore,
+    SQLiteStore,
+    StoreNotEmpty,
     UnknownCertificate,
     certificate_fingerprint,
+    iterate_certificates,
+    open_store,
     redact_url,
 )
 
@@ -213,13 +217,15 @@ def _status(c: IssuedCertificate) -> str:
 
 
 async def cmd_cert_list(options: Any, config: Config, store: IStore, out: Any) -> None:
-    certs = await store.list_certificates(options["subject"])
-    if not certs:
-        out.write("no certificates issued\n")
-        return
-    out.write(f"{'SERIAL':<42} {'STATUS':<8} {'NOT AFTER':<20} {'SUBJECT':<40} REQUESTER\n")
-    for c in certs:
+    # Streamed page by page: memory stays flat however many were issued.
+    shown = 0
+    async for c in iterate_certificates(store, options["subject"]):
+        if not shown:
+            out.write(f"{'SERIAL':<42} {'STATUS':<8} {'NOT AFTER':<20} {'SUBJECT':<40} REQUESTER\n")
         out.write(f"{c.serial:<42x} {_status(c):<8} {_when(c.not_after):<20} {c.subject:<40} {c.requester}\n")
+        shown += 1
+    if not shown:
+        out.write("no certificates issued\n")
 
 
 async def _get(store: IStore, serial_text: str) -> IssuedCertificate:
@@ -279,8 +285,11 @@ def _write_file_atomically(path: str, data: bytes) -> None:
 async def cmd_crl_write(options: Any, config: Config, store: IStore, out: Any) -> None:
     """The local CA's CRL of every certificate revoked in the store."""
     ca = LocalCA.load_or_create(config.ca_directory, config.ca_name)
+    # Only the revoked rows are read (an index holds just them), a page at a time.
     revoked = [
-        (c.serial, c.revoked_at) for c in await store.list_certificates() if c.revoked_at is not None
+        (c.serial, c.revoked_at)
+        async for c in iterate_certificates(store, revoked_only=True)
+        if c.revoked_at is not None
     ]
     crl = ca.write_crl(revoked, next_update=timedelta(days=options["days"]))
     written = [os.path.join(config.ca_directory, CRL_FILE)]
@@ -295,6 +304,35 @@ async def cmd_crl_write(options: Any, config: Config, store: IStore, out: Any) -
         f"wrote CRL of {len(crl)} revoked certificate(s), next update "
         f"{_when(crl.next_update_utc)}, to {', '.join(written)}\n"
     )
+
+
+async def cmd_store_migrate(options: Any, config: Config, store: IStore, out: Any) -> None:
+    """Copy this gateway's SQLite store into the store at --to (e.g. a new
+    PostgreSQL database), creating its schema first."""
+    if config.store_path is None:
+        raise CommandError(
+            f"store migrate copies a SQLite store, and store.url is {redact_url(config.store_url)}"
+        )
+    target_url = options["to"]
+    try:
+        target = open_store(target_url)
+    except ValueError as e:
+        raise CommandError(f"--to: {e}") from None
+    if isinstance(target, SQLiteStore) and os.path.abspath(target.path) == os.path.abspath(config.store_path):
+        raise CommandError("--to names the store being copied")
+    try:
+        await target.start()  # creates or migrates the target's schema
+    except Exception as e:
+        raise CommandError(f"cannot open {redact_url(target_url)}: {e}") from None
+    try:
+        counts = await target.copy_from_sqlite(config.store_path)
+    except StoreNotEmpty as e:
+        raise CommandError(str(e)) from None
+    finally:
+        await target.close()
+    copied = ", ".join(f"{n} {table}" for table, n in counts.items())
+    out.write(f"copied {copied} from {config.store_path} to {redact_url(target_url)}\n")
+    out.write(f"to use it, set store.url = {redact_url(target_url)} in {config.source}\n")
 
 
 # -- argument parsing -------------------------------------------------------
@@ -396,6 +434,22 @@ def _parser() -> argparse.ArgumentParser:
         "--days", type=_positive_days, default=7, help="days until its nextUpdate (default 7)"
     )
     crl_write.set_defaults(run=cmd_crl_write)
+
+    stores = commands.add_parser("store", help="the store itself").add_subparsers(
+        dest="action", metavar="ACTION", required=True
+    )
+    migrate = stores.add_parser(
+        "migrate",
+        help="copy this SQLite store (every table) into an empty store, e.g. PostgreSQL",
+        description="Creates the target's schema, then copies every table of the SQLite store of"
+        " store.url in one transaction; refuses a target that already holds data. Stop the gateways"
+        " first, then point store.url at the target.",
+    )
+    migrate.add_argument(
+        "--to", required=True, metavar="URL",
+        help="the target store: postgresql://user@host/db (or sqlite:PATH)",
+    )
+    migrate.set_defaults(run=cmd_store_migrate)
 
     # Talks to the approval service (its own config), not to this store.
     from estgw.approval import cli as approval_cli

@@ -43,6 +43,7 @@ __all__ = [
     "DuplicateCertificate",
     "NotLastIssued",
     "UnknownCertificate",
+    "StoreNotEmpty",
     "Approval",
     "APPROVAL_STATES",
     "UnsupportedSchemaVersion",
@@ -235,6 +236,10 @@ class DuplicateCertificate(Exception):
 class NotLastIssued(Exception):
     """record_certificate(renewing=serial) when another certificate was
     issued for the subject after ``serial``: nothing was recorded."""
+
+
+class StoreNotEmpty(Exception):
+    """copy_from_sqlite into a store that already holds rows: nothing copied."""
 
 
 class UnknownCertificate(Exception):

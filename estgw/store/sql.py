@@ -10,6 +10,7 @@ words that differ, and the locks that SQLite does not need.
 from __future__ import annotations
 
 import json
+import sqlite3
 from datetime import datetime, timezone
 from typing import Any, Callable, ClassVar, Sequence, TypeVar
 
@@ -30,11 +31,12 @@ from estgw.store import (
     IStore,
     NotLastIssued,
     OfficerRole,
+    StoreNotEmpty,
     StoreNotRunning,
     UnknownCertificate,
     UnsupportedSchemaVersion,
 )
-from estgw.store.migrations import MIGRATIONS
+from estgw.store.migrations import MIGRATIONS, TABLE_KEYS
 
 _T = TypeVar("_T")
 
@@ -335,6 +337,54 @@ class _SQLStore:
             self._execute(txn, statement.format(**self.ddl_words))
         self._execute(txn, "UPDATE schema_version SET version = ? WHERE id = 1", (version,))
         self._log.info("applied store schema migration {version}", version=version)
+
+    # -- copying a store (estgw store migrate)
+
+    def copy_from_sqlite(self, path: str, batch: int = 1000) -> Deferred[dict[str, int]]:
+        """
+        Copy every table of the SQLite store file ``path`` (already at this
+        schema version: start and close a SQLiteStore on it first) into
+        this started, empty store, in one transaction: all or nothing.
+        Rows keep their ids, so ties in issue order stay as they were.
+        Returns the number of rows copied per table; StoreNotEmpty (nothing
+        copied) if this store holds any row.  Memory holds one batch.
+        """
+
+        def interaction(txn: Any) -> dict[str, int]:
+            for table in TABLE_KEYS:
+                self._execute(txn, f"SELECT 1 FROM {table} LIMIT 1")
+                if txn.fetchone() is not None:
+                    raise StoreNotEmpty(
+                        f"{self!r} already holds data (table {table} is not empty);"
+                        f" a store is copied into an empty one only, and nothing was copied"
+                    )
+            source = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+            counts: dict[str, int] = {}
+            try:
+                for table, key in TABLE_KEYS.items():
+                    cursor = source.execute(f"SELECT * FROM {table} ORDER BY {', '.join(key)}")
+                    columns = [column[0] for column in cursor.description]
+                    insert = self._sql(
+                        f"INSERT INTO {table} ({', '.join(columns)})"
+                        f" VALUES ({', '.join('?' for _ in columns)})"
+                    )
+                    counts[table] = 0
+                    while True:
+                        rows = cursor.fetchmany(batch)
+                        if not rows:
+                            break
+                        txn.executemany(insert, rows)
+                        counts[table] += len(rows)
+            finally:
+                source.close()
+            self._after_copy(txn)
+            return counts
+
+        return self._run(interaction)
+
+    def _after_copy(self, txn: Any) -> None:
+        """Make ids generated from now on follow the copied ones (SQLite's
+        AUTOINCREMENT does by itself)."""
 
     def close(self) -> Deferred[None]:
         if self._pool is None or self._closing:
