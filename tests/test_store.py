@@ -12,6 +12,7 @@ import hashlib
 import ipaddress
 import os
 import sqlite3
+import tempfile
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -1032,4 +1033,26 @@ class PostgreSQLMigrateTableTests(OnPostgreSQL, MigrateTableTests):
             )
         }
         self.assertEqual(tables - {"schema_version"}, set(TABLE_KEYS))
+
+
+class PostgreSQLConnectionTests(unittest.TestCase):
+    async def test_no_server(self) -> None:
+        """
+        A store whose server does not answer fails to start within its
+        connect timeout, with libpq's reason, and refuses work after.
+        """
+        from estgw.store.postgresql import PostgreSQLStore
+
+        postgresql.server_url()  # skip where the PostgreSQL tests cannot run
+        directory = tempfile.mkdtemp()  # short: a socket path has at most 107 bytes
+        self.addCleanup(os.rmdir, directory)
+        store = PostgreSQLStore(f"postgresql://estgw@/estgw?host={directory}", connect_timeout=1)
+        import psycopg
+
+        with self.assertRaises(psycopg.OperationalError) as caught:
+            await store.start()
+        self.assertIn("cannot connect to the PostgreSQL store", str(caught.exception))
+        self.assertIn(directory, str(caught.exception))
+        with self.assertRaises(StoreNotRunning):
+            await store.count_certificates()
 

@@ -57,6 +57,8 @@ class _PsycopgPool:
 
     def __init__(self, conninfo: str, reactor: Any, size: int, connect_timeout: float) -> None:
         self._reactor = reactor
+        self._conninfo = conninfo
+        self._connect_timeout = connect_timeout
         self._threads = ThreadPool(minthreads=0, maxthreads=size, name="estgw-postgresql")
         self._pool = psycopg_pool.ConnectionPool(
             conninfo,
@@ -90,8 +92,20 @@ class _PsycopgPool:
                 time.sleep(random.uniform(0.001, 0.01) * (attempt + 1))
         raise AssertionError("unreachable")  # pragma: no cover
 
+    def _getconn(self) -> Any:
+        try:
+            return self._pool.getconn()
+        except psycopg_pool.PoolTimeout as e:
+            # The pool says only that it waited: ask libpq why.
+            try:
+                psycopg.connect(self._conninfo, connect_timeout=max(1, int(self._connect_timeout))).close()
+            except psycopg.Error as reason:
+                raise psycopg.OperationalError(f"cannot connect to the PostgreSQL store: {reason}") from e
+            raise
+
     def _once(self, interaction: Callable[..., _T], *args: Any) -> _T:
-        with self._pool.connection() as connection:
+        connection = self._getconn()
+        try:
             try:
                 with connection.cursor() as cursor:
                     result = interaction(cursor, *args)
@@ -102,9 +116,13 @@ class _PsycopgPool:
                 else:
                     connection.commit()
             except BaseException:
-                connection.rollback()
+                if not connection.closed:
+                    connection.rollback()
                 raise
             return result
+        finally:
+            # A broken connection is discarded here, and replaced.
+            self._pool.putconn(connection)
 
 
 class PostgreSQLStore(_SQLStore):
