@@ -441,16 +441,24 @@ async def iterate_certificates(
     store: IStore, subject: str | None = None, revoked_only: bool = False, page_size: int = 1000
 ) -> AsyncIterator[IssuedCertificate]:
     """Every certificate (or those of ``subject``, or the revoked ones),
-    newest first, read ``page_size`` at a time: memory stays bounded by one
-    page however many certificates the store holds."""
-    after: tuple[str, int] | None = None
-    while True:
-        page = await store.certificate_page(after, page_size, subject, revoked_only)
-        for certificate in page.certificates:
-            yield certificate
-        if page.after is None:
-            return
-        after = page.after
+    newest first, read ``page_size`` at a time: memory stays bounded by two
+    pages however many certificates the store holds."""
+    following: Deferred[CertificatePage] = store.certificate_page(None, page_size, subject, revoked_only)
+    try:
+        while True:
+            page = await following
+            if page.after is not None:
+                # Read the next page while the caller works through this
+                # one: two pages in memory at most.
+                following = store.certificate_page(page.after, page_size, subject, revoked_only)
+            for certificate in page.certificates:
+                yield certificate
+            if page.after is None:
+                return
+    finally:
+        # A caller that stops early leaves a read in flight: its outcome
+        # (even a failure) is of no interest.
+        following.addErrback(lambda _: None)
 
 
 #: URL schemes of :func:`open_store`.
