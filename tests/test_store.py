@@ -535,6 +535,21 @@ class SchemaTests(StoreTestCase):
         self.assertEqual(self.on_disk("SELECT id, version FROM schema_version"), [(1, newest)])
         self.assertEqual(SQLiteStore.SCHEMA_VERSION, MIGRATIONS[-1][0])
 
+    async def test_concurrent_starts(self) -> None:
+        """
+        Four stores (as four gateway processes) started at once on a new
+        database: every start succeeds, each migration is applied once,
+        and all four work on the one schema.
+        """
+        location = await self.location()
+        stores = [self.store_class(location) for _ in range(4)]
+        for store in stores:
+            self.addCleanup(store.close)
+        await defer.gatherResults([store.start() for store in stores])
+        self.assertEqual(self.on_disk("SELECT id, version FROM schema_version"), [(1, MIGRATIONS[-1][0])])
+        await stores[0].record_certificate(issued(serial=1))
+        self.assertEqual([await s.count_certificates() for s in stores], [1, 1, 1, 1])
+
     async def test_too_new_version_refused(self) -> None:
         """
         A file written by a newer estgw (higher schema version) refuses to

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import io
 import os
+import tempfile
 from datetime import timedelta
 from typing import Any
 
@@ -25,8 +26,21 @@ from estgw import cli, config as config_module
 from estgw.passwords import hash_password
 from estgw.store import Approval, Device, OfficerRole, SQLiteStore, open_store
 from estgw.store.migrations import MIGRATIONS
-from estgw.testing import TEST_CONFIG, HTTPResult, RunningGateway, cert_pem, key_pem, make_csr, new_key, write
+from estgw.testing import (
+    TEST_CONFIG,
+    HTTPResult,
+    RunningGateway,
+    _which,
+    cert_pem,
+    key_pem,
+    make_csr,
+    new_key,
+    run_process,
+    write,
+)
+from estgw.protocol import decode_certs_only
 from tests import postgresql
+from tests.test_twistd import TwistdTestCase
 from tests.test_store import T0, issued
 
 PASSWORD = "s3cret pass"
@@ -283,3 +297,66 @@ class CLITests(TestCase):
         self.addCleanup(target.close)
         self.assertEqual(await target.list_certificates(), wrote["certificates"])
         self.assertEqual(await target.list_officer_roles(), [wrote["role"]])
+
+
+class DaemonsTests(TwistdTestCase):
+    """Two real ``twistd estgw`` processes on one PostgreSQL database."""
+
+    async def test_two_daemons_single_use_and_revocation(self) -> None:
+        """
+        After `estgw init` (CA, TLS, schema), two daemons serve from one
+        state directory and one database: six concurrent enrollments with
+        one single-use registration, three at each, issue one certificate;
+        a certificate revoked with the CLI is refused by both at once.
+        """
+        url = await postgresql.new_database(self)
+        with open(self.config, "a") as f:
+            f.write(f"\nstore.url = {url}\n")
+        with open(self.config) as f:
+            text = f.read()
+        self.assertEqual(text.count("store.url = "), 2)
+        # A key given twice is an error: keep only ours.
+        with open(self.config, "w") as f:
+            f.write(text.replace("store.url = sqlite:estgw.sqlite\n", "", 1))
+        init = await self.cli("init")
+        self.assertEqual(init.code, 0, init.stderr.decode())
+        first, second = self.spawn("--port", "0"), self.spawn("--port", "0")
+        await defer.gatherResults([first.ready(), second.ready()])
+        added = await self.cli("device", "add", "once", "--password", "pw", "--single-use")
+        self.assertEqual(added.code, 0, added.stderr.decode())
+
+        def enroll(port: int) -> defer.Deferred:
+            # Files of its own per request (the shared helper's would collide).
+            directory = tempfile.mkdtemp(dir=self.directory)
+            body, request = os.path.join(directory, "body"), os.path.join(directory, "request")
+            csr = make_csr(new_key(), "once").public_bytes(Encoding.DER)
+            write(request, base64.b64encode(csr))
+            argv = [
+                _which("curl"), "-sS", "--max-time", "20", "-o", body, "-w", "%{http_code}",
+                "--cacert", os.path.join(self.directory, "state", "ca", "root-ca.pem"),
+                "--basic", "-u", "once:pw", "-H", "Content-Type: application/pkcs10",
+                "--data-binary", "@" + request, f"https://localhost:{port}/.well-known/est/simpleenroll",
+            ]
+
+            async def run() -> tuple[int, bytes]:
+                result = await run_process(argv)
+                with open(body, "rb") as f:
+                    return int(result.stdout or b"0"), f.read()
+
+            return defer.Deferred.fromCoroutine(run())
+
+        results = await defer.gatherResults([enroll(d.port) for d in (first, second) * 3])
+        self.assertEqual(sorted(status for status, _ in results), [200, 403, 403, 403, 403, 403])
+        (body,) = [body for status, body in results if status == 200]
+        (cert,) = decode_certs_only(body)
+        listed = await self.cli("cert", "list")
+        self.assertEqual(listed.stdout.count(b"device:once"), 1, listed.stdout)
+
+        revoked = await self.cli("cert", "revoke", f"{cert.serial_number:x}")
+        self.assertEqual(revoked.code, 0, revoked.stderr.decode())
+        crl = await self.cli("crl", "write")
+        self.assertIn(b"wrote CRL of 1 revoked certificate(s)", crl.stdout)
+        self.assertEqual(postgresql.query(url, "SELECT COUNT(*) FROM certificates WHERE revoked_at IS NOT NULL"), [(1,)])
+        for daemon in (first, second):
+            self.assertIn(b"serving EST at", daemon.output)
+
