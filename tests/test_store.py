@@ -711,7 +711,7 @@ class SQLiteTests(StoreTestCase):
     def test_paramstyle_isolated(self) -> None:
         """
         Queries are written with "?" and rewritten in one place for a
-        driver using the "format" paramstyle (psycopg2).
+        driver using the "format" paramstyle (psycopg).
         """
 
         class FormatStore(SQLiteStore):

@@ -89,7 +89,7 @@ def _certificate_from_row(row: Sequence[Any]) -> IssuedCertificate:
         public_key_sha256=row[5],
         handler=row[6],
         requester=row[7],
-        der=bytes(row[8]),  # psycopg2 returns memoryview for BYTEA
+        der=bytes(row[8]),  # whatever binary type the driver returns
         issued_at=_parse_time(row[9]),
         revoked_at=_parse_optional_time(row[10]),
         revocation_reason=row[11],
@@ -138,7 +138,7 @@ def _approval_from_row(row: Sequence[Any]) -> Approval:
         public_key_sha256=row[2],
         subject=row[3],
         requester=row[4],
-        csr=bytes(row[5]),  # memoryview from psycopg2
+        csr=bytes(row[5]),  # whatever binary type the driver returns
         state=row[6],
         created_at=_parse_time(row[7]),
         expires_at=_parse_time(row[8]),
