@@ -21,6 +21,7 @@ from twisted.internet import defer, task
 from estgw import bootstrap, config as config_module, device_import, factory, names, officers
 from estgw.ca import CRL_FILE, CAError, LocalCA
 from estgw.config import Config, ConfigError
+from estgw.escape import printable
 from estgw.store import (
     REVOCATION_REASONS,
     DuplicateDevice,
@@ -106,7 +107,7 @@ async def cmd_device_add(options: Any, config: Config, store: IStore, out: Any) 
         raise CommandError(f"device {device_id!r} is already registered") from None
     except ValueError as e:
         raise CommandError(str(e)) from None
-    out.write(f"registered device {device_id}\n")
+    out.write(f"registered device {printable(device_id)}\n")
 
 
 async def cmd_device_import(options: Any, config: Config, store: IStore, out: Any) -> None:
@@ -116,7 +117,7 @@ async def cmd_device_import(options: Any, config: Config, store: IStore, out: An
         raise CommandError(str(e)) from None
     result = await device_import.import_devices(store, rows, device_import.digest_realms(config))
     for line, reason in result.bad:
-        out.write(f"line {line}: {reason}\n")
+        out.write(f"line {line}: {printable(reason)}\n")
     out.write(device_import.describe(result, len(rows)) + "\n")
     if result.bad:
         raise CommandError(f"{len(result.bad)} bad row(s) in {options['file']}; the others were imported")
@@ -137,9 +138,9 @@ async def cmd_officer_add(options: Any, config: Config, store: IStore, out: Any)
         raise CommandError(str(e)) from None
     grant = officers.role_grant(cert, role)
     if await store.add_officer_role(grant):
-        out.write(f"granted officer role {role} to {grant.subject} (SHA-256 {grant.fingerprint})\n")
+        out.write(f"granted officer role {role} to {printable(grant.subject)} (SHA-256 {grant.fingerprint})\n")
     else:
-        out.write(f"{grant.subject} (SHA-256 {grant.fingerprint}) already holds officer role {role}\n")
+        out.write(f"{printable(grant.subject)} (SHA-256 {grant.fingerprint}) already holds officer role {role}\n")
 
 
 async def cmd_officer_list(options: Any, config: Config, store: IStore, out: Any) -> None:
@@ -149,7 +150,9 @@ async def cmd_officer_list(options: Any, config: Config, store: IStore, out: Any
         return
     out.write(f"{'ROLE':<16} {'SUBJECT':<40} {'SERIAL':<42} {'GRANTED':<20} SHA-256\n")
     for g in grants:
-        out.write(f"{g.role:<16} {g.subject:<40} {g.serial:<42x} {_when(g.granted_at):<20} {g.fingerprint}\n")
+        out.write(
+            f"{g.role:<16} {printable(g.subject):<40} {g.serial:<42x} {_when(g.granted_at):<20} {g.fingerprint}\n"
+        )
 
 
 async def cmd_officer_remove(options: Any, config: Config, store: IStore, out: Any) -> None:
@@ -178,7 +181,7 @@ async def cmd_device_list(options: Any, config: Config, store: IStore, out: Any)
         ) or "-"
         single = "yes" if d.single_use else "no"
         out.write(
-            f"{d.device_id:<32} {auth:<16} {single:<10} {_when(d.created_at):<20} {_when(d.consumed_at):<20}"
+            f"{printable(d.device_id):<32} {auth:<16} {single:<10} {_when(d.created_at):<20} {_when(d.consumed_at):<20}"
             f" {_registered_names(d)}\n"
         )
 
@@ -200,7 +203,7 @@ def _registered_names(device: Any) -> str:
 async def cmd_device_remove(options: Any, config: Config, store: IStore, out: Any) -> None:
     if not await store.remove_device(options["id"]):
         raise CommandError(f"no device {options['id']!r}")
-    out.write(f"removed device {options['id']}\n")
+    out.write(f"removed device {printable(options['id'])}\n")
 
 
 def _status(c: IssuedCertificate) -> str:
@@ -218,7 +221,10 @@ async def cmd_cert_list(options: Any, config: Config, store: IStore, out: Any) -
         return
     out.write(f"{'SERIAL':<42} {'STATUS':<8} {'NOT AFTER':<20} {'SUBJECT':<40} REQUESTER\n")
     for c in certs:
-        out.write(f"{c.serial:<42x} {_status(c):<8} {_when(c.not_after):<20} {c.subject:<40} {c.requester}\n")
+        out.write(
+            f"{c.serial:<42x} {_status(c):<8} {_when(c.not_after):<20} {printable(c.subject):<40}"
+            f" {printable(c.requester)}\n"
+        )
 
 
 async def _get(store: IStore, serial_text: str) -> IssuedCertificate:
@@ -246,7 +252,8 @@ async def cmd_cert_show(options: Any, config: Config, store: IStore, out: Any) -
         ("issued at", _when(c.issued_at)),
     ]
     for name, value in rows:
-        out.write(f"{name + ':':<20} {value}\n")
+        # Subject, SANs and requester were chosen by the client.
+        out.write(f"{name + ':':<20} {printable(value)}\n")
     out.write(c.certificate.public_bytes(Encoding.PEM).decode("ascii"))
 
 
@@ -258,7 +265,7 @@ async def cmd_cert_revoke(options: Any, config: Config, store: IStore, out: Any)
         raise CommandError(f"no certificate with serial {serial:x}") from None
     except ValueError as e:  # an unknown --reason
         raise CommandError(str(e)) from None
-    out.write(f"revoked {serial:x} ({issued.subject}) at {_when(issued.revoked_at)}\n")
+    out.write(f"revoked {serial:x} ({printable(issued.subject)}) at {_when(issued.revoked_at)}\n")
 
 
 def _write_file_atomically(path: str, data: bytes) -> None:
@@ -439,7 +446,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         try:
             await run(reactor, arguments)
         except CommandError as e:
-            sys.stderr.write(f"estgw: {e}\n")
+            sys.stderr.write(f"estgw: {printable(str(e))}\n")
             raise SystemExit(1)
 
     task.react(lambda reactor: defer.Deferred.fromCoroutine(_main(reactor)))

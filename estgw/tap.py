@@ -17,7 +17,7 @@ from twisted.python.failure import Failure
 
 from estgw import bootstrap, config as config_module
 from estgw.approval.gateway import build_gates, load_approval_tls
-from estgw.auth import device_portal, digest_secret
+from estgw.auth import device_portal, digest_nonce_counts, digest_secret
 from estgw.ca import CAError
 from estgw.config import Config, ConfigError
 from estgw.enroll import Gateway
@@ -90,6 +90,7 @@ class GatewayService(service.Service):
             raise usage.UsageError(str(e)) from None
         self.store = bootstrap.open_store(config, reactor)
         self.port: Any = None
+        self.gateway: Gateway | None = None
         self.metrics_port: Any = None
         self.ready: defer.Deferred = defer.Deferred()
 
@@ -100,7 +101,8 @@ class GatewayService(service.Service):
             procedures=bootstrap.token_procedures(self.config, self.state.ca, self.reactor),
             ca_chain=self.state.ca.chain(),
             portal=device_portal(
-                self.store, self.reactor, self.state.ca.chain(), digest_secret(self.config.state_directory)
+                self.store, self.reactor, self.state.ca.chain(), digest_secret(self.config.state_directory),
+                digest_nonce_counts(self.config.state_directory, self.reactor),
             ),
             reactor=self.reactor,
             revocation=self.revocation,
@@ -123,7 +125,7 @@ class GatewayService(service.Service):
         """Bind the port now, before the reactor runs, so a port in use
         stops twistd with a message and a non-zero status; accept nothing
         until the store is open (connections wait in the listen backlog)."""
-        gateway = self.build_gateway()
+        gateway = self.gateway = self.build_gateway()
         port = _listen_now(self._endpoint(), build_site(gateway), self.config.port)
         port.stopReading()
         if self.config.metrics_port is not None:
@@ -135,6 +137,7 @@ class GatewayService(service.Service):
 
     async def _open(self) -> None:
         await self.store.start()
+        await self.gateway.portal.start()
         self.port.startReading()
         host = self.config.hostnames[0] if self.config.hostnames else "localhost"
         self._log.info(
@@ -164,6 +167,8 @@ class GatewayService(service.Service):
         metrics, self.metrics_port = self.metrics_port, None
         if metrics is not None:
             await defer.maybeDeferred(metrics.stopListening)
+        if self.gateway is not None:
+            await self.gateway.portal.close()
         await self.store.close()
 
     def stopService(self) -> defer.Deferred:

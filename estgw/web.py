@@ -22,10 +22,16 @@ from twisted.web.http_headers import Headers
 from estgw import protocol
 from estgw.config import OPERATIONS
 from estgw.enroll import Gateway, enroll
+from estgw.escape import printable
 from estgw.refusal import Refusal
 from estgw.tls import PeerInfo, peer_info
 
 _audit = Logger(namespace="estgw.audit")
+
+#: The status counted in the metrics for a request whose client closed the
+#: connection before the response was written (nginx's convention).
+CLIENT_CLOSED = 499
+
 _METHODS = {
     "cacerts": b"GET",
     "csrattrs": b"GET",
@@ -115,6 +121,8 @@ def _respond(
     content_type: str | None,
     headers: dict[str, str] | None = None,
 ) -> None:
+    if request.finished or request._disconnected:
+        return  # the client went away: nothing can be written (twisted raises)
     request.setResponseCode(status)
     if content_type is not None:
         request.setHeader(b"Content-Type", content_type.encode("ascii"))
@@ -128,19 +136,21 @@ def _respond(
 
 
 def _refuse(request: Request, refusal: Refusal, peer: PeerInfo | None) -> None:
+    # A reason may quote what the client sent: one line in the log and the body.
+    reason = printable(refusal.reason)
     _audit.info(
         "{event} {method} {path} from {client}: {status} {code}: {reason}",
-        method=request.method.decode("ascii", "replace"),
-        path=request.path.decode("ascii", "replace"),
+        method=printable(request.method),
+        path=printable(request.path),
         client=_client_name(request, peer),
         status=refusal.status,
         code=refusal.code,
-        reason=refusal.reason,
+        reason=reason,
         event=refusal.event,
     )
     if is_bare_challenge(request, refusal):
         return _respond(request, refusal.status, b"", None, refusal.headers)
-    body = (refusal.reason + "\n").encode("utf-8")
+    body = (reason + "\n").encode("utf-8")
     _respond(request, refusal.status, body, "text/plain; charset=utf-8", refusal.headers)
 
 
@@ -160,7 +170,7 @@ def _client_name(request: Request, peer: PeerInfo | None) -> str:
     address = request.getClientAddress()
     host = getattr(address, "host", "?")
     if peer is not None and peer.certificate is not None:
-        return f"{host} ({peer.certificate.subject.rfc4514_string()})"
+        return f"{host} ({printable(peer.certificate.subject.rfc4514_string())})"
     return str(host)
 
 
@@ -177,25 +187,35 @@ class ESTResource(resource.Resource):
         self._labels = labels | {""}
 
     def render(self, request: Request) -> Any:
-        finished: list[Any] = []
-        request.notifyFinish().addBoth(finished.append)
         started = time.monotonic()
-        # The status is known once the response is written, by any path.
-        request.notifyFinish().addCallback(
-            lambda _: self._gateway.metrics.response(
-                self._operation_name(request), request.code, time.monotonic() - started
-            )
-        )
+        # Fires once the response is written, or with ConnectionLost when
+        # the client closes first; either way the request is counted (the
+        # latter as CLIENT_CLOSED) and the failure is consumed here.  The
+        # work itself goes on: a certificate being issued is recorded, so
+        # the device can fetch it again.
+        request.notifyFinish().addBoth(self._finished, request, started)
         d = defer.Deferred.fromCoroutine(self._serve(request))
 
         def failed(failure: Failure) -> None:
             # A bug, never bad input: bad input is a Refusal.
-            self._log.failure("while serving {path}", failure, path=request.path.decode("ascii", "replace"))
-            if not finished:
-                _respond(request, 500, b"internal error\n", "text/plain; charset=utf-8")
+            self._log.failure("while serving {path}", failure, path=printable(request.path))
+            _respond(request, 500, b"internal error\n", "text/plain; charset=utf-8")
 
         d.addErrback(failed)
         return server.NOT_DONE_YET
+
+    def _finished(self, result: Any, request: Request, started: float) -> None:
+        status = request.code
+        if isinstance(result, Failure):
+            status = CLIENT_CLOSED
+            _audit.info(
+                "{event} {method} {path} from {client}: the client closed the connection before the response",
+                method=printable(request.method),
+                path=printable(request.path),
+                client=_client_name(request, None),
+                event="client-closed",
+            )
+        self._gateway.metrics.response(self._operation_name(request), status, time.monotonic() - started)
 
     @staticmethod
     def _operation_name(request: Request) -> str:
@@ -233,8 +253,7 @@ class ESTResource(resource.Resource):
         except Refusal as refusal:
             if refusal.event == "refused":
                 self._gateway.metrics.refusal(refusal.code)
-            if not request.finished and not request._disconnected:
-                _refuse(request, refusal, peer)
+            _refuse(request, refusal, peer)
 
     async def _operation(self, request: Request, label: str, operation: str, peer: PeerInfo) -> None:
         if operation in ("serverkeygen", "fullcmc"):
@@ -280,8 +299,6 @@ class ESTResource(resource.Resource):
         return attributes
 
     def _send(self, request: Request, body: bytes, content_type: str) -> None:
-        if request.finished or request._disconnected:
-            return
         _respond(request, 200, body, content_type, {"Content-Transfer-Encoding": "base64"})
 
 

@@ -169,14 +169,15 @@ class DigestResponseTests(TestCase):
         self.assertEqual((refusal.status, refusal.code), (401, "bad-credentials"))
 
     async def test_challenge_of_another_process(self) -> None:
-        """A nonce/opaque this gateway did not make (e.g. another process's)
-        is refused as expired or malformed, with a new challenge."""
+        """A nonce this gateway did not make (e.g. the challenge of a process
+        with another state directory) is refused with a new challenge."""
         stranger = auth.credential_factory(self.handler)
         fields = stranger.getChallenge(self.request())
         challenge = {k: v.decode() if isinstance(v, bytes) else v for k, v in fields.items()}
         refusal = await self.refusal(self.request(self.response(challenge=challenge)))
-        self.assertEqual((refusal.status, refusal.code), (401, "bad-credentials"))
-        self.assertIn("expired", refusal.reason)
+        self.assertEqual((refusal.status, refusal.code), (401, "digest-nonce-invalid"))
+        self.assertIn("not made by this gateway", refusal.reason)
+        self.assertNotIn("stale", refusal.headers["WWW-Authenticate"])
 
     async def test_challenge_of_a_process_sharing_the_state(self) -> None:
         """Processes with the same state directory share the Digest key: a
