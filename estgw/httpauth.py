@@ -162,6 +162,13 @@ def _text(name: str, value: bytes) -> str:
         raise MalformedCredentials(f"the value of {name} is not UTF-8: {_shown(value)!r}") from None
 
 
+def _check_header(value: bytes) -> None:
+    if len(value) > MAX_AUTHORIZATION:
+        raise MalformedCredentials(f"the Authorization header is longer than {MAX_AUTHORIZATION} bytes")
+    if any(b < 0x20 and b != 0x09 or b == 0x7F for b in value):
+        raise MalformedCredentials("the Authorization header contains a control character")
+
+
 def parse_authorization(value: bytes) -> Authorization:
     """Parse one Authorization header value.
 
@@ -171,10 +178,7 @@ def parse_authorization(value: bytes) -> Authorization:
         not UTF-8.  A scheme alone is returned with no credentials
         (:attr:`Authorization.empty`); the factory says what it lacks.
     """
-    if len(value) > MAX_AUTHORIZATION:
-        raise MalformedCredentials(f"the Authorization header is longer than {MAX_AUTHORIZATION} bytes")
-    if any(b < 0x20 and b != 0x09 or b == 0x7F for b in value):
-        raise MalformedCredentials("the Authorization header contains a control character")
+    _check_header(value)
     data = value.strip(_WHITESPACE)
     end = _token(data, 0)
     if end == 0:
@@ -218,18 +222,22 @@ def parse_authorization(value: bytes) -> Authorization:
 
 
 def authorization_header(request: Any) -> tuple[bytes, bytes]:
-    """The request's one Authorization header as (scheme, the rest).
+    """The request's one Authorization header as (scheme, the rest); the
+    rest is the credential factory's to read.
 
-    :raises MalformedCredentials: more than one Authorization header, or
-        one :func:`parse_authorization` refuses.
+    :raises MalformedCredentials: more than one Authorization header, one
+        that is too long, has a control character, or starts with no scheme.
     """
     values = request.requestHeaders.getRawHeaders(b"authorization") or []
     if len(values) != 1:
         raise MalformedCredentials(f"{len(values)} Authorization headers: send exactly one")
     header = values[0]
-    parse_authorization(header)  # every check on the whole header first
-    scheme, _, rest = header.strip(_WHITESPACE).partition(b" ")
-    return scheme, rest
+    _check_header(header)
+    data = header.strip(_WHITESPACE)
+    end = _token(data, 0)
+    if end == 0 or (end < len(data) and data[end] != 0x20):
+        raise MalformedCredentials("the Authorization header does not start with an authentication scheme and a space")
+    return data[:end], data[end + 1:]
 
 
 def _params(factory: Any, response: bytes) -> Authorization:
@@ -262,14 +270,16 @@ class BasicCredentialFactory:
 
     def decode(self, response: bytes, request: Any) -> credentials.UsernamePassword:
         """:raises MalformedCredentials: not one base64 value, no colon, not UTF-8, control characters."""
-        parsed = _params(self, response)
-        if parsed.token68 is None:
-            raise MalformedCredentials("Basic credentials are one base64 value, not parameters")
-        token = parsed.token68
-        if len(token.rstrip("=")) % 4 == 1:
-            raise MalformedCredentials("the Basic credentials are not base64")
+        _check_header(response)
+        token = response.strip(_WHITESPACE)
+        if not token:
+            raise MalformedCredentials("no credentials after the scheme Basic")
+        if not _TOKEN68.fullmatch(token):
+            raise MalformedCredentials("the Basic credentials are not one base64 value")
+        # Padding may be left off (some clients do); anything else must be base64.
+        data = token.decode("ascii").rstrip("=")
         try:
-            decoded = base64.b64decode(token.rstrip("=") + "=" * (-len(token.rstrip("=")) % 4), validate=True)
+            decoded = base64.b64decode(data + "=" * (-len(data) % 4), validate=True)
         except (binascii.Error, ValueError):
             raise MalformedCredentials("the Basic credentials are not base64") from None
         user, colon, password = decoded.partition(b":")

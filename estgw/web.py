@@ -15,7 +15,7 @@ from typing import Any
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import resource, server
+from twisted.web import http, resource, server
 from twisted.web.http import Request, unquote
 from twisted.web.http_headers import Headers
 
@@ -327,6 +327,23 @@ class _Branch(resource.Resource):
         return _NotEST().render(request)
 
 
+class _Channel(http.HTTPChannel):
+    """HTTP/1.x (h2 is never negotiated, see :mod:`estgw.tls`)."""
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        # A request or header line over MAX_LENGTH (e.g. a huge
+        # Authorization header): 400 like a head over totalHeadersSize.
+        # twisted's default closes the transport directly, which over TLS
+        # waits for this channel's producer: the client hung until the
+        # idle timeout.
+        body = f"a request or header line is longer than {self.MAX_LENGTH} bytes\n".encode("ascii")
+        self.transport.write(
+            b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
+        )
+        self.loseConnection()
+
+
 # Idle keep-alive connections are closed after this many seconds
 # (twisted.web's default is twelve hours).
 IDLE_TIMEOUT = 60
@@ -338,6 +355,7 @@ def build_site(gateway: Gateway) -> server.Site:
     root.putChild(b".well-known", well_known)
     well_known.putChild(b"est", ESTResource(gateway))
     site = server.Site(root, timeout=IDLE_TIMEOUT)
+    site.protocol = _Channel
     site.requestFactory = request_factory(gateway.config.max_request_bytes)
     site.displayTracebacks = False
     return site
