@@ -190,6 +190,8 @@ class _Service:
         request = {
             "requestId": "0f6b\x1b[2J", "status": "pending", "createdAt": "2026-11-30T06:00:00Z",
             "subject": "CN=pump-17,O=" + FORGED, "requester": "device:" + SEPARATORS, "reason": FORGED,
+            "issuedSubject": "CN=pump-17,O=" + FORGED, "subjectAltNames": ["DNS:a\nb", "URI:\x1b[31m"],
+            "publicKey": "EC\u2028P-256",
         }
         return {"requests": [request, request]} if method == "GET" else request
 
@@ -198,11 +200,12 @@ class ApprovalCLITests(TestCase):
     """What the approval service returns came from devices: escaped."""
 
     async def test_list_approve_reject(self) -> None:
-        """`approval list` has one row per request; approve and reject one line each."""
+        """`approval list` has one row per request and one line of what it
+        would issue; approve and reject one line each."""
         self.patch(approval_cli, "_ServiceClient", _Service)
         options = ["approval", "--url", "https://127.0.0.1:1/approval/requests"]
         for argv, lines in (
-            (["list"], 3), (["approve", "0f6b"], 1), (["reject", "0f6b", "--reason", "no"], 1)
+            (["list"], 5), (["approve", "0f6b"], 1), (["reject", "0f6b", "--reason", "no"], 1)
         ):
             out = io.StringIO()
             await cli.run(reactor, options + argv, out)

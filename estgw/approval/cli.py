@@ -143,9 +143,9 @@ async def cmd_list(reactor: Any, options: dict[str, Any], out: Any) -> None:
         # Everything that would be certified, so nothing is approved unseen.
         sans = r.get("subjectAltNames") or []
         out.write(
-            f"    would issue: subject {r.get('issuedSubject', r.get('subject', '?'))};"
-            f" subjectAltNames {', '.join(str(n) for n in sans) if sans else 'none'};"
-            f" key {r.get('publicKey', '?')}\n"
+            f"    would issue: subject {printable(r.get('issuedSubject', r.get('subject', '?')))};"
+            f" subjectAltNames {printable(', '.join(str(n) for n in sans)) if sans else 'none'};"
+            f" key {printable(r.get('publicKey', '?'))}\n"
         )
 
 
