@@ -112,7 +112,7 @@ async def _sent_again(
             _log.info(
                 "sent again serial {serial:x} to {requester}: its single-use registration was"
                 " consumed by this certificate {age:.0f} s ago",
-                serial=issued.serial, requester=identity.requester,
+                serial=issued.serial, requester=printable(identity.requester),
                 age=(now - device.consumed_at).total_seconds(), event="reissued",
             )
             return issued.certificate

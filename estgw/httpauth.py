@@ -248,8 +248,9 @@ def _params(factory: Any, response: bytes) -> Authorization:
 
 
 def _check_characters(what: str, value: str) -> None:
-    # RFC 7617 §2: neither user-id nor password contains control characters.
-    if any(not (c.isprintable() or c == " ") for c in value):
+    # RFC 7617 §2: neither user-id nor password contains control
+    # characters; line separators and format characters are refused alike.
+    if not value.isprintable():
         raise MalformedCredentials(f"the {what} contains a control character")
 
 
