@@ -18,9 +18,10 @@ from estgw.config import from_string
 from estgw.passwords import hash_password
 from estgw.refusal import Refusal
 from estgw.store import Device, SQLiteStore
-from estgw.testing import TEST_CONFIG, HTTPResult, RunningGateway
+from estgw.testing import TEST_CONFIG, HTTPResult, RunningGateway, _which, run_process, write
 from estgw.tls import PeerInfo
 from tests.test_auth import SecurityTestCase, csr_for, run_cli
+from tests.test_twistd import TwistdTestCase
 
 DIGEST_PATH = b"/.well-known/est/digest/simpleenroll"
 
@@ -322,3 +323,40 @@ class DigestResponseTests(TestCase):
         """H(A1) is MD5 of id:realm:password, the password NFC-normalised."""
         self.assertEqual(auth.digest_ha1("d", "r", "pw"), hashlib.md5(b"d:r:pw").hexdigest())
         self.assertEqual(auth.digest_ha1("d", "r", "e\u0301"), auth.digest_ha1("d", "r", "\u00e9"))
+
+
+class DigestAcrossDaemonsTests(TwistdTestCase):
+    """Two real twistd daemons on one state directory, as several worker
+    processes of one gateway would be."""
+
+    async def test_replay_to_the_other_daemon(self) -> None:
+        """A Digest response accepted by one daemon is refused by the other
+        (401 digest-replayed), and a fresh login there works: the key and
+        the nonce counts are shared through the state directory."""
+        with open(self.config, "a") as f:
+            f.write("handler.90.operation = simpleenroll\nhandler.90.label = digest\n"
+                    "handler.90.authtype = Digest\nhandler.90.realm = digest realm\n")
+        one = await self.start()
+        other = await self.start()
+        added = await self.cli("device", "add", "pump-17", "--password", "s3cret")
+        self.assertEqual(added.code, 0, added.stderr)
+        ca = os.path.join(self.directory, "state", "ca", "root-ca.pem")
+        request = write(os.path.join(self.directory, "csr.pem"), csr_for("pump-17"))
+
+        async def curl(port: int, *options: str) -> tuple[int, bytes, bytes]:
+            url = f"https://localhost:{port}/.well-known/est/digest/simpleenroll"
+            result = await run_process([
+                _which("curl"), "-sS", "-v", "--max-time", "20", "--cacert", ca, "-w", "\n%{http_code}",
+                "-H", "Content-Type: application/pkcs10", "--data-binary", "@" + request, *options, url,
+            ])
+            body, _, status = result.stdout.rpartition(b"\n")
+            return int(status or 0), body, result.stderr
+
+        status, _, trace = await curl(one.port, "--digest", "-u", "pump-17:s3cret")
+        self.assertEqual(status, 200, trace)
+        header = sent_authorization(HTTPResult(status, {}, b"", trace))
+        status, body, _ = await curl(other.port, "-H", header)
+        self.assertEqual((status, body), (401, b"this Digest response was used before (nonce count 00000001):"
+                                               b" answer the new challenge\n"))
+        status, _, trace = await curl(other.port, "--digest", "-u", "pump-17:s3cret")
+        self.assertEqual(status, 200, trace)
