@@ -70,6 +70,8 @@ from typing import Iterable
 from cryptography import x509
 from cryptography.x509.name import _ASN1Type
 from cryptography.x509.oid import NameOID, ObjectIdentifier
+
+from estgw.escape import printable
 from pyasn1.codec.der import decoder as der_decoder
 from pyasn1.error import PyAsn1Error
 from pyasn1_modules import rfc2986, rfc5280
@@ -104,10 +106,10 @@ class BadName(ValueError):
 
 
 def shown(value: str | bytes, limit: int = 64) -> str:
-    """A client-supplied value for a one-line reason or log line: quoted
-    and escaped like Python's repr (no raw control characters, no line
-    breaks), at most ``limit`` characters of it, then ``...``."""
-    return repr(value[:limit]) + ("..." if len(value) > limit else "")
+    """A client-supplied value for a one-line reason or log line: quoted,
+    escaped by :func:`estgw.escape.printable` (no raw control characters,
+    no line breaks), at most ``limit`` characters of it, then ``...``."""
+    return "'" + printable(value[:limit]) + "'" + ("..." if len(value) > limit else "")
 
 
 # -- character strings ------------------------------------------------------------
