@@ -26,7 +26,8 @@ from urllib.parse import unquote, urlsplit
 
 import attr
 
-from estgw import names
+from estgw import keytypes, names
+from estgw.csrattrs import CsrTemplate, parse_template_setting
 from estgw.properties import PropertiesError, parse_properties
 from estgw.protocol import CsrAttr, parse_csrattrs_setting
 
@@ -38,7 +39,8 @@ OPERATIONS = (
     "serverkeygen",
     "fullcmc",
 )
-ENROLL_OPERATIONS = ("simpleenroll", "simplereenroll")
+# Operations that issue a certificate (serverkeygen for a key it makes).
+ENROLL_OPERATIONS = ("simpleenroll", "simplereenroll", "serverkeygen")
 
 # Who may call a handler (see estgw.auth).
 FILTERS = {
@@ -323,6 +325,14 @@ class HandlerConfig:
     realm: str | None = None
     qop: str = "auth"
     csrattrs: tuple[CsrAttr, ...] = ()
+    # RFC 9908 template: on a csrattrs handler its own setting; on an
+    # enrollment handler the one announced under the same CA label, which
+    # its requests are checked against (estgw.csrattrs).
+    csr_template: CsrTemplate | None = None
+    # serverkeygen: the key type made, and whether the private key may be
+    # returned without CMS encryption (TLS only).
+    serverkeygen_key_type: str = ""
+    serverkeygen_allow_unencrypted_key: bool = False
     allow_renewal_with_old_certificates: bool = False
     # RFC 7030 §3.5 linking: the CSR's challengePassword must carry the
     # connection's tls-unique (TLS 1.2) or tls-exporter (TLS 1.3) value.
@@ -480,6 +490,9 @@ _HANDLER_KEYS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "realm": ("realm", lambda value: value.strip()),
     "qop": ("qop", _choice("auth")),
     "csrattrs": ("csrattrs", _csrattrs),
+    "csrattrs.template": ("csr_template", parse_template_setting),
+    "serverkeygen.keyType": ("serverkeygen_key_type", keytypes.parse_key_type),
+    "serverkeygen.allowUnencryptedKey": ("serverkeygen_allow_unencrypted_key", _bool),
     "allowRenewalWithOldCertificates": (
         "allow_renewal_with_old_certificates",
         _bool,
@@ -557,6 +570,7 @@ def from_string(text: str, source: str = "est.properties", base_dir: str = ".") 
 
     procedures = _token_procedures(numbered, source)
     handlers = _handlers(numbered, defaults, procedures, source)
+    handlers = _announced_templates(handlers, source)
     handlers = tuple(_resolve_idm_files(h, base_dir, source) for h in handlers)
 
     state = global_values.pop("state_directory", "state")
@@ -722,6 +736,10 @@ def _complete_handler(
         handler = attr.evolve(handler, format=default_format(op, handler.filter, procedure))
     handler = _complete_idm(handler, own_keys, where, source)
 
+    for name in ("serverkeygen.keyType", "serverkeygen.allowUnencryptedKey"):
+        if op != "serverkeygen" and name in own_keys:
+            raise ConfigError(prefix + name, f"only used by serverkeygen, not {op}", source)
+
     if not enroll:
         # Settings that mean nothing here are errors only when set on the
         # handler itself; the default section applies to all handlers.
@@ -735,8 +753,9 @@ def _complete_handler(
             accept_sha1_csr_signature=False,
             client_certificate_issuers=handler.client_certificate_issuers or "any",
         )
-        if op != "csrattrs" and "csrattrs" in own_keys:
-            raise ConfigError(prefix + "csrattrs", f"not used by {op}", source)
+        for name in ("csrattrs", "csrattrs.template"):
+            if op != "csrattrs" and name in own_keys:
+                raise ConfigError(prefix + name, f"not used by {op}", source)
         if handler.filter not in ("public", "clientcert") and op in ("cacerts", "csrattrs"):
             raise ConfigError(where("filter"), f"{op} takes filter public or clientcert", source)
         return handler
@@ -772,7 +791,7 @@ def _complete_handler(
         )
     if op == "simplereenroll" and not handler.format == "est-simplereenroll":
         raise ConfigError(where("format"), "simplereenroll takes format est-simplereenroll", source)
-    if op == "simpleenroll" and handler.format == "est-simplereenroll":
+    if op != "simplereenroll" and handler.format == "est-simplereenroll":
         raise ConfigError(where("format"), "est-simplereenroll is for simplereenroll", source)
     handler = _complete_authentication(
         handler, own_keys, where, procedure_names[handler.token_procedure], source
@@ -786,6 +805,33 @@ def _complete_handler(
     return handler
 
 
+def _announced_templates(handlers: tuple[HandlerConfig, ...], source: str) -> tuple[HandlerConfig, ...]:
+    """Give each enrollment handler the csrattrs template of its CA label
+    (what its clients were told), and serverkeygen its key type: its own
+    setting, else the template's key, else the default.  A serverkeygen key
+    type that differs from the announced one is an error."""
+    announced = {h.label: h.csr_template for h in handlers if h.operation == "csrattrs"}
+    result = []
+    for handler in handlers:
+        if handler.operation not in ENROLL_OPERATIONS:
+            result.append(handler if handler.operation == "csrattrs" else attr.evolve(handler, csr_template=None))
+            continue
+        template = announced.get(handler.label)
+        handler = attr.evolve(handler, csr_template=template)
+        if handler.operation == "serverkeygen":
+            wanted = template.key_type if template is not None else None
+            if handler.serverkeygen_key_type and wanted and handler.serverkeygen_key_type != wanted:
+                raise ConfigError(
+                    f"handler.{handler.id}.serverkeygen.keyType",
+                    f"{handler.serverkeygen_key_type} differs from the key csrattrs announces here ({wanted})",
+                    source,
+                )
+            key_type = handler.serverkeygen_key_type or wanted or keytypes.DEFAULT_KEY_TYPE
+            handler = attr.evolve(handler, serverkeygen_key_type=key_type)
+        result.append(handler)
+    return tuple(result)
+
+
 def _complete_authentication(
     handler: HandlerConfig,
     own_keys: Mapping[str, str],
@@ -797,7 +843,7 @@ def _complete_authentication(
     token procedure, which depend on each other (see estgw.auth)."""
     if "qop" in own_keys and handler.authtype != "Digest":
         raise ConfigError(where("qop"), "only used with authtype Digest", source)
-    if not (procedure.use_authentication_cert and handler.operation == "simpleenroll"):
+    if not (procedure.use_authentication_cert and handler.operation in ("simpleenroll", "serverkeygen")):
         return handler
     flag = f"tokenprocedure.{procedure.key}.estenroll.use-authentication-cert"
     if handler.required_ro_roles is not None:
