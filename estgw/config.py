@@ -736,6 +736,9 @@ def _complete_handler(
         handler = attr.evolve(handler, format=default_format(op, handler.filter, procedure))
     handler = _complete_idm(handler, own_keys, where, source)
 
+    for name in ("csrattrs", "csrattrs.template"):
+        if op != "csrattrs" and name in own_keys:
+            raise ConfigError(prefix + name, f"not used by {op}: csrattrs announces it for its CA label", source)
     for name in ("serverkeygen.keyType", "serverkeygen.allowUnencryptedKey"):
         if op != "serverkeygen" and name in own_keys:
             raise ConfigError(prefix + name, f"only used by serverkeygen, not {op}", source)
@@ -753,9 +756,6 @@ def _complete_handler(
             accept_sha1_csr_signature=False,
             client_certificate_issuers=handler.client_certificate_issuers or "any",
         )
-        for name in ("csrattrs", "csrattrs.template"):
-            if op != "csrattrs" and name in own_keys:
-                raise ConfigError(prefix + name, f"not used by {op}", source)
         if handler.filter not in ("public", "clientcert") and op in ("cacerts", "csrattrs"):
             raise ConfigError(where("filter"), f"{op} takes filter public or clientcert", source)
         return handler
