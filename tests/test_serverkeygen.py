@@ -236,6 +236,24 @@ class ServerKeygenTests(TestCase):
             result = await gateway.curl(path, **request)
             await self.assert_refused(gateway, result, status, code, reason)
 
+    async def test_single_use_never_gets_an_earlier_certificate(self) -> None:
+        """A single-use device that enrolled with key K and then asks
+        serverkeygen with a CSR of K is refused as consumed: it never gets
+        K's certificate back next to a newly made private key."""
+        gateway = await self.start()
+        await gateway.store.add_device(
+            Device(device_id="pump-18", password_hash=hash_password("s3cret"), single_use=True)
+        )
+        key = new_key()
+        first = await gateway.curl("simpleenroll", csr_pem(make_csr(key, "pump-18")), user="pump-18:s3cret")
+        self.assertEqual(first.status, 200, first.text)
+        del self.events[:]
+        result = await gateway.curl("serverkeygen", csr_pem(make_csr(key, "pump-18")), user="pump-18:s3cret")
+        self.assertEqual(result.status, 403, result.text)
+        self.assertIn("already been used", result.text)
+        self.assertEqual([e["code"] for e in self.events if e.get("event") == "refused"], ["single-use-consumed"])
+        self.assertEqual(await gateway.store.count_certificates(), 1)
+
     async def test_subject_match_with_client_certificate(self) -> None:
         """As on simpleenroll, a client certificate may only ask for its
         own names (format est-simpleenroll-subjectmatch by default)."""
