@@ -395,3 +395,29 @@ class ReadmeExampleTests(TestCase):
         self.assertIn(":ACME", output)
         self.assertIn(":prime256v1", output)
         self.assertIn(":X509v3 Subject Alternative Name", output)
+
+
+class RecipientTests(SynchronousTestCase):
+    """serverkeygen.recipient, the one place that decides how the key travels."""
+
+    def setUp(self) -> None:
+        base = config_module.from_string(
+            TEST_CONFIG + "handler.20.operation = serverkeygen\nhandler.20.serverkeygen.allowUnencryptedKey = true\n"
+            "handler.21.operation = serverkeygen\nhandler.21.label = lab\n"
+        )
+        self.plain_ok = base.handler("", "serverkeygen")
+        self.encrypted_only = base.handler("lab", "serverkeygen")
+
+    def test_unencrypted_only_over_tls(self) -> None:
+        """Plain PKCS#8 is allowed over TLS only, and only where the handler says so."""
+        from estgw.auth import Identity
+        from estgw.refusal import Refusal
+        from estgw.serverkeygen import recipient
+
+        csr = make_csr(new_key(), "pump-17")
+        device = Identity(kind="device", device_id="pump-17")
+        self.assertIsNone(recipient(self.plain_ok, device, csr, secure=True))
+        refusal = self.assertRaises(Refusal, recipient, self.plain_ok, device, csr, secure=False)
+        self.assertEqual((refusal.status, refusal.code), (403, "serverkeygen-needs-tls"))
+        refusal = self.assertRaises(Refusal, recipient, self.encrypted_only, device, csr, secure=True)
+        self.assertEqual((refusal.status, refusal.code), (400, "serverkeygen-encryption-required"))
