@@ -48,6 +48,9 @@ class Gateway:
     # filter registersimpleenroll-basic-idm-auth.
     approvals: Mapping[str, ApprovalGate] = attr.Factory(dict)
     metrics: Metrics = attr.Factory(Metrics)
+    # serverkeygen: the certificate, key and chain that sign the keys the
+    # gateway makes and sends encrypted (RFC 7030 §4.4.2): its TLS ones.
+    key_signer: tuple[x509.Certificate, Any, tuple[x509.Certificate, ...]] | None = None
 
 
 async def _client_certificate_not_revoked(

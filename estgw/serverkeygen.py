@@ -13,8 +13,9 @@ public key, and the answer is ``multipart/mixed`` with two base64 parts
    sets ``serverkeygen.allowUnencryptedKey = true``) or, when the CSR
    carries the AsymmetricDecryptKeyIdentifier attribute (RFC 7030
    §4.4.1.2), as ``application/pkcs7-mime; smime-type=server-generated-key``:
-   a CMS EnvelopedData (AES-256-CBC, RSA key transport) whose content is
-   that PKCS#8 key, encrypted to the key the identifier names;
+   the key in an AsymmetricKeyPackage, signed by the gateway (its TLS key)
+   in a CMS SignedData, in an EnvelopedData (AES-256-CBC, RSA key
+   transport) for the key the identifier names (:mod:`estgw.cms`);
 2. the certificate, ``application/pkcs7-mime; smime-type=certs-only``.
 
 The identifier must be the subjectKeyIdentifier of the TLS client
@@ -35,11 +36,10 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.hazmat.primitives.ciphers import algorithms
 from cryptography.hazmat.primitives.serialization import pkcs7
 from twisted.internet.threads import deferToThreadPool
 
-from estgw import auth, keytypes, protocol
+from estgw import auth, cms, keytypes, protocol
 from estgw.config import HandlerConfig
 from estgw.enroll import Gateway, enroll
 from estgw.refusal import Refusal
@@ -118,20 +118,15 @@ def recipient(
     return certificate
 
 
-def _private_key_part(private_key: Any, to: x509.Certificate | None) -> tuple[str, bytes]:
+def _private_key_part(gateway: Gateway, private_key: Any, to: x509.Certificate | None) -> tuple[str, bytes]:
     pkcs8 = private_key.private_bytes(
         serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
     if to is None:
         return PKCS8, pkcs8
-    enveloped = (
-        pkcs7.PKCS7EnvelopeBuilder()
-        .set_data(pkcs8)
-        .add_recipient(to)
-        .set_content_encryption_algorithm(algorithms.AES256)
-        .encrypt(serialization.Encoding.DER, [pkcs7.PKCS7Options.Binary])
-    )
-    return SERVER_GENERATED_KEY, enveloped
+    assert gateway.key_signer is not None  # checked before anything was issued
+    certificate, key, chain = gateway.key_signer
+    return SERVER_GENERATED_KEY, cms.server_generated_key(pkcs8, to, certificate, key, chain)
 
 
 def multipart_body(parts: list[tuple[str, bytes]], boundary: str | None = None) -> tuple[bytes, str]:
@@ -174,10 +169,13 @@ async def serverkeygen(
 
     async def server_key(ctx: Any, identity: auth.Identity) -> Any:
         made["to"] = recipient(handler, identity, ctx.csr, bool(request.isSecure()))
+        if made["to"] is not None and gateway.key_signer is None:
+            # A Gateway built without tap (a test harness) has no signing key.
+            raise Refusal(501, "not-implemented", "this gateway has no key to sign server-generated keys with")
         made["key"] = await _generate(gateway, handler.serverkeygen_key_type)
         return made["key"].public_key()
 
     certificate = await enroll(gateway, handler, request, peer, body, content_type, server_key=server_key)
-    key_part = _private_key_part(made.pop("key"), made.pop("to"))
+    key_part = _private_key_part(gateway, made.pop("key"), made.pop("to"))
     cert_part = (protocol.CERTS_ONLY, pkcs7.serialize_certificates([certificate], serialization.Encoding.DER))
     return multipart_body([key_part, cert_part])

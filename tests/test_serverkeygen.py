@@ -21,6 +21,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.name import _ASN1Type
 from cryptography.x509.oid import ExtendedKeyUsageOID
+from pyasn1.codec.der import decoder as der_decoder
+from pyasn1.codec.der import encoder as der_encoder
+from pyasn1_modules import rfc5652, rfc5958
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -146,10 +149,12 @@ class ServerKeygenTests(TestCase):
 
     async def test_encrypted_to_client_certificate(self) -> None:
         """With AsymmetricDecryptKeyIdentifier naming the TLS client
-        certificate's key, the RSA-2048 private key comes as a CMS
-        EnvelopedData (smime-type=server-generated-key) that
-        `openssl cms -decrypt` opens with the client's key; the decrypted
-        PKCS#8 key matches the certificate."""
+        certificate's key, the RSA-2048 private key comes as
+        smime-type=server-generated-key (RFC 7030 §4.4.2): an EnvelopedData
+        that `openssl cms -decrypt` opens with the client's key, holding a
+        SignedData that `openssl cms -verify` checks against the gateway's
+        root CA, whose eContent (id-ct-KP-aKeyPackage) is an
+        AsymmetricKeyPackage of one key; that key matches the certificate."""
         gateway = await self.start()
         cert_path, key_path, cert = self.rsa_client_certificate(gateway)
         ski = x509.SubjectKeyIdentifier.from_public_key(cert.public_key()).digest
@@ -163,15 +168,56 @@ class ServerKeygenTests(TestCase):
         printed = (await self.openssl("cms", "-cmsout", "-print", "-inform", "DER", stdin=enveloped)).decode()
         self.assertIn("pkcs7-envelopedData", printed)
         self.assertIn("aes-256-cbc", printed)
-        pkcs8 = await self.openssl(
+        self.assertIn("contentType: pkcs7-signedData", printed)
+        signed = await self.openssl(
             "cms", "-decrypt", "-inform", "DER", "-binary", "-recip", cert_path, "-inkey", key_path, stdin=enveloped
         )
+        # The decrypted content is a SignedData; openssl reads it as a ContentInfo.
+        info = rfc5652.ContentInfo()
+        info["contentType"] = rfc5652.id_signedData
+        info["content"] = signed
+        wrapped = der_encoder.encode(info)
+        printed = (await self.openssl("cms", "-cmsout", "-print", "-inform", "DER", stdin=wrapped)).decode()
+        self.assertIn("eContentType: undefined (2.16.840.1.101.2.1.2.78.5)", printed)
+        package = await self.openssl(
+            "cms", "-verify", "-inform", "DER", "-binary", "-purpose", "any", "-CAfile", gateway.ca_file, stdin=wrapped
+        )
+        keys, rest = der_decoder.decode(package, asn1Spec=rfc5958.AsymmetricKeyPackage())
+        self.assertEqual((len(keys), rest), (1, b""))
+        pkcs8 = der_encoder.encode(keys[0])
         text = (await self.openssl("pkey", "-inform", "DER", "-text", "-noout", stdin=pkcs8)).decode()
         self.assertIn("Private-Key: (2048 bit", text)
         key_public = await self.openssl("pkey", "-inform", "DER", "-pubout", stdin=pkcs8)
         self.assertEqual(key_public, await self.certificate_public_key(cert_der))
         self.assertEqual(await gateway.store.count_certificates(), 1)
         self.assert_no_secret_logged(pkcs8)
+
+    async def test_tampered_signature_fails_verification(self) -> None:
+        """The SignedData signature covers the key package: openssl refuses
+        it once a byte of the package changes (the check above can fail)."""
+        gateway = await self.start()
+        from estgw import cms
+
+        pkcs8 = key_pem(new_key())
+        der = serialization.load_pem_private_key(pkcs8, None).private_bytes(
+            serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        signed = bytearray(cms.signed_key_package(
+            der, gateway.service.state.server_certificate, gateway.service.state.server_key,
+            (gateway.service.state.ca.issuing,),
+        ))
+        position = signed.find(der[-20:])
+        self.assertGreater(position, 0)
+        signed[position] ^= 0x01
+        info = rfc5652.ContentInfo()
+        info["contentType"] = rfc5652.id_signedData
+        info["content"] = bytes(signed)
+        result = await run_process(
+            [_which("openssl"), "cms", "-verify", "-inform", "DER", "-binary", "-purpose", "any", "-CAfile", gateway.ca_file],
+            stdin=der_encoder.encode(info),
+        )
+        self.assertNotEqual(result.code, 0)
+        self.assertIn(b"verification failure", result.stderr.lower())
 
     async def test_csr_key_and_signature_ignored(self) -> None:
         """RFC 7030 §4.4.1: the server ignores the CSR's key and signature,
