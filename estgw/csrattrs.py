@@ -356,13 +356,13 @@ def template_der(template: CsrTemplate) -> bytes:
             attributes.append(_attribute(rfc9908.id_ExtensionReq, _extensions_der(template.extensions)))
         else:
             templates = rfc9908.ExtensionReqTemplate()
-            for requirement in template.extensions:
+            for extension in template.extensions:
                 entry = rfc9908.ExtensionTemplate()
-                entry["extnID"] = _oid(requirement.oid)
-                if requirement.critical:
+                entry["extnID"] = _oid(extension.oid)
+                if extension.critical:
                     entry["critical"] = True
-                if requirement.der is not None:
-                    entry["extnValue"] = requirement.der
+                if extension.der is not None:
+                    entry["extnValue"] = extension.der
                 templates.append(entry)
             attributes.append(_attribute(rfc9908.id_aa_extensionReqTemplate, der_encoder.encode(templates)))
     return der_encoder.encode(info)
