@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives import hashes, padding, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric import padding as asymmetric_padding
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.keywrap import aes_key_wrap
 from pyasn1.codec.der import decoder as der_decoder
 from pyasn1.codec.der import encoder as der_encoder
 from pyasn1.type import univ
@@ -38,6 +39,12 @@ AES256_CBC = univ.ObjectIdentifier("2.16.840.1.101.3.4.1.42")
 ID_CONTENT_TYPE = univ.ObjectIdentifier("1.2.840.113549.1.9.3")
 ID_MESSAGE_DIGEST = univ.ObjectIdentifier("1.2.840.113549.1.9.4")
 _NULL = der_encoder.encode(univ.Null(""))
+# RFC 3394 AES key wrap, by key-encryption key length (RFC 3565).
+AES_WRAP = {
+    16: univ.ObjectIdentifier("2.16.840.1.101.3.4.1.5"),
+    24: univ.ObjectIdentifier("2.16.840.1.101.3.4.1.25"),
+    32: univ.ObjectIdentifier("2.16.840.1.101.3.4.1.45"),
+}
 
 
 def _certificate(cert: x509.Certificate) -> rfc5280.Certificate:
@@ -111,17 +118,22 @@ def signed_key_package(
     return der_encoder.encode(signed)
 
 
-def enveloped(content_type: univ.ObjectIdentifier, content: bytes, recipient: x509.Certificate) -> bytes:
+def enveloped(
+    content_type: univ.ObjectIdentifier, content: bytes, recipient: x509.Certificate | tuple[bytes, bytes]
+) -> bytes:
     """A DER ContentInfo holding an EnvelopedData (RFC 5652 §6) of
-    ``content`` for the RSA key of ``recipient``: AES-256-CBC with a fresh
-    key, transported with RSAES-PKCS1-v1_5 to the recipient named by
-    issuer and serial number (the form ``openssl cms -decrypt`` reads).
+    ``content``, AES-256-CBC with a fresh content key, for one recipient:
 
-    :raises TypeError: when the recipient's key is not RSA.
+    - a certificate with an RSA key: the content key is transported with
+      RSAES-PKCS1-v1_5 to the recipient named by issuer and serial number
+      (KeyTransRecipientInfo, the form ``openssl cms -decrypt -recip`` reads);
+    - ``(key identifier, key-encryption key)``: a shared AES key of 16, 24
+      or 32 bytes wraps the content key (KEKRecipientInfo, RFC 3394 key
+      wrap; ``openssl cms -decrypt -secretkey -secretkeyid``).
+
+    :raises TypeError: when a certificate's key is not RSA.
+    :raises ValueError: for a key-encryption key of another length.
     """
-    public_key = recipient.public_key()
-    if not isinstance(public_key, rsa.RSAPublicKey):
-        raise TypeError("key transport needs an RSA key")
     content_key = os.urandom(32)
     iv = os.urandom(16)
     padder = padding.PKCS7(128).padder()
@@ -129,17 +141,32 @@ def enveloped(content_type: univ.ObjectIdentifier, content: bytes, recipient: x5
     encryptor = Cipher(algorithms.AES(content_key), modes.CBC(iv)).encryptor()
     ciphertext = encryptor.update(padded) + encryptor.finalize()
 
-    key_transport = rfc5652.KeyTransRecipientInfo()
-    key_transport["version"] = 0  # issuerAndSerialNumber
-    key_transport["rid"]["issuerAndSerialNumber"] = _issuer_and_serial(recipient)
-    key_transport["keyEncryptionAlgorithm"]["algorithm"] = RSA_ENCRYPTION
-    key_transport["keyEncryptionAlgorithm"]["parameters"] = _NULL
-    key_transport["encryptedKey"] = public_key.encrypt(content_key, asymmetric_padding.PKCS1v15())
     recipient_info = rfc5652.RecipientInfo()
-    recipient_info["ktri"] = key_transport
+    if isinstance(recipient, x509.Certificate):
+        public_key = recipient.public_key()
+        if not isinstance(public_key, rsa.RSAPublicKey):
+            raise TypeError("key transport needs an RSA key")
+        key_transport = rfc5652.KeyTransRecipientInfo()
+        key_transport["version"] = 0  # issuerAndSerialNumber
+        key_transport["rid"]["issuerAndSerialNumber"] = _issuer_and_serial(recipient)
+        key_transport["keyEncryptionAlgorithm"]["algorithm"] = RSA_ENCRYPTION
+        key_transport["keyEncryptionAlgorithm"]["parameters"] = _NULL
+        key_transport["encryptedKey"] = public_key.encrypt(content_key, asymmetric_padding.PKCS1v15())
+        recipient_info["ktri"] = key_transport
+        version = 0
+    else:
+        identifier, kek = recipient
+        if len(kek) not in AES_WRAP:
+            raise ValueError("a key-encryption key is an AES key of 16, 24 or 32 bytes")
+        kek_info = recipient_info["kekri"]
+        kek_info["version"] = 4
+        kek_info["kekid"]["keyIdentifier"] = identifier
+        kek_info["keyEncryptionAlgorithm"]["algorithm"] = AES_WRAP[len(kek)]
+        kek_info["encryptedKey"] = aes_key_wrap(kek, content_key)
+        version = 2  # RFC 5652 §6.1: a RecipientInfo of a version other than 0
 
     envelope = rfc5652.EnvelopedData()
-    envelope["version"] = 0
+    envelope["version"] = version
     envelope["recipientInfos"].append(recipient_info)
     encrypted = envelope["encryptedContentInfo"]
     encrypted["contentType"] = content_type
@@ -155,7 +182,7 @@ def enveloped(content_type: univ.ObjectIdentifier, content: bytes, recipient: x5
 
 def server_generated_key(
     pkcs8_der: bytes,
-    recipient: x509.Certificate,
+    recipient: x509.Certificate | tuple[bytes, bytes],
     signer_certificate: x509.Certificate,
     signer_key: Any,
     chain: Sequence[x509.Certificate] = (),

@@ -333,6 +333,10 @@ class HandlerConfig:
     # returned without CMS encryption (TLS only).
     serverkeygen_key_type: str = ""
     serverkeygen_allow_unencrypted_key: bool = False
+    # Shared AES keys a CSR may name with DecryptKeyIdentifier: the file
+    # (resolved against the config file's directory) and its (id, key) pairs.
+    serverkeygen_shared_keys_file: str = ""
+    serverkeygen_shared_keys: tuple[tuple[bytes, bytes], ...] = attr.ib(default=(), repr=False)
     allow_renewal_with_old_certificates: bool = False
     # RFC 7030 §3.5 linking: the CSR's challengePassword must carry the
     # connection's tls-unique (TLS 1.2) or tls-exporter (TLS 1.3) value.
@@ -493,6 +497,7 @@ _HANDLER_KEYS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "csrattrs.template": ("csr_template", parse_template_setting),
     "serverkeygen.keyType": ("serverkeygen_key_type", keytypes.parse_key_type),
     "serverkeygen.allowUnencryptedKey": ("serverkeygen_allow_unencrypted_key", _bool),
+    "serverkeygen.sharedKeys": ("serverkeygen_shared_keys_file", _text),
     "allowRenewalWithOldCertificates": (
         "allow_renewal_with_old_certificates",
         _bool,
@@ -572,6 +577,7 @@ def from_string(text: str, source: str = "est.properties", base_dir: str = ".") 
     handlers = _handlers(numbered, defaults, procedures, source)
     handlers = _announced_templates(handlers, source)
     handlers = tuple(_resolve_idm_files(h, base_dir, source) for h in handlers)
+    handlers = tuple(_load_shared_keys(h, base_dir, source) for h in handlers)
 
     state = global_values.pop("state_directory", "state")
     global_values["trust_anchor_files"] = tuple(
@@ -739,7 +745,7 @@ def _complete_handler(
     for name in ("csrattrs", "csrattrs.template"):
         if op != "csrattrs" and name in own_keys:
             raise ConfigError(prefix + name, f"not used by {op}: csrattrs announces it for its CA label", source)
-    for name in ("serverkeygen.keyType", "serverkeygen.allowUnencryptedKey"):
+    for name in ("serverkeygen.keyType", "serverkeygen.allowUnencryptedKey", "serverkeygen.sharedKeys"):
         if op != "serverkeygen" and name in own_keys:
             raise ConfigError(prefix + name, f"only used by serverkeygen, not {op}", source)
 
@@ -910,6 +916,45 @@ def _resolve_idm_files(handler: HandlerConfig, base_dir: str, source: str) -> Ha
         if not os.path.isfile(anchor):
             raise ConfigError(prefix + "idm.tls.trustAnchors", f"no such file: {anchor}", source)
     return attr.evolve(handler, idm_token=token, idm_trust_anchors=anchors)
+
+
+def _load_shared_keys(handler: HandlerConfig, base_dir: str, source: str) -> HandlerConfig:
+    """Read ``serverkeygen.sharedKeys``: one ``KEY-ID KEY`` pair a line,
+    both hexadecimal, the key an AES key of 16, 24 or 32 bytes; ``#``
+    starts a comment.  Errors name the key and the line, never a key."""
+    if handler.operation != "serverkeygen" or not handler.serverkeygen_shared_keys_file:
+        return attr.evolve(handler, serverkeygen_shared_keys_file="", serverkeygen_shared_keys=())
+    key = f"handler.{handler.id}.serverkeygen.sharedKeys"
+    path = _resolve(base_dir, handler.serverkeygen_shared_keys_file)
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except OSError as e:
+        raise ConfigError(key, f"cannot read {path}: {e.strerror}", source) from None
+    except UnicodeDecodeError:
+        raise ConfigError(key, f"{path} is not a text file", source) from None
+    pairs: dict[bytes, bytes] = {}
+    for number, line in enumerate(lines, 1):
+        text = line.split("#", 1)[0].strip()
+        if not text:
+            continue
+        fields = text.split()
+        try:
+            if len(fields) != 2:
+                raise ValueError
+            identifier, secret = bytes.fromhex(fields[0]), bytes.fromhex(fields[1])
+        except ValueError:
+            raise ConfigError(key, f"{path} line {number}: expected KEY-ID KEY, both hexadecimal", source) from None
+        if not identifier or len(secret) not in (16, 24, 32):
+            raise ConfigError(
+                key, f"{path} line {number}: the key id is empty or the key is not 16, 24 or 32 bytes", source
+            )
+        if identifier in pairs:
+            raise ConfigError(key, f"{path} line {number}: key id {fields[0]} is listed twice", source)
+        pairs[identifier] = secret
+    if not pairs:
+        raise ConfigError(key, f"{path} holds no keys", source)
+    return attr.evolve(handler, serverkeygen_shared_keys_file=path, serverkeygen_shared_keys=tuple(pairs.items()))
 
 
 def load(path: str) -> Config:

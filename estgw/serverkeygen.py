@@ -12,17 +12,20 @@ public key, and the answer is ``multipart/mixed`` with two base64 parts
    OneAsymmetricKey, no encryption beyond TLS; only where the handler
    sets ``serverkeygen.allowUnencryptedKey = true``) or, when the CSR
    carries the AsymmetricDecryptKeyIdentifier attribute (RFC 7030
-   §4.4.1.2), as ``application/pkcs7-mime; smime-type=server-generated-key``:
+   §4.4.1.2) or DecryptKeyIdentifier (§4.4.1.1), as
+   ``application/pkcs7-mime; smime-type=server-generated-key``:
    the key in an AsymmetricKeyPackage, signed by the gateway (its TLS key)
    in a CMS SignedData, in an EnvelopedData (AES-256-CBC, RSA key
-   transport) for the key the identifier names (:mod:`estgw.cms`);
+   transport, or AES key wrap for a shared key) for the key the identifier
+   names (:mod:`estgw.cms`);
 2. the certificate, ``application/pkcs7-mime; smime-type=certs-only``.
 
-The identifier must be the subjectKeyIdentifier of the TLS client
-certificate (its extension, or the SHA-1 of its public key as RFC 5280
-§4.2.1.2 method 1 computes it): that is the key this gateway knows the
-client holds.  CMS key transport needs an RSA key.  DecryptKeyIdentifier
-(§4.4.1.1) names a shared symmetric key, which this gateway does not hold.
+An AsymmetricDecryptKeyIdentifier must be the subjectKeyIdentifier of the
+TLS client certificate (its extension, or the SHA-1 of its public key as
+RFC 5280 §4.2.1.2 method 1 computes it): that is the key this gateway
+knows the client holds.  CMS key transport needs an RSA key.  A
+DecryptKeyIdentifier names one of the handler's shared AES keys
+(``serverkeygen.sharedKeys``).
 
 The private key lives only in this request's memory: it is never stored,
 logged or recorded.
@@ -83,22 +86,32 @@ def _key_identifiers(certificate: x509.Certificate) -> set[bytes]:
 
 def recipient(
     handler: HandlerConfig, identity: auth.Identity, csr: x509.CertificateSigningRequest, secure: bool
-) -> x509.Certificate | None:
-    """The certificate to encrypt the private key to, or None for the
-    unencrypted form; Refusal when the request asks for what cannot be done."""
-    if _attribute(csr, DECRYPT_KEY_IDENTIFIER) is not None:
-        raise Refusal(
-            400, "decrypt-key-unknown",
-            "the CSR asks for encryption to a shared symmetric key (DecryptKeyIdentifier);"
-            " this gateway holds none: use AsymmetricDecryptKeyIdentifier",
-        )
+) -> x509.Certificate | tuple[bytes, bytes] | None:
+    """Whom to encrypt the private key to: a certificate, a shared key
+    ``(id, key)``, or None for the unencrypted form; Refusal when the
+    request asks for what cannot be done."""
+    shared = _attribute(csr, DECRYPT_KEY_IDENTIFIER)
     wanted = _attribute(csr, ASYMMETRIC_DECRYPT_KEY_IDENTIFIER)
+    if shared is not None and wanted is not None:
+        raise Refusal(
+            400, "decrypt-key-ambiguous",
+            "the CSR names two keys to encrypt the private key to (DecryptKeyIdentifier and"
+            " AsymmetricDecryptKeyIdentifier): name one",
+        )
+    if shared is not None:
+        secret = dict(handler.serverkeygen_shared_keys).get(shared)
+        if secret is None:
+            raise Refusal(
+                400, "decrypt-key-unknown",
+                "the DecryptKeyIdentifier names no shared key of this endpoint",
+            )
+        return shared, secret
     if wanted is None:
         if not handler.serverkeygen_allow_unencrypted_key:
             raise Refusal(
                 400, "serverkeygen-encryption-required",
-                "this endpoint returns the private key only encrypted: name an RSA key of your"
-                " TLS client certificate in the AsymmetricDecryptKeyIdentifier attribute",
+                "this endpoint returns the private key only encrypted: name the RSA key of your TLS"
+                " client certificate (AsymmetricDecryptKeyIdentifier) or a shared key (DecryptKeyIdentifier)",
             )
         if not secure:
             raise Refusal(403, "serverkeygen-needs-tls", "an unencrypted private key is sent only over TLS")
@@ -118,7 +131,9 @@ def recipient(
     return certificate
 
 
-def _private_key_part(gateway: Gateway, private_key: Any, to: x509.Certificate | None) -> tuple[str, bytes]:
+def _private_key_part(
+    gateway: Gateway, private_key: Any, to: x509.Certificate | tuple[bytes, bytes] | None
+) -> tuple[str, bytes]:
     pkcs8 = private_key.private_bytes(
         serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )

@@ -59,6 +59,7 @@ handler.21.label = lab
 handler.21.authtype = Basic
 handler.21.realm = test realm
 handler.21.serverkeygen.keyType = rsa-2048
+handler.21.serverkeygen.sharedKeys = shared-keys.txt
 handler.22.operation = serverkeygen
 handler.22.label = ed
 handler.22.serverkeygen.keyType = ed25519
@@ -67,6 +68,7 @@ handler.23.operation = cacerts
 handler.23.label = ed
 """
 USER = "pump-17:s3cret"
+KEK_ID, KEK = b"kek-1", bytes(range(32))  # test data: a shared AES-256 key
 
 
 def parse_multipart(result: HTTPResult) -> list[tuple[str, dict[str, str], bytes]]:
@@ -86,6 +88,10 @@ class ServerKeygenTests(TestCase):
 
     async def start(self, config: str = KEYGEN_CONFIG) -> RunningGateway:
         self.events: list[dict] = []
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        # The shared keys of handler.21, next to the configuration file.
+        write(os.path.join(directory, "shared-keys.txt"), f"# id key\n{KEK_ID.hex()} {KEK.hex()}\n".encode())
 
         def observe(event: dict) -> None:
             if event.get("log_namespace") == "estgw.audit":
@@ -93,7 +99,9 @@ class ServerKeygenTests(TestCase):
 
         globalLogPublisher.addObserver(observe)
         self.addCleanup(globalLogPublisher.removeObserver, observe)
-        gateway = await RunningGateway.start(self, config)
+        gateway = RunningGateway(directory, config)
+        await gateway.run()
+        self.addCleanup(gateway.stop)
         await gateway.store.add_device(Device(device_id="pump-17", password_hash=hash_password("s3cret")))
         self.directory = gateway.directory
         return gateway
@@ -192,6 +200,44 @@ class ServerKeygenTests(TestCase):
         self.assertEqual(await gateway.store.count_certificates(), 1)
         self.assert_no_secret_logged(pkcs8)
 
+    async def test_encrypted_to_shared_key(self) -> None:
+        """With DecryptKeyIdentifier naming a shared key of the handler, a
+        device that logged in with its password gets the key in an
+        EnvelopedData whose KEKRecipientInfo (AES-256 key wrap) `openssl cms
+        -decrypt -secretkey -secretkeyid` opens; inside, the signed key
+        package of the RSA key its certificate certifies."""
+        gateway = await self.start()
+        csr = x509.CertificateSigningRequestBuilder().subject_name(name("pump-17")).add_attribute(
+            DECRYPT_KEY_IDENTIFIER, KEK_ID, _tag=_ASN1Type.OctetString
+        ).sign(new_key(), hashes.SHA256())
+        result = await gateway.curl("lab/serverkeygen", csr_pem(csr), user=USER)
+        self.assertEqual(result.status, 200, result.text)
+        (key_type, key_params, enveloped), (_, _, cert_der) = parse_multipart(result)
+        self.assertEqual(key_params, {"smime-type": "server-generated-key"})
+        printed = (await self.openssl("cms", "-cmsout", "-print", "-inform", "DER", stdin=enveloped)).decode()
+        self.assertIn("d.kekri", printed)
+        self.assertIn("id-aes256-wrap", printed)
+        signed = await self.openssl(
+            "cms", "-decrypt", "-inform", "DER", "-binary", "-secretkey", KEK.hex(), "-secretkeyid", KEK_ID.hex(),
+            stdin=enveloped,
+        )
+        info = rfc5652.ContentInfo()
+        info["contentType"] = rfc5652.id_signedData
+        info["content"] = signed
+        package = await self.openssl(
+            "cms", "-verify", "-inform", "DER", "-binary", "-purpose", "any", "-CAfile", gateway.ca_file,
+            stdin=der_encoder.encode(info),
+        )
+        keys, _ = der_decoder.decode(package, asn1Spec=rfc5958.AsymmetricKeyPackage())
+        key_public = await self.openssl("pkey", "-inform", "DER", "-pubout", stdin=der_encoder.encode(keys[0]))
+        self.assertEqual(key_public, await self.certificate_public_key(cert_der))
+        wrong = await run_process(
+            [_which("openssl"), "cms", "-decrypt", "-inform", "DER", "-binary",
+             "-secretkey", bytes(32).hex(), "-secretkeyid", KEK_ID.hex()],
+            stdin=enveloped,
+        )
+        self.assertNotEqual(wrong.code, 0)
+
     async def test_tampered_signature_fails_verification(self) -> None:
         """The SignedData signature covers the key package: openssl refuses
         it once a byte of the package changes (the check above can fail)."""
@@ -276,7 +322,15 @@ class ServerKeygenTests(TestCase):
             ("lab/serverkeygen", {"data": asking(ASYMMETRIC_DECRYPT_KEY_IDENTIFIER, ski(ec_client)), "cert": ec_cert, "key": ec_key},
              400, "decrypt-key-unsupported", "RSA key only, not ec-p256"),
             ("serverkeygen", {"data": asking(DECRYPT_KEY_IDENTIFIER, b"kek-1"), "user": USER},
-             400, "decrypt-key-unknown", "shared symmetric key"),
+             400, "decrypt-key-unknown", "names no shared key of this endpoint"),
+            ("lab/serverkeygen", {"data": asking(DECRYPT_KEY_IDENTIFIER, b"kek-9"), "user": USER},
+             400, "decrypt-key-unknown", "names no shared key of this endpoint"),
+            ("lab/serverkeygen", {"data": csr_pem(
+                x509.CertificateSigningRequestBuilder().subject_name(name("pump-17"))
+                .add_attribute(DECRYPT_KEY_IDENTIFIER, b"kek-1", _tag=_ASN1Type.OctetString)
+                .add_attribute(ASYMMETRIC_DECRYPT_KEY_IDENTIFIER, ski(rsa_client), _tag=_ASN1Type.OctetString)
+                .sign(new_key(), hashes.SHA256())), "cert": rsa_cert, "key": rsa_key},
+             400, "decrypt-key-ambiguous", "name one"),
         ]
         for path, request, status, code, reason in cases:
             result = await gateway.curl(path, **request)
@@ -334,9 +388,41 @@ class ConfigTests(SynchronousTestCase):
         self.assertEqual(error.key, "handler.20.serverkeygen.keyType")
         self.assertIn("ec-p256, ec-p384, rsa-2048", error.reason)
 
+    def test_shared_keys_file(self) -> None:
+        """sharedKeys: pairs of hex id and AES key; errors name the key and
+        the line, never the key material."""
+        directory = self.mktemp()
+        os.makedirs(directory)
+
+        def load(text: str | None) -> config_module.Config:
+            if text is not None:
+                write(os.path.join(directory, "keys.txt"), text.encode())
+            return config_module.from_string(
+                TEST_CONFIG + "handler.20.operation = serverkeygen\nhandler.20.serverkeygen.sharedKeys = keys.txt\n",
+                base_dir=directory,
+            )
+
+        handler = load("# comment\n01 " + "11" * 16 + "\n\nabcd " + "22" * 32 + "  # trailing\n").handler("", "serverkeygen")
+        self.assertEqual(dict(handler.serverkeygen_shared_keys), {b"\x01": b"\x11" * 16, b"\xab\xcd": b"\x22" * 32})
+        self.assertNotIn("1111", repr(handler))
+        for text, fragment in [
+            ("01 " + "11" * 15 + "\n", "line 1: the key id is empty or the key is not 16, 24 or 32 bytes"),
+            ("01\n", "line 1: expected KEY-ID KEY"),
+            ("zz " + "11" * 16 + "\n", "line 1: expected KEY-ID KEY"),
+            ("01 " + "11" * 16 + "\n01 " + "22" * 16 + "\n", "line 2: key id 01 is listed twice"),
+            ("# nothing\n", "holds no keys"),
+        ]:
+            error = self.assertRaises(ConfigError, load, text)
+            self.assertEqual(error.key, "handler.20.serverkeygen.sharedKeys")
+            self.assertIn(fragment, error.reason)
+            self.assertNotIn("2222", error.reason)
+        os.remove(os.path.join(directory, "keys.txt"))
+        error = self.assertRaises(ConfigError, load, None)
+        self.assertIn("cannot read", error.reason)
+
     def test_keys_only_on_serverkeygen(self) -> None:
         """serverkeygen.* on another operation is an error naming the key."""
-        for key in ("serverkeygen.keyType = ec-p384", "serverkeygen.allowUnencryptedKey = true"):
+        for key in ("serverkeygen.keyType = ec-p384", "serverkeygen.allowUnencryptedKey = true", "serverkeygen.sharedKeys = k"):
             error = self.assertRaises(ConfigError, self.config, f"handler.2.{key}\n")
             self.assertEqual(error.key, "handler.2." + key.split(" ")[0])
 
