@@ -18,7 +18,7 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.x509.name import _ASN1Type
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from pyasn1.codec.der import decoder as der_decoder
@@ -27,13 +27,15 @@ from pyasn1_modules import rfc5652, rfc5958
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from estgw import cms, keytypes
 from estgw import config as config_module
-from estgw import keytypes
+from estgw.auth import Identity
 from estgw.ca import IssueRequest, Profile
 from estgw.config import ConfigError
 from estgw.passwords import hash_password
-from estgw.serverkeygen import ASYMMETRIC_DECRYPT_KEY_IDENTIFIER, DECRYPT_KEY_IDENTIFIER, multipart_body
-from estgw.store import Device, IssuedCertificate
+from estgw.refusal import Refusal
+from estgw.serverkeygen import ASYMMETRIC_DECRYPT_KEY_IDENTIFIER, DECRYPT_KEY_IDENTIFIER, multipart_body, recipient
+from estgw.store import Device
 from estgw.testing import (
     TEST_CONFIG,
     HTTPResult,
@@ -242,8 +244,6 @@ class ServerKeygenTests(TestCase):
         """The SignedData signature covers the key package: openssl refuses
         it once a byte of the package changes (the check above can fail)."""
         gateway = await self.start()
-        from estgw import cms
-
         pkcs8 = key_pem(new_key())
         der = serialization.load_pem_private_key(pkcs8, None).private_bytes(
             serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
@@ -542,10 +542,6 @@ class RecipientTests(SynchronousTestCase):
 
     def test_unencrypted_only_over_tls(self) -> None:
         """Plain PKCS#8 is allowed over TLS only, and only where the handler says so."""
-        from estgw.auth import Identity
-        from estgw.refusal import Refusal
-        from estgw.serverkeygen import recipient
-
         csr = make_csr(new_key(), "pump-17")
         device = Identity(kind="device", device_id="pump-17")
         self.assertIsNone(recipient(self.plain_ok, device, csr, secure=True))
