@@ -282,9 +282,15 @@ class ServerKeygenTests(TestCase):
 
     async def assert_refused(self, gateway: RunningGateway, result: HTTPResult, status: int, code: str, reason: str) -> None:
         self.assertEqual(result.status, status, result.text)
-        self.assertIn(reason, result.text)
-        self.assertTrue(result.headers["content-type"].startswith("text/plain"))
-        self.assertEqual([e["code"] for e in self.events if e.get("event") == "refused"][-1:], [code])
+        refused = [e for e in self.events if e.get("event") == "refused"]
+        self.assertEqual([e["code"] for e in refused][-1:], [code])
+        self.assertIn(reason, refused[-1]["reason"])
+        if code == "authentication-required":
+            # A challenge to a request without credentials has no body.
+            self.assertEqual((result.body, result.headers.get("content-length")), (b"", "0"))
+        else:
+            self.assertIn(reason, result.text)
+            self.assertTrue(result.headers["content-type"].startswith("text/plain"))
         self.assertEqual([e for e in self.events if e.get("event") == "issued"], [])
         self.assertEqual(await gateway.store.count_certificates(), 0)
 
