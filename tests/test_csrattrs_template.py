@@ -41,11 +41,13 @@ handler.31.operation = simpleenroll
 handler.31.label = acme
 handler.31.authtype = Basic
 handler.31.realm = test realm
+handler.31.deviceNames = any
 handler.32.operation = serverkeygen
 handler.32.label = acme
 handler.32.authtype = Basic
 handler.32.realm = test realm
 handler.32.serverkeygen.allowUnencryptedKey = true
+handler.32.deviceNames = any
 handler.40.operation = csrattrs
 handler.40.label = fixed
 handler.40.csrattrs.template = subject: CN=pump-17, C=DE ; key: rsa-3072 ; \\
@@ -54,8 +56,11 @@ handler.41.operation = simpleenroll
 handler.41.label = fixed
 handler.41.authtype = Basic
 handler.41.realm = test realm
+handler.41.deviceNames = any
 """
 USER = "pump-17:s3cret"
+# deviceNames = any: a password device may carry the subject attributes and
+# names the templates ask for without registering each.
 
 ID_TEMPLATE = "1.2.840.113549.1.9.16.2.61"
 ID_EXT_TEMPLATE = "1.2.840.113549.1.9.16.2.62"

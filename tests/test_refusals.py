@@ -53,11 +53,13 @@ handler.14.operation = simpleenroll
 handler.14.label = tmpl
 handler.14.authtype = Basic
 handler.14.realm = test realm
+handler.14.deviceNames = any
 handler.15.operation = serverkeygen
 handler.15.label = tmpl
 handler.15.authtype = Basic
 handler.15.realm = test realm
 handler.15.serverkeygen.allowUnencryptedKey = true
+handler.15.deviceNames = any
 """
 
 
