@@ -14,7 +14,8 @@ import attr
 from cryptography import x509
 
 from estgw.ca import ITokenProcedure, LocalCA
-from estgw.ca import factory
+from estgw.ca import CAError, factory
+from estgw.ca.keys import read_passphrase
 from estgw.config import Config, ConfigError
 from estgw.store import SQLiteStore
 
@@ -50,6 +51,33 @@ def configured_trust_anchors(config: Config) -> list[x509.Certificate]:
     return anchors
 
 
+def ca_passphrase(config: Config) -> bytes | None:
+    """The local CA keys' passphrase (ca.keyPasswordFile / ca.keyPasswordEnv), or None."""
+    try:
+        return read_passphrase(config.ca_key_password_file, config.ca_key_password_env)
+    except CAError as e:
+        key = "ca.keyPasswordFile" if config.ca_key_password_file else "ca.keyPasswordEnv"
+        raise ConfigError(key, str(e), config.source) from None
+
+
+def local_ca(config: Config) -> LocalCA:
+    """Load (or, on first use, create) the embedded CA as the config describes it."""
+    passphrase = ca_passphrase(config)
+    try:
+        return LocalCA.load_or_create(
+            config.ca_directory,
+            config.ca_name,
+            key_type=config.ca_key_type,
+            passphrase=passphrase,
+            rsa_padding=config.ca_rsa_padding,
+        )
+    except CAError as e:
+        if passphrase is not None and ("passphrase" in str(e) or "encrypted" in str(e)):
+            key = "ca.keyPasswordFile" if config.ca_key_password_file else "ca.keyPasswordEnv"
+            raise ConfigError(key, str(e), config.source) from None
+        raise
+
+
 def initialize(config: Config) -> State:
     """Create what is missing under the state directory, load the rest."""
     extra_anchors = configured_trust_anchors(config)
@@ -59,8 +87,8 @@ def initialize(config: Config) -> State:
         raise ConfigError(
             "state.directory", f"cannot create {config.state_directory}: {e.strerror}", config.source
         ) from None
-    ca = LocalCA.load_or_create(config.ca_directory, config.ca_name)
-    key, cert = ca.server_credentials(config.tls_directory, config.hostnames)
+    ca = local_ca(config)
+    key, cert = ca.server_credentials(config.tls_directory, config.hostnames, key_type=config.tls_key_type)
     # The issuing CA too: devices often send only their leaf certificate.
     anchors = list(ca.chain()) + extra_anchors
     return State(ca=ca, server_key=key, server_certificate=cert, trust_anchors=tuple(anchors))

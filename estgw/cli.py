@@ -19,7 +19,9 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from twisted.internet import defer, task
 
 from estgw import bootstrap, config as config_module, device_import, factory, names, officers
-from estgw.ca import CRL_FILE, CAError, LocalCA
+from estgw.ca import CRL_FILE, CAError
+from estgw.ca.publish import revoked_entries
+from estgw.ca.signing import SigningCA
 from estgw.config import Config, ConfigError
 from estgw.escape import printable
 from estgw.store import (
@@ -246,6 +248,7 @@ async def cmd_cert_show(options: Any, config: Config, store: IStore, out: Any) -
         ("status", _status(c)),
         ("revoked at", _when(c.revoked_at)),
         ("revocation reason", c.revocation_reason or "-"),
+        ("invalidity date", _when(c.invalidity_date)),
         ("public key SHA-256", c.public_key_sha256),
         ("handler", c.handler),
         ("requester", c.requester),
@@ -260,12 +263,17 @@ async def cmd_cert_show(options: Any, config: Config, store: IStore, out: Any) -
 async def cmd_cert_revoke(options: Any, config: Config, store: IStore, out: Any) -> None:
     serial = parse_serial(options["serial"])
     try:
-        issued = await store.revoke_certificate(serial, options["reason"])
+        issued = await store.revoke_certificate(
+            serial, options["reason"], invalidity_date=options["invalidity_date"]
+        )
     except UnknownCertificate:
         raise CommandError(f"no certificate with serial {serial:x}") from None
-    except ValueError as e:  # an unknown --reason
+    except ValueError as e:  # an unknown --reason, an invalidity date in the future
         raise CommandError(str(e)) from None
-    out.write(f"revoked {serial:x} ({printable(issued.subject)}) at {_when(issued.revoked_at)}\n")
+    out.write(
+        f"revoked {serial:x} ({printable(issued.subject)}) at {_when(issued.revoked_at)}, "
+        f"reason {issued.revocation_reason}\n"
+    )
 
 
 def _write_file_atomically(path: str, data: bytes) -> None:
@@ -282,14 +290,38 @@ def _write_file_atomically(path: str, data: bytes) -> None:
         raise
 
 
+def _signing_ca(config: Config, name: str | None) -> SigningCA:
+    """The local CA, or the CA that signs for token procedure ``name``."""
+    if name is None:
+        return bootstrap.local_ca(config)
+    if name not in config.token_procedures:
+        known = ", ".join(sorted(config.token_procedures)) or "none is defined"
+        raise CommandError(f"no token procedure named {name!r} (known: {known})")
+    procedure = bootstrap.token_procedures(config, bootstrap.local_ca(config))[name]
+    ca = getattr(procedure, "ca", None)
+    if not isinstance(ca, SigningCA):
+        raise CommandError(f"token procedure {name!r} signs with no key this gateway holds")
+    return ca
+
+
+def _invalidity_date(text: str) -> datetime:
+    """ISO 8601, e.g. 2026-11-30 or 2026-11-30T08:15:00Z; no zone means UTC."""
+    try:
+        when = datetime.fromisoformat(text.strip().replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not an ISO 8601 date or time (2026-11-30, 2026-11-30T08:15:00Z): {text!r}"
+        ) from None
+    return when.replace(tzinfo=timezone.utc) if when.tzinfo is None else when.astimezone(timezone.utc)
+
+
 async def cmd_crl_write(options: Any, config: Config, store: IStore, out: Any) -> None:
-    """The local CA's CRL of every certificate revoked in the store."""
-    ca = LocalCA.load_or_create(config.ca_directory, config.ca_name)
-    revoked = [
-        (c.serial, c.revoked_at) for c in await store.list_certificates() if c.revoked_at is not None
-    ]
+    """The CRL of every certificate revoked in the store that the local CA
+    (or --tokenprocedure's CA) issued, with reason codes and invalidity dates."""
+    ca = _signing_ca(config, options["tokenprocedure"])
+    revoked = await revoked_entries(store, ca)
     crl = ca.write_crl(revoked, next_update=timedelta(days=options["days"]))
-    written = [os.path.join(config.ca_directory, CRL_FILE)]
+    written = [os.path.join(ca.directory, CRL_FILE)]
     if options["out"]:
         encoding = Encoding.DER if options["der"] else Encoding.PEM
         try:
@@ -388,13 +420,23 @@ def _parser() -> argparse.ArgumentParser:
     revoke.add_argument(
         "--reason", default="unspecified", choices=sorted(REVOCATION_REASONS), help="RFC 5280 reason"
     )
+    revoke.add_argument(
+        "--invalidity-date",
+        type=_invalidity_date,
+        help="since when the key is known or suspected to be compromised (ISO 8601, UTC"
+        " unless a zone is given; RFC 5280 5.3.2); CRL entries and OCSP responses carry it",
+    )
     revoke.set_defaults(run=cmd_cert_revoke)
 
     crl = commands.add_parser("crl", help="certificate revocation lists").add_subparsers(
         dest="action", metavar="ACTION", required=True
     )
     crl_write = crl.add_parser(
-        "write", help="sign the local CA's CRL of the revoked certificates (ca/crl.pem)"
+        "write", help="sign the local CA's CRL of the revoked certificates (ca/crl.pem), with reason codes"
+    )
+    crl_write.add_argument(
+        "--tokenprocedure", metavar="NAME",
+        help="the CRL of the CA that signs for this token procedure (default: the local CA)",
     )
     crl_write.add_argument("--out", help="also write it to this file (e.g. one named in tls.crls)")
     crl_write.add_argument("--der", action="store_true", help="write --out in DER instead of PEM")

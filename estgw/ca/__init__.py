@@ -140,6 +140,12 @@ class Profile:
         default=(ExtendedKeyUsageOID.CLIENT_AUTH,),
         converter=lambda v: tuple(dict.fromkeys(v)),  # drop duplicates, keep order
     )
+    #: Where relying parties find the CRL (RFC 5280 4.2.1.13 CRL
+    #: distribution point), the OCSP responder and the issuer's certificate
+    #: (4.2.2.1 authority information access); "" leaves it out.
+    crl_url: str = ""
+    ocsp_url: str = ""
+    ca_issuers_url: str = ""
 
     @classmethod
     def from_settings(cls, validity_days: int, key_usage: str, extended_key_usage: str) -> "Profile":

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import attr
 
-from estgw.ca import ITokenProcedure
+from estgw.ca import ITokenProcedure, Profile
 
 if TYPE_CHECKING:
     from estgw.ca.local import LocalCA
@@ -31,6 +31,17 @@ class Context:
     config: "Config"
     local_ca: "LocalCA"
     reactor: Any = None
+
+
+def profile_of(procedure: "TokenProcedureConfig") -> Profile:
+    """What every kind puts into the certificates it issues for ``procedure``."""
+    profile = Profile.from_settings(procedure.validity_days, procedure.key_usage, procedure.extended_key_usage)
+    return attr.evolve(
+        profile,
+        crl_url=procedure.crl_url,
+        ocsp_url=procedure.ocsp_url,
+        ca_issuers_url=procedure.ca_issuers_url,
+    )
 
 
 def token_procedure(procedure: "TokenProcedureConfig", context: Context) -> ITokenProcedure:
