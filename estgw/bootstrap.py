@@ -8,13 +8,15 @@ for client certificates, the store and the token procedures.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Mapping
 
 import attr
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 
 from estgw.ca import ITokenProcedure, LocalCA
 from estgw.ca import CAError, factory
+from estgw.ca._files import PassphraseError
 from estgw.ca.keys import read_passphrase
 from estgw.config import Config, ConfigError
 from estgw.store import SQLiteStore
@@ -26,6 +28,17 @@ class State:
     server_key: Any
     server_certificate: x509.Certificate
     trust_anchors: tuple[x509.Certificate, ...]
+    # Every configured token procedure by name, built (and so checked) here.
+    procedures: Mapping[str, ITokenProcedure] = attr.Factory(dict)
+
+    @property
+    def issuers(self) -> tuple[x509.Certificate, ...]:
+        """The issuing CA certificates whose certificates are this gateway's
+        own: the local CA's and every token procedure's."""
+        found: dict[bytes, x509.Certificate] = {}
+        for cert in [self.ca.issuing] + [p.chain()[0] for p in self.procedures.values() if p.chain()]:
+            found.setdefault(cert.fingerprint(hashes.SHA256()), cert)
+        return tuple(found.values())
 
 
 def _load_anchor_file(path: str, source: str) -> list[x509.Certificate]:
@@ -71,15 +84,14 @@ def local_ca(config: Config) -> LocalCA:
             passphrase=passphrase,
             rsa_padding=config.ca_rsa_padding,
         )
-    except CAError as e:
-        if passphrase is not None and ("passphrase" in str(e) or "encrypted" in str(e)):
-            key = "ca.keyPasswordFile" if config.ca_key_password_file else "ca.keyPasswordEnv"
-            raise ConfigError(key, str(e), config.source) from None
-        raise
+    except PassphraseError as e:
+        key = "ca.keyPasswordEnv" if config.ca_key_password_env else "ca.keyPasswordFile"
+        raise ConfigError(key, str(e), config.source) from None
 
 
-def initialize(config: Config) -> State:
-    """Create what is missing under the state directory, load the rest."""
+def initialize(config: Config, reactor: Any = None) -> State:
+    """Create what is missing under the state directory, load the rest,
+    and build the token procedures (ConfigError naming a bad setting)."""
     extra_anchors = configured_trust_anchors(config)
     try:
         os.makedirs(config.state_directory, mode=0o700, exist_ok=True)
@@ -89,9 +101,16 @@ def initialize(config: Config) -> State:
         ) from None
     ca = local_ca(config)
     key, cert = ca.server_credentials(config.tls_directory, config.hostnames, key_type=config.tls_key_type)
-    # The issuing CA too: devices often send only their leaf certificate.
-    anchors = list(ca.chain()) + extra_anchors
-    return State(ca=ca, server_key=key, server_certificate=cert, trust_anchors=tuple(anchors))
+    procedures = token_procedures(config, ca, reactor)
+    # The issuing CAs too: devices often send only their leaf certificate.
+    anchors: dict[bytes, x509.Certificate] = {}
+    for chain in [ca.chain()] + [p.chain() for p in procedures.values()] + [extra_anchors]:
+        for anchor in chain:
+            anchors.setdefault(anchor.fingerprint(hashes.SHA256()), anchor)
+    return State(
+        ca=ca, server_key=key, server_certificate=cert, trust_anchors=tuple(anchors.values()),
+        procedures=procedures,
+    )
 
 
 def open_store(config: Config, reactor: Any = None) -> SQLiteStore:

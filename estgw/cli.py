@@ -59,9 +59,28 @@ def _when(value: datetime | None) -> str:
 
 
 async def cmd_init(options: Any, config: Config, store: IStore, out: Any) -> None:
+    """Report what the first start created. Loading it (before this runs)
+    checked every token procedure: for ``ca = file`` that the key fits the
+    certificate, that the certificate may sign certificates and that the
+    chain reaches its root."""
+    state = bootstrap.initialize(config)
+    if options["offline_root"]:
+        try:
+            state.ca.export_root_key(options["offline_root"], bootstrap.ca_passphrase(config))
+        except CAError as e:
+            raise CommandError(str(e)) from None
     out.write(f"state directory: {config.state_directory}\n")
     out.write(f"CA certificate:  {config.ca_certificate_path}\n")
     out.write(f"store:           {config.store_path}\n")
+    if options["offline_root"]:
+        out.write(
+            f"root key:        moved to {options['offline_root']}; keep it offline, "
+            f"it is needed only to make the next issuing CA\n"
+        )
+    for name, procedure in state.procedures.items():
+        issuing = procedure.chain()[0]
+        kind = config.token_procedures[name].ca
+        out.write(f"token procedure {name!r} (ca = {kind}): issuing CA {issuing.subject.rfc4514_string()}\n")
 
 
 def read_password(options: Any) -> str | None:
@@ -345,7 +364,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("-c", "--config", default="etc/est.properties", help="the est.properties file")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    init = commands.add_parser("init", help="create the CA, TLS credentials and store (idempotent)")
+    init = commands.add_parser(
+        "init", help="create the CA, TLS credentials and store (idempotent); check the token procedures"
+    )
+    init.add_argument(
+        "--offline-root", metavar="OUT.pem",
+        help="move the local root CA's key to this new file (encrypted with ca.keyPasswordFile"
+        " when set) and keep only the issuing CA's key online",
+    )
     init.set_defaults(run=cmd_init)
 
     device = commands.add_parser("device", help="pre-registered devices").add_subparsers(

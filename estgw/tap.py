@@ -74,7 +74,7 @@ class GatewayService(service.Service):
         self.config = config
         self.reactor = reactor
         try:
-            self.state = bootstrap.initialize(config)
+            self.state = bootstrap.initialize(config, reactor)
         except CAError as e:
             raise usage.UsageError(f"{config.source}: state.directory: {e}") from None
         except ConfigError as e:
@@ -82,7 +82,7 @@ class GatewayService(service.Service):
         try:
             # CRLs are verified now: a bad one stops start with the key and the reason.
             self.revocation = build_checker(
-                config, self.state.trust_anchors, [self.state.ca.issuing], reactor
+                config, self.state.trust_anchors, self.state.issuers, reactor
             )
             # PKCS#12 tokens of approval handlers, opened before listening.
             self.approval_tls = load_approval_tls(config)
@@ -98,11 +98,12 @@ class GatewayService(service.Service):
         return Gateway(
             config=self.config,
             store=self.store,
-            procedures=bootstrap.token_procedures(self.config, self.state.ca, self.reactor),
+            procedures=self.state.procedures,
             ca_chain=self.state.ca.chain(),
             portal=device_portal(
                 self.store, self.reactor, self.state.ca.chain(), digest_secret(self.config.state_directory),
                 digest_nonce_counts(self.config.state_directory, self.reactor),
+                issuers=self.state.issuers,
             ),
             reactor=self.reactor,
             revocation=self.revocation,

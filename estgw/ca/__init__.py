@@ -29,6 +29,7 @@ from zope.interface import Attribute, Interface
 
 __all__ = [
     "CAError",
+    "CASettingError",
     "ITokenProcedure",
     "IssueRequest",
     "LocalCA",
@@ -43,6 +44,15 @@ PrivateKey = CertificateIssuerPrivateKeyTypes
 
 class CAError(Exception):
     """The CA cannot be loaded, created or used; the message says why."""
+
+
+class CASettingError(CAError):
+    """A token procedure setting is wrong: ``key`` is its name after
+    ``tokenprocedure.<n>.`` (``file.key``), the message says why."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
 
 
 # --- requests and profiles -------------------------------------------------

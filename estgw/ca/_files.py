@@ -125,6 +125,10 @@ def _load_cert(path: str) -> x509.Certificate:
         raise CAError(f"{path} is not a PEM certificate: {e}") from e
 
 
+class PassphraseError(CAError):
+    """The passphrase of a key is missing, not needed, or wrong."""
+
+
 def _load_key(path: str, passphrase: bytes | None = None) -> PrivateKey:
     """A PEM (PKCS#1, SEC 1 or PKCS#8) or DER PKCS#8 private key, decrypted
     with ``passphrase`` when it is encrypted; CAError saying what is wrong."""
@@ -136,14 +140,14 @@ def _load_key(path: str, passphrase: bytes | None = None) -> PrivateKey:
             key = serialization.load_der_private_key(data, password=passphrase)
     except TypeError as e:
         if passphrase is None:
-            raise CAError(f"{path} is encrypted; name its passphrase file") from e
-        raise CAError(
+            raise PassphraseError(f"{path} is encrypted and no passphrase is configured for it") from e
+        raise PassphraseError(
             f"{path} is not encrypted, yet a passphrase is configured for it; "
             f"encrypt it (openssl pkcs8 -topk8 -v2 aes-256-cbc) or remove the passphrase setting"
         ) from e
     except ValueError as e:
         if passphrase is not None and b"ENCRYPTED" in data:
-            raise CAError(f"{path}: the passphrase does not decrypt it") from e
+            raise PassphraseError(f"{path}: the passphrase does not decrypt it") from e
         raise CAError(f"{path} is not a PEM or DER private key: {e}") from e
     if not isinstance(key, CertificateIssuerPrivateKeyTypes):  # type: ignore[misc, arg-type]
         raise CAError(f"{path} holds a {type(key).__name__}, which cannot sign certificates")

@@ -19,17 +19,11 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorThreads
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from twisted.python.threadpool import ThreadPool
-from zope.interface import implementer
 
 from estgw.ca import (
     CAError,
     IssueRequest,
-    ITokenProcedure,
     PrivateKey,
     Profile,
 )
@@ -47,7 +41,7 @@ from estgw.ca._files import (
     _write_key,
 )
 from estgw.ca.keys import DEFAULT_KEY_TYPE, key_encryption, key_type_of, new_key, sign_arguments
-from estgw.ca.signing import CLOCK_SKEW, CRL_FILE, SigningCA
+from estgw.ca.signing import CLOCK_SKEW, CRL_FILE, SigningCA, SigningTokenProcedure
 
 ORGANIZATION = "estgw"
 
@@ -367,50 +361,12 @@ class LocalCA(SigningCA):
 # --- the local token procedure ---------------------------------------------
 
 
-@implementer(ITokenProcedure)
-class LocalTokenProcedure:
+class LocalTokenProcedure(SigningTokenProcedure):
     """Issue with a :class:`LocalCA` under one :class:`Profile`, off the reactor thread."""
-
-    def __init__(
-        self,
-        name: str,
-        ca: LocalCA,
-        profile: Profile,
-        reactor: IReactorThreads | None = None,
-        threadpool: ThreadPool | None = None,
-    ) -> None:
-        if reactor is None:
-            from twisted.internet import reactor as _reactor
-
-            reactor = _reactor  # type: ignore[assignment]
-        self.name = name
-        self.ca = ca
-        self.profile = profile
-        self._reactor = reactor
-        self._threadpool = threadpool
-
-    def __repr__(self) -> str:
-        return f"<LocalTokenProcedure {self.name!r}>"
-
-    def issue(self, request: IssueRequest) -> "Deferred[x509.Certificate]":
-        """Sign on a pool thread; the Deferred fires in the reactor thread."""
-        assert self._reactor is not None
-        # The reactor's pool is looked up here, not in __init__: asking for
-        # it starts it, which should not happen merely by loading a config.
-        pool = self._threadpool or self._reactor.getThreadPool()
-        return deferToThreadPool(self._reactor, pool, self.ca.sign, request, self.profile)
-
-    def chain(self) -> list[x509.Certificate]:
-        return self.ca.chain()
 
 
 def token_procedure(procedure: Any, context: Any) -> LocalTokenProcedure:
+    """``tokenprocedure.<n>.ca = local``: sign with the embedded CA (see :mod:`estgw.ca.factory`)."""
     from estgw.ca.factory import profile_of
 
-    """``tokenprocedure.<n>.ca = local``: sign with the embedded CA (see :mod:`estgw.ca.factory`)."""
-    return LocalTokenProcedure(
-        procedure.name,
-        context.local_ca,
-        profile_of(procedure),
-        reactor=context.reactor,
-    )
+    return LocalTokenProcedure(procedure.name, context.local_ca, profile_of(procedure), reactor=context.reactor)

@@ -16,8 +16,13 @@ import attr
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509 import ocsp
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorThreads
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
 
-from estgw.ca import CAError, IssueRequest, PrivateKey, Profile, key_usage_extension
+from estgw.ca import CAError, IssueRequest, ITokenProcedure, PrivateKey, Profile, key_usage_extension
 from estgw.ca._files import _CERT_MODE, _locked, _read, _utc, _write_atomically
 from estgw.ca.keys import sign_arguments
 
@@ -235,3 +240,40 @@ class SigningCA:
         whatever ``rsa_padding`` says."""
         builder = builder.responder_id(ocsp.OCSPResponderEncoding.HASH, self.issuing)
         return builder.sign(self._issuing_key, sign_arguments(self._issuing_key)["algorithm"])
+
+
+@implementer(ITokenProcedure)
+class SigningTokenProcedure:
+    """Issue with a :class:`SigningCA` under one :class:`Profile`, off the reactor thread."""
+
+    def __init__(
+        self,
+        name: str,
+        ca: SigningCA,
+        profile: Profile,
+        reactor: IReactorThreads | None = None,
+        threadpool: ThreadPool | None = None,
+    ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as _reactor
+
+            reactor = _reactor  # type: ignore[assignment]
+        self.name = name
+        self.ca = ca
+        self.profile = profile
+        self._reactor = reactor
+        self._threadpool = threadpool
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r}>"
+
+    def issue(self, request: IssueRequest) -> "Deferred[x509.Certificate]":
+        """Sign on a pool thread; the Deferred fires in the reactor thread."""
+        assert self._reactor is not None
+        # The reactor's pool is looked up here, not in __init__: asking for
+        # it starts it, which should not happen merely by loading a config.
+        pool = self._threadpool or self._reactor.getThreadPool()
+        return deferToThreadPool(self._reactor, pool, self.ca.sign, request, self.profile)
+
+    def chain(self) -> list[x509.Certificate]:
+        return self.ca.chain()
