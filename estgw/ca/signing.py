@@ -128,8 +128,15 @@ class SigningCA:
             return False
         return True
 
-    def sign(self, request: IssueRequest, profile: Profile, now: datetime | None = None) -> x509.Certificate:
-        """Sign an end-entity certificate for ``request`` under ``profile``.
+    def sign(
+        self,
+        request: IssueRequest,
+        profile: Profile,
+        now: datetime | None = None,
+        extra: Sequence[x509.ExtensionType] = (),
+    ) -> x509.Certificate:
+        """Sign an end-entity certificate for ``request`` under ``profile``
+        (and the non-critical ``extra`` extensions).
 
         Synchronous and CPU-bound: call it off the reactor thread. The
         checks on what may be requested happened before; this only refuses
@@ -173,7 +180,7 @@ class SigningCA:
         builder = builder.add_extension(
             x509.SubjectKeyIdentifier.from_public_key(request.public_key), critical=False
         ).add_extension(self.authority_key_identifier(), critical=False)
-        for extension in profile_extensions(profile):
+        for extension in [*profile_extensions(profile), *extra]:
             builder = builder.add_extension(extension, critical=False)
         return builder.sign(self._issuing_key, **sign_arguments(self._issuing_key, self.rsa_padding))
 
