@@ -45,7 +45,7 @@ def publishing_config(port: int, responder: str = "ca") -> str:
         lines += [
             f"tokenprocedure.{number}.crl.url = {base}/crl/{quoted}.crl",
             f"tokenprocedure.{number}.ocsp.url = {base}/ocsp/{quoted}",
-            f"tokenprocedure.{number}.caIssuers.url = {base}/ca/{quoted}.der",
+            f"tokenprocedure.{number}.caIssuers.url = {base}/ca/{quoted}.crt",
         ]
     lines.append(f"tokenprocedure.2.ocsp.responder = {responder}")
     return TEST_CONFIG + FILE_PROCEDURE + "\n".join(lines) + "\n"
@@ -125,7 +125,10 @@ class _Publishing(TestCase):
         text = (await self.client.openssl("x509", "-in", good_pem, "-noout", "-text")).stdout.decode()
         self.assertIn(f"URI:{self.base('crl', name)}", text)
         self.assertIn(f"OCSP - URI:{self.base('ocsp', name)}", text)
-        self.assertIn("CA Issuers - URI:", text)
+        self.assertIn(f"CA Issuers - URI:http://127.0.0.1:{self.publish}/ca/{quote(name, safe='')}.crt", text)
+        status, der = await self.get(f"http://127.0.0.1:{self.publish}/ca/{quote(name, safe='')}.crt")
+        self.assertEqual(status, 200)
+        self.assertEqual(x509.load_der_x509_certificate(der), self.issuer_of(chain, good))
 
         await self.revoke(revoked, "--reason", "keyCompromise", "--invalidity-date", "2026-01-02")
         status, der = await self.get(self.base("crl", name))

@@ -8,6 +8,9 @@ listener of its own (``publish.port``, ``publish.interface``):
   (RFC 5280 5, ``application/pkix-crl`` as RFC 2585 names it), with reason
   codes and invalidity dates; re-signed when the store's revocations of
   that CA changed and when half of its validity is gone.
+* ``GET /ca/<same>.crt``: the issuing CA certificate (DER,
+  ``application/pkix-cert``), what an AIA caIssuers URL points to
+  (RFC 5280 4.2.2.1).
 * ``POST /ocsp/<same>`` (body ``application/ocsp-request``) and
   ``GET /ocsp/<same>/<base64 of the DER request, URL-encoded>``: an OCSP
   response (RFC 6960 2.1, appendix A.1) saying good, revoked (with the
@@ -291,6 +294,20 @@ class CRLResource(_Async):
     render_HEAD = render_GET
 
 
+class IssuerResource(resource.Resource):
+    isLeaf = True
+
+    def __init__(self, published: PublishedCA) -> None:
+        super().__init__()
+        self.published = published
+
+    def render_GET(self, request: server.Request) -> bytes:
+        request.setHeader(b"content-type", b"application/pkix-cert")
+        return self.published.ca.issuing.public_bytes(serialization.Encoding.DER)
+
+    render_HEAD = render_GET
+
+
 class OCSPResource(_Async):
     def __init__(self, published: PublishedCA, encoded: str | None = None) -> None:
         super().__init__()
@@ -327,7 +344,7 @@ class OCSPResource(_Async):
 
 
 class _Directory(resource.Resource):
-    """``/crl/<name>.crl`` or ``/ocsp/<name>[/<request>]``."""
+    """``/crl/<name>.crl``, ``/ca/<name>.crt`` or ``/ocsp/<name>[/<request>]``."""
 
     def __init__(self, kind: str, published: Mapping[str, PublishedCA]) -> None:
         super().__init__()
@@ -336,10 +353,12 @@ class _Directory(resource.Resource):
 
     def getChild(self, path: bytes, request: server.Request) -> resource.Resource:
         segment = unquote(path.decode("utf-8", "replace"))
-        if self.kind == "crl":
-            name = segment[: -len(".crl")] if segment.endswith(".crl") else None
+        if self.kind in ("crl", "ca"):
+            suffix = ".crl" if self.kind == "crl" else ".crt"
+            name = segment[: -len(suffix)] if segment.endswith(suffix) else None
             if name in self.published and not request.postpath:
-                return CRLResource(self.published[name])
+                published = self.published[name]
+                return CRLResource(published) if self.kind == "crl" else IssuerResource(published)
         elif segment in self.published:
             rest = request.postpath
             # RFC 6960 A.1 GET: the base64 may hold '/', so take the rest of the path.
@@ -354,6 +373,7 @@ def publish_site(published: Mapping[str, PublishedCA]) -> server.Site:
     root = resource.Resource()
     root.putChild(b"crl", _Directory("crl", published))
     root.putChild(b"ocsp", _Directory("ocsp", published))
+    root.putChild(b"ca", _Directory("ca", published))
     return server.Site(root)
 
 
