@@ -35,8 +35,12 @@ class State:
     def issuers(self) -> tuple[x509.Certificate, ...]:
         """The issuing CA certificates whose certificates are this gateway's
         own: the local CA's and every token procedure's."""
+        certs = [ca.issuing for ca in self.ca.issuers()]
+        for procedure in self.procedures.values():
+            issuers = getattr(procedure, "issuers", None)
+            certs += [ca.issuing for ca in issuers()] if issuers else procedure.chain()[:1]
         found: dict[bytes, x509.Certificate] = {}
-        for cert in [self.ca.issuing] + [p.chain()[0] for p in self.procedures.values() if p.chain()]:
+        for cert in certs:
             found.setdefault(cert.fingerprint(hashes.SHA256()), cert)
         return tuple(found.values())
 

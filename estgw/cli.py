@@ -20,6 +20,8 @@ from twisted.internet import defer, task
 
 from estgw import bootstrap, config as config_module, device_import, factory, names, officers
 from estgw.ca import CRL_FILE, CAError
+from estgw.ca._files import load_certificate as load_cert, load_private_key as load_key
+from estgw.ca.keys import KEY_TYPES, read_passphrase
 from estgw.ca.publish import revoked_entries
 from estgw.ca.signing import SigningCA
 from estgw.config import Config, ConfigError
@@ -323,6 +325,39 @@ def _signing_ca(config: Config, name: str | None) -> SigningCA:
     return ca
 
 
+async def cmd_ca_rollover(options: Any, config: Config, store: IStore, out: Any) -> None:
+    """RFC 7030 4.1.3: the local CA's next issuing CA (and root, with --root)."""
+    passphrase = bootstrap.ca_passphrase(config)
+    ca = bootstrap.local_ca(config)
+    try:
+        root_key = None
+        if options["root_key"]:
+            root_key = load_key(options["root_key"], passphrase)
+        issuing = None
+        if options["certificate"] or options["key"]:
+            if not (options["certificate"] and options["key"]):
+                raise CommandError("--certificate and --key go together")
+            key_passphrase = read_passphrase(options["key_password_file"] or "")
+            issuing = (load_cert(options["certificate"]), load_key(options["key"], key_passphrase))
+        if issuing is not None and options["root"]:
+            raise CommandError("--root makes a new root; a new issuing CA from files must be issued by the current one")
+        rolled = ca.rollover(
+            name=config.ca_name, key_type=options["key_type"], passphrase=passphrase,
+            new_root=options["root"], root_key=root_key, issuing=issuing,
+        )
+    except CAError as e:
+        raise CommandError(str(e)) from None
+    out.write(f"new issuing CA:  {rolled.issuing.subject.rfc4514_string()} "
+              f"(until {_when(rolled.issuing.not_valid_after_utc)})\n")
+    for generation in rolled.previous:
+        out.write(f"still serving:   {generation.issuing.subject.rfc4514_string()} "
+                  f"(until {_when(generation.issuing.not_valid_after_utc)}; its certificates renew)\n")
+    if options["root"]:
+        out.write(f"new root:        {rolled.root.subject.rfc4514_string()}; cacerts carries both roots"
+                  f" and the NewWithOld/OldWithNew link certificates\n")
+    out.write("restart the gateway to issue from the new CA\n")
+
+
 def _invalidity_date(text: str) -> datetime:
     """ISO 8601, e.g. 2026-11-30 or 2026-11-30T08:15:00Z; no zone means UTC."""
     try:
@@ -470,6 +505,25 @@ def _parser() -> argparse.ArgumentParser:
         "--days", type=_positive_days, default=7, help="days until its nextUpdate (default 7)"
     )
     crl_write.set_defaults(run=cmd_crl_write)
+
+    ca = commands.add_parser("ca", help="the local CA").add_subparsers(
+        dest="action", metavar="ACTION", required=True
+    )
+    rollover = ca.add_parser(
+        "rollover",
+        help="make the next issuing CA (RFC 7030 4.1.3); the current one keeps serving its certificates",
+    )
+    rollover.add_argument("--root", action="store_true",
+                          help="roll the root too, with NewWithOld/OldWithNew link certificates")
+    rollover.add_argument("--root-key", metavar="FILE",
+                          help="the current root key, when it is offline (encrypted with ca.keyPasswordFile)")
+    rollover.add_argument("--key-type", choices=KEY_TYPES,
+                          help="key type of the new keys (default: that of the current issuing key)")
+    rollover.add_argument("--certificate", metavar="FILE",
+                          help="take this issuing CA certificate (issued by the current root) instead")
+    rollover.add_argument("--key", metavar="FILE", help="its private key (PEM or DER)")
+    rollover.add_argument("--key-password-file", metavar="FILE", help="the key's passphrase, when encrypted")
+    rollover.set_defaults(run=cmd_ca_rollover)
 
     # Talks to the approval service (its own config), not to this store.
     from estgw.approval import cli as approval_cli

@@ -128,7 +128,9 @@ class GatewayService(service.Service):
         context = server_context_factory(
             self.state.server_key,
             self.state.server_certificate,
-            [self.state.ca.issuing],
+            # After a root rollover, NewWithOld lets clients that trust only
+            # the old root verify the new chain.
+            [self.state.ca.issuing, *self.state.ca.new_with_old],
             self.state.trust_anchors,
             settings_of(self.config),
         )

@@ -164,3 +164,8 @@ def _check_pair(cert_path: str, cert: x509.Certificate, key_path: str, key: Priv
     if _spki(cert.public_key()) != _spki(key.public_key()):
         raise CAError(f"{key_path} is not the key of {cert_path}")
 
+
+
+#: For the operator commands that read certificates and keys the operator names.
+load_certificate = _load_cert
+load_private_key = _load_key

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import attr
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from twisted.logger import Logger
@@ -34,6 +34,7 @@ from estgw.ca._files import (
     _load_cert,
     _load_key,
     _locked,
+    _read,
     _spki,
     _utc,
     _write_atomically,
@@ -138,6 +139,60 @@ def _san_set(cert: x509.Certificate) -> set[x509.GeneralName]:
     }
 
 
+PREVIOUS = "previous"
+LINKS = "links"
+
+
+@attr.s(frozen=True, auto_attribs=True, eq=False)
+class IssuingGeneration(SigningCA):
+    """An earlier issuing CA of a :class:`LocalCA`, kept after a rollover in
+    ``previous/<n>/`` with its root, its key and its CRL."""
+
+    directory: str
+    root: x509.Certificate
+    issuing: x509.Certificate
+    _issuing_key: PrivateKey = attr.ib(repr=False)
+    rsa_padding: str = "pkcs1v15"
+
+    def chain(self) -> list[x509.Certificate]:
+        return [self.issuing, self.root]
+
+
+def _previous_names(directory: str) -> list[str]:
+    path = os.path.join(directory, PREVIOUS)
+    return sorted(os.listdir(path)) if os.path.isdir(path) else []
+
+
+def _load_previous(
+    directory: str, current: x509.Certificate, passphrase: bytes | None, rsa_padding: str
+) -> tuple[IssuingGeneration, ...]:
+    now = _utc(None)
+    found = []
+    for entry in reversed(_previous_names(directory)):
+        path = os.path.join(directory, PREVIOUS, entry)
+        issuing = _load_cert(os.path.join(path, ISSUING_CERT))
+        if issuing == current or issuing.not_valid_after_utc <= now:
+            continue  # an interrupted rollover's copy, or nothing left to renew or publish
+        root = _load_cert(os.path.join(path, ROOT_CERT))
+        key = _load_key(os.path.join(path, ISSUING_KEY), passphrase)
+        _check_pair(os.path.join(path, ISSUING_CERT), issuing, os.path.join(path, ISSUING_KEY), key)
+        found.append(IssuingGeneration(path, root, issuing, key, rsa_padding))
+    return tuple(found)
+
+
+def _link(
+    subject: x509.Certificate, subject_key: PrivateKey, issuer: x509.Certificate, issuer_key: PrivateKey,
+    now: datetime, rsa_padding: str,
+) -> x509.Certificate:
+    """A root rollover link certificate: ``subject``'s name and key,
+    certified by ``issuer`` (RFC 4210 4.4: NewWithOld / OldWithNew), valid
+    no longer than either root."""
+    not_after = min(subject.not_valid_after_utc, issuer.not_valid_after_utc)
+    return _ca_cert(
+        subject.subject, subject_key, issuer.subject, issuer_key, None, now, not_after - now, rsa_padding
+    )
+
+
 # --- the local CA -----------------------------------------------------------
 
 
@@ -158,6 +213,12 @@ class LocalCA(SigningCA):
     issuing: x509.Certificate
     _issuing_key: PrivateKey = attr.ib(repr=False)
     rsa_padding: str = "pkcs1v15"
+    #: Earlier issuing CAs (RFC 7030 4.1.3 rollover) still within their
+    #: validity: their certificates still renew, their CRLs are still
+    #: published. Newest first.
+    previous: tuple["IssuingGeneration", ...] = ()
+    #: Root rollover link certificates (NewWithOld, OldWithNew), oldest first.
+    links: tuple[x509.Certificate, ...] = ()
 
     @classmethod
     def load_or_create(
@@ -236,7 +297,13 @@ class LocalCA(SigningCA):
             issuing.verify_directly_issued_by(root)
         except (ValueError, TypeError, InvalidSignature) as e:
             raise CAError(f"{paths[ISSUING_CERT]} is not issued by {paths[ROOT_CERT]}") from e
-        return cls(directory, root, issuing, issuing_key, rsa_padding)
+        previous = _load_previous(directory, issuing, passphrase, rsa_padding)
+        links = tuple(
+            _load_cert(os.path.join(directory, LINKS, f))
+            for f in sorted(os.listdir(os.path.join(directory, LINKS)))
+            if f.endswith(".pem")
+        ) if os.path.isdir(os.path.join(directory, LINKS)) else ()
+        return cls(directory, root, issuing, issuing_key, rsa_padding, previous, links)
 
     @property
     def root_key_online(self) -> bool:
@@ -279,8 +346,121 @@ class LocalCA(SigningCA):
             os.unlink(source)
 
     def chain(self) -> list[x509.Certificate]:
-        """[issuing, root]: what cacerts returns and what TLS peers need."""
-        return [self.issuing, self.root]
+        """[issuing, root], then the earlier issuing CAs and roots and the
+        link certificates after a rollover: what cacerts returns (RFC 7030
+        4.1.3) and what client certificates may chain to."""
+        found: dict[bytes, x509.Certificate] = {}
+        for cert in [self.issuing, self.root, *self.links] + [
+            c for generation in self.previous for c in (generation.issuing, generation.root)
+        ]:
+            found.setdefault(cert.fingerprint(hashes.SHA256()), cert)
+        return list(found.values())
+
+    def issuers(self) -> list[SigningCA]:
+        """The issuing CAs whose certificates are still this CA's own: the
+        current one first, then those of earlier generations."""
+        return [self, *self.previous]
+
+    @property
+    def new_with_old(self) -> list[x509.Certificate]:
+        """Link certificates that certify the current root's key with an
+        earlier root's: sent in TLS so clients trusting only the old root
+        still verify the gateway."""
+        return [c for c in self.links if c.subject == self.root.subject and c.issuer != c.subject]
+
+    def rollover(
+        self,
+        name: str = "estgw",
+        key_type: str | None = None,
+        passphrase: bytes | None = None,
+        new_root: bool = False,
+        root_key: PrivateKey | None = None,
+        issuing: tuple[x509.Certificate, PrivateKey] | None = None,
+        now: datetime | None = None,
+    ) -> "LocalCA":
+        """Make the next issuing CA (RFC 7030 4.1.3) and return the CA as it is now.
+
+        The current issuing CA (certificate, key, CRL) moves to
+        ``previous/<generation>/`` with its root, so its certificates still
+        renew and its CRL is still published until it expires. The new
+        issuing CA is ``issuing`` (certificate and key from the operator;
+        it must be issued by the root) or a new key of ``key_type`` (default:
+        the current key's type) certified by the root. With ``new_root`` the
+        root rolls too: a new self-signed root and the NewWithOld and
+        OldWithNew link certificates (each root's key certified by the
+        other) in ``links/``. The root key comes from the directory or, when
+        it is offline, from ``root_key``. Raises CAError.
+        """
+        now = _utc(now)
+        directory = self.directory
+        with _locked(directory):
+            generation = 2 + len(_previous_names(directory))
+            old_root_key = root_key
+            root_path = os.path.join(directory, ROOT_KEY)
+            if old_root_key is None:
+                if not os.path.exists(root_path):
+                    raise CAError(
+                        f"the root key is offline ({os.path.join(directory, ROOT_OFFLINE)}); "
+                        f"give it with --root-key"
+                    )
+                old_root_key = _load_key(root_path, passphrase)
+            if _spki(old_root_key.public_key()) != _spki(self.root.public_key()):
+                raise CAError(f"the root key given is not the key of {os.path.join(directory, ROOT_CERT)}")
+            kind = key_type or key_type_of(self._issuing_key) or DEFAULT_KEY_TYPE
+            root, signer, links = self.root, old_root_key, []
+            if new_root:
+                signer = new_key(kind)
+                root_name = _ca_name(name, f"Root CA {generation}")
+                root = _ca_cert(root_name, signer, root_name, signer, None, now, ROOT_VALIDITY, self.rsa_padding)
+                links = [
+                    _link(root, signer, self.root, old_root_key, now, self.rsa_padding),  # NewWithOld
+                    _link(self.root, old_root_key, root, signer, now, self.rsa_padding),  # OldWithNew
+                ]
+            if issuing is not None:
+                certificate, issuing_key = issuing
+                if _spki(certificate.public_key()) != _spki(issuing_key.public_key()):
+                    raise CAError("the new issuing CA's key is not the key of its certificate")
+                try:
+                    certificate.verify_directly_issued_by(root)
+                except (ValueError, TypeError, InvalidSignature) as e:
+                    raise CAError(
+                        f"the new issuing CA {certificate.subject.rfc4514_string()} is not issued by "
+                        f"the root {root.subject.rfc4514_string()}"
+                    ) from e
+            else:
+                issuing_key = new_key(kind)
+                certificate = _ca_cert(
+                    _ca_name(name, f"Issuing CA {generation}"), issuing_key, root.subject, signer, 0, now,
+                    ISSUING_VALIDITY, self.rsa_padding,
+                )
+            # The old generation is copied before anything is replaced: an
+            # interruption leaves it twice (harmless), never lost.
+            archive = os.path.join(directory, PREVIOUS, f"{generation - 1:03d}")
+            _ensure_directory(os.path.join(directory, PREVIOUS))
+            _ensure_directory(archive)
+            for f in (ISSUING_CERT, ISSUING_KEY, ROOT_CERT, CRL_FILE, "ocsp-responder.pem", "ocsp-responder.key"):
+                source = os.path.join(directory, f)
+                if os.path.exists(source):
+                    mode = 0o600 if f.endswith(".key") else _CERT_MODE
+                    _write_atomically(os.path.join(archive, f), _read(source), mode)
+            if links:
+                _ensure_directory(os.path.join(directory, LINKS))
+                _write_cert(os.path.join(directory, LINKS, f"{generation:03d}-new-with-old.pem"), links[0])
+                _write_cert(os.path.join(directory, LINKS, f"{generation:03d}-old-with-new.pem"), links[1])
+                _write_key(root_path, signer, passphrase)
+                _write_cert(os.path.join(directory, ROOT_CERT), root)
+                offline = os.path.join(directory, ROOT_OFFLINE)
+                if os.path.exists(offline):
+                    os.unlink(offline)  # the new root's key is here until exported again
+            _write_key(os.path.join(directory, ISSUING_KEY), issuing_key, passphrase)
+            _write_cert(os.path.join(directory, ISSUING_CERT), certificate)
+            for f in (CRL_FILE, "ocsp-responder.pem", "ocsp-responder.key"):
+                if os.path.exists(os.path.join(directory, f)):
+                    os.unlink(os.path.join(directory, f))
+            self._log.info("Rolled over to issuing CA {subject}; {old} stays for its certificates",
+                           subject=certificate.subject.rfc4514_string(),
+                           old=self.issuing.subject.rfc4514_string())
+            return self._load(directory, passphrase, self.rsa_padding)
 
     def server_credentials(
         self,

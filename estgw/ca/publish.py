@@ -164,17 +164,9 @@ class PublishedCA:
                        next=crl.next_update_utc)
         return crl
 
-    async def ocsp(self, body: bytes) -> ocsp.OCSPResponse:
-        """The OCSP response (RFC 6960 4.2) to the DER request ``body``."""
-        try:
-            request = ocsp.load_der_ocsp_request(body)
-            serial = request.serial_number
-            hash_algorithm = request.hash_algorithm
-        except (ValueError, TypeError, UnsupportedAlgorithm):  # also: several requests, unknown hash
-            return ocsp.OCSPResponseBuilder.build_unsuccessful(ocsp.OCSPResponseStatus.MALFORMED_REQUEST)
-        if not self._about_this_ca(request):
-            # 2.3: a responder asked about a CA it does not serve.
-            return ocsp.OCSPResponseBuilder.build_unsuccessful(ocsp.OCSPResponseStatus.UNAUTHORIZED)
+    async def answer(self, request: ocsp.OCSPRequest) -> ocsp.OCSPResponse:
+        """The OCSP response (RFC 6960 4.2) to ``request``, which is about this CA."""
+        serial, hash_algorithm = request.serial_number, request.hash_algorithm
         issued = await self.store.get_certificate(serial)
         status, revoked_at, reason = ocsp.OCSPCertStatus.UNKNOWN, None, None
         if issued is not None and self.ca.issued(issued.certificate):
@@ -214,7 +206,8 @@ class PublishedCA:
             return builder.sign(key, sign_arguments(key)["algorithm"])
         return self.ca.sign_ocsp(builder)
 
-    def _about_this_ca(self, request: ocsp.OCSPRequest) -> bool:
+    def about_this_ca(self, request: ocsp.OCSPRequest) -> bool:
+        """Whether the request's issuer name and key hashes (RFC 6960 4.1.1) are this CA's."""
         algorithm = request.hash_algorithm
         name_hash = hashes.Hash(algorithm)
         name_hash.update(self.ca.issuing.subject.public_bytes())
@@ -279,6 +272,34 @@ def _plain(status: int, text: str) -> resource.Resource:
     return errorPage(status, text.split(":")[0], text)
 
 
+@attr.s(auto_attribs=True, eq=False)
+class PublishedProcedure:
+    """What one token procedure publishes: its current CA first, then the
+    earlier generations (rollover) whose certificates are still valid."""
+
+    generations: list[PublishedCA]
+
+    def find(self, key_id: str | None) -> PublishedCA | None:
+        """The current CA (``key_id`` None), or the generation with that key id."""
+        if key_id is None:
+            return self.generations[0]
+        return next((g for g in self.generations if g.ca.key_id == key_id.lower()), None)
+
+    async def ocsp(self, body: bytes) -> ocsp.OCSPResponse:
+        """The OCSP response to the DER request ``body``: malformedRequest
+        when it does not parse (or asks about several certificates),
+        unauthorized when it is about a CA not published here (2.3)."""
+        try:
+            request = ocsp.load_der_ocsp_request(body)
+            request.serial_number, request.hash_algorithm
+        except (ValueError, TypeError, UnsupportedAlgorithm):
+            return ocsp.OCSPResponseBuilder.build_unsuccessful(ocsp.OCSPResponseStatus.MALFORMED_REQUEST)
+        for generation in self.generations:
+            if generation.about_this_ca(request):
+                return await generation.answer(request)
+        return ocsp.OCSPResponseBuilder.build_unsuccessful(ocsp.OCSPResponseStatus.UNAUTHORIZED)
+
+
 class CRLResource(_Async):
     def __init__(self, published: PublishedCA) -> None:
         super().__init__()
@@ -309,7 +330,7 @@ class IssuerResource(resource.Resource):
 
 
 class OCSPResource(_Async):
-    def __init__(self, published: PublishedCA, encoded: str | None = None) -> None:
+    def __init__(self, published: PublishedProcedure, encoded: str | None = None) -> None:
         super().__init__()
         self.published = published
         self.encoded = encoded
@@ -344,32 +365,43 @@ class OCSPResource(_Async):
 
 
 class _Directory(resource.Resource):
-    """``/crl/<name>.crl``, ``/ca/<name>.crt`` or ``/ocsp/<name>[/<request>]``."""
+    """``/crl/<name>.crl``, ``/ca/<name>.crt`` (the current CA),
+    ``/crl/<name>/<key id>.crl``, ``/ca/<name>/<key id>.crt`` (any
+    generation) or ``/ocsp/<name>[/<request>]``."""
 
-    def __init__(self, kind: str, published: Mapping[str, PublishedCA]) -> None:
+    def __init__(self, kind: str, published: Mapping[str, PublishedProcedure]) -> None:
         super().__init__()
         self.kind = kind
         self.published = published
 
     def getChild(self, path: bytes, request: server.Request) -> resource.Resource:
         segment = unquote(path.decode("utf-8", "replace"))
-        if self.kind in ("crl", "ca"):
-            suffix = ".crl" if self.kind == "crl" else ".crt"
-            name = segment[: -len(suffix)] if segment.endswith(suffix) else None
-            if name in self.published and not request.postpath:
-                published = self.published[name]
-                return CRLResource(published) if self.kind == "crl" else IssuerResource(published)
-        elif segment in self.published:
-            rest = request.postpath
-            # RFC 6960 A.1 GET: the base64 may hold '/', so take the rest of the path.
-            encoded = "/".join(p.decode("latin-1") for p in rest) if rest else None
-            del request.postpath[:]
-            return OCSPResource(self.published[segment], encoded or None)
-        return _plain(404, f"Not Found: no {self.kind} for {segment!r} here")
+        rest = [unquote(p.decode("utf-8", "replace")) for p in request.postpath]
+        if self.kind == "ocsp":
+            if segment in self.published:
+                # RFC 6960 A.1 GET: the base64 may hold '/', so take the rest of the path.
+                encoded = "/".join(p.decode("latin-1") for p in request.postpath) or None
+                del request.postpath[:]
+                return OCSPResource(self.published[segment], encoded)
+            return _plain(404, f"Not Found: no OCSP responder for {segment!r} here")
+        suffix = ".crl" if self.kind == "crl" else ".crt"
+        name, key_id = segment, None
+        if len(rest) == 1 and rest[0].endswith(suffix):
+            key_id = rest[0][: -len(suffix)]
+        elif not rest and segment.endswith(suffix):
+            name = segment[: -len(suffix)]
+        else:
+            name = ""
+        procedure = self.published.get(name)
+        generation = procedure.find(key_id) if procedure is not None else None
+        if generation is None:
+            return _plain(404, f"Not Found: no {self.kind} at {'/'.join([segment, *rest])!r} here")
+        del request.postpath[:]
+        return CRLResource(generation) if self.kind == "crl" else IssuerResource(generation)
 
 
-def publish_site(published: Mapping[str, PublishedCA]) -> server.Site:
-    """The publishing listener's site for ``published`` (token procedure name → CA)."""
+def publish_site(published: Mapping[str, PublishedProcedure]) -> server.Site:
+    """The publishing listener's site for ``published`` (token procedure name → what it publishes)."""
     root = resource.Resource()
     root.putChild(b"crl", _Directory("crl", published))
     root.putChild(b"ocsp", _Directory("ocsp", published))
@@ -383,31 +415,36 @@ def published_cas(
     store: Any,
     reactor: Any,
     crl_validity: timedelta,
-) -> dict[str, PublishedCA]:
-    """A :class:`PublishedCA` per token procedure that signs with a key held
-    here; procedures sharing a CA (and responder setting) share one."""
+) -> dict[str, PublishedProcedure]:
+    """What each token procedure that signs with keys held here publishes;
+    procedures sharing a CA (and responder setting) share its CRL."""
     shared: dict[tuple[int, str], PublishedCA] = {}
     result = {}
     for name, procedure in procedures.items():
-        ca = getattr(procedure, "ca", None)
-        if not isinstance(ca, SigningCA):
+        issuers = getattr(procedure, "issuers", None)
+        if issuers is None:
             continue
         responder = configs[name].ocsp_responder
-        key = (id(ca), responder)
-        if key not in shared:
-            shared[key] = PublishedCA(ca, store, reactor, crl_validity, responder)
-        result[name] = shared[key]
+        generations = []
+        for ca in issuers():
+            key = (id(ca), responder)
+            if key not in shared:
+                shared[key] = PublishedCA(ca, store, reactor, crl_validity, responder)
+            generations.append(shared[key])
+        result[name] = PublishedProcedure(generations)
     return result
 
 
-def keep_fresh(published: Mapping[str, PublishedCA], reactor: Any, interval: float = 60.0) -> task.LoopingCall:
-    """Look at the store every ``interval`` seconds and re-sign each CRL whose
-    revocations changed or whose validity is half gone, so the CRL file in
-    the CA's directory is current too (not only what is fetched)."""
+def keep_fresh(published: Mapping[str, PublishedProcedure], reactor: Any) -> task.LoopingCall:
+    """A LoopingCall (start it with the interval in seconds) that looks at
+    the store and re-signs each CRL whose revocations changed or whose
+    validity is half gone, so the CRL file in the CA's directory is current
+    too, not only what is fetched."""
     log = Logger()
 
     async def refresh() -> None:
-        for one in {id(p): p for p in published.values()}.values():
+        every = {id(g): g for p in published.values() for g in p.generations}
+        for one in every.values():
             try:
                 await one.crl()
             except Exception:

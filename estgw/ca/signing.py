@@ -68,30 +68,22 @@ def _entries(revoked: Iterable[Any]) -> list[RevokedEntry]:
     return [found[serial] for serial in sorted(found)]
 
 
-def profile_extensions(profile: Profile) -> list[x509.ExtensionType]:
+def profile_extensions(profile: Profile, key_id: str = "") -> list[x509.ExtensionType]:
     """The CRL distribution point (RFC 5280 4.2.1.13) and authority
-    information access (4.2.2.1: OCSP, caIssuers) that ``profile`` names."""
+    information access (4.2.2.1: OCSP, caIssuers) that ``profile`` names,
+    ``{ca}`` in a URL replaced by ``key_id`` (the issuing CA's)."""
+
+    def uri(url: str) -> x509.UniformResourceIdentifier:
+        return x509.UniformResourceIdentifier(url.replace("{ca}", key_id))
+
     extensions: list[x509.ExtensionType] = []
     if profile.crl_url:
-        extensions.append(
-            x509.CRLDistributionPoints(
-                [x509.DistributionPoint([x509.UniformResourceIdentifier(profile.crl_url)], None, None, None)]
-            )
-        )
+        extensions.append(x509.CRLDistributionPoints([x509.DistributionPoint([uri(profile.crl_url)], None, None, None)]))
     access = []
     if profile.ocsp_url:
-        access.append(
-            x509.AccessDescription(
-                x509.AuthorityInformationAccessOID.OCSP, x509.UniformResourceIdentifier(profile.ocsp_url)
-            )
-        )
+        access.append(x509.AccessDescription(x509.AuthorityInformationAccessOID.OCSP, uri(profile.ocsp_url)))
     if profile.ca_issuers_url:
-        access.append(
-            x509.AccessDescription(
-                x509.AuthorityInformationAccessOID.CA_ISSUERS,
-                x509.UniformResourceIdentifier(profile.ca_issuers_url),
-            )
-        )
+        access.append(x509.AccessDescription(x509.AuthorityInformationAccessOID.CA_ISSUERS, uri(profile.ca_issuers_url)))
     if access:
         extensions.append(x509.AuthorityInformationAccess(access))
     return extensions
@@ -107,6 +99,16 @@ class SigningCA:
 
     def chain(self) -> list[x509.Certificate]:
         raise NotImplementedError
+
+    def issuers(self) -> list["SigningCA"]:
+        """This CA and the earlier generations it still answers for."""
+        return [self]
+
+    @property
+    def key_id(self) -> str:
+        """Hex of the issuing CA's key identifier: what ``{ca}`` in a
+        profile URL becomes, so each generation has its own CRL URL."""
+        return self.authority_key_identifier().key_identifier.hex()  # type: ignore[union-attr]
 
     def authority_key_identifier(self) -> x509.AuthorityKeyIdentifier:
         """The AKI of everything this CA signs (RFC 5280 4.2.1.1)."""
@@ -180,7 +182,7 @@ class SigningCA:
         builder = builder.add_extension(
             x509.SubjectKeyIdentifier.from_public_key(request.public_key), critical=False
         ).add_extension(self.authority_key_identifier(), critical=False)
-        for extension in [*profile_extensions(profile), *extra]:
+        for extension in [*profile_extensions(profile, self.key_id), *extra]:
             builder = builder.add_extension(extension, critical=False)
         return builder.sign(self._issuing_key, **sign_arguments(self._issuing_key, self.rsa_padding))
 
@@ -284,3 +286,8 @@ class SigningTokenProcedure:
 
     def chain(self) -> list[x509.Certificate]:
         return self.ca.chain()
+
+    def issuers(self) -> list[SigningCA]:
+        """Every CA whose certificates this procedure still answers for:
+        the current issuing CA first, then earlier ones (after a rollover)."""
+        return self.ca.issuers()
