@@ -295,6 +295,21 @@ def _roles(value: str) -> tuple[str, ...]:
 
 
 @attr.s(frozen=True, auto_attribs=True)
+class FileCASettings:
+    """Where one issuing CA of ``ca = file`` is: ``prefix`` is its keys'
+    common part after ``tokenprocedure.<n>.`` (``file.`` or
+    ``file.previous.<m>.``), for messages."""
+
+    prefix: str
+    certificate: str = ""
+    chain: str = ""
+    key: str = ""
+    key_password_file: str = ""
+    key_password_env: str = ""
+    number: str = ""
+
+
+@attr.s(frozen=True, auto_attribs=True)
 class TokenProcedureConfig:
     """A CA profile (the product's "token procedure")."""
 
@@ -327,6 +342,15 @@ class TokenProcedureConfig:
     file_key: str = ""
     file_key_password_file: str = ""
     file_key_password_env: str = ""
+    # Earlier issuing CAs after a rollover (file.previous.<m>.*).
+    file_previous: tuple[FileCASettings, ...] = ()
+
+    @property
+    def file_settings(self) -> FileCASettings:
+        return FileCASettings(
+            "file.", self.file_certificate, self.file_chain, self.file_key,
+            self.file_key_password_file, self.file_key_password_env,
+        )
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -530,6 +554,12 @@ _TOKEN_PROCEDURE_KEYS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "file.keyPasswordFile": ("file_key_password_file", _text),
     "file.keyPasswordEnv": ("file_key_password_env", _text),
 }
+# file.previous.<m>.<key>: an earlier issuing CA of ca = file (rollover).
+_FILE_PREVIOUS = re.compile(r"^file\.previous\.([0-9]+)\.(certificate|chain|key|keyPasswordFile|keyPasswordEnv)$")
+_FILE_SETTING_FIELDS = {
+    "certificate": "certificate", "chain": "chain", "key": "key",
+    "keyPasswordFile": "key_password_file", "keyPasswordEnv": "key_password_env",
+}
 # Keys that only mean something for one kind of token procedure.
 _KIND_KEYS = {"file.": "file"}
 # Paths: relative to the config file's directory, and must exist.
@@ -697,7 +727,12 @@ def _token_procedures(
             continue
         prefix = f"tokenprocedure.{number}."
         fields: dict[str, Any] = {}
+        previous: dict[str, dict[str, str]] = {}
         for name, value in keys.items():
+            earlier = _FILE_PREVIOUS.match(name)
+            if earlier is not None:
+                previous.setdefault(earlier.group(1), {})[_FILE_SETTING_FIELDS[earlier.group(2)]] = value.strip()
+                continue
             if name not in _TOKEN_PROCEDURE_KEYS:
                 raise ConfigError(prefix + name, "unknown token procedure key", source)
             attribute, parser = _TOKEN_PROCEDURE_KEYS[name]
@@ -711,6 +746,9 @@ def _token_procedures(
                 source,
             )
         seen[fields["name"]] = number
+        fields["file_previous"] = tuple(
+            FileCASettings(f"file.previous.{m}.", number=m, **previous[m]) for m in sorted(previous, key=int)
+        )
         procedure = TokenProcedureConfig(key=number, **fields)
         _check_profile(procedure, prefix, source)
         _check_kind(procedure, keys, prefix, source)
@@ -724,13 +762,15 @@ def _check_kind(procedure: TokenProcedureConfig, keys: Mapping[str, str], prefix
             if name.startswith(start) and procedure.ca != kind:
                 raise ConfigError(prefix + name, f"only for ca = {kind}, not {procedure.ca}", source)
     if procedure.ca == "file":
-        for name, attribute in (("file.certificate", "file_certificate"), ("file.key", "file_key")):
-            if not getattr(procedure, attribute):
-                raise ConfigError(prefix + name, "required with ca = file", source)
-        if procedure.file_key_password_file and procedure.file_key_password_env:
-            raise ConfigError(
-                prefix + "file.keyPasswordEnv", "file.keyPasswordFile already names the passphrase", source
-            )
+        for settings in (procedure.file_settings, *procedure.file_previous):
+            for name in ("certificate", "key"):
+                if not getattr(settings, name):
+                    raise ConfigError(prefix + settings.prefix + name, "required with ca = file", source)
+            if settings.key_password_file and settings.key_password_env:
+                raise ConfigError(
+                    prefix + settings.prefix + "keyPasswordEnv",
+                    f"{settings.prefix}keyPasswordFile already names the passphrase", source,
+                )
 
 
 def _resolve_procedure_files(procedure: TokenProcedureConfig, base_dir: str, source: str) -> TokenProcedureConfig:
@@ -743,7 +783,20 @@ def _resolve_procedure_files(procedure: TokenProcedureConfig, base_dir: str, sou
         if not os.path.isfile(path):
             raise ConfigError(f"tokenprocedure.{procedure.key}.{name}", f"no such file: {path}", source)
         changes[attribute] = path
-    return attr.evolve(procedure, **changes)
+    previous = []
+    for settings in procedure.file_previous:
+        resolved = {}
+        for name in ("certificate", "chain", "key", "key_password_file"):
+            value = getattr(settings, name)
+            if not value:
+                continue
+            path = _resolve(base_dir, value)
+            if not os.path.isfile(path):
+                key = {"key_password_file": "keyPasswordFile"}.get(name, name)
+                raise ConfigError(f"tokenprocedure.{procedure.key}.{settings.prefix}{key}", f"no such file: {path}", source)
+            resolved[name] = path
+        previous.append(attr.evolve(settings, **resolved))
+    return attr.evolve(procedure, file_previous=tuple(previous), **changes)
 
 
 def _check_profile(procedure: TokenProcedureConfig, prefix: str, source: str) -> None:

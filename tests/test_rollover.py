@@ -15,11 +15,13 @@ from twisted.trial.unittest import TestCase
 
 from estgw import cli, config as config_module
 from estgw.ca import LocalCA
+from estgw.config import ConfigError
 from estgw.passwords import hash_password
 from estgw.store import Device
 from estgw.testing import TEST_CONFIG, RunningGateway, _which, run_process, write
 
 from .test_e2e import DEVICE, PASSWORD, Client, load_pem
+from .test_pki import FILE_PROCEDURE, operator_ca
 from .test_publish import free_port
 
 NAME = "Test Procedure"
@@ -217,3 +219,89 @@ class RolloverCommandTests(TestCase):
         await self.cli("ca", "rollover", "--certificate", os.path.join(work, "next.pem"),
                        "--key", os.path.join(work, "next.key"))
         self.assertEqual(self.ca().issuing.subject.rfc4514_string(), "CN=Operator Issuing 2,O=estgw")
+
+
+class FileRolloverTests(TestCase):
+    """ca = file: the operator points file.* at the next issuing CA and
+    moves the previous one to file.previous.1.*."""
+
+    async def test_previous_file_ca_still_served(self) -> None:
+        """After the switch new certificates come from the new CA, cacerts
+        under the label has both issuing CAs, a certificate of the previous
+        one renews, and its revocation shows in OCSP and on its own CRL."""
+        directory = os.path.abspath(self.mktemp())
+        operator = operator_ca(os.path.join(directory, "operator"))
+        publish = free_port()
+        base = f"http://127.0.0.1:{publish}"
+        text = TEST_CONFIG + FILE_PROCEDURE + (
+            f"publish.port = {publish}\npublish.interface = 127.0.0.1\n"
+            f"tokenprocedure.2.crl.url = {base}/crl/Operator%20CA/{{ca}}.crl\n"
+            f"tokenprocedure.2.ocsp.url = {base}/ocsp/Operator%20CA\n"
+        )
+        gateway = RunningGateway(directory, text)
+        await gateway.run()
+        await gateway.store.add_device(Device(DEVICE, hash_password(PASSWORD)))
+        client = Client(self, gateway, "client")
+        old_key, csr = await client.key_and_csr()
+        result = await gateway.curl("lab/simpleenroll", csr, user=f"{DEVICE}:{PASSWORD}")
+        self.assertEqual(result.status, 200, result.text)
+        old_pem = await client.certificates(result.body)
+        (old,) = load_pem(old_pem)
+        await gateway.stop()
+
+        subprocess.run(["openssl", "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+                        "-nodes", "-keyout", "issuing2.key", "-subj", "/O=Operator/CN=Operator Issuing 2",
+                        "-out", "issuing2.csr"], cwd=operator, check=True, capture_output=True)
+        subprocess.run(["openssl", "x509", "-req", "-in", "issuing2.csr", "-CA", "root.pem", "-CAkey", "root.key",
+                        "-days", "20", "-out", "issuing2.pem", "-extfile", "ext.cnf"],
+                       cwd=operator, check=True, capture_output=True)
+        rolled = text.replace(
+            "tokenprocedure.2.file.certificate = operator/issuing.pem\n",
+            "tokenprocedure.2.file.certificate = operator/issuing2.pem\n"
+            "tokenprocedure.2.file.previous.1.certificate = operator/issuing.pem\n",
+        ).replace(
+            "tokenprocedure.2.file.key = operator/issuing.key\n",
+            "tokenprocedure.2.file.key = operator/issuing2.key\n"
+            "tokenprocedure.2.file.previous.1.key = operator/issuing.key\n",
+        ).replace(
+            "tokenprocedure.2.file.keyPasswordFile = operator/passphrase.txt\n",
+            "tokenprocedure.2.file.previous.1.keyPasswordFile = operator/passphrase.txt\n",
+        )
+        gateway = RunningGateway(directory, rolled)
+        await gateway.run()
+        self.addCleanup(gateway.stop)
+        client = Client(self, gateway, "client2")
+        result = await gateway.curl("lab/cacerts")
+        chain_pem = await client.certificates(result.body)
+        subjects = {c.subject.rfc4514_string() for c in load_pem(chain_pem)}
+        self.assertEqual(subjects, {"CN=Operator Issuing,O=Operator", "CN=Operator Issuing 2,O=Operator",
+                                    "CN=Operator Root,O=Operator"})
+        _, csr = await client.key_and_csr()
+        result = await gateway.curl("lab/simplereenroll", csr, cert=old_pem, key=old_key)
+        self.assertEqual(result.status, 200, result.text)
+        new_pem = await client.certificates(result.body)
+        (new,) = load_pem(new_pem)
+        self.assertEqual(new.issuer.rfc4514_string(), "CN=Operator Issuing 2,O=Operator")
+        await client.verify(new_pem, chain_pem)
+
+        await cli.run(reactor, ["--config", gateway.config_path, "cert", "revoke", f"{old.serial_number:x}",
+                                "--reason", "keyCompromise"], io.StringIO())
+        refused = await client.openssl("verify", "-crl_check", "-crl_download", "-CAfile", chain_pem, old_pem,
+                                       check=False)
+        self.assertIn(b"certificate revoked", refused.stdout + refused.stderr)
+        issuer_pem = os.path.join(operator, "issuing.pem")
+        answer = await client.openssl("ocsp", "-issuer", issuer_pem, "-cert", old_pem, "-CAfile", chain_pem,
+                                      "-url", f"{base}/ocsp/Operator%20CA", "-timeout", "20")
+        self.assertIn(f"{old_pem}: revoked".encode(), answer.stdout)
+        fine = await client.openssl("verify", "-crl_check", "-crl_download", "-CAfile", chain_pem, new_pem)
+        self.assertIn(b": OK", fine.stdout)
+
+    def test_previous_settings_checked(self) -> None:
+        """file.previous.<m>.* are checked like file.*: a missing key names it."""
+        text = TEST_CONFIG + FILE_PROCEDURE + "tokenprocedure.2.file.previous.1.certificate = est.properties\n"
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        operator_ca(os.path.join(directory, "operator"))
+        path = write(os.path.join(directory, "est.properties"), text.encode())
+        e = self.assertRaises(ConfigError, config_module.load, path)
+        self.assertIn("tokenprocedure.2.file.previous.1.key: required with ca = file", str(e))

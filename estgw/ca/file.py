@@ -15,12 +15,13 @@ below it.
 from __future__ import annotations
 
 import os
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import quote
 
 import attr
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 from twisted.logger import Logger
 
 from estgw.ca import CAError, CASettingError, PrivateKey
@@ -94,10 +95,20 @@ class FileCA(SigningCA):
     _issuing_key: PrivateKey = attr.ib(repr=False)
     upper: tuple[x509.Certificate, ...] = ()
     rsa_padding: str = "pkcs1v15"
+    #: Earlier issuing CAs (``.file.previous.<m>.*``): their certificates
+    #: still renew and their CRLs are still published until they expire.
+    previous: tuple["FileCA", ...] = ()
 
     def chain(self) -> list[x509.Certificate]:
-        """The issuing CA first, then up to the root: what cacerts returns."""
-        return [self.issuing, *self.upper]
+        """The issuing CA first, then up to the root; then the chains of
+        earlier issuing CAs: what cacerts returns (RFC 7030 4.1.3)."""
+        found: dict[bytes, x509.Certificate] = {}
+        for cert in [self.issuing, *self.upper] + [c for p in self.previous for c in p.chain()]:
+            found.setdefault(cert.fingerprint(hashes.SHA256()), cert)
+        return list(found.values())
+
+    def issuers(self) -> list[SigningCA]:
+        return [self, *self.previous]
 
     @classmethod
     def load(
@@ -110,6 +121,7 @@ class FileCA(SigningCA):
         rsa_padding: str = "pkcs1v15",
         now: datetime | None = None,
         passphrase_key: str = "file.keyPasswordFile",
+        prefix: str = "file.",
     ) -> "FileCA":
         """Load and check the files; FileCAError naming the setting at fault.
 
@@ -117,23 +129,23 @@ class FileCA(SigningCA):
         ``chain`` adds to it. Chain certificates are put in order from the
         issuing CA up, so the file's order does not matter.
         """
-        found = _certificates(certificate, "file.certificate")
+        found = _certificates(certificate, prefix + "certificate")
         issuing, extra = found[0], found[1:]
         if chain:
-            extra += _certificates(chain, "file.chain")
+            extra += _certificates(chain, prefix + "chain")
         try:
             check_issuing_certificate(issuing, now)
         except ValueError as e:
-            raise FileCAError("file.certificate", f"{certificate}: {e}") from None
+            raise FileCAError(prefix + "certificate", f"{certificate}: {e}") from None
         try:
             private_key = _load_key(key, passphrase)
         except PassphraseError as e:
             raise FileCAError(passphrase_key, str(e)) from None
         except CAError as e:
-            raise FileCAError("file.key", str(e)) from None
+            raise FileCAError(prefix + "key", str(e)) from None
         if _spki(private_key.public_key()) != _spki(issuing.public_key()):
-            raise FileCAError("file.key", f"{key} is not the key of {certificate}")
-        upper = _order_chain(issuing, extra, chain or certificate, "file.chain" if chain else "file.certificate")
+            raise FileCAError(prefix + "key", f"{key} is not the key of {certificate}")
+        upper = _order_chain(issuing, extra, chain or certificate, prefix + ("chain" if chain else "certificate"))
         _ensure_directory(directory)
         return cls(directory, issuing, private_key, tuple(upper), rsa_padding)
 
@@ -160,7 +172,7 @@ def _order_chain(
         )
     if current.issuer != current.subject:
         raise FileCAError(
-            "file.chain",
+            key.rsplit(".", 1)[0] + ".chain",
             f"the chain ends at {current.subject.rfc4514_string()}, whose issuer "
             f"{current.issuer.rfc4514_string()} is not in it: give every CA certificate up to the root",
         )
@@ -179,22 +191,50 @@ def state_directory(config: Any, name: str) -> str:
     return os.path.join(config.state_directory, "tokenprocedures", quote(name, safe=""))
 
 
+def _load_settings(settings: Any, directory: str, rsa_padding: str, now: datetime | None = None) -> FileCA:
+    prefix = settings.prefix
+    passphrase_key = prefix + ("keyPasswordEnv" if settings.key_password_env else "keyPasswordFile")
+    try:
+        passphrase = read_passphrase(settings.key_password_file, settings.key_password_env)
+    except CAError as e:
+        raise FileCAError(passphrase_key, str(e)) from None
+    return FileCA.load(
+        directory, settings.certificate, settings.key, settings.chain, passphrase, rsa_padding,
+        now=now, passphrase_key=passphrase_key, prefix=prefix,
+    )
+
+
 def token_procedure(procedure: Any, context: Any) -> FileTokenProcedure:
     """``tokenprocedure.<n>.ca = file`` (see :mod:`estgw.ca.factory`)."""
     from estgw.ca.factory import profile_of
 
-    passphrase_key = "file.keyPasswordEnv" if procedure.file_key_password_env else "file.keyPasswordFile"
-    try:
-        passphrase = read_passphrase(procedure.file_key_password_file, procedure.file_key_password_env)
-    except CAError as e:
-        raise FileCAError(passphrase_key, str(e)) from None
-    ca = FileCA.load(
-        state_directory(context.config, procedure.name),
-        procedure.file_certificate,
-        procedure.file_key,
-        procedure.file_chain,
-        passphrase,
-        context.config.ca_rsa_padding,
-        passphrase_key=passphrase_key,
-    )
+    directory = state_directory(context.config, procedure.name)
+    padding = context.config.ca_rsa_padding
+    current = _load_settings(procedure.file_settings, directory, padding)
+    previous = []
+    now = _utc(None)
+    for settings in procedure.file_previous:
+        if not settings.chain:  # most often the same root: file.chain serves
+            settings = attr.evolve(settings, chain=procedure.file_chain)
+        earlier = _load_settings(settings, os.path.join(directory, "previous", settings.number), padding,
+                                 now=min(now, _not_after(settings)))
+        if earlier.issuing.not_valid_after_utc <= now:
+            FileCA._log.info("{key}: {subject} has expired; nothing of it is served any more",
+                             key=settings.prefix, subject=earlier.issuing.subject.rfc4514_string())
+            continue
+        if earlier.issuing == current.issuing:
+            raise FileCAError(settings.prefix + "certificate", "is the current issuing CA (file.certificate)")
+        previous.append(earlier)
+    ca = attr.evolve(current, previous=tuple(previous))
     return FileTokenProcedure(procedure.name, ca, profile_of(procedure), reactor=context.reactor)
+
+
+def _not_after(settings: Any) -> datetime:
+    # An expired earlier CA is skipped, not refused: check it as of its own end.
+    try:
+        return _certificates(settings.certificate, settings.prefix + "certificate")[0].not_valid_after_utc - _SECOND
+    except FileCAError:
+        return _utc(None)  # the error is reported by the load itself
+
+
+_SECOND = timedelta(seconds=1)
