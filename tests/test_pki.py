@@ -28,6 +28,8 @@ from estgw.store import Device
 from estgw.testing import TEST_CONFIG, RunningGateway, name, new_key, write
 
 from .test_e2e import DEVICE, PASSWORD, Client, load_pem
+from . import test_twistd
+from .test_twistd import START_TIMEOUT, TwistdTestCase, _wait
 
 PASSPHRASE = "operator pass phrase"
 _PEM = Encoding.PEM
@@ -379,3 +381,30 @@ class EncryptedLocalCATests(TestCase):
         else:
             self.fail("a second export succeeded")
         self.assertFalse(os.path.exists(out_file + ".2"))
+
+
+class DaemonRefusesTests(TwistdTestCase):
+    """The real twistd stops with the key named, for the new settings."""
+
+    assert_refuses_to_start = test_twistd.BadConfigTests.assert_refuses_to_start
+    append = test_twistd.BadConfigTests.append
+
+    async def test_bad_key_type(self) -> None:
+        """An unknown ca.keyType stops twistd before anything is created."""
+        self.append("ca.keyType = rsa-1024\n")
+        await self.assert_refuses_to_start("ca.keyType", "must be one of")
+
+    async def test_file_ca_wrong_passphrase(self) -> None:
+        """A file CA whose passphrase does not decrypt its key stops twistd
+        (exit status non-zero, no listener, no traceback) naming the key."""
+        operator_ca(os.path.join(self.directory, "operator"))
+        write(os.path.join(self.directory, "operator", "passphrase.txt"), b"wrong\n")
+        self.append(FILE_PROCEDURE.replace("tokenprocedure.2.", "tokenprocedure.9.").split("handler.6")[0])
+        daemon = self.spawn("--port", "0")
+        code = await _wait(daemon.ended, START_TIMEOUT)
+        output = daemon.output.decode()
+        self.assertNotEqual(code, 0, output)
+        self.assertIsNone(daemon.port, "it must not listen")
+        self.assertIn(f"{self.config}: tokenprocedure.9.file.keyPasswordFile: ", output)
+        self.assertIn("does not decrypt", output)
+        self.assertNotIn("Traceback", output)

@@ -64,8 +64,14 @@ MAX_OCSP_REQUEST = 16384
 
 async def revoked_entries(store: Any, ca: SigningCA) -> list[RevokedEntry]:
     """The store's revoked certificates that ``ca`` issued, as CRL entries."""
+    return entries_of(await store.list_certificates(), ca)
+
+
+def entries_of(records: Any, ca: SigningCA) -> list[RevokedEntry]:
+    """The revoked ones of the store ``records`` that ``ca`` signed (a
+    signature check each: run it off the reactor when there are many)."""
     entries = []
-    for issued in await store.list_certificates():
+    for issued in records:
         if issued.revoked_at is None or not ca.issued(issued.certificate):
             continue
         entries.append(
@@ -145,7 +151,8 @@ class PublishedCA:
         half of the previous one's validity is gone."""
         await self._lock.acquire()
         try:
-            entries = await revoked_entries(self.store, self.ca)
+            records = await self.store.list_certificates()
+            entries = await self._in_thread(entries_of, records, self.ca)
             now = self._now()
             crl = self._crl
             if (
