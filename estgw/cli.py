@@ -387,6 +387,13 @@ async def cmd_crl_write(options: Any, config: Config, store: IStore, out: Any) -
         f"wrote CRL of {len(crl)} revoked certificate(s), next update "
         f"{_when(crl.next_update_utc)}, to {', '.join(written)}\n"
     )
+    # After a rollover the earlier issuing CAs still answer for their certificates.
+    for earlier in ca.issuers()[1:]:
+        previous = earlier.write_crl(await revoked_entries(store, earlier), next_update=timedelta(days=options["days"]))
+        out.write(
+            f"wrote CRL of {len(previous)} revoked certificate(s) of the earlier issuing CA "
+            f"{earlier.issuing.subject.rfc4514_string()} to {os.path.join(earlier.directory, CRL_FILE)}\n"
+        )
 
 
 # -- argument parsing -------------------------------------------------------

@@ -13,12 +13,12 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
 
-from estgw import cli, config as config_module
-from estgw.ca import LocalCA
+from estgw import bootstrap, cli, config as config_module
+from estgw.ca import IssueRequest, LocalCA, Profile
 from estgw.config import ConfigError
 from estgw.passwords import hash_password
-from estgw.store import Device
-from estgw.testing import TEST_CONFIG, RunningGateway, _which, run_process, write
+from estgw.store import Device, IssuedCertificate
+from estgw.testing import TEST_CONFIG, RunningGateway, _which, name, new_key, run_process, write
 
 from .test_e2e import DEVICE, PASSWORD, Client, load_pem
 from .test_pki import FILE_PROCEDURE, operator_ca
@@ -62,14 +62,14 @@ class RolloverTests(TestCase):
         return out.getvalue()
 
     async def enroll(self, cert: str | None = None, key: str | None = None) -> tuple[str, str, x509.Certificate]:
-        new_key, csr = await self.client.key_and_csr()
+        device_key, csr = await self.client.key_and_csr()
         if cert:
             result = await self.gateway.curl("simplereenroll", csr, cert=cert, key=key)
         else:
             result = await self.gateway.curl("simpleenroll", csr, user=f"{DEVICE}:{PASSWORD}")
         self.assertEqual(result.status, 200, result.text)
         pem = await self.client.certificates(result.body)
-        return pem, new_key, load_pem(pem)[0]
+        return pem, device_key, load_pem(pem)[0]
 
     async def cacerts(self) -> tuple[str, list[x509.Certificate]]:
         result = await self.gateway.curl("cacerts")
@@ -220,6 +220,30 @@ class RolloverCommandTests(TestCase):
                        "--key", os.path.join(work, "next.key"))
         self.assertEqual(self.ca().issuing.subject.rfc4514_string(), "CN=Operator Issuing 2,O=estgw")
 
+    async def test_crl_write_every_generation(self) -> None:
+        """After a rollover `crl write` also re-signs the earlier issuing CA's
+        CRL (in its previous/ directory), with its revoked certificates only."""
+        await self.cli("init")
+        config = config_module.load(self.config_path)
+        old_cert = self.ca().sign(IssueRequest(name("old"), new_key().public_key()), Profile())
+        await self.cli("ca", "rollover")
+        store = bootstrap.open_store(config, reactor)
+        await store.start()
+        try:
+            await store.record_certificate(IssuedCertificate.from_certificate(old_cert, "2", "device:old"))
+        finally:
+            await store.close()
+        await self.cli("cert", "revoke", f"{old_cert.serial_number:x}", "--reason", "keyCompromise")
+        out = await self.cli("crl", "write")
+        self.assertIn("wrote CRL of 0 revoked certificate(s)", out)
+        self.assertIn("wrote CRL of 1 revoked certificate(s) of the earlier issuing CA CN=estgw Issuing CA", out)
+        (earlier,) = self.ca().previous
+        with open(os.path.join(earlier.directory, "crl.pem"), "rb") as f:
+            crl = x509.load_pem_x509_crl(f.read())
+        self.assertEqual(crl.issuer, old_cert.issuer)
+        self.assertTrue(crl.is_signature_valid(earlier.issuing.public_key()))
+        self.assertIsNotNone(crl.get_revoked_certificate_by_serial_number(old_cert.serial_number))
+
 
 class FileRolloverTests(TestCase):
     """ca = file: the operator points file.* at the next issuing CA and
@@ -305,3 +329,4 @@ class FileRolloverTests(TestCase):
         path = write(os.path.join(directory, "est.properties"), text.encode())
         e = self.assertRaises(ConfigError, config_module.load, path)
         self.assertIn("tokenprocedure.2.file.previous.1.key: required with ca = file", str(e))
+
