@@ -19,11 +19,10 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from twisted.internet import defer, task
 
 from estgw import bootstrap, config as config_module, device_import, factory, names, officers
-from estgw.ca import CRL_FILE, CAError
+from estgw.ca import CRL_FILE, CAError, ISigningCA
 from estgw.ca._files import load_certificate as load_cert, load_private_key as load_key
 from estgw.ca.keys import KEY_TYPES, read_passphrase
 from estgw.ca.publish import revoked_entries
-from estgw.ca.signing import SigningCA
 from estgw.config import Config, ConfigError
 from estgw.escape import printable
 from estgw.store import (
@@ -311,7 +310,7 @@ def _write_file_atomically(path: str, data: bytes) -> None:
         raise
 
 
-def _signing_ca(config: Config, name: str | None) -> SigningCA:
+def _signing_ca(config: Config, name: str | None) -> Any:
     """The local CA, or the CA that signs for token procedure ``name``."""
     if name is None:
         return bootstrap.local_ca(config)
@@ -320,7 +319,7 @@ def _signing_ca(config: Config, name: str | None) -> SigningCA:
         raise CommandError(f"no token procedure named {name!r} (known: {known})")
     procedure = bootstrap.token_procedures(config, bootstrap.local_ca(config))[name]
     ca = getattr(procedure, "ca", None)
-    if not isinstance(ca, SigningCA):
+    if not ISigningCA.providedBy(ca):
         raise CommandError(f"token procedure {name!r} signs with no key this gateway holds")
     return ca
 

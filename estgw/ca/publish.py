@@ -42,10 +42,10 @@ from twisted.logger import Logger
 from twisted.web import resource, server
 from twisted.web.pages import errorPage
 
-from estgw.ca import IssueRequest, PrivateKey, Profile
+from estgw.ca import IssueRequest, ISigningCA, PrivateKey, Profile
 from estgw.ca._files import _load_cert, _load_key, _locked, _spki, _write_cert, _write_key
 from estgw.ca.keys import key_type_of, new_key, sign_arguments
-from estgw.ca.signing import RevokedEntry, SigningCA
+from estgw.ca.signing import RevokedEntry
 
 CRL_MEDIA_TYPE = b"application/pkix-crl"
 OCSP_REQUEST_TYPE = "application/ocsp-request"
@@ -62,12 +62,12 @@ RESPONDER_KEY = "ocsp-responder.key"
 MAX_OCSP_REQUEST = 16384
 
 
-async def revoked_entries(store: Any, ca: SigningCA) -> list[RevokedEntry]:
+async def revoked_entries(store: Any, ca: ISigningCA) -> list[RevokedEntry]:
     """The store's revoked certificates that ``ca`` issued, as CRL entries."""
     return entries_of(await store.list_certificates(), ca)
 
 
-def entries_of(records: Any, ca: SigningCA) -> list[RevokedEntry]:
+def entries_of(records: Any, ca: ISigningCA) -> list[RevokedEntry]:
     """The revoked ones of the store ``records`` that ``ca`` signed (a
     signature check each: run it off the reactor when there are many)."""
     entries = []
@@ -80,7 +80,7 @@ def entries_of(records: Any, ca: SigningCA) -> list[RevokedEntry]:
     return sorted(entries, key=lambda e: e.serial)
 
 
-def delegated_responder(ca: SigningCA, now: datetime | None = None) -> tuple[PrivateKey, x509.Certificate]:
+def delegated_responder(ca: ISigningCA, now: datetime | None = None) -> tuple[PrivateKey, x509.Certificate]:
     """The delegated OCSP responder of ``ca`` (RFC 6960 4.2.2.2), kept in its directory.
 
     Its certificate is issued by ``ca`` with extended key usage OCSPSigning
@@ -97,7 +97,7 @@ def delegated_responder(ca: SigningCA, now: datetime | None = None) -> tuple[Pri
         if os.path.exists(key_path):
             key = _load_key(key_path)
         else:
-            key = new_key(key_type_of(ca._issuing_key) or "ec-p256")
+            key = new_key(key_type_of(ca.issuing.public_key()) or "ec-p256")
             _write_key(key_path, key)
         if os.path.exists(cert_path):
             cert = _load_cert(cert_path)
@@ -130,7 +130,7 @@ class PublishedCA:
 
     _log = Logger()
 
-    ca: SigningCA
+    ca: ISigningCA
     store: Any
     reactor: Any
     crl_validity: timedelta = timedelta(hours=24)

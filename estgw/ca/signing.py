@@ -22,7 +22,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from estgw.ca import CAError, IssueRequest, ITokenProcedure, PrivateKey, Profile, key_usage_extension
+from estgw.ca import CAError, IssueRequest, ISigningCA, ITokenProcedure, PrivateKey, Profile, key_usage_extension
 from estgw.ca._files import _CERT_MODE, _locked, _read, _utc, _write_atomically
 from estgw.ca.keys import sign_arguments
 
@@ -89,6 +89,7 @@ def profile_extensions(profile: Profile, key_id: str = "") -> list[x509.Extensio
     return extensions
 
 
+@implementer(ISigningCA)
 class SigningCA:
     """Signing with an issuing CA key held in this process."""
 
