@@ -67,15 +67,16 @@ async def cmd_init(options: Any, config: Config, store: IStore, out: Any) -> Non
     state = bootstrap.initialize(config)
     if options["offline_root"]:
         try:
-            state.ca.export_root_key(options["offline_root"], bootstrap.ca_passphrase(config))
+            state.ca.export_root_key(options["offline_root"], bootstrap.ca_passphrase(config), out)
         except CAError as e:
             raise CommandError(str(e)) from None
     out.write(f"state directory: {config.state_directory}\n")
     out.write(f"CA certificate:  {config.ca_certificate_path}\n")
     out.write(f"store:           {config.store_path}\n")
     if options["offline_root"]:
+        where = "the PEM above" if options["offline_root"] == "-" else options["offline_root"]
         out.write(
-            f"root key:        moved to {options['offline_root']}; keep it offline, "
+            f"root key:        moved to {where}; keep it offline, "
             f"it is needed only to make the next issuing CA\n"
         )
     for name, procedure in state.procedures.items():
@@ -410,8 +411,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     init.add_argument(
         "--offline-root", metavar="OUT.pem",
-        help="move the local root CA's key to this new file (encrypted with ca.keyPasswordFile"
-        " when set) and keep only the issuing CA's key online",
+        help="move the local root CA's key to this new file, or print it once with '-' (encrypted"
+        " with ca.keyPasswordFile when set), and keep only the issuing CA's key online",
     )
     init.set_defaults(run=cmd_init)
 

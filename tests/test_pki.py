@@ -13,7 +13,8 @@ import os
 import subprocess
 from typing import Any
 
-from cryptography.hazmat.primitives import hashes
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 from twisted.internet import reactor
@@ -381,6 +382,22 @@ class EncryptedLocalCATests(TestCase):
         else:
             self.fail("a second export succeeded")
         self.assertFalse(os.path.exists(out_file + ".2"))
+
+    async def test_offline_root_printed(self) -> None:
+        """--offline-root - prints the root key once (unencrypted without a
+        passphrase setting) and removes it from the CA directory."""
+        path = write(os.path.join(self.directory, "est.properties"), TEST_CONFIG.encode())
+        out = io.StringIO()
+        await cli.run(reactor, ["--config", path, "init", "--offline-root", "-"], out)
+        printed = out.getvalue()
+        self.assertIn("-----BEGIN PRIVATE KEY-----", printed)
+        self.assertIn("root key:        moved to the PEM above", printed)
+        config = config_module.load(path)
+        self.assertFalse(os.path.exists(os.path.join(config.ca_directory, "root-ca.key")))
+        key = serialization.load_pem_private_key(printed[printed.index("-----BEGIN"):].encode(), None)
+        with open(config.ca_certificate_path, "rb") as f:
+            root = x509.load_pem_x509_certificate(f.read())
+        self.assertEqual(key.public_key(), root.public_key())
 
 
 class DaemonRefusesTests(TwistdTestCase):

@@ -310,37 +310,42 @@ class LocalCA(SigningCA):
         """Whether the root key is in the CA directory (not exported)."""
         return os.path.exists(os.path.join(self.directory, ROOT_KEY))
 
-    def export_root_key(self, out: str, passphrase: bytes | None = None) -> None:
-        """Move the root key out of the CA directory to the new file ``out``.
+    def export_root_key(self, out: str, passphrase: bytes | None = None, stream: Any = None) -> None:
+        """Move the root key out of the CA directory to the new file ``out``
+        (or, for ``-``, write it to the text ``stream``: printed once).
 
-        ``out`` gets the key as PKCS#8 PEM (encrypted when ``passphrase`` is
-        given), mode 0600, and must not exist; only then is the key removed
-        from the directory, so a failed export loses nothing. Raises
-        CAError when the key is no longer here or ``out`` cannot be written.
+        The key is PKCS#8 PEM, encrypted when ``passphrase`` is given; a
+        file gets mode 0600 and must not exist. Only once it is written is
+        the key removed from the directory, so a failed export loses
+        nothing. Raises CAError when the key is no longer here or ``out``
+        cannot be written.
         """
         source = os.path.join(self.directory, ROOT_KEY)
         with _locked(self.directory):
             if not os.path.exists(source):
                 raise CAError(f"{source} is not here: the root key was already exported")
             key = _load_key(source, passphrase)
-            try:
-                fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            except OSError as e:
-                raise CAError(f"cannot create {out}: {e.strerror}") from None
-            with os.fdopen(fd, "wb") as f:
-                f.write(
-                    key.private_bytes(
-                        serialization.Encoding.PEM,
-                        serialization.PrivateFormat.PKCS8,
-                        key_encryption(passphrase),
-                    )
-                )
-                f.flush()
-                os.fsync(f.fileno())
+            pem = key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, key_encryption(passphrase)
+            )
+            if out == "-":
+                stream.write(pem.decode("ascii"))
+                stream.flush()
+                where = "standard output"
+            else:
+                try:
+                    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                except OSError as e:
+                    raise CAError(f"cannot create {out}: {e.strerror}") from None
+                with os.fdopen(fd, "wb") as f:
+                    f.write(pem)
+                    f.flush()
+                    os.fsync(f.fileno())
+                where = os.path.abspath(out)
             _write_atomically(
                 os.path.join(self.directory, ROOT_OFFLINE),
                 f"The root key of {self.root.subject.rfc4514_string()} is kept offline; "
-                f"it was exported to {os.path.abspath(out)}.\n".encode("utf-8"),
+                f"it was exported to {where}.\n".encode("utf-8"),
                 _CERT_MODE,
             )
             os.unlink(source)
