@@ -20,7 +20,7 @@ from twisted.logger import Logger
 from estgw import auth, policy
 from estgw.approval.gate import ApprovalGate
 from estgw.ca import ITokenProcedure
-from estgw.config import Config, HandlerConfig
+from estgw.config import ENROLL_OPERATIONS, Config, HandlerConfig
 from estgw.escape import printable
 from estgw.metrics import Metrics
 from estgw.protocol import parse_csr
@@ -52,6 +52,16 @@ class Gateway:
     # gateway makes and sends encrypted (RFC 7030 §4.4.2): its TLS ones.
     key_signer: tuple[x509.Certificate, Any, tuple[x509.Certificate, ...]] | None = None
 
+    def cacerts(self, label: str) -> list[x509.Certificate]:
+        """What cacerts under ``label`` returns (RFC 7030 4.1.3): the chain
+        of the token procedure that issues under that label, else the
+        local CA's."""
+        for operation in ENROLL_OPERATIONS:
+            handler = self.config.handler(label, operation)
+            if handler is not None and handler.token_procedure in self.procedures:
+                return self.procedures[handler.token_procedure].chain()
+        return self.ca_chain
+
 
 async def _client_certificate_not_revoked(
     gateway: Gateway, identity: auth.Identity, peer: PeerInfo | None = None
@@ -62,7 +72,7 @@ async def _client_certificate_not_revoked(
     # The store is read on every request: `estgw cert revoke` needs no restart.
     # It knows only serials of our own CA: a foreign certificate with an
     # equal serial is not ours to refuse.
-    ours = bool(gateway.ca_chain) and cert.issuer == gateway.ca_chain[0].subject
+    ours = any(cert.issuer == issuer.subject for issuer in gateway.portal.issuers)
     if ours and await gateway.store.is_revoked(cert.serial_number):
         raise Refusal(403, "client-certificate-revoked", "the TLS client certificate has been revoked")
     if gateway.revocation is not None:
