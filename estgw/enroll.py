@@ -89,7 +89,9 @@ async def _renewing_last_issued(gateway: Gateway, identity: auth.Identity, ctx: 
     """
     cert = identity.certificate
     assert cert is not None  # policy.renews_own_subject
-    last = await gateway.store.last_issued_for_subject(ctx.subject.rfc4514_string())
+    # The subject the certificate holds: a request may spell it in
+    # another case, or add to it, and still renew it.
+    last = await gateway.store.last_issued_for_subject(cert.subject.rfc4514_string())
     if last is None and ctx.operation != "simplereenroll":
         return
     if last is None or last.serial != cert.serial_number:
