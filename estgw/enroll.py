@@ -125,8 +125,8 @@ async def _sent_again(
     for issued in await gateway.store.certificates_for_public_key(hashlib.sha256(spki).hexdigest()):
         if issued.requester == identity.requester and not issued.revoked and issued.issued_at >= device.consumed_at:
             _log.info(
-                "sent again serial {serial:x} to {requester}: its single-use registration was"
-                " consumed by this certificate {age:.0f} s ago",
+                "reissued serial {serial:x} to {requester}: its single-use registration was"
+                " consumed by this certificate {age:.0f} s ago (same key)",
                 serial=issued.serial, requester=printable(identity.requester),
                 age=(now - device.consumed_at).total_seconds(), event="reissued",
             )
