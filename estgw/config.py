@@ -88,7 +88,7 @@ def default_format(operation: str, filter: str, procedure: "TokenProcedureConfig
 
 
 # RFC 3986 §3.3 pchar, less pct-encoded: unreserved / sub-delims / ":" / "@".
-_LABEL = re.compile(r"^[A-Za-z0-9._~!$&'()*+,;=:@-]+$")
+_LABEL = re.compile(r"^[A-Za-z0-9._~!$&'()*+,;=:@-]+\Z")
 _PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
 
 
@@ -268,7 +268,7 @@ def _url(value: str) -> str:
     return text
 
 
-_ROLE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_ROLE = re.compile(r"^[A-Za-z0-9_.-]{1,64}\Z")
 
 
 def role_name(value: str) -> str:
@@ -569,7 +569,7 @@ _TOKEN_PROCEDURE_KEYS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "file.keyPasswordEnv": ("file_key_password_env", _text),
 }
 # file.previous.<m>.<key>: an earlier issuing CA of ca = file (rollover).
-_FILE_PREVIOUS = re.compile(r"^file\.previous\.([0-9]+)\.(certificate|chain|key|keyPasswordFile|keyPasswordEnv)$")
+_FILE_PREVIOUS = re.compile(r"^file\.previous\.([0-9]+)\.(certificate|chain|key|keyPasswordFile|keyPasswordEnv)\Z")
 _FILE_SETTING_FIELDS = {
     "certificate": "certificate", "chain": "chain", "key": "key",
     "keyPasswordFile": "key_password_file", "keyPasswordEnv": "key_password_env",
@@ -618,7 +618,7 @@ _HANDLER_KEYS: dict[str, tuple[str, Callable[[str], Any]]] = {
 # model product's est.properties) and then act like default.<key>.
 _TOP_LEVEL_HANDLER_KEYS = ("allowRenewalWithOldCertificates",)
 
-_NUMBERED = re.compile(r"^(handler|tokenprocedure)\.([0-9]+)\.(.+)$")
+_NUMBERED = re.compile(r"^(handler|tokenprocedure)\.([0-9]+)\.(.+)\Z")
 
 
 def default_hostnames() -> tuple[str, ...]:

@@ -171,7 +171,7 @@ def _ascii(value: str) -> bool:
 
 # -- host names, addresses, e-mail, URIs -----------------------------------------------
 
-_LABEL = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+_LABEL = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z")
 
 
 def _valid_a_label(label: str) -> bool:
@@ -243,7 +243,7 @@ def check_ip_address(value: object) -> None:
         raise BadName(f"the iPAddress subjectAltName {value} is an address range, not an address")
 
 
-_DOT_ATOM = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*$")
+_DOT_ATOM = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*\Z")
 
 
 def check_email(text: str, what: str = "the rfc822Name") -> str:
@@ -263,8 +263,8 @@ def check_email(text: str, what: str = "the rfc822Name") -> str:
     return text
 
 
-_URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):(.+)$", re.S)
-_URI_CHARACTERS = re.compile(r"^(?:[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=]|%[0-9A-Fa-f]{2})*$")
+_URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):(.+)\Z", re.S)
+_URI_CHARACTERS = re.compile(r"^(?:[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=]|%[0-9A-Fa-f]{2})*\Z")
 _AUTHORITY = re.compile(r"^//([^/?#]*)")
 
 

@@ -424,3 +424,14 @@ class SpoofingAndTypeTests(SynchronousTestCase):
                 names.check_sans(twice)
             self.assertEqual((caught.exception.status, caught.exception.code), (400, "csr-bad-san"))
             self.assertIn("appears twice", caught.exception.reason)
+
+    def test_trailing_newline_refused(self) -> None:
+        """A pattern's '$' matches before a final newline: every validator
+        anchors at the very end, so 'x\\n' is never a name."""
+        for check, value in (
+            (names.check_uri, "https://a.example/x\n"),
+            (names.check_email, "a@b.example\n"),
+            (names.check_dns_name, "a.example\n"),
+        ):
+            with self.assertRaises(names.BadName, msg=repr(value)):
+                check(value)
