@@ -20,7 +20,7 @@ import os
 from typing import Any, Callable, Protocol, Sequence
 
 from cryptography import x509
-from OpenSSL import SSL
+from OpenSSL import SSL, crypto
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 
@@ -67,7 +67,7 @@ def dtls_context(
     store = context.get_cert_store()
     assert store is not None
     for anchor in trust_anchors:
-        store.add_cert(anchor)
+        store.add_cert(crypto.X509.from_cryptography(anchor))
     context.set_verify(SSL.VERIFY_PEER, tls._record_verify_result)
     tls.apply_tls_settings(context, settings or tls.TLSSettings())
     return context
