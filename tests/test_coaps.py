@@ -15,12 +15,16 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.hazmat.primitives.serialization import pkcs7
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SkipTest, TestCase
 
 from estgw import protocol
 from estgw.ca import IssueRequest, Profile
 from estgw.coaps import coap
+from estgw.coaps.resource import Reply, coap_code
+from estgw.refusal import Refusal
 from estgw.testing import (
     COAP_CLIENT, TEST_CONFIG, CoAPResult, RunningGateway, cert_pem, key_pem, make_csr, name, new_key,
     run_coap_client, write,
@@ -304,3 +308,140 @@ class CoAPsTests(TestCase):
             "/.well-known/est/skg", "5.01", "not-implemented", "serverkeygen",
             method="post", payload=b"x", content_format=coap.PKCS10,
         )
+
+
+class FakeSession:
+    """What the CoAP layer uses of a DTLS session; sent records collected."""
+
+    def __init__(self, peer: Any, address: tuple = ("127.0.0.1", 40000)) -> None:
+        self.address = address
+        self.peer = peer
+        self.closed = False
+        self.state: dict = {}
+        self.sent: list[coap.Message] = []
+
+    def send(self, data: bytes) -> None:
+        self.sent.append(coap.decode(data))
+
+
+class CoAPLayerTests(TestCase):
+    """The CoAP layer on a real gateway, driven without DTLS: exchanges,
+    block-wise transfer and the codes a client cannot easily provoke."""
+
+    async def setUp(self) -> None:
+        self.gateway = await RunningGateway.start(self, COAPS_CONFIG)
+        self.server = self.gateway.service.coaps_port.protocol.application
+        key = new_key()
+        self.key = key
+        self.cert = self.gateway.service.state.ca.sign(
+            IssueRequest(subject=name("meter-1"), public_key=key.public_key()),
+            Profile(extended_key_usage=tuple(CLIENT_AUTH)),
+        )
+        from estgw.tls import PeerInfo
+
+        self.session = FakeSession(PeerInfo(is_tls=True, certificate=self.cert, chain=(self.cert,), tls_version="DTLSv1.2"))
+
+    def request(self, path: str, code: int = coap.GET, mid: int = 1, payload: bytes = b"",
+                options: tuple = (), type_: int = coap.CON) -> coap.Message:
+        segments = [s for s in path.split("/") if s]
+        return coap.Message(type_, code, mid, b"tk", coap.uri_path_options(segments) + tuple(options), payload)
+
+    async def exchange(self, message: coap.Message) -> coap.Message:
+        """Send ``message``; the response (waiting for the pipeline)."""
+        before = len(self.session.sent)
+        self.server.record_received(self.session, coap.encode(message))
+        for _ in range(200):
+            if len(self.session.sent) > before:
+                return self.session.sent[-1]
+            await deferLater(reactor, 0.01, lambda: None)
+        self.fail("no response")
+
+    async def test_large_response_in_1024_byte_blocks(self) -> None:
+        """A response over 1024 bytes goes out block-wise without being
+        asked (RFC 7959 §2.4); later blocks come from the kept response."""
+        reply = Reply(coap.CONTENT, bytes(range(256)) * 12, coap.PKCS7_CERTS_ONLY)  # 3072 bytes
+        first = self.request("/.well-known/est/crts")
+        self.server._send(self.session, first, reply)
+        response = self.session.sent[-1]
+        self.assertEqual(coap.Block.decode(response.option(coap.BLOCK2)), coap.Block(0, True, 6))
+        self.assertEqual(response.uint_option(coap.SIZE2), 3072)
+        self.assertEqual(response.payload, reply.payload[:1024])
+        etag = response.option(coap.ETAG)
+        payload = response.payload
+        for num in (1, 2):
+            block2 = ((coap.BLOCK2, coap.Block(num, False, 6).encode()),)
+            response = await self.exchange(self.request("/.well-known/est/crts", mid=10 + num, options=block2))
+            self.assertEqual(response.option(coap.ETAG), etag)
+            payload += response.payload
+        self.assertEqual(coap.Block.decode(response.option(coap.BLOCK2)), coap.Block(2, False, 6))
+        self.assertEqual(payload, reply.payload)
+
+    async def test_retransmitted_request_issues_once(self) -> None:
+        """A CON enrollment sent again (the client's retransmissions,
+        RFC 7252 §4.2) is served once: copies that arrive while it is
+        served are ignored, a later copy gets the same answer again."""
+        csr = make_csr(new_key(), "meter-1").public_bytes(Encoding.DER)
+        message = self.request(
+            "/.well-known/est/sen", coap.POST, mid=77, payload=csr,
+            options=((coap.CONTENT_FORMAT, coap.encode_uint(coap.PKCS10)),),
+        )
+        before = await self.gateway.store.count_certificates()
+        self.server.record_received(self.session, coap.encode(message))
+        first = await self.exchange(message)  # a copy while the first is served
+        self.assertEqual(first.code, coap.CHANGED)
+        self.assertEqual(len(self.session.sent), 1)
+        again = await self.exchange(message)  # a copy after: the kept answer
+        self.assertEqual(again, first)
+        self.assertEqual(await self.gateway.store.count_certificates(), before + 1)
+
+    async def test_ping_and_malformed_get_reset(self) -> None:
+        """An empty CON (CoAP ping) and an unparsable CON are answered RST."""
+        self.server.record_received(self.session, coap.encode(coap.Message(coap.CON, coap.EMPTY, 5)))
+        self.server.record_received(self.session, b"\x40\x01\x00\x06\xff")
+        self.assertEqual([(m.type, m.message_id) for m in self.session.sent], [(coap.RST, 5), (coap.RST, 6)])
+
+    async def test_unknown_critical_option(self) -> None:
+        """An unknown critical option: 4.02 Bad Option (RFC 7252 §5.4.1)."""
+        response = await self.exchange(self.request("/.well-known/est/crts", options=((9, b"x"),)))
+        self.assertEqual(response.code, coap.BAD_OPTION)
+
+    async def test_block1_out_of_order_and_too_large(self) -> None:
+        """Block1 must start at 0 and continue in order (else 4.08), and
+        stop at server.maxRequestBytes (4.13 with Size1); nothing issued."""
+        before = await self.gateway.store.count_certificates()
+        skipped = self.request(
+            "/.well-known/est/sen", coap.POST, mid=2, payload=b"x" * 64,
+            options=((coap.BLOCK1, coap.Block(3, True, 2).encode()),),
+        )
+        self.assertEqual((await self.exchange(skipped)).code, coap.REQUEST_ENTITY_INCOMPLETE)
+        limit = self.gateway.config.max_request_bytes
+        response = None
+        for num in range(limit // 1024 + 1):
+            block = self.request(
+                "/.well-known/est/sen", coap.POST, mid=100 + num, payload=b"x" * 1024,
+                options=((coap.BLOCK1, coap.Block(num, True, 6).encode()),),
+            )
+            response = await self.exchange(block)
+            if response.code != coap.CONTINUE:
+                break
+        self.assertEqual(response.code, coap.REQUEST_ENTITY_TOO_LARGE)
+        self.assertEqual(response.uint_option(coap.SIZE1), limit)
+        self.assertEqual(await self.gateway.store.count_certificates(), before)
+
+    async def test_pending_is_503_with_max_age(self) -> None:
+        """A pending request (HTTP 202 + Retry-After) is 5.03 with Max-Age
+        (RFC 9148 §4.7); every refusal status has its CoAP code."""
+        from estgw.refusal import Pending
+
+        message = self.request("/.well-known/est/sen", coap.POST)
+        reply = self.server._refusal(self.session, message, "/.well-known/est/sen", Pending("approval-pending", "wait", 90))
+        self.assertEqual((reply.code, reply.options), (coap.SERVICE_UNAVAILABLE, ((coap.MAX_AGE, coap.encode_uint(90)),)))
+        for status, expected in ((400, "4.00"), (401, "4.01"), (403, "4.03"), (404, "4.04"), (405, "4.05"),
+                                 (409, "4.09"), (413, "4.13"), (415, "4.15"), (501, "5.01"), (503, "5.03")):
+            self.assertEqual(coap.code_text(coap_code(Refusal(status, "x", "y"))), expected)
+
+    async def test_non_request_gets_non_response(self) -> None:
+        """A NON request gets a NON response with its own message ID."""
+        response = await self.exchange(self.request("/.well-known/est/crts", mid=300, type_=coap.NON))
+        self.assertEqual((response.type, response.code, response.token), (coap.NON, coap.CONTENT, b"tk"))
+        self.assertNotEqual(response.message_id, 300)
