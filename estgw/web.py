@@ -305,12 +305,16 @@ class ESTResource(resource.Resource):
         _respond(request, 200, body, content_type, {"Content-Transfer-Encoding": "base64"})
 
 
-def csr_attributes(gateway: Gateway, label: str, handler: Any) -> tuple[protocol.CsrAttr, ...]:
-    """What csrattrs announces under ``label`` (over HTTPS and CoAPs): the
-    configured attributes, plus challengePassword where an enrollment
-    handler under this label wants the channel binding."""
+def csr_attributes(
+    gateway: Gateway, label: str, handler: Any, transport: str = "https"
+) -> tuple[protocol.CsrAttr, ...]:
+    """What csrattrs announces under ``label`` on ``transport`` (``https``
+    or ``coaps``): the configured attributes, plus challengePassword where
+    an enrollment handler there wants the channel binding."""
     attributes = tuple(handler.csrattrs)
-    wants_binding = any(h.channel_binding for h in gateway.config.handlers if h.label == label)
+    wants_binding = any(
+        h.channel_binding for h in gateway.config.handlers if h.label == label and transport in h.transports
+    )
     challenge = protocol.CSR_ATTRIBUTE_NAMES["challengePassword"]
     if wants_binding and all(a.oid != challenge for a in attributes):
         attributes = (protocol.CsrAttr(challenge),) + attributes

@@ -162,6 +162,25 @@ class DTLSTests(SynchronousTestCase):
         self.assertEqual(set(self.server.sessions), {addresses[0], addresses[2]})
         self.assertEqual(self.application.closed, [addresses[1]])
 
+    def test_new_handshake_from_same_address(self) -> None:
+        """A peer that lost its session handshakes again from the same
+        address: the new association replaces the old (RFC 6347 §4.2.8),
+        and only once its cookie checks."""
+        address = ("127.0.0.1", 5684)
+        old = self.handshake(self.client(), address)
+        client = self.client()
+        (verify,) = self.flight(client, address)
+        self.assertEqual(verify[13], _HELLO_VERIFY_REQUEST)
+        self.assertIs(self.server.sessions[address], old)  # a bare ClientHello replaces nothing
+        client.bio_write(verify)
+        new = self.handshake(client, address)
+        self.assertIsNot(new, old)
+        self.assertTrue(old.closed)
+        self.assertEqual(self.application.closed, [address])
+        client.send(b"again")
+        self.server.datagramReceived(_drain(client), address)
+        self.assertEqual(self.application.records, [(address, b"again")])
+
     def test_idle_expiry(self) -> None:
         """A session idle for idle_timeout seconds ends with close_notify."""
         address = ("127.0.0.1", 4200)

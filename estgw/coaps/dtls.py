@@ -73,6 +73,11 @@ def dtls_context(
     return context
 
 
+def _is_initial_client_hello(data: bytes) -> bool:
+    """A handshake record of epoch 0 carrying a ClientHello (type 1)."""
+    return len(data) > _RECORD_HEADER and data[0] == _HANDSHAKE and data[3:5] == b"\x00\x00" and data[13] == 1
+
+
 def split_records(data: bytes) -> list[bytes]:
     """The DTLS records in ``data`` (a memory BIO's output, which runs
     records of several datagrams together)."""
@@ -221,6 +226,12 @@ class DTLSServer(DatagramProtocol):
         if session is None:
             self._listen(data, address)
             return
+        if session.established and _is_initial_client_hello(data):
+            # The peer lost its session and starts again from the same
+            # address (a device restarted on a fixed port): a new association
+            # replaces the old once its cookie checks (RFC 6347 §4.2.8).
+            self._listen(data, address)
+            return
         # Most recently active last: eviction takes the first.
         del self.sessions[address]
         self.sessions[address] = session
@@ -245,6 +256,9 @@ class DTLSServer(DatagramProtocol):
             return
         except SSL.Error:
             return
+        previous = self.sessions.get(address)
+        if previous is not None:
+            self._drop(previous, "replaced by a new handshake from the same address")
         while len(self.sessions) >= self.max_sessions:
             oldest = next(iter(self.sessions.values()))
             self._drop(oldest, "session limit reached; the least recently active makes room")

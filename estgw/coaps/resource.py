@@ -289,7 +289,7 @@ class ESTCoapServer:
             from estgw.web import csr_attributes
 
             await authenticate(request, handler, peer, self._gateway.portal)
-            attributes = csr_attributes(self._gateway, label, handler)
+            attributes = csr_attributes(self._gateway, label, handler, "coaps")
             if not attributes:
                 return Reply(coap.CONTENT)  # nothing announced: no payload (HTTP's 204)
             return Reply(coap.CONTENT, protocol.decode_base64_body(protocol.encode_csrattrs(attributes)), coap.CSRATTRS)
