@@ -50,6 +50,9 @@ handler.24.format = est-simpleenroll-subjectmatch
 handler.25.operation = cacerts
 handler.25.label = coapsonly
 handler.25.transport = both
+handler.26.operation = simpleenroll
+handler.26.label = any
+handler.26.format = estcoaps-simpleenroll
 """
 
 
@@ -161,6 +164,30 @@ class CoAPsTests(TestCase):
         record = await gateway.store.get_certificate(issued.serial_number)
         self.assertEqual(record.handler, "20")
         self.assertTrue(record.requester.startswith("cert:CN=pump-7#serial="))
+
+    async def test_large_request_and_response_default_blocks(self) -> None:
+        """An RSA-4096 enrollment without -b: the CSR and the PKCS#7
+        answer are each over one datagram, so both go block-wise at the
+        default 1024-byte blocks (Block1 by the client, Block2 by us)."""
+        from cryptography.hazmat.primitives.asymmetric import rsa
+
+        await self.start()
+        _cert, _key, cert_file, key_file = self.credentials("pump-4096")
+        big = rsa.generate_private_key(65537, 4096)
+        sans = [x509.DNSName(f"sensor-{n}.pump-4096.example") for n in range(8)]
+        csr = make_csr(big, "pump-4096", sans).public_bytes(Encoding.DER)
+        self.assertGreater(len(csr), 1024)
+        result = await self.coap(
+            "/.well-known/est/any/sen", method="post", payload=csr, content_format=coap.PKCS10,
+            cert=cert_file, key=key_file,
+        )
+        self.assertEqual(result.code, "2.04", result.diagnostic)
+        self.assertGreater(len(result.payload), 1024)
+        self.assertIn("Block1:1/_/1024", result.log)
+        self.assertIn("Block2:0/M/1024", result.log)
+        self.assertIn("Block2:1/_/1024", result.log)
+        (issued,) = pkcs7.load_der_pkcs7_certificates(result.payload)
+        self.assertEqual(issued.public_key().key_size, 4096)
 
     async def test_simpleenroll_accept_pkix_cert(self) -> None:
         """Accept: 287 returns the bare DER certificate (RFC 9148 §4.2)."""
