@@ -324,6 +324,19 @@ class CoAPsTests(TestCase):
         await self.start()
         await self.refused("/.well-known/est/nolabel/crts", "4.04", "unknown-label", "no CA label")
 
+    async def test_control_characters_escaped(self) -> None:
+        """A label with a newline and an escape sequence is one escaped
+        line in the audit log and the diagnostic payload."""
+        await self.start()
+        result = await self.refused(
+            "/.well-known/est/x%0Aforged%1B%5B2J/crts", "4.04", "unknown-label", "no CA label",
+        )
+        self.assertNotIn("\n", result.diagnostic.strip())
+        self.assertNotIn("\x1b", result.diagnostic)
+        (event,) = [e for e in self.events if e.get("event") == "refused"]
+        self.assertNotIn("\n", event["path"] + event["reason"])
+        self.assertIn("\\n", event["path"])
+
     async def test_not_acceptable(self) -> None:
         """Accept asking for a format the resource is not served as: 4.06."""
         await self.start()

@@ -32,6 +32,7 @@ from estgw.coaps.coap import Block, Message
 from estgw.coaps.dtls import Session
 from estgw.config import OPERATIONS
 from estgw.enroll import Gateway, enroll
+from estgw.escape import printable
 from estgw.refusal import Refusal
 
 _audit = Logger(namespace="estgw.audit")
@@ -173,7 +174,6 @@ class ESTCoapServer:
 
     async def _serve(self, session: Session, message: Message) -> None:
         path = "/" + "/".join(message.uri_path)
-        operation = "other"
         try:
             self._critical_options(message)
             if message.uri_path == (".well-known", "core"):
@@ -327,15 +327,17 @@ class ESTCoapServer:
         peer = session.peer
         client = str(session.address[0])
         if peer is not None and peer.certificate is not None:
-            client += f" ({peer.certificate.subject.rfc4514_string()})"
+            client += f" ({printable(peer.certificate.subject.rfc4514_string())})"
+        # A reason may quote what the client sent: one line in the log and the payload.
+        reason = printable(refusal.reason)
         _audit.info(
             "{event} {method} {path} from {client}: {status} {code}: {reason}",
-            method=coap.METHOD_NAMES.get(message.code, str(message.code)),
-            path=path,
+            method=coap.METHOD_NAMES.get(message.code, coap.code_text(message.code)),
+            path=printable(path),
             client=client,
             status=coap.code_text(code_),
             code=refusal.code,
-            reason=refusal.reason,
+            reason=reason,
             event=refusal.event,
             transport="coaps",
         )
@@ -346,7 +348,7 @@ class ESTCoapServer:
         size1 = refusal.headers.get("Size1")
         if size1 is not None:
             options.append((coap.SIZE1, coap.encode_uint(int(size1))))
-        return Reply(code_, refusal.reason.encode("utf-8"), None, tuple(options))
+        return Reply(code_, reason.encode("utf-8"), None, tuple(options))
 
     # -- sending ------------------------------------------------------------------
 
