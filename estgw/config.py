@@ -97,7 +97,7 @@ def default_format(operation: str, filter: str, procedure: "TokenProcedureConfig
 
 
 # RFC 3986 §3.3 pchar, less pct-encoded: unreserved / sub-delims / ":" / "@".
-_LABEL = re.compile(r"^[A-Za-z0-9._~!$&'()*+,;=:@-]+$")
+_LABEL = re.compile(r"^[A-Za-z0-9._~!$&'()*+,;=:@-]+\Z")
 _PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
 
 
@@ -277,7 +277,7 @@ def _url(value: str) -> str:
     return text
 
 
-_ROLE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_ROLE = re.compile(r"^[A-Za-z0-9_.-]{1,64}\Z")
 
 
 def role_name(value: str) -> str:

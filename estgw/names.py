@@ -144,7 +144,7 @@ def _ascii(value: str) -> bool:
 
 # -- host names, addresses, e-mail, URIs -----------------------------------------------
 
-_LABEL = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+_LABEL = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z")
 
 
 def _check_host(what: str, text: str, wildcard: bool) -> str:
@@ -199,7 +199,7 @@ def check_ip_address(value: object) -> None:
         raise BadName(f"the iPAddress subjectAltName {value} is an address range, not an address")
 
 
-_DOT_ATOM = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*$")
+_DOT_ATOM = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*\Z")
 
 
 def check_email(text: str, what: str = "the rfc822Name") -> str:
@@ -220,7 +220,7 @@ def check_email(text: str, what: str = "the rfc822Name") -> str:
 
 
 _URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):(.+)$", re.S)
-_URI_CHARACTERS = re.compile(r"^(?:[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=]|%[0-9A-Fa-f]{2})*$")
+_URI_CHARACTERS = re.compile(r"^(?:[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=]|%[0-9A-Fa-f]{2})*\Z")
 _AUTHORITY = re.compile(r"^//([^/?#]*)")
 
 
