@@ -43,6 +43,7 @@ handler.22.transport = coaps
 handler.22.csrattrs = ecPublicKey=secp384r1, ecdsa-with-SHA384
 handler.23.operation = simplereenroll
 handler.23.format = estcoaps-simplereenroll
+handler.23.allowRenewalWithOldCertificates = true
 handler.24.operation = simpleenroll
 handler.24.label = coapsonly
 handler.24.transport = coaps
@@ -283,6 +284,67 @@ class CoAPsTests(TestCase):
         await self.refused(
             "/.well-known/est/sren", "4.03", "client-certificate-required", "client certificate",
             method="post", payload=csr, content_format=coap.PKCS10,
+        )
+
+    async def issue_over_coaps(self, cert_file: str, key: Any, key_file: str, subject: str) -> tuple[x509.Certificate, str]:
+        result = await self.coap(
+            "/.well-known/est/sen", method="post", payload=make_csr(key, subject).public_bytes(Encoding.DER),
+            content_format=coap.PKCS10, accept=coap.PKIX_CERT, cert=cert_file, key=key_file,
+        )
+        self.assertEqual(result.code, "2.04", result.diagnostic)
+        issued = x509.load_der_x509_certificate(result.payload)
+        return issued, write(os.path.join(self.gateway.directory, f"{issued.serial_number:x}.pem"), cert_pem(issued))
+
+    async def test_revoked_client_certificate(self) -> None:
+        """A certificate revoked in the store (estgw cert revoke) is refused
+        over CoAPs from the next request on."""
+        gateway = await self.start()
+        _cert, key, cert_file, key_file = self.credentials("pump-10")
+        issued, issued_file = await self.issue_over_coaps(cert_file, key, key_file, "pump-10")
+        await gateway.store.revoke_certificate(issued.serial_number, "keyCompromise")
+        await self.refused(
+            "/.well-known/est/sren", "4.03", "client-certificate-revoked", "has been revoked",
+            method="post", payload=make_csr(key, "pump-10").public_bytes(Encoding.DER),
+            content_format=coap.PKCS10, cert=issued_file, key=key_file,
+        )
+
+    async def test_not_last_issued(self) -> None:
+        """allowRenewalWithOldCertificates = true: an older certificate of
+        the subject cannot renew over CoAPs either."""
+        await self.start()
+        _cert, key, cert_file, key_file = self.credentials("pump-11")
+        _older, older_file = await self.issue_over_coaps(cert_file, key, key_file, "pump-11")
+        await self.issue_over_coaps(older_file, key, key_file, "pump-11")  # the last issued renews
+        await self.refused(
+            "/.well-known/est/sren", "4.03", "not-last-issued-certificate", "issued last",
+            method="post", payload=make_csr(key, "pump-11").public_bytes(Encoding.DER),
+            content_format=coap.PKCS10, cert=older_file, key=key_file,
+        )
+
+    async def test_challenge_password(self) -> None:
+        """A CSR with a challengePassword is refused (no channel binding here)."""
+        from estgw import policy
+
+        await self.start()
+        _cert, _key, cert_file, key_file = self.credentials("pump-12")
+        csr = make_csr(new_key(), "pump-12", attributes=[(policy.CHALLENGE_PASSWORD, b"letmein")])
+        await self.refused(
+            "/.well-known/est/sen", "4.03", "challenge-password-not-supported", "challengePassword",
+            method="post", payload=csr.public_bytes(Encoding.DER), content_format=coap.PKCS10,
+            cert=cert_file, key=key_file,
+        )
+
+    async def test_weak_key(self) -> None:
+        """An RSA-1024 CSR: 4.00 csr-weak-key."""
+        from cryptography.hazmat.primitives.asymmetric import rsa
+
+        await self.start()
+        _cert, _key, cert_file, key_file = self.credentials("pump-13")
+        csr = make_csr(rsa.generate_private_key(65537, 1024), "pump-13")
+        await self.refused(
+            "/.well-known/est/sen", "4.00", "csr-weak-key", "at least 2048 bits",
+            method="post", payload=csr.public_bytes(Encoding.DER), content_format=coap.PKCS10,
+            cert=cert_file, key=key_file,
         )
 
     async def test_wrong_content_format(self) -> None:
