@@ -12,7 +12,9 @@ import os
 import shutil
 from typing import Any
 
+import cbor2
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.hazmat.primitives.serialization import pkcs7
 from twisted.internet import reactor
@@ -54,6 +56,16 @@ handler.25.transport = both
 handler.26.operation = simpleenroll
 handler.26.label = any
 handler.26.format = estcoaps-simpleenroll
+handler.27.operation = serverkeygen
+handler.27.transport = coaps
+handler.27.serverkeygen.allowUnencryptedKey = true
+handler.28.operation = serverkeygen
+handler.28.label = coapsonly
+handler.28.transport = coaps
+handler.29.operation = csrattrs
+handler.29.label = coapsonly
+handler.29.transport = coaps
+handler.29.csrattrs.template = subject: CN ; key: ec-p384
 """
 
 
@@ -232,6 +244,29 @@ class CoAPsTests(TestCase):
         attributes = protocol.decode_csrattrs(base64.b64encode(result.payload))  # DER, not base64, on the wire
         self.assertEqual(attributes, protocol.parse_csrattrs_setting("ecPublicKey=secp384r1, ecdsa-with-SHA384"))
 
+    async def test_csrattrs_template(self) -> None:
+        """att under a label with an RFC 9908 template: the DER CsrAttrs
+        carries the CertificationRequestInfoTemplate (decoded with
+        pyasn1), and sen there refuses a CSR with another key type."""
+        from pyasn1.codec.der import decoder
+        from pyasn1_modules import rfc7030
+
+        from estgw import rfc9908
+
+        await self.start()
+        result = await self.coap("/.well-known/est/coapsonly/att")
+        self.assertEqual(result.code, "2.05")
+        attrs, rest = decoder.decode(result.payload, asn1Spec=rfc7030.CsrAttrs())
+        self.assertEqual(rest, b"")
+        types = [a["attribute"]["attrType"] for a in attrs if a.getName() == "attribute"]
+        self.assertIn(rfc9908.id_aa_certificationRequestInfoTemplate, types)
+        _cert, _key, cert_file, key_file = self.credentials("pump-14")
+        await self.refused(
+            "/.well-known/est/coapsonly/sen", "4.03", "csr-template-key", "",
+            method="post", payload=make_csr(new_key(), "pump-14").public_bytes(Encoding.DER),
+            content_format=coap.PKCS10, cert=cert_file, key=key_file,
+        )
+
     async def test_discovery(self) -> None:
         """/.well-known/core lists the CoAPs resources with RFC 9148 types."""
         await self.start()
@@ -241,6 +276,7 @@ class CoAPsTests(TestCase):
         for link in (
             '</.well-known/est/sen>;rt="ace.est.sen"', '</.well-known/est/crts>;rt="ace.est.crts"',
             '</.well-known/est/coapsonly/sen>;rt="ace.est.sen"', '</.well-known/est/sren>;rt="ace.est.sren"',
+            '</.well-known/est/skg>;rt="ace.est.skg"', '</.well-known/est/skc>;rt="ace.est.skc"',
         ):
             self.assertIn(link, links)
         self.assertNotIn("/lab/", links)  # HTTPS-only handlers are not offered here
@@ -404,11 +440,71 @@ class CoAPsTests(TestCase):
         await self.start()
         await self.refused("/.well-known/est/att", "4.06", "not-acceptable", "Content-Format 285", accept=coap.PKCS10)
 
-    async def test_serverkeygen_not_offered(self) -> None:
+    async def test_fullcmc_not_offered(self) -> None:
         await self.start()
         await self.refused(
-            "/.well-known/est/skg", "5.01", "not-implemented", "serverkeygen",
+            "/.well-known/est/fullcmc", "5.01", "not-implemented", "fullcmc",
             method="post", payload=b"x", content_format=coap.PKCS10,
+        )
+
+    # -- serverkeygen ---------------------------------------------------------------------
+
+    async def serverkeygen(self, short: str, subject: str) -> tuple[list, CoAPResult]:
+        _cert, _key, cert_file, key_file = self.credentials(subject)
+        csr = make_csr(new_key(), subject).public_bytes(Encoding.DER)
+        before = await self.gateway.store.count_certificates()
+        result = await self.coap(
+            f"/.well-known/est/{short}", method="post", payload=csr, content_format=coap.PKCS10,
+            cert=cert_file, key=key_file,
+        )
+        self.assertEqual(result.code, "2.04", result.diagnostic)
+        self.assertIn("Content-Format:62", result.log)
+        self.assertEqual(await self.gateway.store.count_certificates(), before + 1)
+        return cbor2.loads(result.payload), result
+
+    def assert_key_matches(self, key_der: bytes, certificate: x509.Certificate) -> None:
+        key = serialization.load_der_private_key(key_der, None)
+        self.assertEqual(
+            key.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo),
+            certificate.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo),
+        )
+
+    async def test_skg(self) -> None:
+        """skg: multipart-core (62) of the PKCS#8 key (284) and the PKCS#7
+        certs-only (281), parsed with cbor2; key and certificate match."""
+        await self.start()
+        parts, _result = await self.serverkeygen("skg", "valve-1")
+        self.assertEqual([parts[0], parts[2]], [coap.PKCS8, coap.PKCS7_CERTS_ONLY])
+        (certificate,) = pkcs7.load_der_pkcs7_certificates(parts[3])
+        self.assertEqual(certificate.subject, name("valve-1"))
+        self.assert_key_matches(parts[1], certificate)
+
+    async def test_skc(self) -> None:
+        """skc: the certificate as application/pkix-cert (287)."""
+        await self.start()
+        parts, _result = await self.serverkeygen("skc", "valve-2")
+        self.assertEqual([parts[0], parts[2]], [coap.PKCS8, coap.PKIX_CERT])
+        certificate = x509.load_der_x509_certificate(parts[3])
+        self.assertEqual(certificate.subject, name("valve-2"))
+        self.assert_key_matches(parts[1], certificate)
+
+    async def test_skg_unencrypted_key_not_allowed(self) -> None:
+        """Without serverkeygen.allowUnencryptedKey the CSR must name a key
+        to encrypt to: 4.00, nothing issued."""
+        await self.start()
+        _cert, _key, cert_file, key_file = self.credentials("valve-3")
+        csr = make_csr(new_key(), "valve-3").public_bytes(Encoding.DER)
+        await self.refused(
+            "/.well-known/est/coapsonly/skg", "4.00", "serverkeygen-encryption-required", "",
+            method="post", payload=csr, content_format=coap.PKCS10, cert=cert_file, key=key_file,
+        )
+
+    async def test_skg_without_client_certificate(self) -> None:
+        await self.start()
+        csr = make_csr(new_key(), "valve-4").public_bytes(Encoding.DER)
+        await self.refused(
+            "/.well-known/est/skg", "4.03", "client-certificate-required", "client certificate",
+            method="post", payload=csr, content_format=coap.PKCS10,
         )
 
 

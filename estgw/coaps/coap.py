@@ -308,3 +308,26 @@ def reset(message: Message) -> Message:
 
 def uri_path_options(path: Sequence[str]) -> tuple[tuple[int, bytes], ...]:
     return tuple((URI_PATH, segment.encode("utf-8")) for segment in path)
+
+
+# -- multipart-core (RFC 8710) -----------------------------------------------------
+
+
+def _cbor_head(major: int, value: int) -> bytes:
+    if value < 24:
+        return bytes([(major << 5) | value])
+    for info, size in ((24, 1), (25, 2), (26, 4), (27, 8)):
+        if value < 1 << (8 * size):
+            return bytes([(major << 5) | info]) + value.to_bytes(size, "big")
+    raise ValueError("too large for CBOR")
+
+
+def multipart_core(parts: Sequence[tuple[int, bytes]]) -> bytes:
+    """application/multipart-core (Content-Format 62, RFC 8710 §2): a CBOR
+    array of Content-Format (unsigned integer) and representation (byte
+    string) pairs, in order."""
+    out = bytearray(_cbor_head(4, 2 * len(parts)))
+    for content_format, representation in parts:
+        out += _cbor_head(0, content_format)
+        out += _cbor_head(2, len(representation)) + representation
+    return bytes(out)

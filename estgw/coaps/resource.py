@@ -26,7 +26,7 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from estgw import protocol
+from estgw import csrattrs, protocol
 from estgw.coaps import coap
 from estgw.coaps.coap import Block, Message
 from estgw.coaps.dtls import Session
@@ -34,6 +34,7 @@ from estgw.config import OPERATIONS
 from estgw.enroll import Gateway, enroll
 from estgw.escape import printable
 from estgw.refusal import Refusal
+from estgw.serverkeygen import PKCS8, serverkeygen_parts
 
 _audit = Logger(namespace="estgw.audit")
 
@@ -113,6 +114,9 @@ class CoapRequest:
     def getHeader(self, name: bytes) -> None:
         return None
 
+    def isSecure(self) -> bool:
+        return True  # DTLS: what TLS-only rules (an unencrypted server key) ask
+
     def getClientAddress(self) -> Any:
         host, port = self._address[0], self._address[1]
         return (IPv6Address if ":" in host else IPv4Address)("UDP", host, port)
@@ -178,7 +182,7 @@ class ESTCoapServer:
             self._critical_options(message)
             if message.uri_path == (".well-known", "core"):
                 return self._send(session, message, self._discovery(message))
-            label, operation = self._route(message)
+            label, operation, name = self._route(message)
             body = self._request_body(session, message, path)
             if body is None:
                 return  # 2.31 Continue sent: more Block1 blocks to come
@@ -187,7 +191,7 @@ class ESTCoapServer:
                 cached = session.state.get("bodies", {}).get(path)
                 if cached is not None:
                     return self._send(session, message, cached)
-            reply = await self._operation(session, message, label, operation, path, body)
+            reply = await self._operation(session, message, label, operation, name, path, body)
         except Refusal as refusal:
             if refusal.event == "refused":
                 self._gateway.metrics.refusal(refusal.code)
@@ -199,7 +203,8 @@ class ESTCoapServer:
             if number & 1 and number not in coap.KNOWN_OPTIONS:
                 raise Refusal(400, "bad-option", f"critical option {number} is not supported")
 
-    def _route(self, message: Message) -> tuple[str, str]:
+    def _route(self, message: Message) -> tuple[str, str, str]:
+        """(label, operation, the resource name as requested)."""
         segments = message.uri_path
         if segments[:2] != (".well-known", "est"):
             raise Refusal(404, "not-found", "no such resource: EST is served under /.well-known/est/")
@@ -218,7 +223,7 @@ class ESTCoapServer:
         if message.code != METHODS[operation]:
             method = coap.METHOD_NAMES[METHODS[operation]]
             raise Refusal(405, "method-not-allowed", f"{name} takes {method}")
-        return label, operation
+        return label, operation, name
 
     def _request_body(self, session: Session, message: Message, path: str) -> bytes | None:
         """The whole request payload, assembled from Block1 blocks
@@ -267,11 +272,11 @@ class ESTCoapServer:
         return session.peer
 
     async def _operation(
-        self, session: Session, message: Message, label: str, operation: str, path: str, body: bytes
+        self, session: Session, message: Message, label: str, operation: str, name: str, path: str, body: bytes
     ) -> Reply:
         accept = message.uint_option(coap.ACCEPT)
         handler = self._gateway.config.handler(label, operation, "coaps")
-        if operation in ("serverkeygen", "fullcmc"):
+        if operation == "fullcmc":
             raise Refusal(501, "not-implemented", f"{operation} is not offered by this gateway")
         if handler is None:
             raise Refusal(404, "operation-not-configured", f"{operation} is not served over CoAPs here")
@@ -290,23 +295,45 @@ class ESTCoapServer:
 
             await authenticate(request, handler, peer, self._gateway.portal)
             attributes = csr_attributes(self._gateway, label, handler, "coaps")
-            if not attributes:
+            if not attributes and handler.csr_template is None:
                 return Reply(coap.CONTENT)  # nothing announced: no payload (HTTP's 204)
-            return Reply(coap.CONTENT, protocol.decode_base64_body(protocol.encode_csrattrs(attributes)), coap.CSRATTRS)
-        # simpleenroll / simplereenroll
-        if accept not in (None, coap.PKCS7_CERTS_ONLY, coap.PKIX_CERT):
-            _acceptable(accept, coap.PKCS7_CERTS_ONLY)
+            body = csrattrs.encode_response(attributes, handler.csr_template)
+            return Reply(coap.CONTENT, protocol.decode_base64_body(body), coap.CSRATTRS)
         content_format = message.uint_option(coap.CONTENT_FORMAT)
         if content_format not in (None, coap.PKCS10):
             raise Refusal(
                 415, "unsupported-media-type",
                 f"expected Content-Format {coap.PKCS10} (application/pkcs10), got {content_format}",
             )
+        if operation == "serverkeygen":
+            return await self._serverkeygen(request, handler, peer, body, name, accept)
+        # simpleenroll / simplereenroll
+        if accept not in (None, coap.PKCS7_CERTS_ONLY, coap.PKIX_CERT):
+            _acceptable(accept, coap.PKCS7_CERTS_ONLY)
         certificate = await enroll(self._gateway, handler, request, peer, body, protocol.PKCS10)
         self._gateway.metrics.certificate_issued(operation)
         if accept == coap.PKIX_CERT:
             return Reply(coap.CHANGED, _der(certificate), coap.PKIX_CERT)
         return Reply(coap.CHANGED, _certs_only([certificate]), coap.PKCS7_CERTS_ONLY)
+
+    async def _serverkeygen(
+        self, request: CoapRequest, handler: Any, peer: Any, body: bytes, name: str, accept: int | None
+    ) -> Reply:
+        """skg / skc (RFC 9148 §4.8): the private key (284 application/pkcs8,
+        or 280 when encrypted to the client) and the certificate (skg: 281
+        PKCS#7 certs-only, skc: 287 application/pkix-cert) in one
+        multipart-core (62) payload, DER throughout."""
+        _acceptable(accept, coap.MULTIPART_CORE)
+        (media_type, key), certificate = await serverkeygen_parts(
+            self._gateway, handler, request, peer, body, protocol.PKCS10
+        )
+        self._gateway.metrics.certificate_issued("serverkeygen")
+        key_format = coap.PKCS8 if media_type == PKCS8 else coap.PKCS7_SERVER_GENERATED_KEY
+        if name == "skc":
+            cert_part = (coap.PKIX_CERT, _der(certificate))
+        else:
+            cert_part = (coap.PKCS7_CERTS_ONLY, _certs_only([certificate]))
+        return Reply(coap.CHANGED, coap.multipart_core([(key_format, key), cert_part]), coap.MULTIPART_CORE)
 
     def _discovery(self, message: Message) -> Reply:
         """/.well-known/core (RFC 6690) listing what is served over CoAPs,
@@ -317,9 +344,10 @@ class ESTCoapServer:
         for handler in self._gateway.config.handlers:
             if "coaps" not in handler.transports or handler.operation not in SHORT_NAMES:
                 continue
-            short = SHORT_NAMES[handler.operation]
             label = f"{handler.label}/" if handler.label else ""
-            links.append(f'</.well-known/est/{label}{short}>;rt="ace.est.{short}"')
+            shorts = ("skg", "skc") if handler.operation == "serverkeygen" else (SHORT_NAMES[handler.operation],)
+            for short in shorts:
+                links.append(f'</.well-known/est/{label}{short}>;rt="ace.est.{short}"')
         return Reply(coap.CONTENT, ",".join(links).encode("utf-8"), coap.LINK_FORMAT)
 
     def _refusal(self, session: Session, message: Message, path: str, refusal: Refusal) -> Reply:
