@@ -100,3 +100,13 @@ class BlockTests(SynchronousTestCase):
         self.assertEqual(coap.block_of(b"", 0, 6), (b"", Block(0, False, 6)))
         self.assertEqual(coap.szx_for(1024), 6)
         self.assertEqual(coap.szx_for(100), 2)
+
+
+class MultipartCoreTests(SynchronousTestCase):
+    def test_read_by_cbor2(self) -> None:
+        """An independent CBOR parser reads the array (RFC 8710 §2),
+        with representations of every length class."""
+        import cbor2
+
+        parts = [(coap.PKCS8, b"k" * 23), (coap.PKCS7_CERTS_ONLY, b"c" * 300), (coap.TEXT_PLAIN, b"t" * 70000)]
+        self.assertEqual(cbor2.loads(coap.multipart_core(parts)), [v for part in parts for v in part])

@@ -87,3 +87,27 @@ handler.3.format = estcoaps-simpleenroll-subjectmatch
         self.error("coaps.port = 70000\n", "coaps.port", "")
         self.error("handler.1.operation = simpleenroll\nhandler.1.format = estcoaps-simpleenroll-idm\n",
                    "handler.1.format", "")
+
+    def test_templates_per_transport(self) -> None:
+        """csrattrs may differ per transport; an enrollment handler served
+        on both must not face two different templates."""
+        config = from_string(BASE + """\
+coaps.port = 5684
+handler.1.operation = csrattrs
+handler.1.csrattrs.template = key: ec-p256
+handler.2.operation = csrattrs
+handler.2.transport = coaps
+handler.2.csrattrs.template = key: ec-p384
+handler.3.operation = simpleenroll
+handler.4.operation = simpleenroll
+handler.4.transport = coaps
+""")
+        self.assertEqual(config.handler("", "simpleenroll", "https").csr_template.key_type, "ec-p256")
+        self.assertEqual(config.handler("", "simpleenroll", "coaps").csr_template.key_type, "ec-p384")
+        self.error(
+            "coaps.port = 5684\nhandler.1.operation = csrattrs\nhandler.1.csrattrs.template = key: ec-p256\n"
+            "handler.2.operation = csrattrs\nhandler.2.transport = coaps\n"
+            "handler.2.csrattrs.template = key: ec-p384\nhandler.3.operation = simpleenroll\n"
+            "handler.3.transport = both\n",
+            "handler.3.transport", "different templates",
+        )
