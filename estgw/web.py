@@ -321,19 +321,26 @@ class ESTResource(resource.Resource):
         self._send(request, protocol.encode_certs_only([certificate]), protocol.CERTS_ONLY)
 
     def _csr_attributes(self, label: str, handler: Any) -> tuple[protocol.CsrAttr, ...]:
-        """The configured attributes, plus challengePassword where an
-        enrollment handler under this label wants the channel binding."""
-        attributes = tuple(handler.csrattrs)
-        wants_binding = any(
-            h.channel_binding for h in self._gateway.config.handlers if h.label == label
-        )
-        challenge = protocol.CSR_ATTRIBUTE_NAMES["challengePassword"]
-        if wants_binding and all(a.oid != challenge for a in attributes):
-            attributes = (protocol.CsrAttr(challenge),) + attributes
-        return attributes
+        return csr_attributes(self._gateway, label, handler)
 
     def _send(self, request: Request, body: bytes, content_type: str) -> None:
         _respond(request, 200, body, content_type, {"Content-Transfer-Encoding": "base64"})
+
+
+def csr_attributes(
+    gateway: Gateway, label: str, handler: Any, transport: str = "https"
+) -> tuple[protocol.CsrAttr, ...]:
+    """What csrattrs announces under ``label`` on ``transport`` (``https``
+    or ``coaps``): the configured attributes, plus challengePassword where
+    an enrollment handler there wants the channel binding."""
+    attributes = tuple(handler.csrattrs)
+    wants_binding = any(
+        h.channel_binding for h in gateway.config.handlers if h.label == label and transport in h.transports
+    )
+    challenge = protocol.CSR_ATTRIBUTE_NAMES["challengePassword"]
+    if wants_binding and all(a.oid != challenge for a in attributes):
+        attributes = (protocol.CsrAttr(challenge),) + attributes
+    return attributes
 
 
 class _NotEST(resource.Resource):
