@@ -19,8 +19,12 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from twisted.internet import defer, task
 
 from estgw import bootstrap, config as config_module, device_import, factory, names, officers
-from estgw.ca import CRL_FILE, CAError, LocalCA
+from estgw.ca import CRL_FILE, CAError, ISigningCA
+from estgw.ca._files import load_certificate as load_cert, load_private_key as load_key
+from estgw.ca.keys import KEY_TYPES, read_passphrase
+from estgw.ca.publish import revoked_entries
 from estgw.config import Config, ConfigError
+from estgw.escape import printable
 from estgw.store import (
     REVOCATION_REASONS,
     DuplicateDevice,
@@ -61,9 +65,29 @@ def _when(value: datetime | None) -> str:
 
 
 async def cmd_init(options: Any, config: Config, store: IStore, out: Any) -> None:
+    """Report what the first start created. Loading it (before this runs)
+    checked every token procedure: for ``ca = file`` that the key fits the
+    certificate, that the certificate may sign certificates and that the
+    chain reaches its root."""
+    state = bootstrap.initialize(config)
+    if options["offline_root"]:
+        try:
+            state.ca.export_root_key(options["offline_root"], bootstrap.ca_passphrase(config), out)
+        except CAError as e:
+            raise CommandError(str(e)) from None
     out.write(f"state directory: {config.state_directory}\n")
     out.write(f"CA certificate:  {config.ca_certificate_path}\n")
     out.write(f"store:           {redact_url(config.store_location)}\n")
+    if options["offline_root"]:
+        where = "the PEM above" if options["offline_root"] == "-" else options["offline_root"]
+        out.write(
+            f"root key:        moved to {where}; keep it offline, "
+            f"it is needed only to make the next issuing CA\n"
+        )
+    for name, procedure in state.procedures.items():
+        issuing = procedure.chain()[0]
+        kind = config.token_procedures[name].ca
+        out.write(f"token procedure {name!r} (ca = {kind}): issuing CA {issuing.subject.rfc4514_string()}\n")
 
 
 def read_password(options: Any) -> str | None:
@@ -111,7 +135,7 @@ async def cmd_device_add(options: Any, config: Config, store: IStore, out: Any) 
         raise CommandError(f"device {device_id!r} is already registered") from None
     except ValueError as e:
         raise CommandError(str(e)) from None
-    out.write(f"registered device {device_id}\n")
+    out.write(f"registered device {printable(device_id)}\n")
 
 
 async def cmd_device_import(options: Any, config: Config, store: IStore, out: Any) -> None:
@@ -121,7 +145,7 @@ async def cmd_device_import(options: Any, config: Config, store: IStore, out: An
         raise CommandError(str(e)) from None
     result = await device_import.import_devices(store, rows, device_import.digest_realms(config))
     for line, reason in result.bad:
-        out.write(f"line {line}: {reason}\n")
+        out.write(f"line {line}: {printable(reason)}\n")
     out.write(device_import.describe(result, len(rows)) + "\n")
     if result.bad:
         raise CommandError(f"{len(result.bad)} bad row(s) in {options['file']}; the others were imported")
@@ -142,9 +166,9 @@ async def cmd_officer_add(options: Any, config: Config, store: IStore, out: Any)
         raise CommandError(str(e)) from None
     grant = officers.role_grant(cert, role)
     if await store.add_officer_role(grant):
-        out.write(f"granted officer role {role} to {grant.subject} (SHA-256 {grant.fingerprint})\n")
+        out.write(f"granted officer role {role} to {printable(grant.subject)} (SHA-256 {grant.fingerprint})\n")
     else:
-        out.write(f"{grant.subject} (SHA-256 {grant.fingerprint}) already holds officer role {role}\n")
+        out.write(f"{printable(grant.subject)} (SHA-256 {grant.fingerprint}) already holds officer role {role}\n")
 
 
 async def cmd_officer_list(options: Any, config: Config, store: IStore, out: Any) -> None:
@@ -154,7 +178,9 @@ async def cmd_officer_list(options: Any, config: Config, store: IStore, out: Any
         return
     out.write(f"{'ROLE':<16} {'SUBJECT':<40} {'SERIAL':<42} {'GRANTED':<20} SHA-256\n")
     for g in grants:
-        out.write(f"{g.role:<16} {g.subject:<40} {g.serial:<42x} {_when(g.granted_at):<20} {g.fingerprint}\n")
+        out.write(
+            f"{g.role:<16} {printable(g.subject):<40} {g.serial:<42x} {_when(g.granted_at):<20} {g.fingerprint}\n"
+        )
 
 
 async def cmd_officer_remove(options: Any, config: Config, store: IStore, out: Any) -> None:
@@ -183,7 +209,7 @@ async def cmd_device_list(options: Any, config: Config, store: IStore, out: Any)
         ) or "-"
         single = "yes" if d.single_use else "no"
         out.write(
-            f"{d.device_id:<32} {auth:<16} {single:<10} {_when(d.created_at):<20} {_when(d.consumed_at):<20}"
+            f"{printable(d.device_id):<32} {auth:<16} {single:<10} {_when(d.created_at):<20} {_when(d.consumed_at):<20}"
             f" {_registered_names(d)}\n"
         )
 
@@ -205,7 +231,7 @@ def _registered_names(device: Any) -> str:
 async def cmd_device_remove(options: Any, config: Config, store: IStore, out: Any) -> None:
     if not await store.remove_device(options["id"]):
         raise CommandError(f"no device {options['id']!r}")
-    out.write(f"removed device {options['id']}\n")
+    out.write(f"removed device {printable(options['id'])}\n")
 
 
 def _status(c: IssuedCertificate) -> str:
@@ -222,7 +248,10 @@ async def cmd_cert_list(options: Any, config: Config, store: IStore, out: Any) -
     async for c in iterate_certificates(store, options["subject"]):
         if not shown:
             out.write(f"{'SERIAL':<42} {'STATUS':<8} {'NOT AFTER':<20} {'SUBJECT':<40} REQUESTER\n")
-        out.write(f"{c.serial:<42x} {_status(c):<8} {_when(c.not_after):<20} {c.subject:<40} {c.requester}\n")
+        out.write(
+            f"{c.serial:<42x} {_status(c):<8} {_when(c.not_after):<20} {printable(c.subject):<40}"
+            f" {printable(c.requester)}\n"
+        )
         shown += 1
     if not shown:
         out.write("no certificates issued\n")
@@ -247,25 +276,32 @@ async def cmd_cert_show(options: Any, config: Config, store: IStore, out: Any) -
         ("status", _status(c)),
         ("revoked at", _when(c.revoked_at)),
         ("revocation reason", c.revocation_reason or "-"),
+        ("invalidity date", _when(c.invalidity_date)),
         ("public key SHA-256", c.public_key_sha256),
         ("handler", c.handler),
         ("requester", c.requester),
         ("issued at", _when(c.issued_at)),
     ]
     for name, value in rows:
-        out.write(f"{name + ':':<20} {value}\n")
+        # Subject, SANs and requester were chosen by the client.
+        out.write(f"{name + ':':<20} {printable(value)}\n")
     out.write(c.certificate.public_bytes(Encoding.PEM).decode("ascii"))
 
 
 async def cmd_cert_revoke(options: Any, config: Config, store: IStore, out: Any) -> None:
     serial = parse_serial(options["serial"])
     try:
-        issued = await store.revoke_certificate(serial, options["reason"])
+        issued = await store.revoke_certificate(
+            serial, options["reason"], invalidity_date=options["invalidity_date"]
+        )
     except UnknownCertificate:
         raise CommandError(f"no certificate with serial {serial:x}") from None
-    except ValueError as e:  # an unknown --reason
+    except ValueError as e:  # an unknown --reason, an invalidity date in the future
         raise CommandError(str(e)) from None
-    out.write(f"revoked {serial:x} ({issued.subject}) at {_when(issued.revoked_at)}\n")
+    out.write(
+        f"revoked {serial:x} ({printable(issued.subject)}) at {_when(issued.revoked_at)}, "
+        f"reason {issued.revocation_reason}\n"
+    )
 
 
 def _write_file_atomically(path: str, data: bytes) -> None:
@@ -282,17 +318,71 @@ def _write_file_atomically(path: str, data: bytes) -> None:
         raise
 
 
+def _signing_ca(config: Config, name: str | None) -> Any:
+    """The local CA, or the CA that signs for token procedure ``name``."""
+    if name is None:
+        return bootstrap.local_ca(config)
+    if name not in config.token_procedures:
+        known = ", ".join(sorted(config.token_procedures)) or "none is defined"
+        raise CommandError(f"no token procedure named {name!r} (known: {known})")
+    procedure = bootstrap.token_procedures(config, bootstrap.local_ca(config))[name]
+    ca = getattr(procedure, "ca", None)
+    if not ISigningCA.providedBy(ca):
+        raise CommandError(f"token procedure {name!r} signs with no key this gateway holds")
+    return ca
+
+
+async def cmd_ca_rollover(options: Any, config: Config, store: IStore, out: Any) -> None:
+    """RFC 7030 4.1.3: the local CA's next issuing CA (and root, with --root)."""
+    passphrase = bootstrap.ca_passphrase(config)
+    ca = bootstrap.local_ca(config)
+    try:
+        root_key = None
+        if options["root_key"]:
+            root_key = load_key(options["root_key"], passphrase)
+        issuing = None
+        if options["certificate"] or options["key"]:
+            if not (options["certificate"] and options["key"]):
+                raise CommandError("--certificate and --key go together")
+            key_passphrase = read_passphrase(options["key_password_file"] or "")
+            issuing = (load_cert(options["certificate"]), load_key(options["key"], key_passphrase))
+        if issuing is not None and options["root"]:
+            raise CommandError("--root makes a new root; a new issuing CA from files must be issued by the current one")
+        rolled = ca.rollover(
+            name=config.ca_name, key_type=options["key_type"], passphrase=passphrase,
+            new_root=options["root"], root_key=root_key, issuing=issuing,
+        )
+    except CAError as e:
+        raise CommandError(str(e)) from None
+    out.write(f"new issuing CA:  {rolled.issuing.subject.rfc4514_string()} "
+              f"(until {_when(rolled.issuing.not_valid_after_utc)})\n")
+    for generation in rolled.previous:
+        out.write(f"still serving:   {generation.issuing.subject.rfc4514_string()} "
+                  f"(until {_when(generation.issuing.not_valid_after_utc)}; its certificates renew)\n")
+    if options["root"]:
+        out.write(f"new root:        {rolled.root.subject.rfc4514_string()}; cacerts carries both roots"
+                  f" and the NewWithOld/OldWithNew link certificates\n")
+    out.write("restart the gateway to issue from the new CA\n")
+
+
+def _invalidity_date(text: str) -> datetime:
+    """ISO 8601, e.g. 2026-11-30 or 2026-11-30T08:15:00Z; no zone means UTC."""
+    try:
+        when = datetime.fromisoformat(text.strip().replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not an ISO 8601 date or time (2026-11-30, 2026-11-30T08:15:00Z): {text!r}"
+        ) from None
+    return when.replace(tzinfo=timezone.utc) if when.tzinfo is None else when.astimezone(timezone.utc)
+
+
 async def cmd_crl_write(options: Any, config: Config, store: IStore, out: Any) -> None:
-    """The local CA's CRL of every certificate revoked in the store."""
-    ca = LocalCA.load_or_create(config.ca_directory, config.ca_name)
-    # Only the revoked rows are read (an index holds just them), a page at a time.
-    revoked = [
-        (c.serial, c.revoked_at)
-        async for c in iterate_certificates(store, revoked_only=True)
-        if c.revoked_at is not None
-    ]
+    """The CRL of every certificate revoked in the store that the local CA
+    (or --tokenprocedure's CA) issued, with reason codes and invalidity dates."""
+    ca = _signing_ca(config, options["tokenprocedure"])
+    revoked = await revoked_entries(store, ca)
     crl = ca.write_crl(revoked, next_update=timedelta(days=options["days"]))
-    written = [os.path.join(config.ca_directory, CRL_FILE)]
+    written = [os.path.join(ca.directory, CRL_FILE)]
     if options["out"]:
         encoding = Encoding.DER if options["der"] else Encoding.PEM
         try:
@@ -304,6 +394,13 @@ async def cmd_crl_write(options: Any, config: Config, store: IStore, out: Any) -
         f"wrote CRL of {len(crl)} revoked certificate(s), next update "
         f"{_when(crl.next_update_utc)}, to {', '.join(written)}\n"
     )
+    # After a rollover the earlier issuing CAs still answer for their certificates.
+    for earlier in ca.issuers()[1:]:
+        previous = earlier.write_crl(await revoked_entries(store, earlier), next_update=timedelta(days=options["days"]))
+        out.write(
+            f"wrote CRL of {len(previous)} revoked certificate(s) of the earlier issuing CA "
+            f"{earlier.issuing.subject.rfc4514_string()} to {os.path.join(earlier.directory, CRL_FILE)}\n"
+        )
 
 
 async def cmd_store_migrate(options: Any, config: Config, store: IStore, out: Any) -> None:
@@ -345,7 +442,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("-c", "--config", default="etc/est.properties", help="the est.properties file")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    init = commands.add_parser("init", help="create the CA, TLS credentials and store (idempotent)")
+    init = commands.add_parser(
+        "init", help="create the CA, TLS credentials and store (idempotent); check the token procedures"
+    )
+    init.add_argument(
+        "--offline-root", metavar="OUT.pem",
+        help="move the local root CA's key to this new file, or print it once with '-' (encrypted"
+        " with ca.keyPasswordFile when set), and keep only the issuing CA's key online",
+    )
     init.set_defaults(run=cmd_init)
 
     device = commands.add_parser("device", help="pre-registered devices").add_subparsers(
@@ -420,13 +524,23 @@ def _parser() -> argparse.ArgumentParser:
     revoke.add_argument(
         "--reason", default="unspecified", choices=sorted(REVOCATION_REASONS), help="RFC 5280 reason"
     )
+    revoke.add_argument(
+        "--invalidity-date",
+        type=_invalidity_date,
+        help="since when the key is known or suspected to be compromised (ISO 8601, UTC"
+        " unless a zone is given; RFC 5280 5.3.2); CRL entries and OCSP responses carry it",
+    )
     revoke.set_defaults(run=cmd_cert_revoke)
 
     crl = commands.add_parser("crl", help="certificate revocation lists").add_subparsers(
         dest="action", metavar="ACTION", required=True
     )
     crl_write = crl.add_parser(
-        "write", help="sign the local CA's CRL of the revoked certificates (ca/crl.pem)"
+        "write", help="sign the local CA's CRL of the revoked certificates (ca/crl.pem), with reason codes"
+    )
+    crl_write.add_argument(
+        "--tokenprocedure", metavar="NAME",
+        help="the CRL of the CA that signs for this token procedure (default: the local CA)",
     )
     crl_write.add_argument("--out", help="also write it to this file (e.g. one named in tls.crls)")
     crl_write.add_argument("--der", action="store_true", help="write --out in DER instead of PEM")
@@ -450,6 +564,25 @@ def _parser() -> argparse.ArgumentParser:
         help="the target store: postgresql://user@host/db (or sqlite:PATH)",
     )
     migrate.set_defaults(run=cmd_store_migrate)
+
+    ca = commands.add_parser("ca", help="the local CA").add_subparsers(
+        dest="action", metavar="ACTION", required=True
+    )
+    rollover = ca.add_parser(
+        "rollover",
+        help="make the next issuing CA (RFC 7030 4.1.3); the current one keeps serving its certificates",
+    )
+    rollover.add_argument("--root", action="store_true",
+                          help="roll the root too, with NewWithOld/OldWithNew link certificates")
+    rollover.add_argument("--root-key", metavar="FILE",
+                          help="the current root key, when it is offline (encrypted with ca.keyPasswordFile)")
+    rollover.add_argument("--key-type", choices=KEY_TYPES,
+                          help="key type of the new keys (default: that of the current issuing key)")
+    rollover.add_argument("--certificate", metavar="FILE",
+                          help="take this issuing CA certificate (issued by the current root) instead")
+    rollover.add_argument("--key", metavar="FILE", help="its private key (PEM or DER)")
+    rollover.add_argument("--key-password-file", metavar="FILE", help="the key's passphrase, when encrypted")
+    rollover.set_defaults(run=cmd_ca_rollover)
 
     # Talks to the approval service (its own config), not to this store.
     from estgw.approval import cli as approval_cli
@@ -494,7 +627,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         try:
             await run(reactor, arguments)
         except CommandError as e:
-            sys.stderr.write(f"estgw: {e}\n")
+            sys.stderr.write(f"estgw: {printable(str(e))}\n")
             raise SystemExit(1)
 
     task.react(lambda reactor: defer.Deferred.fromCoroutine(_main(reactor)))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from datetime import datetime, timedelta, timezone
-from typing import Any, Mapping
+from typing import Any, Awaitable, Callable, Mapping
 
 import attr
 from cryptography import x509
@@ -20,7 +20,8 @@ from twisted.logger import Logger
 from estgw import auth, policy
 from estgw.approval.gate import ApprovalGate
 from estgw.ca import ITokenProcedure
-from estgw.config import Config, HandlerConfig
+from estgw.config import ENROLL_OPERATIONS, Config, HandlerConfig
+from estgw.escape import printable
 from estgw.metrics import Metrics
 from estgw.protocol import parse_csr
 from estgw.refusal import Refusal
@@ -47,6 +48,19 @@ class Gateway:
     # filter registersimpleenroll-basic-idm-auth.
     approvals: Mapping[str, ApprovalGate] = attr.Factory(dict)
     metrics: Metrics = attr.Factory(Metrics)
+    # serverkeygen: the certificate, key and chain that sign the keys the
+    # gateway makes and sends encrypted (RFC 7030 §4.4.2): its TLS ones.
+    key_signer: tuple[x509.Certificate, Any, tuple[x509.Certificate, ...]] | None = None
+
+    def cacerts(self, label: str) -> list[x509.Certificate]:
+        """What cacerts under ``label`` returns (RFC 7030 4.1.3): the chain
+        of the token procedure that issues under that label, else the
+        local CA's."""
+        for operation in ENROLL_OPERATIONS:
+            handler = self.config.handler(label, operation)
+            if handler is not None and handler.token_procedure in self.procedures:
+                return self.procedures[handler.token_procedure].chain()
+        return self.ca_chain
 
 
 async def _client_certificate_not_revoked(
@@ -58,7 +72,7 @@ async def _client_certificate_not_revoked(
     # The store is read on every request: `estgw cert revoke` needs no restart.
     # It knows only serials of our own CA: a foreign certificate with an
     # equal serial is not ours to refuse.
-    ours = bool(gateway.ca_chain) and cert.issuer == gateway.ca_chain[0].subject
+    ours = any(cert.issuer == issuer.subject for issuer in gateway.portal.issuers)
     if ours and await gateway.store.is_revoked(cert.serial_number):
         raise Refusal(403, "client-certificate-revoked", "the TLS client certificate has been revoked")
     if gateway.revocation is not None:
@@ -83,7 +97,9 @@ async def _renewing_last_issued(
     """
     cert = identity.certificate
     assert cert is not None  # policy.renews_own_subject
-    last = await gateway.store.last_issued_for_subject(ctx.subject.rfc4514_string())
+    # The subject the certificate holds: a request may spell it in
+    # another case, or add to it, and still renew it.
+    last = await gateway.store.last_issued_for_subject(cert.subject.rfc4514_string())
     if last is None and ctx.operation != "simplereenroll":
         return None
     if last is None or last.serial != cert.serial_number:
@@ -117,9 +133,9 @@ async def _sent_again(
     for issued in await gateway.store.certificates_for_public_key(hashlib.sha256(spki).hexdigest()):
         if issued.requester == identity.requester and not issued.revoked and issued.issued_at >= device.consumed_at:
             _log.info(
-                "sent again serial {serial:x} to {requester}: its single-use registration was"
-                " consumed by this certificate {age:.0f} s ago",
-                serial=issued.serial, requester=identity.requester,
+                "reissued serial {serial:x} to {requester}: its single-use registration was"
+                " consumed by this certificate {age:.0f} s ago (same key)",
+                serial=issued.serial, requester=printable(identity.requester),
                 age=(now - device.consumed_at).total_seconds(), event="reissued",
             )
             return issued.certificate
@@ -133,8 +149,15 @@ async def enroll(
     peer: PeerInfo,
     body: bytes,
     content_type: str | None,
+    *,
+    server_key: "Callable[[policy.PolicyContext, auth.Identity], Awaitable[Any]] | None" = None,
 ) -> x509.Certificate:
-    """Run one enrollment; return the issued certificate or raise Refusal."""
+    """Run one enrollment; return the issued certificate or raise Refusal.
+
+    ``server_key`` (serverkeygen, RFC 7030 §4.4) is called once every check
+    has passed, and returns the public key to certify in place of the
+    CSR's; it may raise Refusal too.
+    """
     identity = await auth.authenticate(request, handler, peer, gateway.portal)
     # Who the client is comes before what it asks for.
     await _client_certificate_not_revoked(gateway, identity, peer)
@@ -161,13 +184,19 @@ async def enroll(
             sign=lambda: procedure.issue(policy.issue_request(ctx)),
             claim=lambda: auth.single_use(gateway.store, identity),
         )
-    again = await _sent_again(gateway, identity, csr)
-    if again is not None:
-        return again
+    if server_key is None:
+        again = await _sent_again(gateway, identity, csr)
+        if again is not None:
+            return again
+    issue = policy.issue_request(ctx)
+    if server_key is not None:
+        # serverkeygen: a key made now.  Never a certificate sent before:
+        # its private key was not kept, so it cannot go with it.
+        issue = attr.evolve(issue, public_key=await server_key(ctx, identity))
     # A single-use registration is claimed first (one winner among
     # concurrent requests) and released if issuing or recording fails.
     async with auth.single_use(gateway.store, identity):
-        certificate = await procedure.issue(policy.issue_request(ctx))
+        certificate = await procedure.issue(issue)
         # Committed before the response is written: nothing sent is unrecorded.
         try:
             await gateway.store.record_certificate(
@@ -181,8 +210,8 @@ async def enroll(
     _log.info(
         "issued serial {serial:x} subject {subject} to {requester} by handler {handler}",
         serial=certificate.serial_number,
-        subject=certificate.subject.rfc4514_string(),
-        requester=identity.requester,
+        subject=printable(certificate.subject.rfc4514_string()),
+        requester=printable(identity.requester),
         handler=handler.id,
         event="issued",
     )

@@ -5,9 +5,19 @@ the TLS layer, so that cacerts and password-authenticated enrollment work
 without one.  OpenSSL builds and checks the client's chain against the
 trust anchors, but a failure does not end the handshake: it is recorded
 and :func:`peer_info` reports the certificate as untrusted, so the device
-gets an HTTP refusal that says why instead of a bare TLS alert.  An
-EKU "unsupported purpose" error is not a trust failure here: the
-clientAuth rule is a policy check with its own named reason.
+gets an HTTP refusal that says why instead of a bare TLS alert.
+
+OpenSSL checks every certificate of the chain for the TLS client purpose
+(RFC 5280 §4.2.1.3 keyUsage, §4.2.1.12 extendedKeyUsage).  One such
+failure is left to the gateway: a leaf whose extendedKeyUsage lacks
+clientAuth, which the enrollment policy refuses with its own reason
+(a registered factory certificate without any EKU is unrestricted).
+Everything else is a trust failure: a CA certificate in the chain not
+valid for client authentication (e.g. an EKU of serverAuth only), and a
+leaf whose keyUsage does not allow digitalSignature.  A TLS client proves
+its key by signing (CertificateVerify, RFC 8446 §4.4.3, RFC 5246
+§7.4.8) whatever the key type; the fixed (EC)DH client authentication
+that keyAgreement alone would serve is not offered here.
 """
 
 from __future__ import annotations
@@ -35,18 +45,57 @@ def _verify_error_text(errno: int) -> str:
         return f"verification error {errno}"
 
 
-_UNSUPPORTED_PURPOSE = 26
+_INVALID_PURPOSE = 26  # X509_V_ERR_INVALID_PURPOSE (26 since OpenSSL 0.9.6)
+
+_NETSCAPE_CERT_TYPE = x509.ObjectIdentifier("2.16.840.1.113730.1.1")
 
 # Connection -> first verification error; weak so closed connections vanish.
 _verify_errors: "weakref.WeakKeyDictionary[SSL.Connection, str]" = weakref.WeakKeyDictionary()
 
 
+def leaf_purpose_problem(certificate: x509.Certificate, openssl_refused: bool = False) -> str | None:
+    """Why ``certificate`` cannot be a TLS client certificate, apart from
+    its extendedKeyUsage (which the gateway checks itself); None if it can.
+
+    A keyUsage extension must allow digitalSignature.  ``openssl_refused``:
+    OpenSSL found the leaf unfit for the TLS client purpose; with a
+    Netscape certificate type extension, which OpenSSL also reads, that
+    cannot be told from an EKU failure, so it stands.
+    """
+    try:
+        usage = certificate.extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        usage = None
+    if usage is not None and not usage.digital_signature:
+        return "the keyUsage of the client certificate does not allow digitalSignature (depth 0)"
+    if openssl_refused:
+        try:
+            certificate.extensions.get_extension_for_oid(_NETSCAPE_CERT_TYPE)
+        except x509.ExtensionNotFound:
+            return None
+        return f"{_verify_error_text(_INVALID_PURPOSE)} (depth 0: Netscape certificate type)"
+    return None
+
+
 def _record_verify_result(
     connection: SSL.Connection, certificate: crypto.X509, errno: int, depth: int, ok: int
 ) -> bool:
-    if not ok and errno != _UNSUPPORTED_PURPOSE and connection not in _verify_errors:
-        reason = _verify_error_text(errno)
-        _verify_errors[connection] = f"{reason} (depth {depth})"
+    if connection in _verify_errors:
+        return True  # the first reason is the one reported
+    problem = None
+    if depth == 0 and (ok or errno == _INVALID_PURPOSE):
+        # OpenSSL's purpose error says not which rule failed: decide here
+        # whether anything but the EKU is wrong.
+        problem = leaf_purpose_problem(certificate.to_cryptography(), openssl_refused=not ok)
+    elif errno == _INVALID_PURPOSE:
+        problem = (
+            f"{_verify_error_text(errno)} (depth {depth}: a CA certificate of the chain"
+            " is not valid for TLS client authentication)"
+        )
+    elif not ok:
+        problem = f"{_verify_error_text(errno)} (depth {depth})"
+    if problem is not None:
+        _verify_errors[connection] = problem
     return True
 
 
@@ -302,6 +351,11 @@ def peer_info(request: Any) -> PeerInfo:
     connection = _tls_connection(request)
     if connection is None:
         return PeerInfo(is_tls=False)
+    return connection_peer_info(connection)
+
+
+def connection_peer_info(connection: SSL.Connection) -> PeerInfo:
+    """What a TLS or DTLS connection whose handshake is done knows of its peer."""
     version = connection.get_protocol_version_name()
     peer = connection.get_peer_certificate()
     if peer is None:

@@ -15,17 +15,24 @@ from typing import Any
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import resource, server
+from twisted.web import http, resource, server
 from twisted.web.http import Request, unquote
 from twisted.web.http_headers import Headers
 
-from estgw import protocol
+from estgw import csrattrs, protocol
 from estgw.config import OPERATIONS
 from estgw.enroll import Gateway, enroll
+from estgw.escape import printable
 from estgw.refusal import Refusal
+from estgw.serverkeygen import serverkeygen
 from estgw.tls import PeerInfo, peer_info
 
 _audit = Logger(namespace="estgw.audit")
+
+#: The status counted in the metrics for a request whose client closed the
+#: connection before the response was written (nginx's convention).
+CLIENT_CLOSED = 499
+
 _METHODS = {
     "cacerts": b"GET",
     "csrattrs": b"GET",
@@ -51,19 +58,41 @@ class LimitedRequest(server.Request):
         super().process()
 
     def gotLength(self, length: int | None) -> None:
+        super().gotLength(None if length is not None and length > self.max_body else length)
         if length is not None and length > self.max_body:
-            self.body_too_large = True
-        super().gotLength(None if self.body_too_large else length)
+            self._too_large()
 
     def handleContentChunk(self, data: bytes) -> None:
         if self.body_too_large:
             return
         if self.content.tell() + len(data) > self.max_body:
-            self.body_too_large = True
             self.content.seek(0)
             self.content.truncate()
+            self._too_large()
             return
         super().handleContentChunk(data)
+
+    def _too_large(self) -> None:
+        """Answer 413 at once and close the connection: a body past the
+        limit is not read to its end, so a client streaming a chunked body
+        without end cannot hold a connection open with it."""
+        self.body_too_large = True
+        transport = self.channel.transport if self.channel is not None else None
+        if transport is None:
+            return
+        reason = f"the request body exceeds {self.max_body} bytes"
+        address = transport.getPeer()
+        _audit.info(
+            "{event} {method} {path} from {client}: {status} {code}: {reason}",
+            method=printable(self.method), path=printable(self.uri), client=getattr(address, "host", "?"),
+            status=413, code="body-too-large", reason=reason, event="refused",
+        )
+        body = (reason + "\n").encode("ascii")
+        transport.write(
+            b"HTTP/1.1 413 Content Too Large\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body
+        )
+        transport.loseConnection()
 
 
 _ABSOLUTE_FORM = re.compile(rb"^(?i:https?)://([^/?#]*)(.*)$", re.DOTALL)
@@ -115,6 +144,8 @@ def _respond(
     content_type: str | None,
     headers: dict[str, str] | None = None,
 ) -> None:
+    if request.finished or request._disconnected:
+        return  # the client went away: nothing can be written (twisted raises)
     request.setResponseCode(status)
     if content_type is not None:
         request.setHeader(b"Content-Type", content_type.encode("ascii"))
@@ -128,19 +159,21 @@ def _respond(
 
 
 def _refuse(request: Request, refusal: Refusal, peer: PeerInfo | None) -> None:
+    # A reason may quote what the client sent: one line in the log and the body.
+    reason = printable(refusal.reason)
     _audit.info(
         "{event} {method} {path} from {client}: {status} {code}: {reason}",
-        method=request.method.decode("ascii", "replace"),
-        path=request.path.decode("ascii", "replace"),
+        method=printable(request.method),
+        path=printable(request.path),
         client=_client_name(request, peer),
         status=refusal.status,
         code=refusal.code,
-        reason=refusal.reason,
+        reason=reason,
         event=refusal.event,
     )
     if is_bare_challenge(request, refusal):
         return _respond(request, refusal.status, b"", None, refusal.headers)
-    body = (refusal.reason + "\n").encode("utf-8")
+    body = (reason + "\n").encode("utf-8")
     _respond(request, refusal.status, body, "text/plain; charset=utf-8", refusal.headers)
 
 
@@ -160,7 +193,7 @@ def _client_name(request: Request, peer: PeerInfo | None) -> str:
     address = request.getClientAddress()
     host = getattr(address, "host", "?")
     if peer is not None and peer.certificate is not None:
-        return f"{host} ({peer.certificate.subject.rfc4514_string()})"
+        return f"{host} ({printable(peer.certificate.subject.rfc4514_string())})"
     return str(host)
 
 
@@ -177,25 +210,35 @@ class ESTResource(resource.Resource):
         self._labels = labels | {""}
 
     def render(self, request: Request) -> Any:
-        finished: list[Any] = []
-        request.notifyFinish().addBoth(finished.append)
         started = time.monotonic()
-        # The status is known once the response is written, by any path.
-        request.notifyFinish().addCallback(
-            lambda _: self._gateway.metrics.response(
-                self._operation_name(request), request.code, time.monotonic() - started
-            )
-        )
+        # Fires once the response is written, or with ConnectionLost when
+        # the client closes first; either way the request is counted (the
+        # latter as CLIENT_CLOSED) and the failure is consumed here.  The
+        # work itself goes on: a certificate being issued is recorded, so
+        # the device can fetch it again.
+        request.notifyFinish().addBoth(self._finished, request, started)
         d = defer.Deferred.fromCoroutine(self._serve(request))
 
         def failed(failure: Failure) -> None:
             # A bug, never bad input: bad input is a Refusal.
-            self._log.failure("while serving {path}", failure, path=request.path.decode("ascii", "replace"))
-            if not finished:
-                _respond(request, 500, b"internal error\n", "text/plain; charset=utf-8")
+            self._log.failure("while serving {path}", failure, path=printable(request.path))
+            _respond(request, 500, b"internal error\n", "text/plain; charset=utf-8")
 
         d.addErrback(failed)
         return server.NOT_DONE_YET
+
+    def _finished(self, result: Any, request: Request, started: float) -> None:
+        status = request.code
+        if isinstance(result, Failure):
+            status = CLIENT_CLOSED
+            _audit.info(
+                "{event} {method} {path} from {client}: the client closed the connection before the response",
+                method=printable(request.method),
+                path=printable(request.path),
+                client=_client_name(request, None),
+                event="client-closed",
+            )
+        self._gateway.metrics.response(self._operation_name(request), status, time.monotonic() - started)
 
     @staticmethod
     def _operation_name(request: Request) -> str:
@@ -233,11 +276,10 @@ class ESTResource(resource.Resource):
         except Refusal as refusal:
             if refusal.event == "refused":
                 self._gateway.metrics.refusal(refusal.code)
-            if not request.finished and not request._disconnected:
-                _refuse(request, refusal, peer)
+            _refuse(request, refusal, peer)
 
     async def _operation(self, request: Request, label: str, operation: str, peer: PeerInfo) -> None:
-        if operation in ("serverkeygen", "fullcmc"):
+        if operation == "fullcmc":
             raise Refusal(501, "not-implemented", f"{operation} is not offered by this gateway")
         handler = self._gateway.config.handler(label, operation)
         if handler is None:
@@ -248,18 +290,29 @@ class ESTResource(resource.Resource):
                 f"the request body exceeds {self._gateway.config.max_request_bytes} bytes",
             )
         if operation == "cacerts":
-            body = protocol.encode_certs_only(self._gateway.ca_chain)
+            body = protocol.encode_certs_only(self._gateway.cacerts(label))
             return self._send(request, body, protocol.PKCS7_MIME)
         if operation == "csrattrs":
             from estgw.auth import authenticate
 
             await authenticate(request, handler, peer, self._gateway.portal)
             attributes = self._csr_attributes(label, handler)
-            if not attributes:
+            if not attributes and handler.csr_template is None:
                 return _respond(request, 204, b"", None)
-            return self._send(request, protocol.encode_csrattrs(attributes), protocol.CSRATTRS)
+            body = csrattrs.encode_response(attributes, handler.csr_template)
+            return self._send(request, body, protocol.CSRATTRS)
         content_type = request.getHeader(b"content-type")
         body = request.content.read()
+        if operation == "serverkeygen":
+            multipart, multipart_type = await serverkeygen(
+                self._gateway, handler, request, peer, body,
+                content_type.decode("latin-1") if content_type else None,
+            )
+            self._gateway.metrics.certificate_issued(operation)
+            if not (request.finished or request._disconnected):
+                # Each part says its own Content-Transfer-Encoding.
+                _respond(request, 200, multipart, multipart_type, {"Cache-Control": "no-store"})
+            return None
         certificate = await enroll(
             self._gateway, handler, request, peer, body,
             content_type.decode("latin-1") if content_type else None,
@@ -268,21 +321,26 @@ class ESTResource(resource.Resource):
         self._send(request, protocol.encode_certs_only([certificate]), protocol.CERTS_ONLY)
 
     def _csr_attributes(self, label: str, handler: Any) -> tuple[protocol.CsrAttr, ...]:
-        """The configured attributes, plus challengePassword where an
-        enrollment handler under this label wants the channel binding."""
-        attributes = tuple(handler.csrattrs)
-        wants_binding = any(
-            h.channel_binding for h in self._gateway.config.handlers if h.label == label
-        )
-        challenge = protocol.CSR_ATTRIBUTE_NAMES["challengePassword"]
-        if wants_binding and all(a.oid != challenge for a in attributes):
-            attributes = (protocol.CsrAttr(challenge),) + attributes
-        return attributes
+        return csr_attributes(self._gateway, label, handler)
 
     def _send(self, request: Request, body: bytes, content_type: str) -> None:
-        if request.finished or request._disconnected:
-            return
         _respond(request, 200, body, content_type, {"Content-Transfer-Encoding": "base64"})
+
+
+def csr_attributes(
+    gateway: Gateway, label: str, handler: Any, transport: str = "https"
+) -> tuple[protocol.CsrAttr, ...]:
+    """What csrattrs announces under ``label`` on ``transport`` (``https``
+    or ``coaps``): the configured attributes, plus challengePassword where
+    an enrollment handler there wants the channel binding."""
+    attributes = tuple(handler.csrattrs)
+    wants_binding = any(
+        h.channel_binding for h in gateway.config.handlers if h.label == label and transport in h.transports
+    )
+    challenge = protocol.CSR_ATTRIBUTE_NAMES["challengePassword"]
+    if wants_binding and all(a.oid != challenge for a in attributes):
+        attributes = (protocol.CsrAttr(challenge),) + attributes
+    return attributes
 
 
 class _NotEST(resource.Resource):
@@ -310,6 +368,23 @@ class _Branch(resource.Resource):
         return _NotEST().render(request)
 
 
+class _Channel(http.HTTPChannel):
+    """HTTP/1.x (h2 is never negotiated, see :mod:`estgw.tls`)."""
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        # A request or header line over MAX_LENGTH (e.g. a huge
+        # Authorization header): 400 like a head over totalHeadersSize.
+        # twisted's default closes the transport directly, which over TLS
+        # waits for this channel's producer: the client hung until the
+        # idle timeout.
+        body = f"a request or header line is longer than {self.MAX_LENGTH} bytes\n".encode("ascii")
+        self.transport.write(
+            b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
+        )
+        self.loseConnection()
+
+
 # Idle keep-alive connections are closed after this many seconds
 # (twisted.web's default is twelve hours).
 IDLE_TIMEOUT = 60
@@ -321,6 +396,7 @@ def build_site(gateway: Gateway) -> server.Site:
     root.putChild(b".well-known", well_known)
     well_known.putChild(b"est", ESTResource(gateway))
     site = server.Site(root, timeout=IDLE_TIMEOUT)
+    site.protocol = _Channel
     site.requestFactory = request_factory(gateway.config.max_request_bytes)
     site.displayTracebacks = False
     return site

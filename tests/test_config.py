@@ -23,17 +23,17 @@ class ShippedConfigTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.config = load(SHIPPED)
 
-    def test_loads_with_eight_handlers(self) -> None:
-        """etc/est.properties loads and defines handlers 1..8 in order."""
-        self.assertEqual([h.id for h in self.config.handlers], [str(n) for n in range(1, 9)])
+    def test_loads_with_ten_handlers(self) -> None:
+        """etc/est.properties loads and defines handlers 1..10 in order."""
+        self.assertEqual([h.id for h in self.config.handlers], [str(n) for n in range(1, 11)])
 
-    def test_serves_four_operations_twice(self) -> None:
-        """The four issue-2 operations at /.well-known/est/ and under 'devices'."""
+    def test_serves_five_operations_twice(self) -> None:
+        """Every operation but fullcmc at /.well-known/est/ and under 'devices'."""
         paths = sorted(h.path for h in self.config.handlers)
         expected = sorted(
             f"/.well-known/est/{label}{op}"
             for label in ("", "devices/")
-            for op in ("cacerts", "simpleenroll", "simplereenroll", "csrattrs")
+            for op in ("cacerts", "simpleenroll", "simplereenroll", "csrattrs", "serverkeygen")
         )
         self.assertEqual(paths, expected)
 
@@ -427,3 +427,12 @@ class HelperTests(SynchronousTestCase):
         self.assertTrue(config.is_ip_address("::1"))
         self.assertTrue(config.is_ip_address("192.0.2.1"))
         self.assertFalse(config.is_ip_address("localhost"))
+
+
+class TrailingNewlineTests(SynchronousTestCase):
+    """A pattern's ``$`` also matches before a final newline: names that
+    end in one are refused all the same."""
+
+    def test_label_with_encoded_newline(self) -> None:
+        with self.assertRaises(ValueError):
+            config._label("lab%0A")

@@ -119,6 +119,9 @@ class IssuedCertificate:
     issued_at: datetime = attr.ib(validator=_require_utc)
     revoked_at: datetime | None = attr.ib(default=None, validator=_require_utc)
     revocation_reason: str | None = None
+    # RFC 5280 5.3.2: when the key is known or suspected to have been
+    # compromised (set by `estgw cert revoke --invalidity-date`).
+    invalidity_date: datetime | None = attr.ib(default=None, validator=_require_utc)
 
     @classmethod
     def from_certificate(
@@ -335,12 +338,17 @@ class IStore(Interface):
         """
 
     def revoke_certificate(
-        serial: int, reason: str = "unspecified", when: datetime | None = None
+        serial: int,
+        reason: str = "unspecified",
+        when: datetime | None = None,
+        invalidity_date: datetime | None = None,
     ) -> Deferred[IssuedCertificate]:
         """
         Mark a certificate revoked and return it.  UnknownCertificate if
-        absent; a second revocation keeps the first date and reason.
-        ``reason`` is one of REVOCATION_REASONS (else ValueError).
+        absent; a second revocation keeps the first date, reason and
+        invalidity date.  ``reason`` is one of REVOCATION_REASONS (else
+        ValueError); ``invalidity_date`` (RFC 5280 5.3.2, timezone-aware)
+        must not be later than the revocation (else ValueError).
         """
 
     def is_revoked(serial: int) -> Deferred[bool]:

@@ -108,6 +108,13 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
     (
         4,
         [
+            # RFC 5280 5.3.2 invalidity date of a revocation, for CRLs and OCSP.
+            "ALTER TABLE certificates ADD COLUMN invalidity_date TEXT",
+        ],
+    ),
+    (
+        5,
+        [
             # `estgw cert list` pages newest first by (issued_at, id)
             # without sorting the table.
             "CREATE INDEX certificates_issued ON certificates (issued_at, id)",

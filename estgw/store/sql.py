@@ -70,8 +70,11 @@ def _parse_optional_time(text: str | None) -> datetime | None:
 
 _CERT_COLUMNS = (
     "serial, subject, sans, not_before, not_after, public_key_sha256,"
-    " handler, requester, der, issued_at, revoked_at, revocation_reason"
+    " handler, requester, der, issued_at, revoked_at, revocation_reason, invalidity_date"
 )
+# Where certificate_page's keyset columns sit after _CERT_COLUMNS.
+_ISSUED_AT_INDEX = 9
+_ID_INDEX = len(_CERT_COLUMNS.split(","))
 _DEVICE_COLUMNS = (
     "device_id, password_hash, single_use, created_at, consumed_at,"
     " factory_cert_sha256, factory_cn, subject_values, digest_ha1"
@@ -93,6 +96,7 @@ def _certificate_from_row(row: Sequence[Any]) -> IssuedCertificate:
         issued_at=_parse_time(row[9]),
         revoked_at=_parse_optional_time(row[10]),
         revocation_reason=row[11],
+        invalidity_date=_parse_optional_time(row[12]),
     )
 
 
@@ -407,7 +411,7 @@ class _SQLStore:
             self._execute(
                 txn,
                 f"INSERT INTO certificates ({_CERT_COLUMNS})"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     _serial_text(issued.serial),
                     issued.subject,
@@ -421,6 +425,7 @@ class _SQLStore:
                     _time_text(issued.issued_at),
                     _optional_time_text(issued.revoked_at),
                     issued.revocation_reason,
+                    _optional_time_text(issued.invalidity_date),
                 ),
             )
         except Exception as e:
@@ -487,7 +492,9 @@ class _SQLStore:
             rows = txn.fetchall()
             certificates = [_certificate_from_row(row) for row in rows]
             last = rows[-1] if len(rows) == limit else None
-            return CertificatePage(certificates, None if last is None else (last[9], int(last[12])))
+            return CertificatePage(
+                certificates, None if last is None else (last[_ISSUED_AT_INDEX], int(last[_ID_INDEX]))
+            )
 
         return self._run(interaction)
 
@@ -523,7 +530,11 @@ class _SQLStore:
         return self._run(interaction)
 
     def revoke_certificate(
-        self, serial: int, reason: str = "unspecified", when: datetime | None = None
+        self,
+        serial: int,
+        reason: str = "unspecified",
+        when: datetime | None = None,
+        invalidity_date: datetime | None = None,
     ) -> Deferred[IssuedCertificate]:
         if reason not in REVOCATION_REASONS:
             return defer.fail(
@@ -533,18 +544,27 @@ class _SQLStore:
                 )
             )
         try:
-            revoked_at = _time_text(self._now() if when is None else when)
+            at = self._now() if when is None else when
+            revoked_at = _time_text(at)
+            invalid_since = None if invalidity_date is None else _time_text(invalidity_date)
         except ValueError as e:
             return defer.fail(e)
+        if invalidity_date is not None and invalidity_date > at:
+            return defer.fail(
+                ValueError(
+                    f"the invalidity date {invalidity_date.isoformat()} is after the revocation"
+                    f" ({at.isoformat()}); it says since when the key is suspect"
+                )
+            )
 
         def interaction(txn: Any) -> IssuedCertificate:
             # "IS NULL": the first revocation's date and reason stand, which
             # is what every CRL already published says.
             self._execute(
                 txn,
-                "UPDATE certificates SET revoked_at = ?, revocation_reason = ?"
+                "UPDATE certificates SET revoked_at = ?, revocation_reason = ?, invalidity_date = ?"
                 " WHERE serial = ? AND revoked_at IS NULL",
-                (revoked_at, reason, _serial_text(serial)),
+                (revoked_at, reason, invalid_since, _serial_text(serial)),
             )
             issued = self._select_certificate(txn, serial)
             if issued is None:
