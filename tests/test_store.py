@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.x509.oid import NameOID
 from twisted.internet import defer
+from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 from zope.interface.verify import verifyObject
 
@@ -1064,10 +1065,17 @@ class PostgreSQLConnectionTests(unittest.TestCase):
         store = PostgreSQLStore(f"postgresql://estgw@/estgw?host={directory}", connect_timeout=1)
         import psycopg
 
+        logged: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
         with self.assertRaises(psycopg.OperationalError) as caught:
             await store.start()
         self.assertIn("cannot connect to the PostgreSQL store", str(caught.exception))
         self.assertIn(directory, str(caught.exception))
         with self.assertRaises(StoreNotRunning):
             await store.count_certificates()
+        # The pool's own complaints went to the gateway's log, naming the reason.
+        pool_lines = [e for e in logged if "PostgreSQL connection pool" in e.get("log_format", "")]
+        self.assertTrue(pool_lines)
+        self.assertIn(directory, pool_lines[0]["reason"])
 

@@ -20,6 +20,7 @@ again (it did nothing), a few times.
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from typing import Any, Callable, ClassVar, TypeVar
@@ -29,6 +30,7 @@ import psycopg_pool
 from psycopg import errors, pq
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from estgw.store import redact_url
@@ -45,6 +47,23 @@ _SUBJECT_LOCK_CLASS = 0x6573_7473  # "ests"
 
 #: How often a transaction that lost a serialization race is run again.
 RETRIES = 5
+
+
+class _PoolLogToTwisted(logging.Handler):
+    """psycopg_pool reports connection failures through the standard
+    library's logging: hand them to the gateway's log (and so off stderr)."""
+
+    _log = Logger(namespace="estgw.store.postgresql")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        level = self._log.warn if record.levelno >= logging.WARNING else self._log.debug
+        level("PostgreSQL connection pool: {reason}", reason=record.getMessage())
+
+
+def _route_pool_log() -> None:
+    pool_logger = logging.getLogger("psycopg.pool")
+    if not any(isinstance(h, _PoolLogToTwisted) for h in pool_logger.handlers):
+        pool_logger.addHandler(_PoolLogToTwisted())
 
 
 class _PsycopgPool:
@@ -71,6 +90,7 @@ class _PsycopgPool:
         )
 
     def start(self) -> None:
+        _route_pool_log()
         self._threads.start()
         # Connections are made by the pool's own workers: nothing waits here.
         self._pool.open(wait=False)
