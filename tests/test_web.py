@@ -192,7 +192,7 @@ class BodyLimitTests(WireTestCase):
         result = await run_process([sys.executable, "-c", script])
         status, sent = result.stdout.decode().split()
         self.assertEqual(status, "413", result.stderr)
-        self.assertLess(int(sent), 2_000_000)
+        self.assertLess(int(sent), 20_000_000)  # cut off before the end (socket buffers hold a few MB)
         await self.assert_nothing_issued(gateway)
 
     async def test_body_within_limit(self) -> None:
