@@ -162,11 +162,15 @@ class IssuedCertificate:
         return self.revoked_at is not None
 
 
+def _certificate_tuple(values: Iterable[IssuedCertificate]) -> tuple[IssuedCertificate, ...]:
+    return tuple(values)
+
+
 @attr.s(frozen=True, auto_attribs=True)
 class CertificatePage:
     """One page of :meth:`IStore.certificate_page`."""
 
-    certificates: tuple[IssuedCertificate, ...] = attr.ib(converter=tuple)
+    certificates: tuple[IssuedCertificate, ...] = attr.ib(converter=_certificate_tuple)
     # Where the next page starts (pass it as ``after``); None: this was the last.
     after: tuple[str, int] | None
 
@@ -335,6 +339,15 @@ class IStore(Interface):
         asked.  Each page is one indexed range query, so reading every page
         costs the same per row at any table size and holds one page in
         memory (see :func:`iterate_certificates`).
+        """
+
+    def copy_from_sqlite(path: str, batch: int = 1000) -> Deferred[dict[str, int]]:
+        """
+        Copy every table of the SQLite store file ``path`` (at this schema
+        version) into this started, empty store in one transaction (all or
+        nothing), ids kept; rows copied per table.  StoreNotEmpty, with
+        nothing copied, if this store holds any row.  ``estgw store
+        migrate`` uses it.
         """
 
     def revoke_certificate(

@@ -208,7 +208,8 @@ class _SQLStore:
 
             reactor = _reactor
         self._reactor = reactor
-        self._pool: adbapi.ConnectionPool | None = None
+        # adbapi.ConnectionPool, or an object with the same four members.
+        self._pool: Any = None
         self._closing = False
         # Deferreds that fire when each operation in flight ends: close()
         # waits for them in the reactor, because stopping the pool while
@@ -218,7 +219,10 @@ class _SQLStore:
 
     # -- plumbing
 
-    def _make_pool(self) -> adbapi.ConnectionPool:
+    def _make_pool(self) -> Any:
+        """The pool: ``start()``, ``close()``, ``runInteraction(f, *args)``
+        (``f(cursor, *args)`` in one transaction, committed before the
+        Deferred fires) and ``dbapi`` (the driver module, for its errors)."""
         raise NotImplementedError
 
     def _sql(self, query: str) -> str:
