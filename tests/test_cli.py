@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from datetime import datetime, timezone
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -261,6 +262,41 @@ class CertTests(CLITestCase):
         self.assertEqual(await self.fails("cert", "show", "abc123"), "no certificate with serial abc123")
         self.assertEqual(await self.fails("cert", "revoke", "0xABC123"), "no certificate with serial abc123")
         self.assertIn("not a serial number", await self.fails("cert", "revoke", "-5"))
+
+    async def test_list_and_crl_read_pages(self) -> None:
+        """
+        cert list and crl write read the store in pages, never the whole
+        table at once (list_certificates is not called), and crl write asks
+        only for revoked rows; a listing of many pages is complete and in
+        order.
+        """
+        from estgw.store import SQLiteStore
+
+        certs = [await self.issue(f"dev-{i}") for i in range(5)]
+        await self.cli("cert", "revoke", f"{certs[1].serial_number:x}")
+        asked: list[tuple[int, bool]] = []
+        original = SQLiteStore.certificate_page
+
+        def page(store: Any, after: Any = None, limit: int = 1000, subject: Any = None,
+                 revoked_only: bool = False) -> Any:
+            asked.append((limit, revoked_only))
+            return original(store, after, 2 if limit == 1000 else limit, subject, revoked_only)
+
+        def whole_table(*args: Any, **kwargs: Any) -> Any:
+            raise AssertionError("the whole table was read")
+
+        self.patch(SQLiteStore, "certificate_page", page)
+        self.patch(SQLiteStore, "list_certificates", whole_table)
+        listing = await self.cli("cert", "list")
+        self.assertEqual(
+            [line.split()[0] for line in listing.splitlines()[1:]],
+            [f"{c.serial_number:x}" for c in reversed(certs)],
+        )
+        self.assertEqual(asked, [(1000, False)] * 3)  # pages of 2: 2 + 2 + 1
+        asked.clear()
+        self.assertIn("CRL of 1 revoked certificate(s)", await self.cli("crl", "write"))
+        self.assertEqual(asked, [(1000, True)])
+
 
 class ProcessTests(CLITestCase):
     """``python -m estgw.cli``: exit status and stderr as operators see them."""
