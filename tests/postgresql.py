@@ -71,7 +71,12 @@ def _start() -> str:
         except KeyError:
             _unavailable("running as root and there is no postgres user to run the server as")
         os.chown(directory, user.pw_uid, user.pw_gid)
-        prefix = ["runuser", "-u", "postgres", "--"]
+        runuser = shutil.which("runuser") or next(
+            (path for path in ("/usr/sbin/runuser", "/sbin/runuser") if os.path.exists(path)), None
+        )
+        if runuser is None:
+            _unavailable("running as root and runuser (util-linux) is missing")
+        prefix = [str(runuser), "-u", "postgres", "--"]
     run = lambda *argv: subprocess.run(  # noqa: E731
         prefix + list(argv), check=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=120
     )
