@@ -1079,3 +1079,27 @@ class PostgreSQLConnectionTests(unittest.TestCase):
         self.assertTrue(pool_lines)
         self.assertIn(directory, pool_lines[0]["reason"])
 
+    async def test_connections_lost_while_idle(self) -> None:
+        """
+        When the server drops every connection (a restart, a failover),
+        the next calls get new ones and succeed: a connection that died
+        idle in the pool is replaced before anything ran on it.
+        """
+        url = await postgresql.new_database(self)
+        from estgw.store.postgresql import PostgreSQLStore
+
+        store = PostgreSQLStore(url, pool_size=3)
+        await store.start()
+        self.addCleanup(store.close)
+        # Fill the pool: three calls at once hold three connections.
+        await defer.gatherResults([store.count_certificates() for _ in range(3)])
+        dropped = postgresql.query(
+            postgresql.server_url(),
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE application_name = 'estgw' AND datname = %s",
+            (url.split("?")[0].rsplit("/", 1)[1],),
+        )
+        self.assertGreaterEqual(len(dropped), 2, dropped)
+        await store.record_certificate(issued(serial=0x51))
+        self.assertEqual([await store.count_certificates() for _ in range(4)], [1] * 4)
+

@@ -66,6 +66,35 @@ def _route_pool_log() -> None:
         pool_logger.addHandler(_PoolLogToTwisted())
 
 
+class _StaleConnection(Exception):
+    """A pooled connection failed before its first statement ran."""
+
+    def __init__(self, error: psycopg.OperationalError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class _CountingCursor:
+    """A cursor that counts the statements that succeeded on it."""
+
+    def __init__(self, cursor: Any) -> None:
+        self._cursor = cursor
+        self.executed = 0
+
+    def execute(self, *args: Any, **kwargs: Any) -> Any:
+        result = self._cursor.execute(*args, **kwargs)
+        self.executed += 1
+        return result
+
+    def executemany(self, *args: Any, **kwargs: Any) -> Any:
+        result = self._cursor.executemany(*args, **kwargs)
+        self.executed += 1
+        return result
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._cursor, name)
+
+
 class _PsycopgPool:
     """The part of adbapi's ConnectionPool that :class:`_SQLStore` uses,
     over psycopg_pool: ``runInteraction(f, *args)`` runs ``f(cursor,
@@ -76,6 +105,7 @@ class _PsycopgPool:
 
     def __init__(self, conninfo: str, reactor: Any, size: int, connect_timeout: float) -> None:
         self._reactor = reactor
+        self._size = size
         self._conninfo = conninfo
         self._connect_timeout = connect_timeout
         self._threads = ThreadPool(minthreads=0, maxthreads=size, name="estgw-postgresql")
@@ -103,14 +133,22 @@ class _PsycopgPool:
         return deferToThreadPool(self._reactor, self._threads, self._transact, interaction, *args)
 
     def _transact(self, interaction: Callable[..., _T], *args: Any) -> _T:
-        for attempt in range(RETRIES + 1):
+        stale = 0
+        attempt = 0
+        while True:
             try:
                 return self._once(interaction, *args)
             except (errors.SerializationFailure, errors.DeadlockDetected):
-                if attempt == RETRIES:
+                attempt += 1
+                if attempt > RETRIES:
                     raise
-                time.sleep(random.uniform(0.001, 0.01) * (attempt + 1))
-        raise AssertionError("unreachable")  # pragma: no cover
+                time.sleep(random.uniform(0.001, 0.01) * attempt)
+            except _StaleConnection as e:
+                # Every pooled connection may have died with the server
+                # (a restart, a failover): try each, then a new one.
+                stale += 1
+                if stale > self._size:
+                    raise e.error from None
 
     def _getconn(self) -> Any:
         try:
@@ -126,15 +164,25 @@ class _PsycopgPool:
     def _once(self, interaction: Callable[..., _T], *args: Any) -> _T:
         connection = self._getconn()
         try:
+            cursor = _CountingCursor(connection.cursor())
             try:
-                with connection.cursor() as cursor:
+                try:
                     result = interaction(cursor, *args)
+                finally:
+                    cursor.close()
                 if connection.info.transaction_status == pq.TransactionStatus.INERROR:
                     # A statement failed and the interaction handled it
                     # (e.g. a duplicate it reports as False): nothing to keep.
                     connection.rollback()
                 else:
                     connection.commit()
+            except psycopg.OperationalError as e:
+                if connection.broken and cursor.executed == 0:
+                    # It died while idle in the pool; nothing was done.
+                    raise _StaleConnection(e) from e
+                if not connection.closed:
+                    connection.rollback()
+                raise
             except BaseException:
                 if not connection.closed:
                     connection.rollback()
