@@ -13,7 +13,8 @@ from typing import Any
 import attr
 from cryptography import x509
 
-from estgw.ca import LocalCA, LocalTokenProcedure, Profile
+from estgw.ca import ITokenProcedure, LocalCA
+from estgw.ca import factory
 from estgw.config import Config, ConfigError
 from estgw.store import SQLiteStore
 
@@ -71,13 +72,6 @@ def open_store(config: Config, reactor: Any = None) -> SQLiteStore:
     return SQLiteStore(config.store_path, reactor=reactor)
 
 
-def token_procedures(config: Config, ca: LocalCA, reactor: Any = None) -> dict[str, LocalTokenProcedure]:
-    return {
-        name: LocalTokenProcedure(
-            name,
-            ca,
-            Profile.from_settings(p.validity_days, p.key_usage, p.extended_key_usage),
-            reactor=reactor,
-        )
-        for name, p in config.token_procedures.items()
-    }
+def token_procedures(config: Config, ca: LocalCA, reactor: Any = None) -> dict[str, ITokenProcedure]:
+    """Every configured token procedure by name (see :mod:`estgw.ca.factory`)."""
+    return factory.token_procedures(factory.Context(config=config, local_ca=ca, reactor=reactor))

@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 
 import attr
 
+from estgw.ca.factory import KINDS
 from estgw.properties import PropertiesError, parse_properties
 from estgw.protocol import CsrAttr, parse_csrattrs_setting
 
@@ -373,7 +374,7 @@ _GLOBAL_KEYS: dict[str, tuple[str, Callable[[str], Any]]] = {
 }
 _TOKEN_PROCEDURE_KEYS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "name": ("name", _text),
-    "ca": ("ca", _choice("local")),
+    "ca": ("ca", _choice(*KINDS)),
     "validity.days": ("validity_days", _positive_int),
     "keyusage": ("key_usage", _text),
     "extendedkeyusage": ("extended_key_usage", _text),

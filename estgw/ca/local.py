@@ -1,60 +1,53 @@
-"""Token procedures: the certificate authorities that issue device certificates.
+"""The embedded CA (``tokenprocedure.<n>.ca = local``).
 
-A token procedure (the model product's word for "a CA profile that
-issues") is anything providing :class:`ITokenProcedure`: ``issue`` returns
-a Deferred so that a remote CA can be plugged in later without touching
-the handlers.
-
-The embedded default is :class:`LocalCA`, a two-level CA (self-signed root
-plus an issuing CA) whose keys and certificates live in one directory and
-are created on first start, and :class:`LocalTokenProcedure`, which signs
-with it on a thread pool so that the reactor never waits for a signature.
+:class:`LocalCA` is a two-level CA (self-signed root plus an issuing CA)
+whose keys and certificates live in one directory and are created on
+first start; :class:`LocalTokenProcedure` signs with it on a thread pool
+so that the reactor never waits for a signature.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import os
-import re
-import tempfile
-from contextlib import contextmanager
-from datetime import datetime, timedelta, timezone
-from typing import Iterator, Sequence
+from datetime import datetime, timedelta
+from typing import Any, Sequence
 
 import attr
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.hazmat.primitives.asymmetric.types import (
-    CertificateIssuerPrivateKeyTypes,
-    CertificatePublicKeyTypes,
-)
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
-from zope.interface import Attribute, Interface, implementer
+from zope.interface import implementer
 
-try:  # POSIX only; without it concurrent first starts are merely unserialised.
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None  # type: ignore[assignment]
-
-__all__ = [
-    "CAError",
-    "ITokenProcedure",
-    "IssueRequest",
-    "LocalCA",
-    "LocalTokenProcedure",
-    "PrivateKey",
-    "Profile",
-]
-
-#: Private key types we can sign with (and so load as a server key).
-PrivateKey = CertificateIssuerPrivateKeyTypes
+from estgw.ca import (
+    CAError,
+    IssueRequest,
+    ITokenProcedure,
+    PrivateKey,
+    Profile,
+    key_usage_extension as _key_usage,
+)
+from estgw.ca._files import (
+    _CERT_MODE,
+    _check_pair,
+    _ensure_directory,
+    _load_cert,
+    _load_key,
+    _locked,
+    _read,
+    _spki,
+    _utc,
+    _write_atomically,
+    _write_cert,
+    _write_key,
+)
 
 ORGANIZATION = "estgw"
 
@@ -76,283 +69,6 @@ CA_FILES = (ROOT_CERT, ROOT_KEY, ISSUING_CERT, ISSUING_KEY)
 CRL_FILE = "crl.pem"
 SERVER_CERT = "server.pem"
 SERVER_KEY = "server.key"
-
-_KEY_MODE = 0o600
-_CERT_MODE = 0o644  # certificates are public; the 0700 directory still guards them
-_DIR_MODE = 0o700
-
-
-class CAError(Exception):
-    """The CA cannot be loaded, created or used; the message says why."""
-
-
-# --- requests and profiles -------------------------------------------------
-
-
-@attr.s(frozen=True, auto_attribs=True)
-class IssueRequest:
-    """What the checked and rewritten PKCS#10 request asks to be certified."""
-
-    subject: x509.Name
-    public_key: CertificatePublicKeyTypes
-    sans: tuple[x509.GeneralName, ...] = attr.ib(default=(), converter=tuple)
-
-
-#: RFC 5280 camelCase key usage names -> x509.KeyUsage field names.
-KEY_USAGE_NAMES: dict[str, str] = {
-    "digitalSignature": "digital_signature",
-    "nonRepudiation": "content_commitment",
-    "contentCommitment": "content_commitment",  # X.509 (2008) name of the same bit
-    "keyEncipherment": "key_encipherment",
-    "dataEncipherment": "data_encipherment",
-    "keyAgreement": "key_agreement",
-    "keyCertSign": "key_cert_sign",
-    "cRLSign": "crl_sign",
-    "encipherOnly": "encipher_only",
-    "decipherOnly": "decipher_only",
-}
-_KEY_USAGE_FIELDS = frozenset(KEY_USAGE_NAMES.values())
-
-EXTENDED_KEY_USAGE_NAMES: dict[str, x509.ObjectIdentifier] = {
-    "clientAuth": ExtendedKeyUsageOID.CLIENT_AUTH,
-    "serverAuth": ExtendedKeyUsageOID.SERVER_AUTH,
-    "codeSigning": ExtendedKeyUsageOID.CODE_SIGNING,
-    "emailProtection": ExtendedKeyUsageOID.EMAIL_PROTECTION,
-    "timeStamping": ExtendedKeyUsageOID.TIME_STAMPING,
-    "OCSPSigning": ExtendedKeyUsageOID.OCSP_SIGNING,
-}
-
-_DOTTED_OID = re.compile(r"^[0-2](\.(0|[1-9][0-9]*))+$")
-
-
-def _check_validity(instance: object, attribute: attr.Attribute, value: timedelta) -> None:
-    if value <= timedelta(0):
-        raise ValueError(f"validity must be positive, not {value}")
-
-
-def _check_key_usage(instance: object, attribute: attr.Attribute, value: frozenset[str]) -> None:
-    unknown = sorted(value - _KEY_USAGE_FIELDS)
-    if unknown:
-        raise ValueError(f"unknown key usage {', '.join(unknown)}")
-    # Every certificate this CA signs has cA=FALSE, and RFC 5280 4.2.1.3
-    # forbids keyCertSign without cA=TRUE: verifiers reject such leaves.
-    if "key_cert_sign" in value:
-        raise ValueError(
-            "key usage keyCertSign is for CA certificates; this CA issues end-entity certificates only"
-        )
-    # RFC 5280 4.2.1.3: the two *Only bits are meaningful only with keyAgreement.
-    for only in ("encipher_only", "decipher_only"):
-        if only in value and "key_agreement" not in value:
-            raise ValueError(f"key usage {_camel(only)} requires keyAgreement")
-
-
-def _camel(field: str) -> str:
-    for name, f in KEY_USAGE_NAMES.items():
-        if f == field:
-            return name
-    return field  # pragma: no cover - only called with known fields
-
-
-def _split(value: str) -> list[str]:
-    return [item.strip() for item in value.split(",") if item.strip()]
-
-
-def _lookup(name: str, table: dict[str, object]) -> object | None:
-    # Config files are typed by hand: accept any letter case.
-    for key, found in table.items():
-        if key.lower() == name.lower():
-            return found
-    return None
-
-
-@attr.s(frozen=True, auto_attribs=True)
-class Profile:
-    """What a token procedure puts into the certificates it issues."""
-
-    validity: timedelta = attr.ib(default=timedelta(days=365), validator=_check_validity)
-    #: x509.KeyUsage field names; empty means no KeyUsage extension.
-    key_usage: frozenset[str] = attr.ib(
-        default=frozenset({"digital_signature", "key_encipherment"}),
-        converter=frozenset,
-        validator=_check_key_usage,
-    )
-    #: Empty means no ExtendedKeyUsage extension.
-    extended_key_usage: tuple[x509.ObjectIdentifier, ...] = attr.ib(
-        default=(ExtendedKeyUsageOID.CLIENT_AUTH,),
-        converter=lambda v: tuple(dict.fromkeys(v)),  # drop duplicates, keep order
-    )
-
-    @classmethod
-    def from_settings(cls, validity_days: int, key_usage: str, extended_key_usage: str) -> "Profile":
-        """Build a profile from configuration strings.
-
-        ``key_usage`` is a comma list of RFC 5280 names (``digitalSignature,
-        keyEncipherment``), ``extended_key_usage`` a comma list of names
-        (``clientAuth``, ``serverAuth``, ...) or dotted OIDs. Names are
-        matched without regard to case. Raises ValueError naming the first
-        bad value.
-        """
-        if validity_days < 1:
-            raise ValueError(f"validity must be at least 1 day, not {validity_days}")
-        usages = set()
-        for name in _split(key_usage):
-            found = _lookup(name, KEY_USAGE_NAMES)  # type: ignore[arg-type]
-            if found is None:
-                raise ValueError(
-                    f"unknown key usage {name!r} (known: {', '.join(KEY_USAGE_NAMES)})"
-                )
-            usages.add(str(found))
-        ekus: list[x509.ObjectIdentifier] = []
-        for name in _split(extended_key_usage):
-            oid = _lookup(name, EXTENDED_KEY_USAGE_NAMES)  # type: ignore[arg-type]
-            if oid is None and _DOTTED_OID.match(name):
-                oid = x509.ObjectIdentifier(name)
-            if oid is None:
-                raise ValueError(
-                    f"unknown extended key usage {name!r} (known: "
-                    f"{', '.join(EXTENDED_KEY_USAGE_NAMES)} or a dotted OID)"
-                )
-            assert isinstance(oid, x509.ObjectIdentifier)
-            ekus.append(oid)
-        return cls(
-            validity=timedelta(days=validity_days),
-            key_usage=frozenset(usages),
-            extended_key_usage=tuple(ekus),
-        )
-
-
-# --- the interface ----------------------------------------------------------
-
-
-class ITokenProcedure(Interface):
-    """A CA profile that issues certificates, possibly far away."""
-
-    name = Attribute("The token procedure's name as the configuration spells it.")
-
-    def issue(request: IssueRequest) -> "Deferred[x509.Certificate]":
-        """Issue a certificate for ``request``; the Deferred fires with it."""
-
-    def chain() -> list[x509.Certificate]:
-        """The issuing CA certificate first, then up to and including the root."""
-
-
-# --- files ------------------------------------------------------------------
-
-
-def _utc(when: datetime | None) -> datetime:
-    if when is None:
-        return datetime.now(timezone.utc)
-    if when.tzinfo is None:  # cryptography's own convention: naive means UTC
-        return when.replace(tzinfo=timezone.utc)
-    return when.astimezone(timezone.utc)
-
-
-def _ensure_directory(directory: str) -> None:
-    try:
-        os.makedirs(directory, mode=_DIR_MODE)
-    except FileExistsError:
-        if not os.path.isdir(directory):
-            raise CAError(f"{directory} exists and is not a directory")
-        return  # the operator's directory; its mode is theirs to choose
-    except OSError as e:
-        raise CAError(f"cannot create {directory}: {e.strerror}") from e
-    os.chmod(directory, _DIR_MODE)  # makedirs' mode is subject to the umask
-
-
-@contextmanager
-def _locked(directory: str) -> Iterator[None]:
-    """Hold an exclusive lock on ``directory``.
-
-    Several gateway processes may start at once on one CA directory; the
-    lock makes exactly one of them create the CA (or the server
-    certificate) and the others load it.
-    """
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        if fcntl is not None:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
-
-
-def _write_atomically(path: str, data: bytes, mode: int) -> None:
-    """Write ``path`` so that it is either absent, old, or complete."""
-    directory = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".")
-    try:
-        try:
-            os.fchmod(fd, mode)  # mkstemp makes 0600; certificates are 0644
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    dfd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dfd)  # make the rename itself durable
-    finally:
-        os.close(dfd)
-
-
-def _write_key(path: str, key: PrivateKey) -> None:
-    # Unencrypted PKCS#8: the gateway must start unattended, so there is no
-    # one to type a passphrase. The 0700 directory and the 0600 file are
-    # what protect the key.
-    _write_atomically(
-        path,
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        ),
-        _KEY_MODE,
-    )
-
-
-def _write_cert(path: str, cert: x509.Certificate) -> None:
-    _write_atomically(path, cert.public_bytes(serialization.Encoding.PEM), _CERT_MODE)
-
-
-def _read(path: str) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as e:
-        raise CAError(f"cannot read {path}: {e.strerror}") from e
-
-
-def _load_cert(path: str) -> x509.Certificate:
-    try:
-        return x509.load_pem_x509_certificate(_read(path))
-    except ValueError as e:
-        raise CAError(f"{path} is not a PEM certificate: {e}") from e
-
-
-def _load_key(path: str) -> PrivateKey:
-    try:
-        key = serialization.load_pem_private_key(_read(path), password=None)
-    except (ValueError, TypeError) as e:
-        raise CAError(f"{path} is not an unencrypted PEM private key: {e}") from e
-    if not isinstance(key, CertificateIssuerPrivateKeyTypes):  # type: ignore[misc, arg-type]
-        raise CAError(f"{path} holds a {type(key).__name__}, which cannot sign certificates")
-    return key
-
-
-def _spki(key: CertificatePublicKeyTypes) -> bytes:
-    return key.public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-
-
-def _check_pair(cert_path: str, cert: x509.Certificate, key_path: str, key: PrivateKey) -> None:
-    if _spki(cert.public_key()) != _spki(key.public_key()):
-        raise CAError(f"{key_path} is not the key of {cert_path}")
-
 
 def _new_key() -> ec.EllipticCurvePrivateKey:
     # EC P-256: an ECDSA signature costs tens of microseconds against about
@@ -415,10 +131,6 @@ def _ca_cert(
         )
         .sign(issuer_key, hashes.SHA256())
     )
-
-
-def _key_usage(fields: frozenset[str]) -> x509.KeyUsage:
-    return x509.KeyUsage(**{field: field in fields for field in sorted(_KEY_USAGE_FIELDS)})
 
 
 def _host_san(host: str) -> x509.GeneralName:
@@ -726,3 +438,13 @@ class LocalTokenProcedure:
 
     def chain(self) -> list[x509.Certificate]:
         return self.ca.chain()
+
+
+def token_procedure(procedure: Any, context: Any) -> LocalTokenProcedure:
+    """``tokenprocedure.<n>.ca = local``: sign with the embedded CA (see :mod:`estgw.ca.factory`)."""
+    return LocalTokenProcedure(
+        procedure.name,
+        context.local_ca,
+        Profile.from_settings(procedure.validity_days, procedure.key_usage, procedure.extended_key_usage),
+        reactor=context.reactor,
+    )
