@@ -118,14 +118,6 @@ def digest_ha1(device_id: str, realm: str, password: str) -> str:
     return hashlib.md5(f"{device_id}:{realm}:".encode("utf-8") + secret).hexdigest()
 
 
-class ConsumedRegistration(error.UnauthorizedLogin):
-    """Right credentials, but the single-use registration was used up."""
-
-    def __init__(self, device_id: str) -> None:
-        super().__init__(device_id)
-        self.device_id = device_id
-
-
 def _consumed(device_id: str) -> Refusal:
     return Refusal(
         403, "single-use-consumed",
@@ -177,9 +169,9 @@ class DeviceChecker:
 
     @staticmethod
     def _usable(device: Device) -> bytes:
-        # Told only after the password checked out.
-        if device.single_use and device.consumed_at is not None:
-            raise ConsumedRegistration(device.device_id)
+        # A consumed single-use registration still logs in: the pipeline
+        # may send its certificate again (estgw.enroll), and refuses
+        # anything else when it claims the registration (single_use).
         return device.device_id.encode("utf-8")
 
 
@@ -342,6 +334,8 @@ async def authenticate(
         identity = await _factory_device(request, handler, peer, portal)
     elif handler.filter == "clientcert":
         identity = await _client_certificate(request, handler, peer, portal)
+    elif handler.filter == "registersimpleenroll-basic-idm-auth":
+        identity = await _registered_device(request, handler, peer, portal)
     else:
         identity = await _device_or_certificate(request, handler, peer, portal)
     if handler.required_ro_roles is not None:
@@ -353,6 +347,10 @@ def _issuer_accepted(request: Any, handler: HandlerConfig, peer: PeerInfo, porta
     """clientCertificateIssuers = local: only this gateway's certificates
     count.  A foreign one beside a password login is ignored; alone, refused."""
     cert = peer.certificate
+    if cert is not None and handler.filter == "registersimpleenroll-basic-idm-auth" and handler.factory is None:
+        # Only the device's login counts here: a certificate beside it
+        # neither helps nor hinders.
+        return attr.evolve(peer, certificate=None, chain=())
     if cert is None or handler.client_certificate_issuers != "local":
         return peer
     if officers.issued_by(cert, portal.ca_chain):
@@ -383,6 +381,24 @@ async def _device_or_certificate(
             "authenticate with a TLS client certificate or as a pre-registered device",
         )
     raise _certificate_required()
+
+
+async def _registered_device(
+    request: Any, handler: HandlerConfig, peer: PeerInfo, portal: DevicePortal
+) -> Identity:
+    """The approval filter: the HTTP login of a pre-registered device, and
+    nothing else.  A client certificate alone (even one this gateway
+    issued) is not a registration, so it never reaches an operator."""
+    factory = portal.credential_factory(handler)
+    assert factory is not None  # the configuration demands authtype here
+    if not request.getHeader(b"authorization"):
+        _require_tls(peer)
+        raise unauthorized(
+            factory, request, "authentication-required",
+            f"this endpoint serves pre-registered devices: log in with HTTP {_scheme(factory)}",
+        )
+    device = await _http_login(request, handler, factory, peer, portal)
+    return Identity(kind="device", device_id=device.device_id, registration=device)
 
 
 async def _client_certificate(
@@ -423,8 +439,6 @@ async def _factory_device(
             403, "factory-certificate-not-registered",
             "the TLS client certificate is not a registered factory certificate",
         )
-    if device.single_use and device.consumed_at is not None:
-        raise _consumed(device.device_id)
     if handler.factory.mandatory_password:
         await _factory_password(request, handler, peer, portal, device)
     return Identity(
@@ -492,8 +506,6 @@ async def _http_login(
         _check_digest_response(creds.fields, request, handler, factory)
     try:
         _interface, device_id, _logout = await portal.login(creds, None, _Avatar)
-    except ConsumedRegistration as e:
-        raise _consumed(e.device_id) from None
     except error.LoginFailed:
         raise unauthorized(factory, request, "bad-credentials", "unknown device or wrong password") from None
     device = await portal.store.get_device(device_id)

@@ -325,6 +325,10 @@ class Config:
     metrics_port: int | None = None
     metrics_interface: str = "127.0.0.1"
     ocsp_failure: str = "hard"
+    # How long a consumed single-use registration may fetch again the
+    # certificate its first enrollment got (same key): a device whose
+    # connection dropped after issuing is not locked out.  0: never.
+    single_use_refetch_seconds: int = 900
     token_procedures: Mapping[str, TokenProcedureConfig] = attr.Factory(dict)
     handlers: tuple[HandlerConfig, ...] = ()
 
@@ -345,6 +349,20 @@ class Config:
     @property
     def ca_certificate_path(self) -> str:
         return os.path.join(self.ca_directory, "root-ca.pem")
+
+    @property
+    def last_issued_rule(self) -> bool:
+        """Whether only the certificate issued last for a subject may renew it.
+
+        ``allowRenewalWithOldCertificates = true`` on any enrollment handler
+        turns the rule on for the whole gateway: a subject has one
+        last-issued certificate however it was obtained, so a holder of an
+        older one must not get around the rule through another operation,
+        label or filter (see :func:`estgw.policy.renews_own_subject`).
+        """
+        return any(
+            h.allow_renewal_with_old_certificates for h in self.handlers if h.operation in ENROLL_OPERATIONS
+        )
 
     def handler(self, label: str, operation: str) -> HandlerConfig | None:
         for handler in self.handlers:
@@ -369,6 +387,7 @@ _GLOBAL_KEYS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "tls.ocsp.timeout": ("ocsp_timeout", _seconds),
     "tls.ocsp.cacheSeconds": ("ocsp_cache_seconds", _non_negative_int),
     "tls.ocsp.failure": ("ocsp_failure", _choice("hard", "soft")),
+    "singleUse.refetchSeconds": ("single_use_refetch_seconds", _non_negative_int),
     "metrics.port": ("metrics_port", _port),
     "metrics.interface": ("metrics_interface", _text),
 }
@@ -649,6 +668,12 @@ def _complete_handler(
         raise ConfigError(where("filter"), "manual approval is only for simpleenroll", source)
     if handler.filter == "registersimpleenroll-basic-idm-auth" and not handler.authtype:
         raise ConfigError(where("authtype"), "required by filter registersimpleenroll-basic-idm-auth", source)
+    if handler.filter == "registersimpleenroll-basic-idm-auth" and handler.required_ro_roles is not None:
+        raise ConfigError(
+            where("requiredRoRoles"),
+            "filter registersimpleenroll-basic-idm-auth serves pre-registered devices, not officers",
+            source,
+        )
     if op == "simplereenroll" and handler.filter not in ("clientcert",):
         raise ConfigError(
             where("filter"),

@@ -8,10 +8,13 @@ elsewhere that raises :class:`Refusal` to stop it.
 
 from __future__ import annotations
 
+import hashlib
+from datetime import datetime, timedelta, timezone
 from typing import Any, Mapping
 
 import attr
 from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from twisted.logger import Logger
 
 from estgw import auth, policy
@@ -65,11 +68,16 @@ async def _client_certificate_not_revoked(
 async def _renewing_last_issued(gateway: Gateway, identity: auth.Identity, ctx: policy.PolicyContext) -> None:
     """With allowRenewalWithOldCertificates = true (the product's
     name reads backwards: true turns the check ON), only the certificate
-    issued last for the subject may renew it."""
+    issued last for the subject may renew it, by any operation.
+
+    A simpleenroll of a subject this gateway never issued is a first
+    enrollment, not a renewal; a simplereenroll needs the record.
+    """
     cert = identity.certificate
-    if cert is None or identity.acting_as_officer:
-        return
+    assert cert is not None  # policy.renews_own_subject
     last = await gateway.store.last_issued_for_subject(ctx.subject.rfc4514_string())
+    if last is None and ctx.operation != "simplereenroll":
+        return
     if last is None or last.serial != cert.serial_number:
         raise Refusal(
             403,
@@ -78,6 +86,36 @@ async def _renewing_last_issued(gateway: Gateway, identity: auth.Identity, ctx: 
             if last is not None else
             "renewal requires the certificate issued last for this subject; this gateway has no record of one",
         )
+
+
+async def _sent_again(
+    gateway: Gateway, identity: auth.Identity, csr: x509.CertificateSigningRequest
+) -> x509.Certificate | None:
+    """The certificate a consumed single-use registration already got for
+    this CSR's key, if it got it within ``singleUse.refetchSeconds``.
+
+    The device proved its password (or factory certificate) and, by the
+    CSR's signature, the key: sending it the certificate it was issued,
+    whose response its dropped connection lost, issues nothing new.
+    """
+    device = identity.registration
+    window = gateway.config.single_use_refetch_seconds
+    if device is None or not device.single_use or device.consumed_at is None or window <= 0:
+        return None
+    now = datetime.now(timezone.utc)
+    if now - device.consumed_at > timedelta(seconds=window):
+        return None
+    spki = csr.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    for issued in await gateway.store.certificates_for_public_key(hashlib.sha256(spki).hexdigest()):
+        if issued.requester == identity.requester and not issued.revoked and issued.issued_at >= device.consumed_at:
+            _log.info(
+                "sent again serial {serial:x} to {requester}: its single-use registration was"
+                " consumed by this certificate {age:.0f} s ago",
+                serial=issued.serial, requester=identity.requester,
+                age=(now - device.consumed_at).total_seconds(), event="reissued",
+            )
+            return issued.certificate
+    return None
 
 
 async def enroll(
@@ -99,7 +137,9 @@ async def enroll(
         policy.ChannelBinding(*binding) if binding else None,
     )
     policy.run_format(ctx)
-    if handler.operation == "simplereenroll" and handler.allow_renewal_with_old_certificates:
+    # Who is renewing is decided once, for every operation, label and
+    # filter: an older certificate must not renew through simpleenroll.
+    if gateway.config.last_issued_rule and policy.renews_own_subject(ctx):
         await _renewing_last_issued(gateway, identity, ctx)
 
     procedure = gateway.procedures[handler.token_procedure]
@@ -112,6 +152,9 @@ async def enroll(
             sign=lambda: procedure.issue(policy.issue_request(ctx)),
             claim=lambda: auth.single_use(gateway.store, identity),
         )
+    again = await _sent_again(gateway, identity, csr)
+    if again is not None:
+        return again
     # A single-use registration is claimed first (one winner among
     # concurrent requests) and released if issuing or recording fails.
     async with auth.single_use(gateway.store, identity):

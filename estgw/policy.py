@@ -185,6 +185,23 @@ def build_context(
     )
 
 
+def renews_own_subject(ctx: PolicyContext) -> bool:
+    """Whether the request is a certificate holder renewing its own subject.
+
+    The one place that decides it, for every operation, label and filter:
+    a client certificate (not an officer acting for others, not a
+    registered factory certificate bootstrapping a device) asking for the
+    subject it already holds, after the SAN/CN copy rules.  A
+    simplereenroll always is one (its subject match guarantees it); a
+    simpleenroll with the same certificate is one too, and gets the same
+    renewal rules (RFC 7030 §4.2.2).
+    """
+    identity = ctx.identity
+    if identity.kind != "certificate" or identity.acting_as_officer or identity.certificate is None:
+        return False
+    return certificate_names(identity.certificate)[0] == ctx.subject
+
+
 # -- the checks ------------------------------------------------------------------
 
 
@@ -222,6 +239,20 @@ def key_acceptable(ctx: PolicyContext) -> None:
     if isinstance(key, (ed25519.Ed25519PublicKey, ed448.Ed448PublicKey)):
         return
     raise Refusal(400, "csr-unsupported-key", "the CSR public key type is not supported")
+
+
+def describe_public_key(key: object) -> str:
+    """A public key as an operator reads it: ``RSA 2048``, ``EC secp256r1``,
+    ``Ed25519``, ``Ed448``."""
+    if isinstance(key, rsa.RSAPublicKey):
+        return f"RSA {key.key_size}"
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        return f"EC {key.curve.name}"
+    if isinstance(key, ed25519.Ed25519PublicKey):
+        return "Ed25519"
+    if isinstance(key, ed448.Ed448PublicKey):
+        return "Ed448"
+    return type(key).__name__
 
 
 def has_subject(ctx: PolicyContext) -> None:

@@ -81,7 +81,7 @@ def _utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def _general_name(name: x509.GeneralName) -> str:
+def general_name_text(name: x509.GeneralName) -> str:
     """One SAN in the ``TYPE:value`` spelling OpenSSL prints."""
     if isinstance(name, x509.DNSName):
         return f"DNS:{name.value}"
@@ -129,7 +129,7 @@ class IssuedCertificate:
         """Describe ``cert``; ``issued_at`` defaults to now."""
         try:
             san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
-            sans = tuple(_general_name(name) for name in san.value)
+            sans = tuple(general_name_text(name) for name in san.value)
         except x509.ExtensionNotFound:
             sans = ()
         spki = cert.public_key().public_bytes(
@@ -302,6 +302,10 @@ class IStore(Interface):
 
     def last_issued_for_subject(subject: str) -> Deferred[IssuedCertificate | None]:
         """The newest certificate for ``subject`` (by issued_at, then insertion)."""
+
+    def certificates_for_public_key(public_key_sha256: str) -> Deferred[list[IssuedCertificate]]:
+        """Certificates issued for a public key (hex SHA-256 of its
+        SubjectPublicKeyInfo DER), newest first."""
 
     def count_certificates() -> Deferred[int]:
         """How many certificates are recorded."""
@@ -907,6 +911,18 @@ class _SQLStore:
             )
             row = txn.fetchone()
             return None if row is None else _certificate_from_row(row)
+
+        return self._run(interaction)
+
+    def certificates_for_public_key(self, public_key_sha256: str) -> Deferred[list[IssuedCertificate]]:
+        def interaction(txn: Any) -> list[IssuedCertificate]:
+            self._execute(
+                txn,
+                f"SELECT {_CERT_COLUMNS} FROM certificates WHERE public_key_sha256 = ?"
+                " ORDER BY issued_at DESC, id DESC",
+                (public_key_sha256,),
+            )
+            return [_certificate_from_row(row) for row in txn.fetchall()]
 
         return self._run(interaction)
 

@@ -183,7 +183,7 @@ class ApprovalFlowTests(TestCase):
         request_id = await self.pending()
         self.assertEqual(await self.pending(), request_id)
         listing = await self.operator("list", "--status", "all")
-        self.assertEqual(listing.count("CN=pump-17"), 1, listing)
+        self.assertEqual(listing.count("device:pump-17"), 1, listing)  # one request
         self.assertIn(request_id, listing)
 
     async def test_service_refuses_foreign_token(self) -> None:

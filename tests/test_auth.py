@@ -26,6 +26,7 @@ from estgw import auth, cli
 from estgw.ca import IssueRequest, Profile
 from estgw.config import ConfigError, from_string
 from estgw.passwords import hash_password
+from estgw.protocol import decode_certs_only
 from estgw.refusal import Refusal
 from estgw.store import Device, IssuedCertificate, SQLiteStore
 from estgw.testing import (
@@ -460,3 +461,63 @@ class AuthConfigTests(TestCase):
             from_string(base)
         self.assertEqual(caught.exception.key, "handler.20.realm")
         self.assertEqual(from_string(base + "handler.20.realm =\n").handler("d", "simpleenroll").realm, "")
+
+
+class SingleUseRefetchTests(SecurityTestCase):
+    """A consumed single-use registration may fetch again, with the same
+    key and within singleUse.refetchSeconds, the certificate it was
+    issued (its connection may have dropped before the response)."""
+
+    async def start(self, extra: str = "") -> None:
+        await self.setUpGateway(extra)
+        await run_cli(self.gateway, "device", "add", "pump-17", "--password", "once", "--single-use")
+        self.key = new_key()
+        first = await self.gateway.curl("simpleenroll", data=csr_for("pump-17", self.key), user="pump-17:once")
+        self.first = await self.assertIssued(first, "device:pump-17")
+        self.audit.events.clear()
+
+    async def test_same_key_gets_same_certificate(self) -> None:
+        """Same password, a new CSR for the same key: 200 with the same
+        certificate, nothing new issued, one audit line "reissued"."""
+        await self.start()
+        again = await self.gateway.curl("simpleenroll", data=csr_for("pump-17", self.key), user="pump-17:once")
+        self.assertEqual(again.status, 200, again.text)
+        (certificate,) = decode_certs_only(again.body)
+        self.assertEqual(certificate.serial_number, self.first.serial)
+        self.assertEqual(await self.gateway.store.count_certificates(), 1)
+        self.assertEqual([e["event"] for e in self.audit.events], ["reissued"])
+
+    async def test_other_key_refused(self) -> None:
+        """Another key is a second certificate: 403 single-use-consumed."""
+        await self.start()
+        other = await self.gateway.curl("simpleenroll", data=csr_for("pump-17"), user="pump-17:once")
+        await self.assertRefused(other, 403, "single-use-consumed", "already been used", before=1)
+
+    async def test_wrong_password_refused(self) -> None:
+        """The same key without the password is no refetch: 401."""
+        await self.start()
+        other = await self.gateway.curl("simpleenroll", data=csr_for("pump-17", self.key), user="pump-17:guess")
+        await self.assertRefused(other, 401, "bad-credentials", "wrong password", before=1)
+
+    async def test_revoked_certificate_not_sent_again(self) -> None:
+        """A certificate revoked since is not sent again: 403."""
+        await self.start()
+        await self.gateway.store.revoke_certificate(self.first.serial)
+        again = await self.gateway.curl("simpleenroll", data=csr_for("pump-17", self.key), user="pump-17:once")
+        await self.assertRefused(again, 403, "single-use-consumed", "already been used", before=1)
+
+    async def test_window_closed(self) -> None:
+        """singleUse.refetchSeconds = 0 turns it off: the same key is refused."""
+        await self.start("singleUse.refetchSeconds = 0\n")
+        again = await self.gateway.curl("simpleenroll", data=csr_for("pump-17", self.key), user="pump-17:once")
+        await self.assertRefused(again, 403, "single-use-consumed", "already been used", before=1)
+
+    async def test_window_elapsed(self) -> None:
+        """A registration consumed longer ago than the window: refused."""
+        await self.start("singleUse.refetchSeconds = 60\n")
+        device = await self.gateway.store.get_device("pump-17")
+        await self.gateway.store.release_device("pump-17", device.consumed_at)
+        long_ago = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(seconds=120)
+        self.assertTrue(await self.gateway.store.consume_device("pump-17", long_ago))
+        again = await self.gateway.curl("simpleenroll", data=csr_for("pump-17", self.key), user="pump-17:once")
+        await self.assertRefused(again, 403, "single-use-consumed", "already been used", before=1)

@@ -203,7 +203,9 @@ class DigestResponseTests(TestCase):
         self.assertEqual((caught.exception.status, caught.exception.code), (403, "http-auth-without-tls"))
 
     async def test_single_use_consumed(self) -> None:
-        """Right Digest credentials of a consumed single-use device: 403."""
+        """Right Digest credentials of a consumed single-use device log in
+        (its certificate may be sent again), and claiming the registration
+        for a new certificate is refused: 403."""
         ha1 = auth.digest_ha1("once", "r", "pw")
         await self.store.add_device(Device("once", None, single_use=True, digest_ha1={"r": ha1}))
         await self.store.consume_device("once")
@@ -214,8 +216,12 @@ class DigestResponseTests(TestCase):
             f'Digest username="once", realm="r", nonce="{c["nonce"]}", uri="{DIGEST_PATH.decode()}", '
             f'response="{digest}", opaque="{c["opaque"]}", qop=auth, nc=00000001, cnonce="0a4f113b"'
         )
-        refusal = await self.refusal(self.request(header))
-        self.assertEqual((refusal.status, refusal.code), (403, "single-use-consumed"))
+        identity = await auth.authenticate(self.request(header), self.handler, self.peer, self.portal)
+        self.assertIsNotNone(identity.registration.consumed_at)
+        with self.assertRaises(Refusal) as caught:
+            async with auth.single_use(self.store, identity):
+                pass
+        self.assertEqual((caught.exception.status, caught.exception.code), (403, "single-use-consumed"))
 
     def test_ha1(self) -> None:
         """H(A1) is MD5 of id:realm:password, the password NFC-normalised."""

@@ -10,7 +10,7 @@ from cryptography.x509.oid import NameOID
 from twisted.trial.unittest import TestCase
 
 from estgw import policy, protocol
-from estgw.testing import RunningGateway, csr_pem, make_csr, new_key, run_process, write
+from estgw.testing import TEST_CONFIG, RunningGateway, csr_pem, make_csr, new_key, run_process, write
 from tests.test_refusals import MATRIX_CONFIG, client_certificate, register
 
 
@@ -65,8 +65,9 @@ class SecurityPathTests(TestCase):
         self.assertIn("issued last", again.text)
 
     async def test_renewal_with_old_certificate_when_rule_off(self) -> None:
-        """With the rule off (the default) an older certificate of the subject renews."""
-        gateway = await RunningGateway.start(self, MATRIX_CONFIG)
+        """With the rule off (the default, on every handler: it is
+        gateway-wide) an older certificate of the subject renews."""
+        gateway = await RunningGateway.start(self, TEST_CONFIG)
         directory = os.path.abspath(self.mktemp())
         os.makedirs(directory)
         old_cert, old_key, _ = await client_certificate(gateway, directory, sans=(x509.DNSName("pump-17"),))

@@ -138,6 +138,13 @@ async def cmd_list(reactor: Any, options: dict[str, Any], out: Any) -> None:
             f"{r.get('requestId', '?'):<38} {r.get('status', '?'):<9} {_short_time(r.get('createdAt')):<20}"
             f" {r.get('subject', '?'):<32} {r.get('requester') or '-':<24} {r.get('reason') or '-'}\n"
         )
+        # Everything that would be certified, so nothing is approved unseen.
+        sans = r.get("subjectAltNames") or []
+        out.write(
+            f"    would issue: subject {r.get('issuedSubject', r.get('subject', '?'))};"
+            f" subjectAltNames {', '.join(str(n) for n in sans) if sans else 'none'};"
+            f" key {r.get('publicKey', '?')}\n"
+        )
 
 
 async def cmd_approve(reactor: Any, options: dict[str, Any], out: Any) -> None:

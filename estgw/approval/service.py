@@ -36,7 +36,10 @@ from twisted.web.http import Request
 from estgw.approval import pki
 from estgw.approval.config import REQUEST_PATH, ServiceConfig
 from estgw.ca import CAError
+from estgw import policy
 from estgw.config import ConfigError
+from estgw.refusal import Refusal
+from estgw.store import general_name_text
 
 __all__ = [
     "Caller",
@@ -157,11 +160,14 @@ class ServiceRequest:
             "expiresAt": None if self.expires_at is None else _time_text(self.expires_at),
         }
         if full:
+            issued_subject, sans, key = would_issue(x509.load_pem_x509_csr(self.csr.encode("ascii")))
             data.update(
                 gateway=self.gateway,
                 handler=self.handler,
                 subject=self.subject,
-                subjectAltNames=list(self.sans),
+                issuedSubject=issued_subject,
+                subjectAltNames=list(sans),
+                publicKey=key,
                 publicKeySha256=self.public_key_sha256,
                 requester=self.requester,
                 csr=self.csr,
@@ -349,10 +355,19 @@ def _string(data: dict[str, Any], name: str, required: bool = True) -> str:
     return value
 
 
-def _describe_san(name: x509.GeneralName) -> str:
-    prefixes = {x509.DNSName: "DNS", x509.IPAddress: "IP", x509.RFC822Name: "email", x509.UniformResourceIdentifier: "URI"}
-    prefix = prefixes.get(type(name))
-    return f"{prefix}:{name.value}" if prefix else str(name)
+def would_issue(csr: x509.CertificateSigningRequest) -> tuple[str, tuple[str, ...], str]:
+    """What the gateway would certify for ``csr``: the subject and every
+    subjectAltName after its SAN/CN copy rules, and the key type and size,
+    so an operator approves exactly what will be signed."""
+    try:
+        subject, names = policy.copied_names(csr)
+    except Refusal:  # the gateway refuses such a CSR before submitting it
+        subject, names = csr.subject, tuple(policy.sans_of(csr))
+    try:
+        key = policy.describe_public_key(csr.public_key())
+    except Exception:  # a key type cryptography cannot load
+        key = "unsupported"
+    return subject.rfc4514_string(), tuple(general_name_text(n) for n in names), key
 
 
 def _parse_submission(data: Any, gateway: str, now: datetime) -> ServiceRequest:
@@ -371,12 +386,7 @@ def _parse_submission(data: Any, gateway: str, now: datetime) -> ServiceRequest:
         raise ApiError(400, "publicKeySha256 does not match the CSR's public key")
     if _string(data, "subject") != csr.subject.rfc4514_string():
         raise ApiError(400, "subject does not match the CSR's subject")
-    try:
-        sans = tuple(
-            _describe_san(n) for n in csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        )
-    except x509.ExtensionNotFound:
-        sans = ()
+    _subject, sans, _key = would_issue(csr)
     expires = _string(data, "expiresAt", required=False)
     try:
         expires_at = _parse_time(expires) if expires else None
