@@ -135,6 +135,23 @@ def _list(value: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in value.split(",") if item.strip())
 
 
+def _est_url(value: str) -> str:
+    """An https URL of an EST server's base path (RFC 7030 3.2.2):
+    ``/.well-known/est`` or ``/.well-known/est/<label>``."""
+    text = value.strip().rstrip("/")
+    parts = urlsplit(text)
+    if parts.scheme.lower() != "https" or not parts.hostname:
+        raise ValueError(f"expected an https URL with a host, not {text!r}")
+    if parts.query or parts.fragment:
+        raise ValueError(f"expected a URL without query or fragment, not {text!r}")
+    path = parts.path
+    base = "/.well-known/est"
+    label = path[len(base) + 1:] if path.startswith(base + "/") else ""
+    if path != base and not (label and _LABEL.match(label)):
+        raise ValueError(f"expected the path {base} or {base}/<label>, not {path or '/'!r}")
+    return text
+
+
 def _choice(*allowed: str) -> Callable[[str], str]:
     def parse(value: str) -> str:
         for option in allowed:
@@ -246,6 +263,22 @@ class TokenProcedureConfig:
     use_authentication_cert: bool = False
     mandatory_password: bool = False
     check_subject_values: bool = True
+    # ca = pkcs11: the issuing key in a PKCS#11 token, found by token and
+    # key label; the PIN from a file; the issuing CA certificate and its
+    # chain from files (paths resolved against the config file's directory).
+    pkcs11_module: str = ""
+    pkcs11_token: str = ""
+    pkcs11_key_label: str = ""
+    pkcs11_pin_file: str = ""
+    pkcs11_certificate: str = ""
+    pkcs11_chain: str = ""
+    # ca = est: another EST server's base URL (…/.well-known/est[/label]),
+    # the RA's PKCS#12 client token and the file holding its password, the
+    # CA files that verify the upstream (empty: the system's trust store).
+    est_url: str = ""
+    est_token: str = ""
+    est_token_password_file: str = ""
+    est_trust_anchors: tuple[str, ...] = ()
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -400,6 +433,33 @@ _TOKEN_PROCEDURE_KEYS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "estenroll.use-authentication-cert": ("use_authentication_cert", _bool),
     "enroll.mandatorypassword": ("mandatory_password", _bool),
     "enroll.check-subject-values": ("check_subject_values", _bool),
+    "pkcs11.module": ("pkcs11_module", _text),
+    "pkcs11.token": ("pkcs11_token", _text),
+    "pkcs11.keyLabel": ("pkcs11_key_label", _text),
+    "pkcs11.pinFile": ("pkcs11_pin_file", _text),
+    "pkcs11.certificate": ("pkcs11_certificate", _text),
+    "pkcs11.chain": ("pkcs11_chain", _text),
+    "est.url": ("est_url", _est_url),
+    "est.token": ("est_token", _text),
+    "est.tokenPasswordFile": ("est_token_password_file", _text),
+    "est.trustAnchors": ("est_trust_anchors", _list),
+}
+# Keys that only mean something for one kind of token procedure.
+_KIND_KEYS = {"pkcs11.": "pkcs11", "est.": "est"}
+# What each kind needs.
+_KIND_REQUIRED = {
+    "pkcs11": ("pkcs11.module", "pkcs11.token", "pkcs11.keyLabel", "pkcs11.pinFile", "pkcs11.certificate"),
+    "est": ("est.url", "est.token"),
+}
+# Paths: relative to the config file's directory, and must exist.
+_TOKEN_PROCEDURE_FILES = {
+    "pkcs11.module": "pkcs11_module",
+    "pkcs11.pinFile": "pkcs11_pin_file",
+    "pkcs11.certificate": "pkcs11_certificate",
+    "pkcs11.chain": "pkcs11_chain",
+    "est.token": "est_token",
+    "est.tokenPasswordFile": "est_token_password_file",
+    "est.trustAnchors": "est_trust_anchors",
 }
 _HANDLER_KEYS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "operation": ("operation", _choice(*OPERATIONS)),
@@ -483,7 +543,7 @@ def from_string(text: str, source: str = "est.properties", base_dir: str = ".") 
             kind, number, name = match.groups()
             numbered.setdefault((kind, number), {})[name] = value
 
-    procedures = _token_procedures(numbered, source)
+    procedures = [_resolve_procedure_files(p, base_dir, source) for p in _token_procedures(numbered, source)]
     handlers = _handlers(numbered, defaults, procedures, source)
     handlers = tuple(_resolve_idm_files(h, base_dir, source) for h in handlers)
 
@@ -550,8 +610,33 @@ def _token_procedures(
         seen[fields["name"]] = number
         procedure = TokenProcedureConfig(key=number, **fields)
         _check_profile(procedure, prefix, source)
+        _check_kind(procedure, keys, prefix, source)
         result.append(procedure)
     return result
+
+
+def _check_kind(procedure: TokenProcedureConfig, keys: Mapping[str, str], prefix: str, source: str) -> None:
+    for name in sorted(keys):
+        for start, kind in _KIND_KEYS.items():
+            if name.startswith(start) and procedure.ca != kind:
+                raise ConfigError(prefix + name, f"only for ca = {kind}, not {procedure.ca}", source)
+    for name in _KIND_REQUIRED.get(procedure.ca, ()):
+        if not keys.get(name, "").strip():
+            raise ConfigError(prefix + name, f"required with ca = {procedure.ca}", source)
+
+
+def _resolve_procedure_files(procedure: TokenProcedureConfig, base_dir: str, source: str) -> TokenProcedureConfig:
+    changes: dict[str, Any] = {}
+    for name, attribute in _TOKEN_PROCEDURE_FILES.items():
+        value = getattr(procedure, attribute)
+        if not value:
+            continue
+        paths = [_resolve(base_dir, v) for v in (value if isinstance(value, tuple) else (value,))]
+        for path in paths:
+            if not os.path.isfile(path):
+                raise ConfigError(f"tokenprocedure.{procedure.key}.{name}", f"no such file: {path}", source)
+        changes[attribute] = tuple(paths) if isinstance(value, tuple) else paths[0]
+    return attr.evolve(procedure, **changes)
 
 
 def _check_profile(procedure: TokenProcedureConfig, prefix: str, source: str) -> None:

@@ -48,6 +48,27 @@ class Gateway:
     approvals: Mapping[str, ApprovalGate] = attr.Factory(dict)
     metrics: Metrics = attr.Factory(Metrics)
 
+    def cacerts(self, label: str) -> list[x509.Certificate]:
+        """What ``/cacerts`` under ``label`` returns (RFC 7030 4.1.3): the
+        chain of the token procedure that issues under that label
+        (simpleenroll's, else simplereenroll's), else the embedded CA's.
+
+        Raises a 503 Refusal while the token procedure does not know its
+        chain yet (an upstream EST server not reached so far).
+        """
+        for operation in ("simpleenroll", "simplereenroll"):
+            handler = self.config.handler(label, operation)
+            if handler is not None and handler.token_procedure in self.procedures:
+                chain = self.procedures[handler.token_procedure].chain()
+                if not chain:
+                    raise Refusal(
+                        503, "ca-certificates-unavailable",
+                        "the CA certificates of this label are not known yet; try again later",
+                        {"Retry-After": "30"},
+                    )
+                return chain
+        return self.ca_chain
+
 
 async def _client_certificate_not_revoked(
     gateway: Gateway, identity: auth.Identity, peer: PeerInfo | None = None

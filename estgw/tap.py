@@ -86,8 +86,13 @@ class GatewayService(service.Service):
             )
             # PKCS#12 tokens of approval handlers, opened before listening.
             self.approval_tls = load_approval_tls(config)
+            # Token procedures too: an HSM that rejects the PIN or lacks
+            # the key, or an unusable RA token, stops start-up here.
+            self.procedures = bootstrap.token_procedures(config, self.state.ca, reactor)
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
+        except CAError as e:
+            raise usage.UsageError(f"{config.source}: {e}") from None
         self.store = bootstrap.open_store(config, reactor)
         self.port: Any = None
         self.metrics_port: Any = None
@@ -97,7 +102,7 @@ class GatewayService(service.Service):
         return Gateway(
             config=self.config,
             store=self.store,
-            procedures=bootstrap.token_procedures(self.config, self.state.ca, self.reactor),
+            procedures=self.procedures,
             ca_chain=self.state.ca.chain(),
             portal=device_portal(
                 self.store, self.reactor, self.state.ca.chain(), digest_secret(self.config.state_directory)

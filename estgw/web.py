@@ -190,7 +190,7 @@ class ESTResource(resource.Resource):
                 f"the request body exceeds {self._gateway.config.max_request_bytes} bytes",
             )
         if operation == "cacerts":
-            body = protocol.encode_certs_only(self._gateway.ca_chain)
+            body = protocol.encode_certs_only(self._gateway.cacerts(label))
             return self._send(request, body, protocol.PKCS7_MIME)
         if operation == "csrattrs":
             from estgw.auth import authenticate

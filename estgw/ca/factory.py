@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 #: ``tokenprocedure.<n>.ca`` value -> module implementing it.
 KINDS: dict[str, str] = {
     "local": "estgw.ca.local",
+    "pkcs11": "estgw.ca.pkcs11",
 }
 
 

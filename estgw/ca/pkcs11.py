@@ -1,0 +1,408 @@
+"""An issuing CA whose key lives in a PKCS#11 token (``tokenprocedure.<n>.ca = pkcs11``).
+
+The gateway holds the issuing CA certificate and its chain (files); the
+private key stays in the token (an HSM, or SoftHSM2 for tests) and every
+signature is made there through the token's PKCS#11 module
+(python-pkcs11).  The key is looked up by label and never read out.
+
+cryptography signs certificates only with keys it holds itself, so a
+certificate is made in three steps: cryptography builds it, signed with
+a throw-away key of the same algorithm so that its TBSCertificate names
+the right signature algorithm (RFC 5280 4.1.2.3); the token signs those
+TBSCertificate bytes; the Certificate (RFC 5280 4.1.1) is assembled from
+the TBSCertificate, the algorithm and the token's signature, and
+verified with the issuing CA's public key before it is returned.
+
+Supported keys: RSA (PKCS#1 v1.5, CKM_SHA256_RSA_PKCS and its SHA-384/512
+kin: the token hashes) and EC (ECDSA: the digest is made here and signed
+with CKM_ECDSA, whose raw r||s result is DER-encoded as RFC 5480 /
+RFC 3279 2.2.3 ask).  The hash is the one the embedded CA would use for
+a key of that type and size.
+
+PKCS#11 sessions are not safe to share between threads, and a login
+belongs to the whole process: one logged-in session per token, used
+under a lock, on the reactor's thread pool, so the reactor never waits
+for the token.
+"""
+
+from __future__ import annotations
+
+import threading
+from datetime import datetime
+from typing import Any
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from pyasn1.codec.der import decoder as der_decoder
+from pyasn1.codec.der import encoder as der_encoder
+from pyasn1.type import univ
+from pyasn1_modules import rfc5280
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThreadPool
+from zope.interface import implementer
+
+from estgw.ca import CAError, IssueRequest, ITokenProcedure, Profile
+from estgw.ca._files import _read, _utc
+from estgw.ca.local import LocalCA
+
+__all__ = ["Pkcs11CA", "Pkcs11TokenProcedure", "open_token_key", "token_procedure"]
+
+#: Text a CKR_* failure is reported with, for the codes an operator meets.
+_HINTS = {
+    "PinIncorrect": "the PIN was rejected",
+    "PinLocked": "the PIN is locked (too many wrong PINs); unlock it with the token's SO PIN",
+    "PinExpired": "the PIN has expired; set a new one",
+    "PinLenRange": "the PIN has a length the token does not accept",
+    "TokenNotPresent": "the token is not present",
+}
+
+# One loaded module per path: C_Initialize runs once per process.
+_modules: dict[str, Any] = {}
+_modules_lock = threading.Lock()
+
+
+def _module(path: str) -> Any:
+    import pkcs11
+
+    with _modules_lock:
+        if path not in _modules:
+            try:
+                _modules[path] = pkcs11.lib(path)
+            except pkcs11.PKCS11Error as e:
+                raise CAError(f"cannot load PKCS#11 module {path}: {e}") from None
+        return _modules[path]
+
+
+def _describe(error: Exception) -> str:
+    name = type(error).__name__
+    text = str(error).strip()
+    return _HINTS.get(name) or (f"{name}: {text}" if text else name)
+
+
+class _Login:
+    """The one logged-in session this process has with a token.
+
+    PKCS#11 logins belong to the application, not to a session, and a
+    session must not be used by two threads at once: every token
+    procedure on the same token shares this session and its lock.
+    """
+
+    def __init__(self, session: Any, pin: str) -> None:
+        self.session = session
+        self.pin = pin
+        self.lock = threading.Lock()
+
+
+_logins: dict[tuple[str, str], _Login] = {}
+
+
+def _login(lib: Any, module: str, token_label: str, pin: str) -> _Login:
+    import pkcs11
+
+    with _modules_lock:
+        login = _logins.get((module, token_label))
+        if login is not None:
+            if login.pin != pin:
+                raise CAError(
+                    f"token {token_label!r} is already in use here with another PIN; "
+                    f"token procedures on one token must use the same PIN"
+                )
+            return login
+        try:
+            token = lib.get_token(token_label=token_label)
+        except pkcs11.NoSuchToken:
+            labels = sorted({slot.get_token().label for slot in lib.get_slots(token_present=True)})
+            raise CAError(
+                f"no token labelled {token_label!r} in {module} (present: {', '.join(labels) or 'none'})"
+            ) from None
+        except pkcs11.MultipleTokensReturned:
+            raise CAError(f"more than one token is labelled {token_label!r} in {module}") from None
+        except pkcs11.PKCS11Error as e:
+            raise CAError(f"token {token_label!r}: {_describe(e)}") from None
+        try:
+            session = token.open(user_pin=pin)
+        except pkcs11.PKCS11Error as e:
+            raise CAError(f"cannot log in to token {token_label!r}: {_describe(e)}") from None
+        login = _logins[(module, token_label)] = _Login(session, pin)
+        return login
+
+
+def open_token_key(module: str, token_label: str, key_label: str, pin: str) -> tuple[Any, Any]:
+    """Log in to the token labelled ``token_label`` and find the private key ``key_label``.
+
+    Returns (login, private key object); ``login.lock`` must be held while
+    the key is used.  Raises CAError saying which of module, token, PIN or
+    key is at fault.
+    """
+    import pkcs11
+    from pkcs11 import ObjectClass
+
+    login = _login(_module(module), module, token_label, pin)
+    with login.lock:
+        try:
+            key = login.session.get_key(object_class=ObjectClass.PRIVATE_KEY, label=key_label)
+        except pkcs11.NoSuchKey:
+            raise CAError(f"token {token_label!r} holds no private key labelled {key_label!r}") from None
+        except pkcs11.MultipleObjectsReturned:
+            raise CAError(f"token {token_label!r} holds more than one private key labelled {key_label!r}") from None
+        except pkcs11.PKCS11Error as e:
+            raise CAError(f"token {token_label!r}, key {key_label!r}: {_describe(e)}") from None
+    return login, key
+
+
+# --- certificates signed outside cryptography ---------------------------
+
+
+def _der_length(length: int) -> bytes:
+    if length < 0x80:
+        return bytes([length])
+    octets = length.to_bytes((length.bit_length() + 7) // 8, "big")
+    return bytes([0x80 | len(octets)]) + octets
+
+
+def _der_sequence(content: bytes) -> bytes:
+    return b"\x30" + _der_length(len(content)) + content
+
+
+def _signature_algorithm_der(draft: x509.Certificate) -> bytes:
+    """The DER AlgorithmIdentifier of ``draft``'s signature (RFC 5280 4.1.1.2)."""
+    certificate, _ = der_decoder.decode(
+        draft.public_bytes(serialization.Encoding.DER), asn1Spec=rfc5280.Certificate()
+    )
+    return bytes(der_encoder.encode(certificate["signatureAlgorithm"]))
+
+
+def assemble_certificate(tbs: bytes, algorithm: bytes, signature: bytes) -> x509.Certificate:
+    """Certificate ::= SEQUENCE { tbsCertificate, signatureAlgorithm,
+    signatureValue BIT STRING } (RFC 5280 4.1.1) from DER parts."""
+    value = bytes(der_encoder.encode(univ.BitString.fromOctetString(signature)))
+    return x509.load_der_x509_certificate(_der_sequence(tbs + algorithm + value))
+
+
+class _Scheme:
+    """How the token signs for one kind of issuing key.
+
+    The draft certificate is signed with a throw-away key of the same type
+    and size, so the signature algorithm it names is the one the shared
+    signing code picks for the issuing key; the token then signs with that
+    same hash.
+    """
+
+    _RSA_MECHANISMS = {"sha256": "SHA256_RSA_PKCS", "sha384": "SHA384_RSA_PKCS", "sha512": "SHA512_RSA_PKCS"}
+
+    def __init__(self, public_key: Any) -> None:
+        self.public_key = public_key
+        if isinstance(public_key, rsa.RSAPublicKey):
+            self.draft_key: Any = rsa.generate_private_key(65537, public_key.key_size)
+        elif isinstance(public_key, ec.EllipticCurvePublicKey):
+            self.draft_key = ec.generate_private_key(public_key.curve)
+        else:
+            raise CAError(
+                f"the issuing CA's key is {type(public_key).__name__}; a PKCS#11 issuing key must be RSA or EC"
+            )
+        self._algorithms: dict[str, bytes] = {}
+
+    def algorithm(self, draft: x509.Certificate) -> bytes:
+        """The DER signatureAlgorithm of ``draft`` (cached by its OID)."""
+        oid = draft.signature_algorithm_oid.dotted_string
+        if oid not in self._algorithms:
+            self._algorithms[oid] = _signature_algorithm_der(draft)
+        return self._algorithms[oid]
+
+    def sign_in_token(self, key: Any, data: bytes, hash: hashes.HashAlgorithm) -> bytes:
+        """A signature of ``data`` as X.509 carries it: PKCS#1 v1.5 bytes, or an ECDSA-Sig-Value."""
+        from pkcs11 import Mechanism
+
+        if isinstance(self.public_key, rsa.RSAPublicKey):
+            name = self._RSA_MECHANISMS.get(hash.name)
+            if name is None:
+                raise CAError(f"no PKCS#11 RSA mechanism for {hash.name}")
+            return bytes(key.sign(data, mechanism=getattr(Mechanism, name)))  # the token hashes
+        from pkcs11.util.ec import encode_ecdsa_signature
+
+        digest = hashes.Hash(hash)
+        digest.update(data)
+        raw = bytes(key.sign(digest.finalize(), mechanism=Mechanism.ECDSA))
+        return bytes(encode_ecdsa_signature(raw))
+
+    def verify(self, signature: bytes, data: bytes, hash: hashes.HashAlgorithm) -> None:
+        """Raise InvalidSignature unless ``signature`` is the issuing key's over ``data``."""
+        if isinstance(self.public_key, rsa.RSAPublicKey):
+            self.public_key.verify(signature, data, padding.PKCS1v15(), hash)
+        else:
+            self.public_key.verify(signature, data, ec.ECDSA(hash))
+
+
+class Pkcs11CA:
+    """An issuing CA certificate (and its chain) whose key is in a PKCS#11 token.
+
+    ``sign`` is synchronous and waits for the token: call it off the
+    reactor thread (see :class:`Pkcs11TokenProcedure`).
+    """
+
+    def __init__(
+        self,
+        issuing: x509.Certificate,
+        chain: list[x509.Certificate],
+        login: Any,
+        key: Any,
+        where: str = "the token",
+    ) -> None:
+        self.issuing = issuing
+        self._chain = [issuing] + [c for c in chain if c != issuing]
+        self._key = key
+        self._lock = login.lock
+        self._scheme = _Scheme(issuing.public_key())
+        # A key that does not belong to the certificate stops start-up,
+        # not the first enrollment.
+        from pkcs11 import KeyType
+
+        expected = KeyType.RSA if isinstance(issuing.public_key(), rsa.RSAPublicKey) else KeyType.EC
+        if key.key_type != expected:
+            raise CAError(
+                f"the private key in {where} does not belong to the issuing CA certificate "
+                f"(the token's key is {key.key_type.name}, the certificate's {expected.name})"
+            )
+        probe = b"estgw: does the token key belong to the issuing CA certificate?"
+        try:
+            self._scheme.verify(self._token_sign(probe, hashes.SHA256()), probe, hashes.SHA256())
+        except InvalidSignature:
+            raise CAError(f"the private key in {where} does not belong to the issuing CA certificate") from None
+        if not _may_issue(issuing):
+            raise CAError(
+                f"the issuing CA certificate {issuing.subject.rfc4514_string()} is not a CA "
+                f"certificate allowed to sign certificates (basicConstraints cA, keyUsage keyCertSign)"
+            )
+
+    def chain(self) -> list[x509.Certificate]:
+        """[issuing, ..., root]: what cacerts returns."""
+        return list(self._chain)
+
+    def _token_sign(self, data: bytes, hash: hashes.HashAlgorithm) -> bytes:
+        import pkcs11
+
+        with self._lock:  # one session, one thread at a time
+            try:
+                return self._scheme.sign_in_token(self._key, data, hash)
+            except pkcs11.PKCS11Error as e:
+                raise CAError(f"the token could not sign: {_describe(e)}") from None
+
+    def sign(self, request: IssueRequest, profile: Profile, now: datetime | None = None) -> x509.Certificate:
+        """Sign an end-entity certificate for ``request`` under ``profile`` in the token.
+
+        The certificate is what :meth:`estgw.ca.LocalCA.sign` would make
+        with this issuing CA; raises CAError when the token fails or the
+        issuing CA has expired, ValueError for a request without subject
+        or subjectAltName.
+        """
+        draft = LocalCA.sign(self, request, profile, _utc(now))  # type: ignore[arg-type]
+        hash = draft.signature_hash_algorithm
+        if hash is None:  # pragma: no cover - RSA and ECDSA always name one
+            raise CAError("the draft certificate names no hash algorithm")
+        tbs = draft.tbs_certificate_bytes
+        certificate = assemble_certificate(tbs, self._scheme.algorithm(draft), self._token_sign(tbs, hash))
+        try:
+            certificate.verify_directly_issued_by(self.issuing)
+        except (ValueError, TypeError, InvalidSignature) as e:
+            raise CAError(f"the token's signature does not verify with the issuing CA certificate: {e}") from e
+        return certificate
+
+    # What LocalCA.sign uses of its instance: the issuing certificate, the
+    # key it signs the draft with, and the authority key identifier.
+    @property
+    def _issuing_key(self) -> Any:
+        return self._scheme.draft_key
+
+    def _authority_key_identifier(self) -> x509.AuthorityKeyIdentifier:
+        try:
+            ski = self.issuing.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+        except x509.ExtensionNotFound:
+            ski = x509.SubjectKeyIdentifier.from_public_key(self.issuing.public_key())  # type: ignore[arg-type]
+        return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
+
+
+def _may_issue(certificate: x509.Certificate) -> bool:
+    try:
+        if not certificate.extensions.get_extension_for_class(x509.BasicConstraints).value.ca:
+            return False
+    except x509.ExtensionNotFound:
+        return False
+    try:
+        return certificate.extensions.get_extension_for_class(x509.KeyUsage).value.key_cert_sign
+    except x509.ExtensionNotFound:
+        return True  # RFC 5280 4.2.1.3: without keyUsage every use is allowed
+
+
+@implementer(ITokenProcedure)
+class Pkcs11TokenProcedure:
+    """Issue with a :class:`Pkcs11CA` under one :class:`Profile`, on the reactor's thread pool."""
+
+    def __init__(self, name: str, ca: Pkcs11CA, profile: Profile, reactor: Any = None) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as _reactor
+
+            reactor = _reactor
+        self.name = name
+        self.ca = ca
+        self.profile = profile
+        self._reactor = reactor
+
+    def __repr__(self) -> str:
+        return f"<Pkcs11TokenProcedure {self.name!r}>"
+
+    def issue(self, request: IssueRequest) -> "Deferred[x509.Certificate]":
+        """Sign in the token on a pool thread; the Deferred fires in the reactor thread."""
+        return deferToThreadPool(self._reactor, self._reactor.getThreadPool(), self.ca.sign, request, self.profile)
+
+    def chain(self) -> list[x509.Certificate]:
+        return self.ca.chain()
+
+
+def _certificates(path: str, key: str) -> list[x509.Certificate]:
+    try:
+        data = _read(path)
+        if b"-----BEGIN" in data:
+            return x509.load_pem_x509_certificates(data)
+        return [x509.load_der_x509_certificate(data)]
+    except (ValueError, CAError) as e:
+        raise CAError(f"{key}: no PEM or DER certificate in {path} ({e})") from None
+
+
+def read_pin(path: str, key: str) -> str:
+    """The PIN in ``path``: its first line (a trailing newline is not part of it)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            pin = f.readline().rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as e:
+        raise CAError(f"{key}: cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+    if not pin:
+        raise CAError(f"{key}: {path} is empty; it must hold the token's user PIN")
+    return pin
+
+
+def token_procedure(procedure: Any, context: Any) -> Pkcs11TokenProcedure:
+    """``tokenprocedure.<n>.ca = pkcs11`` (see :mod:`estgw.ca.factory`); CAError names what failed."""
+    prefix = f"tokenprocedure.{procedure.key}.pkcs11."
+    certificates = _certificates(procedure.pkcs11_certificate, prefix + "certificate")
+    chain = _certificates(procedure.pkcs11_chain, prefix + "chain") if procedure.pkcs11_chain else []
+    pin = read_pin(procedure.pkcs11_pin_file, prefix + "pinFile")
+    try:
+        login, key = open_token_key(
+            procedure.pkcs11_module, procedure.pkcs11_token, procedure.pkcs11_key_label, pin
+        )
+    except CAError as e:
+        raise CAError(f"tokenprocedure.{procedure.key} ({procedure.name}): {e}") from None
+    where = f"token {procedure.pkcs11_token!r} (key {procedure.pkcs11_key_label!r})"
+    try:
+        ca = Pkcs11CA(certificates[0], certificates[1:] + chain, login, key, where)
+    except CAError as e:
+        raise CAError(f"tokenprocedure.{procedure.key} ({procedure.name}): {e}") from None
+    return Pkcs11TokenProcedure(
+        procedure.name,
+        ca,
+        Profile.from_settings(procedure.validity_days, procedure.key_usage, procedure.extended_key_usage),
+        reactor=context.reactor,
+    )
+
