@@ -24,6 +24,7 @@ from typing import Callable
 import attr
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import AttributeOID, ExtendedKeyUsageOID, NameOID, ObjectIdentifier
 
 from estgw import factory
@@ -457,7 +458,10 @@ def run_format(ctx: PolicyContext) -> None:
 
 def issue_request(ctx: PolicyContext) -> IssueRequest:
     """What the CA signs: the subject, key and SANs after the copy rules."""
-    return IssueRequest(subject=ctx.subject, public_key=ctx.csr.public_key(), sans=ctx.sans)
+    return IssueRequest(
+        subject=ctx.subject, public_key=ctx.csr.public_key(), sans=ctx.sans,
+        csr=ctx.csr.public_bytes(Encoding.DER),
+    )
 
 
 # -- factory certificates ----------------------------------------------

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 KINDS: dict[str, str] = {
     "local": "estgw.ca.local",
     "pkcs11": "estgw.ca.pkcs11",
+    "est": "estgw.ca.upstream",
 }
 
 

@@ -44,7 +44,7 @@ from twisted.internet.threads import deferToThreadPool
 from zope.interface import implementer
 
 from estgw.ca import CAError, IssueRequest, ITokenProcedure, Profile
-from estgw.ca._files import _read, _utc
+from estgw.ca._files import _read, _utc, read_secret_file
 from estgw.ca.local import LocalCA
 
 __all__ = ["Pkcs11CA", "Pkcs11TokenProcedure", "open_token_key", "token_procedure"]
@@ -370,24 +370,12 @@ def _certificates(path: str, key: str) -> list[x509.Certificate]:
         raise CAError(f"{key}: no PEM or DER certificate in {path} ({e})") from None
 
 
-def read_pin(path: str, key: str) -> str:
-    """The PIN in ``path``: its first line (a trailing newline is not part of it)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            pin = f.readline().rstrip("\r\n")
-    except (OSError, UnicodeDecodeError) as e:
-        raise CAError(f"{key}: cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
-    if not pin:
-        raise CAError(f"{key}: {path} is empty; it must hold the token's user PIN")
-    return pin
-
-
 def token_procedure(procedure: Any, context: Any) -> Pkcs11TokenProcedure:
     """``tokenprocedure.<n>.ca = pkcs11`` (see :mod:`estgw.ca.factory`); CAError names what failed."""
     prefix = f"tokenprocedure.{procedure.key}.pkcs11."
     certificates = _certificates(procedure.pkcs11_certificate, prefix + "certificate")
     chain = _certificates(procedure.pkcs11_chain, prefix + "chain") if procedure.pkcs11_chain else []
-    pin = read_pin(procedure.pkcs11_pin_file, prefix + "pinFile")
+    pin = read_secret_file(procedure.pkcs11_pin_file, prefix + "pinFile", "the token's user PIN")
     try:
         login, key = open_token_key(
             procedure.pkcs11_module, procedure.pkcs11_token, procedure.pkcs11_key_label, pin
