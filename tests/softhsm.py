@@ -36,6 +36,8 @@ SO_PIN = "0815-so"
 TOKEN = "estgw-test"
 #: The keys :func:`shared` makes in :data:`TOKEN`, labelled ``issuing-<kind>``.
 KINDS = ("rsa-2048", "ec-p256", "ec-p384")
+#: The token and key of README.rst's example (public key: ``public_keys["readme"]``).
+README_TOKEN, README_KEY = "estgw-ca", "issuing-ca"
 
 
 def module_path() -> str | None:
@@ -112,9 +114,26 @@ def shared() -> SoftHSM:
         atexit.register(shutil.rmtree, directory, True)
         _shared = SoftHSM(directory)
         _shared.token(TOKEN)
+        _shared.token(README_TOKEN)
         for kind in KINDS:
             _shared.public_keys[kind] = _shared.generate(TOKEN, f"issuing-{kind}", kind)
+        _shared.public_keys["readme"] = _shared.generate(README_TOKEN, README_KEY, "ec-p256")
     return _shared
+
+
+def readme_example(marker: str) -> str:
+    """The literal block of README.rst that follows the paragraph holding ``marker``."""
+    readme = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.rst")
+    with open(readme, encoding="utf-8") as f:
+        text = f.read()
+    after = text[text.index(marker):]
+    lines = after[after.index("::\n") + 3:].splitlines()
+    block: list[str] = []
+    for line in lines:
+        if line.strip() and not line.startswith("    "):
+            break
+        block.append(line[4:])
+    return "\n".join(block).strip() + "\n"
 
 
 def skip_reason() -> str | None:

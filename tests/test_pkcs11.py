@@ -168,6 +168,36 @@ class IssueTests(Pkcs11TestCase):
         self.assertEqual(len({c.serial_number for c in issued}), 20)
 
 
+class ReadmeTests(Pkcs11TestCase):
+    async def test_readme_example(self) -> None:
+        """README.rst's ca = pkcs11 example, as written (listening on any
+        free port, as --port 0 would): curl enrolls, openssl verifies."""
+        import attr
+
+        text = softhsm.readme_example("A complete configuration (``tests/test_pkcs11.py``")
+        self.assertIn("tokenprocedure.1.ca = pkcs11", text)
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(os.path.join(directory, "hsm"))
+        hsm = softhsm.shared()
+        self.files("ec-p256")  # makes the test root
+        assert _Keys.root is not None
+        issuing = _Keys.root.issuing(hsm.public_keys["readme"], "README Issuing CA")
+        write(os.path.join(directory, "hsm", "issuing-ca.pem"), cert_pem(issuing))
+        write(os.path.join(directory, "hsm", "root-ca.pem"), cert_pem(_Keys.root.cert))
+        write(os.path.join(directory, "hsm", "pin"), softhsm.PIN.encode() + b"\n")
+        gateway = RunningGateway(directory, text)
+        gateway.config = attr.evolve(gateway.config, port=0, interface="127.0.0.1")
+        await gateway.run()
+        self.addCleanup(gateway.stop)
+        await gateway.store.add_device(Device(DEVICE, hash_password(PASSWORD)))
+        client = Client(self, gateway, "device")
+        chain_pem = await client.cacerts()
+        _key, csr = await client.key_and_csr(f"/CN={DEVICE}")
+        result = await client.enroll("simpleenroll", csr, user=f"{DEVICE}:{PASSWORD}")
+        self.assertEqual(result.status, 200, result.text)
+        await client.verify(await client.certificates(result.body), chain_pem)
+
+
 class StartTests(Pkcs11TestCase):
     """What stops the gateway from starting (in process; twistd below)."""
 

@@ -160,6 +160,44 @@ class EndToEndTests(UpstreamTestCase):
         self.assertEqual(await self.counts(), (0, 0))
 
 
+class ReadmeTests(UpstreamTestCase):
+    async def test_readme_example(self) -> None:
+        """README.rst's ca = est example loads as written; with its URL
+        pointed at a second estgw (and any free port) curl enrolls
+        through it and openssl verifies the certificate."""
+        import shutil
+
+        import attr
+
+        from tests.softhsm import readme_example
+
+        await self.start_upstream()
+        text = readme_example("A complete configuration (``tests/test_upstream.py``")
+        self.assertIn("tokenprocedure.1.ca = est", text)
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(os.path.join(directory, "ra"))
+        shutil.copy(self.token, os.path.join(directory, "ra", "ra.p12"))
+        shutil.copy(self.password_file, os.path.join(directory, "ra", "ra.pass"))
+        shutil.copy(self.upstream.ca_file, os.path.join(directory, "ra", "upstream-root.pem"))
+        gateway = RunningGateway(directory, text)
+        procedure = gateway.config.token_procedures["Upstream CA"]
+        self.assertEqual(procedure.est_url, "https://ca.example.net:8443/.well-known/est/ra")
+        gateway.config = attr.evolve(
+            gateway.config, port=0, interface="127.0.0.1",
+            token_procedures={"Upstream CA": attr.evolve(procedure, est_url=self.upstream.url("ra"))},
+        )
+        await gateway.run()
+        self.addCleanup(gateway.stop)
+        await gateway.service.procedures["Upstream CA"].refresh()
+        await gateway.store.add_device(Device(DEVICE, hash_password(PASSWORD)))
+        client = Client(self, gateway, "device")
+        chain_pem = await client.cacerts()
+        _key, csr = await client.key_and_csr(f"/CN={DEVICE}")
+        result = await client.enroll("simpleenroll", csr, user=f"{DEVICE}:{PASSWORD}")
+        self.assertEqual(result.status, 200, result.text)
+        await client.verify(await client.certificates(result.body), chain_pem)
+
+
 class TrustTests(UpstreamTestCase):
     async def test_upstream_not_trusted(self) -> None:
         """An upstream whose certificate the trust anchors do not vouch for
