@@ -34,12 +34,26 @@ from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.portal import IRealm, Portal
 from twisted.internet import defer
 from twisted.logger import Logger
-from twisted.web.guard import BasicCredentialFactory, DigestCredentialFactory
 from twisted.web.iweb import ICredentialFactory
 from zope.interface import implementer
 
 from estgw import officers
 from estgw.config import HandlerConfig
+from estgw.escape import printable
+from estgw.httpauth import (
+    DIGEST_NONCES_FILE,
+    BasicCredentialFactory,
+    DigestCredentialFactory,
+    DigestResponse,
+    InvalidNonce,
+    MalformedCredentials,
+    MemoryNonceCounts,
+    NonceCounts,
+    ReplayedResponse,
+    SQLiteNonceCounts,
+    StaleNonce,
+    authorization_header,
+)
 from estgw.passwords import check_password_in_thread
 from estgw.refusal import Refusal
 from estgw.store import Device, IStore, certificate_fingerprint
@@ -53,6 +67,7 @@ __all__ = [
     "DevicePortal",
     "device_portal",
     "digest_secret",
+    "digest_nonce_counts",
     "credential_factory",
     "authenticate",
     "single_use",
@@ -132,9 +147,10 @@ class DeviceChecker:
     credentialInterfaces = (credentials.IUsernamePassword, credentials.IUsernameDigestHash)
     _log = Logger()
 
-    def __init__(self, store: IStore, reactor: Any = None) -> None:
+    def __init__(self, store: IStore, reactor: Any = None, nonce_counts: NonceCounts | None = None) -> None:
         self._store = store
         self._reactor = reactor
+        self._nonce_counts = nonce_counts if nonce_counts is not None else MemoryNonceCounts()
 
     def requestAvatarId(self, creds: Any) -> defer.Deferred:
         if credentials.IUsernameDigestHash.providedBy(creds):
@@ -159,12 +175,16 @@ class DeviceChecker:
                 self._log.warn(
                     "device {device} has no Digest hash for realm {realm!r}: register it"
                     " again (estgw device remove, device add) to log in with Digest",
-                    device=device.device_id, realm=realm,
+                    device=printable(device.device_id), realm=realm,
                 )
             raise error.UnauthorizedLogin("unknown device or wrong password")
         if not creds.checkHash(ha1.encode("ascii")):
             raise error.UnauthorizedLogin("unknown device or wrong password")
         assert device is not None
+        # Only a correct response counts: a wrong guess cannot use up a
+        # nonce count of the device's own.
+        if not await self._nonce_counts.use(creds.nonce, creds.nc, creds.expires_at):
+            raise ReplayedResponse(creds.nc)
         return self._usable(device)
 
     @staticmethod
@@ -187,13 +207,21 @@ class _Avatar:
     """Marker interface for Portal.login: the realm hands back a str."""
 
 
-def credential_factory(handler: HandlerConfig) -> ICredentialFactory | None:
-    """A new credential factory for the handler's authtype (None without)."""
+def credential_factory(
+    handler: HandlerConfig, digest_secret: bytes | None = None, clock: Any = None
+) -> ICredentialFactory | None:
+    """A new credential factory for the handler's authtype (None without).
+
+    ``digest_secret`` keys Digest nonces (random when None); ``clock()``
+    gives seconds since the epoch (default: the system clock).
+    """
     realm = (handler.realm or "").encode("utf-8")
     if handler.authtype == "Basic":
         return BasicCredentialFactory(realm)
     if handler.authtype == "Digest":
-        return DigestCredentialFactory(b"md5", realm)
+        if clock is None:
+            return DigestCredentialFactory(realm, digest_secret)
+        return DigestCredentialFactory(realm, digest_secret, clock)
     return None
 
 
@@ -230,10 +258,17 @@ def digest_secret(directory: str) -> bytes:
         return f.read().strip()
 
 
+def digest_nonce_counts(directory: str, reactor: Any = None) -> SQLiteNonceCounts:
+    """The record of used Digest nonce counts in the state directory
+    ``directory``: a response replayed to any process sharing it is refused."""
+    return SQLiteNonceCounts(os.path.join(directory, DIGEST_NONCES_FILE), reactor)
+
+
 class DevicePortal(Portal):
     """The device-login portal, and what the filters need besides it: the
-    store (factory certificates, officer roles), the gateway's CA and the
-    key of Digest challenges (random per portal unless given)."""
+    store (factory certificates, officer roles), the gateway's CA, the
+    key of Digest challenges (random per portal unless given) and the
+    used Digest nonce counts (this process's memory unless given)."""
 
     def __init__(
         self,
@@ -241,23 +276,30 @@ class DevicePortal(Portal):
         reactor: Any = None,
         ca_chain: Sequence[x509.Certificate] = (),
         digest_secret: bytes | None = None,
+        nonce_counts: NonceCounts | None = None,
     ) -> None:
-        super().__init__(DeviceRealm(), [DeviceChecker(store, reactor)])
+        self.nonce_counts = nonce_counts if nonce_counts is not None else MemoryNonceCounts()
+        super().__init__(DeviceRealm(), [DeviceChecker(store, reactor, self.nonce_counts)])
         self.store = store
         self.ca_chain = tuple(ca_chain)
-        self._digest_secret = digest_secret
+        self._reactor = reactor
+        # One key for every Digest handler: a nonce is bound to its realm
+        # and client address by the key's MAC, the response to its URI.
+        self._digest_secret = digest_secret if digest_secret is not None else os.urandom(32)
         self._factories: dict[tuple[str, str, str | None], ICredentialFactory | None] = {}
 
+    def start(self) -> defer.Deferred[None]:
+        return self.nonce_counts.start()
+
+    def close(self) -> defer.Deferred[None]:
+        return self.nonce_counts.close()
+
     def credential_factory(self, handler: HandlerConfig) -> ICredentialFactory | None:
-        # One per handler for the process's life: a Digest factory checks
-        # that a response answers a challenge it made (nonce and opaque are
-        # keyed with its privateKey, here the shared secret).
+        # One per handler for the process's life.
         key = (handler.id, handler.authtype, handler.realm)
         if key not in self._factories:
-            factory = credential_factory(handler)
-            if isinstance(factory, DigestCredentialFactory) and self._digest_secret is not None:
-                factory.digest.privateKey = self._digest_secret
-            self._factories[key] = factory
+            clock = self._reactor.seconds if self._reactor is not None else None
+            self._factories[key] = credential_factory(handler, self._digest_secret, clock)
         return self._factories[key]
 
 
@@ -266,8 +308,9 @@ def device_portal(
     reactor: Any = None,
     ca_chain: Sequence[x509.Certificate] = (),
     digest_secret: bytes | None = None,
+    nonce_counts: NonceCounts | None = None,
 ) -> DevicePortal:
-    return DevicePortal(store, reactor, ca_chain, digest_secret)
+    return DevicePortal(store, reactor, ca_chain, digest_secret, nonce_counts)
 
 
 # -- responses ------------------------------------------------------------------
@@ -277,7 +320,7 @@ def _text(value: str | bytes) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
 
 
-def _challenge(factory: ICredentialFactory, request: Any) -> dict[str, str]:
+def _challenge(factory: ICredentialFactory, request: Any, stale: bool = False) -> dict[str, str]:
     fields = {_text(k): _text(v) for k, v in factory.getChallenge(request).items()}
     parts = [f'realm="{_quoted(fields.pop("realm", ""))}"']
     for key, value in fields.items():
@@ -285,6 +328,8 @@ def _challenge(factory: ICredentialFactory, request: Any) -> dict[str, str]:
             parts.append(f"algorithm={value.upper()}")  # a token, not a quoted string (RFC 7616)
         else:
             parts.append(f'{key}="{_quoted(value)}"')
+    if stale:  # RFC 7616 §3.3: the credentials were right, the nonce was not
+        parts.append("stale=true")
     scheme = factory.scheme.decode().capitalize()
     return {"WWW-Authenticate": f"{scheme} " + ", ".join(parts)}
 
@@ -293,8 +338,10 @@ def _quoted(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"')
 
 
-def unauthorized(factory: ICredentialFactory, request: Any, code: str, reason: str) -> Refusal:
-    return Refusal(401, code, reason, _challenge(factory, request))
+def unauthorized(
+    factory: ICredentialFactory, request: Any, code: str, reason: str, stale: bool = False
+) -> Refusal:
+    return Refusal(401, code, reason, _challenge(factory, request, stale))
 
 
 def _scheme(factory: ICredentialFactory) -> str:
@@ -489,23 +536,42 @@ async def _officer(identity: Identity, handler: HandlerConfig, portal: DevicePor
 async def _http_login(
     request: Any, handler: HandlerConfig, factory: ICredentialFactory, peer: PeerInfo, portal: DevicePortal
 ) -> Device:
-    """Check the Authorization header; the device that logged in."""
+    """Check the Authorization header; the device that logged in.
+
+    Every way the header can be wrong is a 401 with a fresh challenge and
+    a reason: ``malformed-credentials`` (cannot be read),
+    ``wrong-auth-scheme``, ``digest-nonce-invalid`` / ``digest-nonce-stale``
+    / ``digest-bad-response`` / ``digest-replayed`` (Digest, RFC 7616),
+    ``bad-credentials`` (unknown device or wrong password).
+    """
     _require_tls(peer)
-    scheme, _, response = request.getHeader(b"authorization").partition(b" ")
-    if scheme.lower() != factory.scheme:
-        raise unauthorized(
-            factory, request, "wrong-auth-scheme", f"this endpoint takes HTTP {_scheme(factory)} authentication"
-        )
+    name = _scheme(factory)
     try:
-        creds = factory.decode(response.strip(), request)
-    except error.LoginFailed:
+        scheme, response = authorization_header(request)
+        if scheme.lower() != factory.scheme:
+            raise unauthorized(factory, request, "wrong-auth-scheme", f"this endpoint takes HTTP {name} authentication")
+        creds = factory.decode(response, request)
+    except MalformedCredentials as e:
+        raise unauthorized(factory, request, "malformed-credentials", f"malformed HTTP {name} credentials: {e.reason}") from None
+    except StaleNonce:
         raise unauthorized(
-            factory, request, "bad-credentials", f"malformed or expired HTTP {_scheme(factory)} credentials"
+            factory, request, "digest-nonce-stale", "the Digest nonce has expired: answer the new challenge", stale=True
         ) from None
-    if credentials.IUsernameDigestHash.providedBy(creds):
-        _check_digest_response(creds.fields, request, handler, factory)
+    except InvalidNonce as e:
+        raise unauthorized(
+            factory, request, "digest-nonce-invalid",
+            f"{e.args[0] if e.args else 'the nonce is not valid'}: answer the new challenge",
+        ) from None
+    if isinstance(creds, DigestResponse):
+        _check_digest_response(creds, request, handler, factory)
     try:
         _interface, device_id, _logout = await portal.login(creds, None, _Avatar)
+    except ReplayedResponse as e:
+        raise unauthorized(
+            factory, request, "digest-replayed",
+            f"this Digest response was used before (nonce count {e.nc:08x}): answer the new challenge",
+            stale=True,
+        ) from None
     except error.LoginFailed:
         raise unauthorized(factory, request, "bad-credentials", "unknown device or wrong password") from None
     device = await portal.store.get_device(device_id)
@@ -515,19 +581,21 @@ async def _http_login(
 
 
 def _check_digest_response(
-    fields: dict[str, bytes], request: Any, handler: HandlerConfig, factory: ICredentialFactory
+    creds: DigestResponse, request: Any, handler: HandlerConfig, factory: ICredentialFactory
 ) -> None:
-    """What twisted.cred leaves to us: the response uses the qop and
-    algorithm we announced and is for this request's URI (no replay of a
-    response made for another resource)."""
-    qop = handler.qop.encode("ascii")
-    if fields.get("qop") != qop or not fields.get("cnonce") or not fields.get("nc"):
+    """What the hash does not cover: the response uses the qop and
+    algorithm we announced, answers this realm, and is for this request's
+    URI (no replay of a response made for another resource)."""
+    fields = creds.fields
+    if fields.get("qop") != handler.qop:
         raise unauthorized(
             factory, request, "digest-bad-response", f"the Digest response must use qop={handler.qop}"
         )
-    if fields.get("algorithm", b"md5").lower() != b"md5":
+    if fields.get("algorithm", "MD5").upper() != "MD5":
         raise unauthorized(factory, request, "digest-bad-response", "the Digest response must use algorithm MD5")
-    if fields.get("uri") != request.uri:
+    if fields.get("realm") != creds.realm:
+        raise unauthorized(factory, request, "digest-bad-response", "the Digest response is for another realm")
+    if fields["uri"].encode("utf-8") != request.uri:
         raise unauthorized(factory, request, "digest-bad-response", "the Digest response is for another URI")
 
 

@@ -18,9 +18,10 @@ from typing import Any, Sequence
 from cryptography.hazmat.primitives.serialization import Encoding
 from twisted.internet import defer, task
 
-from estgw import bootstrap, config as config_module, device_import, factory, officers
+from estgw import bootstrap, config as config_module, device_import, factory, names, officers
 from estgw.ca import CRL_FILE, CAError, LocalCA
 from estgw.config import Config, ConfigError
+from estgw.escape import printable
 from estgw.store import (
     REVOCATION_REASONS,
     DuplicateDevice,
@@ -93,7 +94,8 @@ async def cmd_device_add(options: Any, config: Config, store: IStore, out: Any) 
                 None if options["factory_cert"] is None else factory.read_certificate(options["factory_cert"])
             ),
             factory_cn=options["cn"],
-            subject_values=tuple(factory.parse_subject_value(v) for v in options["subject_value"] or ()),
+            subject_values=tuple(factory.parse_subject_value(v) for v in options["subject_value"] or ())
+            + tuple(factory.parse_san(v) for v in options["san"] or ()),
             single_use=bool(options["single_use"]),
         )
         # Hashing blocks; fine here: no one else waits on this reactor.
@@ -105,7 +107,7 @@ async def cmd_device_add(options: Any, config: Config, store: IStore, out: Any) 
         raise CommandError(f"device {device_id!r} is already registered") from None
     except ValueError as e:
         raise CommandError(str(e)) from None
-    out.write(f"registered device {device_id}\n")
+    out.write(f"registered device {printable(device_id)}\n")
 
 
 async def cmd_device_import(options: Any, config: Config, store: IStore, out: Any) -> None:
@@ -115,7 +117,7 @@ async def cmd_device_import(options: Any, config: Config, store: IStore, out: An
         raise CommandError(str(e)) from None
     result = await device_import.import_devices(store, rows, device_import.digest_realms(config))
     for line, reason in result.bad:
-        out.write(f"line {line}: {reason}\n")
+        out.write(f"line {line}: {printable(reason)}\n")
     out.write(device_import.describe(result, len(rows)) + "\n")
     if result.bad:
         raise CommandError(f"{len(result.bad)} bad row(s) in {options['file']}; the others were imported")
@@ -136,9 +138,9 @@ async def cmd_officer_add(options: Any, config: Config, store: IStore, out: Any)
         raise CommandError(str(e)) from None
     grant = officers.role_grant(cert, role)
     if await store.add_officer_role(grant):
-        out.write(f"granted officer role {role} to {grant.subject} (SHA-256 {grant.fingerprint})\n")
+        out.write(f"granted officer role {role} to {printable(grant.subject)} (SHA-256 {grant.fingerprint})\n")
     else:
-        out.write(f"{grant.subject} (SHA-256 {grant.fingerprint}) already holds officer role {role}\n")
+        out.write(f"{printable(grant.subject)} (SHA-256 {grant.fingerprint}) already holds officer role {role}\n")
 
 
 async def cmd_officer_list(options: Any, config: Config, store: IStore, out: Any) -> None:
@@ -148,7 +150,9 @@ async def cmd_officer_list(options: Any, config: Config, store: IStore, out: Any
         return
     out.write(f"{'ROLE':<16} {'SUBJECT':<40} {'SERIAL':<42} {'GRANTED':<20} SHA-256\n")
     for g in grants:
-        out.write(f"{g.role:<16} {g.subject:<40} {g.serial:<42x} {_when(g.granted_at):<20} {g.fingerprint}\n")
+        out.write(
+            f"{g.role:<16} {printable(g.subject):<40} {g.serial:<42x} {_when(g.granted_at):<20} {g.fingerprint}\n"
+        )
 
 
 async def cmd_officer_remove(options: Any, config: Config, store: IStore, out: Any) -> None:
@@ -170,19 +174,36 @@ async def cmd_device_list(options: Any, config: Config, store: IStore, out: Any)
     if not devices:
         out.write("no devices registered\n")
         return
-    out.write(f"{'DEVICE':<32} {'AUTH':<16} {'SINGLE-USE':<10} {'REGISTERED':<20} CONSUMED\n")
+    out.write(f"{'DEVICE':<32} {'AUTH':<16} {'SINGLE-USE':<10} {'REGISTERED':<20} {'CONSUMED':<20} NAMES\n")
     for d in devices:
         auth = "+".join(
             kind for kind, present in (("password", d.password_hash), ("factory", d.factory_cert_sha256)) if present
         ) or "-"
         single = "yes" if d.single_use else "no"
-        out.write(f"{d.device_id:<32} {auth:<16} {single:<10} {_when(d.created_at):<20} {_when(d.consumed_at)}\n")
+        out.write(
+            f"{printable(d.device_id):<32} {auth:<16} {single:<10} {_when(d.created_at):<20} {_when(d.consumed_at):<20}"
+            f" {_registered_names(d)}\n"
+        )
+
+
+def _registered_names(device: Any) -> str:
+    """``CN=id, serialNumber=SN1, DNS:pump-1.example``: what the device may
+    be called; a value that is not plain printable text is shown escaped."""
+
+    def text(value: str) -> str:
+        return value if value.isprintable() and value.strip() == value and value else names.shown(value)
+
+    parts = [f"CN={text(device.expected_common_name)}"]
+    for name, value in device.subject_values:
+        separator = ":" if name in factory.SAN_KINDS else "="
+        parts.append(f"{name}{separator}{text(value) if value else '(any)'}")
+    return ", ".join(parts)
 
 
 async def cmd_device_remove(options: Any, config: Config, store: IStore, out: Any) -> None:
     if not await store.remove_device(options["id"]):
         raise CommandError(f"no device {options['id']!r}")
-    out.write(f"removed device {options['id']}\n")
+    out.write(f"removed device {printable(options['id'])}\n")
 
 
 def _status(c: IssuedCertificate) -> str:
@@ -200,7 +221,10 @@ async def cmd_cert_list(options: Any, config: Config, store: IStore, out: Any) -
         return
     out.write(f"{'SERIAL':<42} {'STATUS':<8} {'NOT AFTER':<20} {'SUBJECT':<40} REQUESTER\n")
     for c in certs:
-        out.write(f"{c.serial:<42x} {_status(c):<8} {_when(c.not_after):<20} {c.subject:<40} {c.requester}\n")
+        out.write(
+            f"{c.serial:<42x} {_status(c):<8} {_when(c.not_after):<20} {printable(c.subject):<40}"
+            f" {printable(c.requester)}\n"
+        )
 
 
 async def _get(store: IStore, serial_text: str) -> IssuedCertificate:
@@ -228,7 +252,8 @@ async def cmd_cert_show(options: Any, config: Config, store: IStore, out: Any) -
         ("issued at", _when(c.issued_at)),
     ]
     for name, value in rows:
-        out.write(f"{name + ':':<20} {value}\n")
+        # Subject, SANs and requester were chosen by the client.
+        out.write(f"{name + ':':<20} {printable(value)}\n")
     out.write(c.certificate.public_bytes(Encoding.PEM).decode("ascii"))
 
 
@@ -240,7 +265,7 @@ async def cmd_cert_revoke(options: Any, config: Config, store: IStore, out: Any)
         raise CommandError(f"no certificate with serial {serial:x}") from None
     except ValueError as e:  # an unknown --reason
         raise CommandError(str(e)) from None
-    out.write(f"revoked {serial:x} ({issued.subject}) at {_when(issued.revoked_at)}\n")
+    out.write(f"revoked {serial:x} ({printable(issued.subject)}) at {_when(issued.revoked_at)}\n")
 
 
 def _write_file_atomically(path: str, data: bytes) -> None:
@@ -308,8 +333,14 @@ def _parser() -> argparse.ArgumentParser:
     add.add_argument("--cn", help="the commonName requests must carry (default: the device id)")
     add.add_argument(
         "--subject-value", action="append", metavar="NAME=VALUE",
-        help="a value the request must carry, e.g. serialNumber=SN17 or IP=10.0.0.17 (repeatable;"
-        " an empty VALUE matches anything)",
+        help="a subject value the device may carry (and, with a factory certificate and"
+        " enroll.check-subject-values, must carry), e.g. serialNumber=SN17 (repeatable;"
+        " an empty VALUE matches any one value)",
+    )
+    add.add_argument(
+        "--san", action="append", metavar="KIND:VALUE",
+        help="a subjectAltName the device may carry: DNS:name, IP:address, email:address or URI:uri"
+        " (repeatable)",
     )
     add.set_defaults(run=cmd_device_add)
     importing = device.add_parser(
@@ -319,7 +350,7 @@ def _parser() -> argparse.ArgumentParser:
         + ",".join(device_import.CSV_COLUMNS)
         + " (id required; any order). password may be empty when factory_cert (a file relative to"
         " the CSV) is given; cn defaults to the id; single_use is yes/no; subject_values are"
-        " NAME=VALUE pairs separated by ';'. Each bad row is reported as 'line N: reason' and"
+        " NAME=VALUE pairs and sans KIND:VALUE names, each separated by ';'. Each bad row is reported as 'line N: reason' and"
         " skipped; the good rows are imported; the exit status is 1 if any row was bad.",
     )
     importing.add_argument("file", help="the CSV file")
@@ -415,7 +446,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         try:
             await run(reactor, arguments)
         except CommandError as e:
-            sys.stderr.write(f"estgw: {e}\n")
+            sys.stderr.write(f"estgw: {printable(str(e))}\n")
             raise SystemExit(1)
 
     task.react(lambda reactor: defer.Deferred.fromCoroutine(_main(reactor)))

@@ -22,10 +22,11 @@ import os
 import re
 import socket
 from typing import Any, Callable, Mapping
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import attr
 
+from estgw import names
 from estgw.ca.factory import KINDS
 from estgw.properties import PropertiesError, parse_properties
 from estgw.protocol import CsrAttr, parse_csrattrs_setting
@@ -83,7 +84,9 @@ def default_format(operation: str, filter: str, procedure: "TokenProcedureConfig
     return "est-simpleenroll-subjectmatch"
 
 
-_LABEL = re.compile(r"^[A-Za-z0-9_.~-]+$")  # one RFC 7030 §3.2.2 path segment
+# RFC 3986 §3.3 pchar, less pct-encoded: unreserved / sub-delims / ":" / "@".
+_LABEL = re.compile(r"^[A-Za-z0-9._~!$&'()*+,;=:@-]+$")
+_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
 
 
 class ConfigError(ValueError):
@@ -152,6 +155,21 @@ def _est_url(value: str) -> str:
     return text
 
 
+def _hostnames(value: str) -> tuple[str, ...]:
+    """Names for the gateway's TLS certificate: IP addresses or dNSNames
+    (estgw.names rules, a wildcard allowed)."""
+    items = _list(value)
+    for item in items:
+        try:
+            ipaddress.ip_address(item)
+        except ValueError:
+            try:
+                names.check_dns_name(item)
+            except names.BadName as e:
+                raise ValueError(f"{e}: not an IP address either") from None
+    return items
+
+
 def _choice(*allowed: str) -> Callable[[str], str]:
     def parse(value: str) -> str:
         for option in allowed:
@@ -165,10 +183,31 @@ def _choice(*allowed: str) -> Callable[[str], str]:
 
 
 def _label(value: str) -> str:
+    """An RFC 7030 §3.2.2 CA label: one RFC 3986 path segment, kept decoded.
+
+    Any pchar is allowed (``ca:1``, ``ra@site``, ``a+b``); a
+    percent-encoded form is read as what it encodes (``ca%3A1`` is
+    ``ca:1``), and requests are routed on the decoded form too.  Refused:
+    characters a segment cannot hold, ``.`` and ``..`` (clients remove
+    them before sending, RFC 3986 §5.2.4), and the name of an operation
+    (RFC 7030 §3.2.2: the label cannot be one of the operation path
+    segments).
+    """
     label = value.strip()
-    if label and not _LABEL.match(label):
-        raise ValueError(f"not a valid URL path segment: {label!r}")
-    return label
+    if not label:
+        return label
+    if _PERCENT.search(label):
+        raise ValueError(f"'%' must start a percent-encoded octet (%XX): {label!r}")
+    decoded = unquote(label, errors="replace")
+    if not _LABEL.match(decoded):
+        raise ValueError(
+            f"not a valid URL path segment (RFC 3986 §3.3: letters, digits and - . _ ~ ! $ & ' ( ) * + , ; = : @): {label!r}"
+        )
+    if decoded in (".", ".."):
+        raise ValueError(f"{label!r} is a dot-segment, which clients remove from paths before sending")
+    if decoded.lower() in OPERATIONS:
+        raise ValueError(f"{label!r} is the name of an EST operation (RFC 7030 §3.2.2)")
+    return decoded
 
 
 def _csrattrs(value: str) -> tuple[CsrAttr, ...]:
@@ -200,6 +239,20 @@ def _hours(value: str) -> int:
     if seconds < 1:
         raise ValueError(f"must be at least 1 second, not {value.strip()!r}")
     return seconds
+
+
+def _nonempty(value: str) -> str:
+    text = value.strip()
+    if not text:
+        raise ValueError("must not be empty (remove the line for the default)")
+    return text
+
+
+def _security_level(value: str) -> int:
+    """An OpenSSL security level, 0 (anything) to 5 (256-bit)."""
+    if value.strip() not in ("0", "1", "2", "3", "4", "5"):
+        raise ValueError(f"expected an OpenSSL security level 0 to 5, not {value.strip()!r}")
+    return int(value)
 
 
 def _non_negative_int(value: str) -> int:
@@ -308,6 +361,9 @@ class HandlerConfig:
     # RFC 7030 §3.5 linking: the CSR's challengePassword must carry the
     # connection's tls-unique (TLS 1.2) or tls-exporter (TLS 1.3) value.
     channel_binding: bool = False
+    # A SHA-1 CSR signature is accepted as proof of possession (older
+    # routers sign no other way); off: refused as an unsupported algorithm.
+    accept_sha1_csr_signature: bool = False
     # Officer/RA handler: None = not one; () = "none", any
     # certificate this gateway's CA issued; else the client certificate
     # must hold at least one of these roles (estgw officer add).
@@ -315,6 +371,10 @@ class HandlerConfig:
     # Which client certificates count here: "local" (issued by this
     # gateway's CA) or "any" (also those of tls.trustAnchors CAs).
     client_certificate_issuers: str = ""
+    # What a password or factory device may be called besides its id:
+    # "registered" (only the names registered for it) or "any" (also any
+    # other well-formed name; see estgw.policy.device_names).
+    device_names: str = "registered"
     # Set (from the token procedure) when simpleenroll needs a registered
     # factory certificate.
     factory: FactoryAuthConfig | None = None
@@ -362,6 +422,12 @@ class Config:
     # certificate its first enrollment got (same key): a device whose
     # connection dropped after issuing is not locked out.  0: never.
     single_use_refetch_seconds: int = 900
+    # OpenSSL cipher list (TLS 1.2), TLS 1.3 suites, groups, security
+    # level: empty strings take estgw.tls's defaults (checked at load).
+    tls_ciphers: str = ""
+    tls_ciphersuites: str = ""
+    tls_groups: str = ""
+    tls_security_level: int = 2
     token_procedures: Mapping[str, TokenProcedureConfig] = attr.Factory(dict)
     handlers: tuple[HandlerConfig, ...] = ()
 
@@ -408,7 +474,7 @@ class Config:
 _GLOBAL_KEYS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "server.port": ("port", _port),
     "server.interface": ("interface", _text),
-    "server.hostnames": ("hostnames", _list),
+    "server.hostnames": ("hostnames", _hostnames),
     "server.maxRequestBytes": ("max_request_bytes", _positive_int),
     "state.directory": ("state_directory", _text),
     "store.url": ("store_url", _text),
@@ -421,6 +487,10 @@ _GLOBAL_KEYS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "tls.ocsp.cacheSeconds": ("ocsp_cache_seconds", _non_negative_int),
     "tls.ocsp.failure": ("ocsp_failure", _choice("hard", "soft")),
     "singleUse.refetchSeconds": ("single_use_refetch_seconds", _non_negative_int),
+    "tls.ciphers": ("tls_ciphers", _nonempty),
+    "tls.ciphersuites": ("tls_ciphersuites", _nonempty),
+    "tls.groups": ("tls_groups", _nonempty),
+    "tls.securityLevel": ("tls_security_level", _security_level),
     "metrics.port": ("metrics_port", _port),
     "metrics.interface": ("metrics_interface", _text),
 }
@@ -476,8 +546,10 @@ _HANDLER_KEYS: dict[str, tuple[str, Callable[[str], Any]]] = {
         _bool,
     ),
     "channelBinding": ("channel_binding", _bool),
+    "acceptSha1CsrSignature": ("accept_sha1_csr_signature", _bool),
     "requiredRoRoles": ("required_ro_roles", _roles),
     "clientCertificateIssuers": ("client_certificate_issuers", _choice("local", "any")),
+    "deviceNames": ("device_names", _choice("registered", "any")),
     "idm.requestUrl": ("idm_request_url", _text),
     "idm.tls.token": ("idm_token", _text),
     "idm.tls.password": ("idm_password", _text),
@@ -494,11 +566,12 @@ _NUMBERED = re.compile(r"^(handler|tokenprocedure)\.([0-9]+)\.(.+)$")
 
 
 def default_hostnames() -> tuple[str, ...]:
-    names = ["localhost", "127.0.0.1", "::1"]
+    defaults = ["localhost", "127.0.0.1", "::1"]
     host = socket.gethostname()
-    if host and host not in names:
-        names.append(host)
-    return tuple(names)
+    # A host name that is no dNSName (e.g. with '_') stays out of the certificate.
+    if host and host not in defaults and names.is_host_name(host):
+        defaults.append(host)
+    return tuple(defaults)
 
 
 def _parse(key: str, parser: Callable[[str], Any], value: str, source: str) -> Any:
@@ -561,6 +634,7 @@ def from_string(text: str, source: str = "est.properties", base_dir: str = ".") 
     )
     if not global_values.get("hostnames"):
         global_values["hostnames"] = default_hostnames()
+    _check_tls(global_values, source)
     store_url = global_values.get("store_url", "sqlite:estgw.sqlite")
     if not store_url.startswith("sqlite:") or not store_url[len("sqlite:"):].strip():
         raise ConfigError("store.url", f"expected sqlite:PATH, not {store_url!r}", source)
@@ -571,6 +645,20 @@ def from_string(text: str, source: str = "est.properties", base_dir: str = ".") 
         handlers=handlers,
         **global_values,
     )
+
+
+def _check_tls(values: Mapping[str, Any], source: str) -> None:
+    """The tls.* cipher settings as OpenSSL reads them, so a bad name
+    stops start-up with the key (estgw.tls has the defaults and checks)."""
+    from estgw import tls
+
+    settings = tls.settings_of(Config(source=source, state_directory="", **{
+        k: v for k, v in values.items() if k.startswith("tls_")
+    }))
+    try:
+        tls.check_tls_settings(settings)
+    except tls.TLSSettingError as e:
+        raise ConfigError(e.key, e.reason, source) from None
 
 
 def _set_default(
@@ -723,11 +811,14 @@ def _complete_handler(
     if not enroll:
         # Settings that mean nothing here are errors only when set on the
         # handler itself; the default section applies to all handlers.
-        for name in ("format", "tokenprocedure", "authtype", "qop", "requiredRoRoles"):
+        for name in (
+            "format", "tokenprocedure", "authtype", "qop", "requiredRoRoles", "acceptSha1CsrSignature", "deviceNames",
+        ):
             if name in own_keys:
                 raise ConfigError(prefix + name, f"not used by {op}", source)
         handler = attr.evolve(
             handler, format="", token_procedure="", authtype="", realm=None, required_ro_roles=None,
+            accept_sha1_csr_signature=False,
             client_certificate_issuers=handler.client_certificate_issuers or "any",
         )
         if op != "csrattrs" and "csrattrs" in own_keys:

@@ -10,9 +10,9 @@ to use it.
 
 The CSV file has a header row naming its columns, in any order::
 
-    id,password,factory_cert,cn,single_use,subject_values
-    pump-17,s3cret,,,no,
-    pump-18,,certs/pump-18-idevid.pem,PUMP-18,yes,serialNumber=SN18;IP=10.0.0.18
+    id,password,factory_cert,cn,single_use,subject_values,sans
+    pump-17,s3cret,,,no,,
+    pump-18,,certs/pump-18-idevid.pem,PUMP-18,yes,serialNumber=SN18,DNS:pump-18.plant.example;IP:10.0.0.18
 
 - ``id`` (required): the device id (HTTP user name; no ``:``);
 - ``password``: may be empty when ``factory_cert`` is given;
@@ -20,7 +20,13 @@ The CSV file has a header row naming its columns, in any order::
 - ``cn``: the commonName requests must carry (empty: the device id);
 - ``single_use``: yes/no, true/false, 1/0 (empty: no);
 - ``subject_values``: ``NAME=VALUE`` pairs separated by ``;`` (see
-  :mod:`estgw.factory`; an empty VALUE matches anything).
+  :mod:`estgw.factory`; an empty VALUE matches anything);
+- ``sans``: subjectAltNames the device may carry, ``KIND:VALUE``
+  (``DNS``, ``IP``, ``email``, ``URI``) separated by ``;`` (percent-encode
+  a ``;`` in a URI).
+
+Registered names are what a device may be called besides its id (see
+:func:`estgw.policy.device_names`); each is checked as a name here.
 
 Rows are checked one by one; a bad row is reported with its line number
 and the good rows are imported all the same.  The file holds passwords in
@@ -35,8 +41,9 @@ from typing import Iterable, Sequence
 
 import attr
 from cryptography import x509
+from cryptography.x509.oid import NameOID
 
-from estgw import factory
+from estgw import factory, names
 from estgw.auth import digest_ha1
 from estgw.config import Config
 from estgw.passwords import hash_password
@@ -53,7 +60,7 @@ __all__ = [
     "CSV_COLUMNS",
 ]
 
-CSV_COLUMNS = ("id", "password", "factory_cert", "cn", "single_use", "subject_values")
+CSV_COLUMNS = ("id", "password", "factory_cert", "cn", "single_use", "subject_values", "sans")
 _TRUE = ("yes", "true", "1", "on")
 _FALSE = ("no", "false", "0", "off", "")
 
@@ -93,8 +100,14 @@ def check_registration(registration: Registration) -> Registration:
         raise ValueError("give a password, a factory certificate, or both")
     if registration.password is not None and not registration.password:
         raise ValueError("the password is empty")
-    if registration.factory_cert is None and (registration.factory_cn or registration.subject_values):
-        raise ValueError("a commonName or subject values need a factory certificate")
+    if registration.factory_cert is None and registration.factory_cn:
+        raise ValueError("a commonName other than the device id needs a factory certificate")
+    # The id (or --cn) is the commonName of every certificate the device gets.
+    common_name = registration.factory_cn or registration.device_id
+    try:
+        names.check_value(NameOID.COMMON_NAME, common_name)
+    except names.BadName as e:
+        raise ValueError(f"{e}; the device's commonName is its id or --cn") from None
     return registration
 
 
@@ -135,6 +148,10 @@ def _subject_values(text: str) -> tuple[tuple[str, str], ...]:
     return tuple(factory.parse_subject_value(item) for item in text.split(";") if item.strip())
 
 
+def _sans(text: str) -> tuple[tuple[str, str], ...]:
+    return tuple(factory.parse_san(item) for item in text.split(";") if item.strip())
+
+
 def _row(fields: dict[str, str], base_dir: str) -> Registration:
     cert_path = fields.get("factory_cert", "").strip()
     cert = factory.read_certificate(os.path.join(base_dir, cert_path)) if cert_path else None
@@ -145,7 +162,7 @@ def _row(fields: dict[str, str], base_dir: str) -> Registration:
             password=password if password else None,
             factory_cert=cert,
             factory_cn=fields.get("cn", "").strip() or None,
-            subject_values=_subject_values(fields.get("subject_values", "")),
+            subject_values=_subject_values(fields.get("subject_values", "")) + _sans(fields.get("sans", "")),
             single_use=_bool(fields.get("single_use", "")),
         )
     )

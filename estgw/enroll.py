@@ -21,6 +21,7 @@ from estgw import auth, policy
 from estgw.approval.gate import ApprovalGate
 from estgw.ca import ITokenProcedure
 from estgw.config import Config, HandlerConfig
+from estgw.escape import printable
 from estgw.metrics import Metrics
 from estgw.protocol import parse_csr
 from estgw.refusal import Refusal
@@ -132,7 +133,7 @@ async def _sent_again(
             _log.info(
                 "sent again serial {serial:x} to {requester}: its single-use registration was"
                 " consumed by this certificate {age:.0f} s ago",
-                serial=issued.serial, requester=identity.requester,
+                serial=issued.serial, requester=printable(identity.requester),
                 age=(now - device.consumed_at).total_seconds(), event="reissued",
             )
             return issued.certificate
@@ -187,8 +188,8 @@ async def enroll(
     _log.info(
         "issued serial {serial:x} subject {subject} to {requester} by handler {handler}",
         serial=certificate.serial_number,
-        subject=certificate.subject.rfc4514_string(),
-        requester=identity.requester,
+        subject=printable(certificate.subject.rfc4514_string()),
+        requester=printable(identity.requester),
         handler=handler.id,
         event="issued",
     )

@@ -9,11 +9,15 @@ the request must carry the registered commonName and, with
 ``enroll.check-subject-values = true``, the registered subject values
 (checked by :func:`estgw.policy.factory_certificate_matches_request`).
 
-Subject values are ``NAME=VALUE`` pairs.  NAME is a subject attribute
-(``serialNumber``, ``O``, ``OU``, ``C``, ``L``, ``ST``, ``emailAddress``,
-``unstructuredName``, ``unstructuredAddress``, ``UID``, ``CN`` or a dotted
-OID) or a subjectAltName kind (``DNS``, ``IP``, ``email``, ``URI``).  An
-empty VALUE matches anything, including a request without that name.
+Registered names are ``NAME=VALUE`` pairs (``device add --subject-value``,
+and ``--san KIND:VALUE`` for the subjectAltName kinds).  NAME is a subject
+attribute (``serialNumber``, ``O``, ``OU``, ``C``, ``L``, ``ST``,
+``emailAddress``, ``unstructuredName``, ``unstructuredAddress``, ``UID``,
+``DC`` or a dotted OID) or a subjectAltName kind (``DNS``, ``IP``, ``email``,
+``URI``).  A VALUE must be a well-formed name of its kind
+(:mod:`estgw.names`); an empty one matches any value, and a request
+without that name.  What a device may be called with them is decided by
+:func:`estgw.policy.device_names`.
 """
 
 from __future__ import annotations
@@ -25,9 +29,15 @@ from typing import Iterable, Sequence
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
+from estgw import names
+
 __all__ = [
     "read_certificate",
     "parse_subject_value",
+    "parse_san",
+    "registration_name",
+    "san_entry",
+    "same_value",
     "subject_value_mismatch",
     "common_name",
 ]
@@ -46,6 +56,7 @@ SUBJECT_ATTRIBUTES: dict[str, x509.ObjectIdentifier] = {
     "ST": NameOID.STATE_OR_PROVINCE_NAME,
     "emailAddress": NameOID.EMAIL_ADDRESS,
     "UID": NameOID.USER_ID,
+    "DC": NameOID.DOMAIN_COMPONENT,
     "unstructuredName": UNSTRUCTURED_NAME,
     "unstructuredAddress": UNSTRUCTURED_ADDRESS,
 }
@@ -89,18 +100,77 @@ def _canonical_name(name: str) -> str:
 
 
 def parse_subject_value(text: str) -> tuple[str, str]:
-    """``NAME=VALUE`` → (canonical NAME, VALUE); ValueError if malformed."""
+    """``NAME=VALUE`` → (canonical NAME, VALUE); ValueError if malformed
+    or if VALUE is not a well-formed name of its kind."""
     name, sep, value = text.partition("=")
     if not sep or not name.strip():
         raise ValueError(f"expected NAME=VALUE, not {text!r}")
-    canonical = _canonical_name(name.strip())
-    value = value.strip()
-    if canonical == "IP" and value:
-        try:
-            value = str(ipaddress.ip_address(value))
-        except ValueError:
-            raise ValueError(f"IP={value!r} is not an IP address") from None
-    return canonical, value
+    return _registered_name(_canonical_name(name.strip()), value.strip())
+
+
+def parse_san(text: str) -> tuple[str, str]:
+    """``KIND:VALUE`` (``DNS:pump-17.example``, ``IP:10.0.0.17``,
+    ``email:...``, ``URI:...``) → (KIND, VALUE), stored like a subject value.
+    :raises ValueError: naming what is wrong."""
+    kind, sep, value = text.partition(":")
+    canonical = next((known for known in SAN_KINDS if known.lower() == kind.strip().lower()), None)
+    if not sep or canonical is None:
+        raise ValueError(f"expected KIND:VALUE with KIND one of {', '.join(SAN_KINDS)}, not {names.shown(text)}")
+    if not value.strip():
+        raise ValueError(f"the {canonical} name is empty")
+    return _registered_name(canonical, value.strip())
+
+
+def _registered_name(name: str, value: str) -> tuple[str, str]:
+    if name == "CN":
+        raise ValueError("the commonName is the device id (or --cn), not a registered value")
+    if not value:
+        return name, value
+    try:
+        if name == "IP":
+            try:
+                value = str(ipaddress.ip_address(value))
+            except ValueError:
+                raise ValueError(f"IP={value!r} is not an IP address") from None
+        elif name == "DNS":
+            names.check_dns_name(value)
+        elif name == "email":
+            names.check_email(value)
+        elif name == "URI":
+            names.check_uri(value)
+        else:
+            oid = SUBJECT_ATTRIBUTES.get(name) or x509.ObjectIdentifier(name)
+            names.check_value(oid, value)
+    except names.BadName as e:
+        raise ValueError(str(e)) from None
+    return name, value
+
+
+def registration_name(oid: x509.ObjectIdentifier) -> str:
+    """The NAME a subject attribute is registered under."""
+    for name, known in SUBJECT_ATTRIBUTES.items():
+        if known == oid:
+            return name
+    return oid.dotted_string
+
+
+def san_entry(san: x509.GeneralName) -> tuple[str, str] | None:
+    """A subjectAltName as a registered (KIND, VALUE); None for kinds that
+    cannot be registered (directoryName, otherName, registeredID)."""
+    for kind, cls in SAN_KINDS.items():
+        if isinstance(san, cls):
+            return kind, str(san.value)
+    return None
+
+
+def same_value(name: str, registered: str, value: str) -> bool:
+    """Whether a requested value is the registered one: addresses as
+    addresses, host names without regard to letter case, the rest exactly."""
+    if name == "IP":
+        return _same_address(registered, value)
+    if name == "DNS":
+        return registered.lower() == value.lower()
+    return registered == value
 
 
 def common_name(subject: x509.Name) -> str | None:
@@ -141,10 +211,7 @@ def subject_value_mismatch(
         if not expected:
             continue
         present = _present(name, subject, sans)
-        if name == "IP":
-            matches = any(_same_address(expected, value) for value in present)
-        else:
-            matches = expected in present
+        matches = any(same_value(name, expected, value) for value in present)
         if not matches:
             found = ", ".join(repr(v) for v in present) or "none"
             return f"the request's {name} ({found}) is not the registered {expected!r}"

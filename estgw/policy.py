@@ -18,16 +18,17 @@ from __future__ import annotations
 import base64
 import hmac
 import ipaddress
-import re
 from typing import Callable
 
 import attr
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import AttributeOID, ExtendedKeyUsageOID, NameOID, ObjectIdentifier
 
-from estgw import factory
+from estgw import factory, names
 from estgw.auth import Identity
 from estgw.ca import IssueRequest
 from estgw.config import HandlerConfig
@@ -43,7 +44,6 @@ CMC_RA = ObjectIdentifier("1.3.6.1.5.5.7.3.28")  # id-kp-cmcRA
 ANY_EKU = ObjectIdentifier("2.5.29.37.0")
 UB_COMMON_NAME = 64
 
-_DNS_NAME = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?$")
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -103,8 +103,9 @@ def _name_as_san(text: str) -> x509.GeneralName | None:
         return x509.IPAddress(ipaddress.ip_address(text))
     except ValueError:
         pass
-    if _DNS_NAME.match(text):
-        return x509.DNSName(text.rstrip("."))
+    host = text[:-1] if text.endswith(".") else text
+    if names.is_host_name(host):
+        return x509.DNSName(host)
     return None
 
 
@@ -131,7 +132,10 @@ def _copy_rules(
     if not subject.get_attributes_for_oid(NameOID.COMMON_NAME):
         # A dNSName may be 253 characters, a commonName only 64 (RFC 5280
         # ub-common-name): copy the first that fits, if any.
-        dns = [n.value for n in sans if isinstance(n, x509.DNSName) and 0 < len(n.value) <= UB_COMMON_NAME]
+        dns = [
+            n.value for n in sans
+            if isinstance(n, x509.DNSName) and len(n.value) <= UB_COMMON_NAME and names.is_host_name(n.value)
+        ]
         if dns:
             cn = x509.RelativeDistinguishedName([x509.NameAttribute(NameOID.COMMON_NAME, dns[0])])
             subject = x509.Name(list(subject.rdns) + [cn])
@@ -206,14 +210,72 @@ def renews_own_subject(ctx: PolicyContext) -> bool:
 # -- the checks ------------------------------------------------------------------
 
 
+# Hashes a CSR signature may use: SHA-2 and SHA-3 (Ed25519/Ed448 name none).
+STRONG_SIGNATURE_HASHES = (
+    hashes.SHA224, hashes.SHA256, hashes.SHA384, hashes.SHA512,
+    hashes.SHA3_224, hashes.SHA3_256, hashes.SHA3_384, hashes.SHA3_512,
+)
+_HASH_NAMES = {"sha1": "SHA-1", "md5": "MD5", "sha512-224": "SHA-512/224", "sha512-256": "SHA-512/256"}
+
+
 def csr_signature_valid(ctx: PolicyContext) -> None:
-    """Proof of possession: the CSR is signed by the key it carries."""
+    """Proof of possession: the CSR is signed by the key it carries, with
+    an algorithm this gateway accepts.
+
+    Refusals (400): ``csr-unsupported-signature-algorithm`` naming the
+    algorithm when its hash is weak (SHA-1, MD5, ...) or unknown;
+    ``csr-bad-signature`` when the signature does not verify.  A handler
+    with ``acceptSha1CsrSignature = true`` accepts a SHA-1 signature as
+    proof of possession (older routers cannot sign otherwise); the CA
+    still signs the certificate with its own hash.  SHA-1 is verified
+    here with the public key: cryptography's ``is_signature_valid``
+    refuses it for ECDSA and RSA PKCS#1 v1.5.
+    """
+    csr = ctx.csr
     try:
-        valid = ctx.csr.is_signature_valid
-    except Exception:  # unsupported algorithm: cannot prove possession
-        valid = False
+        algorithm = csr.signature_hash_algorithm
+    except UnsupportedAlgorithm:  # an OID cryptography does not know
+        raise _unsupported_signature(csr, None) from None
+    if isinstance(algorithm, hashes.SHA1) and ctx.handler.accept_sha1_csr_signature:
+        valid = _sha1_signature_verifies(csr)
+    elif algorithm is not None and not isinstance(algorithm, STRONG_SIGNATURE_HASHES):
+        raise _unsupported_signature(csr, algorithm)
+    else:
+        try:
+            valid = csr.is_signature_valid
+        except Exception:  # e.g. a key and signature of different kinds
+            valid = False
     if not valid:
         raise Refusal(400, "csr-bad-signature", "the CSR signature does not verify")
+
+
+def _unsupported_signature(csr: x509.CertificateSigningRequest, algorithm: hashes.HashAlgorithm | None) -> Refusal:
+    oid = csr.signature_algorithm_oid
+    name = oid._name if oid._name != "Unknown OID" else oid.dotted_string
+    if algorithm is None:
+        reason = f"the CSR signature algorithm {name} is not supported: sign it with SHA-256 or stronger"
+    else:
+        hash_name = _HASH_NAMES.get(algorithm.name, algorithm.name.upper())
+        reason = f"the CSR is signed with {name} ({hash_name}), which is not accepted: sign it with SHA-256 or stronger"
+    return Refusal(400, "csr-unsupported-signature-algorithm", reason)
+
+
+def _sha1_signature_verifies(csr: x509.CertificateSigningRequest) -> bool:
+    """Verify a SHA-1 CSR signature with the CSR's public key."""
+    key = csr.public_key()
+    signature, data = csr.signature, csr.tbs_certrequest_bytes
+    try:
+        if isinstance(key, ec.EllipticCurvePublicKey):
+            key.verify(signature, data, ec.ECDSA(hashes.SHA1()))
+        elif isinstance(key, rsa.RSAPublicKey):
+            # RSASSA-PSS carries its parameters; sha1WithRSAEncryption is PKCS#1 v1.5.
+            parameters = csr.signature_algorithm_parameters
+            key.verify(signature, data, parameters or padding.PKCS1v15(), hashes.SHA1())  # type: ignore[arg-type]
+        else:
+            return False
+    except (InvalidSignature, TypeError, ValueError, UnsupportedAlgorithm):
+        return False
+    return True
 
 
 def key_acceptable(ctx: PolicyContext) -> None:
@@ -263,14 +325,16 @@ def has_subject(ctx: PolicyContext) -> None:
         raise Refusal(400, "csr-no-subject", "the CSR has neither a subject nor a subjectAltName")
 
 
+def subject_well_formed(ctx: PolicyContext) -> None:
+    """Every subject attribute is a name in the sense of RFC 5280
+    (:mod:`estgw.names`): ``400 csr-bad-subject`` naming it otherwise."""
+    names.check_subject(ctx.subject)
+
+
 def sans_well_formed(ctx: PolicyContext) -> None:
-    """No certificate may carry an iPAddress of 8 or 32 octets (an address
-    range: the name-constraints form, RFC 5280 4.2.1.6) or an empty dNSName."""
-    for san in ctx.sans:
-        if isinstance(san, x509.IPAddress) and not isinstance(san.value, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
-            raise Refusal(400, "csr-bad-san", f"the iPAddress subjectAltName {san.value} is an address range, not an address")
-        if isinstance(san, x509.DNSName) and not san.value.strip():
-            raise Refusal(400, "csr-bad-san", "the CSR has an empty dNSName subjectAltName")
+    """Every subjectAltName is well formed (:mod:`estgw.names`): no
+    address range, no empty or malformed dNSName, ...: ``400 csr-bad-san``."""
+    names.check_sans(ctx.sans)
 
 
 def no_cmc_ra(ctx: PolicyContext) -> None:
@@ -343,7 +407,7 @@ def subject_matches_client_certificate(ctx: PolicyContext) -> None:
     SANs as the client certificate.  Officer/RA identities are excepted."""
     if ctx.identity.acting_as_officer:
         return
-    # A password login names no subject of its own: device_owns_subject
+    # A password login names no subject of its own: device_names
     # holds it to its registered id instead.
     if ctx.identity.kind == "device":
         return
@@ -364,90 +428,148 @@ def subject_matches_client_certificate(ctx: PolicyContext) -> None:
         raise _policy("san-mismatch", "the CSR subjectAltNames differ from those of the client certificate")
 
 
-def device_owns_subject(ctx: PolicyContext) -> None:
-    """A device that logged in with a password gets certificates for its
-    own registered id only: the CSR commonName must be that id."""
-    if ctx.identity.kind != "device":
+def factory_certificate_matches_request(ctx: PolicyContext) -> None:
+    """On a handler whose token procedure uses factory certificates, the
+    request comes from a registered factory certificate; what it may be
+    called is :func:`device_names`' matter."""
+    if ctx.handler.factory is None:
         return
-    names = ctx.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if ctx.identity.kind != "factory" or ctx.identity.registration is None:
+        raise _policy("factory-certificate-required", "this endpoint needs a registered factory certificate")
+
+
+def _own_common_name(ctx: PolicyContext, own: str) -> None:
+    names_ = ctx.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    factory_login = ctx.identity.kind == "factory"
+    code = "factory-cn-mismatch" if factory_login else "subject-not-registered"
+    whose = "the one registered with the factory certificate" if factory_login else "the registered device id"
     # A second CN (another RDN, or a multi-valued one) would be the name
     # verifiers that read the last CN see.
-    if len(names) > 1:
-        raise _policy(
-            "subject-not-registered",
-            f"the CSR must carry exactly one commonName, the registered device id {ctx.identity.device_id!r}",
-        )
-    if not names or names[0].value != ctx.identity.device_id:
-        raise _policy(
-            "subject-not-registered",
-            f"the CSR commonName must be the registered device id {ctx.identity.device_id!r}",
-        )
+    if len(names_) > 1:
+        raise _policy(code, f"the CSR must carry exactly one commonName, {own!r}, {whose}")
+    requested = factory.common_name(ctx.subject)
+    if requested != own:
+        if factory_login:
+            raise _policy(code, f"the CSR commonName {requested!r} is not {own!r}, {whose}")
+        raise _policy(code, f"the CSR commonName must be {whose} {own!r}")
 
 
-def device_sans_are_host_names(ctx: PolicyContext) -> None:
-    """A password login proves a device id, nothing more: its SANs are the
-    host names and addresses the copy rules deal in, never a URI, e-mail,
-    directory name or otherName (e.g. a UPN), and never a wildcard."""
-    if ctx.identity.kind != "device":
+def device_names(ctx: PolicyContext) -> None:
+    """What a password or factory device may be called: its own id and
+    the names registered for it, each registered value at most once.
+
+    The id is the commonName (the device id, or the ``--cn`` registered
+    with a factory certificate), exactly once, and the dNSName (or
+    iPAddress) the SAN/CN copy rules make of it.  Every other subject
+    attribute and subjectAltName must match a registered value
+    (``device add --subject-value NAME=VALUE`` / ``--san KIND:VALUE``; an
+    empty registered value matches any one value of its kind), and each
+    registered value is used at most once.  ``deviceNames = any`` widens
+    the rule to any other well-formed subject attribute, dNSName,
+    iPAddress, rfc822Name or URI.  Never issued to a device: a
+    directoryName, otherName or registeredID, or a wildcard dNSName that is
+    not registered.  With a factory token procedure's
+    ``enroll.check-subject-values = true`` the registered values must also
+    be present.  Refusals: ``subject-not-registered`` /
+    ``factory-cn-mismatch`` (the id), ``subject-value-mismatch`` (a required
+    value missing), ``registered-value-repeated``, ``san-not-allowed``,
+    ``subject-not-registered`` / ``san-not-registered`` (a name not
+    registered), all 403.
+    """
+    identity = ctx.identity
+    if identity.kind not in ("device", "factory"):
         return
-    for san in ctx.sans:
-        if not isinstance(san, (x509.DNSName, x509.IPAddress)):
+    device = identity.registration
+    own = device.expected_common_name if device is not None else identity.device_id
+    registered = device.subject_values if device is not None else ()
+    if own is None:
+        raise _policy("subject-not-registered", "the request names no registered device")
+    _own_common_name(ctx, own)
+    settings = ctx.handler.factory
+    if identity.kind == "factory" and settings is not None and settings.check_subject_values:
+        mismatch = factory.subject_value_mismatch(registered, ctx.subject, ctx.sans)
+        if mismatch is not None:
+            raise _policy("subject-value-mismatch", mismatch)
+
+    widened = ctx.handler.device_names == "any"
+    unused = list(registered)
+    used: list[tuple[str, str]] = []
+
+    def claim(name: str, value: str) -> bool:
+        # An exact registration first, then an empty (any-value) one.
+        for wanted in (True, False):
+            for index, (n, v) in enumerate(unused):
+                if n == name and (factory.same_value(n, v, value) if wanted else not v):
+                    used.append(unused.pop(index))
+                    return True
+        return False
+
+    def repeated(name: str, value: str) -> bool:
+        return any(n == name and (not v or factory.same_value(n, v, value)) for n, v in used)
+
+    who = f"device {identity.device_id!r}"
+    for attribute in ctx.subject:
+        if attribute.oid == NameOID.COMMON_NAME:
+            continue
+        name = factory.registration_name(attribute.oid)
+        value = str(attribute.value)
+        if claim(name, value):
+            continue
+        described = f"{names.attribute_name(attribute.oid)} {names.shown(value)}"
+        if repeated(name, value):
             raise _policy(
-                "san-not-allowed",
-                "a device that logs in with a password may ask for only dNSName and iPAddress"
-                f" subjectAltNames, not {type(san).__name__}",
+                "registered-value-repeated",
+                f"the subject attribute {described} appears more than once; a registered value is issued once",
+            )
+        if not widened:
+            raise _policy("subject-not-registered", f"the subject attribute {described} is not registered for {who}")
+
+    own_san = _name_as_san(own)
+    own_entry = factory.san_entry(own_san) if own_san is not None else None
+    for san in ctx.sans:
+        entry = factory.san_entry(san)
+        if own_entry is not None and entry is not None and entry[0] == own_entry[0] \
+                and factory.same_value(entry[0], own_entry[1], entry[1]):
+            own_entry = None  # the id's own dNSName, once
+            continue
+        described = names.describe_general_name(san)
+        if entry is None:
+            raise _policy("san-not-allowed", f"a {type(san).__name__} subjectAltName ({described}) is not issued to a device")
+        if claim(*entry):
+            continue
+        if repeated(*entry):
+            raise _policy(
+                "registered-value-repeated",
+                f"the subjectAltName {described} appears more than once; a registered value is issued once",
             )
         if isinstance(san, x509.DNSName) and "*" in san.value:
-            raise _policy("san-not-allowed", f"a wildcard dNSName ({san.value!r}) is not issued to a device")
-
-
-# RFC 5280 Appendix A upper bounds (characters) of subject attributes.
-_SUBJECT_BOUNDS = {
-    NameOID.COMMON_NAME: 64,
-    NameOID.ORGANIZATION_NAME: 64,
-    NameOID.ORGANIZATIONAL_UNIT_NAME: 64,
-    NameOID.LOCALITY_NAME: 128,
-    NameOID.STATE_OR_PROVINCE_NAME: 128,
-    NameOID.SERIAL_NUMBER: 64,
-    NameOID.TITLE: 64,
-    NameOID.EMAIL_ADDRESS: 255,
-}
-
-
-def subject_within_bounds(ctx: PolicyContext) -> None:
-    """Every subject value is non-empty and within RFC 5280's bounds, and a
-    country is two letters: what a client may name is at least well formed."""
-    for attribute in ctx.subject:
-        value = attribute.value if isinstance(attribute.value, str) else ""
-        name = attribute.oid._name
-        if isinstance(attribute.value, str) and not value.strip():
-            raise Refusal(400, "csr-bad-subject", f"the subject attribute {name} is empty")
-        if attribute.oid == NameOID.COUNTRY_NAME and not (len(value) == 2 and value.isascii() and value.isalpha()):
-            raise Refusal(400, "csr-bad-subject", f"countryName must be two letters, not {value[:10]!r}")
-        bound = _SUBJECT_BOUNDS.get(attribute.oid)
-        if bound is not None and len(value) > bound:
-            raise Refusal(
-                400, "csr-bad-subject", f"the subject attribute {name} is longer than {bound} characters"
+            raise _policy(
+                "san-not-allowed", f"a wildcard dNSName ({described}) is issued to a device only when registered for it"
             )
+        if not widened:
+            raise _policy("san-not-registered", f"the subjectAltName {described} is not registered for {who}")
 
 
 _COMMON: tuple[Check, ...] = (
     csr_signature_valid,
     key_acceptable,
     has_subject,
-    subject_within_bounds,
+    subject_well_formed,
     sans_well_formed,
     no_cmc_ra,
     challenge_password,
     client_certificate_has_client_auth,
+    # On every format: follows the token procedure, not the format.
+    factory_certificate_matches_request,
+    # Every format: whatever the handler, a device is held to its names.
+    device_names,
 )
 
 FORMATS: dict[str, tuple[Check, ...]] = {
-    "est-simpleenroll": _COMMON + (device_owns_subject, device_sans_are_host_names),
-    "est-simpleenroll-subjectmatch": _COMMON
-    + (device_owns_subject, device_sans_are_host_names, subject_matches_client_certificate),
+    "est-simpleenroll": _COMMON,
+    "est-simpleenroll-subjectmatch": _COMMON + (subject_matches_client_certificate,),
     "est-simplereenroll": _COMMON + (subject_matches_client_certificate,),
-    "est-simpleenroll-idm": _COMMON + (device_owns_subject, device_sans_are_host_names),
+    "est-simpleenroll-idm": _COMMON,
 }
 
 
@@ -457,46 +579,14 @@ def run_format(ctx: PolicyContext) -> None:
 
 
 def issue_request(ctx: PolicyContext) -> IssueRequest:
-    """What the CA signs: the subject, key and SANs after the copy rules."""
+    """What the CA signs: the subject, key and SANs after the copy rules,
+    each name in the encoding RFC 5280 asks for (:mod:`estgw.names`:
+    UTF8String or the request's PrintableString for a DirectoryString,
+    PrintableString for countryName and serialNumber, IA5String for
+    emailAddress and domainComponent)."""
     return IssueRequest(
-        subject=ctx.subject, public_key=ctx.csr.public_key(), sans=ctx.sans,
+        subject=names.check_subject(ctx.subject),
+        public_key=ctx.csr.public_key(),
+        sans=names.check_sans(ctx.sans),
         csr=ctx.csr.public_bytes(Encoding.DER),
     )
-
-
-# -- factory certificates ----------------------------------------------
-
-
-def factory_certificate_matches_request(ctx: PolicyContext) -> None:
-    """On a handler whose token procedure uses factory certificates, the
-    request's commonName is the one registered with the factory
-    certificate, and (with enroll.check-subject-values) it carries the
-    registered subject values; an empty registered value matches anything."""
-    settings = ctx.handler.factory
-    if settings is None:
-        return
-    device = ctx.identity.registration
-    if ctx.identity.kind != "factory" or device is None:
-        raise _policy("factory-certificate-required", "this endpoint needs a registered factory certificate")
-    if len(ctx.subject.get_attributes_for_oid(NameOID.COMMON_NAME)) > 1:
-        raise _policy(
-            "factory-cn-mismatch",
-            f"the CSR must carry exactly one commonName, {device.expected_common_name!r},"
-            " the one registered with the factory certificate",
-        )
-    requested = factory.common_name(ctx.subject)
-    if requested != device.expected_common_name:
-        raise _policy(
-            "factory-cn-mismatch",
-            f"the CSR commonName {requested!r} is not {device.expected_common_name!r},"
-            " the one registered with the factory certificate",
-        )
-    if settings.check_subject_values:
-        mismatch = factory.subject_value_mismatch(device.subject_values, ctx.subject, ctx.sans)
-        if mismatch is not None:
-            raise _policy("subject-value-mismatch", mismatch)
-
-
-# Follows the token procedure, not the format: on every simpleenroll format.
-for _format in ("est-simpleenroll", "est-simpleenroll-idm"):
-    FORMATS[_format] += (factory_certificate_matches_request,)

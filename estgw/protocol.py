@@ -23,6 +23,7 @@ from pyasn1.error import PyAsn1Error
 from pyasn1.type import univ
 from pyasn1_modules import rfc7030
 
+from estgw import names
 from estgw.refusal import Refusal
 
 __all__ = [
@@ -158,15 +159,22 @@ def _load_csr(der: bytes) -> x509.CertificateSigningRequest | None:
         csr.extensions
         list(csr.attributes)
         csr.public_key()
-        csr.signature_hash_algorithm
+        csr.signature_algorithm_oid
+        # The signature algorithm (weak, unknown) is judged by the policy
+        # check csr_signature_valid, which names it.
     except UnsupportedAlgorithm:
-        # A CSR, but with a key or signature we cannot check or certify.
+        # A CSR, but with a key we cannot check or certify.
         raise Refusal(
             400,
             "unsupported-algorithm",
-            "the request's key or signature algorithm is not supported",
+            "the request's public key algorithm is not supported",
         ) from None
     except Exception:
+        # A subject or subjectAltName cryptography cannot represent (an
+        # INTEGER commonName, a 5-octet iPAddress) is named as such.
+        refusal = names.unparsable_name_refusal(der)
+        if refusal is not None:
+            raise refusal from None
         # Arbitrary bytes from the network: ValueError, InvalidVersion,
         # DuplicateExtension... all mean the same thing to the client.
         return None

@@ -51,6 +51,7 @@ from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 
 from estgw.config import Config, ConfigError
+from estgw.escape import printable
 from estgw.refusal import Refusal
 
 __all__ = [
@@ -492,9 +493,9 @@ class OCSPChecker:
         self._log.warn(
             "OCSP check of serial {serial:x} ({subject}) at {url} failed: {why}; {outcome}",
             serial=cert.serial_number,
-            subject=cert.subject.rfc4514_string(),
-            url=url,
-            why=why,
+            subject=printable(cert.subject.rfc4514_string()),
+            url=printable(url),
+            why=printable(why),
             outcome="refused (tls.ocsp.failure = hard)" if self._failure == "hard"
             else "accepted (tls.ocsp.failure = soft)",
         )

@@ -168,8 +168,10 @@ class Device:
     consumed_at: datetime | None = attr.ib(default=None, validator=_require_utc)
     # Factory (authentication) certificate, e.g. an IDevID: the SHA-256 of
     # its DER (certificate_fingerprint); the commonName a CSR must carry
-    # (None: the device id); expected subject values, ("serialNumber",
-    # "SN1"), ("IP", "10.0.0.5"): an empty value matches anything.
+    # (None: the device id); registered names, subject values and
+    # subjectAltNames, ("serialNumber", "SN1"), ("DNS", "pump-1.example"),
+    # ("IP", "10.0.0.5"): an empty value matches anything (stored as a JSON
+    # list of pairs; an object from older versions reads the same).
     factory_cert_sha256: str | None = None
     factory_cn: str | None = None
     subject_values: tuple[tuple[str, str], ...] = attr.ib(default=(), converter=_pairs)
@@ -964,7 +966,8 @@ class _SQLStore:
                         None if device.consumed_at is None else _time_text(device.consumed_at),
                         device.factory_cert_sha256,
                         device.factory_cn,
-                        json.dumps(dict(device.subject_values)) if device.subject_values else None,
+                        # Pairs, not an object: a name may be registered twice (two DNS names).
+                        json.dumps([list(pair) for pair in device.subject_values]) if device.subject_values else None,
                         json.dumps(dict(device.digest_ha1)) if device.digest_ha1 else None,
                     ),
                 )

@@ -17,13 +17,13 @@ from twisted.python.failure import Failure
 
 from estgw import bootstrap, config as config_module
 from estgw.approval.gateway import build_gates, load_approval_tls
-from estgw.auth import device_portal, digest_secret
+from estgw.auth import device_portal, digest_nonce_counts, digest_secret
 from estgw.ca import CAError
 from estgw.config import Config, ConfigError
 from estgw.enroll import Gateway
 from estgw.revocation import build_checker
 from estgw.metrics import metrics_site
-from estgw.tls import server_context_factory
+from estgw.tls import server_context_factory, settings_of
 from estgw.web import build_site
 
 
@@ -95,6 +95,7 @@ class GatewayService(service.Service):
             raise usage.UsageError(f"{config.source}: {e}") from None
         self.store = bootstrap.open_store(config, reactor)
         self.port: Any = None
+        self.gateway: Gateway | None = None
         self.metrics_port: Any = None
         self.ready: defer.Deferred = defer.Deferred()
 
@@ -105,7 +106,8 @@ class GatewayService(service.Service):
             procedures=self.procedures,
             ca_chain=self.state.ca.chain(),
             portal=device_portal(
-                self.store, self.reactor, self.state.ca.chain(), digest_secret(self.config.state_directory)
+                self.store, self.reactor, self.state.ca.chain(), digest_secret(self.config.state_directory),
+                digest_nonce_counts(self.config.state_directory, self.reactor),
             ),
             reactor=self.reactor,
             revocation=self.revocation,
@@ -120,6 +122,7 @@ class GatewayService(service.Service):
             self.state.server_certificate,
             [self.state.ca.issuing],
             self.state.trust_anchors,
+            settings_of(self.config),
         )
         return wrapServerTLS(context, tcp(self.reactor, self.config.port, interface=interface))
 
@@ -127,7 +130,7 @@ class GatewayService(service.Service):
         """Bind the port now, before the reactor runs, so a port in use
         stops twistd with a message and a non-zero status; accept nothing
         until the store is open (connections wait in the listen backlog)."""
-        gateway = self.build_gateway()
+        gateway = self.gateway = self.build_gateway()
         port = _listen_now(self._endpoint(), build_site(gateway), self.config.port)
         port.stopReading()
         if self.config.metrics_port is not None:
@@ -139,6 +142,7 @@ class GatewayService(service.Service):
 
     async def _open(self) -> None:
         await self.store.start()
+        await self.gateway.portal.start()
         self.port.startReading()
         host = self.config.hostnames[0] if self.config.hostnames else "localhost"
         self._log.info(
@@ -168,6 +172,8 @@ class GatewayService(service.Service):
         metrics, self.metrics_port = self.metrics_port, None
         if metrics is not None:
             await defer.maybeDeferred(metrics.stopListening)
+        if self.gateway is not None:
+            await self.gateway.portal.close()
         await self.store.close()
 
     def stopService(self) -> defer.Deferred:

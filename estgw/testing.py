@@ -18,8 +18,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 from twisted.internet import defer, protocol
+from zope.interface import implementer
 
 from estgw import config as config_module
+from estgw.ca import ITokenProcedure
 
 TEST_CONFIG = """\
 server.port = 0
@@ -186,6 +188,42 @@ def _parse_headers(raw: bytes) -> dict[str, str]:
         key, _, value = line.decode("latin-1").partition(":")
         headers[key.strip().lower()] = value.strip()
     return headers
+
+
+# -- a slow CA ------------------------------------------------------------------------
+
+
+@implementer(ITokenProcedure)
+class HeldTokenProcedure:
+    """A token procedure (:class:`estgw.ca.ITokenProcedure`) that holds every
+    request until :meth:`release`, then lets ``procedure`` issue: for
+    testing what happens while a CA is slow (a client that gives up,
+    requests that race).  ``called`` fires with the first request held."""
+
+    def __init__(self, procedure: Any) -> None:
+        self.name = procedure.name
+        self._procedure = procedure
+        self.called: defer.Deferred = defer.Deferred()
+        self._waiting: list[defer.Deferred] = []
+        self._released = False
+
+    def issue(self, request: Any) -> defer.Deferred:
+        if not self.called.called:
+            self.called.callback(request)
+        if self._released:
+            return self._procedure.issue(request)
+        waiting: defer.Deferred = defer.Deferred()
+        self._waiting.append(waiting)
+        return waiting.addCallback(lambda _: self._procedure.issue(request))
+
+    def release(self) -> None:
+        self._released = True
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(None)
+
+    def chain(self) -> list[x509.Certificate]:
+        return self._procedure.chain()
 
 
 # -- a gateway in this process ----------------------------------------------------------

@@ -8,22 +8,30 @@ that cannot read chunked replies) and a plain-text reason on errors.
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any
 
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import resource, server
-from twisted.web.http import Request
+from twisted.web import http, resource, server
+from twisted.web.http import Request, unquote
+from twisted.web.http_headers import Headers
 
 from estgw import protocol
 from estgw.config import OPERATIONS
 from estgw.enroll import Gateway, enroll
+from estgw.escape import printable
 from estgw.refusal import Refusal
 from estgw.tls import PeerInfo, peer_info
 
 _audit = Logger(namespace="estgw.audit")
+
+#: The status counted in the metrics for a request whose client closed the
+#: connection before the response was written (nginx's convention).
+CLIENT_CLOSED = 499
+
 _METHODS = {
     "cacerts": b"GET",
     "csrattrs": b"GET",
@@ -44,6 +52,10 @@ class LimitedRequest(server.Request):
     max_body = 65536
     body_too_large = False
 
+    def process(self) -> None:
+        self.path = origin_path(self.path, self.requestHeaders)
+        super().process()
+
     def gotLength(self, length: int | None) -> None:
         if length is not None and length > self.max_body:
             self.body_too_large = True
@@ -60,6 +72,44 @@ class LimitedRequest(server.Request):
         super().handleContentChunk(data)
 
 
+_ABSOLUTE_FORM = re.compile(rb"^(?i:https?)://([^/?#]*)(.*)$", re.DOTALL)
+
+
+def origin_path(target: bytes, headers: Headers | None = None) -> bytes:
+    """The path a request is routed on, from its request-target (no query).
+
+    - absolute-form (``https://host:port/p``, RFC 9112 §3.2.2) is accepted
+      and routed on its path; its authority replaces the Host header, as
+      a server MUST do;
+    - empty segments are dropped (``//.well-known/est//cacerts`` is
+      ``/.well-known/est/cacerts``), everywhere in the path, so one
+      resource has one spelling however a client joins its URL parts;
+    - dot-segments, also percent-encoded, are resolved as RFC 3986 §5.2.4
+      says (never above the root).
+
+    Segments stay percent-encoded: twisted.web decodes each one after
+    splitting, so ``%2F`` inside a segment never becomes a separator.
+    """
+    match = _ABSOLUTE_FORM.match(target)
+    if match is not None:
+        authority, target = match.group(1), match.group(2) or b"/"
+        if headers is not None and authority:
+            headers.setRawHeaders(b"host", [authority.rpartition(b"@")[2]])
+    if target == b"*" or not target.startswith(b"/"):
+        return target  # asterisk-form, or nothing routable: left to twisted.web
+    segments: list[bytes] = []
+    for segment in target.split(b"/"):
+        decoded = unquote(segment)
+        if decoded in (b"", b"."):
+            continue
+        if decoded == b"..":
+            if segments:
+                segments.pop()
+            continue
+        segments.append(segment)
+    return b"/" + b"/".join(segments)
+
+
 def request_factory(max_body: int) -> type[LimitedRequest]:
     return type("LimitedRequest", (LimitedRequest,), {"max_body": max_body})
 
@@ -71,6 +121,8 @@ def _respond(
     content_type: str | None,
     headers: dict[str, str] | None = None,
 ) -> None:
+    if request.finished or request._disconnected:
+        return  # the client went away: nothing can be written (twisted raises)
     request.setResponseCode(status)
     if content_type is not None:
         request.setHeader(b"Content-Type", content_type.encode("ascii"))
@@ -84,25 +136,41 @@ def _respond(
 
 
 def _refuse(request: Request, refusal: Refusal, peer: PeerInfo | None) -> None:
+    # A reason may quote what the client sent: one line in the log and the body.
+    reason = printable(refusal.reason)
     _audit.info(
         "{event} {method} {path} from {client}: {status} {code}: {reason}",
-        method=request.method.decode("ascii", "replace"),
-        path=request.path.decode("ascii", "replace"),
+        method=printable(request.method),
+        path=printable(request.path),
         client=_client_name(request, peer),
         status=refusal.status,
         code=refusal.code,
-        reason=refusal.reason,
+        reason=reason,
         event=refusal.event,
     )
-    body = (refusal.reason + "\n").encode("utf-8")
+    if is_bare_challenge(request, refusal):
+        return _respond(request, refusal.status, b"", None, refusal.headers)
+    body = (reason + "\n").encode("utf-8")
     _respond(request, refusal.status, body, "text/plain; charset=utf-8", refusal.headers)
+
+
+def is_bare_challenge(request: Request, refusal: Refusal) -> bool:
+    """A 401 challenge to a request that sent no credentials goes out with
+    an empty body (Content-Length: 0); the reason is in the audit log.
+
+    Such a 401 is the first step of HTTP authentication, not an error, and
+    some EST clients (Java ones among them) close the response without
+    reading a body and then fail on the unread bytes.  A 401 to refused
+    credentials keeps its one-line reason (RFC 9110 §15.5.2).
+    """
+    return refusal.status == 401 and not request.getHeader(b"authorization")
 
 
 def _client_name(request: Request, peer: PeerInfo | None) -> str:
     address = request.getClientAddress()
     host = getattr(address, "host", "?")
     if peer is not None and peer.certificate is not None:
-        return f"{host} ({peer.certificate.subject.rfc4514_string()})"
+        return f"{host} ({printable(peer.certificate.subject.rfc4514_string())})"
     return str(host)
 
 
@@ -119,25 +187,35 @@ class ESTResource(resource.Resource):
         self._labels = labels | {""}
 
     def render(self, request: Request) -> Any:
-        finished: list[Any] = []
-        request.notifyFinish().addBoth(finished.append)
         started = time.monotonic()
-        # The status is known once the response is written, by any path.
-        request.notifyFinish().addCallback(
-            lambda _: self._gateway.metrics.response(
-                self._operation_name(request), request.code, time.monotonic() - started
-            )
-        )
+        # Fires once the response is written, or with ConnectionLost when
+        # the client closes first; either way the request is counted (the
+        # latter as CLIENT_CLOSED) and the failure is consumed here.  The
+        # work itself goes on: a certificate being issued is recorded, so
+        # the device can fetch it again.
+        request.notifyFinish().addBoth(self._finished, request, started)
         d = defer.Deferred.fromCoroutine(self._serve(request))
 
         def failed(failure: Failure) -> None:
             # A bug, never bad input: bad input is a Refusal.
-            self._log.failure("while serving {path}", failure, path=request.path.decode("ascii", "replace"))
-            if not finished:
-                _respond(request, 500, b"internal error\n", "text/plain; charset=utf-8")
+            self._log.failure("while serving {path}", failure, path=printable(request.path))
+            _respond(request, 500, b"internal error\n", "text/plain; charset=utf-8")
 
         d.addErrback(failed)
         return server.NOT_DONE_YET
+
+    def _finished(self, result: Any, request: Request, started: float) -> None:
+        status = request.code
+        if isinstance(result, Failure):
+            status = CLIENT_CLOSED
+            _audit.info(
+                "{event} {method} {path} from {client}: the client closed the connection before the response",
+                method=printable(request.method),
+                path=printable(request.path),
+                client=_client_name(request, None),
+                event="client-closed",
+            )
+        self._gateway.metrics.response(self._operation_name(request), status, time.monotonic() - started)
 
     @staticmethod
     def _operation_name(request: Request) -> str:
@@ -175,8 +253,7 @@ class ESTResource(resource.Resource):
         except Refusal as refusal:
             if refusal.event == "refused":
                 self._gateway.metrics.refusal(refusal.code)
-            if not request.finished and not request._disconnected:
-                _refuse(request, refusal, peer)
+            _refuse(request, refusal, peer)
 
     async def _operation(self, request: Request, label: str, operation: str, peer: PeerInfo) -> None:
         if operation in ("serverkeygen", "fullcmc"):
@@ -222,8 +299,6 @@ class ESTResource(resource.Resource):
         return attributes
 
     def _send(self, request: Request, body: bytes, content_type: str) -> None:
-        if request.finished or request._disconnected:
-            return
         _respond(request, 200, body, content_type, {"Content-Transfer-Encoding": "base64"})
 
 
@@ -252,6 +327,23 @@ class _Branch(resource.Resource):
         return _NotEST().render(request)
 
 
+class _Channel(http.HTTPChannel):
+    """HTTP/1.x (h2 is never negotiated, see :mod:`estgw.tls`)."""
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        # A request or header line over MAX_LENGTH (e.g. a huge
+        # Authorization header): 400 like a head over totalHeadersSize.
+        # twisted's default closes the transport directly, which over TLS
+        # waits for this channel's producer: the client hung until the
+        # idle timeout.
+        body = f"a request or header line is longer than {self.MAX_LENGTH} bytes\n".encode("ascii")
+        self.transport.write(
+            b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
+        )
+        self.loseConnection()
+
+
 # Idle keep-alive connections are closed after this many seconds
 # (twisted.web's default is twelve hours).
 IDLE_TIMEOUT = 60
@@ -263,6 +355,7 @@ def build_site(gateway: Gateway) -> server.Site:
     root.putChild(b".well-known", well_known)
     well_known.putChild(b"est", ESTResource(gateway))
     site = server.Site(root, timeout=IDLE_TIMEOUT)
+    site.protocol = _Channel
     site.requestFactory = request_factory(gateway.config.max_request_bytes)
     site.displayTracebacks = False
     return site

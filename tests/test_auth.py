@@ -207,6 +207,10 @@ class AuditLog:
         return [e["code"] for e in self.events if e.get("event") == "refused"]
 
     @property
+    def reasons(self) -> list[str]:
+        return [e["reason"] for e in self.events if e.get("event") == "refused"]
+
+    @property
     def issued(self) -> list[dict]:
         return [e for e in self.events if e.get("event") == "issued"]
 
@@ -226,15 +230,21 @@ class SecurityTestCase(TestCase):
 
     async def assertRefused(
         self, result: HTTPResult, status: int, code: str, reason: str, before: int = 0,
-        challenges: int = 0,
+        challenges: int = 0, bare: bool = False,
     ) -> None:
         """Status, reason text, one audit line with the code (after
         ``challenges`` 401s that asked curl for Digest credentials), and
-        no certificate issued."""
+        no certificate issued.  ``bare``: a 401 challenge to a request
+        without credentials, whose body is empty and whose reason is only
+        in the audit line."""
         self.assertEqual(result.status, status, result.text)
-        self.assertIn(reason, result.text)
-        self.assertTrue(result.headers.get("content-type", "").startswith("text/plain"))
+        if bare:
+            self.assertEqual((result.body, result.headers.get("content-length")), (b"", "0"))
+        else:
+            self.assertIn(reason, result.text)
+            self.assertTrue(result.headers.get("content-type", "").startswith("text/plain"))
         self.assertEqual(self.audit.refused, ["authentication-required"] * challenges + [code])
+        self.assertIn(reason, self.audit.reasons[-1])
         self.assertEqual(self.audit.issued, [])
         self.assertEqual(await self.gateway.store.count_certificates(), before)
 
@@ -274,7 +284,7 @@ class ExtraLayerTests(SecurityTestCase):
     async def test_certificate_without_password(self) -> None:
         """A certificate alone gets 401 with a Basic challenge."""
         result = await self.gateway.curl("extra/simpleenroll", data=csr_for("pump-17"), **self.client.curl)
-        await self.assertRefused(result, 401, "authentication-required", "also needs HTTP Basic")
+        await self.assertRefused(result, 401, "authentication-required", "also needs HTTP Basic", bare=True)
         self.assertEqual(result.headers["www-authenticate"], 'Basic realm="extra"')
 
     async def test_certificate_and_wrong_password(self) -> None:

@@ -7,19 +7,21 @@ from __future__ import annotations
 import hashlib
 import os
 
+from twisted.internet import task
 from twisted.internet.address import IPv4Address
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 from twisted.web.test.requesthelper import DummyRequest
 
-from estgw import auth
+from estgw import auth, httpauth
 from estgw.config import from_string
 from estgw.passwords import hash_password
 from estgw.refusal import Refusal
 from estgw.store import Device, SQLiteStore
-from estgw.testing import TEST_CONFIG
+from estgw.testing import TEST_CONFIG, HTTPResult, RunningGateway, _which, run_process, write
 from estgw.tls import PeerInfo
 from tests.test_auth import SecurityTestCase, csr_for, run_cli
+from tests.test_twistd import TwistdTestCase
 
 DIGEST_PATH = b"/.well-known/est/digest/simpleenroll"
 
@@ -72,6 +74,44 @@ class DigestOverTLSTests(SecurityTestCase):
         result = await self.gateway.curl("digest/simpleenroll", data=csr_for("pump-17"), user="pump-17:s3cret")
         await self.assertRefused(result, 401, "wrong-auth-scheme", "takes HTTP Digest authentication")
 
+    async def test_replayed_response_refused(self) -> None:
+        """The Authorization header of a successful Digest enrollment, sent
+        again unchanged with another CSR: 401 digest-replayed with a fresh
+        challenge marked stale=true, and no second certificate."""
+        await run_cli(self.gateway, "device", "add", "pump-17", "--password", "s3cret")
+        first = await self.gateway.curl(
+            "digest/simpleenroll", data=csr_for("pump-17"), user="pump-17:s3cret", digest=True, extra=["-v"]
+        )
+        await self.assertIssued(first, "device:pump-17")
+        header = sent_authorization(first)
+        self.audit.events.clear()
+        replay = await self.gateway.curl("digest/simpleenroll", data=csr_for("pump-17"), headers=[header])
+        await self.assertRefused(replay, 401, "digest-replayed", "this Digest response was used before", before=1)
+        challenge = replay.headers["www-authenticate"]
+        self.assertTrue(challenge.startswith('Digest realm="digest realm", '), challenge)
+        self.assertIn("stale=true", challenge)
+
+    async def test_replayed_to_another_process(self) -> None:
+        """A second gateway on the same state directory (as a second process
+        would be) accepts the first one's challenges and refuses a response
+        the first one accepted."""
+        await run_cli(self.gateway, "device", "add", "pump-17", "--password", "s3cret")
+        with open(self.gateway.config_path) as f:
+            other = RunningGateway(self.gateway.directory, f.read())
+        await other.run()
+        self.addCleanup(other.stop)
+        first = await self.gateway.curl(
+            "digest/simpleenroll", data=csr_for("pump-17"), user="pump-17:s3cret", digest=True, extra=["-v"]
+        )
+        await self.assertIssued(first, "device:pump-17")
+        self.audit.events.clear()
+        replay = await other.curl("digest/simpleenroll", data=csr_for("pump-17"), headers=[sent_authorization(first)])
+        await self.assertRefused(replay, 401, "digest-replayed", "used before", before=1)
+        self.audit.events.clear()
+        again = await other.curl("digest/simpleenroll", data=csr_for("pump-17"), user="pump-17:s3cret", digest=True)
+        self.assertEqual(again.status, 200, again.text)
+        self.assertEqual(await self.gateway.store.count_certificates(), 2)
+
     async def test_registration_stores_realm_hashes(self) -> None:
         """device add stores H(A1) for each Digest realm of the config and
         for no other realm; the Basic hash is scrypt."""
@@ -81,6 +121,13 @@ class DigestOverTLSTests(SecurityTestCase):
         self.assertEqual(device.digest_ha1, (("digest realm", expected),))
         self.assertTrue(device.password_hash.startswith("scrypt$"))
         self.assertNotIn("ha1", repr(device).lower())
+
+
+def sent_authorization(result: HTTPResult) -> str:
+    """The last Authorization header curl -v sent."""
+    sent = [line[2:] for line in result.stderr.decode("latin-1").splitlines() if line.lower().startswith("> authorization:")]
+    assert sent, result.stderr
+    return sent[-1].strip()
 
 
 def _md5(text: str) -> str:
@@ -120,18 +167,19 @@ class DigestResponseTests(TestCase):
         return {k: v.decode() if isinstance(v, bytes) else v for k, v in fields.items()}
 
     def response(self, password: str = "pw", uri: str = DIGEST_PATH.decode(), qop: bool = True,
-                 algorithm: str = "MD5", challenge: dict[str, str] | None = None) -> str:
+                 algorithm: str = "MD5", challenge: dict[str, str] | None = None, nc: int = 1,
+                 realm: str = "r", opaque: str | None = None) -> str:
         c = challenge or self.challenge()
         ha1, ha2 = _md5(f"pump-17:r:{password}"), _md5(f"POST:{uri}")
         if qop:
-            digest = _md5(f"{ha1}:{c['nonce']}:00000001:0a4f113b:auth:{ha2}")
-            extra = ', qop=auth, nc=00000001, cnonce="0a4f113b"'
+            digest = _md5(f"{ha1}:{c['nonce']}:{nc:08x}:0a4f113b:auth:{ha2}")
+            extra = f', qop=auth, nc={nc:08x}, cnonce="0a4f113b"'
         else:  # RFC 2069 style
             digest = _md5(f"{ha1}:{c['nonce']}:{ha2}")
             extra = ""
         return (
-            f'Digest username="pump-17", realm="r", nonce="{c["nonce"]}", uri="{uri}", '
-            f'response="{digest}", opaque="{c["opaque"]}", algorithm={algorithm}{extra}'
+            f'Digest username="pump-17", realm="{realm}", nonce="{c["nonce"]}", uri="{uri}", '
+            f'response="{digest}", opaque="{opaque or c["opaque"]}", algorithm={algorithm}{extra}'
         )
 
     async def refusal(self, request: DummyRequest) -> Refusal:
@@ -163,20 +211,68 @@ class DigestResponseTests(TestCase):
         refusal = await self.refusal(self.request(self.response(algorithm="SHA")))
         self.assertEqual((refusal.status, refusal.code), (401, "digest-bad-response"))
 
+    async def test_replay_and_nonce_counts(self) -> None:
+        """The same response twice: the second is 401 digest-replayed with
+        stale=true; a higher nonce count on the same nonce is a new
+        request and accepted; a lower one is a replay again."""
+        c = self.challenge()
+        header = self.response(challenge=c)
+        await auth.authenticate(self.request(header), self.handler, self.peer, self.portal)
+        refusal = await self.refusal(self.request(header))
+        self.assertEqual((refusal.status, refusal.code), (401, "digest-replayed"))
+        self.assertIn("stale=true", refusal.headers["WWW-Authenticate"])
+        identity = await auth.authenticate(self.request(self.response(challenge=c, nc=3)), self.handler, self.peer, self.portal)
+        self.assertEqual(identity.device_id, "pump-17")
+        refusal = await self.refusal(self.request(self.response(challenge=c, nc=2)))
+        self.assertEqual(refusal.code, "digest-replayed")
+
+    async def test_wrong_password_uses_no_count(self) -> None:
+        """A wrong response does not use up the nonce count: the right
+        one with the same nonce and nc still works."""
+        c = self.challenge()
+        refusal = await self.refusal(self.request(self.response(password="guess", challenge=c)))
+        self.assertEqual(refusal.code, "bad-credentials")
+        await auth.authenticate(self.request(self.response(challenge=c)), self.handler, self.peer, self.portal)
+
+    async def test_stale_nonce(self) -> None:
+        """A nonce older than its lifetime: 401 digest-nonce-stale, stale=true."""
+        clock = task.Clock()
+        clock.advance(1_800_000_000)
+        self.portal = auth.device_portal(self.store, clock)
+        header = self.response()
+        clock.advance(httpauth.NONCE_LIFETIME + 1)
+        refusal = await self.refusal(self.request(header))
+        self.assertEqual((refusal.status, refusal.code), (401, "digest-nonce-stale"))
+        self.assertIn("stale=true", refusal.headers["WWW-Authenticate"])
+
+    async def test_opaque_not_ours(self) -> None:
+        """opaque="x-abc" (an internal error, 500, with twisted.cred's
+        parser): 401 digest-nonce-invalid with a new challenge."""
+        refusal = await self.refusal(self.request(self.response(opaque="x-abc")))
+        self.assertEqual((refusal.status, refusal.code), (401, "digest-nonce-invalid"))
+        self.assertIn("opaque", refusal.reason)
+
+    async def test_other_realm(self) -> None:
+        """A response naming another realm than the handler's: digest-bad-response."""
+        refusal = await self.refusal(self.request(self.response(realm="elsewhere")))
+        self.assertEqual((refusal.status, refusal.code, refusal.reason),
+                         (401, "digest-bad-response", "the Digest response is for another realm"))
+
     async def test_wrong_password(self) -> None:
         """A response made with another password: 401 bad-credentials."""
         refusal = await self.refusal(self.request(self.response(password="guess")))
         self.assertEqual((refusal.status, refusal.code), (401, "bad-credentials"))
 
     async def test_challenge_of_another_process(self) -> None:
-        """A nonce/opaque this gateway did not make (e.g. another process's)
-        is refused as expired or malformed, with a new challenge."""
+        """A nonce this gateway did not make (e.g. the challenge of a process
+        with another state directory) is refused with a new challenge."""
         stranger = auth.credential_factory(self.handler)
         fields = stranger.getChallenge(self.request())
         challenge = {k: v.decode() if isinstance(v, bytes) else v for k, v in fields.items()}
         refusal = await self.refusal(self.request(self.response(challenge=challenge)))
-        self.assertEqual((refusal.status, refusal.code), (401, "bad-credentials"))
-        self.assertIn("expired", refusal.reason)
+        self.assertEqual((refusal.status, refusal.code), (401, "digest-nonce-invalid"))
+        self.assertIn("not made by this gateway", refusal.reason)
+        self.assertNotIn("stale", refusal.headers["WWW-Authenticate"])
 
     async def test_challenge_of_a_process_sharing_the_state(self) -> None:
         """Processes with the same state directory share the Digest key: a
@@ -227,3 +323,40 @@ class DigestResponseTests(TestCase):
         """H(A1) is MD5 of id:realm:password, the password NFC-normalised."""
         self.assertEqual(auth.digest_ha1("d", "r", "pw"), hashlib.md5(b"d:r:pw").hexdigest())
         self.assertEqual(auth.digest_ha1("d", "r", "e\u0301"), auth.digest_ha1("d", "r", "\u00e9"))
+
+
+class DigestAcrossDaemonsTests(TwistdTestCase):
+    """Two real twistd daemons on one state directory, as several worker
+    processes of one gateway would be."""
+
+    async def test_replay_to_the_other_daemon(self) -> None:
+        """A Digest response accepted by one daemon is refused by the other
+        (401 digest-replayed), and a fresh login there works: the key and
+        the nonce counts are shared through the state directory."""
+        with open(self.config, "a") as f:
+            f.write("handler.90.operation = simpleenroll\nhandler.90.label = digest\n"
+                    "handler.90.authtype = Digest\nhandler.90.realm = digest realm\n")
+        one = await self.start()
+        other = await self.start()
+        added = await self.cli("device", "add", "pump-17", "--password", "s3cret")
+        self.assertEqual(added.code, 0, added.stderr)
+        ca = os.path.join(self.directory, "state", "ca", "root-ca.pem")
+        request = write(os.path.join(self.directory, "csr.pem"), csr_for("pump-17"))
+
+        async def curl(port: int, *options: str) -> tuple[int, bytes, bytes]:
+            url = f"https://localhost:{port}/.well-known/est/digest/simpleenroll"
+            result = await run_process([
+                _which("curl"), "-sS", "-v", "--max-time", "20", "--cacert", ca, "-w", "\n%{http_code}",
+                "-H", "Content-Type: application/pkcs10", "--data-binary", "@" + request, *options, url,
+            ])
+            body, _, status = result.stdout.rpartition(b"\n")
+            return int(status or 0), body, result.stderr
+
+        status, _, trace = await curl(one.port, "--digest", "-u", "pump-17:s3cret")
+        self.assertEqual(status, 200, trace)
+        header = sent_authorization(HTTPResult(status, {}, b"", trace))
+        status, body, _ = await curl(other.port, "-H", header)
+        self.assertEqual((status, body), (401, b"this Digest response was used before (nonce count 00000001):"
+                                               b" answer the new challenge\n"))
+        status, _, trace = await curl(other.port, "--digest", "-u", "pump-17:s3cret")
+        self.assertEqual(status, 200, trace)

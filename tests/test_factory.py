@@ -58,7 +58,7 @@ class FactoryEnrollmentTests(SecurityTestCase):
     async def test_factory_certificate_without_eku(self) -> None:
         """An IDevID with no EKU extension (unrestricted, RFC 5280) enrolls."""
         self.idevid = FACTORY_CA.issue(self.directory, "ACME-PUMP-0017", ekus=(), serial_number="SN17")
-        await self.register()
+        await self.register("--subject-value", "serialNumber=SN17")
         await self.assertIssued(await self.enroll(), "factory:pump-17")
 
     async def test_factory_certificate_restricted_to_other_eku(self) -> None:
@@ -128,17 +128,24 @@ class FactoryEnrollmentTests(SecurityTestCase):
         await self.assertIssued(await self.enroll(csr=csr_for("pump-17")), "factory:pump-17")
 
     async def test_subject_values_not_checked(self) -> None:
-        """With enroll.check-subject-values = false a mismatch is accepted;
-        the CN is still checked."""
+        """With enroll.check-subject-values = false a registered value need
+        not be present; the CN is still checked."""
+        await self.register("--subject-value", "serialNumber=SN17")
+        result = await self.enroll("factoryany", csr=csr_for("pump-17"))
+        await self.assertIssued(result, "factory:pump-17")
+
+    async def test_subject_values_not_checked_still_registered_only(self) -> None:
+        """enroll.check-subject-values = false does not widen what the
+        device may be called: another serialNumber is not registered."""
         await self.register("--subject-value", "serialNumber=SN17")
         result = await self.enroll("factoryany", csr=csr_for("pump-17", serial_number="SN99"))
-        await self.assertIssued(result, "factory:pump-17")
+        await self.assertRefused(result, 403, "subject-not-registered", "serialNumber 'SN99' is not registered")
 
     async def test_mandatory_password_missing(self) -> None:
         """enroll.mandatorypassword = true: the certificate alone gets 401."""
         await self.register("--password", "pw17")
         result = await self.enroll("factorypw")
-        await self.assertRefused(result, 401, "password-required", "needs the device password")
+        await self.assertRefused(result, 401, "password-required", "needs the device password", bare=True)
         self.assertTrue(result.headers["www-authenticate"].startswith("Basic "))
 
     async def test_mandatory_password_wrong(self) -> None:
@@ -157,7 +164,7 @@ class FactoryEnrollmentTests(SecurityTestCase):
 
     async def test_mandatory_password_given(self) -> None:
         """Factory certificate plus the device's password: issued."""
-        await self.register("--password", "pw17")
+        await self.register("--password", "pw17", "--subject-value", "serialNumber=SN17")
         await self.assertIssued(await self.enroll("factorypw", user="pump-17:pw17"), "factory:pump-17")
 
     async def test_single_use_factory_registration(self) -> None:
@@ -210,6 +217,73 @@ class DeviceRegistrationCLITests(SecurityTestCase):
         with self.assertRaises(cli.CommandError) as caught:
             await run_cli(self.gateway, "device", "add", "pump-18", "--factory-cert", idevid.cert_path)
         self.assertIn("already registered to device 'pump-17'", str(caught.exception))
+
+
+    async def test_device_add_with_names(self) -> None:
+        """--subject-value and --san register what a password device may be
+        called, in order, a kind twice included; device list shows them."""
+        await run_cli(
+            self.gateway, "device", "add", "pump-17", "--password", "s3cret",
+            "--subject-value", "serialNumber=SN17", "--san", "DNS:pump-17.plant.example",
+            "--san", "ip:10.0.0.17", "--san", "DNS:pump-17.backup.example", "--subject-value", "OU=",
+        )
+        device = await self.gateway.store.get_device("pump-17")
+        self.assertEqual(device.subject_values, (
+            ("serialNumber", "SN17"), ("OU", ""), ("DNS", "pump-17.plant.example"), ("IP", "10.0.0.17"),
+            ("DNS", "pump-17.backup.example"),
+        ))
+        listing = await run_cli(self.gateway, "device", "list")
+        self.assertIn("NAMES", listing.splitlines()[0])
+        self.assertTrue(listing.splitlines()[1].endswith(
+            "CN=pump-17, serialNumber=SN17, OU=(any), DNS:pump-17.plant.example, IP:10.0.0.17,"
+            " DNS:pump-17.backup.example"
+        ), listing)
+
+    async def test_registered_names_are_names(self) -> None:
+        """A registered value is checked as a name of its kind: each
+        mistake is an error that says why, and nothing is stored."""
+        cases = [
+            (["--san", "DNS:bad_host.example"], "not a host name"),
+            (["--san", "FTP:x"], "expected KIND:VALUE"),
+            (["--san", "DNS:"], "empty"),
+            (["--san", "URI:/relative"], "never a relative URI"),
+            (["--san", "email:not an address"], "e-mail address"),
+            (["--subject-value", "C=USA"], "two letters"),
+            (["--subject-value", "serialNumber=SN@17"], "PrintableString"),
+            (["--subject-value", "CN=other"], "the commonName is the device id"),
+            (["--subject-value", "O=" + "x" * 65], "longer than 64"),
+        ]
+        for options, message in cases:
+            with self.assertRaises(cli.CommandError, msg=options) as caught:
+                await run_cli(self.gateway, "device", "add", "pump-17", "--password", "s3cret", *options)
+            self.assertIn(message, str(caught.exception))
+        # The id is the commonName: one no certificate could carry is refused.
+        with self.assertRaises(cli.CommandError) as caught:
+            await run_cli(self.gateway, "device", "add", "p" * 65, "--password", "s3cret")
+        self.assertIn("longer than 64 characters; the device's commonName is its id", str(caught.exception))
+        self.assertEqual(await self.gateway.store.list_devices(), [])
+
+    async def test_import_sans_column(self) -> None:
+        """The CSV sans column registers subjectAltNames; a bad one is
+        reported with its line and the row is not imported."""
+        path = write(os.path.join(self.directory, "sans.csv"), (
+            "id,password,sans,subject_values\n"
+            "pump-1,pw1,DNS:pump-1.plant.example;IP:10.0.0.1;URI:https://pump-1.plant.example/a%3Bb,O=Plant\n"
+            "pump-2,pw2,DNS:*.example,\n"
+        ).encode())
+        stream = io.StringIO()
+        with self.assertRaises(cli.CommandError):
+            await cli.run(reactor, ["--config", self.gateway.config_path, "device", "import", path], stream)
+        self.assertIn("line 3: the dNSName subjectAltName '*.example'", stream.getvalue())
+        [device] = await self.gateway.store.list_devices()
+        self.assertEqual(device.subject_values, (
+            ("O", "Plant"), ("DNS", "pump-1.plant.example"), ("IP", "10.0.0.1"),
+            ("URI", "https://pump-1.plant.example/a%3Bb"),
+        ))
+        body = csr_pem(make_csr(new_key(), name("pump-1", organization_name="Plant"),
+                                sans=[x509.DNSName("pump-1.plant.example")]))
+        result = await self.gateway.curl("simpleenroll", data=body, user="pump-1:pw1")
+        self.assertEqual(result.status, 200, result.text)
 
 
 class DeviceImportTests(SecurityTestCase):

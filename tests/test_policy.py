@@ -205,7 +205,7 @@ class CheckTests(SynchronousTestCase):
 
     def test_password_login_is_held_to_its_id_not_a_certificate(self) -> None:
         """With the subject-match format a password device is checked by
-        device_owns_subject; the certificate match does not apply."""
+        device_names; the certificate match does not apply."""
         policy.subject_matches_client_certificate(context(csr_with(name("pump-17"))))
 
     def test_officer_skips_subject_match(self) -> None:
@@ -214,11 +214,23 @@ class CheckTests(SynchronousTestCase):
         officer = Identity(kind="certificate", certificate=cert, officer_roles=("ra",), acting_as_officer=True)
         policy.subject_matches_client_certificate(context(csr_with(name("pump-99")), identity=officer))
 
-    def test_device_owns_subject(self) -> None:
-        """A password device gets certificates for its own id only."""
-        refusal = refusal_of(policy.device_owns_subject, context(csr_with(name("pump-18"))))
+    def test_device_names(self) -> None:
+        """A password device gets certificates for its own id only; the
+        dNSName of its id may be given in any letter case, once."""
+        refusal = refusal_of(policy.device_names, context(csr_with(name("pump-18"))))
         self.assertEqual(refusal.code, "subject-not-registered")
-        policy.device_owns_subject(context(csr_with(name("pump-17"))))
+        policy.device_names(context(csr_with(name("pump-17"))))
+        policy.device_names(context(csr_with(name("pump-17"), sans=[x509.DNSName("PUMP-17")])))
+        twice = context(csr_with(name("pump-17"), sans=[x509.DNSName("pump-17"), x509.DNSName("Pump-17")]))
+        self.assertEqual(refusal_of(policy.device_names, twice).code, "san-not-registered")
+
+    def test_every_format_checks_names(self) -> None:
+        """Whatever the handler's format, names are checked as names and a
+        device is held to its names: the rule cannot be left out by
+        configuration."""
+        for format_name, checks in policy.FORMATS.items():
+            for check in (policy.subject_well_formed, policy.sans_well_formed, policy.device_names):
+                self.assertIn(check, checks, format_name)
 
 
 def serialization_der():
@@ -256,7 +268,7 @@ class BoundsTests(SynchronousTestCase):
 
     def refused(self, subject) -> Refusal:
         csr = make_csr(new_key(), x509.Name(subject))
-        return refusal_of(policy.subject_within_bounds, context(csr))
+        return refusal_of(policy.subject_well_formed, context(csr))
 
     def test_common_name_too_long(self) -> None:
         """A 300-character commonName is refused, 400."""
@@ -277,7 +289,7 @@ class BoundsTests(SynchronousTestCase):
     def test_ordinary_subject_passes(self) -> None:
         """A usual device subject passes."""
         csr = make_csr(new_key(), name("pump-17", country_name="DE", organization_name="ACME"))
-        policy.subject_within_bounds(context(csr))
+        policy.subject_well_formed(context(csr))
 
     def test_small_rsa_exponent(self) -> None:
         """An RSA key with public exponent 3 is refused."""

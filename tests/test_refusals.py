@@ -61,6 +61,9 @@ class Case:
     setup: Callable[[RunningGateway, str], Awaitable[dict[str, Any]]]
     header: str | None = None  # a response header that must be present
     challenges: int = 0  # 401 rounds that ask curl for Digest credentials first
+    # A 401 challenge to a request without credentials: empty body, the
+    # reason only in the audit log.
+    bare: bool = False
 
 
 def write_factory_files(directory: str) -> dict[str, str]:
@@ -321,7 +324,7 @@ async def on_factory_crl(gw, d):
 MATRIX: dict[str, Case] = {
     "unknown_device": Case("simpleenroll", 401, "bad-credentials", "unknown device or wrong password", unknown_device, "www-authenticate"),
     "wrong_password": Case("simpleenroll", 401, "bad-credentials", "unknown device or wrong password", wrong_password, "www-authenticate"),
-    "no_credentials": Case("simpleenroll", 401, "authentication-required", "pre-registered device", no_credentials, "www-authenticate"),
+    "no_credentials": Case("simpleenroll", 401, "authentication-required", "pre-registered device", no_credentials, "www-authenticate", bare=True),
     "untrusted_certificate": Case("simpleenroll", 403, "client-certificate-untrusted", "not trusted", untrusted_certificate),
     "reenroll_without_certificate": Case("simplereenroll", 403, "client-certificate-required", "client certificate", reenroll_without_certificate),
     "revoked_certificate": Case("simplereenroll", 403, "client-certificate-revoked", "revoked", revoked_certificate),
@@ -352,7 +355,7 @@ MATRIX: dict[str, Case] = {
     "factory_not_registered": Case("factory/simpleenroll", 403, "factory-certificate-not-registered", "not a registered factory certificate", factory_not_registered),
     "factory_cn_mismatch": Case("factory/simpleenroll", 403, "factory-cn-mismatch", "'pump-18' is not 'pump-17'", factory_cn_mismatch),
     "factory_subject_value_mismatch": Case("factory/simpleenroll", 403, "subject-value-mismatch", "serialNumber", factory_subject_value_mismatch),
-    "factory_password_missing": Case("factorypw/simpleenroll", 401, "password-required", "password", factory_password_missing, "www-authenticate"),
+    "factory_password_missing": Case("factorypw/simpleenroll", 401, "password-required", "password", factory_password_missing, "www-authenticate", bare=True),
     "on_factory_crl": Case("factory/simpleenroll", 403, "client-certificate-revoked", "certificate revocation list", on_factory_crl),
 }
 
@@ -377,12 +380,16 @@ class RefusalMatrixTests(TestCase):
         del events[:]  # only what the request under test causes
         result = await gateway.curl(case.path, **request)
         self.assertEqual(result.status, case.status, result.text)
-        self.assertIn(case.reason, result.text)
-        self.assertTrue(result.headers.get("content-type", "").startswith("text/plain"))
+        if case.bare:
+            self.assertEqual((result.body, result.headers.get("content-length")), (b"", "0"))
+        else:
+            self.assertIn(case.reason, result.text)
+            self.assertTrue(result.headers.get("content-type", "").startswith("text/plain"))
         if case.header:
             self.assertIn(case.header, result.headers)
         refused = [e for e in events if e.get("event") == "refused"]
         self.assertEqual([e["code"] for e in refused], ["authentication-required"] * case.challenges + [case.code])
+        self.assertIn(case.reason, refused[-1]["reason"])
         issued = [e for e in events if e.get("event") == "issued"]
         self.assertEqual(issued, [])
         self.assertEqual(await gateway.store.count_certificates(), before)

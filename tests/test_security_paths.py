@@ -11,7 +11,14 @@ from twisted.trial.unittest import TestCase
 
 from estgw import policy, protocol
 from estgw.testing import TEST_CONFIG, RunningGateway, csr_pem, make_csr, new_key, run_process, write
-from tests.test_refusals import MATRIX_CONFIG, client_certificate, register
+from estgw.passwords import hash_password
+from estgw.store import Device
+from tests.test_refusals import MATRIX_CONFIG, client_certificate
+
+
+async def register(gateway: RunningGateway, names: tuple = ()) -> None:
+    """pump-17 with password s3cret and these registered names."""
+    await gateway.store.add_device(Device("pump-17", hash_password("s3cret"), subject_values=names))
 
 
 def _sans(cert: x509.Certificate) -> list:
@@ -20,10 +27,11 @@ def _sans(cert: x509.Certificate) -> list:
 
 class SecurityPathTests(TestCase):
     async def test_device_enroll_copies_names(self) -> None:
-        """A device CSR with only a CN and an unstructuredAddress gets a
-        certificate with dNSName and iPAddress SANs, verified by openssl."""
+        """A device CSR with only a CN and an unstructuredAddress (an
+        address registered for it) gets a certificate with dNSName and
+        iPAddress SANs, verified by openssl."""
         gateway = await RunningGateway.start(self, MATRIX_CONFIG)
-        await register(gateway)
+        await register(gateway, names=(("IP", "2001:db8::17"),))
         csr = make_csr(new_key(), "pump-17", attributes=[(policy.UNSTRUCTURED_ADDRESS, b"2001:db8::17")])
         result = await gateway.curl("simpleenroll", data=csr_pem(csr), user="pump-17:s3cret")
         self.assertEqual(result.status, 200, result.text)
@@ -78,9 +86,10 @@ class SecurityPathTests(TestCase):
         self.assertEqual(result.status, 200, result.text)
 
     async def test_csr_with_sans_keeps_them(self) -> None:
-        """A CSR that has SANs is issued with exactly those SANs."""
+        """A CSR that has SANs (registered for the device) is issued with
+        exactly those SANs."""
         gateway = await RunningGateway.start(self, MATRIX_CONFIG)
-        await register(gateway)
+        await register(gateway, names=(("DNS", "pump-17.plant.example"), ("IP", "192.0.2.17")))
         sans = [x509.DNSName("pump-17.plant.example"), x509.IPAddress(ipaddress.ip_address("192.0.2.17"))]
         csr = make_csr(new_key(), "pump-17", sans=sans)
         result = await gateway.curl("simpleenroll", data=csr_pem(csr), user="pump-17:s3cret")

@@ -35,6 +35,7 @@ from estgw.approval.tls import (
 from estgw.ca import CAError
 from estgw.cli import CommandError, read_password
 from estgw.config import ConfigError
+from estgw.escape import printable
 
 __all__ = ["add_parser", "run"]
 
@@ -135,22 +136,23 @@ async def cmd_list(reactor: Any, options: dict[str, Any], out: Any) -> None:
     out.write(f"{'ID':<38} {'STATUS':<9} {'CREATED':<20} {'SUBJECT':<32} {'REQUESTER':<24} REASON\n")
     for r in requests:
         out.write(
-            f"{r.get('requestId', '?'):<38} {r.get('status', '?'):<9} {_short_time(r.get('createdAt')):<20}"
-            f" {r.get('subject', '?'):<32} {r.get('requester') or '-':<24} {r.get('reason') or '-'}\n"
+            f"{printable(r.get('requestId', '?')):<38} {printable(r.get('status', '?')):<9}"
+            f" {printable(_short_time(r.get('createdAt'))):<20} {printable(r.get('subject', '?')):<32}"
+            f" {printable(r.get('requester') or '-'):<24} {printable(r.get('reason') or '-')}\n"
         )
         # Everything that would be certified, so nothing is approved unseen.
         sans = r.get("subjectAltNames") or []
         out.write(
-            f"    would issue: subject {r.get('issuedSubject', r.get('subject', '?'))};"
-            f" subjectAltNames {', '.join(str(n) for n in sans) if sans else 'none'};"
-            f" key {r.get('publicKey', '?')}\n"
+            f"    would issue: subject {printable(r.get('issuedSubject', r.get('subject', '?')))};"
+            f" subjectAltNames {printable(', '.join(str(n) for n in sans)) if sans else 'none'};"
+            f" key {printable(r.get('publicKey', '?'))}\n"
         )
 
 
 async def cmd_approve(reactor: Any, options: dict[str, Any], out: Any) -> None:
     client = _ServiceClient(reactor, options)
     data = await client.call("POST", _one(options["id"]) + "/approve", {})
-    out.write(f"approved {data.get('requestId')} ({data.get('subject')})\n")
+    out.write(f"approved {printable(data.get('requestId'))} ({printable(data.get('subject'))})\n")
 
 
 async def cmd_reject(reactor: Any, options: dict[str, Any], out: Any) -> None:
@@ -159,7 +161,10 @@ async def cmd_reject(reactor: Any, options: dict[str, Any], out: Any) -> None:
         raise CommandError("reject needs a --reason: the device's operator sees it")
     client = _ServiceClient(reactor, options)
     data = await client.call("POST", _one(options["id"]) + "/reject", {"reason": reason})
-    out.write(f"rejected {data.get('requestId')} ({data.get('subject')}): {data.get('reason')}\n")
+    out.write(
+        f"rejected {printable(data.get('requestId'))} ({printable(data.get('subject'))}):"
+        f" {printable(data.get('reason'))}\n"
+    )
 
 
 # -- commands on the service's machine ------------------------------------------

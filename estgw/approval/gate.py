@@ -36,6 +36,7 @@ from twisted.logger import Logger
 
 from estgw.approval.client import ApprovalClient, ApprovalStatus, ApprovalUnavailable, Submission
 from estgw.config import HandlerConfig
+from estgw.escape import printable
 from estgw.refusal import Pending, Refusal
 from estgw.store import Approval, IssuedCertificate, IStore
 
@@ -64,7 +65,7 @@ def _duration(seconds: int) -> str:
 def _one_line(text: str | None) -> str:
     # The operator's words go into a one-line response body and the log.
     cleaned = " ".join((text or "").split())
-    return cleaned[:_REASON_LIMIT] or "no reason given"
+    return printable(cleaned[:_REASON_LIMIT]) or "no reason given"
 
 
 def _same_request(row: Approval, csr: x509.CertificateSigningRequest) -> None:
@@ -186,7 +187,7 @@ class ApprovalGate:
         if await self._store.expire_approval(row.request_id, now):
             _audit.info(
                 "approval request {request_id} for {subject} expired", request_id=row.request_id,
-                subject=row.subject, event="approval-expired",
+                subject=printable(row.subject), event="approval-expired",
             )
         raise Refusal(
             403,
@@ -231,8 +232,8 @@ class ApprovalGate:
         if decided.state == status.status:
             _audit.info(
                 "approval request {request_id} for {subject} {state} by {operator}{because}",
-                request_id=row.request_id, subject=row.subject, state=status.status,
-                operator=status.decided_by or "the approval service",
+                request_id=row.request_id, subject=printable(row.subject), state=status.status,
+                operator=printable(status.decided_by or "the approval service"),
                 because=f": {_one_line(status.reason)}" if status.status == "rejected" else "",
                 event=f"approval-{status.status}",
             )
@@ -252,7 +253,7 @@ class ApprovalGate:
             await self._store.set_approval_submitted(row.request_id, now)
             _audit.info(
                 "submitted approval request {request_id} for {subject} from {requester}",
-                request_id=row.request_id, subject=row.subject, requester=row.requester,
+                request_id=row.request_id, subject=printable(row.subject), requester=printable(row.requester),
                 event="approval-submitted",
             )
         return status
@@ -282,8 +283,8 @@ class ApprovalGate:
             _audit.info(
                 "issued serial {serial:x} subject {subject} to {requester} by handler {handler}"
                 " after approval {request_id}",
-                serial=certificate.serial_number, subject=certificate.subject.rfc4514_string(),
-                requester=row.requester, handler=row.handler, request_id=row.request_id, event="issued",
+                serial=certificate.serial_number, subject=printable(certificate.subject.rfc4514_string()),
+                requester=printable(row.requester), handler=row.handler, request_id=row.request_id, event="issued",
             )
             return certificate
         # Another gateway process sharing the store issued first: send its

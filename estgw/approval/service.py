@@ -38,6 +38,7 @@ from estgw.approval.config import REQUEST_PATH, ServiceConfig
 from estgw.ca import CAError
 from estgw import policy
 from estgw.config import ConfigError
+from estgw.escape import printable
 from estgw.refusal import Refusal
 from estgw.store import general_name_text
 
@@ -426,7 +427,7 @@ class RequestsResource(resource.Resource):
         d = Deferred.fromCoroutine(self._serve(request))
 
         def failed(failure: Failure) -> None:
-            self._log.failure("while serving {path}", failure, path=request.path)
+            self._log.failure("while serving {path}", failure, path=printable(request.path))
             if not request.finished and not request._disconnected:
                 _send_json(request, 500, {"error": "internal error"})
 
@@ -474,8 +475,8 @@ class RequestsResource(resource.Resource):
         if created:
             self._log.info(
                 "request {request_id} for {subject} submitted by {gateway} for {requester}",
-                request_id=record.request_id, subject=record.subject, gateway=caller.name,
-                requester=record.requester,
+                request_id=printable(record.request_id), subject=printable(record.subject),
+                gateway=printable(caller.name), requester=printable(record.requester),
             )
         return (201 if created else 200), record.to_json(now)
 
@@ -509,8 +510,8 @@ class RequestsResource(resource.Resource):
         record = await self._store.decide(request_id, status, reason, caller.name, now)
         self._log.info(
             "request {request_id} for {subject} {status} by {operator}{because}",
-            request_id=request_id, subject=record.subject, status=status, operator=caller.name,
-            because=f": {reason}" if reason else "",
+            request_id=printable(request_id), subject=printable(record.subject), status=status,
+            operator=printable(caller.name), because=f": {printable(reason)}" if reason else "",
         )
         return 200, record.to_json(now, full=True)
 
