@@ -26,7 +26,7 @@ from estgw.metrics import Metrics
 from estgw.protocol import parse_csr
 from estgw.refusal import Refusal
 from estgw.revocation import RevocationChecker
-from estgw.store import IssuedCertificate, IStore
+from estgw.store import DuplicateCertificate, IssuedCertificate, IStore
 from estgw.tls import PeerInfo, channel_binding
 
 _log = Logger(namespace="estgw.audit")
@@ -110,6 +110,33 @@ async def _renewing_last_issued(gateway: Gateway, identity: auth.Identity, ctx: 
         )
 
 
+async def _record(
+    gateway: Gateway, certificate: x509.Certificate, handler: HandlerConfig, identity: auth.Identity
+) -> bool:
+    """Record ``certificate``; False when this very certificate is recorded already.
+
+    A CA may answer a repeated request with the certificate it issued
+    before (an upstream EST server asked again for a request it answered,
+    or two identical requests that shared one upstream call): that is
+    the same certificate sent again, not a second one.  Another
+    certificate with a recorded serial is still an error.
+    """
+    try:
+        await gateway.store.record_certificate(
+            IssuedCertificate.from_certificate(certificate, handler.id, identity.requester)
+        )
+    except DuplicateCertificate:
+        recorded = await gateway.store.get_certificate(certificate.serial_number)
+        if recorded is None or recorded.der != certificate.public_bytes(Encoding.DER):
+            raise
+        _log.info(
+            "sent again serial {serial:x} to {requester}: the CA answered with a certificate already recorded",
+            serial=certificate.serial_number, requester=printable(identity.requester), event="reissued",
+        )
+        return False
+    return True
+
+
 async def _sent_again(
     gateway: Gateway, identity: auth.Identity, csr: x509.CertificateSigningRequest
 ) -> x509.Certificate | None:
@@ -182,9 +209,8 @@ async def enroll(
     async with auth.single_use(gateway.store, identity):
         certificate = await procedure.issue(policy.issue_request(ctx))
         # Committed before the response is written: nothing sent is unrecorded.
-        await gateway.store.record_certificate(
-            IssuedCertificate.from_certificate(certificate, handler.id, identity.requester)
-        )
+        if not await _record(gateway, certificate, handler, identity):
+            return certificate
     _log.info(
         "issued serial {serial:x} subject {subject} to {requester} by handler {handler}",
         serial=certificate.serial_number,

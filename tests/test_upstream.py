@@ -350,6 +350,53 @@ class StubTests(UpstreamTestCase):
         self.assertEqual(one, two)
         self.assertEqual(len(self.stub.requests), 1)
 
+    async def test_identical_requests_over_tls(self) -> None:
+        """A device sends its request again while the first is still with the
+        upstream (curl twice at once): one upstream call, both get the same
+        certificate, and it is recorded once."""
+        gate: defer.Deferred = defer.Deferred()
+
+        def slow(request: Any, body: bytes) -> defer.Deferred:
+            return gate.addCallback(lambda _: self.issue_for(body))
+
+        self.stub.answers = [slow]
+        _key, csr = await self.client.key_and_csr(f"/CN={DEVICE}")
+        first = defer.Deferred.fromCoroutine(self.client.enroll("simpleenroll", csr, user=f"{DEVICE}:{PASSWORD}"))
+        for _ in range(1000):
+            if self.stub.requests:
+                break
+            await deferLater(0.01)
+        second = defer.Deferred.fromCoroutine(self.client.enroll("simpleenroll", csr, user=f"{DEVICE}:{PASSWORD}"))
+        for _ in range(1000):  # until the second waits on the first's upstream call
+            if [len(w) for w in self.procedure._in_flight.values()] == [2]:
+                break
+            await deferLater(0.01)
+        gate.callback(None)
+        one, two = await defer.gatherResults([first, second])
+        self.assertEqual((one.status, two.status), (200, 200), (one.text, two.text))
+        self.assertEqual(one.body, two.body)
+        self.assertEqual(len(self.stub.requests), 1)
+        self.assertEqual(await self.downstream.store.count_certificates(), 1)
+
+    async def test_upstream_answers_again_with_the_same_certificate(self) -> None:
+        """An upstream that answers a repeated request with the certificate it
+        issued before: the device gets it again, nothing new is recorded."""
+        answer: list[bytes] = []
+
+        def once(request: Any, body: bytes) -> bytes:
+            if not answer:
+                answer.append(self.issue_for(body))
+            return answer[0]
+
+        self.stub.answers = [once, once]
+        _key, csr = await self.client.key_and_csr(f"/CN={DEVICE}")
+        first = await self.client.enroll("simpleenroll", csr, user=f"{DEVICE}:{PASSWORD}")
+        second = await self.client.enroll("simpleenroll", csr, user=f"{DEVICE}:{PASSWORD}")
+        self.assertEqual((first.status, second.status), (200, 200), (first.text, second.text))
+        self.assertEqual(first.body, second.body)
+        self.assertEqual(len(self.stub.requests), 2)
+        self.assertEqual(await self.downstream.store.count_certificates(), 1)
+
     async def test_answer_for_another_key(self) -> None:
         """An upstream answer that certifies another key is not delivered: 502, nothing recorded."""
         def wrong(request: Any, body: bytes) -> bytes:
