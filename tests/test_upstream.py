@@ -491,3 +491,65 @@ class StartTests(UpstreamTestCase):
             GatewayService(load(path), reactor)
         self.assertIn("tokenprocedure.1 (Upstream EST): est.tokenPasswordFile: cannot open", str(caught.exception))
 
+
+
+class _FakeResponse:
+    def __init__(self, code: int, body: bytes) -> None:
+        from twisted.web.http_headers import Headers
+
+        self.code = code
+        self.headers = Headers()
+        self._body = body
+
+    def content(self) -> defer.Deferred:
+        return defer.succeed(self._body)
+
+
+class _FakeHTTP:
+    """Answers GET /cacerts from a list; records the URLs asked."""
+
+    def __init__(self, answers: list[tuple[int, bytes]]) -> None:
+        self.answers = answers
+        self.urls: list[str] = []
+
+    def request(self, method: str, url: str, **kwargs: Any) -> defer.Deferred:
+        self.urls.append(url)
+        code, body = self.answers.pop(0)
+        return defer.succeed(_FakeResponse(code, body))
+
+
+class CacertsRefreshTests(TestCase):
+    def test_fetched_on_use_and_refreshed_when_stale(self) -> None:
+        """chain() starts a fetch when none succeeded yet, keeps the answer
+        for CACERTS_REFRESH seconds, then fetches again; a failed fetch
+        keeps the last good chain and is retried after CACERTS_RETRY."""
+        from twisted.internet.task import Clock
+
+        from estgw.ca import LocalCA
+        from estgw.ca.upstream import CACERTS_REFRESH, CACERTS_RETRY, UpstreamEST
+
+        first = LocalCA.load_or_create(os.path.abspath(self.mktemp()), "first")
+        second = LocalCA.load_or_create(os.path.abspath(self.mktemp()), "second")
+        http = _FakeHTTP([
+            (200, encode_certs_only(first.chain())),
+            (503, b"busy"),
+            (200, encode_certs_only(second.chain())),
+        ])
+        clock = Clock()
+        upstream = UpstreamEST("u", "https://ca.example/.well-known/est/ra", http, clock)
+        # The first use fetches (here the fake answers at once).
+        self.assertEqual(upstream.chain(), [first.issuing, first.root])
+        self.assertEqual(upstream.chain(), [first.issuing, first.root])
+        clock.advance(CACERTS_REFRESH - 1)
+        upstream.chain()
+        self.assertEqual(len(http.urls), 1)
+        clock.advance(1)
+        self.assertEqual(upstream.chain(), [first.issuing, first.root])  # 503: the old one stays
+        self.assertEqual(len(http.urls), 2)
+        clock.advance(CACERTS_RETRY - 1)
+        upstream.chain()
+        self.assertEqual(len(http.urls), 2)
+        clock.advance(1)
+        upstream.chain()
+        self.assertEqual(upstream.chain(), [second.issuing, second.root])
+        self.assertEqual(http.urls, ["https://ca.example/.well-known/est/ra/cacerts"] * 3)
