@@ -155,6 +155,39 @@ class IssueTests(Pkcs11TestCase):
         self.assertIsNot(threads[0], threading.main_thread())
         issued.verify_directly_issued_by(procedure.chain()[0])
 
+    async def test_lost_session_is_reopened(self) -> None:
+        """The token's session disappears (an HSM restart closes it): the
+        next certificate logs in again and is signed."""
+        gateway = await self.gateway("ec-p256")
+        procedure = gateway.service.procedures["HSM Procedure"]
+        procedure.ca._login.session.close()
+        issued = await procedure.issue(IssueRequest(name("after-loss"), new_key().public_key()))
+        issued.verify_directly_issued_by(procedure.chain()[0])
+
+    async def test_token_that_cannot_sign_is_503(self) -> None:
+        """A token that stays unusable: 503 with Retry-After, nothing issued."""
+        import pkcs11
+
+        gateway = await self.gateway("ec-p256")
+        procedure = gateway.service.procedures["HSM Procedure"]
+        login = procedure.ca._login
+
+        def unreachable() -> None:
+            raise pkcs11.TokenNotPresent()
+
+        login.reopen, original = unreachable, login.reopen
+        self.addCleanup(setattr, login, "reopen", original)
+        login.session.close()
+        self.addCleanup(original)
+        client = Client(self, gateway, "device")
+        _key, csr = await client.key_and_csr(f"/CN={DEVICE}")
+        result = await client.enroll("simpleenroll", csr, user=f"{DEVICE}:{PASSWORD}")
+        self.assertEqual(result.status, 503, result.text)
+        self.assertEqual(result.headers.get("retry-after"), "60")
+        self.assertIn("the CA cannot sign now", result.text)
+        self.assertEqual(await gateway.store.count_certificates(), 0)
+        self.flushLoggedErrors()
+
     async def test_concurrent_signatures(self) -> None:
         """Twenty signatures at once over one session all verify."""
         gateway = await self.gateway("rsa-2048")

@@ -41,6 +41,8 @@ from pyasn1.type import univ
 from pyasn1_modules import rfc5280
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from estgw.ca import CAError, IssueRequest, ITokenProcedure, Profile
@@ -89,10 +91,31 @@ class _Login:
     procedure on the same token shares this session and its lock.
     """
 
-    def __init__(self, session: Any, pin: str) -> None:
+    def __init__(self, lib: Any, token_label: str, session: Any, pin: str) -> None:
+        self.lib = lib
+        self.token_label = token_label
         self.session = session
         self.pin = pin
         self.lock = threading.Lock()
+        #: Counts sessions opened: key handles of an older one are void.
+        self.generation = 0
+
+    def reopen(self) -> None:
+        """A new logged-in session after the old one was lost (token
+        reinserted, HSM restarted).  Call with :attr:`lock` held; raises
+        PKCS11Error when the token cannot be reached."""
+        import pkcs11
+
+        try:
+            self.session.close()
+        except pkcs11.PKCS11Error:
+            pass  # it is gone already
+        token = self.lib.get_token(token_label=self.token_label)
+        try:
+            self.session = token.open(user_pin=self.pin)
+        except pkcs11.UserAlreadyLoggedIn:
+            self.session = token.open()
+        self.generation += 1
 
 
 _logins: dict[tuple[str, str], _Login] = {}
@@ -125,8 +148,21 @@ def _login(lib: Any, module: str, token_label: str, pin: str) -> _Login:
             session = token.open(user_pin=pin)
         except pkcs11.PKCS11Error as e:
             raise CAError(f"cannot log in to token {token_label!r}: {_describe(e)}") from None
-        login = _logins[(module, token_label)] = _Login(session, pin)
+        login = _logins[(module, token_label)] = _Login(lib, token_label, session, pin)
         return login
+
+
+def _find_key(login: _Login, key_label: str) -> Any:
+    from pkcs11 import ObjectClass
+
+    return login.session.get_key(object_class=ObjectClass.PRIVATE_KEY, label=key_label)
+
+
+#: What a lost session looks like: reopen it once and sign again.
+_SESSION_LOST = (
+    "SessionHandleInvalid", "SessionClosed", "TokenNotPresent", "DeviceRemoved", "UserNotLoggedIn",
+    "DeviceError",
+)
 
 
 def open_token_key(module: str, token_label: str, key_label: str, pin: str) -> tuple[Any, Any]:
@@ -142,7 +178,7 @@ def open_token_key(module: str, token_label: str, key_label: str, pin: str) -> t
     login = _login(_module(module), module, token_label, pin)
     with login.lock:
         try:
-            key = login.session.get_key(object_class=ObjectClass.PRIVATE_KEY, label=key_label)
+            key = _find_key(login, key_label)
         except pkcs11.NoSuchKey:
             raise CAError(f"token {token_label!r} holds no private key labelled {key_label!r}") from None
         except pkcs11.MultipleObjectsReturned:
@@ -255,12 +291,15 @@ class Pkcs11CA:
         self.issuing = issuing
         self._chain = [issuing] + [c for c in chain if c != issuing]
         self._key = key
+        from pkcs11 import Attribute, KeyType
+
+        self._key_label = key[Attribute.LABEL]
+        self._login = login
+        self._generation = login.generation
         self._lock = login.lock
         self._scheme = _Scheme(issuing.public_key())
         # A key that does not belong to the certificate stops start-up,
         # not the first enrollment.
-        from pkcs11 import KeyType
-
         expected = KeyType.RSA if isinstance(issuing.public_key(), rsa.RSAPublicKey) else KeyType.EC
         if key.key_type != expected:
             raise CAError(
@@ -287,9 +326,23 @@ class Pkcs11CA:
 
         with self._lock:  # one session, one thread at a time
             try:
+                if self._generation != self._login.generation:
+                    self._refind_key()
+                return self._scheme.sign_in_token(self._key, data, hash)
+            except pkcs11.PKCS11Error as e:
+                if type(e).__name__ not in _SESSION_LOST:
+                    raise CAError(f"the token could not sign: {_describe(e)}") from None
+            # The session is gone: log in again once, then sign or fail.
+            try:
+                self._login.reopen()
+                self._refind_key()
                 return self._scheme.sign_in_token(self._key, data, hash)
             except pkcs11.PKCS11Error as e:
                 raise CAError(f"the token could not sign: {_describe(e)}") from None
+
+    def _refind_key(self) -> None:
+        self._key = _find_key(self._login, self._key_label)
+        self._generation = self._login.generation
 
     def sign(self, request: IssueRequest, profile: Profile, now: datetime | None = None) -> x509.Certificate:
         """Sign an end-entity certificate for ``request`` under ``profile`` in the token.
@@ -337,9 +390,15 @@ def _may_issue(certificate: x509.Certificate) -> bool:
         return True  # RFC 5280 4.2.1.3: without keyUsage every use is allowed
 
 
+#: Seconds told to devices in Retry-After when the token cannot sign.
+RETRY_AFTER = 60
+
+
 @implementer(ITokenProcedure)
 class Pkcs11TokenProcedure:
     """Issue with a :class:`Pkcs11CA` under one :class:`Profile`, on the reactor's thread pool."""
+
+    _log = Logger()
 
     def __init__(self, name: str, ca: Pkcs11CA, profile: Profile, reactor: Any = None) -> None:
         if reactor is None:
@@ -355,8 +414,22 @@ class Pkcs11TokenProcedure:
         return f"<Pkcs11TokenProcedure {self.name!r}>"
 
     def issue(self, request: IssueRequest) -> "Deferred[x509.Certificate]":
-        """Sign in the token on a pool thread; the Deferred fires in the reactor thread."""
-        return deferToThreadPool(self._reactor, self._reactor.getThreadPool(), self.ca.sign, request, self.profile)
+        """Sign in the token on a pool thread; the Deferred fires in the reactor thread.
+
+        A token that cannot sign (gone, even after logging in again) is a
+        503 Refusal with Retry-After for the device: nothing was issued.
+        """
+        signing = deferToThreadPool(self._reactor, self._reactor.getThreadPool(), self.ca.sign, request, self.profile)
+        return signing.addErrback(self._unavailable)
+
+    def _unavailable(self, failure: Failure) -> None:
+        from estgw.refusal import Refusal
+
+        failure.trap(CAError)
+        self._log.error("token procedure {name}: {error}", name=self.name, error=str(failure.value))
+        raise Refusal(
+            503, "ca-unavailable", "the CA cannot sign now; try again later", {"Retry-After": str(RETRY_AFTER)}
+        )
 
     def chain(self) -> list[x509.Certificate]:
         return self.ca.chain()
