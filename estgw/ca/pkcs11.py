@@ -364,18 +364,24 @@ class Pkcs11CA:
             raise CAError(f"the token's signature does not verify with the issuing CA certificate: {e}") from e
         return certificate
 
-    # What LocalCA.sign uses of its instance: the issuing certificate, the
-    # key it signs the draft with, and the authority key identifier.
+    # What the embedded CA's sign() uses of its instance: the issuing
+    # certificate, the key it signs the draft with (the throw-away one:
+    # never hand this object to code that signs something it keeps, such
+    # as a CRL), the RSA padding and the authority key identifier.
+    rsa_padding = "pkcs1v15"
+
     @property
     def _issuing_key(self) -> Any:
         return self._scheme.draft_key
 
-    def _authority_key_identifier(self) -> x509.AuthorityKeyIdentifier:
+    def authority_key_identifier(self) -> x509.AuthorityKeyIdentifier:
         try:
             ski = self.issuing.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
         except x509.ExtensionNotFound:
             ski = x509.SubjectKeyIdentifier.from_public_key(self.issuing.public_key())  # type: ignore[arg-type]
         return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
+
+    _authority_key_identifier = authority_key_identifier
 
 
 def _may_issue(certificate: x509.Certificate) -> bool:
