@@ -78,10 +78,12 @@ async def _client_certificate_not_revoked(
     if cert is None:
         return
     # The store is read on every request: `estgw cert revoke` needs no restart.
-    # It knows only serials of our own CA: a foreign certificate with an
-    # equal serial is not ours to refuse.
-    ours = bool(gateway.ca_chain) and cert.issuer == gateway.ca_chain[0].subject
-    if ours and await gateway.store.is_revoked(cert.serial_number):
+    # It records what every token procedure issued (the embedded CA, an
+    # HSM key, an upstream CA), so the record is matched by the whole
+    # certificate: a foreign certificate with an equal serial is not ours
+    # to refuse.
+    recorded = await gateway.store.get_certificate(cert.serial_number)
+    if recorded is not None and recorded.revoked and recorded.der == cert.public_bytes(Encoding.DER):
         raise Refusal(403, "client-certificate-revoked", "the TLS client certificate has been revoked")
     if gateway.revocation is not None:
         await gateway.revocation.check(cert, peer.chain if peer is not None else ())

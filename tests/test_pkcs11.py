@@ -225,10 +225,15 @@ class ReadmeTests(Pkcs11TestCase):
         await gateway.store.add_device(Device(DEVICE, hash_password(PASSWORD)))
         client = Client(self, gateway, "device")
         chain_pem = await client.cacerts()
-        _key, csr = await client.key_and_csr(f"/CN={DEVICE}")
+        key, csr = await client.key_and_csr(f"/CN={DEVICE}")
         result = await client.enroll("simpleenroll", csr, user=f"{DEVICE}:{PASSWORD}")
         self.assertEqual(result.status, 200, result.text)
-        await client.verify(await client.certificates(result.body), chain_pem)
+        cert_path = await client.certificates(result.body)
+        await client.verify(cert_path, chain_pem)
+        _renewed_key, renewal = await client.key_and_csr(f"/CN={DEVICE}")
+        result = await client.enroll("simplereenroll", renewal, cert=cert_path, key=key)
+        self.assertEqual(result.status, 200, result.text)
+        self.assertEqual(await gateway.store.count_certificates(), 2)
 
 
 class StartTests(Pkcs11TestCase):

@@ -55,6 +55,7 @@ server.interface = 127.0.0.1
 server.hostnames = localhost, 127.0.0.1
 state.directory = state
 ca.name = downstream
+tls.trustAnchors = {client_anchors}
 tokenprocedure.1.name = Upstream EST
 tokenprocedure.1.ca = est
 tokenprocedure.1.est.url = {url}
@@ -66,6 +67,8 @@ handler.1.operation = cacerts
 handler.2.operation = simpleenroll
 handler.2.authtype = Basic
 handler.2.realm = devices
+handler.3.operation = simplereenroll
+handler.3.clientCertificateIssuers = any
 """
 
 
@@ -91,9 +94,13 @@ class UpstreamTestCase(TestCase):
         return self.upstream
 
     async def start_downstream(self, url: str, anchors: str | None = None) -> RunningGateway:
+        # Devices renew with what the upstream issued: its CAs are trusted.
+        client_anchors = write(
+            os.path.join(self.directory, "upstream-cas.pem"), cert_pem(*self.upstream.service.state.ca.chain())
+        )
         text = DOWNSTREAM_CONFIG.format(
             url=url, token=self.token, password_file=self.password_file,
-            anchors=anchors or self.upstream.ca_file,
+            anchors=anchors or self.upstream.ca_file, client_anchors=client_anchors,
         )
         self.downstream = await RunningGateway.start(self, text)
         await self.downstream.store.add_device(Device(DEVICE, hash_password(PASSWORD)))
@@ -135,6 +142,27 @@ class EndToEndTests(UpstreamTestCase):
         self.assertEqual([r.serial for r in downstream_records], [issued.serial_number])
         self.assertTrue(upstream_records[0].requester.startswith("officer:CN=ra-gateway"))
         self.assertEqual(downstream_records[0].requester, f"device:{DEVICE}")
+
+    async def test_renew_through_upstream(self) -> None:
+        """The device renews with the certificate the upstream issued
+        (simplereenroll, TLS client certificate): the upstream issues a
+        second one.  Once that first certificate is revoked here it renews
+        nothing: 403, no new certificate on either side."""
+        key, csr = await self.client.key_and_csr(f"/CN={DEVICE}")
+        result = await self.client.enroll("simpleenroll", csr, user=f"{DEVICE}:{PASSWORD}")
+        self.assertEqual(result.status, 200, result.text)
+        cert_path = await self.client.certificates(result.body)
+        _new_key, renewal = await self.client.key_and_csr(f"/CN={DEVICE}")
+        result = await self.client.enroll("simplereenroll", renewal, cert=cert_path, key=key)
+        self.assertEqual(result.status, 200, result.text)
+        self.assertEqual(await self.counts(), (2, 2))
+        (first,) = x509.load_pem_x509_certificates(open(cert_path, "rb").read())
+        await self.downstream.store.revoke_certificate(first.serial_number, "keyCompromise")
+        _again_key, again = await self.client.key_and_csr(f"/CN={DEVICE}")
+        result = await self.client.enroll("simplereenroll", again, cert=cert_path, key=key)
+        self.assertEqual(result.status, 403, result.text)
+        self.assertIn("the TLS client certificate has been revoked", result.text)
+        self.assertEqual(await self.counts(), (2, 2))
 
     async def test_own_checks_run_before_forwarding(self) -> None:
         """A request the downstream's own checks refuse never reaches the
@@ -179,6 +207,7 @@ class ReadmeTests(UpstreamTestCase):
         shutil.copy(self.token, os.path.join(directory, "ra", "ra.p12"))
         shutil.copy(self.password_file, os.path.join(directory, "ra", "ra.pass"))
         shutil.copy(self.upstream.ca_file, os.path.join(directory, "ra", "upstream-root.pem"))
+        write(os.path.join(directory, "ra", "upstream-cas.pem"), cert_pem(*self.upstream.service.state.ca.chain()))
         gateway = RunningGateway(directory, text)
         procedure = gateway.config.token_procedures["Upstream CA"]
         self.assertEqual(procedure.est_url, "https://ca.example.net:8443/.well-known/est/ra")
@@ -192,10 +221,15 @@ class ReadmeTests(UpstreamTestCase):
         await gateway.store.add_device(Device(DEVICE, hash_password(PASSWORD)))
         client = Client(self, gateway, "device")
         chain_pem = await client.cacerts()
-        _key, csr = await client.key_and_csr(f"/CN={DEVICE}")
+        key, csr = await client.key_and_csr(f"/CN={DEVICE}")
         result = await client.enroll("simpleenroll", csr, user=f"{DEVICE}:{PASSWORD}")
         self.assertEqual(result.status, 200, result.text)
-        await client.verify(await client.certificates(result.body), chain_pem)
+        cert_path = await client.certificates(result.body)
+        await client.verify(cert_path, chain_pem)
+        _renewed_key, renewal = await client.key_and_csr(f"/CN={DEVICE}")
+        result = await client.enroll("simplereenroll", renewal, cert=cert_path, key=key)
+        self.assertEqual(result.status, 200, result.text)
+        self.assertEqual(await gateway.store.count_certificates(), 2)
 
 
 class TrustTests(UpstreamTestCase):
@@ -485,7 +519,7 @@ class StartTests(UpstreamTestCase):
         os.makedirs(directory)
         path = write(os.path.join(directory, "est.properties"), DOWNSTREAM_CONFIG.format(
             url=self.upstream.url("ra"), token=self.token, password_file=self.password_file,
-            anchors=self.upstream.ca_file,
+            anchors=self.upstream.ca_file, client_anchors=self.upstream.ca_file,
         ).encode())
         with self.assertRaises(usage.UsageError) as caught:
             GatewayService(load(path), reactor)
