@@ -26,8 +26,9 @@ from urllib.parse import unquote, urlsplit
 
 import attr
 
-from estgw import names
+from estgw import keytypes, names
 from estgw.ca.factory import KINDS
+from estgw.csrattrs import CsrTemplate, parse_template_setting
 from estgw.properties import PropertiesError, parse_properties
 from estgw.protocol import CsrAttr, parse_csrattrs_setting
 
@@ -39,7 +40,8 @@ OPERATIONS = (
     "serverkeygen",
     "fullcmc",
 )
-ENROLL_OPERATIONS = ("simpleenroll", "simplereenroll")
+# Operations that issue a certificate (serverkeygen for a key it makes).
+ENROLL_OPERATIONS = ("simpleenroll", "simplereenroll", "serverkeygen")
 
 # Who may call a handler (see estgw.auth).
 FILTERS = {
@@ -357,6 +359,18 @@ class HandlerConfig:
     realm: str | None = None
     qop: str = "auth"
     csrattrs: tuple[CsrAttr, ...] = ()
+    # RFC 9908 template: on a csrattrs handler its own setting; on an
+    # enrollment handler the one announced under the same CA label, which
+    # its requests are checked against (estgw.csrattrs).
+    csr_template: CsrTemplate | None = None
+    # serverkeygen: the key type made, and whether the private key may be
+    # returned without CMS encryption (TLS only).
+    serverkeygen_key_type: str = ""
+    serverkeygen_allow_unencrypted_key: bool = False
+    # Shared AES keys a CSR may name with DecryptKeyIdentifier: the file
+    # (resolved against the config file's directory) and its (id, key) pairs.
+    serverkeygen_shared_keys_file: str = ""
+    serverkeygen_shared_keys: tuple[tuple[bytes, bytes], ...] = attr.ib(default=(), repr=False)
     allow_renewal_with_old_certificates: bool = False
     # RFC 7030 §3.5 linking: the CSR's challengePassword must carry the
     # connection's tls-unique (TLS 1.2) or tls-exporter (TLS 1.3) value.
@@ -541,6 +555,10 @@ _HANDLER_KEYS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "realm": ("realm", lambda value: value.strip()),
     "qop": ("qop", _choice("auth")),
     "csrattrs": ("csrattrs", _csrattrs),
+    "csrattrs.template": ("csr_template", parse_template_setting),
+    "serverkeygen.keyType": ("serverkeygen_key_type", keytypes.parse_key_type),
+    "serverkeygen.allowUnencryptedKey": ("serverkeygen_allow_unencrypted_key", _bool),
+    "serverkeygen.sharedKeys": ("serverkeygen_shared_keys_file", _text),
     "allowRenewalWithOldCertificates": (
         "allow_renewal_with_old_certificates",
         _bool,
@@ -618,7 +636,9 @@ def from_string(text: str, source: str = "est.properties", base_dir: str = ".") 
 
     procedures = [_resolve_procedure_files(p, base_dir, source) for p in _token_procedures(numbered, source)]
     handlers = _handlers(numbered, defaults, procedures, source)
+    handlers = _announced_templates(handlers, source)
     handlers = tuple(_resolve_idm_files(h, base_dir, source) for h in handlers)
+    handlers = tuple(_load_shared_keys(h, base_dir, source) for h in handlers)
 
     state = global_values.pop("state_directory", "state")
     global_values["trust_anchor_files"] = tuple(
@@ -808,6 +828,13 @@ def _complete_handler(
         handler = attr.evolve(handler, format=default_format(op, handler.filter, procedure))
     handler = _complete_idm(handler, own_keys, where, source)
 
+    for name in ("csrattrs", "csrattrs.template"):
+        if op != "csrattrs" and name in own_keys:
+            raise ConfigError(prefix + name, f"not used by {op}: csrattrs announces it for its CA label", source)
+    for name in ("serverkeygen.keyType", "serverkeygen.allowUnencryptedKey", "serverkeygen.sharedKeys"):
+        if op != "serverkeygen" and name in own_keys:
+            raise ConfigError(prefix + name, f"only used by serverkeygen, not {op}", source)
+
     if not enroll:
         # Settings that mean nothing here are errors only when set on the
         # handler itself; the default section applies to all handlers.
@@ -821,8 +848,6 @@ def _complete_handler(
             accept_sha1_csr_signature=False,
             client_certificate_issuers=handler.client_certificate_issuers or "any",
         )
-        if op != "csrattrs" and "csrattrs" in own_keys:
-            raise ConfigError(prefix + "csrattrs", f"not used by {op}", source)
         if handler.filter not in ("public", "clientcert") and op in ("cacerts", "csrattrs"):
             raise ConfigError(where("filter"), f"{op} takes filter public or clientcert", source)
         return handler
@@ -858,7 +883,7 @@ def _complete_handler(
         )
     if op == "simplereenroll" and not handler.format == "est-simplereenroll":
         raise ConfigError(where("format"), "simplereenroll takes format est-simplereenroll", source)
-    if op == "simpleenroll" and handler.format == "est-simplereenroll":
+    if op != "simplereenroll" and handler.format == "est-simplereenroll":
         raise ConfigError(where("format"), "est-simplereenroll is for simplereenroll", source)
     handler = _complete_authentication(
         handler, own_keys, where, procedure_names[handler.token_procedure], source
@@ -872,6 +897,33 @@ def _complete_handler(
     return handler
 
 
+def _announced_templates(handlers: tuple[HandlerConfig, ...], source: str) -> tuple[HandlerConfig, ...]:
+    """Give each enrollment handler the csrattrs template of its CA label
+    (what its clients were told), and serverkeygen its key type: its own
+    setting, else the template's key, else the default.  A serverkeygen key
+    type that differs from the announced one is an error."""
+    announced = {h.label: h.csr_template for h in handlers if h.operation == "csrattrs"}
+    result = []
+    for handler in handlers:
+        if handler.operation not in ENROLL_OPERATIONS:
+            result.append(handler if handler.operation == "csrattrs" else attr.evolve(handler, csr_template=None))
+            continue
+        template = announced.get(handler.label)
+        handler = attr.evolve(handler, csr_template=template)
+        if handler.operation == "serverkeygen":
+            wanted = template.key_type if template is not None else None
+            if handler.serverkeygen_key_type and wanted and handler.serverkeygen_key_type != wanted:
+                raise ConfigError(
+                    f"handler.{handler.id}.serverkeygen.keyType",
+                    f"{handler.serverkeygen_key_type} differs from the key csrattrs announces here ({wanted})",
+                    source,
+                )
+            key_type = handler.serverkeygen_key_type or wanted or keytypes.DEFAULT_KEY_TYPE
+            handler = attr.evolve(handler, serverkeygen_key_type=key_type)
+        result.append(handler)
+    return tuple(result)
+
+
 def _complete_authentication(
     handler: HandlerConfig,
     own_keys: Mapping[str, str],
@@ -883,7 +935,7 @@ def _complete_authentication(
     token procedure, which depend on each other (see estgw.auth)."""
     if "qop" in own_keys and handler.authtype != "Digest":
         raise ConfigError(where("qop"), "only used with authtype Digest", source)
-    if not (procedure.use_authentication_cert and handler.operation == "simpleenroll"):
+    if not (procedure.use_authentication_cert and handler.operation in ("simpleenroll", "serverkeygen")):
         return handler
     flag = f"tokenprocedure.{procedure.key}.estenroll.use-authentication-cert"
     if handler.required_ro_roles is not None:
@@ -950,6 +1002,45 @@ def _resolve_idm_files(handler: HandlerConfig, base_dir: str, source: str) -> Ha
         if not os.path.isfile(anchor):
             raise ConfigError(prefix + "idm.tls.trustAnchors", f"no such file: {anchor}", source)
     return attr.evolve(handler, idm_token=token, idm_trust_anchors=anchors)
+
+
+def _load_shared_keys(handler: HandlerConfig, base_dir: str, source: str) -> HandlerConfig:
+    """Read ``serverkeygen.sharedKeys``: one ``KEY-ID KEY`` pair a line,
+    both hexadecimal, the key an AES key of 16, 24 or 32 bytes; ``#``
+    starts a comment.  Errors name the key and the line, never a key."""
+    if handler.operation != "serverkeygen" or not handler.serverkeygen_shared_keys_file:
+        return attr.evolve(handler, serverkeygen_shared_keys_file="", serverkeygen_shared_keys=())
+    key = f"handler.{handler.id}.serverkeygen.sharedKeys"
+    path = _resolve(base_dir, handler.serverkeygen_shared_keys_file)
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except OSError as e:
+        raise ConfigError(key, f"cannot read {path}: {e.strerror}", source) from None
+    except UnicodeDecodeError:
+        raise ConfigError(key, f"{path} is not a text file", source) from None
+    pairs: dict[bytes, bytes] = {}
+    for number, line in enumerate(lines, 1):
+        text = line.split("#", 1)[0].strip()
+        if not text:
+            continue
+        fields = text.split()
+        try:
+            if len(fields) != 2:
+                raise ValueError
+            identifier, secret = bytes.fromhex(fields[0]), bytes.fromhex(fields[1])
+        except ValueError:
+            raise ConfigError(key, f"{path} line {number}: expected KEY-ID KEY, both hexadecimal", source) from None
+        if not identifier or len(secret) not in (16, 24, 32):
+            raise ConfigError(
+                key, f"{path} line {number}: the key id is empty or the key is not 16, 24 or 32 bytes", source
+            )
+        if identifier in pairs:
+            raise ConfigError(key, f"{path} line {number}: key id {fields[0]} is listed twice", source)
+        pairs[identifier] = secret
+    if not pairs:
+        raise ConfigError(key, f"{path} holds no keys", source)
+    return attr.evolve(handler, serverkeygen_shared_keys_file=path, serverkeygen_shared_keys=tuple(pairs.items()))
 
 
 def load(path: str) -> Config:

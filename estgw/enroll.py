@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from datetime import datetime, timedelta, timezone
-from typing import Any, Mapping
+from typing import Any, Awaitable, Callable, Mapping
 
 import attr
 from cryptography import x509
@@ -48,6 +48,9 @@ class Gateway:
     # filter registersimpleenroll-basic-idm-auth.
     approvals: Mapping[str, ApprovalGate] = attr.Factory(dict)
     metrics: Metrics = attr.Factory(Metrics)
+    # serverkeygen: the certificate, key and chain that sign the keys the
+    # gateway makes and sends encrypted (RFC 7030 §4.4.2): its TLS ones.
+    key_signer: tuple[x509.Certificate, Any, tuple[x509.Certificate, ...]] | None = None
 
     def cacerts(self, label: str) -> list[x509.Certificate]:
         """What ``/cacerts`` under ``label`` returns (RFC 7030 4.1.3): the
@@ -176,8 +179,15 @@ async def enroll(
     peer: PeerInfo,
     body: bytes,
     content_type: str | None,
+    *,
+    server_key: "Callable[[policy.PolicyContext, auth.Identity], Awaitable[Any]] | None" = None,
 ) -> x509.Certificate:
-    """Run one enrollment; return the issued certificate or raise Refusal."""
+    """Run one enrollment; return the issued certificate or raise Refusal.
+
+    ``server_key`` (serverkeygen, RFC 7030 §4.4) is called once every check
+    has passed, and returns the public key to certify in place of the
+    CSR's; it may raise Refusal too.
+    """
     identity = await auth.authenticate(request, handler, peer, gateway.portal)
     # Who the client is comes before what it asks for.
     await _client_certificate_not_revoked(gateway, identity, peer)
@@ -203,13 +213,19 @@ async def enroll(
             sign=lambda: procedure.issue(policy.issue_request(ctx)),
             claim=lambda: auth.single_use(gateway.store, identity),
         )
-    again = await _sent_again(gateway, identity, csr)
-    if again is not None:
-        return again
+    if server_key is None:
+        again = await _sent_again(gateway, identity, csr)
+        if again is not None:
+            return again
+    issue = policy.issue_request(ctx)
+    if server_key is not None:
+        # serverkeygen: a key made now.  Never a certificate sent before:
+        # its private key was not kept, so it cannot go with it.
+        issue = attr.evolve(issue, public_key=await server_key(ctx, identity))
     # A single-use registration is claimed first (one winner among
     # concurrent requests) and released if issuing or recording fails.
     async with auth.single_use(gateway.store, identity):
-        certificate = await procedure.issue(policy.issue_request(ctx))
+        certificate = await procedure.issue(issue)
         # Committed before the response is written: nothing sent is unrecorded.
         if not await _record(gateway, certificate, handler, identity):
             return certificate

@@ -30,6 +30,7 @@ from cryptography.x509.oid import AttributeOID, ExtendedKeyUsageOID, NameOID, Ob
 
 from estgw import factory, names
 from estgw.auth import Identity
+from estgw.csrattrs import csr_matches_template
 from estgw.ca import IssueRequest
 from estgw.config import HandlerConfig
 from estgw.refusal import Refusal
@@ -231,6 +232,8 @@ def csr_signature_valid(ctx: PolicyContext) -> None:
     here with the public key: cryptography's ``is_signature_valid``
     refuses it for ECDSA and RSA PKCS#1 v1.5.
     """
+    if ctx.operation == "serverkeygen":
+        return  # RFC 7030 §4.4.1: the server ignores the CSR's key and signature
     csr = ctx.csr
     try:
         algorithm = csr.signature_hash_algorithm
@@ -280,6 +283,8 @@ def _sha1_signature_verifies(csr: x509.CertificateSigningRequest) -> bool:
 
 def key_acceptable(ctx: PolicyContext) -> None:
     """RSA of at least 2048 bits, NIST P-256/384/521, Ed25519 or Ed448."""
+    if ctx.operation == "serverkeygen":
+        return  # the server makes the key that is certified
     try:
         key = ctx.csr.public_key()
     except Exception:
@@ -563,6 +568,7 @@ _COMMON: tuple[Check, ...] = (
     factory_certificate_matches_request,
     # Every format: whatever the handler, a device is held to its names.
     device_names,
+    csr_matches_template,
 )
 
 FORMATS: dict[str, tuple[Check, ...]] = {

@@ -39,6 +39,8 @@ __all__ = [
     "encode_certs_only",
     "decode_certs_only",
     "parse_csrattrs_setting",
+    "csrattrs_sequence",
+    "encode_base64",
     "encode_csrattrs",
     "decode_csrattrs",
 ]
@@ -103,7 +105,7 @@ def _bad_base64() -> Refusal:
     return Refusal(400, "bad-base64", "request body is not valid base64")
 
 
-def _encode_base64(der: bytes) -> bytes:
+def encode_base64(der: bytes) -> bytes:
     """Base64 in 64-column lines, each ending in LF: what ``openssl base64``
     writes and what every EST client we know reads (RFC 7030 §4.1.3)."""
     text = base64.b64encode(der)
@@ -190,7 +192,7 @@ def _printable(text: str, limit: int = 80) -> str:
 def encode_certs_only(certs: Sequence[x509.Certificate]) -> bytes:
     """The body of a cacerts or enroll response: base64 of a DER PKCS#7
     SignedData holding only ``certs`` (RFC 7030 §4.1.3, §4.2.3)."""
-    return _encode_base64(pkcs7.serialize_certificates(list(certs), Encoding.DER))
+    return encode_base64(pkcs7.serialize_certificates(list(certs), Encoding.DER))
 
 
 def decode_certs_only(data: bytes) -> list[x509.Certificate]:
@@ -274,6 +276,12 @@ def parse_csrattrs_setting(text: str) -> tuple[CsrAttr, ...]:
     ``|``-separated list of value OIDs or names, e.g.
     ``challengePassword, ecPublicKey=secp384r1, ecdsa-with-SHA384``.
 
+    ``extensionRequest=subjectAltName|keyUsage`` asks for those extensions
+    with values the client chooses.  RFC 9908 §3.2 lets an extensionRequest
+    attribute hold only one Extensions value (extensions *with* values), so
+    these become bare extension OIDs in the CsrAttrs; extensions with
+    values the server fixes are configured in ``csrattrs.template``.
+
     :raises ValueError: naming the bad item.
     """
     if not text.strip():
@@ -292,11 +300,20 @@ def parse_csrattrs_setting(text: str) -> tuple[CsrAttr, ...]:
             if not all(parts):
                 raise ValueError(f"csrattrs item {item!r}: empty value")
             values = tuple(_resolve_oid(part, item) for part in parts)
-        # One entry per OID: a repeated one is almost surely a typo.
-        if oid in seen:
-            raise ValueError(f"csrattrs item {item!r}: {oid} is listed twice")
-        seen.add(oid)
-        result.append(CsrAttr(oid, values))
+        if oid == CSR_ATTRIBUTE_NAMES["extensionRequest"]:
+            if not values:
+                raise ValueError(
+                    f"csrattrs item {item!r}: name the extensions, e.g. extensionRequest=subjectAltName"
+                )
+            entries = [CsrAttr(value) for value in values]
+        else:
+            entries = [CsrAttr(oid, values)]
+        for entry in entries:
+            # One entry per OID: a repeated one is almost surely a typo.
+            if entry.oid in seen:
+                raise ValueError(f"csrattrs item {item!r}: {entry.oid} is listed twice")
+            seen.add(entry.oid)
+            result.append(entry)
     return tuple(result)
 
 
@@ -313,12 +330,19 @@ def _resolve_oid(token: str, item: str) -> str:
     return oid
 
 
-def encode_csrattrs(attrs: Sequence[CsrAttr]) -> bytes:
-    """The body of a csrattrs response: base64 of the DER CsrAttrs."""
+def csrattrs_sequence(attrs: Sequence[CsrAttr]) -> rfc7030.CsrAttrs:
+    """The CsrAttrs (RFC 7030 §4.5.2, RFC 9908 §3.2) of ``attrs``, to be
+    DER-encoded, possibly after more items are appended.
+
+    :raises ValueError: for an extensionRequest attribute with OID values:
+        RFC 9908 §3.2 lets it hold exactly one Extensions value, never OIDs.
+    """
     seq = rfc7030.CsrAttrs()
     seq.clear()  # an empty CsrAttrs is a value (30 00), not "no value yet"
     for item in attrs:
         choice = rfc7030.AttrOrOID()
+        if item.values and item.oid == CSR_ATTRIBUTE_NAMES["extensionRequest"]:
+            raise ValueError("an extensionRequest attribute holds one Extensions value, not OIDs (RFC 9908 §3.2)")
         if item.values:
             attribute = choice["attribute"]
             attribute["attrType"] = univ.ObjectIdentifier(item.oid)
@@ -330,7 +354,12 @@ def encode_csrattrs(attrs: Sequence[CsrAttr]) -> bytes:
         else:
             choice["oid"] = univ.ObjectIdentifier(item.oid)
         seq.append(choice)
-    return _encode_base64(der_encoder.encode(seq))
+    return seq
+
+
+def encode_csrattrs(attrs: Sequence[CsrAttr]) -> bytes:
+    """The body of a csrattrs response: base64 of the DER CsrAttrs."""
+    return encode_base64(der_encoder.encode(csrattrs_sequence(attrs)))
 
 
 def decode_csrattrs(data: bytes) -> tuple[CsrAttr, ...]:

@@ -112,6 +112,7 @@ class GatewayService(service.Service):
             reactor=self.reactor,
             revocation=self.revocation,
             approvals=build_gates(self.config, self.approval_tls, self.store, self.reactor),
+            key_signer=(self.state.server_certificate, self.state.server_key, (self.state.ca.issuing,)),
         )
 
     def _endpoint(self) -> Any:

@@ -19,11 +19,12 @@ from twisted.web import http, resource, server
 from twisted.web.http import Request, unquote
 from twisted.web.http_headers import Headers
 
-from estgw import protocol
+from estgw import csrattrs, protocol
 from estgw.config import OPERATIONS
 from estgw.enroll import Gateway, enroll
 from estgw.escape import printable
 from estgw.refusal import Refusal
+from estgw.serverkeygen import serverkeygen
 from estgw.tls import PeerInfo, peer_info
 
 _audit = Logger(namespace="estgw.audit")
@@ -256,7 +257,7 @@ class ESTResource(resource.Resource):
             _refuse(request, refusal, peer)
 
     async def _operation(self, request: Request, label: str, operation: str, peer: PeerInfo) -> None:
-        if operation in ("serverkeygen", "fullcmc"):
+        if operation == "fullcmc":
             raise Refusal(501, "not-implemented", f"{operation} is not offered by this gateway")
         handler = self._gateway.config.handler(label, operation)
         if handler is None:
@@ -274,11 +275,22 @@ class ESTResource(resource.Resource):
 
             await authenticate(request, handler, peer, self._gateway.portal)
             attributes = self._csr_attributes(label, handler)
-            if not attributes:
+            if not attributes and handler.csr_template is None:
                 return _respond(request, 204, b"", None)
-            return self._send(request, protocol.encode_csrattrs(attributes), protocol.CSRATTRS)
+            body = csrattrs.encode_response(attributes, handler.csr_template)
+            return self._send(request, body, protocol.CSRATTRS)
         content_type = request.getHeader(b"content-type")
         body = request.content.read()
+        if operation == "serverkeygen":
+            multipart, multipart_type = await serverkeygen(
+                self._gateway, handler, request, peer, body,
+                content_type.decode("latin-1") if content_type else None,
+            )
+            self._gateway.metrics.certificate_issued(operation)
+            if not (request.finished or request._disconnected):
+                # Each part says its own Content-Transfer-Encoding.
+                _respond(request, 200, multipart, multipart_type, {"Cache-Control": "no-store"})
+            return None
         certificate = await enroll(
             self._gateway, handler, request, peer, body,
             content_type.decode("latin-1") if content_type else None,

@@ -23,17 +23,17 @@ class ShippedConfigTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.config = load(SHIPPED)
 
-    def test_loads_with_eight_handlers(self) -> None:
-        """etc/est.properties loads and defines handlers 1..8 in order."""
-        self.assertEqual([h.id for h in self.config.handlers], [str(n) for n in range(1, 9)])
+    def test_loads_with_ten_handlers(self) -> None:
+        """etc/est.properties loads and defines handlers 1..10 in order."""
+        self.assertEqual([h.id for h in self.config.handlers], [str(n) for n in range(1, 11)])
 
-    def test_serves_four_operations_twice(self) -> None:
-        """The four issue-2 operations at /.well-known/est/ and under 'devices'."""
+    def test_serves_five_operations_twice(self) -> None:
+        """Every operation but fullcmc at /.well-known/est/ and under 'devices'."""
         paths = sorted(h.path for h in self.config.handlers)
         expected = sorted(
             f"/.well-known/est/{label}{op}"
             for label in ("", "devices/")
-            for op in ("cacerts", "simpleenroll", "simplereenroll", "csrattrs")
+            for op in ("cacerts", "simpleenroll", "simplereenroll", "csrattrs", "serverkeygen")
         )
         self.assertEqual(paths, expected)
 

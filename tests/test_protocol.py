@@ -41,7 +41,9 @@ from estgw.protocol import (
 )
 from estgw.refusal import Refusal
 
-# The CsrAttrs example of RFC 7030 §4.5.2 (a real server's answer).
+# The CsrAttrs example of RFC 7030 §4.5.2 (a real server's answer).  Its
+# extensionRequest holding an OID is what RFC 9908 §3.2 rules out: old
+# servers' answers still decode, this gateway never writes one.
 RFC7030_CSRATTRS = (
     b"MEEGCSqGSIb3DQEJBzASBgcqhkjOPQIBMQcGBSuBBAAiMBYGCSqGSIb3DQEJDjEJ"
     b"BgcrBgEBAQEWBggqhkjOPQQDAw=="
@@ -446,7 +448,7 @@ class ParseCsrattrsSettingTests(SynchronousTestCase):
             (
                 CsrAttr("1.2.840.113549.1.9.7"),
                 CsrAttr("1.2.840.10045.2.1", ("1.3.132.0.34",)),
-                CsrAttr("1.2.840.113549.1.9.14", ("2.5.29.17",)),
+                CsrAttr("2.5.29.17"),
                 CsrAttr("1.2.840.10045.4.3.3"),
             ),
         )
@@ -456,18 +458,29 @@ class ParseCsrattrsSettingTests(SynchronousTestCase):
         '|' separates several values; spaces around tokens are ignored."""
         self.assertEqual(
             parse_csrattrs_setting(
-                " 1.2.3.4 ,EXTENSIONREQUEST = macAddress | 2.5.29.15|keyusage,"
-                "2.999.1=commonName"
+                " 1.2.3.4 ,EXTENSIONREQUEST = macAddress | 2.5.29.15,"
+                "2.999.1=commonName|2.5.4.3"
             ),
             (
                 CsrAttr("1.2.3.4"),
-                CsrAttr(
-                    "1.2.840.113549.1.9.14",
-                    ("1.3.6.1.1.1.1.22", "2.5.29.15", "2.5.29.15"),
-                ),
-                CsrAttr("2.999.1", ("2.5.4.3",)),
+                CsrAttr("1.3.6.1.1.1.1.22"),
+                CsrAttr("2.5.29.15"),
+                CsrAttr("2.999.1", ("2.5.4.3", "2.5.4.3")),
             ),
         )
+
+    def test_extension_request_becomes_bare_oids(self) -> None:
+        """extensionRequest=X|Y asks for extensions whose values the client
+        chooses: RFC 9908 §3.2 lets the attribute hold only one Extensions
+        value, so they are bare OIDs; without extensions it is an error, and
+        an extension named twice (keyUsage, 2.5.29.15) is a duplicate."""
+        self.assertEqual(
+            parse_csrattrs_setting("extensionRequest=subjectAltName|keyUsage"),
+            (CsrAttr("2.5.29.17"), CsrAttr("2.5.29.15")),
+        )
+        self.assertSettingError("extensionRequest", "name the extensions")
+        self.assertSettingError("extensionRequest=keyUsage|2.5.29.15", "2.5.29.15 is listed twice")
+        self.assertSettingError("keyUsage, extensionRequest=keyUsage", "listed twice")
 
     def test_empty(self) -> None:
         """An empty or blank setting means no attributes."""
@@ -594,13 +607,24 @@ class CsrAttrsTests(RefusalAssertions):
         self.assertEqual(CsrAttr("1.2.3", ["1.2.4"]).values, ("1.2.4",))
 
     def test_rfc7030_example(self) -> None:
-        """Encoding the RFC 7030 §4.5.2 example gives the RFC's exact bytes,
-        and decoding the RFC's bytes gives the example back."""
-        self.assertEqual(
-            base64.b64decode(encode_csrattrs(RFC7030_ATTRS)),
-            base64.b64decode(RFC7030_CSRATTRS),
-        )
+        """The RFC 7030 §4.5.2 example's bytes still decode (old servers),
+        but its extensionRequest of OIDs is never encoded (RFC 9908 §3.2);
+        its corrected form, macAddress as a bare OID, encodes."""
         self.assertEqual(decode_csrattrs(RFC7030_CSRATTRS), RFC7030_ATTRS)
+        error = self.assertRaises(ValueError, encode_csrattrs, RFC7030_ATTRS)
+        self.assertIn("one Extensions value", str(error))
+        corrected = parse_csrattrs_setting(
+            "challengePassword, ecPublicKey=secp384r1, extensionRequest=macAddress, ecdsa-with-SHA384"
+        )
+        self.assertEqual(
+            decode_csrattrs(encode_csrattrs(corrected)),
+            (
+                CsrAttr("1.2.840.113549.1.9.7"),
+                CsrAttr("1.2.840.10045.2.1", ("1.3.132.0.34",)),
+                CsrAttr("1.3.6.1.1.1.1.22"),
+                CsrAttr("1.2.840.10045.4.3.3"),
+            ),
+        )
 
     def test_round_trip(self) -> None:
         """A parsed setting survives encode then decode."""
@@ -613,10 +637,10 @@ class CsrAttrsTests(RefusalAssertions):
     def test_values_come_back_in_der_order(self) -> None:
         """Attribute values are a DER SET OF, so they come back sorted by
         their encoding, not in the configured order."""
-        attrs = (CsrAttr("1.2.840.113549.1.9.14", ("1.3.6.1.1.1.1.22", "2.5.29.17")),)
+        attrs = (CsrAttr("2.999.5", ("1.3.6.1.1.1.1.22", "2.5.29.17")),)
         self.assertEqual(
             decode_csrattrs(encode_csrattrs(attrs)),
-            (CsrAttr("1.2.840.113549.1.9.14", ("2.5.29.17", "1.3.6.1.1.1.1.22")),),
+            (CsrAttr("2.999.5", ("2.5.29.17", "1.3.6.1.1.1.1.22")),),
         )
 
     def test_empty(self) -> None:
@@ -643,7 +667,6 @@ class CsrAttrsTests(RefusalAssertions):
                 "challengePassword",
                 "id-ecPublicKey",
                 "secp384r1",
-                "Extension Request",
                 "1.3.6.1.1.1.1.22",
             ],
         )

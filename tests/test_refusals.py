@@ -43,6 +43,23 @@ handler.10.channelBinding = true
 handler.11.operation = simplereenroll
 handler.11.label = strict
 handler.11.allowRenewalWithOldCertificates = true
+handler.12.operation = serverkeygen
+handler.12.authtype = Basic
+handler.12.realm = test realm
+handler.13.operation = csrattrs
+handler.13.label = tmpl
+handler.13.csrattrs.template = subject: CN, O=ACME ; key: ec-p256
+handler.14.operation = simpleenroll
+handler.14.label = tmpl
+handler.14.authtype = Basic
+handler.14.realm = test realm
+handler.14.deviceNames = any
+handler.15.operation = serverkeygen
+handler.15.label = tmpl
+handler.15.authtype = Basic
+handler.15.realm = test realm
+handler.15.serverkeygen.allowUnencryptedKey = true
+handler.15.deviceNames = any
 """
 
 
@@ -321,6 +338,22 @@ async def on_factory_crl(gw, d):
     return {"data": basic_csr(), **REVOKED_IDEVID.curl}
 
 
+async def template_subject_missing(gw, d):
+    await register(gw)
+    return {"data": basic_csr(), "user": "pump-17:s3cret"}
+
+
+async def template_key_wrong(gw, d):
+    await register(gw)
+    subject = name("pump-17", organization_name="ACME")
+    return {"data": csr_pem(make_csr(new_key("rsa2048"), subject)), "user": "pump-17:s3cret"}
+
+
+async def keygen_encryption_not_asked(gw, d):
+    await register(gw)
+    return {"data": basic_csr(), "user": "pump-17:s3cret"}
+
+
 MATRIX: dict[str, Case] = {
     "unknown_device": Case("simpleenroll", 401, "bad-credentials", "unknown device or wrong password", unknown_device, "www-authenticate"),
     "wrong_password": Case("simpleenroll", 401, "bad-credentials", "unknown device or wrong password", wrong_password, "www-authenticate"),
@@ -356,6 +389,13 @@ MATRIX: dict[str, Case] = {
     "factory_cn_mismatch": Case("factory/simpleenroll", 403, "factory-cn-mismatch", "'pump-18' is not 'pump-17'", factory_cn_mismatch),
     "factory_subject_value_mismatch": Case("factory/simpleenroll", 403, "subject-value-mismatch", "serialNumber", factory_subject_value_mismatch),
     "factory_password_missing": Case("factorypw/simpleenroll", 401, "password-required", "password", factory_password_missing, "www-authenticate", bare=True),
+    "serverkeygen_no_credentials": Case("serverkeygen", 401, "authentication-required", "pre-registered device", no_credentials, "www-authenticate", bare=True),
+    "serverkeygen_wrong_subject": Case("serverkeygen", 403, "subject-not-registered", "registered device id", device_wrong_subject),
+    "serverkeygen_encryption_required": Case("serverkeygen", 400, "serverkeygen-encryption-required", "only encrypted", keygen_encryption_not_asked),
+    "serverkeygen_revoked_certificate": Case("serverkeygen", 403, "client-certificate-revoked", "revoked", revoked_certificate),
+    "template_subject_missing": Case("tmpl/simpleenroll", 403, "csr-template-subject", "lacks organizationName", template_subject_missing),
+    "template_key_wrong": Case("tmpl/simpleenroll", 403, "csr-template-key", "rsa-2048; csrattrs announces ec-p256", template_key_wrong),
+    "template_on_serverkeygen": Case("tmpl/serverkeygen", 403, "csr-template-subject", "lacks organizationName", template_subject_missing),
     "on_factory_crl": Case("factory/simpleenroll", 403, "client-certificate-revoked", "certificate revocation list", on_factory_crl),
 }
 

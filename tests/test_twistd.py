@@ -204,8 +204,8 @@ class BadConfigTests(TwistdTestCase):
 
     async def test_bad_value(self) -> None:
         """A bad value stops twistd naming the key and the value."""
-        self.append("handler.9.operation = simpleenrol\n")
-        await self.assert_refuses_to_start("handler.9.operation", "must be one of")
+        self.append("handler.90.operation = simpleenrol\n")
+        await self.assert_refuses_to_start("handler.90.operation", "must be one of")
 
     async def test_missing_trust_anchor_file(self) -> None:
         """A trust anchor file that is not there stops twistd."""

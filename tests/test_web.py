@@ -113,10 +113,10 @@ class RoutingTests(WireTestCase):
         result = await gateway.curl("csrattrs", extra=["-X", "PUT"])
         self.assert_refused(result, 405, "csrattrs takes GET")
 
-    async def test_serverkeygen_and_fullcmc_not_implemented(self) -> None:
-        """serverkeygen and fullcmc are a clear 501, at the root and under a label."""
+    async def test_fullcmc_not_implemented(self) -> None:
+        """fullcmc is a clear 501, at the root and under a label."""
         gateway = await self.start()
-        for path in ("serverkeygen", "fullcmc", "lab/serverkeygen"):
+        for path in ("fullcmc", "lab/fullcmc"):
             result = await gateway.curl(path, b"MIIB", user=USER)
             self.assert_refused(result, 501, "is not offered by this gateway")
         await self.assert_nothing_issued(gateway)
