@@ -28,6 +28,7 @@ import attr
 
 from estgw import keytypes, names
 from estgw.ca.factory import KINDS
+from estgw.ca.keys import KEY_TYPES, RSA_PADDINGS
 from estgw.csrattrs import CsrTemplate, parse_template_setting
 from estgw.properties import PropertiesError, parse_properties
 from estgw.protocol import CsrAttr, parse_csrattrs_setting
@@ -272,6 +273,18 @@ def _ocsp(value: str) -> str:
     return text
 
 
+def _url(value: str) -> str:
+    """An http(s) or ldap URL with a host, as relying parties fetch it
+    (RFC 5280 4.2.1.13, 4.2.2.1)."""
+    text = value.strip()
+    parts = urlsplit(text)
+    if parts.scheme.lower() not in ("http", "https", "ldap") or not parts.hostname:
+        raise ValueError(f"expected an http, https or ldap URL with a host, not {text!r}")
+    if any(c.isspace() for c in text):
+        raise ValueError(f"a URL has no spaces: {text!r}")
+    return text
+
+
 _ROLE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
@@ -301,6 +314,21 @@ def _roles(value: str) -> tuple[str, ...]:
 
 
 @attr.s(frozen=True, auto_attribs=True)
+class FileCASettings:
+    """Where one issuing CA of ``ca = file`` is: ``prefix`` is its keys'
+    common part after ``tokenprocedure.<n>.`` (``file.`` or
+    ``file.previous.<m>.``), for messages."""
+
+    prefix: str
+    certificate: str = ""
+    chain: str = ""
+    key: str = ""
+    key_password_file: str = ""
+    key_password_env: str = ""
+    number: str = ""
+
+
+@attr.s(frozen=True, auto_attribs=True)
 class TokenProcedureConfig:
     """A CA profile (the product's "token procedure")."""
 
@@ -318,6 +346,30 @@ class TokenProcedureConfig:
     use_authentication_cert: bool = False
     mandatory_password: bool = False
     check_subject_values: bool = True
+    # Put into issued certificates: CRL distribution point and AIA.
+    crl_url: str = ""
+    ocsp_url: str = ""
+    ca_issuers_url: str = ""
+    # Who signs the OCSP responses of the publishing listener: the CA
+    # itself, or a delegated responder certificate it issues (RFC 6960 4.2.2.2).
+    ocsp_responder: str = "ca"
+    # ca = file: the operator's issuing CA (paths resolved against the
+    # config file's directory); the key's passphrase from a file or an
+    # environment variable, never from the config itself.
+    file_certificate: str = ""
+    file_chain: str = ""
+    file_key: str = ""
+    file_key_password_file: str = ""
+    file_key_password_env: str = ""
+    # Earlier issuing CAs after a rollover (file.previous.<m>.*).
+    file_previous: tuple[FileCASettings, ...] = ()
+
+    @property
+    def file_settings(self) -> FileCASettings:
+        return FileCASettings(
+            "file.", self.file_certificate, self.file_chain, self.file_key,
+            self.file_key_password_file, self.file_key_password_env,
+        )
     # ca = pkcs11: the issuing key in a PKCS#11 token, found by token and
     # key label; the PIN from a file; the issuing CA certificate and its
     # chain from files (paths resolved against the config file's directory).
@@ -442,6 +494,20 @@ class Config:
     tls_ciphersuites: str = ""
     tls_groups: str = ""
     tls_security_level: int = 2
+    # Keys: the local CA's (ca.keyType, only on creation) and the gateway's
+    # TLS key (tls.keyType; None keeps what tls/server.key holds); how RSA
+    # CA keys sign; the local CA keys' passphrase (file or environment).
+    ca_key_type: str = "ec-p256"
+    tls_key_type: str | None = None
+    ca_rsa_padding: str = "pkcs1v15"
+    ca_key_password_file: str = ""
+    ca_key_password_env: str = ""
+    # CRLs and OCSP for relying parties on their own plain-HTTP listener;
+    # None: off.  CRLs are valid for publish_crl_hours and re-signed when
+    # half of that is gone or a certificate was revoked.
+    publish_port: int | None = None
+    publish_interface: str = "127.0.0.1"
+    publish_crl_hours: int = 24
     token_procedures: Mapping[str, TokenProcedureConfig] = attr.Factory(dict)
     handlers: tuple[HandlerConfig, ...] = ()
 
@@ -507,6 +573,14 @@ _GLOBAL_KEYS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "tls.securityLevel": ("tls_security_level", _security_level),
     "metrics.port": ("metrics_port", _port),
     "metrics.interface": ("metrics_interface", _text),
+    "ca.keyType": ("ca_key_type", _choice(*KEY_TYPES)),
+    "tls.keyType": ("tls_key_type", _choice(*KEY_TYPES)),
+    "ca.rsaPadding": ("ca_rsa_padding", _choice(*RSA_PADDINGS)),
+    "ca.keyPasswordFile": ("ca_key_password_file", _text),
+    "ca.keyPasswordEnv": ("ca_key_password_env", _text),
+    "publish.port": ("publish_port", _port),
+    "publish.interface": ("publish_interface", _text),
+    "publish.crl.nextUpdateHours": ("publish_crl_hours", _positive_int),
 }
 _TOKEN_PROCEDURE_KEYS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "name": ("name", _text),
@@ -517,6 +591,15 @@ _TOKEN_PROCEDURE_KEYS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "estenroll.use-authentication-cert": ("use_authentication_cert", _bool),
     "enroll.mandatorypassword": ("mandatory_password", _bool),
     "enroll.check-subject-values": ("check_subject_values", _bool),
+    "crl.url": ("crl_url", _url),
+    "ocsp.url": ("ocsp_url", _url),
+    "caIssuers.url": ("ca_issuers_url", _url),
+    "ocsp.responder": ("ocsp_responder", _choice("ca", "delegated")),
+    "file.certificate": ("file_certificate", _text),
+    "file.chain": ("file_chain", _text),
+    "file.key": ("file_key", _text),
+    "file.keyPasswordFile": ("file_key_password_file", _text),
+    "file.keyPasswordEnv": ("file_key_password_env", _text),
     "pkcs11.module": ("pkcs11_module", _text),
     "pkcs11.token": ("pkcs11_token", _text),
     "pkcs11.keyLabel": ("pkcs11_key_label", _text),
@@ -528,15 +611,25 @@ _TOKEN_PROCEDURE_KEYS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "est.tokenPasswordFile": ("est_token_password_file", _text),
     "est.trustAnchors": ("est_trust_anchors", _list),
 }
+# file.previous.<m>.<key>: an earlier issuing CA of ca = file (rollover).
+_FILE_PREVIOUS = re.compile(r"^file\.previous\.([0-9]+)\.(certificate|chain|key|keyPasswordFile|keyPasswordEnv)$")
+_FILE_SETTING_FIELDS = {
+    "certificate": "certificate", "chain": "chain", "key": "key",
+    "keyPasswordFile": "key_password_file", "keyPasswordEnv": "key_password_env",
+}
 # Keys that only mean something for one kind of token procedure.
-_KIND_KEYS = {"pkcs11.": "pkcs11", "est.": "est"}
-# What each kind needs.
+_KIND_KEYS = {"file.": "file", "pkcs11.": "pkcs11", "est.": "est"}
+# What the other kinds need (ca = file is checked in _check_kind).
 _KIND_REQUIRED = {
     "pkcs11": ("pkcs11.module", "pkcs11.token", "pkcs11.keyLabel", "pkcs11.pinFile", "pkcs11.certificate"),
     "est": ("est.url", "est.token"),
 }
 # Paths: relative to the config file's directory, and must exist.
 _TOKEN_PROCEDURE_FILES = {
+    "file.certificate": "file_certificate",
+    "file.chain": "file_chain",
+    "file.key": "file_key",
+    "file.keyPasswordFile": "file_key_password_file",
     "pkcs11.module": "pkcs11_module",
     "pkcs11.pinFile": "pkcs11_pin_file",
     "pkcs11.certificate": "pkcs11_certificate",
@@ -652,6 +745,13 @@ def from_string(text: str, source: str = "est.properties", base_dir: str = ".") 
     global_values["crl_files"] = tuple(
         _resolve(base_dir, f) for f in global_values.get("crl_files", ())
     )
+    if global_values.get("ca_key_password_file"):
+        if global_values.get("ca_key_password_env"):
+            raise ConfigError("ca.keyPasswordEnv", "ca.keyPasswordFile already names the passphrase", source)
+        path = _resolve(base_dir, global_values["ca_key_password_file"])
+        if not os.path.isfile(path):
+            raise ConfigError("ca.keyPasswordFile", f"no such file: {path}", source)
+        global_values["ca_key_password_file"] = path
     if not global_values.get("hostnames"):
         global_values["hostnames"] = default_hostnames()
     _check_tls(global_values, source)
@@ -702,7 +802,12 @@ def _token_procedures(
             continue
         prefix = f"tokenprocedure.{number}."
         fields: dict[str, Any] = {}
+        previous: dict[str, dict[str, str]] = {}
         for name, value in keys.items():
+            earlier = _FILE_PREVIOUS.match(name)
+            if earlier is not None:
+                previous.setdefault(earlier.group(1), {})[_FILE_SETTING_FIELDS[earlier.group(2)]] = value.strip()
+                continue
             if name not in _TOKEN_PROCEDURE_KEYS:
                 raise ConfigError(prefix + name, "unknown token procedure key", source)
             attribute, parser = _TOKEN_PROCEDURE_KEYS[name]
@@ -716,6 +821,9 @@ def _token_procedures(
                 source,
             )
         seen[fields["name"]] = number
+        fields["file_previous"] = tuple(
+            FileCASettings(f"file.previous.{m}.", number=m, **previous[m]) for m in sorted(previous, key=int)
+        )
         procedure = TokenProcedureConfig(key=number, **fields)
         _check_profile(procedure, prefix, source)
         _check_kind(procedure, keys, prefix, source)
@@ -728,6 +836,16 @@ def _check_kind(procedure: TokenProcedureConfig, keys: Mapping[str, str], prefix
         for start, kind in _KIND_KEYS.items():
             if name.startswith(start) and procedure.ca != kind:
                 raise ConfigError(prefix + name, f"only for ca = {kind}, not {procedure.ca}", source)
+    if procedure.ca == "file":
+        for settings in (procedure.file_settings, *procedure.file_previous):
+            for name in ("certificate", "key"):
+                if not getattr(settings, name):
+                    raise ConfigError(prefix + settings.prefix + name, "required with ca = file", source)
+            if settings.key_password_file and settings.key_password_env:
+                raise ConfigError(
+                    prefix + settings.prefix + "keyPasswordEnv",
+                    f"{settings.prefix}keyPasswordFile already names the passphrase", source,
+                )
     for name in _KIND_REQUIRED.get(procedure.ca, ()):
         if not keys.get(name, "").strip():
             raise ConfigError(prefix + name, f"required with ca = {procedure.ca}", source)
@@ -739,12 +857,26 @@ def _resolve_procedure_files(procedure: TokenProcedureConfig, base_dir: str, sou
         value = getattr(procedure, attribute)
         if not value:
             continue
+        # est.trustAnchors is a list of files, the others one file each.
         paths = [_resolve(base_dir, v) for v in (value if isinstance(value, tuple) else (value,))]
         for path in paths:
             if not os.path.isfile(path):
                 raise ConfigError(f"tokenprocedure.{procedure.key}.{name}", f"no such file: {path}", source)
         changes[attribute] = tuple(paths) if isinstance(value, tuple) else paths[0]
-    return attr.evolve(procedure, **changes)
+    previous = []
+    for settings in procedure.file_previous:
+        resolved = {}
+        for name in ("certificate", "chain", "key", "key_password_file"):
+            value = getattr(settings, name)
+            if not value:
+                continue
+            path = _resolve(base_dir, value)
+            if not os.path.isfile(path):
+                key = {"key_password_file": "keyPasswordFile"}.get(name, name)
+                raise ConfigError(f"tokenprocedure.{procedure.key}.{settings.prefix}{key}", f"no such file: {path}", source)
+            resolved[name] = path
+        previous.append(attr.evolve(settings, **resolved))
+    return attr.evolve(procedure, file_previous=tuple(previous), **changes)
 
 
 def _check_profile(procedure: TokenProcedureConfig, prefix: str, source: str) -> None:

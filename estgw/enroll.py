@@ -20,7 +20,7 @@ from twisted.logger import Logger
 from estgw import auth, policy
 from estgw.approval.gate import ApprovalGate
 from estgw.ca import ITokenProcedure
-from estgw.config import Config, HandlerConfig
+from estgw.config import ENROLL_OPERATIONS, Config, HandlerConfig
 from estgw.escape import printable
 from estgw.metrics import Metrics
 from estgw.protocol import parse_csr
@@ -60,7 +60,7 @@ class Gateway:
         Raises a 503 Refusal while the token procedure does not know its
         chain yet (an upstream EST server not reached so far).
         """
-        for operation in ("simpleenroll", "simplereenroll"):
+        for operation in ENROLL_OPERATIONS:
             handler = self.config.handler(label, operation)
             if handler is not None and handler.token_procedure in self.procedures:
                 chain = self.procedures[handler.token_procedure].chain()

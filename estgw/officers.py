@@ -34,15 +34,16 @@ def role_grant(cert: x509.Certificate, role: str) -> OfficerRole:
     )
 
 
-def issued_by(cert: x509.Certificate, ca_chain: Sequence[x509.Certificate]) -> bool:
-    """Whether ``cert`` was signed by the gateway's issuing CA (chain[0])."""
-    if not ca_chain:
-        return False
-    try:
-        cert.verify_directly_issued_by(ca_chain[0])
-    except (ValueError, TypeError, InvalidSignature):
-        return False
-    return True
+def issued_by(cert: x509.Certificate, issuers: Sequence[x509.Certificate]) -> bool:
+    """Whether ``cert`` was signed by one of ``issuers``, the gateway's
+    issuing CA certificates (not the roots above them)."""
+    for issuer in issuers:
+        try:
+            cert.verify_directly_issued_by(issuer)
+        except (ValueError, TypeError, InvalidSignature):
+            continue
+        return True
+    return False
 
 
 def not_an_officer(reason: str) -> Refusal:

@@ -6,6 +6,7 @@ stops twistd before anything listens, with the key and the reason.
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 from twisted.application import service
@@ -19,12 +20,17 @@ from estgw import bootstrap, config as config_module
 from estgw.approval.gateway import build_gates, load_approval_tls
 from estgw.auth import device_portal, digest_nonce_counts, digest_secret
 from estgw.ca import CAError
+from estgw.ca.publish import keep_fresh, publish_site, published_cas
 from estgw.config import Config, ConfigError
 from estgw.enroll import Gateway
 from estgw.revocation import build_checker
 from estgw.metrics import metrics_site
 from estgw.tls import server_context_factory, settings_of
 from estgw.web import build_site
+
+
+#: How often the store is looked at for revocations to put on the CRLs.
+CRL_REFRESH_SECONDS = 60.0
 
 
 class Options(usage.Options):
@@ -74,7 +80,7 @@ class GatewayService(service.Service):
         self.config = config
         self.reactor = reactor
         try:
-            self.state = bootstrap.initialize(config)
+            self.state = bootstrap.initialize(config, reactor)
         except CAError as e:
             raise usage.UsageError(f"{config.source}: state.directory: {e}") from None
         except ConfigError as e:
@@ -82,32 +88,34 @@ class GatewayService(service.Service):
         try:
             # CRLs are verified now: a bad one stops start with the key and the reason.
             self.revocation = build_checker(
-                config, self.state.trust_anchors, [self.state.ca.issuing], reactor
+                config, self.state.trust_anchors, self.state.issuers, reactor
             )
             # PKCS#12 tokens of approval handlers, opened before listening.
             self.approval_tls = load_approval_tls(config)
-            # Token procedures too: an HSM that rejects the PIN or lacks
-            # the key, or an unusable RA token, stops start-up here.
-            self.procedures = bootstrap.token_procedures(config, self.state.ca, reactor)
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
-        except CAError as e:
-            raise usage.UsageError(f"{config.source}: {e}") from None
         self.store = bootstrap.open_store(config, reactor)
         self.port: Any = None
         self.gateway: Gateway | None = None
         self.metrics_port: Any = None
+        self.publish_port: Any = None
+        self.published = published_cas(
+            self.state.procedures, config.token_procedures, self.store, self.reactor,
+            timedelta(hours=config.publish_crl_hours),
+        )
+        self._crl_refresh: Any = None
         self.ready: defer.Deferred = defer.Deferred()
 
     def build_gateway(self) -> Gateway:
         return Gateway(
             config=self.config,
             store=self.store,
-            procedures=self.procedures,
+            procedures=self.state.procedures,
             ca_chain=self.state.ca.chain(),
             portal=device_portal(
                 self.store, self.reactor, self.state.ca.chain(), digest_secret(self.config.state_directory),
                 digest_nonce_counts(self.config.state_directory, self.reactor),
+                issuers=self.state.issuers,
             ),
             reactor=self.reactor,
             revocation=self.revocation,
@@ -121,7 +129,9 @@ class GatewayService(service.Service):
         context = server_context_factory(
             self.state.server_key,
             self.state.server_certificate,
-            [self.state.ca.issuing],
+            # After a root rollover, NewWithOld lets clients that trust only
+            # the old root verify the new chain.
+            [self.state.ca.issuing, *self.state.ca.new_with_old],
             self.state.trust_anchors,
             settings_of(self.config),
         )
@@ -139,11 +149,24 @@ class GatewayService(service.Service):
                 self.reactor, self.config.metrics_port, interface=self.config.metrics_interface
             )
             self.metrics_port = _listen_now(endpoint, metrics_site(gateway.metrics), self.config.metrics_port)
+        if self.config.publish_port is not None:
+            interface = self.config.publish_interface
+            tcp = TCP6ServerEndpoint if ":" in interface else TCP4ServerEndpoint
+            self.publish_port = _listen_now(
+                tcp(self.reactor, self.config.publish_port, interface=interface),
+                publish_site(self.published),
+                self.config.publish_port,
+            )
         return port
 
     async def _open(self) -> None:
         await self.store.start()
         await self.gateway.portal.start()
+        if self.publish_port is not None:
+            # CRLs re-signed after revocations (also by `estgw cert revoke` in
+            # another process) and before their nextUpdate.
+            self._crl_refresh = keep_fresh(self.published, self.reactor)
+            self._crl_refresh.start(CRL_REFRESH_SECONDS, now=True)
         self.port.startReading()
         host = self.config.hostnames[0] if self.config.hostnames else "localhost"
         self._log.info(
@@ -173,6 +196,12 @@ class GatewayService(service.Service):
         metrics, self.metrics_port = self.metrics_port, None
         if metrics is not None:
             await defer.maybeDeferred(metrics.stopListening)
+        publish, self.publish_port = self.publish_port, None
+        if publish is not None:
+            await defer.maybeDeferred(publish.stopListening)
+        refresh, self._crl_refresh = self._crl_refresh, None
+        if refresh is not None and refresh.running:
+            refresh.stop()
         if self.gateway is not None:
             await self.gateway.portal.close()
         await self.store.close()

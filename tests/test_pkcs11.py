@@ -140,7 +140,7 @@ class IssueTests(Pkcs11TestCase):
     async def test_signing_is_off_the_reactor_thread(self) -> None:
         """The token is used on a pool thread, never on the reactor's."""
         gateway = await self.gateway("ec-p256")
-        procedure = gateway.service.procedures["HSM Procedure"]
+        procedure = gateway.service.state.procedures["HSM Procedure"]
         threads = []
         original = procedure.ca._token_sign
 
@@ -159,7 +159,7 @@ class IssueTests(Pkcs11TestCase):
         """The token's session disappears (an HSM restart closes it): the
         next certificate logs in again and is signed."""
         gateway = await self.gateway("ec-p256")
-        procedure = gateway.service.procedures["HSM Procedure"]
+        procedure = gateway.service.state.procedures["HSM Procedure"]
         procedure.ca._login.session.close()
         issued = await procedure.issue(IssueRequest(name("after-loss"), new_key().public_key()))
         issued.verify_directly_issued_by(procedure.chain()[0])
@@ -169,7 +169,7 @@ class IssueTests(Pkcs11TestCase):
         import pkcs11
 
         gateway = await self.gateway("ec-p256")
-        procedure = gateway.service.procedures["HSM Procedure"]
+        procedure = gateway.service.state.procedures["HSM Procedure"]
         login = procedure.ca._login
 
         def unreachable() -> None:
@@ -191,7 +191,7 @@ class IssueTests(Pkcs11TestCase):
     async def test_concurrent_signatures(self) -> None:
         """Twenty signatures at once over one session all verify."""
         gateway = await self.gateway("rsa-2048")
-        procedure = gateway.service.procedures["HSM Procedure"]
+        procedure = gateway.service.state.procedures["HSM Procedure"]
         keys = [new_key() for _ in range(20)]
         issued = await defer.gatherResults(
             [procedure.issue(IssueRequest(name(f"c-{i}"), k.public_key())) for i, k in enumerate(keys)]
@@ -313,7 +313,7 @@ class ConfigTests(TestCase):
 class TwistdStartTests(Pkcs11TestCase):
     """The real daemon: a wrong PIN or a missing key stops it with a message."""
 
-    async def refuses_to_start(self, reason: str, **overrides: str) -> None:
+    async def refuses_to_start(self, key: str, reason: str, **overrides: str) -> None:
         token, label, certificate, chain = self.files("ec-p256")
         settings = dict(
             certificate=certificate, chain=chain, pin_file=softhsm.shared().pin_file, token=token, key_label=label
@@ -331,16 +331,19 @@ class TwistdStartTests(Pkcs11TestCase):
         output = daemon.output.decode()
         self.assertNotEqual(code, 0, output)
         self.assertIsNone(daemon.port, "it must not listen")
-        self.assertIn(f"{config}: tokenprocedure.1 (HSM Procedure): {reason}", output)
+        self.assertIn(f"{config}: tokenprocedure.1.{key}: {reason}", output)
         self.assertNotIn("Traceback", output)
 
     async def test_wrong_pin(self) -> None:
         pin = write(os.path.abspath(self.mktemp()), b"0000\n")
-        await self.refuses_to_start("cannot log in to token 'estgw-test': the PIN was rejected", pin_file=pin)
+        await self.refuses_to_start(
+            "pkcs11.pinFile", "cannot log in to token 'estgw-test': the PIN was rejected", pin_file=pin
+        )
 
     async def test_missing_key(self) -> None:
         await self.refuses_to_start(
-            "token 'estgw-test' holds no private key labelled 'no-such-key'", key_label="no-such-key"
+            "pkcs11.keyLabel", "token 'estgw-test' holds no private key labelled 'no-such-key'",
+            key_label="no-such-key",
         )
 
     async def test_starts_and_issues(self) -> None:

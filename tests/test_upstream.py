@@ -104,7 +104,7 @@ class UpstreamTestCase(TestCase):
         )
         self.downstream = await RunningGateway.start(self, text)
         await self.downstream.store.add_device(Device(DEVICE, hash_password(PASSWORD)))
-        self.procedure = self.downstream.service.procedures["Upstream EST"]
+        self.procedure = self.downstream.service.state.procedures["Upstream EST"]
         await self.procedure.refresh()  # the first cacerts fetch, started at start-up
         self.client = Client(self, self.downstream, "device")
         return self.downstream
@@ -217,7 +217,7 @@ class ReadmeTests(UpstreamTestCase):
         )
         await gateway.run()
         self.addCleanup(gateway.stop)
-        await gateway.service.procedures["Upstream CA"].refresh()
+        await gateway.service.state.procedures["Upstream CA"].refresh()
         await gateway.store.add_device(Device(DEVICE, hash_password(PASSWORD)))
         client = Client(self, gateway, "device")
         chain_pem = await client.cacerts()
@@ -523,7 +523,7 @@ class StartTests(UpstreamTestCase):
         ).encode())
         with self.assertRaises(usage.UsageError) as caught:
             GatewayService(load(path), reactor)
-        self.assertIn("tokenprocedure.1 (Upstream EST): est.tokenPasswordFile: cannot open", str(caught.exception))
+        self.assertIn("tokenprocedure.1.est.tokenPasswordFile: cannot open", str(caught.exception))
 
 
 

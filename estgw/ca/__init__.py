@@ -29,6 +29,8 @@ from zope.interface import Attribute, Interface
 
 __all__ = [
     "CAError",
+    "CASettingError",
+    "ISigningCA",
     "ITokenProcedure",
     "IssueRequest",
     "LocalCA",
@@ -43,6 +45,15 @@ PrivateKey = CertificateIssuerPrivateKeyTypes
 
 class CAError(Exception):
     """The CA cannot be loaded, created or used; the message says why."""
+
+
+class CASettingError(CAError):
+    """A token procedure setting is wrong: ``key`` is its name after
+    ``tokenprocedure.<n>.`` (``file.key``), the message says why."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
 
 
 # --- requests and profiles -------------------------------------------------
@@ -144,6 +155,12 @@ class Profile:
         default=(ExtendedKeyUsageOID.CLIENT_AUTH,),
         converter=lambda v: tuple(dict.fromkeys(v)),  # drop duplicates, keep order
     )
+    #: Where relying parties find the CRL (RFC 5280 4.2.1.13 CRL
+    #: distribution point), the OCSP responder and the issuer's certificate
+    #: (4.2.2.1 authority information access); "" leaves it out.
+    crl_url: str = ""
+    ocsp_url: str = ""
+    ca_issuers_url: str = ""
 
     @classmethod
     def from_settings(cls, validity_days: int, key_usage: str, extended_key_usage: str) -> "Profile":
@@ -198,6 +215,30 @@ class ITokenProcedure(Interface):
     def chain() -> list[x509.Certificate]:
         """The issuing CA certificate first, then up to and including the root."""
 
+
+class ISigningCA(Interface):
+    """An issuing CA whose signatures this process makes (in memory, or in
+    an HSM): what the publishing listener (:mod:`estgw.ca.publish`) and
+    ``estgw crl write`` need. A token procedure whose ``issuers()`` returns
+    providers of this (current CA first, then earlier generations) has its
+    CRLs and OCSP published; :class:`estgw.ca.signing.SigningCA` is the
+    implementation for keys held in memory."""
+
+    issuing = Attribute("The issuing CA certificate (x509.Certificate).")
+    directory = Attribute("A directory of the gateway's own for this CA: its crl.pem, CRL number, responder.")
+    key_id = Attribute("Hex of the issuing CA's key identifier ({ca} in profile URLs).")
+
+    def issued(cert: x509.Certificate) -> bool:
+        """Whether this CA signed ``cert``."""
+
+    def sign(request: IssueRequest, profile: "Profile", now: object = None, extra: object = ()) -> x509.Certificate:
+        """Sign an end-entity certificate (synchronously; callers use a thread)."""
+
+    def write_crl(revoked: object, next_update: timedelta, now: object = None) -> x509.CertificateRevocationList:
+        """Sign (and keep in ``directory``) the CRL of ``revoked`` entries, synchronously."""
+
+    def sign_ocsp(builder: object) -> object:
+        """Sign an OCSP response builder as this CA, synchronously."""
 
 
 def key_usage_extension(fields: frozenset[str]) -> x509.KeyUsage:

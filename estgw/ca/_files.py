@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.types import (
 )
 
 from estgw.ca import CAError, PrivateKey
+from estgw.ca.keys import key_encryption
 
 try:  # POSIX only; without it concurrent first starts are merely unserialised.
     import fcntl
@@ -90,16 +91,16 @@ def _write_atomically(path: str, data: bytes, mode: int) -> None:
         os.close(dfd)
 
 
-def _write_key(path: str, key: PrivateKey) -> None:
-    # Unencrypted PKCS#8: the gateway must start unattended, so there is no
-    # one to type a passphrase. The 0700 directory and the 0600 file are
-    # what protect the key.
+def _write_key(path: str, key: PrivateKey, passphrase: bytes | None = None) -> None:
+    # Without a passphrase the key is unencrypted PKCS#8: the gateway must
+    # start unattended, and then the 0700 directory and the 0600 file are
+    # what protect it. With one (ca.keyPasswordFile) it is encrypted PKCS#8.
     _write_atomically(
         path,
         key.private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
+            key_encryption(passphrase),
         ),
         _KEY_MODE,
     )
@@ -119,14 +120,17 @@ def _read(path: str) -> bytes:
 
 def read_secret_file(path: str, key: str, what: str) -> str:
     """The secret in ``path`` (a PIN, a password): its first line without
-    the line break.  CAError naming ``key`` when it cannot be read or is empty."""
+    the line break.  CASettingError for the setting ``key`` when it cannot
+    be read or is empty."""
+    from estgw.ca import CASettingError
+
     try:
         with open(path, encoding="utf-8") as f:
             secret = f.readline().rstrip("\r\n")
     except (OSError, UnicodeDecodeError) as e:
-        raise CAError(f"{key}: cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+        raise CASettingError(key, f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
     if not secret:
-        raise CAError(f"{key}: {path} is empty; it must hold {what}")
+        raise CASettingError(key, f"{path} is empty; it must hold {what}")
     return secret
 
 
@@ -137,11 +141,30 @@ def _load_cert(path: str) -> x509.Certificate:
         raise CAError(f"{path} is not a PEM certificate: {e}") from e
 
 
-def _load_key(path: str) -> PrivateKey:
+class PassphraseError(CAError):
+    """The passphrase of a key is missing, not needed, or wrong."""
+
+
+def _load_key(path: str, passphrase: bytes | None = None) -> PrivateKey:
+    """A PEM (PKCS#1, SEC 1 or PKCS#8) or DER PKCS#8 private key, decrypted
+    with ``passphrase`` when it is encrypted; CAError saying what is wrong."""
+    data = _read(path)
     try:
-        key = serialization.load_pem_private_key(_read(path), password=None)
-    except (ValueError, TypeError) as e:
-        raise CAError(f"{path} is not an unencrypted PEM private key: {e}") from e
+        if b"-----BEGIN" in data:
+            key = serialization.load_pem_private_key(data, password=passphrase)
+        else:
+            key = serialization.load_der_private_key(data, password=passphrase)
+    except TypeError as e:
+        if passphrase is None:
+            raise PassphraseError(f"{path} is encrypted and no passphrase is configured for it") from e
+        raise PassphraseError(
+            f"{path} is not encrypted, yet a passphrase is configured for it; "
+            f"encrypt it (openssl pkcs8 -topk8 -v2 aes-256-cbc) or remove the passphrase setting"
+        ) from e
+    except ValueError as e:
+        if passphrase is not None and b"ENCRYPTED" in data:
+            raise PassphraseError(f"{path}: the passphrase does not decrypt it") from e
+        raise CAError(f"{path} is not a PEM or DER private key: {e}") from e
     if not isinstance(key, CertificateIssuerPrivateKeyTypes):  # type: ignore[misc, arg-type]
         raise CAError(f"{path} holds a {type(key).__name__}, which cannot sign certificates")
     return key
@@ -157,3 +180,8 @@ def _check_pair(cert_path: str, cert: x509.Certificate, key_path: str, key: Priv
     if _spki(cert.public_key()) != _spki(key.public_key()):
         raise CAError(f"{key_path} is not the key of {cert_path}")
 
+
+
+#: For the operator commands that read certificates and keys the operator names.
+load_certificate = _load_cert
+load_private_key = _load_key

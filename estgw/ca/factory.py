@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import attr
 
-from estgw.ca import ITokenProcedure
+from estgw.ca import CASettingError, ITokenProcedure, Profile
 
 if TYPE_CHECKING:
     from estgw.ca.local import LocalCA
@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 #: ``tokenprocedure.<n>.ca`` value -> module implementing it.
 KINDS: dict[str, str] = {
     "local": "estgw.ca.local",
+    "file": "estgw.ca.file",
     "pkcs11": "estgw.ca.pkcs11",
     "est": "estgw.ca.upstream",
 }
@@ -35,10 +36,27 @@ class Context:
     reactor: Any = None
 
 
+def profile_of(procedure: "TokenProcedureConfig") -> Profile:
+    """What every kind puts into the certificates it issues for ``procedure``."""
+    profile = Profile.from_settings(procedure.validity_days, procedure.key_usage, procedure.extended_key_usage)
+    return attr.evolve(
+        profile,
+        crl_url=procedure.crl_url,
+        ocsp_url=procedure.ocsp_url,
+        ca_issuers_url=procedure.ca_issuers_url,
+    )
+
+
 def token_procedure(procedure: "TokenProcedureConfig", context: Context) -> ITokenProcedure:
-    """The token procedure of ``procedure``; raises CAError when it cannot be made."""
+    """The token procedure of ``procedure``; raises ConfigError naming the
+    setting when one is wrong, CAError when the CA cannot be used otherwise."""
+    from estgw.config import ConfigError
+
     module = importlib.import_module(KINDS[procedure.ca])
-    built: ITokenProcedure = module.token_procedure(procedure, context)
+    try:
+        built: ITokenProcedure = module.token_procedure(procedure, context)
+    except CASettingError as e:
+        raise ConfigError(f"tokenprocedure.{procedure.key}.{e.key}", str(e), context.config.source) from None
     return built
 
 

@@ -45,9 +45,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from estgw.ca import CAError, IssueRequest, ITokenProcedure, Profile
+from estgw.ca import CAError, CASettingError, IssueRequest, ITokenProcedure, Profile
 from estgw.ca._files import _read, _utc, read_secret_file
-from estgw.ca.local import LocalCA
+from estgw.ca.signing import SigningCA
 
 __all__ = ["Pkcs11CA", "Pkcs11TokenProcedure", "open_token_key", "token_procedure"]
 
@@ -73,7 +73,7 @@ def _module(path: str) -> Any:
             try:
                 _modules[path] = pkcs11.lib(path)
             except pkcs11.PKCS11Error as e:
-                raise CAError(f"cannot load PKCS#11 module {path}: {e}") from None
+                raise CASettingError("pkcs11.module", f"cannot load PKCS#11 module {path}: {e}") from None
         return _modules[path]
 
 
@@ -128,7 +128,8 @@ def _login(lib: Any, module: str, token_label: str, pin: str) -> _Login:
         login = _logins.get((module, token_label))
         if login is not None:
             if login.pin != pin:
-                raise CAError(
+                raise CASettingError(
+                    "pkcs11.pinFile",
                     f"token {token_label!r} is already in use here with another PIN; "
                     f"token procedures on one token must use the same PIN"
                 )
@@ -137,17 +138,18 @@ def _login(lib: Any, module: str, token_label: str, pin: str) -> _Login:
             token = lib.get_token(token_label=token_label)
         except pkcs11.NoSuchToken:
             labels = sorted({slot.get_token().label for slot in lib.get_slots(token_present=True)})
-            raise CAError(
-                f"no token labelled {token_label!r} in {module} (present: {', '.join(labels) or 'none'})"
+            raise CASettingError(
+                "pkcs11.token",
+                f"no token labelled {token_label!r} in {module} (present: {', '.join(labels) or 'none'})",
             ) from None
         except pkcs11.MultipleTokensReturned:
-            raise CAError(f"more than one token is labelled {token_label!r} in {module}") from None
+            raise CASettingError("pkcs11.token", f"more than one token is labelled {token_label!r} in {module}") from None
         except pkcs11.PKCS11Error as e:
-            raise CAError(f"token {token_label!r}: {_describe(e)}") from None
+            raise CASettingError("pkcs11.token", f"token {token_label!r}: {_describe(e)}") from None
         try:
             session = token.open(user_pin=pin)
         except pkcs11.PKCS11Error as e:
-            raise CAError(f"cannot log in to token {token_label!r}: {_describe(e)}") from None
+            raise CASettingError("pkcs11.pinFile", f"cannot log in to token {token_label!r}: {_describe(e)}") from None
         login = _logins[(module, token_label)] = _Login(lib, token_label, session, pin)
         return login
 
@@ -180,11 +182,13 @@ def open_token_key(module: str, token_label: str, key_label: str, pin: str) -> t
         try:
             key = _find_key(login, key_label)
         except pkcs11.NoSuchKey:
-            raise CAError(f"token {token_label!r} holds no private key labelled {key_label!r}") from None
+            raise CASettingError("pkcs11.keyLabel", f"token {token_label!r} holds no private key labelled {key_label!r}") from None
         except pkcs11.MultipleObjectsReturned:
-            raise CAError(f"token {token_label!r} holds more than one private key labelled {key_label!r}") from None
+            raise CASettingError(
+                "pkcs11.keyLabel", f"token {token_label!r} holds more than one private key labelled {key_label!r}"
+            ) from None
         except pkcs11.PKCS11Error as e:
-            raise CAError(f"token {token_label!r}, key {key_label!r}: {_describe(e)}") from None
+            raise CASettingError("pkcs11.keyLabel", f"token {token_label!r}, key {key_label!r}: {_describe(e)}") from None
     return login, key
 
 
@@ -302,17 +306,21 @@ class Pkcs11CA:
         # not the first enrollment.
         expected = KeyType.RSA if isinstance(issuing.public_key(), rsa.RSAPublicKey) else KeyType.EC
         if key.key_type != expected:
-            raise CAError(
+            raise CASettingError(
+                "pkcs11.certificate",
                 f"the private key in {where} does not belong to the issuing CA certificate "
-                f"(the token's key is {key.key_type.name}, the certificate's {expected.name})"
+                f"(the token's key is {key.key_type.name}, the certificate's {expected.name})",
             )
         probe = b"estgw: does the token key belong to the issuing CA certificate?"
         try:
             self._scheme.verify(self._token_sign(probe, hashes.SHA256()), probe, hashes.SHA256())
         except InvalidSignature:
-            raise CAError(f"the private key in {where} does not belong to the issuing CA certificate") from None
+            raise CASettingError(
+                "pkcs11.certificate", f"the private key in {where} does not belong to the issuing CA certificate"
+            ) from None
         if not _may_issue(issuing):
-            raise CAError(
+            raise CASettingError(
+                "pkcs11.certificate",
                 f"the issuing CA certificate {issuing.subject.rfc4514_string()} is not a CA "
                 f"certificate allowed to sign certificates (basicConstraints cA, keyUsage keyCertSign)"
             )
@@ -352,7 +360,7 @@ class Pkcs11CA:
         issuing CA has expired, ValueError for a request without subject
         or subjectAltName.
         """
-        draft = LocalCA.sign(self, request, profile, _utc(now))  # type: ignore[arg-type]
+        draft = SigningCA.sign(self, request, profile, _utc(now))  # type: ignore[arg-type]
         hash = draft.signature_hash_algorithm
         if hash is None:  # pragma: no cover - RSA and ECDSA always name one
             raise CAError("the draft certificate names no hash algorithm")
@@ -382,6 +390,11 @@ class Pkcs11CA:
         return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
 
     _authority_key_identifier = authority_key_identifier
+
+    @property
+    def key_id(self) -> str:
+        """Hex of the issuing CA's key identifier (``{ca}`` in profile URLs)."""
+        return self.authority_key_identifier().key_identifier.hex()  # type: ignore[union-attr]
 
 
 def _may_issue(certificate: x509.Certificate) -> bool:
@@ -448,30 +461,19 @@ def _certificates(path: str, key: str) -> list[x509.Certificate]:
             return x509.load_pem_x509_certificates(data)
         return [x509.load_der_x509_certificate(data)]
     except (ValueError, CAError) as e:
-        raise CAError(f"{key}: no PEM or DER certificate in {path} ({e})") from None
+        raise CASettingError(key, f"no PEM or DER certificate in {path} ({e})") from None
 
 
 def token_procedure(procedure: Any, context: Any) -> Pkcs11TokenProcedure:
-    """``tokenprocedure.<n>.ca = pkcs11`` (see :mod:`estgw.ca.factory`); CAError names what failed."""
-    prefix = f"tokenprocedure.{procedure.key}.pkcs11."
-    certificates = _certificates(procedure.pkcs11_certificate, prefix + "certificate")
-    chain = _certificates(procedure.pkcs11_chain, prefix + "chain") if procedure.pkcs11_chain else []
-    pin = read_secret_file(procedure.pkcs11_pin_file, prefix + "pinFile", "the token's user PIN")
-    try:
-        login, key = open_token_key(
-            procedure.pkcs11_module, procedure.pkcs11_token, procedure.pkcs11_key_label, pin
-        )
-    except CAError as e:
-        raise CAError(f"tokenprocedure.{procedure.key} ({procedure.name}): {e}") from None
-    where = f"token {procedure.pkcs11_token!r} (key {procedure.pkcs11_key_label!r})"
-    try:
-        ca = Pkcs11CA(certificates[0], certificates[1:] + chain, login, key, where)
-    except CAError as e:
-        raise CAError(f"tokenprocedure.{procedure.key} ({procedure.name}): {e}") from None
-    return Pkcs11TokenProcedure(
-        procedure.name,
-        ca,
-        Profile.from_settings(procedure.validity_days, procedure.key_usage, procedure.extended_key_usage),
-        reactor=context.reactor,
-    )
+    """``tokenprocedure.<n>.ca = pkcs11`` (see :mod:`estgw.ca.factory`):
+    logs in and checks key and certificate now, so that a wrong PIN or a
+    missing key stops start-up; CASettingError names the setting."""
+    from estgw.ca.factory import profile_of
 
+    certificates = _certificates(procedure.pkcs11_certificate, "pkcs11.certificate")
+    chain = _certificates(procedure.pkcs11_chain, "pkcs11.chain") if procedure.pkcs11_chain else []
+    pin = read_secret_file(procedure.pkcs11_pin_file, "pkcs11.pinFile", "the token's user PIN")
+    login, key = open_token_key(procedure.pkcs11_module, procedure.pkcs11_token, procedure.pkcs11_key_label, pin)
+    where = f"token {procedure.pkcs11_token!r} (key {procedure.pkcs11_key_label!r})"
+    ca = Pkcs11CA(certificates[0], certificates[1:] + chain, login, key, where)
+    return Pkcs11TokenProcedure(procedure.name, ca, profile_of(procedure), reactor=context.reactor)

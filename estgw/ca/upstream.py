@@ -40,7 +40,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from estgw.ca import CAError, IssueRequest, ITokenProcedure
+from estgw.ca import CAError, CASettingError, IssueRequest, ITokenProcedure
 from estgw.ca._files import read_secret_file
 
 __all__ = ["UpstreamEST", "token_procedure", "CACERTS_REFRESH", "CACERTS_RETRY", "TIMEOUT", "RETRY_AFTER"]
@@ -273,27 +273,24 @@ class _Unreachable(Exception):
 def token_procedure(procedure: Any, context: Any) -> UpstreamEST:
     """``tokenprocedure.<n>.ca = est`` (see :mod:`estgw.ca.factory`): opens
     the RA's PKCS#12 token now, so a wrong password stops start-up;
-    CAError names the key."""
+    CASettingError names the setting."""
     from estgw.approval.tls import ClientCertificatePolicy, CredentialsError, https_client, load_certificates, load_pkcs12
 
-    prefix = f"tokenprocedure.{procedure.key}.est."
-    where = f"tokenprocedure.{procedure.key} ({procedure.name})"
     password = ""
     if procedure.est_token_password_file:
         password = read_secret_file(
-            procedure.est_token_password_file, prefix + "tokenPasswordFile", "the PKCS#12 token's password"
+            procedure.est_token_password_file, "est.tokenPasswordFile", "the PKCS#12 token's password"
         )
     try:
         credentials = load_pkcs12(procedure.est_token, password)
     except CredentialsError as e:
-        key = "tokenPasswordFile" if e.password else "token"
-        raise CAError(f"{where}: est.{key}: {e}") from None
+        raise CASettingError("est.tokenPasswordFile" if e.password else "est.token", str(e)) from None
     anchors: list[x509.Certificate] = []
     for path in procedure.est_trust_anchors:
         try:
             anchors.extend(load_certificates(path))
         except CredentialsError as e:
-            raise CAError(f"{where}: est.trustAnchors: {e}") from None
+            raise CASettingError("est.trustAnchors", str(e)) from None
     reactor = context.reactor
     if reactor is None:
         from twisted.internet import reactor as _reactor

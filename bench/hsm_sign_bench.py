@@ -109,7 +109,7 @@ def _run(options: Any, directory: str) -> int:
     count, rate, median = _time(lambda: local.sign(request, profile), options.seconds)
     rows.append(("embedded CA ec-p256 (in memory)", count, rate, median))
 
-    print(f"estgw sign_bench: {time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs, "
+    print(f"estgw hsm_sign_bench: {time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs, "
           f"python {sys.version.split()[0]}, cryptography {cryptography.__version__}, "
           f"python-pkcs11 {_version('python-pkcs11')}, {options.seconds:g} s per row")
     print(f"{'issuing key':34} {'certs':>7} {'certs/s':>9} {'ms/cert':>8}")
