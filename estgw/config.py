@@ -21,7 +21,7 @@ import ipaddress
 import os
 import re
 import socket
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 from urllib.parse import unquote, urlsplit
 
 import attr
@@ -60,6 +60,15 @@ FORMATS = (
     "est-simplereenroll",
     "est-simpleenroll-idm",
 )
+# The same formats for a handler bound to CoAPs, in the model product's
+# naming (RFC 9148): estcoaps-<x> is est-<x> on a CoAPs handler.
+COAPS_FORMAT_PREFIX = "estcoaps-"
+COAPS_FORMATS = tuple(
+    COAPS_FORMAT_PREFIX + name[len("est-"):] for name in FORMATS if name != "est-simpleenroll-idm"
+)
+# Where a handler is served: EST over HTTPS (RFC 7030), over CoAPs
+# (RFC 9148, the coaps.* listener) or both.
+TRANSPORTS = ("https", "coaps", "both")
 DEFAULT_FILTER = {
     "cacerts": "public",
     "csrattrs": "public",
@@ -88,7 +97,7 @@ def default_format(operation: str, filter: str, procedure: "TokenProcedureConfig
 
 
 # RFC 3986 §3.3 pchar, less pct-encoded: unreserved / sub-delims / ":" / "@".
-_LABEL = re.compile(r"^[A-Za-z0-9._~!$&'()*+,;=:@-]+$")
+_LABEL = re.compile(r"^[A-Za-z0-9._~!$&'()*+,;=:@-]+\Z")
 _PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
 
 
@@ -285,7 +294,7 @@ def _url(value: str) -> str:
     return text
 
 
-_ROLE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_ROLE = re.compile(r"^[A-Za-z0-9_.-]{1,64}\Z")
 
 
 def role_name(value: str) -> str:
@@ -455,6 +464,14 @@ class HandlerConfig:
     idm_timeout: float = 10.0  # seconds per call to the service
     idm_retry_after: int = 60  # seconds, told to devices in Retry-After
     idm_pending_lifetime: int = 72 * 3600  # seconds an undecided request lives
+    # "https", "coaps" or "both" (TRANSPORTS); empty: https.
+    transport: str = ""
+
+    @property
+    def transports(self) -> tuple[str, ...]:
+        if self.transport == "both":
+            return ("https", "coaps")
+        return (self.transport or "https",)
 
     @property
     def path(self) -> str:
@@ -508,6 +525,9 @@ class Config:
     publish_port: int | None = None
     publish_interface: str = "127.0.0.1"
     publish_crl_hours: int = 24
+    # EST over CoAPs (RFC 9148) on this UDP port; None: off.
+    coaps_port: int | None = None
+    coaps_interface: str = ""
     token_procedures: Mapping[str, TokenProcedureConfig] = attr.Factory(dict)
     handlers: tuple[HandlerConfig, ...] = ()
 
@@ -543,9 +563,11 @@ class Config:
             h.allow_renewal_with_old_certificates for h in self.handlers if h.operation in ENROLL_OPERATIONS
         )
 
-    def handler(self, label: str, operation: str) -> HandlerConfig | None:
+    def handler(self, label: str, operation: str, transport: str = "https") -> HandlerConfig | None:
+        """The handler serving ``operation`` under ``label`` on ``transport``
+        (``https`` or ``coaps``), or None."""
         for handler in self.handlers:
-            if handler.label == label and handler.operation == operation:
+            if handler.label == label and handler.operation == operation and transport in handler.transports:
                 return handler
         return None
 
@@ -581,6 +603,8 @@ _GLOBAL_KEYS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "publish.port": ("publish_port", _port),
     "publish.interface": ("publish_interface", _text),
     "publish.crl.nextUpdateHours": ("publish_crl_hours", _positive_int),
+    "coaps.port": ("coaps_port", _port),
+    "coaps.interface": ("coaps_interface", _text),
 }
 _TOKEN_PROCEDURE_KEYS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "name": ("name", _text),
@@ -612,7 +636,7 @@ _TOKEN_PROCEDURE_KEYS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "est.trustAnchors": ("est_trust_anchors", _list),
 }
 # file.previous.<m>.<key>: an earlier issuing CA of ca = file (rollover).
-_FILE_PREVIOUS = re.compile(r"^file\.previous\.([0-9]+)\.(certificate|chain|key|keyPasswordFile|keyPasswordEnv)$")
+_FILE_PREVIOUS = re.compile(r"^file\.previous\.([0-9]+)\.(certificate|chain|key|keyPasswordFile|keyPasswordEnv)\Z")
 _FILE_SETTING_FIELDS = {
     "certificate": "certificate", "chain": "chain", "key": "key",
     "keyPasswordFile": "key_password_file", "keyPasswordEnv": "key_password_env",
@@ -642,7 +666,8 @@ _HANDLER_KEYS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "operation": ("operation", _choice(*OPERATIONS)),
     "label": ("label", _label),
     "filter": ("filter", _choice(*FILTERS)),
-    "format": ("format", _choice(*FORMATS)),
+    "format": ("format", _choice(*FORMATS, *COAPS_FORMATS)),
+    "transport": ("transport", _choice(*TRANSPORTS)),
     "tokenprocedure": ("token_procedure", _text),
     "authtype": ("authtype", _choice("Basic", "Digest")),
     "realm": ("realm", lambda value: value.strip()),
@@ -673,7 +698,7 @@ _HANDLER_KEYS: dict[str, tuple[str, Callable[[str], Any]]] = {
 # model product's est.properties) and then act like default.<key>.
 _TOP_LEVEL_HANDLER_KEYS = ("allowRenewalWithOldCertificates",)
 
-_NUMBERED = re.compile(r"^(handler|tokenprocedure)\.([0-9]+)\.(.+)$")
+_NUMBERED = re.compile(r"^(handler|tokenprocedure)\.([0-9]+)\.(.+)\Z")
 
 
 def default_hostnames() -> tuple[str, ...]:
@@ -730,6 +755,7 @@ def from_string(text: str, source: str = "est.properties", base_dir: str = ".") 
     procedures = [_resolve_procedure_files(p, base_dir, source) for p in _token_procedures(numbered, source)]
     handlers = _handlers(numbered, defaults, procedures, source)
     handlers = _announced_templates(handlers, source)
+    _check_coaps_listener(handlers, global_values, source)
     handlers = tuple(_resolve_idm_files(h, base_dir, source) for h in handlers)
     handlers = tuple(_load_shared_keys(h, base_dir, source) for h in handlers)
 
@@ -765,6 +791,20 @@ def from_string(text: str, source: str = "est.properties", base_dir: str = ".") 
         handlers=handlers,
         **global_values,
     )
+
+
+def _check_coaps_listener(handlers: Sequence[HandlerConfig], values: Mapping[str, Any], source: str) -> None:
+    """A handler bound to CoAPs needs the listener: without coaps.port it
+    would silently serve nothing."""
+    if values.get("coaps_port") is not None:
+        return
+    for handler in handlers:
+        if "coaps" in handler.transports:
+            raise ConfigError(
+                "coaps.port",
+                f"required: handler.{handler.id} is served over CoAPs (transport {handler.transport})",
+                source,
+            )
 
 
 def _check_tls(values: Mapping[str, Any], source: str) -> None:
@@ -903,7 +943,7 @@ def _handlers(
 ) -> tuple[HandlerConfig, ...]:
     names = {p.name: p for p in procedures}
     result: list[HandlerConfig] = []
-    routes: dict[tuple[str, str], str] = {}
+    routes: dict[tuple[str, str, str], str] = {}
     for (kind, number), keys in sorted(numbered.items(), key=lambda i: int(i[0][1])):
         if kind != "handler":
             continue
@@ -924,14 +964,16 @@ def _handlers(
         handler = _complete_handler(
             HandlerConfig(id=number, **fields), keys, prefix, origin, names, source
         )
-        route = (handler.label, handler.operation)
-        if route in routes:
-            raise ConfigError(
-                prefix + "operation",
-                f"{handler.path} is already served by handler.{routes[route]}",
-                source,
-            )
-        routes[route] = number
+        for transport in handler.transports:
+            route = (handler.label, handler.operation, transport)
+            if route in routes:
+                raise ConfigError(
+                    prefix + "operation",
+                    f"{handler.path} is already served by handler.{routes[route]}"
+                    + (" over CoAPs" if transport == "coaps" else ""),
+                    source,
+                )
+            routes[route] = number
         result.append(handler)
     return tuple(result)
 
@@ -951,6 +993,7 @@ def _complete_handler(
 
     op = handler.operation
     enroll = op in ENROLL_OPERATIONS
+    handler = _complete_transport(handler, where, source)
     changes: dict[str, Any] = {}
     if not handler.filter:
         changes["filter"] = DEFAULT_FILTER[op]
@@ -1020,6 +1063,7 @@ def _complete_handler(
     handler = _complete_authentication(
         handler, own_keys, where, procedure_names[handler.token_procedure], source
     )
+    _check_coaps_handler(handler, where, source)
     if not handler.client_certificate_issuers:
         # A factory CA in tls.trustAnchors vouches for devices on the
         # handlers that check their registration (factory certificates,
@@ -1034,13 +1078,26 @@ def _announced_templates(handlers: tuple[HandlerConfig, ...], source: str) -> tu
     (what its clients were told), and serverkeygen its key type: its own
     setting, else the template's key, else the default.  A serverkeygen key
     type that differs from the announced one is an error."""
-    announced = {h.label: h.csr_template for h in handlers if h.operation == "csrattrs"}
+    # What csrattrs announces per label and transport: over HTTPS and
+    # over CoAPs a label may have its own csrattrs handler.
+    announced = {
+        (h.label, transport): h.csr_template
+        for h in handlers if h.operation == "csrattrs" for transport in h.transports
+    }
     result = []
     for handler in handlers:
         if handler.operation not in ENROLL_OPERATIONS:
             result.append(handler if handler.operation == "csrattrs" else attr.evolve(handler, csr_template=None))
             continue
-        template = announced.get(handler.label)
+        templates = {announced.get((handler.label, transport)) for transport in handler.transports}
+        if len(templates) > 1:
+            raise ConfigError(
+                f"handler.{handler.id}.transport",
+                "csrattrs announces different templates over https and coaps here: give each transport"
+                " its own enrollment handler",
+                source,
+            )
+        template = templates.pop()
         handler = attr.evolve(handler, csr_template=template)
         if handler.operation == "serverkeygen":
             wanted = template.key_type if template is not None else None
@@ -1054,6 +1111,37 @@ def _announced_templates(handlers: tuple[HandlerConfig, ...], source: str) -> tu
             handler = attr.evolve(handler, serverkeygen_key_type=key_type)
         result.append(handler)
     return tuple(result)
+
+
+def _complete_transport(handler: HandlerConfig, where: Callable[[str], str], source: str) -> HandlerConfig:
+    """transport defaults to https, or to coaps with an estcoaps- format,
+    which then stands for its est- twin (the checks are the same)."""
+    transport = handler.transport
+    fmt = handler.format
+    if fmt.startswith(COAPS_FORMAT_PREFIX):
+        if transport == "https":
+            raise ConfigError(
+                where("format"), f"{fmt} is for a handler served over CoAPs (transport coaps or both)", source
+            )
+        transport = transport or "coaps"
+        fmt = "est-" + fmt[len(COAPS_FORMAT_PREFIX):]
+    return attr.evolve(handler, transport=transport or "https", format=fmt)
+
+
+def _check_coaps_handler(handler: HandlerConfig, where: Callable[[str], str], source: str) -> None:
+    """CoAP has no HTTP authentication: over CoAPs the DTLS client
+    certificate is the only identity, so what needs a login is refused here."""
+    if "coaps" not in handler.transports:
+        return
+    if handler.authtype:
+        raise ConfigError(
+            where("authtype"),
+            f"HTTP {handler.authtype} authentication does not exist over CoAPs: use transport https"
+            " for this handler (over CoAPs the DTLS client certificate authenticates)",
+            source,
+        )
+    if handler.filter == IDM_FILTER:
+        raise ConfigError(where("transport"), f"filter {IDM_FILTER} needs an HTTP login: transport https", source)
 
 
 def _complete_authentication(

@@ -102,7 +102,9 @@ async def _renewing_last_issued(gateway: Gateway, identity: auth.Identity, ctx: 
     """
     cert = identity.certificate
     assert cert is not None  # policy.renews_own_subject
-    last = await gateway.store.last_issued_for_subject(ctx.subject.rfc4514_string())
+    # The subject the certificate holds: a request may spell it in
+    # another case, or add to it, and still renew it.
+    last = await gateway.store.last_issued_for_subject(cert.subject.rfc4514_string())
     if last is None and ctx.operation != "simplereenroll":
         return
     if last is None or last.serial != cert.serial_number:
@@ -163,8 +165,8 @@ async def _sent_again(
     for issued in await gateway.store.certificates_for_public_key(hashlib.sha256(spki).hexdigest()):
         if issued.requester == identity.requester and not issued.revoked and issued.issued_at >= device.consumed_at:
             _log.info(
-                "sent again serial {serial:x} to {requester}: its single-use registration was"
-                " consumed by this certificate {age:.0f} s ago",
+                "reissued serial {serial:x} to {requester}: its single-use registration was"
+                " consumed by this certificate {age:.0f} s ago (same key)",
                 serial=issued.serial, requester=printable(identity.requester),
                 age=(now - device.consumed_at).total_seconds(), event="reissued",
             )

@@ -104,6 +104,7 @@ class GatewayService(service.Service):
             timedelta(hours=config.publish_crl_hours),
         )
         self._crl_refresh: Any = None
+        self.coaps_port: Any = None
         self.ready: defer.Deferred = defer.Deferred()
 
     def build_gateway(self) -> Gateway:
@@ -157,6 +158,31 @@ class GatewayService(service.Service):
                 publish_site(self.published),
                 self.config.publish_port,
             )
+        if self.config.coaps_port is not None:
+            self.coaps_port = self._listen_coaps(gateway)
+        return port
+
+    def _listen_coaps(self, gateway: Gateway) -> Any:
+        """EST over CoAPs (RFC 9148) on coaps.port; reads nothing until the store is open."""
+        from twisted.internet.error import CannotListenError
+
+        from estgw.coaps.dtls import dtls_context
+        from estgw.coaps.resource import listen_coaps
+
+        context = dtls_context(
+            self.state.server_key,
+            self.state.server_certificate,
+            [self.state.ca.issuing, *self.state.ca.new_with_old],  # as the TLS listener sends it
+            self.state.trust_anchors,
+            settings_of(self.config),
+        )
+        try:
+            port = listen_coaps(
+                self.reactor, gateway, context, self.config.coaps_port, self.config.coaps_interface
+            )
+        except CannotListenError as e:
+            raise SystemExit(f"estgw: cannot listen on UDP port {self.config.coaps_port} (coaps.port): {e.socketError}")
+        port.stopReading()
         return port
 
     async def _open(self) -> None:
@@ -168,6 +194,13 @@ class GatewayService(service.Service):
             self._crl_refresh = keep_fresh(self.published, self.reactor)
             self._crl_refresh.start(CRL_REFRESH_SECONDS, now=True)
         self.port.startReading()
+        if self.coaps_port is not None:
+            self.coaps_port.startReading()
+            self._log.info(
+                "estgw serving EST over CoAPs at coaps://{host}:{port}/.well-known/est/",
+                host=self.config.hostnames[0] if self.config.hostnames else "localhost",
+                port=self.coaps_port.getHost().port,
+            )
         host = self.config.hostnames[0] if self.config.hostnames else "localhost"
         self._log.info(
             "estgw serving EST at https://{host}:{port}/.well-known/est/ ; "
@@ -193,6 +226,9 @@ class GatewayService(service.Service):
         port, self.port = self.port, None  # stopping twice is harmless
         if port is not None:
             await defer.maybeDeferred(port.stopListening)
+        coaps, self.coaps_port = self.coaps_port, None
+        if coaps is not None:
+            await defer.maybeDeferred(coaps.stopListening)
         metrics, self.metrics_port = self.metrics_port, None
         if metrics is not None:
             await defer.maybeDeferred(metrics.stopListening)

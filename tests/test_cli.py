@@ -145,6 +145,34 @@ class DeviceTests(CLITestCase):
         self.assertIn(f"cannot read {missing}", await self.fails("device", "add", "p", "--password-file", missing))
         self.assertIsNone(await self.stored_hash("p"))
 
+    async def test_value_registered_twice(self) -> None:
+        """A name registered twice (a host name in any case, a subject
+        value) could be used twice: refused, nothing registered; the same
+        in a CSV import, reported by line."""
+        message = await self.fails(
+            "device", "add", "bad-5", "--password", "x", "--san", "DNS:dup.example", "--san", "DNS:DUP.example"
+        )
+        self.assertIn("registered twice", message)
+        message = await self.fails(
+            "device", "add", "bad-6", "--password", "x",
+            "--subject-value", "serialNumber=S1", "--subject-value", "serialNumber=S1",
+        )
+        self.assertIn("serialNumber='S1' is registered twice", message)
+        self.assertIsNone(await self.stored_hash("bad-5"))
+        self.assertIsNone(await self.stored_hash("bad-6"))
+        csv_path = write(
+            os.path.join(self.directory, "twice.csv"),
+            b"id,password,subject_values\nbad-7,x,serialNumber=S1;serialNumber=S1\nok-1,y,\n",
+        )
+        out = io.StringIO()
+        try:
+            await run(reactor, ["--config", self.config_path, "device", "import", csv_path], out)
+        except (CommandError, SystemExit):
+            pass
+        self.assertIn("line 2", out.getvalue() + "")
+        self.assertIsNone(await self.stored_hash("bad-7"))
+        self.assertIsNotNone(await self.stored_hash("ok-1"))
+
     async def test_remove_unknown(self) -> None:
         """Removing an id nobody registered fails with a message."""
         self.assertEqual(await self.fails("device", "remove", "ghost"), "no device 'ghost'")

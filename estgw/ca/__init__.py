@@ -96,7 +96,7 @@ EXTENDED_KEY_USAGE_NAMES: dict[str, x509.ObjectIdentifier] = {
     "OCSPSigning": ExtendedKeyUsageOID.OCSP_SIGNING,
 }
 
-_DOTTED_OID = re.compile(r"^[0-2](\.(0|[1-9][0-9]*))+$")
+_DOTTED_OID = re.compile(r"^[0-2](\.(0|[1-9][0-9]*))+\Z")
 
 
 def _check_validity(instance: object, attribute: attr.Attribute, value: timedelta) -> None:
