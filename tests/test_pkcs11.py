@@ -372,3 +372,50 @@ class TwistdStartTests(Pkcs11TestCase):
         (issuing,) = [c for c in chain_served if c.subject.rfc4514_string().endswith("CN=HSM rsa-2048 Issuing CA")]
         self.assertIsInstance(issuing.public_key(), rsa.RSAPublicKey)
         self.assertEqual(len(chain_served), 2)
+
+
+class HsmPublishTests(Pkcs11TestCase):
+    """CRLs and OCSP responses of an HSM CA are signed in the token: the
+    publishing listener serves them, and openssl checks a revoked and a
+    good certificate against them (the checks of tests/test_publish.py)."""
+
+    async def test_crl_and_ocsp_signed_in_the_token(self) -> None:
+        from urllib.parse import quote
+
+        from tests import test_e2e, test_publish
+
+        # A P-256 CA answering OCSP itself; an RSA one through a delegated
+        # responder certificate it issues (signed in the token too).
+        for kind, responder in (("ec-p256", "ca"), ("rsa-2048", "delegated")):
+            publish = test_publish.free_port()
+            base = f"http://127.0.0.1:{publish}"
+            name = quote("HSM Procedure", safe="")
+            token, label, certificate, chain = self.files(kind)
+            extra = "".join(
+                f"{line}\n" for line in (
+                    f"publish.port = {publish}", "publish.interface = 127.0.0.1",
+                    f"tokenprocedure.1.crl.url = {base}/crl/{name}.crl",
+                    f"tokenprocedure.1.ocsp.url = {base}/ocsp/{name}",
+                    f"tokenprocedure.1.caIssuers.url = {base}/ca/{name}.crt",
+                    f"tokenprocedure.1.ocsp.responder = {responder}",
+                )
+            )
+            config = hsm_config(certificate, chain, softhsm.shared().pin_file, token, label, extra)
+            gateway = RunningGateway(os.path.abspath(self.mktemp()), config)
+            await gateway.run()
+            publishing = test_publish._Publishing(methodName="run")
+            publishing.gateway, publishing.publish = gateway, publish
+            publishing.client = Client(self, gateway, "client")
+            # _Publishing's assertions run on this test case.
+            for method in ("assertEqual", "assertIn", "assertNotIn", "assertIsNone", "assertIsNotNone",
+                           "assertNotEqual"):
+                setattr(publishing, method, getattr(self, method))
+            try:
+                await gateway.store.add_device(Device(test_e2e.DEVICE, hash_password(test_e2e.PASSWORD)))
+                await publishing.check_kind("HSM Procedure", "")
+                signed = x509.load_pem_x509_crl(
+                    open(os.path.join(gateway.config.state_directory, "tokenprocedures", name, "crl.pem"), "rb").read()
+                )
+                self.assertTrue(signed.is_signature_valid(_Keys.made[kind][1].public_key()))
+            finally:
+                await gateway.stop()

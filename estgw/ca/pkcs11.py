@@ -28,7 +28,7 @@ for the token.
 from __future__ import annotations
 
 import threading
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from cryptography import x509
@@ -38,14 +38,14 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from pyasn1.codec.der import decoder as der_decoder
 from pyasn1.codec.der import encoder as der_encoder
 from pyasn1.type import univ
-from pyasn1_modules import rfc5280
+from pyasn1_modules import rfc2560, rfc5280
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from estgw.ca import CAError, CASettingError, IssueRequest, ITokenProcedure, Profile
+from estgw.ca import CAError, CASettingError, IssueRequest, ISigningCA, ITokenProcedure, Profile
 from estgw.ca._files import _read, _utc, read_secret_file
 from estgw.ca.signing import SigningCA
 
@@ -206,12 +206,58 @@ def _der_sequence(content: bytes) -> bytes:
     return b"\x30" + _der_length(len(content)) + content
 
 
-def _signature_algorithm_der(draft: x509.Certificate) -> bytes:
-    """The DER AlgorithmIdentifier of ``draft``'s signature (RFC 5280 4.1.1.2)."""
-    certificate, _ = der_decoder.decode(
-        draft.public_bytes(serialization.Encoding.DER), asn1Spec=rfc5280.Certificate()
+def _signature_algorithm_der(draft: Any) -> bytes:
+    """The DER AlgorithmIdentifier of a signed draft: a certificate (RFC
+    5280 4.1.1.2), a CRL (5.1.1.2) or an OCSP response (RFC 6960 4.2.1)."""
+    if isinstance(draft, x509.Certificate):
+        decoded, _ = der_decoder.decode(draft.public_bytes(serialization.Encoding.DER), asn1Spec=rfc5280.Certificate())
+    elif isinstance(draft, x509.CertificateRevocationList):
+        decoded, _ = der_decoder.decode(
+            draft.public_bytes(serialization.Encoding.DER), asn1Spec=rfc5280.CertificateList()
+        )
+    else:
+        decoded = _basic_response(draft)
+    return bytes(der_encoder.encode(decoded["signatureAlgorithm"]))
+
+
+def _basic_response(response: Any) -> Any:
+    outer, _ = der_decoder.decode(response.public_bytes(serialization.Encoding.DER), asn1Spec=rfc2560.OCSPResponse())
+    basic, _ = der_decoder.decode(
+        bytes(outer["responseBytes"]["response"]), asn1Spec=rfc2560.BasicOCSPResponse()
     )
-    return bytes(der_encoder.encode(certificate["signatureAlgorithm"]))
+    return basic
+
+
+def responder_key_hash(certificate: x509.Certificate) -> bytes:
+    """RFC 6960 4.2.1 KeyHash: SHA-1 of the subjectPublicKey BIT STRING's value."""
+    decoded, _ = der_decoder.decode(certificate.public_bytes(serialization.Encoding.DER), asn1Spec=rfc5280.Certificate())
+    digest = hashes.Hash(hashes.SHA1())
+    digest.update(decoded["tbsCertificate"]["subjectPublicKeyInfo"]["subjectPublicKey"].asOctets())
+    return digest.finalize()
+
+
+def with_responder_key(tbs: bytes, key_hash: bytes) -> bytes:
+    """ResponseData ``tbs`` (RFC 6960 4.2.1) naming the responder by ``key_hash``."""
+    data, _ = der_decoder.decode(tbs, asn1Spec=rfc2560.ResponseData())
+    responder = data["responderID"]
+    responder["byKey"] = responder["byKey"].clone(key_hash)
+    return bytes(der_encoder.encode(data))
+
+
+def assemble_ocsp_response(draft: Any, tbs: bytes, algorithm: bytes, signature: bytes) -> Any:
+    """``draft`` (an OCSPResponse) with ``tbs`` as its tbsResponseData and
+    ``signature`` as its BasicOCSPResponse signature (RFC 6960 4.2.1)."""
+    from cryptography.x509 import ocsp
+
+    basic = _basic_response(draft)
+    parts = tbs + algorithm + bytes(
+        der_encoder.encode(univ.BitString.fromOctetString(signature))
+    )
+    if basic["certs"].isValue:
+        parts += bytes(der_encoder.encode(basic["certs"]))
+    outer, _ = der_decoder.decode(draft.public_bytes(serialization.Encoding.DER), asn1Spec=rfc2560.OCSPResponse())
+    outer["responseBytes"]["response"] = univ.OctetString(_der_sequence(parts))
+    return ocsp.load_der_ocsp_response(bytes(der_encoder.encode(outer)))
 
 
 def assemble_certificate(tbs: bytes, algorithm: bytes, signature: bytes) -> x509.Certificate:
@@ -246,12 +292,12 @@ class _Scheme:
             )
         self._algorithms: dict[str, bytes] = {}
 
-    def algorithm(self, draft: x509.Certificate) -> bytes:
-        """The DER signatureAlgorithm of ``draft`` (cached by its OID)."""
-        oid = draft.signature_algorithm_oid.dotted_string
-        if oid not in self._algorithms:
-            self._algorithms[oid] = _signature_algorithm_der(draft)
-        return self._algorithms[oid]
+    def algorithm(self, draft: Any) -> bytes:
+        """The DER signatureAlgorithm of ``draft`` (cached by its kind and OID)."""
+        key = f"{type(draft).__name__}:{draft.signature_algorithm_oid.dotted_string}"
+        if key not in self._algorithms:
+            self._algorithms[key] = _signature_algorithm_der(draft)
+        return self._algorithms[key]
 
     def sign_in_token(self, key: Any, data: bytes, hash: hashes.HashAlgorithm) -> bytes:
         """A signature of ``data`` as X.509 carries it: PKCS#1 v1.5 bytes, or an ECDSA-Sig-Value."""
@@ -277,11 +323,15 @@ class _Scheme:
             self.public_key.verify(signature, data, ec.ECDSA(hash))
 
 
-class Pkcs11CA:
+@implementer(ISigningCA)
+class Pkcs11CA(SigningCA):
     """An issuing CA certificate (and its chain) whose key is in a PKCS#11 token.
 
-    ``sign`` is synchronous and waits for the token: call it off the
-    reactor thread (see :class:`Pkcs11TokenProcedure`).
+    Everything it signs (certificates, CRLs, OCSP responses: see
+    :class:`~estgw.ca.signing.SigningCA`) is signed in the token, through
+    :meth:`_signed`.  Synchronous and waiting for the token: call it off
+    the reactor thread (see :class:`Pkcs11TokenProcedure`).  ``directory``
+    is the gateway's own directory for this CA (its CRL).
     """
 
     def __init__(
@@ -291,7 +341,10 @@ class Pkcs11CA:
         login: Any,
         key: Any,
         where: str = "the token",
+        directory: str = "",
     ) -> None:
+        self.directory = directory
+        self._stand_in: x509.Certificate | None = None
         self.issuing = issuing
         self._chain = [issuing] + [c for c in chain if c != issuing]
         self._key = key
@@ -352,25 +405,55 @@ class Pkcs11CA:
         self._key = _find_key(self._login, self._key_label)
         self._generation = self._login.generation
 
-    def sign(self, request: IssueRequest, profile: Profile, now: datetime | None = None) -> x509.Certificate:
-        """Sign an end-entity certificate for ``request`` under ``profile`` in the token.
+    def issuers(self) -> list["Pkcs11CA"]:
+        return [self]
 
-        The certificate is what :meth:`estgw.ca.LocalCA.sign` would make
-        with this issuing CA; raises CAError when the token fails or the
-        issuing CA has expired, ValueError for a request without subject
-        or subjectAltName.
-        """
-        draft = SigningCA.sign(self, request, profile, _utc(now))  # type: ignore[arg-type]
+    def sign_ocsp(self, builder: Any) -> Any:
+        """An OCSP response signed in the token as the CA itself (RFC 6960
+        4.2.2.2).  cryptography wants the responder certificate to match
+        the key it signs with: the draft names a stand-in of the issuing
+        CA with the throw-away key, and :meth:`_signed` puts the issuing
+        key's hash back before the token signs."""
+        from cryptography.x509 import ocsp
+
+        if self._stand_in is None:
+            now = datetime.now(timezone.utc)
+            self._stand_in = (
+                x509.CertificateBuilder().subject_name(self.issuing.subject).issuer_name(self.issuing.subject)
+                .public_key(self._issuing_key.public_key()).serial_number(1)
+                .not_valid_before(now).not_valid_after(now + timedelta(days=1))
+                .sign(self._issuing_key, hashes.SHA256())
+            )
+        builder = builder.responder_id(ocsp.OCSPResponderEncoding.HASH, self._stand_in)
+        return self._signed(builder, ocsp_response=True)
+
+    def _signed(self, builder: Any, ocsp_response: bool = False) -> Any:
+        """Build with the throw-away key, then sign the to-be-signed bytes in
+        the token and put that signature in; verified with the issuing CA's
+        public key before it is returned (CAError when the token fails)."""
+        draft = SigningCA._signed(self, builder, ocsp_response)
         hash = draft.signature_hash_algorithm
         if hash is None:  # pragma: no cover - RSA and ECDSA always name one
-            raise CAError("the draft certificate names no hash algorithm")
-        tbs = draft.tbs_certificate_bytes
-        certificate = assemble_certificate(tbs, self._scheme.algorithm(draft), self._token_sign(tbs, hash))
+            raise CAError("the draft names no hash algorithm")
+        algorithm = self._scheme.algorithm(draft)
+        if isinstance(draft, x509.Certificate):
+            tbs = draft.tbs_certificate_bytes
+            signed: Any = assemble_certificate(tbs, algorithm, self._token_sign(tbs, hash))
+        elif isinstance(draft, x509.CertificateRevocationList):
+            tbs = draft.tbs_certlist_bytes
+            signed = x509.load_der_x509_crl(_der_sequence(
+                tbs + algorithm + bytes(der_encoder.encode(univ.BitString.fromOctetString(self._token_sign(tbs, hash))))
+            ))
+        else:
+            # Named by the issuing key's hash, not the draft key's.
+            tbs = with_responder_key(draft.tbs_response_bytes, responder_key_hash(self.issuing))
+            signed = assemble_ocsp_response(draft, tbs, algorithm, self._token_sign(tbs, hash))
         try:
-            certificate.verify_directly_issued_by(self.issuing)
-        except (ValueError, TypeError, InvalidSignature) as e:
-            raise CAError(f"the token's signature does not verify with the issuing CA certificate: {e}") from e
-        return certificate
+            self._scheme.verify(signed.signature, tbs, hash)
+        except InvalidSignature as e:
+            raise CAError("the token's signature does not verify with the issuing CA certificate") from e
+        return signed
+
 
     # What the embedded CA's sign() uses of its instance: the issuing
     # certificate, the key it signs the draft with (the throw-away one:
@@ -453,6 +536,10 @@ class Pkcs11TokenProcedure:
     def chain(self) -> list[x509.Certificate]:
         return self.ca.chain()
 
+    def issuers(self) -> list[Pkcs11CA]:
+        """The CA whose CRL and OCSP answers the publishing listener serves."""
+        return self.ca.issuers()
+
 
 def _certificates(path: str, key: str) -> list[x509.Certificate]:
     try:
@@ -475,5 +562,10 @@ def token_procedure(procedure: Any, context: Any) -> Pkcs11TokenProcedure:
     pin = read_secret_file(procedure.pkcs11_pin_file, "pkcs11.pinFile", "the token's user PIN")
     login, key = open_token_key(procedure.pkcs11_module, procedure.pkcs11_token, procedure.pkcs11_key_label, pin)
     where = f"token {procedure.pkcs11_token!r} (key {procedure.pkcs11_key_label!r})"
-    ca = Pkcs11CA(certificates[0], certificates[1:] + chain, login, key, where)
+    from estgw.ca._files import _ensure_directory
+    from estgw.ca.file import state_directory
+
+    directory = state_directory(context.config, procedure.name)
+    _ensure_directory(directory)
+    ca = Pkcs11CA(certificates[0], certificates[1:] + chain, login, key, where, directory)
     return Pkcs11TokenProcedure(procedure.name, ca, profile_of(procedure), reactor=context.reactor)
