@@ -289,13 +289,15 @@ class ESTResource(resource.Resource):
                 413, "body-too-large",
                 f"the request body exceeds {self._gateway.config.max_request_bytes} bytes",
             )
+        if operation in ("cacerts", "csrattrs"):
+            from estgw.auth import authenticate
+
+            # filter public admits anyone; clientcert asks for a certificate.
+            await authenticate(request, handler, peer, self._gateway.portal)
         if operation == "cacerts":
             body = protocol.encode_certs_only(self._gateway.cacerts(label))
             return self._send(request, body, protocol.PKCS7_MIME)
         if operation == "csrattrs":
-            from estgw.auth import authenticate
-
-            await authenticate(request, handler, peer, self._gateway.portal)
             attributes = self._csr_attributes(label, handler)
             if not attributes and handler.csr_template is None:
                 return _respond(request, 204, b"", None)
