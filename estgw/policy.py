@@ -25,6 +25,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa
+from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import AttributeOID, ExtendedKeyUsageOID, NameOID, ObjectIdentifier
 
 from estgw import factory, names
@@ -616,4 +617,5 @@ def issue_request(ctx: PolicyContext) -> IssueRequest:
         subject=names.check_subject(ctx.subject),
         public_key=ctx.csr.public_key(),
         sans=names.check_sans(ctx.sans),
+        csr=ctx.csr.public_bytes(Encoding.DER),
     )

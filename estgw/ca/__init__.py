@@ -66,6 +66,10 @@ class IssueRequest:
     subject: x509.Name
     public_key: CertificatePublicKeyTypes
     sans: tuple[x509.GeneralName, ...] = attr.ib(default=(), converter=tuple)
+    #: The DER PKCS#10 request exactly as the client signed it: what a
+    #: token procedure that forwards to another CA sends on (it cannot
+    #: re-sign a request with the client's key); b"" when there is none.
+    csr: bytes = attr.ib(default=b"", repr=False)
 
 
 #: RFC 5280 camelCase key usage names -> x509.KeyUsage field names.

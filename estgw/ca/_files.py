@@ -118,6 +118,22 @@ def _read(path: str) -> bytes:
         raise CAError(f"cannot read {path}: {e.strerror}") from e
 
 
+def read_secret_file(path: str, key: str, what: str) -> str:
+    """The secret in ``path`` (a PIN, a password): its first line without
+    the line break.  CASettingError for the setting ``key`` when it cannot
+    be read or is empty."""
+    from estgw.ca import CASettingError
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            secret = f.readline().rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as e:
+        raise CASettingError(key, f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+    if not secret:
+        raise CASettingError(key, f"{path} is empty; it must hold {what}")
+    return secret
+
+
 def _load_cert(path: str) -> x509.Certificate:
     try:
         return x509.load_pem_x509_certificate(_read(path))
