@@ -25,7 +25,7 @@ from twisted.application import service
 from twisted.enterprise import adbapi
 from twisted.internet import defer, ssl
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint, wrapServerTLS
+from twisted.internet.endpoints import wrapServerTLS
 from twisted.internet.ssl import TLSVersion
 from twisted.logger import Logger
 from twisted.python import usage
@@ -38,6 +38,7 @@ from estgw.approval.config import REQUEST_PATH, ServiceConfig
 from estgw.ca import CAError
 from estgw import policy
 from estgw.config import ConfigError
+from estgw.daemon import listen_all
 from estgw.escape import printable
 from estgw.refusal import Refusal
 from estgw.store import general_name_text
@@ -565,18 +566,35 @@ class ApprovalService(service.Service):
             raise usage.UsageError(str(e)) from None
         self.store = ServiceStore(config.store_path, reactor)
         self.roles = Roles.from_anchors(self.pki.gateway_anchors, self.pki.operator_anchors)
-        self.port: Any = None
+        self.ports: list[Any] = []
         self.ready: Deferred[None] = Deferred()
 
     def identify(self, request: Request) -> Caller | None:
         return self.roles.caller(verified_chain(request))
 
+    def bind(self) -> None:
+        """Bind the port now, before the reactor runs (and before twistd
+        daemonizes); accept nothing until the store is open.  StartError
+        names the address, the port and the reason."""
+        if self.ports:
+            return
+        self.ports = listen_all(
+            self.reactor, self.config.interface, self.config.port,
+            build_site(self.store, self.identify, self.reactor),
+            lambda endpoint: wrapServerTLS(server_context(self.pki), endpoint),
+            what="the approval service",
+        )
+        for port in self.ports:
+            port.stopReading()
+
+    @property
+    def port(self) -> Any:
+        return self.ports[0] if self.ports else None
+
     async def _start(self) -> None:
         await self.store.start()
-        interface = self.config.interface
-        tcp = TCP6ServerEndpoint if ":" in interface else TCP4ServerEndpoint
-        endpoint = wrapServerTLS(server_context(self.pki), tcp(self.reactor, self.config.port, interface=interface))
-        self.port = await endpoint.listen(build_site(self.store, self.identify, self.reactor))
+        for port in self.ports:
+            port.startReading()
         self._log.info(
             "estgw-approval serving {url} ; gateways trust {ca}",
             url=self.config.url.replace(f":{self.config.port}/", f":{self.port.getHost().port}/"),
@@ -584,19 +602,21 @@ class ApprovalService(service.Service):
         )
 
     def startService(self) -> None:
+        self.bind()
         super().startService()
         d = Deferred.fromCoroutine(self._start())
 
-        def failed(failure: Failure) -> None:
+        def failed(failure: Failure) -> Failure:
             self._log.failure("estgw-approval could not start", failure)
-            if self.reactor.running:
-                self.reactor.stop()
+            return failure
 
-        d.addCallbacks(self.ready.callback, failed)
+        d.addErrback(failed)
+        d.chainDeferred(self.ready)
 
     async def _stop(self) -> None:
-        if self.port is not None:
-            await self.port.stopListening()
+        ports, self.ports = self.ports, []
+        for port in ports:
+            await defer.maybeDeferred(port.stopListening)
         self.store.close()
 
     def stopService(self) -> Deferred[None]:
