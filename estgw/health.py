@@ -43,10 +43,19 @@ def _answer(request: Request, status: int, text: str, headers: Mapping[str, str]
     return body
 
 
+class _NotFound(resource.Resource):
+    isLeaf = True
+
+    def render(self, request: Request) -> bytes:
+        return _answer(request, 404, "no such resource: /health/live and /health/ready are served here")
+
+
 class _Live(resource.Resource):
     isLeaf = True
 
     def render_GET(self, request: Request) -> bytes:
+        if request.postpath:
+            return _NotFound().render(request)
         return _answer(request, 200, "live")
 
     render_HEAD = render_GET
@@ -82,6 +91,8 @@ class _Ready(resource.Resource):
         return [f"{name}: {why}" for name, why in zip(names, results) if why is not None]
 
     def render_GET(self, request: Request) -> Any:
+        if request.postpath:
+            return _NotFound().render(request)
         d = defer.ensureDeferred(self._evaluate())
 
         def done(failures: list[str]) -> None:
@@ -104,13 +115,21 @@ class _Ready(resource.Resource):
     render_HEAD = render_GET
 
 
+class _Health(resource.Resource):
+    def getChild(self, path: bytes, request: Request) -> resource.Resource:
+        return _NotFound()
+
+    def render(self, request: Request) -> bytes:
+        return _NotFound().render(request)
+
+
 def health_resource(checks: Callable[[], Mapping[str, Check]], reactor: Any) -> resource.Resource:
     """The ``health`` node: ``live`` and ``ready`` children.
 
     ``checks()`` returns the readiness checks to run now (name → coroutine
     function that raises when not ready); an empty mapping means not ready.
     """
-    health = resource.Resource()
+    health = _Health()
     health.putChild(b"live", _Live())
     health.putChild(b"ready", _Ready(checks, reactor))
     return health
