@@ -282,7 +282,7 @@ async def officer_without_role(gw, d):
 
 async def officer_without_role_registered(gw, d):
     own = gateway_certificate(gw, d, "ra-7")
-    await run_cli(gw, "officer", "add", "--cert", own.cert_path, "--role", "auditor")
+    await run_cli(gw, "officer", "add", "--cert", own.cert_path, "--role", "auditor", "--force")
     return {"data": basic_csr("pump-99"), **own.curl}
 
 
