@@ -10,6 +10,7 @@ import re
 import shutil
 import stat
 import sys
+from typing import Any
 
 from cryptography import x509
 
@@ -44,18 +45,48 @@ def literal_blocks(text: str, section: str) -> list[list[str]]:
     return blocks
 
 
+GIT = ["git", "-c", "user.name=estgw test", "-c", "user.email=test@localhost", "-c", "init.defaultBranch=main"]
+
+
+def _executable(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+    os.chmod(path, stat.S_IRWXU)
+
+
+async def repository_copy(directory: str, adapt: Any = None) -> None:
+    """What a fresh clone holds that the walk-throughs use (etc/, the
+    .gitignore), committed to a new git repository (after ``adapt(directory)``
+    where given, e.g. other ports), and .venv/bin/estgw and .venv/bin/twistd
+    running this checkout's code."""
+    shutil.copytree(os.path.join(REPO, "etc"), os.path.join(directory, "etc"), dirs_exist_ok=True)
+    if adapt is not None:
+        adapt(directory)
+    shutil.copy(os.path.join(REPO, ".gitignore"), directory)
+    os.makedirs(os.path.join(directory, ".venv", "bin"))
+    _executable(os.path.join(directory, ".venv", "bin", "estgw"),
+                f"#!/bin/sh\nexec {sys.executable} -m estgw.cli \"$@\"\n")
+    _executable(os.path.join(directory, ".venv", "bin", "twistd"),
+                f"#!/bin/sh\nexec {sys.executable} -c 'from twisted.scripts.twistd import run; run()' \"$@\"\n")
+    for argv in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "clone"]):
+        done = await run_process(GIT + argv, path=directory)
+        assert done.code == 0, done
+
+
+async def git_status(directory: str) -> list[str]:
+    """``git status --porcelain``: what a walk-through left that git would
+    show (untracked and not ignored, or changed)."""
+    done = await run_process(GIT + ["status", "--porcelain", "--untracked-files=all"], path=directory)
+    assert done.code == 0, done
+    return done.stdout.decode().splitlines()
+
+
 class ReadmeWalkthroughTests(TwistdTestCase):
-    def setUp(self) -> None:
+    async def setUp(self) -> None:
         super().setUp()
-        # The repository's layout: etc/est.properties, .venv/bin/estgw.
-        os.makedirs(os.path.join(self.directory, "etc"))
-        shutil.move(self.config, os.path.join(self.directory, "etc", "est.properties"))
+        os.unlink(self.config)
+        await repository_copy(self.directory)
         self.config = os.path.join(self.directory, "etc", "est.properties")
-        os.makedirs(os.path.join(self.directory, ".venv", "bin"))
-        estgw = os.path.join(self.directory, ".venv", "bin", "estgw")
-        with open(estgw, "w") as f:
-            f.write(f"#!/bin/sh\nexec {sys.executable} -m estgw.cli \"$@\"\n")
-        os.chmod(estgw, stat.S_IRWXU)
 
     async def test_walkthrough_as_written(self) -> None:
         """Every command of the walk-through succeeds in order (bash -e):
@@ -93,3 +124,4 @@ class ReadmeWalkthroughTests(TwistdTestCase):
         records = json.loads(listed.stdout)
         self.assertEqual(len(records), 2, "enroll + renew; the refused request issued nothing")
         self.assertEqual(records[0]["serial"], f"{renewed.serial_number:X}".zfill(len(records[0]["serial"])))
+        self.assertEqual(await git_status(self.directory), [], "keys and state are ignored by git")
