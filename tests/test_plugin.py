@@ -61,6 +61,33 @@ class LayoutTests(SynchronousTestCase):
                 expected.add(os.path.relpath(directory, REPO).replace(os.sep, "."))
         self.assertEqual(listed, expected)
 
+    def test_extras_offer_only_what_is_used(self) -> None:
+        """Every optional dependency (extras other than test) is imported by
+        some module of estgw: an extra that does nothing is not offered."""
+        import re
+
+        parser = configparser.ConfigParser()
+        parser.read_string(self.read("setup.cfg"))
+        extras = parser["options.extras_require"] if parser.has_section("options.extras_require") else {}
+        sources = ""
+        for directory, _dirs, files in os.walk(os.path.join(REPO, "estgw")):
+            for name in files:
+                if name.endswith(".py"):
+                    with open(os.path.join(directory, name), encoding="utf-8") as f:
+                        sources += f.read()
+        for extra, requirements in extras.items():
+            if extra == "test":
+                continue
+            for requirement in requirements.split():
+                module = re.split(r"[<>=!\[; ]", requirement)[0].replace("-binary", "").replace("-", "_")
+                self.assertRegex(sources, rf"(?m)^\s*(import|from) {re.escape(module)}\b", f"{extra}: {requirement}")
+
+    def test_version_has_one_home(self) -> None:
+        """setup.cfg takes the version from estgw.__version__ (what --version says)."""
+        parser = configparser.ConfigParser()
+        parser.read_string(self.read("setup.cfg"))
+        self.assertEqual(parser["metadata"]["version"], "attr: estgw.__version__")
+
     def test_no_init_in_twisted_namespace(self) -> None:
         """No __init__.py under twisted/: it would shadow the installed Twisted."""
         self.assertFalse(os.path.exists(os.path.join(REPO, "twisted", "__init__.py")))
