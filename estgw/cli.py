@@ -563,8 +563,10 @@ def _parser() -> argparse.ArgumentParser:
         + ",".join(device_import.CSV_COLUMNS)
         + " (id required; any order). password may be empty when factory_cert (a file relative to"
         " the CSV) is given; cn defaults to the id; single_use is yes/no; subject_values are"
-        " NAME=VALUE pairs and sans KIND:VALUE names, each separated by ';'. Each bad row is reported as 'line N: reason' and"
-        " skipped; the good rows are imported; the exit status is 1 if any row was bad.",
+        " NAME=VALUE pairs and sans KIND:VALUE names, each separated by ';'. Each bad row is"
+        " reported on stderr as 'FILE line N: reason' and skipped, and so is each row of a device"
+        " already registered (left unchanged); the good rows are imported and counted on stdout."
+        " The exit status is 1 if any row was bad or, without --skip-existing, already registered.",
     )
     importing.add_argument("file", help="the CSV file")
     importing.add_argument(

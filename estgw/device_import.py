@@ -227,10 +227,15 @@ async def import_devices(
     """Register every good row; collect the bad ones and the devices
     already registered (left as they are) with their line numbers."""
     result = ImportResult()
+    seen: dict[str, int] = {}
     for line, row in rows:
         if isinstance(row, ValueError):
             result.bad.append((line, str(row)))
             continue
+        if row.device_id in seen:  # a mistake in the file, not a re-run
+            result.bad.append((line, f"device {row.device_id!r} is already on line {seen[row.device_id]}"))
+            continue
+        seen[row.device_id] = line
         try:
             await store.add_device(build_device(row, realms))
         except DuplicateFactoryCertificate as e:

@@ -8,7 +8,7 @@ import os
 from twisted.application.service import IServiceMaker
 from twisted.plugin import getPlugins
 from twisted.python import usage
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from estgw import tap
 from estgw.testing import TEST_CONFIG, write
@@ -99,6 +99,26 @@ class LayoutTests(SynchronousTestCase):
         self.assertEqual(tables, ["[build-system]"])
 
 
+class MakeServiceListensTests(TestCase):
+    async def test_builds_gateway_service(self) -> None:
+        """makeService creates the state, binds the port (before twistd
+        daemonizes) without accepting yet, and returns a MultiService
+        holding the (not yet started) gateway service."""
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        path = write(os.path.join(directory, "est.properties"), TEST_CONFIG.encode())
+        options = tap.Options()
+        options.parseOptions(["--config", path])
+        top = tap.makeService(options)
+        (gateway,) = list(top)
+        self.assertIsInstance(gateway, tap.GatewayService)
+        self.assertFalse(gateway.running)
+        self.assertTrue(os.path.exists(options.loaded.ca_certificate_path))
+        self.assertEqual([p.getHost().host for p in gateway.ports], ["127.0.0.1"])
+        for port in gateway.ports:
+            await port.stopListening()
+
+
 class OptionsTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.directory = os.path.abspath(self.mktemp())
@@ -155,18 +175,6 @@ class MakeServiceTests(SynchronousTestCase):
         self.directory = os.path.abspath(self.mktemp())
         os.makedirs(self.directory)
         self.path = os.path.join(self.directory, "est.properties")
-
-    def test_builds_gateway_service(self) -> None:
-        """makeService creates the state and returns a MultiService holding
-        the (not yet started) gateway service."""
-        write(self.path, TEST_CONFIG.encode())
-        options = tap.Options()
-        options.parseOptions(["--config", self.path])
-        top = tap.makeService(options)
-        (gateway,) = list(top)
-        self.assertIsInstance(gateway, tap.GatewayService)
-        self.assertFalse(gateway.running)
-        self.assertTrue(os.path.exists(options.loaded.ca_certificate_path))
 
     def test_unusable_state_directory(self) -> None:
         """A state.directory that cannot be created ends twistd with a

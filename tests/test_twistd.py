@@ -18,6 +18,7 @@ from twisted.internet import defer, protocol, reactor
 from twisted.internet.error import ProcessDone, ProcessExitedAlready
 from twisted.trial.unittest import TestCase
 
+from estgw.cli import format_serial
 from estgw.protocol import decode_certs_only
 from estgw.testing import ProcessResult, _which, make_csr, new_key, run_process
 
@@ -178,7 +179,7 @@ class DaemonTests(TwistdTestCase):
         self.assertEqual(decode_certs_only(body), first_chain)
         listed = await self.cli("cert", "list")
         self.assertEqual(listed.code, 0, listed.stderr.decode())
-        self.assertIn(f"{cert.serial_number:x}".encode(), listed.stdout)
+        self.assertIn(format_serial(cert.serial_number).encode(), listed.stdout)
         self.assertIn(b"device:pump-7", listed.stdout)
 
 
