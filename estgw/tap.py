@@ -235,6 +235,12 @@ class GatewayService(service.Service):
                 port=self.coaps_port.getHost().port,
             )
         self._serving = True
+        self._log.info(
+            "listening on {addresses}",
+            addresses=", ".join(
+                shown_address(p.getHost()) for p in self.ports + self.metrics_ports + self.publish_ports
+            ),
+        )
         host = self.config.hostnames[0] if self.config.hostnames else "localhost"
         self._log.info(
             "estgw serving EST at https://{host}:{port}/.well-known/est/ ; "
@@ -242,12 +248,6 @@ class GatewayService(service.Service):
             host=host,
             port=self.port.getHost().port,
             ca=self.config.ca_certificate_path,
-        )
-        self._log.info(
-            "listening on {addresses}",
-            addresses=", ".join(
-                shown_address(p.getHost()) for p in self.ports + self.metrics_ports + self.publish_ports
-            ),
         )
 
     def startService(self) -> None:

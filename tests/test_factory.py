@@ -271,10 +271,10 @@ class DeviceRegistrationCLITests(SecurityTestCase):
             "pump-1,pw1,DNS:pump-1.plant.example;IP:10.0.0.1;URI:https://pump-1.plant.example/a%3Bb,O=Plant\n"
             "pump-2,pw2,DNS:*.example,\n"
         ).encode())
-        stream = io.StringIO()
+        stream, errors = io.StringIO(), io.StringIO()
         with self.assertRaises(cli.CommandError):
-            await cli.run(reactor, ["--config", self.gateway.config_path, "device", "import", path], stream)
-        self.assertIn("line 3: the dNSName subjectAltName '*.example'", stream.getvalue())
+            await cli.run(reactor, ["--config", self.gateway.config_path, "device", "import", path], stream, errors)
+        self.assertIn("line 3: the dNSName subjectAltName '*.example'", errors.getvalue())
         [device] = await self.gateway.store.list_devices()
         self.assertEqual(device.subject_values, (
             ("O", "Plant"), ("DNS", "pump-1.plant.example"), ("IP", "10.0.0.1"),

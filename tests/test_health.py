@@ -64,7 +64,7 @@ class HealthTests(TestCase):
     async def test_unknown_health_path(self) -> None:
         """Other paths under /health are 404."""
         gateway = await RunningGateway.start(self)
-        for path in ("/health/nope", "/health", "/health/ready/x", "/health/live/"):
+        for path in ("/health/nope", "/health", "/health/ready/x", "/health/live/x"):
             status, head, _ = await self.get(gateway.url(path), "--cacert", gateway.ca_file)
             self.assertEqual(status, 404, path)
             self.assertIn("content-type: text/plain", head)
