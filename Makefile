@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 CONFIG ?= etc/est.properties
 SOURCES := $(shell find estgw twisted -name '*.py') setup.cfg pyproject.toml
 
-.PHONY: install run test bench clean
+.PHONY: install run test typecheck bench clean
 
 install: $(VENV)/.installed
 
@@ -28,6 +28,10 @@ test: install
 	status=$$?; \
 	if [ -n "$(KEEP_TEMP)" ]; then echo "trial's files kept in $$tmp"; else rm -rf "$$tmp"; fi; \
 	exit $$status
+
+# mypy with the zope.interface plugin, as configured in mypy.ini.
+typecheck: install
+	$(VENV)/bin/mypy
 
 bench: install
 	$(PY) bench/enroll_bench.py

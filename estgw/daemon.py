@@ -98,7 +98,7 @@ def shown_address(address: Any) -> str:
     return f"[{host}]:{address.port}" if ":" in host else f"{host}:{address.port}"
 
 
-def end_process_on_failure(ready: defer.Deferred, reactor: Any) -> None:
+def end_process_on_failure(ready: defer.Deferred[None], reactor: Any) -> None:
     """When ``ready`` fails once the reactor runs (after twistd detached),
     end the process with a non-zero status: SIGTERM to itself makes
     twistd stop the services, remove its pid file and exit by the signal."""

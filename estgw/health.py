@@ -17,19 +17,19 @@ listener and, when ``metrics.port`` is set, on the metrics listener.
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Any, Awaitable, Callable, Mapping
+from typing import Any, Callable, Coroutine, Mapping
 
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.web import resource, server
-from twisted.web.http import Request
+from twisted.web.server import Request
 
 #: Seconds each readiness check may take before it counts as failed.
 READY_TIMEOUT = 5.0
 #: Retry-After (seconds) of a 503 readiness answer.
 RETRY_AFTER = 5
 
-Check = Callable[[], Awaitable[None]]
+Check = Callable[[], Coroutine[Any, Any, None]]
 
 
 def _answer(request: Request, status: int, text: str, headers: Mapping[str, str] = {}) -> bytes:
@@ -72,7 +72,7 @@ class _Ready(resource.Resource):
 
     async def _one(self, check: Check) -> str | None:
         try:
-            d = defer.ensureDeferred(check())
+            d: defer.Deferred[None] = defer.Deferred.fromCoroutine(check())
             await d.addTimeout(READY_TIMEOUT, self._reactor)
         except defer.TimeoutError:
             return f"no answer within {READY_TIMEOUT:g} seconds"

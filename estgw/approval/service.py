@@ -31,7 +31,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.web import resource, server
-from twisted.web.http import Request
+from twisted.web.server import Request
 
 from estgw.approval import pki
 from estgw.approval.config import REQUEST_PATH, ServiceConfig
@@ -337,7 +337,7 @@ def _send_json(request: Request, status: int, body: Any, headers: dict[str, str]
 
 
 def _read_json(request: Request) -> Any:
-    data = request.content.read(MAX_BODY + 1)
+    data = request.content.read(MAX_BODY + 1) if request.content is not None else b""
     if len(data) > MAX_BODY:
         raise ApiError(413, f"the body exceeds {MAX_BODY} bytes")
     if not data.strip():
@@ -448,7 +448,7 @@ class RequestsResource(resource.Resource):
             _send_json(request, status, body, headers)
 
     async def _route(self, request: Request, caller: Caller, headers: dict[str, str]) -> tuple[int, Any]:
-        segments = [s.decode("utf-8", "replace") for s in request.postpath if s]
+        segments = [s.decode("utf-8", "replace") for s in request.postpath or [] if s]
         method = request.method
         if not segments:
             if method == b"POST":
@@ -490,7 +490,8 @@ class RequestsResource(resource.Resource):
         return 200, record.to_json(now, full=caller.role == "operator")
 
     async def _list(self, request: Request, caller: Caller) -> tuple[int, Any]:
-        wanted = (request.args.get(b"status") or [b"pending"])[0].decode("utf-8", "replace")
+        args: dict[bytes, list[bytes]] = request.args or {}
+        wanted = (args.get(b"status") or [b"pending"])[0].decode("utf-8", "replace")
         if wanted not in _LIST_FILTERS:
             raise ApiError(400, f"status: one of {', '.join(_LIST_FILTERS)}")
         now = _now(self._clock)
@@ -535,8 +536,8 @@ def server_context(state: pki.ServicePKI) -> ssl.CertificateOptions:
     operator trust anchor is required by the handshake itself."""
     return ssl.CertificateOptions(
         privateKey=state.server_key,
-        certificate=state.server_certificate,
-        extraCertChain=[state.server_ca.issuing],
+        certificate=state.server_certificate,  # type: ignore[arg-type]  # Twisted's hints name only pyOpenSSL's types
+        extraCertChain=[state.server_ca.issuing],  # type: ignore[list-item]
         verify=True,
         caCerts=[crypto.X509.from_cryptography(c) for c in state.client_trust],
         requireCertificate=True,
