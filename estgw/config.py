@@ -848,7 +848,7 @@ def _check_kind(procedure: TokenProcedureConfig, keys: Mapping[str, str], prefix
 
 
 def _resolve_procedure_files(procedure: TokenProcedureConfig, base_dir: str, source: str) -> TokenProcedureConfig:
-    changes = {}
+    changes: dict[str, Any] = {}
     for name, attribute in _TOKEN_PROCEDURE_FILES.items():
         value = getattr(procedure, attribute)
         if not value:

@@ -104,7 +104,7 @@ class GatewayService(service.Service):
         )
         self._crl_refresh: Any = None
         self.coaps_port: Any = None
-        self.ready: defer.Deferred = defer.Deferred()
+        self.ready: defer.Deferred[None] = defer.Deferred()
 
     @property
     def port(self) -> Any:
@@ -279,7 +279,7 @@ class GatewayService(service.Service):
             await self.gateway.portal.close()
         await self.store.close()
 
-    def stopService(self) -> defer.Deferred:
+    def stopService(self) -> defer.Deferred[None]:
         super().stopService()
         return defer.Deferred.fromCoroutine(self._stop())
 

@@ -205,16 +205,16 @@ class HeldTokenProcedure:
     def __init__(self, procedure: Any) -> None:
         self.name = procedure.name
         self._procedure = procedure
-        self.called: defer.Deferred = defer.Deferred()
-        self._waiting: list[defer.Deferred] = []
+        self.called: defer.Deferred[Any] = defer.Deferred()
+        self._waiting: list[defer.Deferred[None]] = []
         self._released = False
 
-    def issue(self, request: Any) -> defer.Deferred:
+    def issue(self, request: Any) -> defer.Deferred[Any]:
         if not self.called.called:
             self.called.callback(request)
         if self._released:
             return self._procedure.issue(request)
-        waiting: defer.Deferred = defer.Deferred()
+        waiting: defer.Deferred[None] = defer.Deferred()
         self._waiting.append(waiting)
         return waiting.addCallback(lambda _: self._procedure.issue(request))
 
