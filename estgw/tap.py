@@ -206,6 +206,7 @@ class GatewayService(service.Service):
             self.state.trust_anchors,
             settings_of(self.config),
         )
+        assert self.config.coaps_port is not None
         try:
             port = listen_coaps(
                 self.reactor, gateway, context, self.config.coaps_port, self.config.coaps_interface

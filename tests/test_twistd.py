@@ -309,6 +309,15 @@ class DaemonizedTests(DaemonizeTestCase):
         result = await self.daemonize("--port", "0")
         self.assert_failed_fast(result, f"cannot listen for metrics on 127.0.0.1 port {busy}")
 
+    async def test_coaps_port_in_use(self) -> None:
+        """So does the CoAPs UDP port in use (coaps.port)."""
+        holder = reactor.listenUDP(0, protocol.DatagramProtocol(), interface="127.0.0.1")
+        self.addCleanup(holder.stopListening)
+        busy = holder.getHost().port
+        self.append_config(f"coaps.port = {busy}\ncoaps.interface = 127.0.0.1\n")
+        result = await self.daemonize("--port", "0")
+        self.assert_failed_fast(result, f"estgw: cannot listen on UDP port {busy} (coaps.port): Address already in use")
+
     async def test_bad_config(self) -> None:
         """A misspelt key: exit status non-zero, the key and the reason."""
         self.append_config("server.prot = 8443\n")
