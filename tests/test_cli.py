@@ -164,12 +164,12 @@ class DeviceTests(CLITestCase):
             os.path.join(self.directory, "twice.csv"),
             b"id,password,subject_values\nbad-7,x,serialNumber=S1;serialNumber=S1\nok-1,y,\n",
         )
-        out = io.StringIO()
+        out, err = io.StringIO(), io.StringIO()
         try:
-            await run(reactor, ["--config", self.config_path, "device", "import", csv_path], out)
+            await run(reactor, ["--config", self.config_path, "device", "import", csv_path], out, err)
         except (CommandError, SystemExit):
             pass
-        self.assertIn("line 2", out.getvalue() + "")
+        self.assertIn(f"{csv_path} line 2: ", err.getvalue())
         self.assertIsNone(await self.stored_hash("bad-7"))
         self.assertIsNotNone(await self.stored_hash("ok-1"))
 
