@@ -8,6 +8,7 @@ for client certificates, the store and the token procedures.
 from __future__ import annotations
 
 import os
+import sqlite3
 from typing import Any, Mapping
 
 import attr
@@ -115,6 +116,42 @@ def initialize(config: Config, reactor: Any = None) -> State:
         ca=ca, server_key=key, server_certificate=cert, trust_anchors=tuple(anchors.values()),
         procedures=procedures,
     )
+
+
+def check_store(config: Config) -> None:
+    """Open the store once, synchronously, before twistd detaches:
+    ConfigError naming ``store.url`` when the SQLite file is not a database
+    or cannot be opened, or the PostgreSQL server cannot be reached (the
+    store itself opens it later, in its threads)."""
+    path = config.store_path
+    if path is None:
+        _check_postgresql(config)
+        return
+    if not os.path.exists(path):
+        return  # created on start, in a directory initialize() made
+    if not os.access(path, os.R_OK | os.W_OK):
+        raise ConfigError("store.url", f"cannot open {path}: permission denied", config.source)
+    try:
+        connection = sqlite3.connect(path, timeout=5)
+        try:
+            connection.execute("PRAGMA schema_version").fetchone()
+        finally:
+            connection.close()
+    except sqlite3.Error as e:
+        raise ConfigError("store.url", f"cannot open {path}: {e}", config.source) from None
+
+
+def _check_postgresql(config: Config) -> None:
+    import psycopg
+
+    from estgw.store import redact_url
+
+    try:
+        with psycopg.connect(config.store_url, connect_timeout=5, application_name="estgw") as connection:
+            connection.execute("SELECT 1").fetchone()
+    except psycopg.Error as e:
+        reason = str(e).strip().replace(config.store_url, redact_url(config.store_url))
+        raise ConfigError("store.url", f"cannot connect to the PostgreSQL server: {reason}", config.source) from None
 
 
 def open_store(config: Config, reactor: Any = None) -> IStore:

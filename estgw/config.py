@@ -146,6 +146,20 @@ def _port(value: str) -> int:
     return number
 
 
+def _interface(value: str) -> str:
+    """``localhost`` (127.0.0.1 and ::1), empty (every IPv4 address) or a
+    comma-separated list of IP addresses (``::``: every address)."""
+    text = value.strip()
+    for item in (i.strip() for i in text.split(",")) if text else ():
+        if item.lower() == "localhost":
+            continue
+        try:
+            ipaddress.ip_address(item.removeprefix("[").removesuffix("]"))
+        except ValueError:
+            raise ValueError(f"not an IP address or 'localhost': {item!r}") from None
+    return text
+
+
 def _list(value: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in value.split(",") if item.strip())
 
@@ -484,7 +498,7 @@ class Config:
     source: str  # the file it came from, for messages
     state_directory: str
     port: int = 8443
-    interface: str = ""
+    interface: str = "localhost"
     hostnames: tuple[str, ...] = ()
     max_request_bytes: int = 65536
     store_url: str = "sqlite:estgw.sqlite"
@@ -585,7 +599,7 @@ class Config:
 # key → (attribute, parser) tables; a new setting is one row here.
 _GLOBAL_KEYS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "server.port": ("port", _port),
-    "server.interface": ("interface", _text),
+    "server.interface": ("interface", _interface),
     "server.hostnames": ("hostnames", _hostnames),
     "server.maxRequestBytes": ("max_request_bytes", _positive_int),
     "state.directory": ("state_directory", _text),
@@ -604,14 +618,14 @@ _GLOBAL_KEYS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "tls.groups": ("tls_groups", _nonempty),
     "tls.securityLevel": ("tls_security_level", _security_level),
     "metrics.port": ("metrics_port", _port),
-    "metrics.interface": ("metrics_interface", _text),
+    "metrics.interface": ("metrics_interface", _interface),
     "ca.keyType": ("ca_key_type", _choice(*KEY_TYPES)),
     "tls.keyType": ("tls_key_type", _choice(*KEY_TYPES)),
     "ca.rsaPadding": ("ca_rsa_padding", _choice(*RSA_PADDINGS)),
     "ca.keyPasswordFile": ("ca_key_password_file", _text),
     "ca.keyPasswordEnv": ("ca_key_password_env", _text),
     "publish.port": ("publish_port", _port),
-    "publish.interface": ("publish_interface", _text),
+    "publish.interface": ("publish_interface", _interface),
     "publish.crl.nextUpdateHours": ("publish_crl_hours", _positive_int),
     "coaps.port": ("coaps_port", _port),
     "coaps.interface": ("coaps_interface", _text),

@@ -422,7 +422,7 @@ def client_certificate_has_client_auth(ctx: PolicyContext) -> None:
         # certificate must name clientAuth.
         if ctx.identity.kind == "factory":
             return
-        ekus = []
+        ekus = x509.ExtendedKeyUsage([])
     if ExtendedKeyUsageOID.CLIENT_AUTH not in ekus and ANY_EKU not in ekus:
         raise _policy(
             "client-certificate-not-client-auth",

@@ -10,7 +10,7 @@ import os
 import tempfile
 from contextlib import contextmanager
 from datetime import datetime, timezone
-from typing import Iterator
+from typing import Iterator, cast
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -165,9 +165,9 @@ def _load_key(path: str, passphrase: bytes | None = None) -> PrivateKey:
         if passphrase is not None and b"ENCRYPTED" in data:
             raise PassphraseError(f"{path}: the passphrase does not decrypt it") from e
         raise CAError(f"{path} is not a PEM or DER private key: {e}") from e
-    if not isinstance(key, CertificateIssuerPrivateKeyTypes):  # type: ignore[misc, arg-type]
+    if not isinstance(key, CertificateIssuerPrivateKeyTypes):  # type: ignore[arg-type]
         raise CAError(f"{path} holds a {type(key).__name__}, which cannot sign certificates")
-    return key
+    return cast(CertificateIssuerPrivateKeyTypes, key)  # mypy does not narrow by a Union in isinstance
 
 
 def _spki(key: CertificatePublicKeyTypes) -> bytes:

@@ -16,6 +16,7 @@ import attr
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509 import ocsp
+from cryptography.x509.oid import AuthorityInformationAccessOID
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorThreads
 from twisted.internet.threads import deferToThreadPool
@@ -81,9 +82,9 @@ def profile_extensions(profile: Profile, key_id: str = "") -> list[x509.Extensio
         extensions.append(x509.CRLDistributionPoints([x509.DistributionPoint([uri(profile.crl_url)], None, None, None)]))
     access = []
     if profile.ocsp_url:
-        access.append(x509.AccessDescription(x509.AuthorityInformationAccessOID.OCSP, uri(profile.ocsp_url)))
+        access.append(x509.AccessDescription(AuthorityInformationAccessOID.OCSP, uri(profile.ocsp_url)))
     if profile.ca_issuers_url:
-        access.append(x509.AccessDescription(x509.AuthorityInformationAccessOID.CA_ISSUERS, uri(profile.ca_issuers_url)))
+        access.append(x509.AccessDescription(AuthorityInformationAccessOID.CA_ISSUERS, uri(profile.ca_issuers_url)))
     if access:
         extensions.append(x509.AuthorityInformationAccess(access))
     return extensions

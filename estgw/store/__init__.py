@@ -386,6 +386,12 @@ class IStore(Interface):
     def list_devices() -> Deferred[list[Device]]:
         """All devices, by id."""
 
+    def set_device_password(
+        device_id: str, password_hash: str, digest_ha1: tuple[tuple[str, str], ...] = ()
+    ) -> Deferred[bool]:
+        """Replace a device's password hashes (scrypt, Digest H(A1) per
+        realm); False when no such device.  Its other settings stay."""
+
     def remove_device(device_id: str) -> Deferred[bool]:
         """Forget a device; True if there was one."""
 

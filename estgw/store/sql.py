@@ -683,6 +683,19 @@ class _SQLStore:
 
         return self._run(interaction)
 
+    def set_device_password(
+        self, device_id: str, password_hash: str, digest_ha1: tuple[tuple[str, str], ...] = ()
+    ) -> Deferred[bool]:
+        def interaction(txn: Any) -> bool:
+            self._execute(
+                txn,
+                "UPDATE devices SET password_hash = ?, digest_ha1 = ? WHERE device_id = ?",
+                (password_hash, json.dumps(dict(digest_ha1)) if digest_ha1 else None, device_id),
+            )
+            return bool(txn.rowcount > 0)
+
+        return self._run(interaction)
+
     def remove_device(self, device_id: str) -> Deferred[bool]:
         def interaction(txn: Any) -> bool:
             self._execute(txn, "DELETE FROM devices WHERE device_id = ?", (device_id,))
