@@ -184,6 +184,26 @@ class CLITests(TestCase):
         await cli.run(reactor, ["--config", config, *argv], out)
         return out.getvalue()
 
+    async def test_check_store_reaches_the_server(self) -> None:
+        """
+        The start-up check (before twistd detaches) passes for a reachable
+        PostgreSQL store and names store.url with libpq's reason, and no
+        password, for one that is not.
+        """
+        from estgw import bootstrap
+        from estgw.config import ConfigError
+
+        bootstrap.check_store(config_module.load(self.write_config(self.url)))
+        nowhere = tempfile.mkdtemp()  # short: a socket path has at most 107 bytes
+        self.addCleanup(os.rmdir, nowhere)
+        config = config_module.load(self.write_config(f"postgresql://estgw:s3cret@/estgw?host={nowhere}"))
+        with self.assertRaises(ConfigError) as caught:
+            bootstrap.check_store(config)
+        self.assertEqual(caught.exception.key, "store.url")
+        self.assertIn("cannot connect to the PostgreSQL server", str(caught.exception))
+        self.assertIn(nowhere, str(caught.exception))
+        self.assertNotIn("s3cret", str(caught.exception))
+
     async def test_init_creates_the_schema(self) -> None:
         """
         `estgw init` with store.url = postgresql://... creates the schema at
