@@ -78,7 +78,8 @@ class LayoutTests(SynchronousTestCase):
         for extra, requirements in extras.items():
             if extra == "test":
                 continue
-            for requirement in requirements.split():
+            # One requirement a line, e.g. "psycopg[binary] >= 3.1".
+            for requirement in filter(None, (line.strip() for line in requirements.splitlines())):
                 module = re.split(r"[<>=!\[; ]", requirement)[0].replace("-binary", "").replace("-", "_")
                 self.assertRegex(sources, rf"(?m)^\s*(import|from) {re.escape(module)}\b", f"{extra}: {requirement}")
 
