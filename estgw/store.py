@@ -47,6 +47,7 @@ __all__ = [
     "APPROVAL_STATES",
     "UnsupportedSchemaVersion",
     "StoreNotRunning",
+    "StoreUnavailable",
     "REVOCATION_REASONS",
     "MIGRATIONS",
     "IStore",
@@ -233,7 +234,13 @@ class UnsupportedSchemaVersion(Exception):
     """The database was written by a newer estgw than this one."""
 
 
-class StoreNotRunning(Exception):
+class StoreUnavailable(Exception):
+    """The database failed (locked, disk full, read-only, connection
+    lost, ...): nothing was written by the failed call.  The message is for
+    the log; devices are told only that the store is unavailable."""
+
+
+class StoreNotRunning(StoreUnavailable):
     """An operation on a store that was not started, or was closed."""
 
 
@@ -316,6 +323,10 @@ class IStore(Interface):
     def certificates_for_public_key(public_key_sha256: str) -> Deferred[list[IssuedCertificate]]:
         """Certificates issued for a public key (hex SHA-256 of its
         SubjectPublicKeyInfo DER), newest first."""
+
+    def count_expiring(after: datetime, before: datetime) -> Deferred[int]:
+        """How many certificates not revoked expire after ``after`` and at
+        or before ``before`` (both timezone-aware)."""
 
     def count_certificates() -> Deferred[int]:
         """How many certificates are recorded."""
@@ -732,7 +743,18 @@ class _SQLStore:
 
         d: Deferred[_T] = self._pool.runInteraction(interaction, *args)
         d.addBoth(done)
+        d.addErrback(self._unavailable)
         return d
+
+    def _unavailable(self, failure: Any) -> Any:
+        """A database error other than a constraint (which the methods turn
+        into their own exceptions) means the store cannot serve: one
+        exception for callers to map to 503."""
+        dbapi = self._pool.dbapi if self._pool is not None else None
+        error = failure.value
+        if dbapi is not None and isinstance(error, dbapi.Error) and not isinstance(error, dbapi.IntegrityError):
+            raise StoreUnavailable(f"{self!r}: {error}") from error
+        return failure
 
     # -- lifecycle
 
@@ -961,6 +983,18 @@ class _SQLStore:
                 (public_key_sha256,),
             )
             return [_certificate_from_row(row) for row in txn.fetchall()]
+
+        return self._run(interaction)
+
+    def count_expiring(self, after: datetime, before: datetime) -> Deferred[int]:
+        def interaction(txn: Any) -> int:
+            self._execute(
+                txn,
+                "SELECT COUNT(*) FROM certificates"
+                " WHERE revoked_at IS NULL AND not_after > ? AND not_after <= ?",
+                (_time_text(after), _time_text(before)),
+            )
+            return int(txn.fetchone()[0])
 
         return self._run(interaction)
 
@@ -1384,4 +1418,6 @@ class SQLiteStore(_SQLStore):
             cp_max=1,
             cp_openfun=self._open,
             cp_reactor=self._reactor,
+            # A connection that failed is replaced by a new one for the next call.
+            cp_reconnect=True,
         )

@@ -30,8 +30,9 @@ from estgw.config import Config, ConfigError
 from estgw.daemon import StartError, end_process_on_failure, listen_all, shown_address
 from estgw.enroll import Gateway
 from estgw.health import Check, certificate_in_validity, health_resource
+from estgw.limits import ConnectionCounts, LimitedEndpoint
 from estgw.revocation import build_checker
-from estgw.metrics import metrics_site
+from estgw.metrics import Metrics, metrics_site
 from estgw.tls import server_context_factory, settings_of
 from estgw.web import build_site
 
@@ -97,6 +98,7 @@ class GatewayService(service.Service):
         self.metrics_ports: list[Any] = []
         self.publish_ports: list[Any] = []
         self.gateway: Gateway | None = None
+        self.connection_counts = ConnectionCounts()
         self._serving = False
         self.published = published_cas(
             self.state.procedures, config.token_procedures, self.store, self.reactor,
@@ -112,7 +114,7 @@ class GatewayService(service.Service):
         return self.ports[0] if self.ports else None
 
     def build_gateway(self) -> Gateway:
-        return Gateway(
+        gateway = Gateway(
             config=self.config,
             store=self.store,
             procedures=self.state.procedures,
@@ -126,7 +128,15 @@ class GatewayService(service.Service):
             revocation=self.revocation,
             approvals=build_gates(self.config, self.approval_tls, self.store, self.reactor),
             key_signer=(self.state.server_certificate, self.state.server_key, (self.state.ca.issuing,)),
+            metrics=Metrics(self.config.metrics_expiring_days),
         )
+        # Thread pools are looked up when scraped: the store's exists once it started.
+        pools = {
+            "reactor": lambda: self.reactor.getThreadPool() if hasattr(self.reactor, "getThreadPool") else None,
+            "store": lambda: getattr(getattr(self.store, "_pool", None), "threadpool", None),
+        }
+        gateway.metrics.watch(self.store, gateway.ca_guard, pools, self.reactor)
+        return gateway
 
     def _wrap_tls(self, endpoint: Any) -> Any:
         context = server_context_factory(
@@ -138,7 +148,17 @@ class GatewayService(service.Service):
             self.state.trust_anchors,
             settings_of(self.config),
         )
-        return wrapServerTLS(context, endpoint)
+        # Connection caps outside TLS, shared by every listening address:
+        # a refused connection costs no handshake.
+        limited = LimitedEndpoint(
+            endpoint, self.config.max_connections, self.config.max_connections_per_client,
+            self.refused_connection, self.connection_counts,
+        )
+        return wrapServerTLS(context, limited)
+
+    def refused_connection(self, code: str) -> None:
+        if self.gateway is not None:
+            self.gateway.metrics.refusal(code)
 
     def readiness_checks(self) -> Mapping[str, Check]:
         """What ``/health/ready`` asks; nothing (not ready) unless serving."""

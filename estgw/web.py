@@ -15,12 +15,12 @@ from typing import Any
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import http, resource, server
+from twisted.web import resource, server
 from twisted.web.server import Request
 from twisted.web.http_headers import Headers
 from urllib.parse import unquote_to_bytes as unquote  # what twisted.web.http uses
 
-from estgw import csrattrs, protocol
+from estgw import csrattrs, guard, limits, protocol
 from estgw.config import OPERATIONS
 from estgw.enroll import Gateway, enroll
 from estgw.escape import printable
@@ -275,7 +275,17 @@ class ESTResource(resource.Resource):
             label, operation = self._route(request)
             peer = peer_info(request)
             await self._operation(request, label, operation, peer)
-        except Refusal as refusal:
+        except Exception as error:
+            # Faults of the CA or the store: 503 and a reason; anything
+            # else is a bug, answered 500 by render().
+            refusal = error if isinstance(error, Refusal) else guard.as_refusal(error)
+            if refusal is None:
+                raise
+            if not isinstance(error, Refusal):
+                self._gateway.metrics.store_error()
+                self._log.failure(
+                    "while serving {path}", Failure(), path=request.path.decode("ascii", "replace")
+                )
             if refusal.event == "refused":
                 self._gateway.metrics.refusal(refusal.code)
             _refuse(request, refusal, peer)
@@ -372,36 +382,18 @@ class _Branch(resource.Resource):
         return _NotEST().render(request)
 
 
-class _Channel(http.HTTPChannel):
-    """HTTP/1.x (h2 is never negotiated, see :mod:`estgw.tls`)."""
-
-    def lineLengthExceeded(self, line: bytes) -> None:
-        # A request or header line over MAX_LENGTH (e.g. a huge
-        # Authorization header): 400 like a head over totalHeadersSize.
-        # twisted's default closes the transport directly, which over TLS
-        # waits for this channel's producer: the client hung until the
-        # idle timeout.
-        body = f"a request or header line is longer than {self.MAX_LENGTH} bytes\n".encode("ascii")
-        assert self.transport is not None
-        self.transport.write(
-            b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n"
-            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
-        )
-        self.loseConnection()
-
-
-# Idle keep-alive connections are closed after this many seconds
-# (twisted.web's default is twelve hours).
-IDLE_TIMEOUT = 60
-
-
 def build_site(gateway: Gateway) -> server.Site:
     root = _Branch()
     well_known = _Branch()
     root.putChild(b".well-known", well_known)
     well_known.putChild(b"est", ESTResource(gateway))
-    site = server.Site(root, timeout=IDLE_TIMEOUT)
-    site.protocol = _Channel  # type: ignore[method-assign, assignment]  # what Site.buildProtocol makes
+    config = gateway.config
+    # server.idleTimeout: twisted.web's default is twelve hours.
+    site = server.Site(root, timeout=config.idle_timeout)
+    site.protocol = limits.channel_factory(
+        config.header_timeout, config.body_timeout, config.max_headers, config.max_header_bytes,
+        gateway.metrics,
+    )
     site.requestFactory = request_factory(gateway.config.max_request_bytes)
     site.displayTracebacks = False
     return site
