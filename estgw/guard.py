@@ -92,9 +92,11 @@ class CAGuard:
             ) from None
         except StoreUnavailable:
             raise
-        except Exception:
+        except Exception as e:
             self._error("error")
-            _log.failure("token procedure {procedure} failed", procedure=procedure)
+            _log.error(
+                "token procedure {procedure} failed: {why}", procedure=procedure, why=f"{type(e).__name__}: {e}"
+            )
             raise _unavailable("ca-unavailable", "the CA cannot issue certificates just now; retry later") from None
         finally:
             self.in_flight -= 1

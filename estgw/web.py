@@ -283,8 +283,9 @@ class ESTResource(resource.Resource):
                 raise
             if not isinstance(error, Refusal):
                 self._gateway.metrics.store_error()
-                self._log.failure(
-                    "while serving {path}", Failure(), path=request.path.decode("ascii", "replace")
+                self._log.error(
+                    "store unavailable while serving {path}: {why}",
+                    path=request.path.decode("ascii", "replace"), why=str(error),
                 )
             if refusal.event == "refused":
                 self._gateway.metrics.refusal(refusal.code)
