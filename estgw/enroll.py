@@ -17,7 +17,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from twisted.logger import Logger
 
-from estgw import auth, policy
+from estgw import audit, auth, policy
 from estgw.approval.gate import ApprovalGate
 from estgw.guard import CAGuard
 from estgw.ca import ITokenProcedure
@@ -203,9 +203,11 @@ async def enroll(
     CSR's; it may raise Refusal too.
     """
     identity = await auth.authenticate(request, handler, peer, gateway.portal)
+    audit.note(request, requester=identity.requester)
     # Who the client is comes before what it asks for.
     await _client_certificate_not_revoked(gateway, identity, peer)
     csr = parse_csr(body, content_type)
+    audit.note(request, subject=csr.subject.rfc4514_string())
     binding = channel_binding(peer)
     ctx = policy.build_context(
         handler.operation, handler, identity, csr,
@@ -251,6 +253,7 @@ async def enroll(
         subject=printable(certificate.subject.rfc4514_string()),
         requester=printable(identity.requester),
         handler=handler.id,
+        client=request.getClientAddress().host,
         event="issued",
     )
     return certificate

@@ -48,6 +48,7 @@ __all__ = [
     "UnsupportedSchemaVersion",
     "StoreNotRunning",
     "StoreUnavailable",
+    "AuditEntry",
     "REVOCATION_REASONS",
     "MIGRATIONS",
     "IStore",
@@ -234,6 +235,18 @@ class UnsupportedSchemaVersion(Exception):
     """The database was written by a newer estgw than this one."""
 
 
+@attr.s(frozen=True, auto_attribs=True)
+class AuditEntry:
+    """One operator action: when, who (``os:<user>`` or an operator
+    certificate), what (``device-add``, ``cert-revoke``, ...), on what."""
+
+    at: datetime = attr.ib(validator=_require_utc)
+    operator: str
+    action: str
+    target: str
+    details: str = ""
+
+
 class StoreUnavailable(Exception):
     """The database failed (locked, disk full, read-only, connection
     lost, ...): nothing was written by the failed call.  The message is for
@@ -323,6 +336,12 @@ class IStore(Interface):
     def certificates_for_public_key(public_key_sha256: str) -> Deferred[list[IssuedCertificate]]:
         """Certificates issued for a public key (hex SHA-256 of its
         SubjectPublicKeyInfo DER), newest first."""
+
+    def add_audit(at: datetime, operator: str, action: str, target: str, details: str) -> Deferred[None]:
+        """Append one operator action to the audit table."""
+
+    def list_audit(limit: int = 100) -> Deferred[list[AuditEntry]]:
+        """The latest ``limit`` operator actions, oldest first."""
 
     def count_expiring(after: datetime, before: datetime) -> Deferred[int]:
         """How many certificates not revoked expire after ``after`` and at
@@ -517,6 +536,22 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
         [
             # RFC 5280 5.3.2 invalidity date of a revocation, for CRLs and OCSP.
             "ALTER TABLE certificates ADD COLUMN invalidity_date TEXT",
+        ],
+    ),
+    (
+        5,
+        [
+            # Operator actions (estgw.audit.operator_action): who, what, when.
+            """
+            CREATE TABLE audit (
+                id {autoincrement_primary_key},
+                at TEXT NOT NULL,
+                operator TEXT NOT NULL,
+                action TEXT NOT NULL,
+                target TEXT NOT NULL,
+                details TEXT NOT NULL
+            )
+            """,
         ],
     ),
 ]
@@ -983,6 +1018,26 @@ class _SQLStore:
                 (public_key_sha256,),
             )
             return [_certificate_from_row(row) for row in txn.fetchall()]
+
+        return self._run(interaction)
+
+    def add_audit(self, at: datetime, operator: str, action: str, target: str, details: str) -> Deferred[None]:
+        def interaction(txn: Any) -> None:
+            self._execute(
+                txn,
+                "INSERT INTO audit (at, operator, action, target, details) VALUES (?, ?, ?, ?, ?)",
+                (_time_text(at), operator, action, target, details),
+            )
+
+        return self._run(interaction)
+
+    def list_audit(self, limit: int = 100) -> Deferred[list[AuditEntry]]:
+        def interaction(txn: Any) -> list[AuditEntry]:
+            self._execute(
+                txn, "SELECT at, operator, action, target, details FROM audit ORDER BY id DESC LIMIT ?", (limit,)
+            )
+            rows = txn.fetchall()
+            return [AuditEntry(_parse_time(r[0]), r[1], r[2], r[3], r[4]) for r in reversed(rows)]
 
         return self._run(interaction)
 

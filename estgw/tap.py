@@ -21,7 +21,7 @@ from twisted.internet.endpoints import wrapServerTLS
 from twisted.logger import Logger
 from twisted.python import usage
 
-from estgw import bootstrap, config as config_module
+from estgw import audit, bootstrap, config as config_module
 from estgw.approval.gateway import build_gates, load_approval_tls
 from estgw.auth import device_portal, digest_nonce_counts, digest_secret
 from estgw.ca import CAError
@@ -100,6 +100,7 @@ class GatewayService(service.Service):
         self.gateway: Gateway | None = None
         self.connection_counts = ConnectionCounts()
         self._serving = False
+        self.audit_observer: audit.AuditFileObserver | None = None
         self.published = published_cas(
             self.state.procedures, config.token_procedures, self.store, self.reactor,
             timedelta(hours=config.publish_crl_hours),
@@ -272,6 +273,11 @@ class GatewayService(service.Service):
         )
 
     def startService(self) -> None:
+        if self.config.audit_file and self.audit_observer is None:
+            try:
+                self.audit_observer = audit.start_audit_file(self.config.audit_file)
+            except OSError as e:
+                raise StartError(f"log.audit.file: cannot open {self.config.audit_file}: {e.strerror}") from None
         self.bind()
         super().startService()
         d = defer.Deferred.fromCoroutine(self._open())
@@ -299,6 +305,9 @@ class GatewayService(service.Service):
         if self.gateway is not None:
             await self.gateway.portal.close()
         await self.store.close()
+        observer, self.audit_observer = self.audit_observer, None
+        if observer is not None:
+            audit.stop_audit_file(observer)
 
     def stopService(self) -> defer.Deferred[None]:
         super().stopService()

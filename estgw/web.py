@@ -20,7 +20,7 @@ from twisted.web.server import Request
 from twisted.web.http_headers import Headers
 from urllib.parse import unquote_to_bytes as unquote  # what twisted.web.http uses
 
-from estgw import csrattrs, guard, limits, protocol
+from estgw import audit, csrattrs, guard, limits, protocol
 from estgw.config import OPERATIONS
 from estgw.enroll import Gateway, enroll
 from estgw.escape import printable
@@ -163,8 +163,11 @@ def _respond(
 def _refuse(request: Request, refusal: Refusal, peer: PeerInfo | None) -> None:
     # A reason may quote what the client sent: one line in the log and the body.
     reason = printable(refusal.reason)
+    noted = audit.noted(request)
+    if "requester" not in noted and peer is not None and peer.certificate is not None:
+        noted["requester"] = "cert:" + peer.certificate.subject.rfc4514_string()
     _audit.info(
-        "{event} {method} {path} from {client}: {status} {code}: {reason}",
+        "{event} {method} {path} from {client}: {status} {code}: {reason}{who}",
         method=printable(request.method),
         path=printable(request.path),
         client=_client_name(request, peer),
@@ -172,6 +175,10 @@ def _refuse(request: Request, refusal: Refusal, peer: PeerInfo | None) -> None:
         code=refusal.code,
         reason=reason,
         event=refusal.event,
+        # Client-chosen text (a device id tried, a CSR subject), escaped for
+        # the human log; the audit file's JSON escapes the fields themselves.
+        who="".join(f" {key} '{printable(value)}'" for key, value in sorted(noted.items()) if key != "handler"),
+        **noted,
     )
     if is_bare_challenge(request, refusal):
         return _respond(request, refusal.status, b"", None, refusal.headers)
@@ -295,6 +302,7 @@ class ESTResource(resource.Resource):
         if operation == "fullcmc":
             raise Refusal(501, "not-implemented", f"{operation} is not offered by this gateway")
         handler = self._gateway.config.handler(label, operation)
+        audit.note(request, handler=handler.id if handler is not None else None)
         if handler is None:
             raise Refusal(404, "operation-not-configured", f"{operation} is not served here")
         if getattr(request, "body_too_large", False):

@@ -236,6 +236,12 @@ class ApprovalGate:
         )
         assert decided is not None  # rows are never deleted
         if decided.state == status.status:
+            # The operator's decision, in the store's audit table too.
+            await self._store.add_audit(
+                now, status.decided_by or "the approval service", f"approval-{status.status}",
+                f"approval request {row.request_id}",
+                row.subject + (f": {_one_line(status.reason)}" if status.status == "rejected" else ""),
+            )
             _audit.info(
                 "approval request {request_id} for {subject} {state} by {operator}{because}",
                 request_id=row.request_id, subject=printable(row.subject), state=status.status,
