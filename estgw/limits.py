@@ -24,10 +24,13 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from OpenSSL import SSL
-from twisted.internet.interfaces import IAddress
+from twisted.internet.interfaces import IAddress, IStreamServerEndpoint
+from twisted.internet.protocol import connectionDone
+from twisted.python.failure import Failure
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.web import http
+from zope.interface import implementer
 
 _audit = Logger(namespace="estgw.audit")
 
@@ -109,6 +112,7 @@ class ConnectionLimits(WrappingFactory):
             self.counts.closed(host)
 
 
+@implementer(IStreamServerEndpoint)
 class LimitedEndpoint:
     """A server endpoint whose factories are wrapped in :class:`ConnectionLimits`."""
 
@@ -149,7 +153,7 @@ class LimitedChannel(http.HTTPChannel):
         if data and self.line_mode and not self._handlingRequest and self._deadline is None:
             # The first byte of a request head starts its clock.
             self._in_head = True
-            self._deadline = self.callLater(self.header_timeout, self._too_slow, "header-timeout")
+            self._deadline = self.callLater(self.header_timeout, lambda: self._too_slow("header-timeout"))
         super().dataReceived(data)
 
     def allHeadersReceived(self) -> None:
@@ -157,13 +161,13 @@ class LimitedChannel(http.HTTPChannel):
         self._in_head = False
         super().allHeadersReceived()
         if self.length != 0 and self.transport is not None and not self._handlingRequest:
-            self._deadline = self.callLater(self.body_timeout, self._too_slow, "body-timeout")
+            self._deadline = self.callLater(self.body_timeout, lambda: self._too_slow("body-timeout"))
 
     def allContentReceived(self) -> None:
         self._cancel_deadline()
         super().allContentReceived()
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._cancel_deadline()
         if self.metrics is not None and not getattr(self.transport, "_handshakeDone", True):
             self.metrics.tls_handshake_failure(handshake_failure_reason(reason.value))
@@ -199,13 +203,14 @@ class LimitedChannel(http.HTTPChannel):
         self.refused(code)
         _audit.info(
             "{event} connection from {client}: {status} {code}: {reason}",
-            event="refused", code=code, client=_host(self.transport.getPeer()), status=status, reason=reason,
+            event="refused", code=code, client=_host(self.getPeer()), status=status, reason=reason,
         )
         self._close_with(status, reason)
 
     def _close_with(self, status: int, reason: str) -> None:
         body = (reason + "\n").encode("utf-8")
         phrase = http.RESPONSES.get(status, b"Error")
+        assert self.transport is not None
         self.transport.write(
             b"HTTP/1.1 %d %s\r\nConnection: close\r\n"
             b"Content-Type: text/plain; charset=utf-8\r\n"

@@ -22,6 +22,7 @@ nothing devices need to reach.  What is exported (README, Metrics):
 
 from __future__ import annotations
 
+import functools
 from datetime import datetime, timedelta, timezone
 from typing import Any, Awaitable, Callable
 
@@ -118,7 +119,7 @@ class Metrics:
         if ca_guard is not None:
             self._ca_in_flight.set_function(lambda: ca_guard.in_flight)
         for name, pool in (pools or {}).items():
-            self._queued.labels(name).set_function(lambda pool=pool: _backlog(pool))
+            self._queued.labels(name).set_function(functools.partial(_backlog, pool))
         if store is not None:
             async def refresh() -> None:
                 now = datetime.fromtimestamp(clock.seconds(), timezone.utc) if clock else datetime.now(timezone.utc)

@@ -399,7 +399,8 @@ def build_site(gateway: Gateway) -> server.Site:
     config = gateway.config
     # server.idleTimeout: twisted.web's default is twelve hours.
     site = server.Site(root, timeout=config.idle_timeout)
-    site.protocol = limits.channel_factory(
+    # Site.protocol is typed as twisted.web's own channel factory; ours is an HTTPChannel too.
+    site.protocol = limits.channel_factory(  # type: ignore[method-assign,assignment]
         config.header_timeout, config.body_timeout, config.max_headers, config.max_header_bytes,
         gateway.metrics,
     )
