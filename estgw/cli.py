@@ -434,6 +434,17 @@ async def cmd_cert_revoke(options: Any, config: Config, store: IStore, out: Any)
     )
 
 
+async def cmd_audit_list(options: Any, config: Config, store: IStore, out: Any) -> None:
+    """The latest operator actions from the store's audit table, oldest first."""
+    entries = await store.list_audit(options["limit"])
+    if not entries:
+        out.write("no operator actions recorded\n")
+        return
+    out.write(f"{'WHEN':<20} {'OPERATOR':<24} {'ACTION':<18} {'TARGET':<40} DETAILS\n")
+    for e in entries:
+        out.write(f"{_when(e.at):<20} {e.operator:<24} {e.action:<18} {e.target:<40} {e.details}\n")
+
+
 def _write_file_atomically(path: str, data: bytes) -> None:
     # A gateway reading the file (tls.crls) never sees half of it.
     directory = os.path.dirname(os.path.abspath(path))
@@ -671,6 +682,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     revoke.set_defaults(run=cmd_cert_revoke)
 
+    audit_list = commands.add_parser("audit", help="operator actions recorded in the store").add_subparsers(
+        dest="action", metavar="ACTION", required=True
+    ).add_parser("list", help="who did what, when: the latest operator actions, oldest first")
+    audit_list.add_argument("--limit", type=_positive_count, default=100, help="how many (default 100)")
+    audit_list.set_defaults(run=cmd_audit_list)
+
     crl = commands.add_parser("crl", help="certificate revocation lists").add_subparsers(
         dest="action", metavar="ACTION", required=True
     )
@@ -722,6 +739,16 @@ def _non_negative_days(text: str) -> int:
     if days < 0:
         raise argparse.ArgumentTypeError(f"must be 0 days or more, not {days}")
     return days
+
+
+def _positive_count(text: str) -> int:
+    try:
+        number = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {number}")
+    return number
 
 
 def _positive_days(text: str) -> int:

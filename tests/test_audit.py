@@ -113,6 +113,10 @@ class SecretsTests(TestCase):
         out = io.StringIO()
         await cli.run(reactor, ["approval", *approval.operator_options(), "approve", request_id], out)
         seen.append(out.getvalue())
+        # The service audits the decision with the operator's name.
+        self.assertTrue(
+            any('"action": "approval-approve"' in line and '"operator"' in line for line in logs.lines)
+        )
         issued = await second.curl("simpleenroll", data=body, user="pump-20:approval-Secret-8")
         self.assertEqual(issued.status, 200, issued.text)
         seen += [wrong.text, pending.text, issued.text]
@@ -217,6 +221,9 @@ class AuditFileTests(TestCase):
         self.assertIn("keyCompromise", entries[3].details)
         self.assertEqual(entries[0].target, "pump-17")
         self.assertEqual(entries[0].details, "password")
+        listing = await run_cli(gateway, "audit", "list")
+        self.assertEqual([line.split()[3] for line in listing.splitlines()[1:]], actions)
+        self.assertIn(operator, listing)
         lines = [line for line in json_lines(audit_file) if line["event"] == "operator"]
         self.assertEqual([line["action"] for line in lines], actions)
         self.assertTrue(all(line["operator"] == operator for line in lines))

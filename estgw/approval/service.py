@@ -119,6 +119,10 @@ def verified_chain(request: Request) -> list[x509.Certificate]:
     return [c.to_cryptography() for c in handle.get_verified_chain() or []]
 
 
+# Operator decisions, as audit events (estgw.audit).
+_audit = Logger(namespace="estgw.audit")
+
+
 # -- the store ---------------------------------------------------------------
 
 
@@ -510,10 +514,12 @@ class RequestsResource(resource.Resource):
         status = "approved" if action == "approve" else "rejected"
         now = _now(self._clock)
         record = await self._store.decide(request_id, status, reason, caller.name, now)
-        self._log.info(
+        # An operator action: in the audit namespace, with who and what.
+        _audit.info(
             "request {request_id} for {subject} {status} by {operator}{because}",
             request_id=printable(request_id), subject=printable(record.subject), status=status,
             operator=printable(caller.name), because=f": {printable(reason)}" if reason else "",
+            event="operator", action=f"approval-{action}", target=f"approval request {printable(request_id)}",
         )
         return 200, record.to_json(now, full=True)
 
