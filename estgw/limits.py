@@ -270,3 +270,19 @@ def channel_factory(
             "metrics": metrics,
         },
     )
+
+
+def limit_site(site: Any, config: Any = None) -> Any:
+    """Apply the request limits to any twisted.web Site of this package
+    (the metrics listener, the approval service): the ``server.*`` values
+    of ``config``, or the defaults."""
+    if config is None:
+        from estgw.config import Config
+
+        config = Config(source="", state_directory="")
+    site.timeOut = config.idle_timeout
+    site.protocol = channel_factory(
+        config.header_timeout, config.body_timeout, config.max_headers, config.max_header_bytes
+    )
+    return site
+

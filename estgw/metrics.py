@@ -177,7 +177,10 @@ class MetricsResource(resource.Resource):
         return server.NOT_DONE_YET
 
 
-def metrics_site(metrics: Metrics) -> Any:
+def metrics_site(metrics: Metrics, config: Any = None) -> Any:
+    """The ``GET /metrics`` site, with the ``server.*`` request limits of ``config``."""
+    from estgw import limits
+
     root = resource.Resource()
     root.putChild(b"metrics", MetricsResource(metrics))
-    return server.Site(root)
+    return limits.limit_site(server.Site(root), config)

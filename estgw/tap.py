@@ -21,7 +21,7 @@ from twisted.internet.endpoints import wrapServerTLS
 from twisted.logger import Logger
 from twisted.python import usage
 
-from estgw import audit, bootstrap, config as config_module
+from estgw import audit, bootstrap, config as config_module, limits
 from estgw.approval.gateway import build_gates, load_approval_tls
 from estgw.auth import device_portal, digest_nonce_counts, digest_secret
 from estgw.ca import CAError
@@ -194,7 +194,7 @@ class GatewayService(service.Service):
             port.stopReading()
         try:
             if self.config.metrics_port is not None:
-                operations = metrics_site(gateway.metrics)
+                operations = metrics_site(gateway.metrics, self.config)
                 operations.resource.putChild(b"health", health)
                 self.metrics_ports = listen_all(
                     self.reactor, self.config.metrics_interface, self.config.metrics_port,
@@ -203,7 +203,8 @@ class GatewayService(service.Service):
             if self.config.publish_port is not None:
                 self.publish_ports = listen_all(
                     self.reactor, self.config.publish_interface, self.config.publish_port,
-                    publish_site(self.published), what="CRL publishing",
+                    # Relying parties may be anywhere: the same request limits.
+                    limits.limit_site(publish_site(self.published), self.config), what="CRL publishing",
                 )
             if self.config.coaps_port is not None:
                 self.coaps_port = self._listen_coaps(gateway)

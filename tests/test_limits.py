@@ -111,6 +111,24 @@ class SlowClientTests(TestCase):
         self.assertIn(b"not received within 1 seconds", client.received)
         self.assertIn("header-timeout", audit.refused)
 
+    async def test_metrics_listener_has_the_same_deadline(self) -> None:
+        """The plain-HTTP metrics listener cuts off a trickled head too."""
+        gateway = await RunningGateway.start(
+            self, TEST_CONFIG + "metrics.port = 0\nserver.headerTimeout = 1\n"
+        )
+        client = RawClient()
+        client.handshake.addErrback(lambda failure: None)  # plain TCP: there is no handshake
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", gateway.service.metrics_port.getHost().port, timeout=5)
+        await connectProtocol(endpoint, client)
+        sent = iter(request_head("/metrics"))
+        loop = task.LoopingCall(lambda: client.closed.called or client.transport.write(bytes([next(sent)])))
+        loop.start(0.2)
+        try:
+            await closed_within(client, 5)
+        finally:
+            loop.stop()
+        self.assertTrue(client.received.startswith(b"HTTP/1.1 408 "), client.received)
+
     async def test_complete_head_in_time_is_served(self) -> None:
         """A head that arrives whole within the deadline is answered, and
         the deadline starts again for the next request on the connection."""

@@ -33,6 +33,7 @@ from twisted.python.failure import Failure
 from twisted.web import resource, server
 from twisted.web.server import Request
 
+from estgw import limits
 from estgw.approval import pki
 from estgw.approval.config import REQUEST_PATH, ServiceConfig
 from estgw.ca import CAError
@@ -531,7 +532,8 @@ def build_site(store: ServiceStore, identify: Callable[[Request], Caller | None]
     approval.putChild(b"requests", RequestsResource(store, identify, clock))
     site = server.Site(root)
     site.displayTracebacks = False
-    return site
+    # The same slow-client limits as the gateway's own listener (their defaults).
+    return limits.limit_site(site)
 
 
 # -- the service ----------------------------------------------------------------
