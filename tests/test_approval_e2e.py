@@ -208,7 +208,7 @@ class ApprovalFlowTests(TestCase):
             # The device learns what it can act on; the operator's log has the cause.
             self.assertIn("the approval service is unavailable", result.text)
             self.assertNotIn(words, result.text)
-            self.assertIn(words, audit.reasons("approval-service-unavailable")[-1])
+            self.assertIn(words, audit.causes("approval-service-unavailable")[-1])
             self.assertEqual(await self.gateway.store.count_certificates(), 0)
         self.assertIn("no requests", await self.operator("list", "--status", "all"))
         no_certificate = await run_process(
@@ -226,7 +226,7 @@ class ApprovalFlowTests(TestCase):
         result = await self.enroll()
         self.assertEqual(result.status, 503, result.text)
         self.assertNotIn("TLS failure", result.text)
-        self.assertIn("TLS failure: certificate verify failed", audit.reasons("approval-service-unavailable")[-1])
+        self.assertIn("TLS failure: certificate verify failed", audit.causes("approval-service-unavailable")[-1])
         self.assertIn("no requests", await self.operator("list", "--status", "all"))
 
 

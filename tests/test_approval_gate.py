@@ -258,7 +258,7 @@ class GateTests(TestCase):
         # The cause goes to the operator's log, not to the device.
         self.assertNotIn("HTTP 503: maintenance", refusal.reason)
         self.assertIn("the approval service is unavailable", refusal.reason)
-        self.assertEqual(audit.reasons("approval-service-unavailable"), ["HTTP 503: maintenance"])
+        self.assertEqual(audit.causes("approval-service-unavailable"), ["HTTP 503: maintenance"])
         row = await self.only_row()
         self.assertIsNone(row.submitted_at)
         self.assertEqual(self.client.known, 0)

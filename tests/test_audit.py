@@ -75,7 +75,8 @@ class SecretsTests(TestCase):
         await cli_of(gateway, "device", "add", "pump-18", "--password", "digest-Secret-3")
         idevid = FACTORY_CA.issue(directory, "ACME-PUMP-0019", serial_number="SN19")
         await cli_of(
-            gateway, "device", "add", "pump-19", "--factory-cert", idevid.cert_path, "--password", "factory-Secret-5"
+            gateway, "device", "add", "pump-19", "--factory-cert", idevid.cert_path, "--password", "factory-Secret-5",
+            "--subject-value", "serialNumber=SN19",
         )
         for user, label, digest, status in [
             ("pump-17:basic-Wrong-2", "", False, 401),

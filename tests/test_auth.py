@@ -214,7 +214,7 @@ class AuditLog:
     def issued(self) -> list[dict]:
         return [e for e in self.events if e.get("event") == "issued"]
 
-    def reasons(self, event: str) -> list[str]:
+    def causes(self, event: str) -> list[str]:
         """The ``why`` of each audit event named ``event``."""
         return [str(e.get("why", "")) for e in self.events if e.get("event") == event]
 

@@ -27,7 +27,6 @@ from estgw.approval.testing import RunningApprovalService
 from estgw.protocol import decode_certs_only
 from estgw.testing import TEST_CONFIG, RunningGateway, csr_pem, make_csr, new_key, write
 from tests.test_auth import run_cli
-from tests.test_refusals import register
 
 _CERTIFICATES = pkix_certificate.create_pkix_certificate_validator_container(
     pkix_certificate.create_decoding_validators(name.ATTRIBUTE_TYPE_MAPPINGS, extension.EXTENSION_MAPPINGS),
@@ -95,7 +94,10 @@ class PkilintTests(TestCase):
         add("issuing CA", state.ca.issuing)
         add("TLS server certificate", state.server_certificate)
 
-        await register(gateway)
+        await run_cli(
+            gateway, "device", "add", "pump-17", "--password", "s3cret",
+            "--san", "DNS:pump-17.plant.example", "--san", "IP:192.0.2.17",
+        )
         issued: list[tuple[Any, x509.Certificate]] = []
         for label, key, sans in [
             ("EC device", new_key("ec"), [x509.DNSName("pump-17")]),
