@@ -40,10 +40,12 @@ from typing import IO, Any
 from twisted.logger import ILogObserver, Logger, formatEvent, globalLogPublisher, jsonFileLogObserver
 from zope.interface import implementer
 
+from estgw.escape import printable
+
 NAMESPACE = "estgw.audit"
 FIELDS = (
     "event", "handler", "requester", "subject", "serial", "code", "status", "reason",
-    "client", "method", "path", "operator", "action", "target", "request_id",
+    "client", "method", "path", "operator", "action", "target", "details", "request_id",
 )
 
 _audit = Logger(namespace=NAMESPACE)
@@ -146,8 +148,12 @@ async def operator_action(store: Any, operator: str, action: str, target: str, d
     """Record an operator action in the store's audit table, then log it."""
     when = datetime.now(timezone.utc)
     await store.add_audit(when, operator, action, target, details)
+    # The human line shows operator-given text escaped (one line, no control
+    # characters: a certificate subject can hold anything); the fields stay
+    # as given for the JSON audit file, which escapes them itself.
     _audit.info(
-        "{event}: {operator} {action} {target}{details}",
-        event="operator", operator=operator, action=action, target=target,
-        details=f" ({details})" if details else "",
+        "{event}: {operator_text} {action} {target_text}{details_text}",
+        event="operator", operator=operator, action=action, target=target, details=details,
+        operator_text=printable(operator), target_text=printable(target),
+        details_text=f" ({printable(details)})" if details else "",
     )

@@ -184,12 +184,12 @@ class LimitedChannel(http.HTTPChannel):
         # transport directly, which over TLS waits for this channel's
         # producer: the client hung until the idle timeout.
         reason = f"a request or header line is longer than {self.MAX_LENGTH} bytes"
-        self.refused("header-too-large")
+        self.refused("line-too-long")
         _audit.info(
             "{event} connection from {client}: {status} {code}: {reason}",
-            event="refused", code="header-too-large", client=_host(self.getPeer()), status=431, reason=reason,
+            event="refused", code="line-too-long", client=_host(self.getPeer()), status=400, reason=reason,
         )
-        self._close_with(431, reason)
+        self._close_with(400, reason)
 
     def _respondToBadRequestAndDisconnect(self) -> None:
         # twisted.web answers a bare 400 for every malformed head; say why,

@@ -22,6 +22,7 @@ nothing devices need to reach.  What is exported (README, Metrics):
 
 from __future__ import annotations
 
+import collections
 import functools
 from datetime import datetime, timedelta, timezone
 from typing import Any, Awaitable, Callable
@@ -108,6 +109,34 @@ class Metrics:
 
     def tls_handshake_failure(self, reason: str) -> None:
         self._tls_failures.labels(reason).inc()
+
+    # -- counts so far, as plain mappings (tests, the health endpoint)
+
+    @staticmethod
+    def _counts(counter: Counter, *labels: str) -> collections.Counter:
+        counts: collections.Counter = collections.Counter()
+        for metric in counter.collect():
+            for sample in metric.samples:
+                if sample.name.endswith("_total"):
+                    key = tuple(sample.labels[label] for label in labels)
+                    counts[key if len(key) > 1 else key[0]] += int(sample.value)
+        return counts
+
+    @property
+    def responses(self) -> collections.Counter:
+        """(operation, status) -> responses; 0 for any not seen."""
+        counts = self._counts(self._responses, "operation", "status")
+        return collections.Counter({(op, int(status)): n for (op, status), n in counts.items()})
+
+    @property
+    def refusals(self) -> collections.Counter:
+        """Refusal code -> count."""
+        return self._counts(self._refusals, "code")
+
+    @property
+    def issued(self) -> collections.Counter:
+        """Operation -> certificates issued."""
+        return self._counts(self._issued, "operation")
 
     # -- read when scraped
 

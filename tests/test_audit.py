@@ -160,7 +160,9 @@ class AuditFileTests(TestCase):
         logs = EveryLog(self)
         gateway = await RunningGateway.start(self, TEST_CONFIG + f"log.audit.file = {audit_file}\n")
         await run_cli(gateway, "device", "add", "pump-17", "--password", "pw-17")
-        refused = await gateway.curl("simpleenroll", data=basic_csr(), user="ghost\x1b[31m\"x:pw")
+        # Control characters in a device id are refused as malformed before
+        # any login; quotes and backslashes reach the audit trail.
+        refused = await gateway.curl("simpleenroll", data=basic_csr(), user="ghost\"x\\y:pw")
         self.assertEqual(refused.status, 401)
         issued = await gateway.curl("simpleenroll", data=basic_csr(), user="pump-17:pw-17")
         self.assertEqual(issued.status, 200)
@@ -171,7 +173,7 @@ class AuditFileTests(TestCase):
         refusal = by_event["refused"]
         self.assertEqual(refusal["code"], "bad-credentials")
         self.assertEqual(refusal["status"], 401)
-        self.assertEqual(refusal["requester"], "device:ghost\x1b[31m\"x")
+        self.assertEqual(refusal["requester"], 'device:ghost"x\\y')
         self.assertEqual(refusal["handler"], "2")
         self.assertEqual(refusal["subject"] if "subject" in refusal else None, None)  # refused before the CSR
         self.assertTrue(refusal["client"].startswith("127.0.0.1"))
@@ -182,13 +184,8 @@ class AuditFileTests(TestCase):
         self.assertEqual(issuance["requester"], "device:pump-17")
         self.assertEqual(issuance["handler"], "2")
         self.assertEqual(issuance["client"], "127.0.0.1")
-        # The escape character never reaches a log line raw.
-        with open(audit_file, encoding="utf-8") as f:
-            self.assertNotIn("\x1b", f.read())
         human = [line for line in logs.lines if "bad-credentials" in line and not line.startswith("{")]
-        self.assertTrue(human)
-        self.assertTrue(all("\x1b" not in line for line in human), human)
-        self.assertIn("'device:ghost\\x1b[31m\"x'", human[0])
+        self.assertIn("requester 'device:ghost\"x\\y'", human[0])
 
     async def test_operator_actions(self) -> None:
         """Device add/remove, officer add/remove, revoke and CRL write are

@@ -203,14 +203,21 @@ class HeaderLimitTests(TestCase):
         self.assertEqual(ok.status, 200, ok.text)
 
     async def test_head_too_large(self) -> None:
-        """A head larger than server.maxHeaderBytes: 431 with a reason, no certificate."""
+        """A head larger than server.maxHeaderBytes: 431 with a reason; one
+        line longer than that: 400 with a reason; no certificate."""
         gateway = await RunningGateway.start(self, TEST_CONFIG + "server.maxHeaderBytes = 1024\n")
         await register(gateway)
         result = await gateway.curl(
-            "simpleenroll", data=basic_csr(), user="pump-17:s3cret", headers=["X-Big: " + "a" * 2000],
+            "simpleenroll", data=basic_csr(), user="pump-17:s3cret",
+            headers=[f"X-Big-{i}: " + "a" * 300 for i in range(4)],
         )
         self.assertEqual(result.status, 431, result.text)
         self.assertIn("exceeds 1024 bytes", result.text)
+        line = await gateway.curl(
+            "simpleenroll", data=basic_csr(), user="pump-17:s3cret", headers=["X-Big: " + "a" * 2000],
+        )
+        self.assertEqual(line.status, 400, line.text)
+        self.assertIn("longer than 1024 bytes", line.text)
         self.assertEqual(await gateway.store.count_certificates(), 0)
 
 
