@@ -19,6 +19,7 @@ from estgw import audit, cli
 from estgw.approval.testing import RunningApprovalService, idm_gateway_config
 from estgw.config import from_string
 from estgw.testing import TEST_CONFIG, RunningGateway, make_csr, new_key
+from tests import softhsm
 from tests.test_auth import FACTORY_CA, csr_for, directory_for, run_cli, start_gateway
 from tests.test_refusals import basic_csr
 
@@ -234,3 +235,54 @@ class AuditConfigTests(SynchronousTestCase):
         config = from_string(TEST_CONFIG + "log.audit.file = log/audit.jsonl\n", base_dir="/etc/estgw")
         self.assertEqual(config.audit_file, "/etc/estgw/log/audit.jsonl")
         self.assertEqual(from_string(TEST_CONFIG).audit_file, "")
+
+
+class HsmPinTests(TestCase):
+    """A PKCS#11 token's PIN (pkcs11.pinFile) appears in no log, whether
+    the token accepts it or a wrong one stops the start."""
+
+    skip = softhsm.skip_reason()
+    timeout = 120
+
+    async def test_pin_in_no_log(self) -> None:
+        """Enroll through a SoftHSM2-backed token procedure, then try to
+        start with a wrong PIN: neither PIN is in the log, the audit file
+        or the start-up error."""
+        from tests.test_pkcs11 import _Keys, hsm_config
+        from tests.test_twistd import START_TIMEOUT, TWISTD, Daemon, _wait, environment
+
+        logs = EveryLog(self)
+        directory = os.path.abspath(self.mktemp())
+        token, label, files = _Keys.get("ec-p256", os.path.join(directory, "keys"))
+        certificate, chain = os.path.join(files, "issuing.pem"), os.path.join(files, "chain.pem")
+        audit_file = os.path.join(directory, "audit.jsonl")
+        gateway = await RunningGateway.start(self, hsm_config(
+            certificate, chain, softhsm.shared().pin_file, token, label, extra=f"log.audit.file = {audit_file}\n",
+        ))
+        await run_cli(gateway, "device", "add", "pump-1", "--password", "hsm-device-pw")
+        result = await gateway.curl("simpleenroll", data=basic_csr("pump-1"), user="pump-1:hsm-device-pw")
+        self.assertEqual(result.status, 200, result.text)
+
+        # A wrong PIN, in the real daemon: it stops with a message.
+        wrong_pin = "9876-not-the-pin"
+        wrong_file = os.path.join(directory, "wrong-pin")
+        with open(wrong_file, "w") as f:
+            f.write(wrong_pin + "\n")
+        config_file = os.path.join(directory, "wrong.properties")
+        with open(config_file, "w") as f:
+            f.write(hsm_config(certificate, chain, wrong_file, token, label))
+        daemon = Daemon()
+        argv = TWISTD + ["-n", "--pidfile=", "estgw", "--config", config_file, "--port", "0"]
+        env = {**environment(), "SOFTHSM2_CONF": softhsm.shared().conf}
+        reactor.spawnProcess(daemon, argv[0], argv, env=env, path=directory)
+        self.addCleanup(daemon.stop)
+        code = await _wait(daemon.ended, START_TIMEOUT)
+        output = daemon.output.decode()
+        self.assertNotEqual(code, 0, output)
+        self.assertIn("the PIN was rejected", output)
+
+        with open(audit_file, encoding="utf-8") as f:
+            everything = logs.lines + [f.read(), output, result.text]
+        for secret in (softhsm.PIN, wrong_pin, "hsm-device-pw"):
+            for text in everything:
+                self.assertNotIn(secret, text, f"{secret!r} appears in: {text[:400]}")
