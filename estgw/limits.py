@@ -237,7 +237,7 @@ class LimitedChannel(http.HTTPChannel):
         self._close_with(408, f"the request {part} was not received within {seconds:g} seconds")
 
 
-def handshake_failure_reason(error: BaseException) -> str:
+def handshake_failure_reason(error: BaseException | None) -> str:
     """OpenSSL's reason for a failed handshake (``no shared cipher``,
     ``unsupported protocol``, ``http request``, ...), a bounded set of
     words fit for a metric label; ``closed`` when the client went away."""

@@ -113,8 +113,8 @@ class Metrics:
     # -- counts so far, as plain mappings (tests, the health endpoint)
 
     @staticmethod
-    def _counts(counter: Counter, *labels: str) -> collections.Counter:
-        counts: collections.Counter = collections.Counter()
+    def _counts(counter: Counter, *labels: str) -> collections.Counter[Any]:
+        counts: collections.Counter[Any] = collections.Counter()
         for metric in counter.collect():
             for sample in metric.samples:
                 if sample.name.endswith("_total"):
@@ -123,18 +123,18 @@ class Metrics:
         return counts
 
     @property
-    def responses(self) -> collections.Counter:
+    def responses(self) -> collections.Counter[tuple[str, int]]:
         """(operation, status) -> responses; 0 for any not seen."""
         counts = self._counts(self._responses, "operation", "status")
         return collections.Counter({(op, int(status)): n for (op, status), n in counts.items()})
 
     @property
-    def refusals(self) -> collections.Counter:
+    def refusals(self) -> collections.Counter[str]:
         """Refusal code -> count."""
         return self._counts(self._refusals, "code")
 
     @property
-    def issued(self) -> collections.Counter:
+    def issued(self) -> collections.Counter[str]:
         """Operation -> certificates issued."""
         return self._counts(self._issued, "operation")
 
