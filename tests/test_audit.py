@@ -203,7 +203,7 @@ class AuditFileTests(TestCase):
         cert_file = os.path.join(directory, "officer.pem")
         with open(cert_file, "wb") as f:
             f.write(certificate.certificate.public_bytes(Encoding.PEM))
-        await run_cli(gateway, "officer", "add", "--cert", cert_file, "--role", "ra")
+        await run_cli(gateway, "officer", "add", "--cert", cert_file, "--role", "ra", "--force")
         await run_cli(gateway, "officer", "remove", "--cert", cert_file)
         await run_cli(gateway, "cert", "revoke", serial, "--reason", "keyCompromise")
         await run_cli(gateway, "crl", "write")

@@ -118,7 +118,8 @@ class SlowClientTests(TestCase):
         )
         client = RawClient()
         client.handshake.addErrback(lambda failure: None)  # plain TCP: there is no handshake
-        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", gateway.service.metrics_port.getHost().port, timeout=5)
+        port = gateway.service.metrics_ports[0].getHost().port
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=5)
         await connectProtocol(endpoint, client)
         sent = iter(request_head("/metrics"))
         loop = task.LoopingCall(lambda: client.closed.called or client.transport.write(bytes([next(sent)])))

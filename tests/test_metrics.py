@@ -79,7 +79,7 @@ class LibraryMetricsTests(TestCase):
     gauges, thread pools and the process."""
 
     async def scrape(self, gateway: RunningGateway) -> str:
-        port = gateway.service.metrics_port.getHost().port
+        port = gateway.service.metrics_ports[0].getHost().port
         result = await run_process(["curl", "-sS", f"http://127.0.0.1:{port}/metrics"])
         self.assertEqual(result.code, 0, result.stderr)
         return result.stdout.decode()
