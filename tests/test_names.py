@@ -184,8 +184,7 @@ class AttributeProperties(SynchronousTestCase):
         with self.assertRaises(names.BadName):
             names.check_attribute(make_attribute(NameOID.SERIAL_NUMBER, text))
 
-    # No lone surrogates: no UTF-8 (so no DER string) can carry one.
-    @given(st.text(st.characters(blacklist_categories=("Cs",)), max_size=4))
+    @given(st.text(st.characters(blacklist_categories=("Cs",)), max_size=4))  # a CSR never decodes to a surrogate
     def test_country_is_two_letters(self, text: str) -> None:
         """countryName passes exactly when it is two ASCII letters, and is
         then a PrintableString."""
@@ -276,6 +275,16 @@ class GeneralNameProperties(SynchronousTestCase):
         bad = uri[:8] + _insert(uri[8:], position, character)
         with self.assertRaises(names.BadName):
             names.check_uri(bad)
+
+    def test_trailing_newline_refused(self) -> None:
+        """A name that ends in a newline is refused: a pattern's ``$`` would
+        match before it, ``\\Z`` does not."""
+        for name in (
+            x509.DNSName("pump-17\n"), x509.UniformResourceIdentifier("https://pump-17/\n"),
+            x509.RFC822Name("pump\n@plant.example"),
+        ):
+            with self.assertRaises(names.BadName, msg=repr(name)):
+                names.check_general_name(name)
 
     def test_uri_examples(self) -> None:
         """A relative URI, a scheme alone, a broken percent escape and an

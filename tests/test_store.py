@@ -45,6 +45,7 @@ from estgw.store import (
     IStore,
     SQLiteStore,
     StoreNotRunning,
+    StoreUnavailable,
     UnknownCertificate,
     UnsupportedSchemaVersion,
     _SQLStore,
@@ -607,8 +608,9 @@ class SchemaTests(StoreTestCase):
                 (current + 1, ["CREATE TABLE half (id TEXT)", "CREATE TABLE certificates (x TEXT)"])
             ]
 
-        with self.assertRaises(self.database_error):
+        with self.assertRaises(StoreUnavailable) as caught:
             await BrokenStore(await self.location()).start()
+        self.assertIsInstance(caught.exception.__cause__, self.database_error)
         self.assertEqual(self.on_disk("SELECT version FROM schema_version"), [(current,)])
         self.assertFalse(self.table_exists("half"))
         store = await self.open_store()
@@ -1068,8 +1070,9 @@ class PostgreSQLConnectionTests(unittest.TestCase):
         logged: list[dict[str, Any]] = []
         globalLogPublisher.addObserver(logged.append)
         self.addCleanup(globalLogPublisher.removeObserver, logged.append)
-        with self.assertRaises(psycopg.OperationalError) as caught:
+        with self.assertRaises(StoreUnavailable) as caught:
             await store.start()
+        self.assertIsInstance(caught.exception.__cause__, psycopg.OperationalError)
         self.assertIn("cannot connect to the PostgreSQL store", str(caught.exception))
         self.assertIn(directory, str(caught.exception))
         with self.assertRaises(StoreNotRunning):

@@ -255,7 +255,7 @@ class CLITests(TestCase):
         loaded = config_module.load(config)
         wrote = await self.fill_sqlite(loaded.store_path)
         output = await self.cli(config, "store", "migrate", "--to", self.url)
-        self.assertIn("copied 3 certificates, 1 devices, 1 officer_roles, 1 approvals", output)
+        self.assertIn("copied 3 certificates, 1 devices, 1 officer_roles, 1 approvals, ", output)
         self.assertIn(f"set store.url = {self.url}", output)
 
         target = open_store(self.url)
@@ -267,6 +267,10 @@ class CLITests(TestCase):
         self.assertEqual(await target.get_device_by_factory_cert("ab" * 32), wrote["device"])
         self.assertEqual(await target.list_officer_roles(), [wrote["role"]])
         self.assertEqual(await target.get_approval("req-1"), wrote["approval"])
+        # The audit trail goes on in the copy, with the migration itself last.
+        (last,) = (await target.list_audit(1))
+        self.assertEqual((last.action, last.target), ("store-migrate", self.url))
+        self.assertIn("copied 3 certificates", last.details)
         # Ids go on after the copied ones: a new certificate is the newest.
         newer = issued("a", issued_at=T0)
         await target.record_certificate(newer)

@@ -48,6 +48,8 @@ __all__ = [
     "APPROVAL_STATES",
     "UnsupportedSchemaVersion",
     "StoreNotRunning",
+    "StoreUnavailable",
+    "AuditEntry",
     "REVOCATION_REASONS",
     "MIGRATIONS",
     "IStore",
@@ -257,7 +259,25 @@ class UnsupportedSchemaVersion(Exception):
     """The database was written by a newer estgw than this one."""
 
 
-class StoreNotRunning(Exception):
+@attr.s(frozen=True, auto_attribs=True)
+class AuditEntry:
+    """One operator action: when, who (``os:<user>`` or an operator
+    certificate), what (``device-add``, ``cert-revoke``, ...), on what."""
+
+    at: datetime = attr.ib(validator=_require_utc)
+    operator: str
+    action: str
+    target: str
+    details: str = ""
+
+
+class StoreUnavailable(Exception):
+    """The database failed (locked, disk full, read-only, connection
+    lost, ...): nothing was written by the failed call.  The message is for
+    the log; devices are told only that the store is unavailable."""
+
+
+class StoreNotRunning(StoreUnavailable):
     """An operation on a store that was not started, or was closed."""
 
 
@@ -373,6 +393,16 @@ class IStore(Interface):
     def certificates_for_public_key(public_key_sha256: str) -> Deferred[list[IssuedCertificate]]:
         """Certificates issued for a public key (hex SHA-256 of its
         SubjectPublicKeyInfo DER), newest first."""
+
+    def add_audit(at: datetime, operator: str, action: str, target: str, details: str) -> Deferred[None]:
+        """Append one operator action to the audit table."""
+
+    def list_audit(limit: int = 100) -> Deferred[list[AuditEntry]]:
+        """The latest ``limit`` operator actions, oldest first."""
+
+    def count_expiring(after: datetime, before: datetime) -> Deferred[int]:
+        """How many certificates not revoked expire after ``after`` and at
+        or before ``before`` (both timezone-aware)."""
 
     def count_certificates() -> Deferred[int]:
         """How many certificates are recorded."""

@@ -115,6 +115,22 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
     (
         5,
         [
+            # Operator actions (estgw.audit.operator_action): who, what, when.
+            """
+            CREATE TABLE audit (
+                id {autoincrement_primary_key},
+                at TEXT NOT NULL,
+                operator TEXT NOT NULL,
+                action TEXT NOT NULL,
+                target TEXT NOT NULL,
+                details TEXT NOT NULL
+            )
+            """,
+        ],
+    ),
+    (
+        6,
+        [
             # `estgw cert list` pages newest first by (issued_at, id)
             # without sorting the table.
             "CREATE INDEX certificates_issued ON certificates (issued_at, id)",
@@ -139,9 +155,10 @@ TABLE_KEYS: dict[str, tuple[str, ...]] = {
     "devices": ("device_id",),
     "officer_roles": ("fingerprint", "role"),
     "approvals": ("id",),
+    "audit": ("id",),
 }
 
 #: Tables whose ``id`` the database assigns: copied ids are kept (so the
 #: insertion order that breaks ties survives), and the backend moves its
 #: id generator past them.
-GENERATED_IDS: tuple[str, ...] = ("certificates", "approvals")
+GENERATED_IDS: tuple[str, ...] = ("certificates", "approvals", "audit")

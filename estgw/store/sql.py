@@ -22,6 +22,7 @@ from zope.interface import implementer
 from estgw.store import (
     REVOCATION_REASONS,
     Approval,
+    AuditEntry,
     CertificatePage,
     Device,
     DuplicateCertificate,
@@ -33,6 +34,7 @@ from estgw.store import (
     OfficerRole,
     StoreNotEmpty,
     StoreNotRunning,
+    StoreUnavailable,
     UnknownCertificate,
     UnsupportedSchemaVersion,
 )
@@ -270,7 +272,18 @@ class _SQLStore:
 
         d: Deferred[_T] = self._pool.runInteraction(interaction, *args)
         d.addBoth(done)
+        d.addErrback(self._unavailable)
         return d
+
+    def _unavailable(self, failure: Any) -> Any:
+        """A database error other than a constraint (which the methods turn
+        into their own exceptions) means the store cannot serve: one
+        exception for callers to map to 503."""
+        dbapi = self._pool.dbapi if self._pool is not None else None
+        error = failure.value
+        if dbapi is not None and isinstance(error, dbapi.Error) and not isinstance(error, dbapi.IntegrityError):
+            raise StoreUnavailable(f"{self!r}: {error}") from error
+        return failure
 
     # -- lifecycle
 
@@ -611,6 +624,38 @@ class _SQLStore:
                 (public_key_sha256,),
             )
             return [_certificate_from_row(row) for row in txn.fetchall()]
+
+        return self._run(interaction)
+
+    def add_audit(self, at: datetime, operator: str, action: str, target: str, details: str) -> Deferred[None]:
+        def interaction(txn: Any) -> None:
+            self._execute(
+                txn,
+                "INSERT INTO audit (at, operator, action, target, details) VALUES (?, ?, ?, ?, ?)",
+                (_time_text(at), operator, action, target, details),
+            )
+
+        return self._run(interaction)
+
+    def list_audit(self, limit: int = 100) -> Deferred[list[AuditEntry]]:
+        def interaction(txn: Any) -> list[AuditEntry]:
+            self._execute(
+                txn, "SELECT at, operator, action, target, details FROM audit ORDER BY id DESC LIMIT ?", (limit,)
+            )
+            rows = txn.fetchall()
+            return [AuditEntry(_parse_time(r[0]), r[1], r[2], r[3], r[4]) for r in reversed(rows)]
+
+        return self._run(interaction)
+
+    def count_expiring(self, after: datetime, before: datetime) -> Deferred[int]:
+        def interaction(txn: Any) -> int:
+            self._execute(
+                txn,
+                "SELECT COUNT(*) FROM certificates"
+                " WHERE revoked_at IS NULL AND not_after > ? AND not_after <= ?",
+                (_time_text(after), _time_text(before)),
+            )
+            return int(txn.fetchone()[0])
 
         return self._run(interaction)
 

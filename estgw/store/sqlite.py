@@ -48,4 +48,6 @@ class SQLiteStore(_SQLStore):
             cp_max=1,
             cp_openfun=self._open,
             cp_reactor=self._reactor,
+            # A connection that failed is replaced by a new one for the next call.
+            cp_reconnect=True,
         )
