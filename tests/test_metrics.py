@@ -110,7 +110,7 @@ class LibraryMetricsTests(TestCase):
             def __getattr__(self, name: str) -> object:
                 return getattr(gateway.store, name)
 
-            def record_certificate(self, issued: object) -> object:
+            def record_certificate(self, issued: object, renewing: object = None) -> object:
                 return defer.fail(StoreUnavailable("disk full"))
 
         gw.store = NoRecord()
