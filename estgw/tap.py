@@ -6,16 +6,19 @@ stops twistd before anything listens, with the key and the reason.
 
 from __future__ import annotations
 
+import os
+import socket
 from typing import Any
 
 from twisted.application import service
 from twisted.internet import defer
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint, wrapServerTLS
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 from twisted.python.failure import Failure
 
-from estgw import bootstrap, config as config_module
+from estgw import bootstrap, config as config_module, lagprobe, logs, workers
 from estgw.approval.gateway import build_gates, load_approval_tls
 from estgw.auth import device_portal, digest_nonce_counts, digest_secret
 from estgw.ca import CAError
@@ -33,6 +36,9 @@ class Options(usage.Options):
     optParameters = [
         ["config", "c", "etc/est.properties", "The est.properties file."],
         ["port", "p", None, "Listen on this TCP port instead of server.port.", int],
+        ["workers", "w", None, "Run this many worker processes instead of server.workers.", int],
+        # Internal: a worker of estgw.workers serves the listening socket it inherited on this fd.
+        ["worker-fd", None, None, "(internal) serve the inherited listening socket on this descriptor.", int],
     ]
 
     def postOptions(self) -> None:
@@ -48,6 +54,14 @@ class Options(usage.Options):
             import attr
 
             loaded = attr.evolve(loaded, port=self["port"])
+        if self["workers"] is not None:
+            if not 1 <= self["workers"] <= 64:
+                raise usage.UsageError(f"--workers: must be from 1 to 64, not {self['workers']}")
+            if self["workers"] > 1 and loaded.metrics_port is not None:
+                raise usage.UsageError(f"{loaded.source}: metrics.port: not available with --workers above 1")
+            import attr
+
+            loaded = attr.evolve(loaded, workers=self["workers"])
         self.loaded: Config = loaded
 
 
@@ -66,7 +80,9 @@ class GatewayService(service.Service):
 
     _log = Logger()
 
-    def __init__(self, config: Config, reactor: Any = None) -> None:
+    def __init__(self, config: Config, reactor: Any = None, inherited_fd: int | None = None) -> None:
+        # inherited_fd: a worker (estgw.workers) serves this listening socket.
+        self.inherited_fd = inherited_fd
         if reactor is None:
             from twisted.internet import reactor as default_reactor
 
@@ -93,6 +109,7 @@ class GatewayService(service.Service):
         self.gateway: Gateway | None = None
         self.metrics_port: Any = None
         self.ready: defer.Deferred = defer.Deferred()
+        self.lag_probe = lagprobe.from_environment(reactor)
 
     def build_gateway(self) -> Gateway:
         return Gateway(
@@ -110,24 +127,38 @@ class GatewayService(service.Service):
             key_signer=(self.state.server_certificate, self.state.server_key, (self.state.ca.issuing,)),
         )
 
-    def _endpoint(self) -> Any:
-        interface = self.config.interface
-        tcp = TCP6ServerEndpoint if ":" in interface else TCP4ServerEndpoint
-        context = server_context_factory(
+    def _context(self) -> Any:
+        return server_context_factory(
             self.state.server_key,
             self.state.server_certificate,
             [self.state.ca.issuing],
             self.state.trust_anchors,
             settings_of(self.config),
         )
-        return wrapServerTLS(context, tcp(self.reactor, self.config.port, interface=interface))
+
+    def _endpoint(self) -> Any:
+        interface = self.config.interface
+        tcp = TCP6ServerEndpoint if ":" in interface else TCP4ServerEndpoint
+        return wrapServerTLS(self._context(), tcp(self.reactor, self.config.port, interface=interface))
+
+    def _adopt(self, factory: Any) -> Any:
+        """Serve the listening socket a supervisor handed down."""
+        fd = self.inherited_fd
+        assert fd is not None
+        family = socket.socket(fileno=os.dup(fd)).family
+        port = self.reactor.adoptStreamPort(fd, family, TLSMemoryBIOFactory(self._context(), False, factory))
+        os.close(fd)  # adoptStreamPort serves its own duplicate
+        return port
 
     def _listen(self) -> Any:
         """Bind the port now, before the reactor runs, so a port in use
         stops twistd with a message and a non-zero status; accept nothing
         until the store is open (connections wait in the listen backlog)."""
         gateway = self.gateway = self.build_gateway()
-        port = _listen_now(self._endpoint(), build_site(gateway), self.config.port)
+        if self.inherited_fd is not None:
+            port = self._adopt(build_site(gateway))
+        else:
+            port = _listen_now(self._endpoint(), build_site(gateway), self.config.port)
         port.stopReading()
         if self.config.metrics_port is not None:
             endpoint = TCP4ServerEndpoint(
@@ -140,6 +171,8 @@ class GatewayService(service.Service):
         await self.store.start()
         await self.gateway.portal.start()
         self.port.startReading()
+        if self.lag_probe is not None:
+            self.lag_probe.start()
         host = self.config.hostnames[0] if self.config.hostnames else "localhost"
         self._log.info(
             "estgw serving EST at https://{host}:{port}/.well-known/est/ ; "
@@ -162,6 +195,9 @@ class GatewayService(service.Service):
         d.addCallbacks(self.ready.callback, failed)
 
     async def _stop(self) -> None:
+        probe, self.lag_probe = self.lag_probe, None
+        if probe is not None:
+            probe.stop()
         port, self.port = self.port, None  # stopping twice is harmless
         if port is not None:
             await defer.maybeDeferred(port.stopListening)
@@ -177,13 +213,44 @@ class GatewayService(service.Service):
         return defer.Deferred.fromCoroutine(self._stop())
 
 
-def makeService(options: Options, reactor: Any = None) -> service.MultiService:
-    top = service.MultiService()
+def _supervisor(options: Options, reactor: Any) -> workers.Supervisor:
+    config = options.loaded
     try:
-        gateway = GatewayService(options.loaded, reactor)
+        # The state is created once, here, not raced for by the workers.
+        bootstrap.initialize(config)
+        digest_secret(config.state_directory)
+    except CAError as e:
+        raise SystemExit(f"estgw: {config.source}: state.directory: {e}") from None
+    except ConfigError as e:
+        raise SystemExit(f"estgw: {e}") from None
+    try:
+        sock = workers.bind(config.interface, config.port)
+    except OSError as e:
+        raise SystemExit(f"estgw: cannot listen on port {config.port}: {e.strerror}") from None
+    return workers.Supervisor(config, options["config"], sock, reactor)
+
+
+def makeService(options: Options, reactor: Any = None) -> service.MultiService:
+    config = options.loaded
+    worker = options["worker-fd"] is not None
+    # A worker's events go to its supervisor as JSON (twistd --logger).
+    observer = None
+    if not worker and logs.configured(config):
+        try:
+            observer = logs.human_observer(config)
+        except OSError as e:
+            raise SystemExit(f"estgw: log.file: cannot open {config.log_file}: {e.strerror}") from None
+    top = logs.LoggingService(observer)
+    if not worker and config.workers > 1:
+        _supervisor(options, reactor).setServiceParent(top)
+        return top
+    try:
+        gateway = GatewayService(config, reactor, inherited_fd=options["worker-fd"])
     except usage.UsageError as e:
         # twistd shows a traceback for errors raised here; the message is
         # what the operator needs, and the exit status is non-zero.
         raise SystemExit(f"estgw: {e}") from None
     gateway.setServiceParent(top)
+    if worker:
+        workers.watch_parent(gateway.reactor)
     return top
