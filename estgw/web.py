@@ -139,6 +139,7 @@ def _respond(
 def _refuse(request: Request, refusal: Refusal, peer: PeerInfo | None) -> None:
     # A reason may quote what the client sent: one line in the log and the body.
     reason = printable(refusal.reason)
+    request.audited = True  # type: ignore[attr-defined]
     _audit.info(
         "{event} {method} {path} from {client}: {status} {code}: {reason}",
         method=printable(request.method),
@@ -287,6 +288,7 @@ class ESTResource(resource.Resource):
                 content_type.decode("latin-1") if content_type else None,
             )
             self._gateway.metrics.certificate_issued(operation)
+            request.audited = True  # type: ignore[attr-defined]
             if not (request.finished or request._disconnected):
                 # Each part says its own Content-Transfer-Encoding.
                 _respond(request, 200, multipart, multipart_type, {"Cache-Control": "no-store"})
@@ -296,6 +298,7 @@ class ESTResource(resource.Resource):
             content_type.decode("latin-1") if content_type else None,
         )
         self._gateway.metrics.certificate_issued(operation)
+        request.audited = True  # type: ignore[attr-defined]
         self._send(request, protocol.encode_certs_only([certificate]), protocol.CERTS_ONLY)
 
     def _csr_attributes(self, label: str, handler: Any) -> tuple[protocol.CsrAttr, ...]:
@@ -361,12 +364,21 @@ class _Channel(http.HTTPChannel):
 IDLE_TIMEOUT = 60
 
 
+class _Site(server.Site):
+    """One log line per request: a request whose ``estgw.audit`` line was
+    written (an issuance or a refusal) gets no access-log line besides."""
+
+    def log(self, request: Request) -> None:
+        if not getattr(request, "audited", False):
+            super().log(request)
+
+
 def build_site(gateway: Gateway) -> server.Site:
     root = _Branch()
     well_known = _Branch()
     root.putChild(b".well-known", well_known)
     well_known.putChild(b"est", ESTResource(gateway))
-    site = server.Site(root, timeout=IDLE_TIMEOUT)
+    site = _Site(root, timeout=IDLE_TIMEOUT)
     site.protocol = _Channel
     site.requestFactory = request_factory(gateway.config.max_request_bytes)
     site.displayTracebacks = False
