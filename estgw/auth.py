@@ -400,7 +400,7 @@ def _issuer_accepted(request: Any, handler: HandlerConfig, peer: PeerInfo, porta
         return attr.evolve(peer, certificate=None, chain=())
     if cert is None or handler.client_certificate_issuers != "local":
         return peer
-    if officers.issued_by(cert, portal.ca_chain):
+    if officers.issued_by(cert, portal.ca_chain, peer.chain):
         return peer
     if handler.filter == "device" and request.getHeader(b"authorization"):
         return attr.evolve(peer, certificate=None, chain=())

@@ -34,10 +34,22 @@ def role_grant(cert: x509.Certificate, role: str) -> OfficerRole:
     )
 
 
-def issued_by(cert: x509.Certificate, ca_chain: Sequence[x509.Certificate]) -> bool:
-    """Whether ``cert`` was signed by the gateway's issuing CA (chain[0])."""
+def issued_by(
+    cert: x509.Certificate,
+    ca_chain: Sequence[x509.Certificate],
+    verified_chain: Sequence[x509.Certificate] = (),
+) -> bool:
+    """Whether ``cert`` was signed by the gateway's issuing CA (chain[0]).
+
+    ``verified_chain`` is the chain TLS verified for ``cert`` (leaf first,
+    :attr:`estgw.tls.PeerInfo.chain`): when it runs from ``cert`` straight
+    to the issuing CA, OpenSSL has checked that signature in the
+    handshake and it is not checked again.
+    """
     if not ca_chain:
         return False
+    if len(verified_chain) >= 2 and verified_chain[0] == cert and verified_chain[1] == ca_chain[0]:
+        return True
     try:
         cert.verify_directly_issued_by(ca_chain[0])
     except (ValueError, TypeError, InvalidSignature):
