@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.asymmetric.types import (
     CertificatePublicKeyTypes,
 )
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IReactorThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -514,6 +514,12 @@ class LocalCA:
             raise CAError(f"{paths[ISSUING_CERT]} is not issued by {paths[ROOT_CERT]}") from e
         return cls(directory, root, issuing, issuing_key)
 
+    @property
+    def signs_quickly(self) -> bool:
+        """Whether a signature by the issuing key costs microseconds (EC,
+        EdDSA) rather than milliseconds (RSA)."""
+        return not isinstance(self._issuing_key, rsa.RSAPrivateKey)
+
     def chain(self) -> list[x509.Certificate]:
         """[issuing, root]: what cacerts returns and what TLS peers need."""
         return [self.issuing, self.root]
@@ -717,7 +723,14 @@ class LocalTokenProcedure:
         return f"<LocalTokenProcedure {self.name!r}>"
 
     def issue(self, request: IssueRequest) -> "Deferred[x509.Certificate]":
-        """Sign on a pool thread; the Deferred fires in the reactor thread."""
+        """Sign; the Deferred fires in the reactor thread.
+
+        An EC or EdDSA signature (tens of microseconds) is made at once:
+        handing it to a pool thread and back costs more than it does.  RSA
+        (a millisecond or more at 2048 bits) goes to a pool thread.
+        """
+        if self.ca.signs_quickly:
+            return maybeDeferred(self.ca.sign, request, self.profile)
         assert self._reactor is not None
         # The reactor's pool is looked up here, not in __init__: asking for
         # it starts it, which should not happen merely by loading a config.
