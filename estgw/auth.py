@@ -277,6 +277,7 @@ class DevicePortal(Portal):
         ca_chain: Sequence[x509.Certificate] = (),
         digest_secret: bytes | None = None,
         nonce_counts: NonceCounts | None = None,
+        issuers: Sequence[x509.Certificate] = (),
     ) -> None:
         self.nonce_counts = nonce_counts if nonce_counts is not None else MemoryNonceCounts()
         super().__init__(DeviceRealm(), [DeviceChecker(store, reactor, self.nonce_counts)])
@@ -286,6 +287,9 @@ class DevicePortal(Portal):
         # One key for every Digest handler: a nonce is bound to its realm
         # and client address by the key's MAC, the response to its URI.
         self._digest_secret = digest_secret if digest_secret is not None else os.urandom(32)
+        # The issuing CAs whose certificates count as this gateway's own
+        # (the local CA and every token procedure's; default: ca_chain[0]).
+        self.issuers = tuple(issuers) or tuple(ca_chain[:1])
         self._factories: dict[tuple[str, str, str | None], ICredentialFactory | None] = {}
 
     def start(self) -> defer.Deferred[None]:
@@ -309,8 +313,9 @@ def device_portal(
     ca_chain: Sequence[x509.Certificate] = (),
     digest_secret: bytes | None = None,
     nonce_counts: NonceCounts | None = None,
+    issuers: Sequence[x509.Certificate] = (),
 ) -> DevicePortal:
-    return DevicePortal(store, reactor, ca_chain, digest_secret, nonce_counts)
+    return DevicePortal(store, reactor, ca_chain, digest_secret, nonce_counts, issuers)
 
 
 # -- responses ------------------------------------------------------------------
@@ -400,7 +405,7 @@ def _issuer_accepted(request: Any, handler: HandlerConfig, peer: PeerInfo, porta
         return attr.evolve(peer, certificate=None, chain=())
     if cert is None or handler.client_certificate_issuers != "local":
         return peer
-    if officers.issued_by(cert, portal.ca_chain, peer.chain):
+    if officers.issued_by(cert, portal.issuers, peer.chain):
         return peer
     if handler.filter == "device" and request.getHeader(b"authorization"):
         return attr.evolve(peer, certificate=None, chain=())
@@ -520,7 +525,7 @@ async def _officer(identity: Identity, handler: HandlerConfig, portal: DevicePor
         )
     required = handler.required_ro_roles or ()
     if not required:  # requiredRoRoles = none
-        if not officers.issued_by(cert, portal.ca_chain):
+        if not officers.issued_by(cert, portal.issuers):
             raise officers.not_an_officer(
                 "this endpoint serves RA clients: the TLS client certificate must be issued by this gateway's CA"
             )

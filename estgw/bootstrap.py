@@ -8,12 +8,16 @@ for client certificates, the store and the token procedures.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Mapping
 
 import attr
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 
-from estgw.ca import LocalCA, LocalTokenProcedure, Profile
+from estgw.ca import ITokenProcedure, LocalCA
+from estgw.ca import CAError, factory
+from estgw.ca._files import PassphraseError
+from estgw.ca.keys import read_passphrase
 from estgw.config import Config, ConfigError
 from estgw.store import SQLiteStore
 
@@ -24,6 +28,21 @@ class State:
     server_key: Any
     server_certificate: x509.Certificate
     trust_anchors: tuple[x509.Certificate, ...]
+    # Every configured token procedure by name, built (and so checked) here.
+    procedures: Mapping[str, ITokenProcedure] = attr.Factory(dict)
+
+    @property
+    def issuers(self) -> tuple[x509.Certificate, ...]:
+        """The issuing CA certificates whose certificates are this gateway's
+        own: the local CA's and every token procedure's."""
+        certs = [ca.issuing for ca in self.ca.issuers()]
+        for procedure in self.procedures.values():
+            issuers = getattr(procedure, "issuers", None)
+            certs += [ca.issuing for ca in issuers()] if issuers else procedure.chain()[:1]
+        found: dict[bytes, x509.Certificate] = {}
+        for cert in certs:
+            found.setdefault(cert.fingerprint(hashes.SHA256()), cert)
+        return tuple(found.values())
 
 
 def _load_anchor_file(path: str, source: str) -> list[x509.Certificate]:
@@ -49,8 +68,34 @@ def configured_trust_anchors(config: Config) -> list[x509.Certificate]:
     return anchors
 
 
-def initialize(config: Config) -> State:
-    """Create what is missing under the state directory, load the rest."""
+def ca_passphrase(config: Config) -> bytes | None:
+    """The local CA keys' passphrase (ca.keyPasswordFile / ca.keyPasswordEnv), or None."""
+    try:
+        return read_passphrase(config.ca_key_password_file, config.ca_key_password_env)
+    except CAError as e:
+        key = "ca.keyPasswordFile" if config.ca_key_password_file else "ca.keyPasswordEnv"
+        raise ConfigError(key, str(e), config.source) from None
+
+
+def local_ca(config: Config) -> LocalCA:
+    """Load (or, on first use, create) the embedded CA as the config describes it."""
+    passphrase = ca_passphrase(config)
+    try:
+        return LocalCA.load_or_create(
+            config.ca_directory,
+            config.ca_name,
+            key_type=config.ca_key_type,
+            passphrase=passphrase,
+            rsa_padding=config.ca_rsa_padding,
+        )
+    except PassphraseError as e:
+        key = "ca.keyPasswordEnv" if config.ca_key_password_env else "ca.keyPasswordFile"
+        raise ConfigError(key, str(e), config.source) from None
+
+
+def initialize(config: Config, reactor: Any = None) -> State:
+    """Create what is missing under the state directory, load the rest,
+    and build the token procedures (ConfigError naming a bad setting)."""
     extra_anchors = configured_trust_anchors(config)
     try:
         os.makedirs(config.state_directory, mode=0o700, exist_ok=True)
@@ -58,11 +103,18 @@ def initialize(config: Config) -> State:
         raise ConfigError(
             "state.directory", f"cannot create {config.state_directory}: {e.strerror}", config.source
         ) from None
-    ca = LocalCA.load_or_create(config.ca_directory, config.ca_name)
-    key, cert = ca.server_credentials(config.tls_directory, config.hostnames)
-    # The issuing CA too: devices often send only their leaf certificate.
-    anchors = list(ca.chain()) + extra_anchors
-    return State(ca=ca, server_key=key, server_certificate=cert, trust_anchors=tuple(anchors))
+    ca = local_ca(config)
+    key, cert = ca.server_credentials(config.tls_directory, config.hostnames, key_type=config.tls_key_type)
+    procedures = token_procedures(config, ca, reactor)
+    # The issuing CAs too: devices often send only their leaf certificate.
+    anchors: dict[bytes, x509.Certificate] = {}
+    for chain in [ca.chain()] + [p.chain() for p in procedures.values()] + [extra_anchors]:
+        for anchor in chain:
+            anchors.setdefault(anchor.fingerprint(hashes.SHA256()), anchor)
+    return State(
+        ca=ca, server_key=key, server_certificate=cert, trust_anchors=tuple(anchors.values()),
+        procedures=procedures,
+    )
 
 
 def open_store(config: Config, reactor: Any = None) -> SQLiteStore:
@@ -71,13 +123,6 @@ def open_store(config: Config, reactor: Any = None) -> SQLiteStore:
     return SQLiteStore(config.store_path, reactor=reactor)
 
 
-def token_procedures(config: Config, ca: LocalCA, reactor: Any = None) -> dict[str, LocalTokenProcedure]:
-    return {
-        name: LocalTokenProcedure(
-            name,
-            ca,
-            Profile.from_settings(p.validity_days, p.key_usage, p.extended_key_usage),
-            reactor=reactor,
-        )
-        for name, p in config.token_procedures.items()
-    }
+def token_procedures(config: Config, ca: LocalCA, reactor: Any = None) -> dict[str, ITokenProcedure]:
+    """Every configured token procedure by name (see :mod:`estgw.ca.factory`)."""
+    return factory.token_procedures(factory.Context(config=config, local_ca=ca, reactor=reactor))

@@ -19,7 +19,10 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from twisted.internet import defer, task
 
 from estgw import bootstrap, config as config_module, device_import, factory, names, officers
-from estgw.ca import CRL_FILE, CAError, LocalCA
+from estgw.ca import CRL_FILE, CAError, ISigningCA
+from estgw.ca._files import load_certificate as load_cert, load_private_key as load_key
+from estgw.ca.keys import KEY_TYPES, read_passphrase
+from estgw.ca.publish import revoked_entries
 from estgw.config import Config, ConfigError
 from estgw.escape import printable
 from estgw.store import (
@@ -57,9 +60,29 @@ def _when(value: datetime | None) -> str:
 
 
 async def cmd_init(options: Any, config: Config, store: IStore, out: Any) -> None:
+    """Report what the first start created. Loading it (before this runs)
+    checked every token procedure: for ``ca = file`` that the key fits the
+    certificate, that the certificate may sign certificates and that the
+    chain reaches its root."""
+    state = bootstrap.initialize(config)
+    if options["offline_root"]:
+        try:
+            state.ca.export_root_key(options["offline_root"], bootstrap.ca_passphrase(config), out)
+        except CAError as e:
+            raise CommandError(str(e)) from None
     out.write(f"state directory: {config.state_directory}\n")
     out.write(f"CA certificate:  {config.ca_certificate_path}\n")
     out.write(f"store:           {config.store_path}\n")
+    if options["offline_root"]:
+        where = "the PEM above" if options["offline_root"] == "-" else options["offline_root"]
+        out.write(
+            f"root key:        moved to {where}; keep it offline, "
+            f"it is needed only to make the next issuing CA\n"
+        )
+    for name, procedure in state.procedures.items():
+        issuing = procedure.chain()[0]
+        kind = config.token_procedures[name].ca
+        out.write(f"token procedure {name!r} (ca = {kind}): issuing CA {issuing.subject.rfc4514_string()}\n")
 
 
 def read_password(options: Any) -> str | None:
@@ -246,6 +269,7 @@ async def cmd_cert_show(options: Any, config: Config, store: IStore, out: Any) -
         ("status", _status(c)),
         ("revoked at", _when(c.revoked_at)),
         ("revocation reason", c.revocation_reason or "-"),
+        ("invalidity date", _when(c.invalidity_date)),
         ("public key SHA-256", c.public_key_sha256),
         ("handler", c.handler),
         ("requester", c.requester),
@@ -260,12 +284,17 @@ async def cmd_cert_show(options: Any, config: Config, store: IStore, out: Any) -
 async def cmd_cert_revoke(options: Any, config: Config, store: IStore, out: Any) -> None:
     serial = parse_serial(options["serial"])
     try:
-        issued = await store.revoke_certificate(serial, options["reason"])
+        issued = await store.revoke_certificate(
+            serial, options["reason"], invalidity_date=options["invalidity_date"]
+        )
     except UnknownCertificate:
         raise CommandError(f"no certificate with serial {serial:x}") from None
-    except ValueError as e:  # an unknown --reason
+    except ValueError as e:  # an unknown --reason, an invalidity date in the future
         raise CommandError(str(e)) from None
-    out.write(f"revoked {serial:x} ({printable(issued.subject)}) at {_when(issued.revoked_at)}\n")
+    out.write(
+        f"revoked {serial:x} ({printable(issued.subject)}) at {_when(issued.revoked_at)}, "
+        f"reason {issued.revocation_reason}\n"
+    )
 
 
 def _write_file_atomically(path: str, data: bytes) -> None:
@@ -282,14 +311,71 @@ def _write_file_atomically(path: str, data: bytes) -> None:
         raise
 
 
+def _signing_ca(config: Config, name: str | None) -> Any:
+    """The local CA, or the CA that signs for token procedure ``name``."""
+    if name is None:
+        return bootstrap.local_ca(config)
+    if name not in config.token_procedures:
+        known = ", ".join(sorted(config.token_procedures)) or "none is defined"
+        raise CommandError(f"no token procedure named {name!r} (known: {known})")
+    procedure = bootstrap.token_procedures(config, bootstrap.local_ca(config))[name]
+    ca = getattr(procedure, "ca", None)
+    if not ISigningCA.providedBy(ca):
+        raise CommandError(f"token procedure {name!r} signs with no key this gateway holds")
+    return ca
+
+
+async def cmd_ca_rollover(options: Any, config: Config, store: IStore, out: Any) -> None:
+    """RFC 7030 4.1.3: the local CA's next issuing CA (and root, with --root)."""
+    passphrase = bootstrap.ca_passphrase(config)
+    ca = bootstrap.local_ca(config)
+    try:
+        root_key = None
+        if options["root_key"]:
+            root_key = load_key(options["root_key"], passphrase)
+        issuing = None
+        if options["certificate"] or options["key"]:
+            if not (options["certificate"] and options["key"]):
+                raise CommandError("--certificate and --key go together")
+            key_passphrase = read_passphrase(options["key_password_file"] or "")
+            issuing = (load_cert(options["certificate"]), load_key(options["key"], key_passphrase))
+        if issuing is not None and options["root"]:
+            raise CommandError("--root makes a new root; a new issuing CA from files must be issued by the current one")
+        rolled = ca.rollover(
+            name=config.ca_name, key_type=options["key_type"], passphrase=passphrase,
+            new_root=options["root"], root_key=root_key, issuing=issuing,
+        )
+    except CAError as e:
+        raise CommandError(str(e)) from None
+    out.write(f"new issuing CA:  {rolled.issuing.subject.rfc4514_string()} "
+              f"(until {_when(rolled.issuing.not_valid_after_utc)})\n")
+    for generation in rolled.previous:
+        out.write(f"still serving:   {generation.issuing.subject.rfc4514_string()} "
+                  f"(until {_when(generation.issuing.not_valid_after_utc)}; its certificates renew)\n")
+    if options["root"]:
+        out.write(f"new root:        {rolled.root.subject.rfc4514_string()}; cacerts carries both roots"
+                  f" and the NewWithOld/OldWithNew link certificates\n")
+    out.write("restart the gateway to issue from the new CA\n")
+
+
+def _invalidity_date(text: str) -> datetime:
+    """ISO 8601, e.g. 2026-11-30 or 2026-11-30T08:15:00Z; no zone means UTC."""
+    try:
+        when = datetime.fromisoformat(text.strip().replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not an ISO 8601 date or time (2026-11-30, 2026-11-30T08:15:00Z): {text!r}"
+        ) from None
+    return when.replace(tzinfo=timezone.utc) if when.tzinfo is None else when.astimezone(timezone.utc)
+
+
 async def cmd_crl_write(options: Any, config: Config, store: IStore, out: Any) -> None:
-    """The local CA's CRL of every certificate revoked in the store."""
-    ca = LocalCA.load_or_create(config.ca_directory, config.ca_name)
-    revoked = [
-        (c.serial, c.revoked_at) for c in await store.list_certificates() if c.revoked_at is not None
-    ]
+    """The CRL of every certificate revoked in the store that the local CA
+    (or --tokenprocedure's CA) issued, with reason codes and invalidity dates."""
+    ca = _signing_ca(config, options["tokenprocedure"])
+    revoked = await revoked_entries(store, ca)
     crl = ca.write_crl(revoked, next_update=timedelta(days=options["days"]))
-    written = [os.path.join(config.ca_directory, CRL_FILE)]
+    written = [os.path.join(ca.directory, CRL_FILE)]
     if options["out"]:
         encoding = Encoding.DER if options["der"] else Encoding.PEM
         try:
@@ -301,6 +387,13 @@ async def cmd_crl_write(options: Any, config: Config, store: IStore, out: Any) -
         f"wrote CRL of {len(crl)} revoked certificate(s), next update "
         f"{_when(crl.next_update_utc)}, to {', '.join(written)}\n"
     )
+    # After a rollover the earlier issuing CAs still answer for their certificates.
+    for earlier in ca.issuers()[1:]:
+        previous = earlier.write_crl(await revoked_entries(store, earlier), next_update=timedelta(days=options["days"]))
+        out.write(
+            f"wrote CRL of {len(previous)} revoked certificate(s) of the earlier issuing CA "
+            f"{earlier.issuing.subject.rfc4514_string()} to {os.path.join(earlier.directory, CRL_FILE)}\n"
+        )
 
 
 # -- argument parsing -------------------------------------------------------
@@ -313,7 +406,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("-c", "--config", default="etc/est.properties", help="the est.properties file")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    init = commands.add_parser("init", help="create the CA, TLS credentials and store (idempotent)")
+    init = commands.add_parser(
+        "init", help="create the CA, TLS credentials and store (idempotent); check the token procedures"
+    )
+    init.add_argument(
+        "--offline-root", metavar="OUT.pem",
+        help="move the local root CA's key to this new file, or print it once with '-' (encrypted"
+        " with ca.keyPasswordFile when set), and keep only the issuing CA's key online",
+    )
     init.set_defaults(run=cmd_init)
 
     device = commands.add_parser("device", help="pre-registered devices").add_subparsers(
@@ -388,13 +488,23 @@ def _parser() -> argparse.ArgumentParser:
     revoke.add_argument(
         "--reason", default="unspecified", choices=sorted(REVOCATION_REASONS), help="RFC 5280 reason"
     )
+    revoke.add_argument(
+        "--invalidity-date",
+        type=_invalidity_date,
+        help="since when the key is known or suspected to be compromised (ISO 8601, UTC"
+        " unless a zone is given; RFC 5280 5.3.2); CRL entries and OCSP responses carry it",
+    )
     revoke.set_defaults(run=cmd_cert_revoke)
 
     crl = commands.add_parser("crl", help="certificate revocation lists").add_subparsers(
         dest="action", metavar="ACTION", required=True
     )
     crl_write = crl.add_parser(
-        "write", help="sign the local CA's CRL of the revoked certificates (ca/crl.pem)"
+        "write", help="sign the local CA's CRL of the revoked certificates (ca/crl.pem), with reason codes"
+    )
+    crl_write.add_argument(
+        "--tokenprocedure", metavar="NAME",
+        help="the CRL of the CA that signs for this token procedure (default: the local CA)",
     )
     crl_write.add_argument("--out", help="also write it to this file (e.g. one named in tls.crls)")
     crl_write.add_argument("--der", action="store_true", help="write --out in DER instead of PEM")
@@ -402,6 +512,25 @@ def _parser() -> argparse.ArgumentParser:
         "--days", type=_positive_days, default=7, help="days until its nextUpdate (default 7)"
     )
     crl_write.set_defaults(run=cmd_crl_write)
+
+    ca = commands.add_parser("ca", help="the local CA").add_subparsers(
+        dest="action", metavar="ACTION", required=True
+    )
+    rollover = ca.add_parser(
+        "rollover",
+        help="make the next issuing CA (RFC 7030 4.1.3); the current one keeps serving its certificates",
+    )
+    rollover.add_argument("--root", action="store_true",
+                          help="roll the root too, with NewWithOld/OldWithNew link certificates")
+    rollover.add_argument("--root-key", metavar="FILE",
+                          help="the current root key, when it is offline (encrypted with ca.keyPasswordFile)")
+    rollover.add_argument("--key-type", choices=KEY_TYPES,
+                          help="key type of the new keys (default: that of the current issuing key)")
+    rollover.add_argument("--certificate", metavar="FILE",
+                          help="take this issuing CA certificate (issued by the current root) instead")
+    rollover.add_argument("--key", metavar="FILE", help="its private key (PEM or DER)")
+    rollover.add_argument("--key-password-file", metavar="FILE", help="the key's passphrase, when encrypted")
+    rollover.set_defaults(run=cmd_ca_rollover)
 
     # Talks to the approval service (its own config), not to this store.
     from estgw.approval import cli as approval_cli

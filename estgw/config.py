@@ -21,12 +21,14 @@ import ipaddress
 import os
 import re
 import socket
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 from urllib.parse import unquote, urlsplit
 
 import attr
 
 from estgw import keytypes, names
+from estgw.ca.factory import KINDS
+from estgw.ca.keys import KEY_TYPES, RSA_PADDINGS
 from estgw.csrattrs import CsrTemplate, parse_template_setting
 from estgw.properties import PropertiesError, parse_properties
 from estgw.protocol import CsrAttr, parse_csrattrs_setting
@@ -58,6 +60,15 @@ FORMATS = (
     "est-simplereenroll",
     "est-simpleenroll-idm",
 )
+# The same formats for a handler bound to CoAPs, in the model product's
+# naming (RFC 9148): estcoaps-<x> is est-<x> on a CoAPs handler.
+COAPS_FORMAT_PREFIX = "estcoaps-"
+COAPS_FORMATS = tuple(
+    COAPS_FORMAT_PREFIX + name[len("est-"):] for name in FORMATS if name != "est-simpleenroll-idm"
+)
+# Where a handler is served: EST over HTTPS (RFC 7030), over CoAPs
+# (RFC 9148, the coaps.* listener) or both.
+TRANSPORTS = ("https", "coaps", "both")
 DEFAULT_FILTER = {
     "cacerts": "public",
     "csrattrs": "public",
@@ -86,7 +97,7 @@ def default_format(operation: str, filter: str, procedure: "TokenProcedureConfig
 
 
 # RFC 3986 §3.3 pchar, less pct-encoded: unreserved / sub-delims / ":" / "@".
-_LABEL = re.compile(r"^[A-Za-z0-9._~!$&'()*+,;=:@-]+$")
+_LABEL = re.compile(r"^[A-Za-z0-9._~!$&'()*+,;=:@-]+\Z")
 _PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
 
 
@@ -282,7 +293,19 @@ def _ocsp(value: str) -> str:
     return text
 
 
-_ROLE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+def _url(value: str) -> str:
+    """An http(s) or ldap URL with a host, as relying parties fetch it
+    (RFC 5280 4.2.1.13, 4.2.2.1)."""
+    text = value.strip()
+    parts = urlsplit(text)
+    if parts.scheme.lower() not in ("http", "https", "ldap") or not parts.hostname:
+        raise ValueError(f"expected an http, https or ldap URL with a host, not {text!r}")
+    if any(c.isspace() for c in text):
+        raise ValueError(f"a URL has no spaces: {text!r}")
+    return text
+
+
+_ROLE = re.compile(r"^[A-Za-z0-9_.-]{1,64}\Z")
 
 
 def role_name(value: str) -> str:
@@ -311,6 +334,21 @@ def _roles(value: str) -> tuple[str, ...]:
 
 
 @attr.s(frozen=True, auto_attribs=True)
+class FileCASettings:
+    """Where one issuing CA of ``ca = file`` is: ``prefix`` is its keys'
+    common part after ``tokenprocedure.<n>.`` (``file.`` or
+    ``file.previous.<m>.``), for messages."""
+
+    prefix: str
+    certificate: str = ""
+    chain: str = ""
+    key: str = ""
+    key_password_file: str = ""
+    key_password_env: str = ""
+    number: str = ""
+
+
+@attr.s(frozen=True, auto_attribs=True)
 class TokenProcedureConfig:
     """A CA profile (the product's "token procedure")."""
 
@@ -328,6 +366,30 @@ class TokenProcedureConfig:
     use_authentication_cert: bool = False
     mandatory_password: bool = False
     check_subject_values: bool = True
+    # Put into issued certificates: CRL distribution point and AIA.
+    crl_url: str = ""
+    ocsp_url: str = ""
+    ca_issuers_url: str = ""
+    # Who signs the OCSP responses of the publishing listener: the CA
+    # itself, or a delegated responder certificate it issues (RFC 6960 4.2.2.2).
+    ocsp_responder: str = "ca"
+    # ca = file: the operator's issuing CA (paths resolved against the
+    # config file's directory); the key's passphrase from a file or an
+    # environment variable, never from the config itself.
+    file_certificate: str = ""
+    file_chain: str = ""
+    file_key: str = ""
+    file_key_password_file: str = ""
+    file_key_password_env: str = ""
+    # Earlier issuing CAs after a rollover (file.previous.<m>.*).
+    file_previous: tuple[FileCASettings, ...] = ()
+
+    @property
+    def file_settings(self) -> FileCASettings:
+        return FileCASettings(
+            "file.", self.file_certificate, self.file_chain, self.file_key,
+            self.file_key_password_file, self.file_key_password_env,
+        )
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -397,6 +459,14 @@ class HandlerConfig:
     idm_timeout: float = 10.0  # seconds per call to the service
     idm_retry_after: int = 60  # seconds, told to devices in Retry-After
     idm_pending_lifetime: int = 72 * 3600  # seconds an undecided request lives
+    # "https", "coaps" or "both" (TRANSPORTS); empty: https.
+    transport: str = ""
+
+    @property
+    def transports(self) -> tuple[str, ...]:
+        if self.transport == "both":
+            return ("https", "coaps")
+        return (self.transport or "https",)
 
     @property
     def path(self) -> str:
@@ -448,6 +518,23 @@ class Config:
     tls_ciphersuites: str = ""
     tls_groups: str = ""
     tls_security_level: int = 2
+    # Keys: the local CA's (ca.keyType, only on creation) and the gateway's
+    # TLS key (tls.keyType; None keeps what tls/server.key holds); how RSA
+    # CA keys sign; the local CA keys' passphrase (file or environment).
+    ca_key_type: str = "ec-p256"
+    tls_key_type: str | None = None
+    ca_rsa_padding: str = "pkcs1v15"
+    ca_key_password_file: str = ""
+    ca_key_password_env: str = ""
+    # CRLs and OCSP for relying parties on their own plain-HTTP listener;
+    # None: off.  CRLs are valid for publish_crl_hours and re-signed when
+    # half of that is gone or a certificate was revoked.
+    publish_port: int | None = None
+    publish_interface: str = "127.0.0.1"
+    publish_crl_hours: int = 24
+    # EST over CoAPs (RFC 9148) on this UDP port; None: off.
+    coaps_port: int | None = None
+    coaps_interface: str = ""
     token_procedures: Mapping[str, TokenProcedureConfig] = attr.Factory(dict)
     handlers: tuple[HandlerConfig, ...] = ()
 
@@ -483,9 +570,11 @@ class Config:
             h.allow_renewal_with_old_certificates for h in self.handlers if h.operation in ENROLL_OPERATIONS
         )
 
-    def handler(self, label: str, operation: str) -> HandlerConfig | None:
+    def handler(self, label: str, operation: str, transport: str = "https") -> HandlerConfig | None:
+        """The handler serving ``operation`` under ``label`` on ``transport``
+        (``https`` or ``coaps``), or None."""
         for handler in self.handlers:
-            if handler.label == label and handler.operation == operation:
+            if handler.label == label and handler.operation == operation and transport in handler.transports:
                 return handler
         return None
 
@@ -520,22 +609,57 @@ _GLOBAL_KEYS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "log.level": ("log_level", _choice("debug", "info", "warn", "error", "critical")),
     "auth.scrypt.n": ("scrypt_n", _scrypt_n),
     "auth.passwordCacheSeconds": ("password_cache_seconds", _cache_seconds),
+    "ca.keyType": ("ca_key_type", _choice(*KEY_TYPES)),
+    "tls.keyType": ("tls_key_type", _choice(*KEY_TYPES)),
+    "ca.rsaPadding": ("ca_rsa_padding", _choice(*RSA_PADDINGS)),
+    "ca.keyPasswordFile": ("ca_key_password_file", _text),
+    "ca.keyPasswordEnv": ("ca_key_password_env", _text),
+    "publish.port": ("publish_port", _port),
+    "publish.interface": ("publish_interface", _text),
+    "publish.crl.nextUpdateHours": ("publish_crl_hours", _positive_int),
+    "coaps.port": ("coaps_port", _port),
+    "coaps.interface": ("coaps_interface", _text),
 }
 _TOKEN_PROCEDURE_KEYS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "name": ("name", _text),
-    "ca": ("ca", _choice("local")),
+    "ca": ("ca", _choice(*KINDS)),
     "validity.days": ("validity_days", _positive_int),
     "keyusage": ("key_usage", _text),
     "extendedkeyusage": ("extended_key_usage", _text),
     "estenroll.use-authentication-cert": ("use_authentication_cert", _bool),
     "enroll.mandatorypassword": ("mandatory_password", _bool),
     "enroll.check-subject-values": ("check_subject_values", _bool),
+    "crl.url": ("crl_url", _url),
+    "ocsp.url": ("ocsp_url", _url),
+    "caIssuers.url": ("ca_issuers_url", _url),
+    "ocsp.responder": ("ocsp_responder", _choice("ca", "delegated")),
+    "file.certificate": ("file_certificate", _text),
+    "file.chain": ("file_chain", _text),
+    "file.key": ("file_key", _text),
+    "file.keyPasswordFile": ("file_key_password_file", _text),
+    "file.keyPasswordEnv": ("file_key_password_env", _text),
+}
+# file.previous.<m>.<key>: an earlier issuing CA of ca = file (rollover).
+_FILE_PREVIOUS = re.compile(r"^file\.previous\.([0-9]+)\.(certificate|chain|key|keyPasswordFile|keyPasswordEnv)\Z")
+_FILE_SETTING_FIELDS = {
+    "certificate": "certificate", "chain": "chain", "key": "key",
+    "keyPasswordFile": "key_password_file", "keyPasswordEnv": "key_password_env",
+}
+# Keys that only mean something for one kind of token procedure.
+_KIND_KEYS = {"file.": "file"}
+# Paths: relative to the config file's directory, and must exist.
+_TOKEN_PROCEDURE_FILES = {
+    "file.certificate": "file_certificate",
+    "file.chain": "file_chain",
+    "file.key": "file_key",
+    "file.keyPasswordFile": "file_key_password_file",
 }
 _HANDLER_KEYS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "operation": ("operation", _choice(*OPERATIONS)),
     "label": ("label", _label),
     "filter": ("filter", _choice(*FILTERS)),
-    "format": ("format", _choice(*FORMATS)),
+    "format": ("format", _choice(*FORMATS, *COAPS_FORMATS)),
+    "transport": ("transport", _choice(*TRANSPORTS)),
     "tokenprocedure": ("token_procedure", _text),
     "authtype": ("authtype", _choice("Basic", "Digest")),
     "realm": ("realm", lambda value: value.strip()),
@@ -566,7 +690,7 @@ _HANDLER_KEYS: dict[str, tuple[str, Callable[[str], Any]]] = {
 # model product's est.properties) and then act like default.<key>.
 _TOP_LEVEL_HANDLER_KEYS = ("allowRenewalWithOldCertificates",)
 
-_NUMBERED = re.compile(r"^(handler|tokenprocedure)\.([0-9]+)\.(.+)$")
+_NUMBERED = re.compile(r"^(handler|tokenprocedure)\.([0-9]+)\.(.+)\Z")
 
 
 def default_hostnames() -> tuple[str, ...]:
@@ -620,9 +744,10 @@ def from_string(text: str, source: str = "est.properties", base_dir: str = ".") 
             kind, number, name = match.groups()
             numbered.setdefault((kind, number), {})[name] = value
 
-    procedures = _token_procedures(numbered, source)
+    procedures = [_resolve_procedure_files(p, base_dir, source) for p in _token_procedures(numbered, source)]
     handlers = _handlers(numbered, defaults, procedures, source)
     handlers = _announced_templates(handlers, source)
+    _check_coaps_listener(handlers, global_values, source)
     handlers = tuple(_resolve_idm_files(h, base_dir, source) for h in handlers)
     handlers = tuple(_load_shared_keys(h, base_dir, source) for h in handlers)
 
@@ -644,6 +769,13 @@ def from_string(text: str, source: str = "est.properties", base_dir: str = ".") 
         # Each worker counts only what it served: one scrape would see one
         # worker's counters, and a counter must never go backwards.
         raise ConfigError("metrics.port", "not available with server.workers above 1", source)
+    if global_values.get("ca_key_password_file"):
+        if global_values.get("ca_key_password_env"):
+            raise ConfigError("ca.keyPasswordEnv", "ca.keyPasswordFile already names the passphrase", source)
+        path = _resolve(base_dir, global_values["ca_key_password_file"])
+        if not os.path.isfile(path):
+            raise ConfigError("ca.keyPasswordFile", f"no such file: {path}", source)
+        global_values["ca_key_password_file"] = path
     if not global_values.get("hostnames"):
         global_values["hostnames"] = default_hostnames()
     _check_tls(global_values, source)
@@ -657,6 +789,20 @@ def from_string(text: str, source: str = "est.properties", base_dir: str = ".") 
         handlers=handlers,
         **global_values,
     )
+
+
+def _check_coaps_listener(handlers: Sequence[HandlerConfig], values: Mapping[str, Any], source: str) -> None:
+    """A handler bound to CoAPs needs the listener: without coaps.port it
+    would silently serve nothing."""
+    if values.get("coaps_port") is not None:
+        return
+    for handler in handlers:
+        if "coaps" in handler.transports:
+            raise ConfigError(
+                "coaps.port",
+                f"required: handler.{handler.id} is served over CoAPs (transport {handler.transport})",
+                source,
+            )
 
 
 def _check_tls(values: Mapping[str, Any], source: str) -> None:
@@ -694,7 +840,12 @@ def _token_procedures(
             continue
         prefix = f"tokenprocedure.{number}."
         fields: dict[str, Any] = {}
+        previous: dict[str, dict[str, str]] = {}
         for name, value in keys.items():
+            earlier = _FILE_PREVIOUS.match(name)
+            if earlier is not None:
+                previous.setdefault(earlier.group(1), {})[_FILE_SETTING_FIELDS[earlier.group(2)]] = value.strip()
+                continue
             if name not in _TOKEN_PROCEDURE_KEYS:
                 raise ConfigError(prefix + name, "unknown token procedure key", source)
             attribute, parser = _TOKEN_PROCEDURE_KEYS[name]
@@ -708,10 +859,57 @@ def _token_procedures(
                 source,
             )
         seen[fields["name"]] = number
+        fields["file_previous"] = tuple(
+            FileCASettings(f"file.previous.{m}.", number=m, **previous[m]) for m in sorted(previous, key=int)
+        )
         procedure = TokenProcedureConfig(key=number, **fields)
         _check_profile(procedure, prefix, source)
+        _check_kind(procedure, keys, prefix, source)
         result.append(procedure)
     return result
+
+
+def _check_kind(procedure: TokenProcedureConfig, keys: Mapping[str, str], prefix: str, source: str) -> None:
+    for name in sorted(keys):
+        for start, kind in _KIND_KEYS.items():
+            if name.startswith(start) and procedure.ca != kind:
+                raise ConfigError(prefix + name, f"only for ca = {kind}, not {procedure.ca}", source)
+    if procedure.ca == "file":
+        for settings in (procedure.file_settings, *procedure.file_previous):
+            for name in ("certificate", "key"):
+                if not getattr(settings, name):
+                    raise ConfigError(prefix + settings.prefix + name, "required with ca = file", source)
+            if settings.key_password_file and settings.key_password_env:
+                raise ConfigError(
+                    prefix + settings.prefix + "keyPasswordEnv",
+                    f"{settings.prefix}keyPasswordFile already names the passphrase", source,
+                )
+
+
+def _resolve_procedure_files(procedure: TokenProcedureConfig, base_dir: str, source: str) -> TokenProcedureConfig:
+    changes = {}
+    for name, attribute in _TOKEN_PROCEDURE_FILES.items():
+        value = getattr(procedure, attribute)
+        if not value:
+            continue
+        path = _resolve(base_dir, value)
+        if not os.path.isfile(path):
+            raise ConfigError(f"tokenprocedure.{procedure.key}.{name}", f"no such file: {path}", source)
+        changes[attribute] = path
+    previous = []
+    for settings in procedure.file_previous:
+        resolved = {}
+        for name in ("certificate", "chain", "key", "key_password_file"):
+            value = getattr(settings, name)
+            if not value:
+                continue
+            path = _resolve(base_dir, value)
+            if not os.path.isfile(path):
+                key = {"key_password_file": "keyPasswordFile"}.get(name, name)
+                raise ConfigError(f"tokenprocedure.{procedure.key}.{settings.prefix}{key}", f"no such file: {path}", source)
+            resolved[name] = path
+        previous.append(attr.evolve(settings, **resolved))
+    return attr.evolve(procedure, file_previous=tuple(previous), **changes)
 
 
 def _check_profile(procedure: TokenProcedureConfig, prefix: str, source: str) -> None:
@@ -738,7 +936,7 @@ def _handlers(
 ) -> tuple[HandlerConfig, ...]:
     names = {p.name: p for p in procedures}
     result: list[HandlerConfig] = []
-    routes: dict[tuple[str, str], str] = {}
+    routes: dict[tuple[str, str, str], str] = {}
     for (kind, number), keys in sorted(numbered.items(), key=lambda i: int(i[0][1])):
         if kind != "handler":
             continue
@@ -759,14 +957,16 @@ def _handlers(
         handler = _complete_handler(
             HandlerConfig(id=number, **fields), keys, prefix, origin, names, source
         )
-        route = (handler.label, handler.operation)
-        if route in routes:
-            raise ConfigError(
-                prefix + "operation",
-                f"{handler.path} is already served by handler.{routes[route]}",
-                source,
-            )
-        routes[route] = number
+        for transport in handler.transports:
+            route = (handler.label, handler.operation, transport)
+            if route in routes:
+                raise ConfigError(
+                    prefix + "operation",
+                    f"{handler.path} is already served by handler.{routes[route]}"
+                    + (" over CoAPs" if transport == "coaps" else ""),
+                    source,
+                )
+            routes[route] = number
         result.append(handler)
     return tuple(result)
 
@@ -786,6 +986,7 @@ def _complete_handler(
 
     op = handler.operation
     enroll = op in ENROLL_OPERATIONS
+    handler = _complete_transport(handler, where, source)
     changes: dict[str, Any] = {}
     if not handler.filter:
         changes["filter"] = DEFAULT_FILTER[op]
@@ -855,6 +1056,7 @@ def _complete_handler(
     handler = _complete_authentication(
         handler, own_keys, where, procedure_names[handler.token_procedure], source
     )
+    _check_coaps_handler(handler, where, source)
     if not handler.client_certificate_issuers:
         # A factory CA in tls.trustAnchors vouches for devices on the
         # handlers that check their registration (factory certificates,
@@ -869,13 +1071,26 @@ def _announced_templates(handlers: tuple[HandlerConfig, ...], source: str) -> tu
     (what its clients were told), and serverkeygen its key type: its own
     setting, else the template's key, else the default.  A serverkeygen key
     type that differs from the announced one is an error."""
-    announced = {h.label: h.csr_template for h in handlers if h.operation == "csrattrs"}
+    # What csrattrs announces per label and transport: over HTTPS and
+    # over CoAPs a label may have its own csrattrs handler.
+    announced = {
+        (h.label, transport): h.csr_template
+        for h in handlers if h.operation == "csrattrs" for transport in h.transports
+    }
     result = []
     for handler in handlers:
         if handler.operation not in ENROLL_OPERATIONS:
             result.append(handler if handler.operation == "csrattrs" else attr.evolve(handler, csr_template=None))
             continue
-        template = announced.get(handler.label)
+        templates = {announced.get((handler.label, transport)) for transport in handler.transports}
+        if len(templates) > 1:
+            raise ConfigError(
+                f"handler.{handler.id}.transport",
+                "csrattrs announces different templates over https and coaps here: give each transport"
+                " its own enrollment handler",
+                source,
+            )
+        template = templates.pop()
         handler = attr.evolve(handler, csr_template=template)
         if handler.operation == "serverkeygen":
             wanted = template.key_type if template is not None else None
@@ -889,6 +1104,37 @@ def _announced_templates(handlers: tuple[HandlerConfig, ...], source: str) -> tu
             handler = attr.evolve(handler, serverkeygen_key_type=key_type)
         result.append(handler)
     return tuple(result)
+
+
+def _complete_transport(handler: HandlerConfig, where: Callable[[str], str], source: str) -> HandlerConfig:
+    """transport defaults to https, or to coaps with an estcoaps- format,
+    which then stands for its est- twin (the checks are the same)."""
+    transport = handler.transport
+    fmt = handler.format
+    if fmt.startswith(COAPS_FORMAT_PREFIX):
+        if transport == "https":
+            raise ConfigError(
+                where("format"), f"{fmt} is for a handler served over CoAPs (transport coaps or both)", source
+            )
+        transport = transport or "coaps"
+        fmt = "est-" + fmt[len(COAPS_FORMAT_PREFIX):]
+    return attr.evolve(handler, transport=transport or "https", format=fmt)
+
+
+def _check_coaps_handler(handler: HandlerConfig, where: Callable[[str], str], source: str) -> None:
+    """CoAP has no HTTP authentication: over CoAPs the DTLS client
+    certificate is the only identity, so what needs a login is refused here."""
+    if "coaps" not in handler.transports:
+        return
+    if handler.authtype:
+        raise ConfigError(
+            where("authtype"),
+            f"HTTP {handler.authtype} authentication does not exist over CoAPs: use transport https"
+            " for this handler (over CoAPs the DTLS client certificate authenticates)",
+            source,
+        )
+    if handler.filter == IDM_FILTER:
+        raise ConfigError(where("transport"), f"filter {IDM_FILTER} needs an HTTP login: transport https", source)
 
 
 def _complete_authentication(

@@ -108,6 +108,14 @@ def check_registration(registration: Registration) -> Registration:
         names.check_value(NameOID.COMMON_NAME, common_name)
     except names.BadName as e:
         raise ValueError(f"{e}; the device's commonName is its id or --cn") from None
+    # Each registered value may be used once: registered twice it could
+    # be used twice (a duplicated serialNumber, the same dNSName twice).
+    seen: list[tuple[str, str]] = []
+    for name, value in registration.subject_values:
+        if any(n == name and factory.same_value(n, v, value) for n, v in seen if v and value):
+            separator = ":" if name in factory.SAN_KINDS else "="
+            raise ValueError(f"{name}{separator}{names.shown(value)} is registered twice")
+        seen.append((name, value))
     return registration
 
 

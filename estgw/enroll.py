@@ -20,7 +20,7 @@ from twisted.logger import Logger
 from estgw import auth, policy
 from estgw.approval.gate import ApprovalGate
 from estgw.ca import ITokenProcedure
-from estgw.config import Config, HandlerConfig
+from estgw.config import ENROLL_OPERATIONS, Config, HandlerConfig
 from estgw.escape import printable
 from estgw.metrics import Metrics
 from estgw.protocol import parse_csr
@@ -52,6 +52,16 @@ class Gateway:
     # gateway makes and sends encrypted (RFC 7030 §4.4.2): its TLS ones.
     key_signer: tuple[x509.Certificate, Any, tuple[x509.Certificate, ...]] | None = None
 
+    def cacerts(self, label: str) -> list[x509.Certificate]:
+        """What cacerts under ``label`` returns (RFC 7030 4.1.3): the chain
+        of the token procedure that issues under that label, else the
+        local CA's."""
+        for operation in ENROLL_OPERATIONS:
+            handler = self.config.handler(label, operation)
+            if handler is not None and handler.token_procedure in self.procedures:
+                return self.procedures[handler.token_procedure].chain()
+        return self.ca_chain
+
 
 async def _client_certificate_not_revoked(
     gateway: Gateway, identity: auth.Identity, peer: PeerInfo | None = None
@@ -62,7 +72,7 @@ async def _client_certificate_not_revoked(
     # The store is read on every request: `estgw cert revoke` needs no restart.
     # It knows only serials of our own CA: a foreign certificate with an
     # equal serial is not ours to refuse.
-    ours = bool(gateway.ca_chain) and cert.issuer == gateway.ca_chain[0].subject
+    ours = any(cert.issuer == issuer.subject for issuer in gateway.portal.issuers)
     if ours and await gateway.store.is_revoked(cert.serial_number):
         raise Refusal(403, "client-certificate-revoked", "the TLS client certificate has been revoked")
     if gateway.revocation is not None:
@@ -79,7 +89,9 @@ async def _renewing_last_issued(gateway: Gateway, identity: auth.Identity, ctx: 
     """
     cert = identity.certificate
     assert cert is not None  # policy.renews_own_subject
-    last = await gateway.store.last_issued_for_subject(ctx.subject.rfc4514_string())
+    # The subject the certificate holds: a request may spell it in
+    # another case, or add to it, and still renew it.
+    last = await gateway.store.last_issued_for_subject(cert.subject.rfc4514_string())
     if last is None and ctx.operation != "simplereenroll":
         return
     if last is None or last.serial != cert.serial_number:
@@ -113,8 +125,8 @@ async def _sent_again(
     for issued in await gateway.store.certificates_for_public_key(hashlib.sha256(spki).hexdigest()):
         if issued.requester == identity.requester and not issued.revoked and issued.issued_at >= device.consumed_at:
             _log.info(
-                "sent again serial {serial:x} to {requester}: its single-use registration was"
-                " consumed by this certificate {age:.0f} s ago",
+                "reissued serial {serial:x} to {requester}: its single-use registration was"
+                " consumed by this certificate {age:.0f} s ago (same key)",
                 serial=issued.serial, requester=printable(identity.requester),
                 age=(now - device.consumed_at).total_seconds(), event="reissued",
             )

@@ -67,7 +67,7 @@ SAN_KINDS: dict[str, type[x509.GeneralName]] = {
     "email": x509.RFC822Name,
     "URI": x509.UniformResourceIdentifier,
 }
-_DOTTED_OID = re.compile(r"^[0-2](\.(0|[1-9][0-9]*))+$")
+_DOTTED_OID = re.compile(r"^[0-2](\.(0|[1-9][0-9]*))+\Z")
 
 
 def read_certificate(path: str) -> x509.Certificate:

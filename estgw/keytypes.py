@@ -1,5 +1,6 @@
-"""Key types by name: what ``serverkeygen.keyType`` generates and what a
-``csrattrs.template`` announces (``key: ec-p256``).
+"""Key types by name: what ``ca.keyType`` / ``tls.keyType`` create,
+``serverkeygen.keyType`` generates and a ``csrattrs.template`` announces
+(``key: ec-p256``).  The one list of them.
 
 =========  ===========================================
 name       key
@@ -60,17 +61,17 @@ def generate(name: str) -> Any:
     raise ValueError(f"unknown key type {name!r}")
 
 
-def key_type_of(public_key: Any) -> str | None:
-    """The name of ``public_key``'s type, or None when none fits."""
-    if isinstance(public_key, ec.EllipticCurvePublicKey):
+def key_type_of(key: Any) -> str | None:
+    """The :data:`KEY_TYPES` name of a public or private key, or None when none fits."""
+    if isinstance(key, (ec.EllipticCurvePublicKey, ec.EllipticCurvePrivateKey)):
         for name, curve in _CURVES.items():
-            if isinstance(public_key.curve, curve):
+            if isinstance(key.curve, curve):
                 return name
         return None
-    if isinstance(public_key, rsa.RSAPublicKey):
-        name = f"rsa-{public_key.key_size}"
+    if isinstance(key, (rsa.RSAPublicKey, rsa.RSAPrivateKey)):
+        name = f"rsa-{key.key_size}"
         return name if name in KEY_TYPES else None
-    if isinstance(public_key, ed25519.Ed25519PublicKey):
+    if isinstance(key, (ed25519.Ed25519PublicKey, ed25519.Ed25519PrivateKey)):
         return "ed25519"
     return None
 

@@ -123,15 +123,42 @@ STRING_TYPES = frozenset({
 _PRINTABLE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789 '()+,-./:=?")
 
 
+# Characters that make a name display as something else: bidirectional
+# embeddings, overrides and isolates (a "CN=x\u202egnp.exe" reads
+# "x.exe..."), and the byte-order mark.
+_SPOOFING = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\ufeff")
+
+
 def check_text(what: str, value: str) -> str:
     """No control character (Unicode category Cc: C0, DEL, C1, so NUL
-    too) or surrogate, not empty or only white space."""
+    too), surrogate, line or paragraph separator, bidirectional control
+    or byte-order mark; not empty or only white space."""
     if not value.strip():
         raise BadName(f"{what} is empty")
     for character in value:
-        if unicodedata.category(character) in ("Cc", "Cs"):
+        category = unicodedata.category(character)
+        if category in ("Cc", "Cs", "Zl", "Zp"):
             raise BadName(f"{what} {shown(value)} contains the control character U+{ord(character):04X}")
+        if character in _SPOOFING:
+            raise BadName(
+                f"{what} {shown(value)} contains U+{ord(character):04X}, which changes how the name is displayed"
+            )
     return value
+
+
+def _fits_type(kind: _ASN1Type, value: str) -> bool:
+    """Whether ``value`` holds only characters its ASN.1 string type can
+    (X.680): a NumericString digits and space, a PrintableString its
+    small set, IA5String and VisibleString ASCII."""
+    if kind is _ASN1Type.NumericString:
+        return all(c in "0123456789 " for c in value)
+    if kind is _ASN1Type.PrintableString:
+        return _printable(value)
+    if kind is _ASN1Type.IA5String:
+        return _ascii(value)
+    if kind is _ASN1Type.VisibleString:
+        return all(0x20 <= ord(c) < 0x7F for c in value)
+    return True
 
 
 def _printable(value: str) -> bool:
@@ -144,7 +171,22 @@ def _ascii(value: str) -> bool:
 
 # -- host names, addresses, e-mail, URIs -----------------------------------------------
 
-_LABEL = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+_LABEL = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z")
+
+
+def _valid_a_label(label: str) -> bool:
+    """Whether an ``xn--`` label decodes as Punycode to a name that is
+    not plain ASCII (an A-label, RFC 5890 §2.3.2.1)."""
+    try:
+        decoded = label[4:].encode("ascii").decode("punycode")
+    except (UnicodeError, ValueError, IndexError, OverflowError):
+        return False
+    # Printable (no C1 controls a garbled label decodes to), not ASCII,
+    # and spelt as Punycode spells it.
+    return (
+        bool(decoded) and not decoded.isascii() and decoded.isprintable()
+        and decoded.encode("punycode").decode("ascii").lower() == label[4:].lower()
+    )
 
 
 def _check_host(what: str, text: str, wildcard: bool) -> str:
@@ -163,6 +205,8 @@ def _check_host(what: str, text: str, wildcard: bool) -> str:
             raise BadName(f"{what} {shown(text)}: a wildcard needs at least two labels after the '*'")
         labels = labels[1:]
     for label in labels:
+        if label[:4].lower() == "xn--" and _LABEL.match(label) and not _valid_a_label(label):
+            raise BadName(f"{what} {shown(text)} has the label {shown(label)}, which is not valid Punycode (RFC 3492)")
         if not _LABEL.match(label):
             if "*" in label:
                 raise BadName(
@@ -199,7 +243,7 @@ def check_ip_address(value: object) -> None:
         raise BadName(f"the iPAddress subjectAltName {value} is an address range, not an address")
 
 
-_DOT_ATOM = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*$")
+_DOT_ATOM = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*\Z")
 
 
 def check_email(text: str, what: str = "the rfc822Name") -> str:
@@ -219,8 +263,8 @@ def check_email(text: str, what: str = "the rfc822Name") -> str:
     return text
 
 
-_URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):(.+)$", re.S)
-_URI_CHARACTERS = re.compile(r"^(?:[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=]|%[0-9A-Fa-f]{2})*$")
+_URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):(.+)\Z", re.S)
+_URI_CHARACTERS = re.compile(r"^(?:[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=]|%[0-9A-Fa-f]{2})*\Z")
 _AUTHORITY = re.compile(r"^//([^/?#]*)")
 
 
@@ -235,7 +279,11 @@ def check_uri(text: str) -> str:
         raise BadName(f"the URI {shown(text)} has characters RFC 3986 does not allow (percent-encode them)")
     authority = _AUTHORITY.match(match.group(2))
     if authority is not None:
-        host = authority.group(1).rpartition("@")[2]
+        userinfo, at, host = authority.group(1).rpartition("@")
+        if at and ":" in userinfo:
+            # RFC 3986 §3.2.1: "user:password" in a URI is deprecated; in a
+            # certificate it would publish a secret.
+            raise BadName(f"the URI {shown(text)} carries a password in its user information")
         if host.startswith("["):
             literal = host[1:].partition("]")[0]
             try:
@@ -257,6 +305,7 @@ def check_uri(text: str) -> str:
 # -- subject attributes ----------------------------------------------------------------
 
 _DIRECTORY = "DirectoryString"
+_NOT_DIRECTORY_STRING = frozenset({_ASN1Type.IA5String, _ASN1Type.VisibleString, _ASN1Type.NumericString})
 _PRINTABLE_SYNTAX = "PrintableString"
 _COUNTRY = "country"
 _EMAIL = "emailAddress"
@@ -316,6 +365,12 @@ def check_attribute(attribute: x509.NameAttribute) -> x509.NameAttribute:
         type_name = kind.name if isinstance(kind, _ASN1Type) else type(value).__name__
         raise BadName(f"{what} is encoded as {type_name}, not as a character string")
     check_text(what, value)
+    if not _fits_type(kind, value):
+        raise BadName(f"{what} {shown(value)} has characters its {kind.name} cannot hold")
+    if syntax == _DIRECTORY and kind in _NOT_DIRECTORY_STRING:
+        # RFC 5280 §4.1.2.4: DirectoryString is one of TeletexString,
+        # PrintableString, UniversalString, UTF8String, BMPString.
+        raise BadName(f"{what} is encoded as {kind.name}, which is not a DirectoryString")
     if bound is not None and len(value) > bound and syntax != _COUNTRY:
         raise BadName(f"{what} {shown(value)} is longer than {bound} characters")
     if syntax == _COUNTRY:
@@ -429,9 +484,18 @@ def check_subject(subject: x509.Name) -> x509.Name:
 def check_sans(sans: Iterable[x509.GeneralName]) -> tuple[x509.GeneralName, ...]:
     """:func:`check_general_name` of each as a refusal: ``400 csr-bad-san``."""
     try:
-        return tuple(check_general_name(san) for san in sans)
+        checked = tuple(check_general_name(san) for san in sans)
     except BadName as e:
         raise Refusal(400, "csr-bad-san", str(e)) from None
+    seen: set[object] = set()
+    for san in checked:
+        # A name twice adds nothing and could count twice where names
+        # are counted (registered values); host names in any case.
+        key = (type(san), san.value.lower()) if isinstance(san, x509.DNSName) else (type(san), san.value)
+        if key in seen:
+            raise Refusal(400, "csr-bad-san", f"the subjectAltName {describe_general_name(san)} appears twice")
+        seen.add(key)
+    return checked
 
 
 def describe_general_name(name: x509.GeneralName) -> str:

@@ -36,25 +36,26 @@ def role_grant(cert: x509.Certificate, role: str) -> OfficerRole:
 
 def issued_by(
     cert: x509.Certificate,
-    ca_chain: Sequence[x509.Certificate],
+    issuers: Sequence[x509.Certificate],
     verified_chain: Sequence[x509.Certificate] = (),
 ) -> bool:
-    """Whether ``cert`` was signed by the gateway's issuing CA (chain[0]).
+    """Whether ``cert`` was signed by one of ``issuers``, the gateway's
+    issuing CA certificates (not the roots above them).
 
     ``verified_chain`` is the chain TLS verified for ``cert`` (leaf first,
     :attr:`estgw.tls.PeerInfo.chain`): when it runs from ``cert`` straight
-    to the issuing CA, OpenSSL has checked that signature in the
+    to one of ``issuers``, OpenSSL has checked that signature in the
     handshake and it is not checked again.
     """
-    if not ca_chain:
-        return False
-    if len(verified_chain) >= 2 and verified_chain[0] == cert and verified_chain[1] == ca_chain[0]:
+    if len(verified_chain) >= 2 and verified_chain[0] == cert and verified_chain[1] in issuers:
         return True
-    try:
-        cert.verify_directly_issued_by(ca_chain[0])
-    except (ValueError, TypeError, InvalidSignature):
-        return False
-    return True
+    for issuer in issuers:
+        try:
+            cert.verify_directly_issued_by(issuer)
+        except (ValueError, TypeError, InvalidSignature):
+            continue
+        return True
+    return False
 
 
 def not_an_officer(reason: str) -> Refusal:

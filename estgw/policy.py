@@ -190,21 +190,44 @@ def build_context(
     )
 
 
+def _matching_form(value: object) -> str:
+    """A name value as RFC 4518 compares it: case folded, insignificant
+    space removed (leading, trailing, runs inside)."""
+    return " ".join(str(value).split()).casefold()
+
+
+def _common_names(name: x509.Name) -> set[str]:
+    return {_matching_form(a.value) for a in name.get_attributes_for_oid(NameOID.COMMON_NAME)}
+
+
+def _same_name(a: x509.Name, b: x509.Name) -> bool:
+    def form(name: x509.Name) -> list[tuple[str, str]]:
+        return sorted((attribute.oid.dotted_string, _matching_form(attribute.value)) for attribute in name)
+
+    return form(a) == form(b)
+
+
 def renews_own_subject(ctx: PolicyContext) -> bool:
     """Whether the request is a certificate holder renewing its own subject.
 
     The one place that decides it, for every operation, label and filter:
-    a client certificate (not an officer acting for others, not a
-    registered factory certificate bootstrapping a device) asking for the
-    subject it already holds, after the SAN/CN copy rules.  A
-    simplereenroll always is one (its subject match guarantees it); a
-    simpleenroll with the same certificate is one too, and gets the same
-    renewal rules (RFC 7030 §4.2.2).
+    a client certificate (an officer's too: an officer asking for its own
+    name renews itself) asking for the subject it already holds, after the
+    SAN/CN copy rules and compared as RFC 4518 matches names (case and
+    insignificant space ignored), or for a subject carrying its
+    commonName.  Not a renewal: a password login, a registered factory
+    certificate bootstrapping a device, a certificate asking for another
+    name where its format allows that.  A simplereenroll always is one
+    (its subject match guarantees it); a simpleenroll is one too, and
+    gets the same renewal rules (RFC 7030 §4.2.2).
     """
     identity = ctx.identity
-    if identity.kind != "certificate" or identity.acting_as_officer or identity.certificate is None:
+    if identity.kind != "certificate" or identity.certificate is None:
         return False
-    return certificate_names(identity.certificate)[0] == ctx.subject
+    held = certificate_names(identity.certificate)[0]
+    if _same_name(held, ctx.subject):
+        return True
+    return bool(_common_names(held) & _common_names(ctx.subject))
 
 
 # -- the checks ------------------------------------------------------------------

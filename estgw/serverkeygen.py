@@ -54,6 +54,7 @@ __all__ = [
     "PKCS8",
     "SERVER_GENERATED_KEY",
     "serverkeygen",
+    "serverkeygen_parts",
     "multipart_body",
 ]
 
@@ -180,6 +181,22 @@ async def serverkeygen(
 ) -> tuple[bytes, str]:
     """Serve one serverkeygen request; return the multipart body and its
     Content-Type, or raise Refusal (nothing issued)."""
+    key_part, certificate = await serverkeygen_parts(gateway, handler, request, peer, body, content_type)
+    cert_part = (protocol.CERTS_ONLY, pkcs7.serialize_certificates([certificate], serialization.Encoding.DER))
+    return multipart_body([key_part, cert_part])
+
+
+async def serverkeygen_parts(
+    gateway: Gateway,
+    handler: HandlerConfig,
+    request: Any,
+    peer: PeerInfo,
+    body: bytes,
+    content_type: str | None,
+) -> tuple[tuple[str, bytes], x509.Certificate]:
+    """Serve one serverkeygen request: the private key part (its media type
+    and DER) and the certificate, for each transport to package (HTTPS:
+    multipart/mixed; CoAPs: multipart-core), or raise Refusal."""
     made: dict[str, Any] = {}
 
     async def server_key(ctx: Any, identity: auth.Identity) -> Any:
@@ -191,6 +208,4 @@ async def serverkeygen(
         return made["key"].public_key()
 
     certificate = await enroll(gateway, handler, request, peer, body, content_type, server_key=server_key)
-    key_part = _private_key_part(gateway, made.pop("key"), made.pop("to"))
-    cert_part = (protocol.CERTS_ONLY, pkcs7.serialize_certificates([certificate], serialization.Encoding.DER))
-    return multipart_body([key_part, cert_part])
+    return _private_key_part(gateway, made.pop("key"), made.pop("to")), certificate

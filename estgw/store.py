@@ -117,6 +117,9 @@ class IssuedCertificate:
     issued_at: datetime = attr.ib(validator=_require_utc)
     revoked_at: datetime | None = attr.ib(default=None, validator=_require_utc)
     revocation_reason: str | None = None
+    # RFC 5280 5.3.2: when the key is known or suspected to have been
+    # compromised (set by `estgw cert revoke --invalidity-date`).
+    invalidity_date: datetime | None = attr.ib(default=None, validator=_require_utc)
 
     @classmethod
     def from_certificate(
@@ -291,12 +294,17 @@ class IStore(Interface):
         """All certificates, or those of one subject; newest first."""
 
     def revoke_certificate(
-        serial: int, reason: str = "unspecified", when: datetime | None = None
+        serial: int,
+        reason: str = "unspecified",
+        when: datetime | None = None,
+        invalidity_date: datetime | None = None,
     ) -> Deferred[IssuedCertificate]:
         """
         Mark a certificate revoked and return it.  UnknownCertificate if
-        absent; a second revocation keeps the first date and reason.
-        ``reason`` is one of REVOCATION_REASONS (else ValueError).
+        absent; a second revocation keeps the first date, reason and
+        invalidity date.  ``reason`` is one of REVOCATION_REASONS (else
+        ValueError); ``invalidity_date`` (RFC 5280 5.3.2, timezone-aware)
+        must not be later than the revocation (else ValueError).
         """
 
     def is_revoked(serial: int) -> Deferred[bool]:
@@ -487,6 +495,13 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             " WHERE state IN ('pending', 'approved')",
         ],
     ),
+    (
+        4,
+        [
+            # RFC 5280 5.3.2 invalidity date of a revocation, for CRLs and OCSP.
+            "ALTER TABLE certificates ADD COLUMN invalidity_date TEXT",
+        ],
+    ),
 ]
 
 
@@ -516,7 +531,7 @@ def _parse_optional_time(text: str | None) -> datetime | None:
 
 _CERT_COLUMNS = (
     "serial, subject, sans, not_before, not_after, public_key_sha256,"
-    " handler, requester, der, issued_at, revoked_at, revocation_reason"
+    " handler, requester, der, issued_at, revoked_at, revocation_reason, invalidity_date"
 )
 _DEVICE_COLUMNS = (
     "device_id, password_hash, single_use, created_at, consumed_at,"
@@ -539,6 +554,7 @@ def _certificate_from_row(row: Sequence[Any]) -> IssuedCertificate:
         issued_at=_parse_time(row[9]),
         revoked_at=_parse_optional_time(row[10]),
         revocation_reason=row[11],
+        invalidity_date=_parse_optional_time(row[12]),
     )
 
 
@@ -806,7 +822,7 @@ class _SQLStore:
                 self._execute(
                     txn,
                     f"INSERT INTO certificates ({_CERT_COLUMNS})"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         _serial_text(issued.serial),
                         issued.subject,
@@ -820,6 +836,7 @@ class _SQLStore:
                         _time_text(issued.issued_at),
                         None if issued.revoked_at is None else _time_text(issued.revoked_at),
                         issued.revocation_reason,
+                        None if issued.invalidity_date is None else _time_text(issued.invalidity_date),
                     ),
                 )
             except Exception as e:
@@ -861,7 +878,11 @@ class _SQLStore:
         return self._run(interaction)
 
     def revoke_certificate(
-        self, serial: int, reason: str = "unspecified", when: datetime | None = None
+        self,
+        serial: int,
+        reason: str = "unspecified",
+        when: datetime | None = None,
+        invalidity_date: datetime | None = None,
     ) -> Deferred[IssuedCertificate]:
         if reason not in REVOCATION_REASONS:
             return defer.fail(
@@ -871,18 +892,27 @@ class _SQLStore:
                 )
             )
         try:
-            revoked_at = _time_text(self._now() if when is None else when)
+            at = self._now() if when is None else when
+            revoked_at = _time_text(at)
+            invalid_since = None if invalidity_date is None else _time_text(invalidity_date)
         except ValueError as e:
             return defer.fail(e)
+        if invalidity_date is not None and invalidity_date > at:
+            return defer.fail(
+                ValueError(
+                    f"the invalidity date {invalidity_date.isoformat()} is after the revocation"
+                    f" ({at.isoformat()}); it says since when the key is suspect"
+                )
+            )
 
         def interaction(txn: Any) -> IssuedCertificate:
             # "IS NULL": the first revocation's date and reason stand, which
             # is what every CRL already published says.
             self._execute(
                 txn,
-                "UPDATE certificates SET revoked_at = ?, revocation_reason = ?"
+                "UPDATE certificates SET revoked_at = ?, revocation_reason = ?, invalidity_date = ?"
                 " WHERE serial = ? AND revoked_at IS NULL",
-                (revoked_at, reason, _serial_text(serial)),
+                (revoked_at, reason, invalid_since, _serial_text(serial)),
             )
             issued = self._select_certificate(txn, serial)
             if issued is None:
@@ -1269,7 +1299,7 @@ class _SQLStore:
                 self._execute(
                     txn,
                     f"INSERT INTO certificates ({_CERT_COLUMNS})"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         _serial_text(issued.serial),
                         issued.subject,
@@ -1283,6 +1313,7 @@ class _SQLStore:
                         _time_text(issued.issued_at),
                         _optional_time_text(issued.revoked_at),
                         issued.revocation_reason,
+                        None if issued.invalidity_date is None else _time_text(issued.invalidity_date),
                     ),
                 )
             except Exception as e:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+from datetime import timedelta
 from typing import Any
 
 from twisted.application import service
@@ -22,12 +23,17 @@ from estgw import bootstrap, config as config_module, lagprobe, logs, workers
 from estgw.approval.gateway import build_gates, load_approval_tls
 from estgw.auth import device_portal, digest_nonce_counts, digest_secret
 from estgw.ca import CAError
+from estgw.ca.publish import keep_fresh, publish_site, published_cas
 from estgw.config import Config, ConfigError
 from estgw.enroll import Gateway
 from estgw.revocation import build_checker
 from estgw.metrics import metrics_site
 from estgw.tls import server_context_factory, settings_of
 from estgw.web import build_site
+
+
+#: How often the store is looked at for revocations to put on the CRLs.
+CRL_REFRESH_SECONDS = 60.0
 
 
 class Options(usage.Options):
@@ -39,6 +45,7 @@ class Options(usage.Options):
         ["workers", "w", None, "Run this many worker processes instead of server.workers.", int],
         # Internal: a worker of estgw.workers serves the listening socket it inherited on this fd.
         ["worker-fd", None, None, "(internal) serve the inherited listening socket on this descriptor.", int],
+        ["worker-number", None, 1, "(internal) which worker this is; worker 1 also serves publish.port and coaps.port.", int],
     ]
 
     def postOptions(self) -> None:
@@ -80,9 +87,13 @@ class GatewayService(service.Service):
 
     _log = Logger()
 
-    def __init__(self, config: Config, reactor: Any = None, inherited_fd: int | None = None) -> None:
+    def __init__(
+        self, config: Config, reactor: Any = None, inherited_fd: int | None = None, side_listeners: bool = True
+    ) -> None:
         # inherited_fd: a worker (estgw.workers) serves this listening socket.
+        # side_listeners: publish.port and coaps.port, which only one worker binds.
         self.inherited_fd = inherited_fd
+        self.side_listeners = side_listeners
         if reactor is None:
             from twisted.internet import reactor as default_reactor
 
@@ -90,7 +101,7 @@ class GatewayService(service.Service):
         self.config = config
         self.reactor = reactor
         try:
-            self.state = bootstrap.initialize(config)
+            self.state = bootstrap.initialize(config, reactor)
         except CAError as e:
             raise usage.UsageError(f"{config.source}: state.directory: {e}") from None
         except ConfigError as e:
@@ -98,7 +109,7 @@ class GatewayService(service.Service):
         try:
             # CRLs are verified now: a bad one stops start with the key and the reason.
             self.revocation = build_checker(
-                config, self.state.trust_anchors, [self.state.ca.issuing], reactor
+                config, self.state.trust_anchors, self.state.issuers, reactor
             )
             # PKCS#12 tokens of approval handlers, opened before listening.
             self.approval_tls = load_approval_tls(config)
@@ -108,6 +119,13 @@ class GatewayService(service.Service):
         self.port: Any = None
         self.gateway: Gateway | None = None
         self.metrics_port: Any = None
+        self.publish_port: Any = None
+        self.published = published_cas(
+            self.state.procedures, config.token_procedures, self.store, self.reactor,
+            timedelta(hours=config.publish_crl_hours),
+        )
+        self._crl_refresh: Any = None
+        self.coaps_port: Any = None
         self.ready: defer.Deferred = defer.Deferred()
         self.lag_probe = lagprobe.from_environment(reactor)
 
@@ -115,11 +133,12 @@ class GatewayService(service.Service):
         return Gateway(
             config=self.config,
             store=self.store,
-            procedures=bootstrap.token_procedures(self.config, self.state.ca, self.reactor),
+            procedures=self.state.procedures,
             ca_chain=self.state.ca.chain(),
             portal=device_portal(
                 self.store, self.reactor, self.state.ca.chain(), digest_secret(self.config.state_directory),
                 digest_nonce_counts(self.config.state_directory, self.reactor),
+                issuers=self.state.issuers,
             ),
             reactor=self.reactor,
             revocation=self.revocation,
@@ -131,7 +150,9 @@ class GatewayService(service.Service):
         return server_context_factory(
             self.state.server_key,
             self.state.server_certificate,
-            [self.state.ca.issuing],
+            # After a root rollover, NewWithOld lets clients that trust only
+            # the old root verify the new chain.
+            [self.state.ca.issuing, *self.state.ca.new_with_old],
             self.state.trust_anchors,
             settings_of(self.config),
         )
@@ -165,14 +186,59 @@ class GatewayService(service.Service):
                 self.reactor, self.config.metrics_port, interface=self.config.metrics_interface
             )
             self.metrics_port = _listen_now(endpoint, metrics_site(gateway.metrics), self.config.metrics_port)
+        if self.config.publish_port is not None and self.side_listeners:
+            interface = self.config.publish_interface
+            tcp = TCP6ServerEndpoint if ":" in interface else TCP4ServerEndpoint
+            self.publish_port = _listen_now(
+                tcp(self.reactor, self.config.publish_port, interface=interface),
+                publish_site(self.published),
+                self.config.publish_port,
+            )
+        if self.config.coaps_port is not None and self.side_listeners:
+            self.coaps_port = self._listen_coaps(gateway)
+        return port
+
+    def _listen_coaps(self, gateway: Gateway) -> Any:
+        """EST over CoAPs (RFC 9148) on coaps.port; reads nothing until the store is open."""
+        from twisted.internet.error import CannotListenError
+
+        from estgw.coaps.dtls import dtls_context
+        from estgw.coaps.resource import listen_coaps
+
+        context = dtls_context(
+            self.state.server_key,
+            self.state.server_certificate,
+            [self.state.ca.issuing, *self.state.ca.new_with_old],  # as the TLS listener sends it
+            self.state.trust_anchors,
+            settings_of(self.config),
+        )
+        try:
+            port = listen_coaps(
+                self.reactor, gateway, context, self.config.coaps_port, self.config.coaps_interface
+            )
+        except CannotListenError as e:
+            raise SystemExit(f"estgw: cannot listen on UDP port {self.config.coaps_port} (coaps.port): {e.socketError}")
+        port.stopReading()
         return port
 
     async def _open(self) -> None:
         await self.store.start()
         await self.gateway.portal.start()
+        if self.publish_port is not None:
+            # CRLs re-signed after revocations (also by `estgw cert revoke` in
+            # another process) and before their nextUpdate.
+            self._crl_refresh = keep_fresh(self.published, self.reactor)
+            self._crl_refresh.start(CRL_REFRESH_SECONDS, now=True)
         self.port.startReading()
         if self.lag_probe is not None:
             self.lag_probe.start()
+        if self.coaps_port is not None:
+            self.coaps_port.startReading()
+            self._log.info(
+                "estgw serving EST over CoAPs at coaps://{host}:{port}/.well-known/est/",
+                host=self.config.hostnames[0] if self.config.hostnames else "localhost",
+                port=self.coaps_port.getHost().port,
+            )
         host = self.config.hostnames[0] if self.config.hostnames else "localhost"
         self._log.info(
             "estgw serving EST at https://{host}:{port}/.well-known/est/ ; "
@@ -201,9 +267,18 @@ class GatewayService(service.Service):
         port, self.port = self.port, None  # stopping twice is harmless
         if port is not None:
             await defer.maybeDeferred(port.stopListening)
+        coaps, self.coaps_port = self.coaps_port, None
+        if coaps is not None:
+            await defer.maybeDeferred(coaps.stopListening)
         metrics, self.metrics_port = self.metrics_port, None
         if metrics is not None:
             await defer.maybeDeferred(metrics.stopListening)
+        publish, self.publish_port = self.publish_port, None
+        if publish is not None:
+            await defer.maybeDeferred(publish.stopListening)
+        refresh, self._crl_refresh = self._crl_refresh, None
+        if refresh is not None and refresh.running:
+            refresh.stop()
         if self.gateway is not None:
             await self.gateway.portal.close()
         await self.store.close()
@@ -217,7 +292,7 @@ def _supervisor(options: Options, reactor: Any) -> workers.Supervisor:
     config = options.loaded
     try:
         # The state is created once, here, not raced for by the workers.
-        bootstrap.initialize(config)
+        bootstrap.initialize(config, reactor)
         digest_secret(config.state_directory)
     except CAError as e:
         raise SystemExit(f"estgw: {config.source}: state.directory: {e}") from None
@@ -245,7 +320,9 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         _supervisor(options, reactor).setServiceParent(top)
         return top
     try:
-        gateway = GatewayService(config, reactor, inherited_fd=options["worker-fd"])
+        gateway = GatewayService(
+            config, reactor, inherited_fd=options["worker-fd"], side_listeners=options["worker-number"] == 1
+        )
     except usage.UsageError as e:
         # twistd shows a traceback for errors raised here; the message is
         # what the operator needs, and the exit status is non-zero.

@@ -9,6 +9,7 @@ the same pieces to test firmware scripts.  Keys made here are test data.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -316,3 +317,61 @@ class RunningGateway:
         body = open(body_file, "rb").read() if os.path.exists(body_file) else b""
         raw_headers = open(header_file, "rb").read() if os.path.exists(header_file) else b""
         return HTTPResult(status, _parse_headers(raw_headers), body, result.stderr)
+
+
+# -- EST over CoAPs with libcoap's coap-client ----------------------------------------
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class CoAPResult:
+    code: str  # "2.05", "4.03", ...; "" when no response came
+    payload: bytes  # the whole (block-wise reassembled) response payload
+    log: str  # coap-client's debug output: every PDU sent and received
+    stderr: bytes = b""
+
+    @property
+    def diagnostic(self) -> str:
+        """The diagnostic payload of an error response (RFC 7252 §5.5.2)."""
+        text = self.stderr.decode("utf-8", "replace").strip()
+        return text[len(self.code):].strip() if text.startswith(self.code) else text
+
+
+COAP_CLIENT = "coap-client-openssl"  # libcoap built with OpenSSL (Debian libcoap3-bin)
+
+
+async def run_coap_client(
+    url: str,
+    ca_file: str,
+    method: str = "get",
+    payload: bytes | None = None,
+    content_format: int | None = None,
+    accept: int | None = None,
+    cert: str | None = None,
+    key: str | None = None,
+    block_size: int | None = None,
+    workdir: str | None = None,
+) -> CoAPResult:
+    """One request with libcoap's ``coap-client-openssl`` over DTLS,
+    verifying the server against ``ca_file``; optionally with a client
+    certificate and a block size (``-b``: Block1 for the request, Block2
+    asked for the response)."""
+    workdir = tempfile.mkdtemp(dir=workdir)
+    out = os.path.join(workdir, "response")
+    argv = [_which(COAP_CLIENT), "-v", "7", "-B", "20", "-R", ca_file, "-m", method, "-o", out]
+    if cert:
+        argv += ["-c", cert]
+    if key:
+        argv += ["-j", key]
+    if payload is not None:
+        argv += ["-f", write(os.path.join(workdir, "request"), payload)]
+    if content_format is not None:
+        argv += ["-t", str(content_format)]
+    if accept is not None:
+        argv += ["-A", str(accept)]
+    if block_size is not None:
+        argv += ["-b", str(block_size)]
+    result = await run_process(argv + [url])
+    log = result.stdout.decode("utf-8", "replace")
+    codes = re.findall(r"t:(?:ACK|NON|CON) c:([0-9]\.[0-9]{2}) ", log)
+    body = open(out, "rb").read() if os.path.exists(out) else b""
+    return CoAPResult(codes[-1] if codes else "", body, log, result.stderr)

@@ -351,6 +351,11 @@ def peer_info(request: Any) -> PeerInfo:
     connection = _tls_connection(request)
     if connection is None:
         return PeerInfo(is_tls=False)
+    return connection_peer_info(connection)
+
+
+def connection_peer_info(connection: SSL.Connection) -> PeerInfo:
+    """What a TLS or DTLS connection whose handshake is done knows of its peer."""
     version = connection.get_protocol_version_name()
     peer = connection.get_peer_certificate()
     if peer is None:

@@ -58,19 +58,41 @@ class LimitedRequest(server.Request):
         super().process()
 
     def gotLength(self, length: int | None) -> None:
+        super().gotLength(None if length is not None and length > self.max_body else length)
         if length is not None and length > self.max_body:
-            self.body_too_large = True
-        super().gotLength(None if self.body_too_large else length)
+            self._too_large()
 
     def handleContentChunk(self, data: bytes) -> None:
         if self.body_too_large:
             return
         if self.content.tell() + len(data) > self.max_body:
-            self.body_too_large = True
             self.content.seek(0)
             self.content.truncate()
+            self._too_large()
             return
         super().handleContentChunk(data)
+
+    def _too_large(self) -> None:
+        """Answer 413 at once and close the connection: a body past the
+        limit is not read to its end, so a client streaming a chunked body
+        without end cannot hold a connection open with it."""
+        self.body_too_large = True
+        transport = self.channel.transport if self.channel is not None else None
+        if transport is None:
+            return
+        reason = f"the request body exceeds {self.max_body} bytes"
+        address = transport.getPeer()
+        _audit.info(
+            "{event} {method} {path} from {client}: {status} {code}: {reason}",
+            method=printable(self.method), path=printable(self.uri), client=getattr(address, "host", "?"),
+            status=413, code="body-too-large", reason=reason, event="refused",
+        )
+        body = (reason + "\n").encode("ascii")
+        transport.write(
+            b"HTTP/1.1 413 Content Too Large\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body
+        )
+        transport.loseConnection()
 
 
 _ABSOLUTE_FORM = re.compile(rb"^(?i:https?)://([^/?#]*)(.*)$", re.DOTALL)
@@ -268,13 +290,15 @@ class ESTResource(resource.Resource):
                 413, "body-too-large",
                 f"the request body exceeds {self._gateway.config.max_request_bytes} bytes",
             )
-        if operation == "cacerts":
-            body = protocol.encode_certs_only(self._gateway.ca_chain)
-            return self._send(request, body, protocol.PKCS7_MIME)
-        if operation == "csrattrs":
+        if operation in ("cacerts", "csrattrs"):
             from estgw.auth import authenticate
 
+            # filter public admits anyone; clientcert asks for a certificate.
             await authenticate(request, handler, peer, self._gateway.portal)
+        if operation == "cacerts":
+            body = protocol.encode_certs_only(self._gateway.cacerts(label))
+            return self._send(request, body, protocol.PKCS7_MIME)
+        if operation == "csrattrs":
             attributes = self._csr_attributes(label, handler)
             if not attributes and handler.csr_template is None:
                 return _respond(request, 204, b"", None)
@@ -302,19 +326,26 @@ class ESTResource(resource.Resource):
         self._send(request, protocol.encode_certs_only([certificate]), protocol.CERTS_ONLY)
 
     def _csr_attributes(self, label: str, handler: Any) -> tuple[protocol.CsrAttr, ...]:
-        """The configured attributes, plus challengePassword where an
-        enrollment handler under this label wants the channel binding."""
-        attributes = tuple(handler.csrattrs)
-        wants_binding = any(
-            h.channel_binding for h in self._gateway.config.handlers if h.label == label
-        )
-        challenge = protocol.CSR_ATTRIBUTE_NAMES["challengePassword"]
-        if wants_binding and all(a.oid != challenge for a in attributes):
-            attributes = (protocol.CsrAttr(challenge),) + attributes
-        return attributes
+        return csr_attributes(self._gateway, label, handler)
 
     def _send(self, request: Request, body: bytes, content_type: str) -> None:
         _respond(request, 200, body, content_type, {"Content-Transfer-Encoding": "base64"})
+
+
+def csr_attributes(
+    gateway: Gateway, label: str, handler: Any, transport: str = "https"
+) -> tuple[protocol.CsrAttr, ...]:
+    """What csrattrs announces under ``label`` on ``transport`` (``https``
+    or ``coaps``): the configured attributes, plus challengePassword where
+    an enrollment handler there wants the channel binding."""
+    attributes = tuple(handler.csrattrs)
+    wants_binding = any(
+        h.channel_binding for h in gateway.config.handlers if h.label == label and transport in h.transports
+    )
+    challenge = protocol.CSR_ATTRIBUTE_NAMES["challengePassword"]
+    if wants_binding and all(a.oid != challenge for a in attributes):
+        attributes = (protocol.CsrAttr(challenge),) + attributes
+    return attributes
 
 
 class _NotEST(resource.Resource):

@@ -6,7 +6,10 @@ worker processes.  Each worker is ``twistd -n estgw --worker-fd 3`` with
 the socket as its file descriptor 3: it adopts it
 (``reactor.adoptStreamPort``) and serves as a single process would,
 on the same state directory and store.  The kernel hands each new
-connection to one of the workers waiting in ``accept``.
+connection to one of the workers waiting in ``accept``.  Worker 1 alone
+also serves ``publish.port`` and ``coaps.port`` (one socket each);
+``metrics.port`` is refused with more than one worker, since each worker
+counts only what it served.
 
 A worker that exits while the supervisor runs is started again (after a
 delay that grows while workers keep dying young).  Stopping the
@@ -122,11 +125,14 @@ class Supervisor(service.Service):
                 "-n", "--pidfile=", "--logger=estgw.logs.worker_observer",
                 "estgw", "--config", self.config_path, "--worker-fd", "3"]
 
+    def _arguments(self, worker: _Worker) -> list[str]:
+        return self._command() + ["--worker-number", str(worker.number)]
+
     def _spawn(self, worker: _Worker) -> None:
         self._pending.pop(worker.number, None)
         if self._stopping:
             return
-        argv = self._command()
+        argv = self._arguments(worker)
         env = dict(os.environ, **{logs.WORKER_LEVEL_VARIABLE: self.config.log_level})
         worker.ended = defer.Deferred()
         worker.started = self.reactor.seconds()

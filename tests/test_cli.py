@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import os
+import subprocess
 import sys
+from datetime import datetime, timezone
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -143,6 +145,34 @@ class DeviceTests(CLITestCase):
         self.assertIn(f"cannot read {missing}", await self.fails("device", "add", "p", "--password-file", missing))
         self.assertIsNone(await self.stored_hash("p"))
 
+    async def test_value_registered_twice(self) -> None:
+        """A name registered twice (a host name in any case, a subject
+        value) could be used twice: refused, nothing registered; the same
+        in a CSV import, reported by line."""
+        message = await self.fails(
+            "device", "add", "bad-5", "--password", "x", "--san", "DNS:dup.example", "--san", "DNS:DUP.example"
+        )
+        self.assertIn("registered twice", message)
+        message = await self.fails(
+            "device", "add", "bad-6", "--password", "x",
+            "--subject-value", "serialNumber=S1", "--subject-value", "serialNumber=S1",
+        )
+        self.assertIn("serialNumber='S1' is registered twice", message)
+        self.assertIsNone(await self.stored_hash("bad-5"))
+        self.assertIsNone(await self.stored_hash("bad-6"))
+        csv_path = write(
+            os.path.join(self.directory, "twice.csv"),
+            b"id,password,subject_values\nbad-7,x,serialNumber=S1;serialNumber=S1\nok-1,y,\n",
+        )
+        out = io.StringIO()
+        try:
+            await run(reactor, ["--config", self.config_path, "device", "import", csv_path], out)
+        except (CommandError, SystemExit):
+            pass
+        self.assertIn("line 2", out.getvalue() + "")
+        self.assertIsNone(await self.stored_hash("bad-7"))
+        self.assertIsNotNone(await self.stored_hash("ok-1"))
+
     async def test_remove_unknown(self) -> None:
         """Removing an id nobody registered fails with a message."""
         self.assertEqual(await self.fails("device", "remove", "ghost"), "no device 'ghost'")
@@ -179,6 +209,51 @@ class CertTests(CLITestCase):
         self.assertIn("status:              revoked\n", shown)
         self.assertIn("revocation reason:   keyCompromise\n", shown)
         self.assertIn("revoked", await self.cli("cert", "list"))
+
+    async def test_crl_carries_reason_and_invalidity_date(self) -> None:
+        """revoke --reason keyCompromise --invalidity-date, then crl write: the
+        CRL entry carries the reason code and the invalidity date (RFC 5280
+        5.3.1, 5.3.2), as openssl reads them; an unspecified reason is left
+        out, as 5.3.1 asks."""
+        compromised = await self.issue("dev-1")
+        retired = await self.issue("dev-2")
+        kept = await self.issue("dev-3")
+        await self.cli(
+            "cert", "revoke", f"{compromised.serial_number:x}",
+            "--reason", "keyCompromise", "--invalidity-date", "2026-01-02T03:04:05Z",
+        )
+        await self.cli("cert", "revoke", f"{retired.serial_number:x}")
+        out_file = os.path.join(self.directory, "out.crl")
+        await self.cli("crl", "write", "--out", out_file)
+        with open(out_file, "rb") as f:
+            crl = x509.load_pem_x509_crl(f.read())
+        entry = crl.get_revoked_certificate_by_serial_number(compromised.serial_number)
+        assert entry is not None
+        self.assertEqual(entry.extensions.get_extension_for_class(x509.CRLReason).value.reason,
+                         x509.ReasonFlags.key_compromise)
+        self.assertEqual(entry.extensions.get_extension_for_class(x509.InvalidityDate).value.invalidity_date_utc,
+                         datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc))
+        plain = crl.get_revoked_certificate_by_serial_number(retired.serial_number)
+        assert plain is not None
+        self.assertEqual(len(plain.extensions), 0)
+        self.assertIsNone(crl.get_revoked_certificate_by_serial_number(kept.serial_number))
+        text = subprocess.run(["openssl", "crl", "-noout", "-text", "-in", out_file],
+                              capture_output=True, text=True, check=True).stdout
+        self.assertIn("Key Compromise", text)
+        self.assertIn("Invalidity Date", text)
+        self.assertIn("Jan  2 03:04:05 2026 GMT", text)
+        shown = await self.cli("cert", "show", f"{compromised.serial_number:x}")
+        self.assertIn("invalidity date:     2026-01-02 03:04:05Z\n", shown)
+
+    async def test_invalidity_date_mistakes(self) -> None:
+        """An invalidity date after the revocation, or not a date, revokes nothing."""
+        cert = await self.issue()
+        serial = f"{cert.serial_number:x}"
+        message = await self.fails("cert", "revoke", serial, "--invalidity-date", "2999-01-01")
+        self.assertIn("is after the revocation", message)
+        with self.assertRaises(SystemExit):
+            await self.cli("cert", "revoke", serial, "--invalidity-date", "yesterday")
+        self.assertIn("status:              valid\n", await self.cli("cert", "show", serial))
 
     async def test_unknown_and_bad_serials(self) -> None:
         """Unknown serials and non-hex text fail with a message."""

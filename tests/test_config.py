@@ -413,3 +413,12 @@ class HelperTests(SynchronousTestCase):
         self.assertTrue(config.is_ip_address("::1"))
         self.assertTrue(config.is_ip_address("192.0.2.1"))
         self.assertFalse(config.is_ip_address("localhost"))
+
+
+class TrailingNewlineTests(SynchronousTestCase):
+    """A pattern's ``$`` also matches before a final newline: names that
+    end in one are refused all the same."""
+
+    def test_label_with_encoded_newline(self) -> None:
+        with self.assertRaises(ValueError):
+            config._label("lab%0A")

@@ -282,6 +282,55 @@ class RenewalOnEveryPathTests(_Gateway):
         await self.prepare()
         await self.refused_everywhere()
 
+    async def assertNotLast(self, path: str, identity: str, body: bytes) -> None:
+        self.audit.events.clear()
+        before = await self.gateway.store.count_certificates()
+        result = await self.gateway.curl(path, data=body, **self.credentials[identity])
+        what = f"{path} as {identity}"
+        self.assertEqual(result.status, 403, f"{what}: {result.text}")
+        self.assertEqual(self.audit.refused, ["not-last-issued-certificate"], what)
+        self.assertEqual(self.audit.issued, [], what)
+        self.assertEqual(await self.gateway.store.count_certificates(), before, what)
+
+    async def test_respelt_subject_is_a_renewal(self) -> None:
+        """Where a certificate may ask for any subject, its own name in
+        another case, with extra space, or with an attribute added is
+        still its own: the older certificate is refused."""
+        await self.prepare()
+        bodies = [
+            csr_for("PUMP-17"), csr_for("Pump-17"), csr_for("pump-17 "), csr_for(" pump-17"),
+            csr_for("pump-17", serial_number="X1"),
+        ]
+        for body in bodies:
+            await self.assertNotLast("anysubject/simpleenroll", "old", body)
+
+    async def test_officer_renewing_itself(self) -> None:
+        """An officer asking for its own name renews itself: an older
+        officer certificate holding the role is refused on the officer
+        handlers (simpleenroll and simplereenroll), and the newest officer
+        certificate still renews."""
+        await self.prepare()
+        gw = self.gateway
+        old = gateway_certificate(gw, self.directory, "ra-1")
+        await record(gw, old)
+        new = gateway_certificate(gw, self.directory, "ra-1")
+        await record(gw, new)
+        for holder in (old, new):
+            await run_cli(gw, "officer", "add", "--cert", holder.cert_path, "--role", "ra")
+        self.credentials["old-officer"] = old.curl
+        self.credentials["new-officer"] = new.curl
+        for path in ("ra/simpleenroll", "ra/simplereenroll"):
+            await self.assertNotLast(path, "old-officer", csr_for("ra-1"))
+        result = await gw.curl("ra/simpleenroll", data=csr_for("ra-1"), **new.curl)
+        self.assertEqual(result.status, 200, result.text)
+
+    async def test_any_issuer_officer_handler(self) -> None:
+        """requiredRoRoles = none admits any certificate of this gateway as
+        an RA: an older device certificate asking for its own subject
+        there is a renewal, and refused."""
+        await self.prepare()
+        await self.assertNotLast("anyra/simpleenroll", "old", csr_for("pump-17"))
+
     async def test_setting_on_one_handler_holds_everywhere(self) -> None:
         """The rule set only on the simplereenroll handler still holds on
         simpleenroll: a subject has one last-issued certificate."""

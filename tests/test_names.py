@@ -370,3 +370,68 @@ class UnparsableNameTests(SynchronousTestCase):
     def test_garbage_is_still_bad_csr(self) -> None:
         """Bytes that are no CSR at all stay 400 bad-csr."""
         self.assertEqual(self.refusal(b"\x30\x03\x02\x01\x05").code, "bad-csr")
+
+
+class SpoofingAndTypeTests(SynchronousTestCase):
+    """Kinds a review found issued: display-changing characters, string
+    types that are no DirectoryString or cannot hold their value, URIs
+    with a password, labels that are not Punycode, a name twice."""
+
+    def test_display_changing_characters_refused(self) -> None:
+        """Bidirectional overrides and isolates, line and paragraph
+        separators and a byte-order mark are refused in any text."""
+        for character in ("\u202e", "\u202d", "\u2066", "\u200f", "\u2028", "\u2029", "\ufeff"):
+            with self.assertRaises(names.BadName, msg=repr(character)):
+                names.check_attribute(make_attribute(NameOID.COMMON_NAME, f"x{character}gnp.exe", _ASN1Type.UTF8String))
+
+    def test_not_a_directory_string(self) -> None:
+        """IA5String, VisibleString and NumericString are not
+        DirectoryString choices (RFC 5280 §4.1.2.4): refused for CN and O."""
+        for oid in (NameOID.COMMON_NAME, NameOID.ORGANIZATION_NAME):
+            for kind in (_ASN1Type.IA5String, _ASN1Type.VisibleString, _ASN1Type.NumericString):
+                with self.assertRaises(names.BadName, msg=f"{oid} {kind}"):
+                    names.check_attribute(make_attribute(oid, "1234", kind))
+
+    def test_value_must_fit_its_type(self) -> None:
+        """A NumericString with letters, a PrintableString with '_': refused."""
+        with self.assertRaises(names.BadName):
+            names.check_attribute(make_attribute(NameOID.SERIAL_NUMBER, "pump-17", _ASN1Type.NumericString))
+        with self.assertRaises(names.BadName):
+            names.check_attribute(make_attribute(NameOID.COMMON_NAME, "pump_17", _ASN1Type.PrintableString))
+
+    def test_uri_with_password_refused(self) -> None:
+        """user:password in a URI's authority is refused; a user alone passes."""
+        with self.assertRaises(names.BadName):
+            names.check_uri("https://u:p@a.example/")
+        names.check_uri("https://u@a.example/")
+
+    def test_punycode_labels(self) -> None:
+        """An xn-- label must decode as Punycode to a non-ASCII label."""
+        names.check_dns_name("xn--bcher-kva.example")
+        for bad in ("xn--zz.example", "xn--abc.example"):
+            with self.assertRaises(names.BadName, msg=bad):
+                names.check_dns_name(bad)
+
+    def test_same_san_twice_refused(self) -> None:
+        """A subjectAltName twice (a host name in any case) is 400 csr-bad-san."""
+        from estgw.refusal import Refusal
+
+        for twice in (
+            [x509.DNSName("a.example"), x509.DNSName("A.example")],
+            [x509.RFC822Name("a@b.example"), x509.RFC822Name("a@b.example")],
+        ):
+            with self.assertRaises(Refusal) as caught:
+                names.check_sans(twice)
+            self.assertEqual((caught.exception.status, caught.exception.code), (400, "csr-bad-san"))
+            self.assertIn("appears twice", caught.exception.reason)
+
+    def test_trailing_newline_refused(self) -> None:
+        """A pattern's '$' matches before a final newline: every validator
+        anchors at the very end, so 'x\\n' is never a name."""
+        for check, value in (
+            (names.check_uri, "https://a.example/x\n"),
+            (names.check_email, "a@b.example\n"),
+            (names.check_dns_name, "a.example\n"),
+        ):
+            with self.assertRaises(names.BadName, msg=repr(value)):
+                check(value)

@@ -8,6 +8,7 @@ every 4xx/5xx.
 from __future__ import annotations
 
 import base64
+import sys
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
@@ -16,7 +17,7 @@ from twisted.trial.unittest import TestCase
 from estgw.passwords import hash_password
 from estgw.protocol import decode_certs_only, decode_csrattrs
 from estgw.store import Device
-from estgw.testing import TEST_CONFIG, HTTPResult, RunningGateway, csr_pem, make_csr, new_key
+from estgw.testing import TEST_CONFIG, HTTPResult, RunningGateway, csr_pem, make_csr, new_key, run_process
 
 DEVICE, PASSWORD = "dev-1", "correct horse"
 USER = f"{DEVICE}:{PASSWORD}"
@@ -131,6 +132,38 @@ class RoutingTests(WireTestCase):
         self.assertNotIn("transfer-encoding", head.headers)
 
 
+# An independent client: the stdlib's ssl, sending 16 KiB chunks until
+# the server answers or closes; prints the status and the bytes it sent.
+ENDLESS_CHUNKS = """
+import select, socket, ssl
+context = ssl.create_default_context(cafile={ca!r})
+context.check_hostname = False
+tls = context.wrap_socket(socket.create_connection(("127.0.0.1", {port}), timeout=20))
+tls.sendall(b"POST /.well-known/est/simpleenroll HTTP/1.1\\r\\nHost: x\\r\\n"
+            b"Content-Type: application/pkcs10\\r\\nTransfer-Encoding: chunked\\r\\n\\r\\n")
+chunk = b"4000\\r\\n" + b"A" * 0x4000 + b"\\r\\n"
+sent = 0
+while sent < 20_000_000:
+    if tls.pending() or select.select([tls], [], [], 0)[0]:
+        break
+    try:
+        tls.sendall(chunk)
+    except OSError:
+        break
+    sent += len(chunk)
+answer = b""
+try:
+    while b"\\r\\n" not in answer:
+        data = tls.recv(4096)
+        if not data:
+            break
+        answer += data
+except OSError:
+    pass
+print(answer.split(b" ")[1].decode() if answer.startswith(b"HTTP/1.1 ") else "none", sent)
+"""
+
+
 class BodyLimitTests(WireTestCase):
     config_text = TEST_CONFIG + "server.maxRequestBytes = 2048\n"
 
@@ -148,6 +181,18 @@ class BodyLimitTests(WireTestCase):
             "simpleenroll", b"A" * 5000, user=USER, headers=["Transfer-Encoding: chunked"]
         )
         self.assert_refused(result, 413, "exceeds 2048 bytes")
+        await self.assert_nothing_issued(gateway)
+
+    async def test_endless_chunked_body_cut_off(self) -> None:
+        """A client that streams a chunked body without end gets 413 as soon
+        as the body passes the limit, and the connection is closed: it is
+        not read to its end (up to 20 MB are offered here)."""
+        gateway = await self.start()
+        script = ENDLESS_CHUNKS.format(port=gateway.port, ca=gateway.ca_file)
+        result = await run_process([sys.executable, "-c", script])
+        status, sent = result.stdout.decode().split()
+        self.assertEqual(status, "413", result.stderr)
+        self.assertLess(int(sent), 20_000_000)  # cut off before the end (socket buffers hold a few MB)
         await self.assert_nothing_issued(gateway)
 
     async def test_body_within_limit(self) -> None:
@@ -297,3 +342,33 @@ class HTTP10Tests(WireTestCase):
         self.assert_issued_for(result, key)
         self.assert_refused(await gateway.curl("nolabel/cacerts", extra=["--http1.0"]), 404, "no CA label")
         self.assert_wire(await gateway.curl("lab/csrattrs", extra=["--http1.0"]), 204)
+
+
+class ProtectedCacertsTests(WireTestCase):
+    """A cacerts (or csrattrs) handler with filter clientcert serves only
+    clients that present a trusted certificate, as its filter says."""
+
+    config_text = TEST_CONFIG + """\
+handler.30.operation = cacerts
+handler.30.label = private
+handler.30.filter = clientcert
+handler.31.operation = csrattrs
+handler.31.label = private
+handler.31.filter = clientcert
+"""
+
+    async def test_certificate_required(self) -> None:
+        """Without a client certificate: 403 client-certificate-required;
+        with one of this gateway's: 200; the public label stays public."""
+        from tests.test_auth import directory_for, gateway_certificate
+
+        gateway = await self.start()
+        for operation in ("cacerts", "csrattrs"):
+            self.assert_refused(
+                await gateway.curl(f"private/{operation}"), 403, "TLS client certificate issued by a trusted CA"
+            )
+        client = gateway_certificate(gateway, directory_for(self), "pump-17")
+        result = await gateway.curl("private/cacerts", **client.curl)
+        self.assert_wire(result, 200)
+        self.assertTrue(decode_certs_only(result.body))
+        self.assert_wire(await gateway.curl("cacerts"), 200)

@@ -78,8 +78,8 @@ def _same_request(row: Approval, csr: x509.CertificateSigningRequest) -> None:
         raise Refusal(
             409,
             "approval-request-differs",
-            f"request {row.request_id} for this key and subject is awaiting approval with other contents;"
-            " send the CSR that was submitted, or a new key",
+            f"request {row.request_id} for this key and subject was submitted for approval with other"
+            f" contents ({row.state}); send the CSR that was submitted, or a new key",
         )
 
 

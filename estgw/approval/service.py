@@ -53,7 +53,7 @@ __all__ = [
 ]
 
 MAX_BODY = 256 * 1024  # a CSR is a few KiB
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._~-]{8,128}$")
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._~-]{8,128}\Z")
 _REASON_LIMIT = 1000
 
 

@@ -1,0 +1,463 @@
+"""What relying parties need to check revocation: CRLs and OCSP responses.
+
+For the CAs whose keys the gateway holds (``local`` and ``file`` token
+procedures), signed from the store's revocations, on a plain-HTTP
+listener of its own (``publish.port``, ``publish.interface``):
+
+* ``GET /crl/<token procedure name, URL-encoded>.crl``: the DER CRL
+  (RFC 5280 5, ``application/pkix-crl`` as RFC 2585 names it), with reason
+  codes and invalidity dates; re-signed when the store's revocations of
+  that CA changed and when half of its validity is gone.
+* ``GET /ca/<same>.crt``: the issuing CA certificate (DER,
+  ``application/pkix-cert``), what an AIA caIssuers URL points to
+  (RFC 5280 4.2.2.1).
+* ``POST /ocsp/<same>`` (body ``application/ocsp-request``) and
+  ``GET /ocsp/<same>/<base64 of the DER request, URL-encoded>``: an OCSP
+  response (RFC 6960 2.1, appendix A.1) saying good, revoked (with the
+  reason) or unknown, signed by the CA or by a delegated responder
+  certificate it issued (4.2.2.2), echoing the request's nonce (RFC 8954).
+
+Signing runs on the reactor's thread pool: an RSA signature takes
+milliseconds the reactor should not wait.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+from datetime import datetime, timedelta, timezone
+from typing import Any, Callable, Mapping
+from urllib.parse import unquote
+
+import attr
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.x509 import ocsp
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from twisted.internet import defer, task
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.web import resource, server
+from twisted.web.pages import errorPage
+
+from estgw.ca import IssueRequest, ISigningCA, PrivateKey, Profile
+from estgw.ca._files import _load_cert, _load_key, _locked, _spki, _write_cert, _write_key
+from estgw.ca.keys import key_type_of, new_key, sign_arguments
+from estgw.ca.signing import RevokedEntry
+
+CRL_MEDIA_TYPE = b"application/pkix-crl"
+OCSP_REQUEST_TYPE = "application/ocsp-request"
+OCSP_RESPONSE_TYPE = b"application/ocsp-response"
+#: How long an OCSP answer may be relied on (its nextUpdate): short, as it
+#: is made from the live store.
+OCSP_VALIDITY = timedelta(hours=1)
+RESPONDER_VALIDITY = timedelta(days=30)
+#: A delegated responder certificate closer than this to its end is renewed.
+RESPONDER_RENEW_BEFORE = timedelta(days=7)
+RESPONDER_CERT = "ocsp-responder.pem"
+RESPONDER_KEY = "ocsp-responder.key"
+#: The largest OCSP request accepted, in bytes (one request is ~100).
+MAX_OCSP_REQUEST = 16384
+
+
+async def revoked_entries(store: Any, ca: ISigningCA) -> list[RevokedEntry]:
+    """The store's revoked certificates that ``ca`` issued, as CRL entries."""
+    return entries_of(await store.list_certificates(), ca)
+
+
+def entries_of(records: Any, ca: ISigningCA) -> list[RevokedEntry]:
+    """The revoked ones of the store ``records`` that ``ca`` signed (a
+    signature check each: run it off the reactor when there are many)."""
+    entries = []
+    for issued in records:
+        if issued.revoked_at is None or not ca.issued(issued.certificate):
+            continue
+        entries.append(
+            RevokedEntry(issued.serial, issued.revoked_at, issued.revocation_reason, issued.invalidity_date)
+        )
+    return sorted(entries, key=lambda e: e.serial)
+
+
+def delegated_responder(ca: ISigningCA, now: datetime | None = None) -> tuple[PrivateKey, x509.Certificate]:
+    """The delegated OCSP responder of ``ca`` (RFC 6960 4.2.2.2), kept in its directory.
+
+    Its certificate is issued by ``ca`` with extended key usage OCSPSigning
+    and id-pkix-ocsp-nocheck (4.2.2.2.1: relying parties need not check its
+    revocation), so it is short-lived and renewed a week before its end.
+    The key is of the CA key's type, unencrypted (mode 0600): it is used
+    for every response. Synchronous: call it off the reactor.
+    """
+    now = now or datetime.now(timezone.utc)
+    key_path = os.path.join(ca.directory, RESPONDER_KEY)
+    cert_path = os.path.join(ca.directory, RESPONDER_CERT)
+    with _locked(ca.directory):
+        key: PrivateKey
+        if os.path.exists(key_path):
+            key = _load_key(key_path)
+        else:
+            key = new_key(key_type_of(ca.issuing.public_key()) or "ec-p256")
+            _write_key(key_path, key)
+        if os.path.exists(cert_path):
+            cert = _load_cert(cert_path)
+            if (
+                _spki(cert.public_key()) == _spki(key.public_key())
+                and cert.not_valid_after_utc - now > RESPONDER_RENEW_BEFORE
+                and ca.issued(cert)
+            ):
+                return key, cert
+        names = ca.issuing.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        common_name = (f"{names[0].value} " if names else "") + "OCSP Responder"
+        subject = x509.Name(
+            [a for a in ca.issuing.subject if a.oid != NameOID.COMMON_NAME]
+            + [x509.NameAttribute(NameOID.COMMON_NAME, common_name[-64:])]
+        )
+        profile = Profile(
+            validity=RESPONDER_VALIDITY,
+            key_usage=frozenset({"digital_signature"}),
+            extended_key_usage=(ExtendedKeyUsageOID.OCSP_SIGNING,),
+        )
+        cert = ca.sign(IssueRequest(subject, key.public_key()), profile, now, extra=[x509.OCSPNoCheck()])
+        _write_cert(cert_path, cert)
+        return key, cert
+
+
+@attr.s(auto_attribs=True, eq=False)
+class PublishedCA:
+    """One CA's CRL (cached until its revocations change or half its
+    validity is gone) and OCSP responses."""
+
+    _log = Logger()
+
+    ca: ISigningCA
+    store: Any
+    reactor: Any
+    crl_validity: timedelta = timedelta(hours=24)
+    responder: str = "ca"  # or "delegated"
+    _crl: x509.CertificateRevocationList | None = attr.ib(default=None, init=False)
+    _crl_entries: list[RevokedEntry] = attr.ib(factory=list, init=False)
+    _lock: defer.DeferredLock = attr.ib(factory=defer.DeferredLock, init=False)
+    _responder_credentials: tuple[PrivateKey, x509.Certificate] | None = attr.ib(default=None, init=False)
+
+    def _now(self) -> datetime:
+        return datetime.fromtimestamp(self.reactor.seconds(), timezone.utc)
+
+    def _in_thread(self, f: Callable[..., Any], *args: Any) -> defer.Deferred:
+        return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), f, *args)
+
+    async def crl(self) -> x509.CertificateRevocationList:
+        """The current CRL, signed anew when the revocations changed or
+        half of the previous one's validity is gone."""
+        await self._lock.acquire()
+        try:
+            records = await self.store.list_certificates()
+            entries = await self._in_thread(entries_of, records, self.ca)
+            now = self._now()
+            crl = self._crl
+            if (
+                crl is not None
+                and entries == self._crl_entries
+                and crl.next_update_utc is not None
+                and now < crl.last_update_utc + (crl.next_update_utc - crl.last_update_utc) / 2
+            ):
+                return crl
+            crl = await self._in_thread(self.ca.write_crl, entries, self.crl_validity, now)
+            self._crl, self._crl_entries = crl, entries
+        finally:
+            self._lock.release()
+        self._log.info("Signed the CRL of {issuer}: {count} revoked, next update {next}",
+                       issuer=self.ca.issuing.subject.rfc4514_string(), count=len(entries),
+                       next=crl.next_update_utc)
+        return crl
+
+    async def answer(self, request: ocsp.OCSPRequest) -> ocsp.OCSPResponse:
+        """The OCSP response (RFC 6960 4.2) to ``request``, which is about this CA."""
+        serial, hash_algorithm = request.serial_number, request.hash_algorithm
+        issued = await self.store.get_certificate(serial)
+        status, revoked_at, reason = ocsp.OCSPCertStatus.UNKNOWN, None, None
+        if issued is not None and self.ca.issued(issued.certificate):
+            if issued.revoked_at is None:
+                status = ocsp.OCSPCertStatus.GOOD
+            else:
+                status, revoked_at = ocsp.OCSPCertStatus.REVOKED, issued.revoked_at
+                entry = RevokedEntry(serial, issued.revoked_at, issued.revocation_reason)
+                reason = entry.reason_flag
+        now = self._now()
+        builder = ocsp.OCSPResponseBuilder().add_response_by_hash(
+            issuer_name_hash=request.issuer_name_hash,
+            issuer_key_hash=request.issuer_key_hash,
+            serial_number=serial,
+            algorithm=hash_algorithm,
+            cert_status=status,
+            this_update=now,
+            next_update=now + OCSP_VALIDITY,
+            revocation_time=revoked_at,
+            revocation_reason=reason,
+        )
+        try:
+            nonce = request.extensions.get_extension_for_class(x509.OCSPNonce).value
+        except x509.ExtensionNotFound:
+            nonce = None
+        if nonce is not None:
+            builder = builder.add_extension(nonce, critical=False)
+        return await self._in_thread(self._sign, builder)
+
+    def _sign(self, builder: ocsp.OCSPResponseBuilder) -> ocsp.OCSPResponse:
+        if self.responder == "delegated":
+            now = datetime.now(timezone.utc)
+            if self._responder_credentials is None or self._responder_credentials[1].not_valid_after_utc - now <= RESPONDER_RENEW_BEFORE:
+                self._responder_credentials = delegated_responder(self.ca, now)
+            key, cert = self._responder_credentials
+            builder = builder.responder_id(ocsp.OCSPResponderEncoding.HASH, cert).certificates([cert])
+            return builder.sign(key, sign_arguments(key)["algorithm"])
+        return self.ca.sign_ocsp(builder)
+
+    def about_this_ca(self, request: ocsp.OCSPRequest) -> bool:
+        """Whether the request's issuer name and key hashes (RFC 6960 4.1.1) are this CA's."""
+        algorithm = request.hash_algorithm
+        name_hash = hashes.Hash(algorithm)
+        name_hash.update(self.ca.issuing.subject.public_bytes())
+        key_hash = hashes.Hash(algorithm)
+        # 4.1.1: the hash of the issuer's public key BIT STRING value.
+        key_hash.update(_public_key_bits(self.ca.issuing))
+        return (
+            name_hash.finalize() == request.issuer_name_hash
+            and key_hash.finalize() == request.issuer_key_hash
+        )
+
+
+def _public_key_bits(cert: x509.Certificate) -> bytes:
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519, ed448, rsa
+
+    key = cert.public_key()
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        return key.public_bytes(serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)
+    if isinstance(key, (ed25519.Ed25519PublicKey, ed448.Ed448PublicKey)):
+        return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    if isinstance(key, rsa.RSAPublicKey):
+        return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.PKCS1)
+    raise ValueError(f"unsupported key type {type(key).__name__}")  # pragma: no cover
+
+
+# --- HTTP --------------------------------------------------------------------
+
+
+class _Async(resource.Resource):
+    """Runs an async handler; a failure is logged and answered 500 once."""
+
+    isLeaf = True
+    _log = Logger()
+
+    def _run(self, request: server.Request, work: Any) -> Any:
+        finished = []
+        request.notifyFinish().addBoth(finished.append)
+
+        def done(result: tuple[bytes, bytes]) -> None:
+            if finished:
+                return
+            content_type, body = result
+            request.setHeader(b"content-type", content_type)
+            request.setHeader(b"content-length", str(len(body)).encode())
+            request.write(body)
+            request.finish()
+
+        def failed(failure: Any) -> None:
+            self._log.failure("publishing failed", failure)
+            if finished:
+                return
+            request.setResponseCode(500)
+            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            request.write(b"the response could not be made; see the gateway's log\n")
+            request.finish()
+
+        defer.Deferred.fromCoroutine(work).addCallbacks(done, failed)
+        return server.NOT_DONE_YET
+
+
+def _plain(status: int, text: str) -> resource.Resource:
+    return errorPage(status, text.split(":")[0], text)
+
+
+@attr.s(auto_attribs=True, eq=False)
+class PublishedProcedure:
+    """What one token procedure publishes: its current CA first, then the
+    earlier generations (rollover) whose certificates are still valid."""
+
+    generations: list[PublishedCA]
+
+    def find(self, key_id: str | None) -> PublishedCA | None:
+        """The current CA (``key_id`` None), or the generation with that key id."""
+        if key_id is None:
+            return self.generations[0]
+        return next((g for g in self.generations if g.ca.key_id == key_id.lower()), None)
+
+    async def ocsp(self, body: bytes) -> ocsp.OCSPResponse:
+        """The OCSP response to the DER request ``body``: malformedRequest
+        when it does not parse (or asks about several certificates),
+        unauthorized when it is about a CA not published here (2.3)."""
+        try:
+            request = ocsp.load_der_ocsp_request(body)
+            request.serial_number, request.hash_algorithm
+        except (ValueError, TypeError, UnsupportedAlgorithm):
+            return ocsp.OCSPResponseBuilder.build_unsuccessful(ocsp.OCSPResponseStatus.MALFORMED_REQUEST)
+        for generation in self.generations:
+            if generation.about_this_ca(request):
+                return await generation.answer(request)
+        return ocsp.OCSPResponseBuilder.build_unsuccessful(ocsp.OCSPResponseStatus.UNAUTHORIZED)
+
+
+class CRLResource(_Async):
+    def __init__(self, published: PublishedCA) -> None:
+        super().__init__()
+        self.published = published
+
+    def render_GET(self, request: server.Request) -> Any:
+        async def work() -> tuple[bytes, bytes]:
+            crl = await self.published.crl()
+            return CRL_MEDIA_TYPE, crl.public_bytes(serialization.Encoding.DER)
+
+        return self._run(request, work())
+
+    render_HEAD = render_GET
+
+
+class IssuerResource(resource.Resource):
+    isLeaf = True
+
+    def __init__(self, published: PublishedCA) -> None:
+        super().__init__()
+        self.published = published
+
+    def render_GET(self, request: server.Request) -> bytes:
+        request.setHeader(b"content-type", b"application/pkix-cert")
+        return self.published.ca.issuing.public_bytes(serialization.Encoding.DER)
+
+    render_HEAD = render_GET
+
+
+class OCSPResource(_Async):
+    def __init__(self, published: PublishedProcedure, encoded: str | None = None) -> None:
+        super().__init__()
+        self.published = published
+        self.encoded = encoded
+
+    def _answer(self, request: server.Request, body: bytes) -> Any:
+        async def work() -> tuple[bytes, bytes]:
+            response = await self.published.ocsp(body)
+            return OCSP_RESPONSE_TYPE, response.public_bytes(serialization.Encoding.DER)
+
+        return self._run(request, work())
+
+    def render_GET(self, request: server.Request) -> Any:
+        if self.encoded is None:
+            return _plain(400, "Bad Request: GET /ocsp/<name>/<base64 OCSP request>").render(request)
+        try:
+            body = base64.b64decode(unquote(self.encoded), validate=True)
+        except (binascii.Error, ValueError):
+            body = b""  # answered malformedRequest, as RFC 6960 asks
+        return self._answer(request, body)
+
+    def render_POST(self, request: server.Request) -> Any:
+        content_type = (request.getHeader(b"content-type") or b"").decode("latin-1").split(";")[0].strip()
+        if content_type.lower() != OCSP_REQUEST_TYPE:
+            return _plain(
+                415, f"Unsupported Media Type: an OCSP request is {OCSP_REQUEST_TYPE}"
+            ).render(request)
+        assert request.content is not None
+        body = request.content.read(MAX_OCSP_REQUEST + 1)
+        if len(body) > MAX_OCSP_REQUEST:
+            return _plain(413, f"Payload Too Large: at most {MAX_OCSP_REQUEST} bytes").render(request)
+        return self._answer(request, body)
+
+
+class _Directory(resource.Resource):
+    """``/crl/<name>.crl``, ``/ca/<name>.crt`` (the current CA),
+    ``/crl/<name>/<key id>.crl``, ``/ca/<name>/<key id>.crt`` (any
+    generation) or ``/ocsp/<name>[/<request>]``."""
+
+    def __init__(self, kind: str, published: Mapping[str, PublishedProcedure]) -> None:
+        super().__init__()
+        self.kind = kind
+        self.published = published
+
+    def getChild(self, path: bytes, request: server.Request) -> resource.Resource:
+        segment = unquote(path.decode("utf-8", "replace"))
+        rest = [unquote(p.decode("utf-8", "replace")) for p in request.postpath]
+        if self.kind == "ocsp":
+            if segment in self.published:
+                # RFC 6960 A.1 GET: the base64 may hold '/', so take the rest of the path.
+                encoded = "/".join(p.decode("latin-1") for p in request.postpath) or None
+                del request.postpath[:]
+                return OCSPResource(self.published[segment], encoded)
+            return _plain(404, f"Not Found: no OCSP responder for {segment!r} here")
+        suffix = ".crl" if self.kind == "crl" else ".crt"
+        name, key_id = segment, None
+        if len(rest) == 1 and rest[0].endswith(suffix):
+            key_id = rest[0][: -len(suffix)]
+        elif not rest and segment.endswith(suffix):
+            name = segment[: -len(suffix)]
+        else:
+            name = ""
+        procedure = self.published.get(name)
+        generation = procedure.find(key_id) if procedure is not None else None
+        if generation is None:
+            return _plain(404, f"Not Found: no {self.kind} at {'/'.join([segment, *rest])!r} here")
+        del request.postpath[:]
+        return CRLResource(generation) if self.kind == "crl" else IssuerResource(generation)
+
+
+def publish_site(published: Mapping[str, PublishedProcedure]) -> server.Site:
+    """The publishing listener's site for ``published`` (token procedure name → what it publishes)."""
+    root = resource.Resource()
+    root.putChild(b"crl", _Directory("crl", published))
+    root.putChild(b"ocsp", _Directory("ocsp", published))
+    root.putChild(b"ca", _Directory("ca", published))
+    return server.Site(root)
+
+
+def published_cas(
+    procedures: Mapping[str, Any],
+    configs: Mapping[str, Any],
+    store: Any,
+    reactor: Any,
+    crl_validity: timedelta,
+) -> dict[str, PublishedProcedure]:
+    """What each token procedure that signs with keys held here publishes;
+    procedures sharing a CA (and responder setting) share its CRL."""
+    shared: dict[tuple[int, str], PublishedCA] = {}
+    result = {}
+    for name, procedure in procedures.items():
+        issuers = getattr(procedure, "issuers", None)
+        if issuers is None:
+            continue
+        responder = configs[name].ocsp_responder
+        generations = []
+        for ca in issuers():
+            key = (id(ca), responder)
+            if key not in shared:
+                shared[key] = PublishedCA(ca, store, reactor, crl_validity, responder)
+            generations.append(shared[key])
+        result[name] = PublishedProcedure(generations)
+    return result
+
+
+def keep_fresh(published: Mapping[str, PublishedProcedure], reactor: Any) -> task.LoopingCall:
+    """A LoopingCall (start it with the interval in seconds) that looks at
+    the store and re-signs each CRL whose revocations changed or whose
+    validity is half gone, so the CRL file in the CA's directory is current
+    too, not only what is fetched."""
+    log = Logger()
+
+    async def refresh() -> None:
+        every = {id(g): g for p in published.values() for g in p.generations}
+        for one in every.values():
+            try:
+                await one.crl()
+            except Exception:
+                log.failure("could not re-sign the CRL of {issuer}",
+                            issuer=one.ca.issuing.subject.rfc4514_string())
+
+    loop = task.LoopingCall(lambda: defer.Deferred.fromCoroutine(refresh()))
+    loop.clock = reactor
+    return loop
