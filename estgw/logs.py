@@ -3,8 +3,8 @@
 ``log.file`` names a file rotated at ``log.maxBytes`` with at most
 ``log.maxFiles`` rotated files kept (``FILE.1`` newest); ``log.level``
 drops events below it (``warn`` leaves out the per-request lines).  The
-audit trail (``estgw.audit`` events and the JSON audit file) is the
-record of what was issued and refused; this only shapes the text log.
+``estgw.audit`` lines (one per issuance or refusal) are the audit trail
+and stay at ``info`` unless the JSON audit file keeps that trail.
 
 twistd asks the application for an :class:`ILogObserver` before it picks
 its own: :class:`LoggingService` hands it one when any ``log.*`` key is
@@ -48,8 +48,21 @@ def configured(config: Config) -> bool:
     return config.log_file is not None or config.log_level != "info"
 
 
-def _level_filter(observer: Any, level: str) -> Any:
+#: The namespace of the per-request audit lines (issued, refused).
+AUDIT_NAMESPACE = "estgw.audit"
+
+
+def _audit_kept_elsewhere(config: Config | None) -> bool:
+    # The JSON audit file (log.audit.file) is the audit trail when set;
+    # otherwise the estgw.audit lines of the human log are, and log.level
+    # must not drop them.
+    return bool(getattr(config, "audit_file", None))
+
+
+def _level_filter(observer: Any, level: str, keep_audit: bool = True) -> Any:
     predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.levelWithName(level))
+    if keep_audit:
+        predicate.setLogLevelForNamespace(AUDIT_NAMESPACE, min(LogLevel.info, LogLevel.levelWithName(level)))
     return FilteringLogObserver(observer, [predicate])
 
 
@@ -69,7 +82,7 @@ def human_observer(config: Config, stream: IO[str] | None = None) -> Any:
     """The text log as configured: ``log.file`` (rotated) or ``stream``
     (standard output when None), keeping events at ``log.level`` and above."""
     target: Any = open_log_file(config) if config.log_file is not None else (stream or sys.stdout)
-    return _level_filter(textFileLogObserver(target), config.log_level)
+    return _level_filter(textFileLogObserver(target), config.log_level, not _audit_kept_elsewhere(config))
 
 
 class LoggingService(service.MultiService):
@@ -86,10 +99,15 @@ class LoggingService(service.MultiService):
             parent.setComponent(ILogObserver, self.observer)
 
 
+def worker_level(config: Config) -> str:
+    """What :func:`worker_observer` reads from :data:`WORKER_LEVEL_VARIABLE`."""
+    return config.log_level + (",audit-elsewhere" if _audit_kept_elsewhere(config) else "")
+
+
 def worker_observer() -> Any:
     """twistd ``--logger`` of a worker: JSON lines on standard output."""
-    level = os.environ.get(WORKER_LEVEL_VARIABLE, "info")
-    return _level_filter(jsonFileLogObserver(sys.stdout, recordSeparator=""), level)
+    level, _, keep_audit = os.environ.get(WORKER_LEVEL_VARIABLE, "info").partition(",")
+    return _level_filter(jsonFileLogObserver(sys.stdout, recordSeparator=""), level, keep_audit != "audit-elsewhere")
 
 
 def publish_worker_line(line: bytes, worker: int) -> None:

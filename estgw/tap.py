@@ -139,6 +139,7 @@ class GatewayService(service.Service):
                 self.store, self.reactor, self.state.ca.chain(), digest_secret(self.config.state_directory),
                 digest_nonce_counts(self.config.state_directory, self.reactor),
                 issuers=self.state.issuers,
+                password_cache_seconds=self.config.password_cache_seconds,
             ),
             reactor=self.reactor,
             revocation=self.revocation,

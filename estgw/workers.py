@@ -133,7 +133,7 @@ class Supervisor(service.Service):
         if self._stopping:
             return
         argv = self._arguments(worker)
-        env = dict(os.environ, **{logs.WORKER_LEVEL_VARIABLE: self.config.log_level})
+        env = dict(os.environ, **{logs.WORKER_LEVEL_VARIABLE: logs.worker_level(self.config)})
         worker.ended = defer.Deferred()
         worker.started = self.reactor.seconds()
         worker.process = self.reactor.spawnProcess(
