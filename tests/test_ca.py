@@ -647,6 +647,7 @@ class LocalTokenProcedureTests(_CAMixin, TestCase):
     def test_issue_ec_on_reactor_thread(self) -> Deferred[None]:
         """An EC CA signs at once, on the calling (reactor) thread: cheaper than a thread hop."""
         self.assertTrue(self.ca.signs_quickly)
+        self.assertTrue(LocalCA.load_or_create(self.mktemp(), "rsa", key_type="rsa-2048").signs_quickly)
         d, threads, request = self._issue_recording_thread(self.ca)
 
         def check(cert: x509.Certificate) -> None:
@@ -658,8 +659,8 @@ class LocalTokenProcedureTests(_CAMixin, TestCase):
         return d.addCallback(check)
 
     def test_issue_rsa_off_reactor_thread(self) -> Deferred[None]:
-        """An RSA CA signs on a pool thread: milliseconds would stall the reactor."""
-        ca = LocalCA.load_or_create(self.mktemp(), "rsa", key_type="rsa-2048")
+        """An RSA-3072 CA signs on a pool thread: milliseconds would stall the reactor."""
+        ca = LocalCA.load_or_create(self.mktemp(), "rsa", key_type="rsa-3072")
         self.assertFalse(ca.signs_quickly)
         d, threads, request = self._issue_recording_thread(ca)
 
