@@ -332,7 +332,9 @@ class Connection:
 
 def client_process(job: dict[str, Any], out: Any) -> None:
     """Runs ``job["threads"]`` simulated devices; sends back latencies and errors."""
-    port, mode, deadline = job["port"], job["mode"], job["deadline"]
+    port, mode = job["port"], job["mode"]
+    started = time.time()
+    deadline = started + job["seconds"]
     budget = iter(range(job["count"]))
     lock = threading.Lock()
     latencies: list[float] = []
@@ -380,7 +382,7 @@ def client_process(job: dict[str, Any], out: Any) -> None:
         thread.start()
     for thread in threads:
         thread.join()
-    out.send((latencies, errors))
+    out.send((latencies, errors, started, time.time()))
     out.close()
 
 
@@ -390,12 +392,12 @@ def run_load(port: int, root: str, mode: str, devices: list[dict[str, Any]], cli
     clients = max(1, min(clients, len(devices)))
     per = [devices[i::clients] for i in range(clients)]
     counts = [count // clients + (1 if i < count % clients else 0) for i in range(clients)]
-    context = multiprocessing.get_context("fork")
+    # spawn, not fork: the parent ran ssl in threads, and a forked child
+    # can inherit a lock another thread held (OpenSSL then hangs).
+    context = multiprocessing.get_context("spawn")
     pipes, processes = [], []
-    started = time.time()
     for share, n in zip(per, counts):
-        job = {"port": port, "root": root, "mode": mode, "devices": share, "count": n,
-               "deadline": started + seconds}
+        job = {"port": port, "root": root, "mode": mode, "devices": share, "count": n, "seconds": seconds}
         receive, send = context.Pipe(duplex=False)
         process = context.Process(target=client_process, args=(job, send))
         process.start()
@@ -404,11 +406,15 @@ def run_load(port: int, root: str, mode: str, devices: list[dict[str, Any]], cli
         processes.append(process)
     latencies: list[float] = []
     errors: list[str] = []
+    starts, ends = [], []
     for receive in pipes:
-        got_latencies, got_errors = receive.recv()
+        got_latencies, got_errors, start, end = receive.recv()
         latencies += got_latencies
         errors += got_errors
-    wall = time.time() - started
+        starts.append(start)
+        ends.append(end)
+    # From the first client's start: process start-up is not load time.
+    wall = max(ends) - min(starts)
     for process in processes:
         process.join()
     return latencies, errors, wall
