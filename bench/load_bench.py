@@ -562,7 +562,7 @@ def plot(rows: list[dict[str, Any]], path: str, title: str) -> None:
         left.plot(x, [r["rate"] for r in points], marker="o", label=label)
         right.plot(x, [r["p99"] for r in points], marker="o", label=label)
     left.set(xlabel="concurrent devices", ylabel="enrollments/s", title="throughput")
-    right.set(xlabel="concurrent devices", ylabel="ms", title="p99 latency")
+    right.set(xlabel="concurrent devices", ylabel="ms", title="p99 latency", yscale="log")
     for axis in (left, right):
         axis.grid(True, alpha=0.3)
         axis.legend(fontsize=8)
@@ -593,9 +593,10 @@ def main(argv: list[str] | None = None) -> None:
     print(HEADER)
     for row in rows:
         print(format_row(row))
-    worst = max(rows, key=lambda r: r["rss_max"])
-    print(f"daemon peak RSS (VmHWM): {worst['rss_max']:.1f} MiB largest process, "
-          f"{worst['rss_sum']:.1f} MiB all processes")
+    for workers in options.workers:
+        row = next(r for r in rows if r["workers"] == workers)
+        print(f"daemon peak RSS (VmHWM), {workers} worker(s): {row['rss_max']:.1f} MiB largest process, "
+              f"{row['rss_sum']:.1f} MiB all processes")
     for row in rows:
         if row["first_error"]:
             print(f"first error, {row['mode']} at {row['concurrency']}: {row['first_error']}")

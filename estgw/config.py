@@ -497,6 +497,9 @@ class Config:
     metrics_interface: str = "127.0.0.1"
     # Processes serving the one listening socket (estgw.workers).
     workers: int = 1
+    # Every connection starts with a PROXY protocol header (v1 or v2) from
+    # a TCP load balancer, naming the client.
+    proxy_protocol: bool = False
     # The human log (estgw.logs): a file rotated by size, how many rotated
     # files are kept, and the least level written.  None: twistd's own.
     log_file: str | None = None
@@ -603,6 +606,7 @@ _GLOBAL_KEYS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "metrics.port": ("metrics_port", _port),
     "metrics.interface": ("metrics_interface", _text),
     "server.workers": ("workers", _workers),
+    "server.proxyProtocol": ("proxy_protocol", _bool),
     "log.file": ("log_file", _nonempty),
     "log.maxBytes": ("log_max_bytes", _log_bytes),
     "log.maxFiles": ("log_max_files", _positive_int),

@@ -15,7 +15,9 @@ from twisted.application import service
 from twisted.internet import defer
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint, wrapServerTLS
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.protocols.haproxy import proxyEndpoint
+from zope.interface import implementer
 from twisted.python import usage
 from twisted.python.failure import Failure
 
@@ -80,6 +82,23 @@ def _listen_now(endpoint: Any, factory: Any, number: int) -> Any:
         reason = outcome[0].getErrorMessage() if outcome else "listening did not complete"
         raise SystemExit(f"estgw: cannot listen on port {number}: {reason}")
     return outcome[0]
+
+
+@implementer(IStreamServerEndpoint)
+class _AdoptedEndpoint:
+    """A listening socket inherited on descriptor ``fd`` (estgw.workers)."""
+
+    def __init__(self, reactor: Any, fd: int) -> None:
+        self.reactor = reactor
+        self.fd = fd
+
+    def listen(self, factory: Any) -> defer.Deferred:
+        probe = socket.socket(fileno=os.dup(self.fd))
+        family = probe.family
+        probe.close()
+        port = self.reactor.adoptStreamPort(self.fd, family, factory)
+        os.close(self.fd)  # adoptStreamPort serves its own duplicate
+        return defer.succeed(port)
 
 
 class GatewayService(service.Service):
@@ -159,28 +178,24 @@ class GatewayService(service.Service):
         )
 
     def _endpoint(self) -> Any:
-        interface = self.config.interface
-        tcp = TCP6ServerEndpoint if ":" in interface else TCP4ServerEndpoint
-        return wrapServerTLS(self._context(), tcp(self.reactor, self.config.port, interface=interface))
-
-    def _adopt(self, factory: Any) -> Any:
-        """Serve the listening socket a supervisor handed down."""
-        fd = self.inherited_fd
-        assert fd is not None
-        family = socket.socket(fileno=os.dup(fd)).family
-        port = self.reactor.adoptStreamPort(fd, family, TLSMemoryBIOFactory(self._context(), False, factory))
-        os.close(fd)  # adoptStreamPort serves its own duplicate
-        return port
+        """TLS on server.port, or on the socket a supervisor handed down."""
+        if self.inherited_fd is not None:
+            endpoint: Any = _AdoptedEndpoint(self.reactor, self.inherited_fd)
+        else:
+            interface = self.config.interface
+            tcp = TCP6ServerEndpoint if ":" in interface else TCP4ServerEndpoint
+            endpoint = tcp(self.reactor, self.config.port, interface=interface)
+        if self.config.proxy_protocol:
+            # The PROXY header comes before the TLS handshake.
+            endpoint = proxyEndpoint(endpoint)
+        return wrapServerTLS(self._context(), endpoint)
 
     def _listen(self) -> Any:
         """Bind the port now, before the reactor runs, so a port in use
         stops twistd with a message and a non-zero status; accept nothing
         until the store is open (connections wait in the listen backlog)."""
         gateway = self.gateway = self.build_gateway()
-        if self.inherited_fd is not None:
-            port = self._adopt(build_site(gateway))
-        else:
-            port = _listen_now(self._endpoint(), build_site(gateway), self.config.port)
+        port = _listen_now(self._endpoint(), build_site(gateway), self.config.port)
         port.stopReading()
         if self.config.metrics_port is not None:
             endpoint = TCP4ServerEndpoint(
