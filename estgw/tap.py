@@ -1,7 +1,13 @@
 """``twistd estgw``: options and the service tree.
 
-The configuration is loaded and checked in ``postOptions`` so a bad file
-stops twistd before anything listens, with the key and the reason.
+The configuration is loaded and checked in ``postOptions``, and
+``makeService`` creates the state and binds the listening ports, so every
+start failure that can be known before the reactor runs (a bad file, an
+unreadable key, a port in use) stops twistd with the key or port and the
+reason and a non-zero status, before it daemonizes: the terminal that ran
+``twistd estgw`` sees it, and no pid file is left behind.  A failure
+after that (the store does not open) is logged and ends the process with
+a non-zero status.
 """
 
 from __future__ import annotations
@@ -9,17 +15,16 @@ from __future__ import annotations
 import os
 import socket
 from datetime import timedelta
-from typing import Any
+from typing import Any, Mapping
 
 from twisted.application import service
 from twisted.internet import defer
-from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint, wrapServerTLS
-from twisted.logger import Logger
+from twisted.internet.endpoints import wrapServerTLS
 from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.logger import Logger
 from twisted.protocols.haproxy import proxyEndpoint
-from zope.interface import implementer
 from twisted.python import usage
-from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from estgw import bootstrap, config as config_module, lagprobe, logs, workers
 from estgw.approval.gateway import build_gates, load_approval_tls
@@ -27,7 +32,9 @@ from estgw.auth import device_portal, digest_nonce_counts, digest_secret
 from estgw.ca import CAError
 from estgw.ca.publish import keep_fresh, publish_site, published_cas
 from estgw.config import Config, ConfigError
+from estgw.daemon import StartError, _listen_now, end_process_on_failure, listen_all, shown_address
 from estgw.enroll import Gateway
+from estgw.health import Check, certificate_in_validity, health_resource
 from estgw.revocation import build_checker
 from estgw.metrics import metrics_site
 from estgw.tls import server_context_factory, settings_of
@@ -45,8 +52,8 @@ class Options(usage.Options):
         ["config", "c", "etc/est.properties", "The est.properties file."],
         ["port", "p", None, "Listen on this TCP port instead of server.port.", int],
         ["workers", "w", None, "Run this many worker processes instead of server.workers.", int],
-        # Internal: a worker of estgw.workers serves the listening socket it inherited on this fd.
-        ["worker-fd", None, None, "(internal) serve the inherited listening socket on this descriptor.", int],
+        # Internal: a worker of estgw.workers serves the listening sockets it inherited.
+        ["worker-fds", None, None, "(internal) serve the inherited listening sockets on these descriptors."],
         ["worker-number", None, 1, "(internal) which worker this is; worker 1 also serves publish.port and coaps.port.", int],
     ]
 
@@ -71,17 +78,12 @@ class Options(usage.Options):
             import attr
 
             loaded = attr.evolve(loaded, workers=self["workers"])
+        if self["worker-fds"] is not None:
+            try:
+                self["worker-fds"] = [int(fd) for fd in self["worker-fds"].split(",")]
+            except ValueError:
+                raise usage.UsageError(f"--worker-fds: not descriptor numbers: {self['worker-fds']}") from None
         self.loaded: Config = loaded
-
-
-def _listen_now(endpoint: Any, factory: Any, number: int) -> Any:
-    """Listen before the reactor runs (TCP endpoints answer at once)."""
-    outcome: list[Any] = []
-    endpoint.listen(factory).addBoth(outcome.append)
-    if not outcome or isinstance(outcome[0], Failure):
-        reason = outcome[0].getErrorMessage() if outcome else "listening did not complete"
-        raise SystemExit(f"estgw: cannot listen on port {number}: {reason}")
-    return outcome[0]
 
 
 @implementer(IStreamServerEndpoint)
@@ -92,7 +94,7 @@ class _AdoptedEndpoint:
         self.reactor = reactor
         self.fd = fd
 
-    def listen(self, factory: Any) -> defer.Deferred:
+    def listen(self, factory: Any) -> defer.Deferred[Any]:
         probe = socket.socket(fileno=os.dup(self.fd))
         family = probe.family
         probe.close()
@@ -107,11 +109,15 @@ class GatewayService(service.Service):
     _log = Logger()
 
     def __init__(
-        self, config: Config, reactor: Any = None, inherited_fd: int | None = None, side_listeners: bool = True
+        self,
+        config: Config,
+        reactor: Any = None,
+        inherited_fds: list[int] | None = None,
+        side_listeners: bool = True,
     ) -> None:
-        # inherited_fd: a worker (estgw.workers) serves this listening socket.
+        # inherited_fds: a worker (estgw.workers) serves these listening sockets.
         # side_listeners: publish.port and coaps.port, which only one worker binds.
-        self.inherited_fd = inherited_fd
+        self.inherited_fds = inherited_fds
         self.side_listeners = side_listeners
         if reactor is None:
             from twisted.internet import reactor as default_reactor
@@ -132,21 +138,28 @@ class GatewayService(service.Service):
             )
             # PKCS#12 tokens of approval handlers, opened before listening.
             self.approval_tls = load_approval_tls(config)
+            bootstrap.check_store(config)
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
         self.store = bootstrap.open_store(config, reactor)
-        self.port: Any = None
+        self.ports: list[Any] = []
+        self.metrics_ports: list[Any] = []
+        self.publish_ports: list[Any] = []
         self.gateway: Gateway | None = None
-        self.metrics_port: Any = None
-        self.publish_port: Any = None
+        self._serving = False
         self.published = published_cas(
             self.state.procedures, config.token_procedures, self.store, self.reactor,
             timedelta(hours=config.publish_crl_hours),
         )
         self._crl_refresh: Any = None
         self.coaps_port: Any = None
-        self.ready: defer.Deferred = defer.Deferred()
+        self.ready: defer.Deferred[None] = defer.Deferred()
         self.lag_probe = lagprobe.from_environment(reactor)
+
+    @property
+    def port(self) -> Any:
+        """The first EST listening port (None before bind or after stop)."""
+        return self.ports[0] if self.ports else None
 
     def build_gateway(self) -> Gateway:
         return Gateway(
@@ -166,8 +179,8 @@ class GatewayService(service.Service):
             key_signer=(self.state.server_certificate, self.state.server_key, (self.state.ca.issuing,)),
         )
 
-    def _context(self) -> Any:
-        return server_context_factory(
+    def _wrap_tls(self, endpoint: Any) -> Any:
+        context = server_context_factory(
             self.state.server_key,
             self.state.server_certificate,
             # After a root rollover, NewWithOld lets clients that trust only
@@ -176,43 +189,67 @@ class GatewayService(service.Service):
             self.state.trust_anchors,
             settings_of(self.config),
         )
-
-    def _endpoint(self) -> Any:
-        """TLS on server.port, or on the socket a supervisor handed down."""
-        if self.inherited_fd is not None:
-            endpoint: Any = _AdoptedEndpoint(self.reactor, self.inherited_fd)
-        else:
-            interface = self.config.interface
-            tcp = TCP6ServerEndpoint if ":" in interface else TCP4ServerEndpoint
-            endpoint = tcp(self.reactor, self.config.port, interface=interface)
         if self.config.proxy_protocol:
             # The PROXY header comes before the TLS handshake.
             endpoint = proxyEndpoint(endpoint)
-        return wrapServerTLS(self._context(), endpoint)
+        return wrapServerTLS(context, endpoint)
 
-    def _listen(self) -> Any:
-        """Bind the port now, before the reactor runs, so a port in use
-        stops twistd with a message and a non-zero status; accept nothing
-        until the store is open (connections wait in the listen backlog)."""
-        gateway = self.gateway = self.build_gateway()
-        port = _listen_now(self._endpoint(), build_site(gateway), self.config.port)
-        port.stopReading()
-        if self.config.metrics_port is not None:
-            endpoint = TCP4ServerEndpoint(
-                self.reactor, self.config.metrics_port, interface=self.config.metrics_interface
+    def readiness_checks(self) -> Mapping[str, Check]:
+        """What ``/health/ready`` asks; nothing (not ready) unless serving."""
+        if not self._serving or self.gateway is None:
+            return {}
+        procedures = self.gateway.procedures
+
+        async def store() -> None:
+            await self.store.get_certificate(0)
+
+        async def ca() -> None:
+            for procedure in procedures.values():
+                certificate_in_validity(procedure.chain()[0])
+
+        return {"store": store, "ca": ca}
+
+    def bind(self) -> None:
+        """Bind the EST (and metrics, publish, CoAPs) ports now, before the reactor runs,
+        so a port in use stops twistd before it daemonizes; accept
+        nothing until the store is open (connections wait in the listen
+        backlog).  StartError names the address, the port and the reason."""
+        if self.ports:
+            return
+        self.gateway = gateway = self.build_gateway()
+        health = health_resource(self.readiness_checks, self.reactor)
+        site = build_site(gateway)
+        site.resource.putChild(b"health", health)
+        if self.inherited_fds is not None:
+            self.ports = [
+                _listen_now(self._wrap_tls(_AdoptedEndpoint(self.reactor, fd)), site) for fd in self.inherited_fds
+            ]
+        else:
+            self.ports = listen_all(
+                self.reactor, self.config.interface, self.config.port, site, self._wrap_tls
             )
-            self.metrics_port = _listen_now(endpoint, metrics_site(gateway.metrics), self.config.metrics_port)
-        if self.config.publish_port is not None and self.side_listeners:
-            interface = self.config.publish_interface
-            tcp = TCP6ServerEndpoint if ":" in interface else TCP4ServerEndpoint
-            self.publish_port = _listen_now(
-                tcp(self.reactor, self.config.publish_port, interface=interface),
-                publish_site(self.published),
-                self.config.publish_port,
-            )
-        if self.config.coaps_port is not None and self.side_listeners:
-            self.coaps_port = self._listen_coaps(gateway)
-        return port
+        for port in self.ports:
+            port.stopReading()
+        try:
+            if self.config.metrics_port is not None:
+                operations = metrics_site(gateway.metrics)
+                operations.resource.putChild(b"health", health)
+                self.metrics_ports = listen_all(
+                    self.reactor, self.config.metrics_interface, self.config.metrics_port,
+                    operations, what="metrics",
+                )
+            if self.config.publish_port is not None and self.side_listeners:
+                self.publish_ports = listen_all(
+                    self.reactor, self.config.publish_interface, self.config.publish_port,
+                    publish_site(self.published), what="CRL publishing",
+                )
+            if self.config.coaps_port is not None and self.side_listeners:
+                self.coaps_port = self._listen_coaps(gateway)
+        except BaseException:
+            for port in self.ports + self.metrics_ports + self.publish_ports:
+                port.stopListening()
+            self.ports, self.metrics_ports, self.publish_ports = [], [], []
+            raise
 
     def _listen_coaps(self, gateway: Gateway) -> Any:
         """EST over CoAPs (RFC 9148) on coaps.port; reads nothing until the store is open."""
@@ -228,24 +265,28 @@ class GatewayService(service.Service):
             self.state.trust_anchors,
             settings_of(self.config),
         )
+        assert self.config.coaps_port is not None
         try:
             port = listen_coaps(
                 self.reactor, gateway, context, self.config.coaps_port, self.config.coaps_interface
             )
         except CannotListenError as e:
-            raise SystemExit(f"estgw: cannot listen on UDP port {self.config.coaps_port} (coaps.port): {e.socketError}")
+            reason = getattr(e.socketError, "strerror", None) or str(e.socketError)
+            raise StartError(f"cannot listen on UDP port {self.config.coaps_port} (coaps.port): {reason}") from None
         port.stopReading()
         return port
 
     async def _open(self) -> None:
         await self.store.start()
+        assert self.gateway is not None
         await self.gateway.portal.start()
-        if self.publish_port is not None:
+        if self.publish_ports:
             # CRLs re-signed after revocations (also by `estgw cert revoke` in
             # another process) and before their nextUpdate.
             self._crl_refresh = keep_fresh(self.published, self.reactor)
             self._crl_refresh.start(CRL_REFRESH_SECONDS, now=True)
-        self.port.startReading()
+        for port in self.ports:
+            port.startReading()
         if self.lag_probe is not None:
             self.lag_probe.start()
         if self.coaps_port is not None:
@@ -255,6 +296,13 @@ class GatewayService(service.Service):
                 host=self.config.hostnames[0] if self.config.hostnames else "localhost",
                 port=self.coaps_port.getHost().port,
             )
+        self._serving = True
+        self._log.info(
+            "listening on {addresses}",
+            addresses=", ".join(
+                shown_address(p.getHost()) for p in self.ports + self.metrics_ports + self.publish_ports
+            ),
+        )
         host = self.config.hostnames[0] if self.config.hostnames else "localhost"
         self._log.info(
             "estgw serving EST at https://{host}:{port}/.well-known/est/ ; "
@@ -265,33 +313,30 @@ class GatewayService(service.Service):
         )
 
     def startService(self) -> None:
-        self.port = self._listen()
+        self.bind()
         super().startService()
         d = defer.Deferred.fromCoroutine(self._open())
 
-        def failed(failure: Any) -> None:
+        def failed(failure: Any) -> Any:
             self._log.failure("estgw could not start", failure)
-            if self.reactor.running:
-                self.reactor.stop()
+            return failure
 
-        d.addCallbacks(self.ready.callback, failed)
+        d.addErrback(failed)
+        d.chainDeferred(self.ready)
 
     async def _stop(self) -> None:
+        self._serving = False  # /health/ready says 503 from now on
         probe, self.lag_probe = self.lag_probe, None
         if probe is not None:
             probe.stop()
-        port, self.port = self.port, None  # stopping twice is harmless
-        if port is not None:
+        ports, self.ports = self.ports, []  # stopping twice is harmless
+        metrics, self.metrics_ports = self.metrics_ports, []
+        publish, self.publish_ports = self.publish_ports, []
+        for port in ports + metrics + publish:
             await defer.maybeDeferred(port.stopListening)
         coaps, self.coaps_port = self.coaps_port, None
         if coaps is not None:
             await defer.maybeDeferred(coaps.stopListening)
-        metrics, self.metrics_port = self.metrics_port, None
-        if metrics is not None:
-            await defer.maybeDeferred(metrics.stopListening)
-        publish, self.publish_port = self.publish_port, None
-        if publish is not None:
-            await defer.maybeDeferred(publish.stopListening)
         refresh, self._crl_refresh = self._crl_refresh, None
         if refresh is not None and refresh.running:
             refresh.stop()
@@ -299,7 +344,7 @@ class GatewayService(service.Service):
             await self.gateway.portal.close()
         await self.store.close()
 
-    def stopService(self) -> defer.Deferred:
+    def stopService(self) -> defer.Deferred[None]:
         super().stopService()
         return defer.Deferred.fromCoroutine(self._stop())
 
@@ -309,21 +354,22 @@ def _supervisor(options: Options, reactor: Any) -> workers.Supervisor:
     try:
         # The state is created once, here, not raced for by the workers.
         bootstrap.initialize(config, reactor)
+        bootstrap.check_store(config)
         digest_secret(config.state_directory)
     except CAError as e:
         raise SystemExit(f"estgw: {config.source}: state.directory: {e}") from None
     except ConfigError as e:
         raise SystemExit(f"estgw: {e}") from None
     try:
-        sock = workers.bind(config.interface, config.port)
-    except OSError as e:
-        raise SystemExit(f"estgw: cannot listen on port {config.port}: {e.strerror}") from None
-    return workers.Supervisor(config, options["config"], sock, reactor)
+        sockets = workers.bind(config.interface, config.port)
+    except StartError as e:
+        raise SystemExit(f"estgw: {e}") from None
+    return workers.Supervisor(config, options["config"], sockets, reactor)
 
 
 def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     config = options.loaded
-    worker = options["worker-fd"] is not None
+    worker = options["worker-fds"] is not None
     # A worker's events go to its supervisor as JSON (twistd --logger).
     observer = None
     if not worker and logs.configured(config):
@@ -337,12 +383,14 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         return top
     try:
         gateway = GatewayService(
-            config, reactor, inherited_fd=options["worker-fd"], side_listeners=options["worker-number"] == 1
+            config, reactor, inherited_fds=options["worker-fds"], side_listeners=options["worker-number"] == 1
         )
-    except usage.UsageError as e:
+        gateway.bind()
+    except (usage.UsageError, StartError) as e:
         # twistd shows a traceback for errors raised here; the message is
         # what the operator needs, and the exit status is non-zero.
         raise SystemExit(f"estgw: {e}") from None
+    end_process_on_failure(gateway.ready, gateway.reactor)
     gateway.setServiceParent(top)
     if worker:
         workers.watch_parent(gateway.reactor)

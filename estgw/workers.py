@@ -1,9 +1,10 @@
 """``server.workers`` / ``twistd estgw --workers N``: N processes, one socket.
 
-The supervisor (the process twistd started) binds the listening socket,
-creates the state (CA, TLS credentials, store schema) once, and runs N
-worker processes.  Each worker is ``twistd -n estgw --worker-fd 3`` with
-the socket as its file descriptor 3: it adopts it
+The supervisor (the process twistd started) binds the listening sockets
+(one per address of ``server.interface``), creates the state (CA, TLS
+credentials, Digest key) once, and runs N worker processes.  Each worker
+is ``twistd -n estgw --worker-fds 3[,4...] --worker-number N`` with the
+sockets as its file descriptors 3 and on: it adopts them
 (``reactor.adoptStreamPort``) and serves as a single process would,
 on the same state directory and store.  The kernel hands each new
 connection to one of the workers waiting in ``accept``.  Worker 1 alone
@@ -24,6 +25,7 @@ writes the one human log.
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import sys
@@ -37,6 +39,7 @@ from zope.interface import implementer
 
 from estgw import logs
 from estgw.config import Config
+from estgw.daemon import StartError, listen_addresses
 
 __all__ = ["Supervisor", "bind", "watch_parent", "STOP_TIMEOUT"]
 
@@ -47,16 +50,14 @@ _HEALTHY_SECONDS = 30.0
 _BACKLOG = 1024
 
 
-def bind(interface: str, port: int) -> socket.socket:
-    """The listening socket the workers share.
-
-    :raises OSError: the address is in use or not ours.
-    """
-    family = socket.AF_INET6 if ":" in interface else socket.AF_INET
+def _bind_one(address: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((interface or ("::" if family == socket.AF_INET6 else ""), port))
+        if family == socket.AF_INET6 and address != "::":
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((address, port))
         sock.listen(_BACKLOG)
     except OSError:
         sock.close()
@@ -64,6 +65,32 @@ def bind(interface: str, port: int) -> socket.socket:
     # Each worker polls it; accept must not block the one that lost the race.
     sock.setblocking(False)
     return sock
+
+
+def bind(interface: str, port: int) -> list[socket.socket]:
+    """The listening sockets the workers share: one per address of
+    ``server.interface`` (as :func:`estgw.daemon.listen_addresses` reads
+    it), all on the same port (the first one's when ``port`` is 0).
+
+    :raises StartError: naming the address, the port and the reason.
+    """
+    sockets: list[socket.socket] = []
+    optional = {"::1"} if "localhost" in interface.lower() else set()
+    try:
+        for address in listen_addresses(interface):
+            number = sockets[0].getsockname()[1] if sockets else port
+            try:
+                sockets.append(_bind_one(address, number))
+            except OSError as e:
+                if address in optional and sockets and e.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+                    continue
+                shown = f"[{address}]" if ":" in address else (address or "every IPv4 address")
+                raise StartError(f"cannot listen for EST on {shown} port {number}: {e.strerror}") from None
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
 
 
 class _Worker:
@@ -103,7 +130,7 @@ class Supervisor(service.Service):
 
     _log = Logger()
 
-    def __init__(self, config: Config, config_path: str, sock: socket.socket, reactor: Any = None,
+    def __init__(self, config: Config, config_path: str, sockets: list[socket.socket], reactor: Any = None,
                  argv: list[str] | None = None) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
@@ -111,7 +138,7 @@ class Supervisor(service.Service):
             reactor = default_reactor
         self.config = config
         self.config_path = os.path.abspath(config_path)
-        self.sock = sock
+        self.sockets = sockets
         self.reactor = reactor
         self.workers = [_Worker(n) for n in range(1, config.workers + 1)]
         self._stopping = False
@@ -123,7 +150,8 @@ class Supervisor(service.Service):
             return list(self._argv)
         return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
                 "-n", "--pidfile=", "--logger=estgw.logs.worker_observer",
-                "estgw", "--config", self.config_path, "--worker-fd", "3"]
+                "estgw", "--config", self.config_path,
+                "--worker-fds", ",".join(str(3 + i) for i in range(len(self.sockets)))]
 
     def _arguments(self, worker: _Worker) -> list[str]:
         return self._command() + ["--worker-number", str(worker.number)]
@@ -138,7 +166,7 @@ class Supervisor(service.Service):
         worker.started = self.reactor.seconds()
         worker.process = self.reactor.spawnProcess(
             _WorkerProtocol(self, worker), argv[0], argv, env=env,
-            childFDs={0: "w", 1: "r", 2: "r", 3: self.sock.fileno()},
+            childFDs={0: "w", 1: "r", 2: "r", **{3 + i: s.fileno() for i, s in enumerate(self.sockets)}},
         )
         self._log.info("started worker {number} (pid {pid})", number=worker.number, pid=worker.process.pid)
 
@@ -165,7 +193,7 @@ class Supervisor(service.Service):
             "estgw serving EST at https://{host}:{port}/.well-known/est/ with {n} worker processes ;"
             " CA certificate (trust anchor for clients): {ca}",
             host=self.config.hostnames[0] if self.config.hostnames else "localhost",
-            port=self.sock.getsockname()[1], n=len(self.workers), ca=self.config.ca_certificate_path,
+            port=self.sockets[0].getsockname()[1], n=len(self.workers), ca=self.config.ca_certificate_path,
         )
 
     async def _stop(self) -> None:
@@ -183,7 +211,8 @@ class Supervisor(service.Service):
         await defer.DeferredList(waits)
         if kill.active():
             kill.cancel()
-        self.sock.close()
+        for sock in self.sockets:
+            sock.close()
 
     def _signal(self, worker: _Worker, name: str) -> None:
         if worker.process is not None:

@@ -154,7 +154,7 @@ class ESTCoapServer:
         if not message.is_request:
             session.send(coap.encode(coap.reset(message)))
             return
-        exchanges: collections.OrderedDict = session.state.setdefault("exchanges", collections.OrderedDict())
+        exchanges: collections.OrderedDict[Any, Any] = session.state.setdefault("exchanges", collections.OrderedDict())
         key = (message.message_id, message.token)
         if key in exchanges:
             # A retransmission (RFC 7252 §4.5): the same answer again, or
