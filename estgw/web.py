@@ -405,7 +405,7 @@ class _Site(server.Site):
     """One log line per request: a request whose ``estgw.audit`` line was
     written (an issuance or a refusal) gets no access-log line besides."""
 
-    def log(self, request: Request) -> None:
+    def log(self, request: http.Request) -> None:
         if not getattr(request, "audited", False):
             super().log(request)
 

@@ -225,7 +225,7 @@ class Supervisor(service.Service):
         for worker in self.workers:
             self._signal(worker, "KILL")
 
-    def stopService(self) -> defer.Deferred:
+    def stopService(self) -> defer.Deferred[None]:
         super().stopService()
         return defer.Deferred.fromCoroutine(self._stop())
 
