@@ -77,6 +77,13 @@ def _arguments(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--plot", default="", help="write the PNG plot here")
     parser.add_argument("--json", default="", help="write the rows as JSON here")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (daemon log)")
+    parser.add_argument("--target", default="", metavar="HOST:PORT",
+                        help="drive this running daemon instead of starting one (needs --config)")
+    parser.add_argument("--config", default="", help="with --target: the running daemon's est.properties "
+                        "(devices are registered with it, its CA certificate is trusted)")
+    parser.add_argument("--pid", type=int, default=0,
+                        help="with --target: the daemon's (or supervisor's) pid, for its CPU time and RSS")
+    parser.add_argument("--lag-file", default="", help="with --target: the daemon's ESTGW_LAG_PROBE file")
     options = parser.parse_args(argv)
     options.concurrency = [int(c) for c in options.concurrency.split(",")]
     options.workers = [int(w) for w in options.workers.split(",")]
@@ -84,7 +91,13 @@ def _arguments(argv: list[str]) -> argparse.Namespace:
     for mode in options.modes:
         if mode not in MODES:
             parser.error(f"--modes: unknown mode {mode!r}")
-    if min(options.concurrency) < 1 or min(options.workers) < 1 or options.count < 1 or options.seconds <= 0:
+    if options.target and not options.config:
+        parser.error("--target needs --config")
+    if options.target:
+        host, _, port = options.target.rpartition(":")
+        options.target = (host or HOST, int(port))
+        options.workers = [0]  # whatever the running daemon has
+    if min(options.concurrency) < 1 or min(options.workers) < (0 if options.target else 1) or options.count < 1 or options.seconds <= 0:
         parser.error("--concurrency, --workers, --count and --seconds must be positive")
     return options
 
@@ -193,6 +206,8 @@ class Daemon:
         self.log = open(self.log_path, "wb")
         self.process = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, env=env,
                                         cwd=directory)
+        self.pid = self.process.pid
+        self.host = HOST
         self.port = self._wait_port()
 
     def _wait_port(self) -> int:
@@ -214,14 +229,14 @@ class Daemon:
 
     def pids(self) -> list[int]:
         """The daemon and its worker processes."""
-        found = [self.process.pid]
+        found = [self.pid] if self.pid else []
         for stat in glob.glob("/proc/[0-9]*/stat"):
             try:
                 with open(stat, encoding="ascii", errors="replace") as f:
                     fields = f.read().rsplit(")", 1)[1].split()
             except OSError:
                 continue
-            if int(fields[1]) == self.process.pid:
+            if self.pid and int(fields[1]) == self.pid:
                 found.append(int(stat.split("/")[2]))
         return found
 
@@ -236,9 +251,9 @@ class Daemon:
                 continue
             # utime stime cutime cstime: fields 14-17 of proc(5), 12-15 after the name
             total += sum(int(v) for v in fields[11:13])
-            if pid == self.process.pid:
+            if pid == self.pid:
                 total += sum(int(v) for v in fields[13:15])
-        return total / TICK
+        return total / TICK if self.pid else float("nan")
 
     def peak_rss_mib(self) -> tuple[float, float]:
         """(largest VmHWM of one process, sum of VmHWM) in MiB."""
@@ -277,6 +292,16 @@ class Daemon:
         self.log.close()
 
 
+class Targeted(Daemon):
+    """A daemon already running (``--target``): nothing is started or stopped."""
+
+    def __init__(self, host: str, port: int, pid: int, lag_path: str) -> None:
+        self.host, self.port, self.pid, self.lag_path = host, port, pid, lag_path
+
+    def stop(self) -> None:
+        pass
+
+
 # -- the load generator (client processes) ----------------------------------------
 
 
@@ -289,7 +314,7 @@ def _context(root: str, cert: str | None, key: str | None) -> ssl.SSLContext:
 
 
 def _request(path: str, body: bytes, authorization: str | None, keep_alive: bool) -> bytes:
-    head = [f"POST {path} HTTP/1.1", f"Host: {HOST}", "Content-Type: application/pkcs10",
+    head = [f"POST {path} HTTP/1.1", "Host: est", "Content-Type: application/pkcs10",
             f"Content-Length: {len(body)}"]
     if authorization:
         head.append(f"Authorization: {authorization}")
@@ -315,10 +340,11 @@ def _response(stream: Any) -> tuple[int, bytes]:
 
 
 class Connection:
-    def __init__(self, context: ssl.SSLContext, port: int) -> None:
-        raw = socket.create_connection((HOST, port), timeout=REQUEST_TIMEOUT)
+    def __init__(self, context: ssl.SSLContext, port: int, host: str = HOST) -> None:
+        raw = socket.create_connection((host, port), timeout=REQUEST_TIMEOUT)
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.sock = context.wrap_socket(raw, server_hostname="localhost")
+        # The gateway's certificate names localhost, not 127.0.0.1's name.
+        self.sock = context.wrap_socket(raw, server_hostname="localhost" if host == HOST else host)
         self.stream = self.sock.makefile("rb")
 
     def post(self, request: bytes) -> tuple[int, bytes]:
@@ -356,7 +382,7 @@ def client_process(job: dict[str, Any], out: Any) -> None:
             started = time.perf_counter()
             try:
                 if connection is None:
-                    connection = Connection(context, port)
+                    connection = Connection(context, port, job["host"])
                 code, body = connection.post(requests[n % len(requests)])
                 n += 1
                 failure = "" if code == 200 else f"HTTP {code}: {body[:160]!r}"
@@ -387,7 +413,7 @@ def client_process(job: dict[str, Any], out: Any) -> None:
 
 
 def run_load(port: int, root: str, mode: str, devices: list[dict[str, Any]], clients: int,
-             count: int, seconds: float) -> tuple[list[float], list[str], float]:
+             count: int, seconds: float, host: str = HOST) -> tuple[list[float], list[str], float]:
     """Spread ``devices`` over ``clients`` processes; (latencies, errors, wall seconds)."""
     clients = max(1, min(clients, len(devices)))
     per = [devices[i::clients] for i in range(clients)]
@@ -397,7 +423,8 @@ def run_load(port: int, root: str, mode: str, devices: list[dict[str, Any]], cli
     context = multiprocessing.get_context("spawn")
     pipes, processes = [], []
     for share, n in zip(per, counts):
-        job = {"port": port, "root": root, "mode": mode, "devices": share, "count": n, "seconds": seconds}
+        job = {"port": port, "host": host, "root": root, "mode": mode, "devices": share, "count": n,
+               "seconds": seconds}
         receive, send = context.Pipe(duplex=False)
         process = context.Process(target=client_process, args=(job, send))
         process.start()
@@ -428,7 +455,8 @@ def percentile_ms(values: list[float], q: float) -> float:
     return 1000 * ordered[round(q * (len(ordered) - 1))] if ordered else float("nan")
 
 
-def enroll_devices(port: int, root: str, directory: str, names: list[str], kind: str) -> list[dict[str, Any]]:
+def enroll_devices(port: int, root: str, directory: str, names: list[str], kind: str,
+                   host: str = HOST) -> list[dict[str, Any]]:
     """Each device's first certificate, by simpleenroll with Basic (not timed)."""
     specs: list[dict[str, Any]] = []
     authorization = {n: "Basic " + base64.b64encode(f"{n}:{PASSWORD}".encode()).decode() for n in names}
@@ -444,7 +472,7 @@ def enroll_devices(port: int, root: str, directory: str, names: list[str], kind:
                 name = todo.pop()
             key = new_key(kind)
             body = csr_body(key, name)
-            connection = Connection(context, port)
+            connection = Connection(context, port, host)
             try:
                 code, answer = connection.post(_request("/.well-known/est/simpleenroll", body,
                                                         authorization[name], False))
@@ -478,23 +506,40 @@ def basic_specs(names: list[str], threads: int, kind: str) -> list[dict[str, Any
     return [{"requests": requests[i::threads]} for i in range(threads) if requests[i::threads]]
 
 
+def _ca_certificate(config_path: str) -> str:
+    sys.path.insert(0, REPO)
+    from estgw import config
+
+    return config.load(config_path).ca_certificate_path
+
+
 def measure(options: argparse.Namespace, directory: str, workers: int) -> list[dict[str, Any]]:
-    config_path, notes = write_config(directory, options, workers)
     most = max(options.concurrency)
-    device_names = [f"bench-{i}" for i in range(most)]
-    basic_names = [f"bench-basic-{i}" for i in range(options.basic_devices)]
-    state = os.path.join(directory, "state")
-    first = not os.path.exists(state)
+    # Names of this run: a targeted daemon may know earlier runs' devices.
+    prefix = f"bench-{os.getpid()}" if options.target else "bench"
+    device_names = [f"{prefix}-{i}" for i in range(most)]
+    basic_names = [f"{prefix}-basic-{i}" for i in range(options.basic_devices)]
+    if options.target:
+        config_path, notes = options.config, []
+        first = not hasattr(options, "enrolled")
+    else:
+        config_path, notes = write_config(directory, options, workers)
+        first = not os.path.exists(os.path.join(directory, "state"))
     if first:
         register(config_path, directory, device_names + basic_names)
-    daemon = Daemon(config_path, directory, workers)
+    daemon: Daemon
+    if options.target:
+        daemon = Targeted(*options.target, options.pid, options.lag_file)
+    else:
+        daemon = Daemon(config_path, directory, workers)
     rows = []
     try:
-        root = glob.glob(os.path.join(state, "ca", "root-ca.pem"))[0]
+        root = _ca_certificate(config_path)
         keys = os.path.join(directory, "keys")
         os.makedirs(keys, exist_ok=True)
         if first:
-            options.enrolled = enroll_devices(daemon.port, root, keys, device_names, options.device_key)
+            options.enrolled = enroll_devices(daemon.port, root, keys, device_names, options.device_key,
+                                              daemon.host)
         for note in notes:
             print("note:", note, file=sys.stderr)
         for mode in options.modes:
@@ -509,10 +554,11 @@ def measure(options: argparse.Namespace, directory: str, workers: int) -> list[d
                     devices = options.enrolled[:concurrency]
                     count = options.count
                 if mode != "basic" and options.warmup:
-                    run_load(daemon.port, root, mode, devices, options.clients, options.warmup, options.seconds)
+                    run_load(daemon.port, root, mode, devices, options.clients, options.warmup, options.seconds,
+                             daemon.host)
                 cpu0, t0 = daemon.cpu_seconds(), time.time()
                 latencies, errors, wall = run_load(daemon.port, root, mode, devices, options.clients,
-                                                   count, options.seconds)
+                                                   count, options.seconds, daemon.host)
                 cpu = daemon.cpu_seconds() - cpu0
                 done = len(latencies)
                 rows.append({
