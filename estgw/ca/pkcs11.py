@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import threading
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import Any, NoReturn
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -405,7 +405,7 @@ class Pkcs11CA(SigningCA):
         self._key = _find_key(self._login, self._key_label)
         self._generation = self._login.generation
 
-    def issuers(self) -> list["Pkcs11CA"]:
+    def issuers(self) -> list[SigningCA]:
         return [self]
 
     def sign_ocsp(self, builder: Any) -> Any:
@@ -461,15 +461,15 @@ class Pkcs11CA(SigningCA):
     # as a CRL), the RSA padding and the authority key identifier.
     rsa_padding = "pkcs1v15"
 
-    @property
-    def _issuing_key(self) -> Any:
+    @property  # the draft key, never a key of the CA
+    def _issuing_key(self) -> Any:  # type: ignore[override]
         return self._scheme.draft_key
 
     def authority_key_identifier(self) -> x509.AuthorityKeyIdentifier:
         try:
             ski = self.issuing.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
         except x509.ExtensionNotFound:
-            ski = x509.SubjectKeyIdentifier.from_public_key(self.issuing.public_key())  # type: ignore[arg-type]
+            ski = x509.SubjectKeyIdentifier.from_public_key(self.issuing.public_key())
         return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
 
     _authority_key_identifier = authority_key_identifier
@@ -524,7 +524,7 @@ class Pkcs11TokenProcedure:
         signing = deferToThreadPool(self._reactor, self._reactor.getThreadPool(), self.ca.sign, request, self.profile)
         return signing.addErrback(self._unavailable)
 
-    def _unavailable(self, failure: Failure) -> None:
+    def _unavailable(self, failure: Failure) -> NoReturn:
         from estgw.refusal import Refusal
 
         failure.trap(CAError)
@@ -536,7 +536,7 @@ class Pkcs11TokenProcedure:
     def chain(self) -> list[x509.Certificate]:
         return self.ca.chain()
 
-    def issuers(self) -> list[Pkcs11CA]:
+    def issuers(self) -> list[SigningCA]:
         """The CA whose CRL and OCSP answers the publishing listener serves."""
         return self.ca.issuers()
 

@@ -110,9 +110,9 @@ class UpstreamEST:
         self._timeout = timeout
         self._chain: list[x509.Certificate] = []
         self._next_refresh = 0.0
-        self._refreshing: Deferred | None = None
+        self._refreshing: Deferred[list[x509.Certificate]] | None = None
         # DER request -> the waiters of its one upstream call in flight.
-        self._in_flight: dict[bytes, list[Deferred]] = {}
+        self._in_flight: dict[bytes, list[Deferred[x509.Certificate]]] = {}
 
     def __repr__(self) -> str:
         return f"<UpstreamEST {self.name!r} {self.url}>"
@@ -126,7 +126,7 @@ class UpstreamEST:
         if not request.csr:
             raise CAError("a token procedure with ca = est needs the client's PKCS#10 request")
         key = hashlib.sha256(request.csr).digest()
-        waiter: Deferred = Deferred()
+        waiter: Deferred[x509.Certificate] = Deferred()
         waiters = self._in_flight.get(key)
         if waiters is not None:
             waiters.append(waiter)  # the same request is already on its way
@@ -207,7 +207,7 @@ class UpstreamEST:
             self.refresh()
         return list(self._chain)
 
-    def refresh(self) -> Deferred:
+    def refresh(self) -> Deferred[list[x509.Certificate]]:
         """Fetch ``/cacerts`` now (once at a time); fires with the chain,
         or with the previous one (possibly empty) when the fetch failed."""
         if self._refreshing is None:
@@ -246,7 +246,7 @@ class UpstreamEST:
     # -- HTTP -----------------------------------------------------------------
 
     async def _exchange(
-        self, method: str, url: str, body: bytes | None = None, headers: dict | None = None
+        self, method: str, url: str, body: bytes | None = None, headers: dict[bytes, list[bytes]] | None = None
     ) -> tuple[int, Any, bytes]:
         """(status, response headers, body) of one exchange; _Unreachable
         when there is no answer (connection, TLS, timeout)."""
