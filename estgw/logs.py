@@ -52,11 +52,11 @@ def configured(config: Config) -> bool:
 AUDIT_NAMESPACE = "estgw.audit"
 
 
-def _audit_kept_elsewhere(config: Config | None) -> bool:
+def _audit_kept_elsewhere(config: Config) -> bool:
     # The JSON audit file (log.audit.file) is the audit trail when set;
     # otherwise the estgw.audit lines of the human log are, and log.level
     # must not drop them.
-    return bool(getattr(config, "audit_file", None))
+    return bool(config.audit_file)
 
 
 def _level_filter(observer: Any, level: str, keep_audit: bool = True) -> Any:

@@ -179,6 +179,16 @@ class HumanLogTests(SynchronousTestCase):
         self.assertNotIn("an access line", text)
         self.assertNotIn("a debug line", text)
 
+    def test_level_with_audit_file(self) -> None:
+        """With log.audit.file keeping the audit trail, log.level = warn
+        drops the estgw.audit lines from the human log too."""
+        out = io.StringIO()
+        observer = logs.human_observer(self.config(".", "log.level = warn\nlog.audit.file = audit.jsonl\n"), out)
+        Logger(namespace="estgw.audit", observer=observer).info("issued serial {s}", s="ab")
+        Logger(namespace="estgw.web", observer=observer).warn("a warning")
+        self.assertNotIn("issued serial ab", out.getvalue())
+        self.assertIn("a warning", out.getvalue())
+
     def test_bad_values(self) -> None:
         for text, key in (("log.maxBytes = 100", "log.maxBytes"), ("log.maxFiles = 0", "log.maxFiles"),
                           ("log.level = loud", "log.level"), ("server.workers = 0", "server.workers"),
