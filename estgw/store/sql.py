@@ -218,6 +218,11 @@ class _SQLStore:
         # work is queued would block the reactor thread on a join until
         # the queue drained.
         self._in_flight: set[Deferred[None]] = set()
+        # Group commit of record_certificate: waiting records, whether a
+        # transaction of them is in flight, and who waits for both to end.
+        self._records: list[tuple[IssuedCertificate, Deferred[None]]] = []
+        self._recording = False
+        self._records_drained: list[Deferred[None]] = []
 
     # -- plumbing
 
@@ -262,6 +267,11 @@ class _SQLStore:
         before the returned Deferred fires."""
         if self._pool is None or self._closing:
             return defer.fail(StoreNotRunning("the store is not started, or closed"))
+        return self._run_now(interaction, *args)
+
+    def _run_now(self, interaction: Callable[..., _T], *args: Any) -> Deferred[_T]:
+        """:meth:`_run` while closing too: for work accepted before close()."""
+        assert self._pool is not None
         finished: Deferred[None] = Deferred()
         self._in_flight.add(finished)
 
@@ -411,6 +421,11 @@ class _SQLStore:
         if self._pool is None or self._closing:
             return defer.succeed(None)
         self._closing = True  # refuse new work; let work in flight finish
+        waits = list(self._in_flight)
+        if self._recording:  # and the records queued behind it
+            drained: Deferred[None] = Deferred()
+            self._records_drained.append(drained)
+            waits.append(drained)
 
         def close_pool(_: object) -> None:
             assert self._pool is not None
@@ -418,7 +433,7 @@ class _SQLStore:
             self._pool = None
             self._closing = False
 
-        d: Deferred[None] = defer.DeferredList(list(self._in_flight)).addCallback(close_pool)
+        d: Deferred[None] = defer.DeferredList(waits).addCallback(close_pool)
         return d
 
     # -- certificates
@@ -452,27 +467,77 @@ class _SQLStore:
             raise
 
     def record_certificate(self, issued: IssuedCertificate, renewing: int | None = None) -> Deferred[None]:
-        def interaction(txn: Any) -> None:
-            if renewing is not None:
-                self._lock_subject(txn, issued.subject)
-            # Inserting first also takes SQLite's write lock, so the check
-            # below reads the latest committed state.
-            self._insert_certificate(txn, issued)
-            if renewing is None:
-                return
-            self._execute(
-                txn,
-                "SELECT serial FROM certificates WHERE subject = ? AND serial <> ?"
-                " ORDER BY issued_at DESC, id DESC LIMIT 1",
-                (issued.subject, _serial_text(issued.serial)),
-            )
-            row = txn.fetchone()
-            if row is None or row[0] != _serial_text(renewing):
-                raise NotLastIssued(
-                    f"certificate {_serial_text(renewing)} is no longer the last issued for {issued.subject}"
-                )
+        """Record ``issued``; fires once it is committed.
 
-        return self._run(interaction)
+        Group commit: records arriving while a commit is in flight are
+        written together in the next transaction, so concurrent
+        enrollments share one transaction and one fsync, and each
+        Deferred still fires only after its own row is on disk.  A renewal
+        under the last-issued rule (``renewing``) is checked and recorded
+        in a transaction of its own, under the subject's lock.
+        """
+        if self._pool is None or self._closing:
+            return defer.fail(StoreNotRunning("the store is not started, or closed"))
+        if renewing is not None:
+            return self._run(self._record_renewal, issued, renewing)
+        d: Deferred[None] = Deferred()
+        self._records.append((issued, d))
+        if not self._recording:
+            self._write_records()
+        return d
+
+    def _write_records(self) -> None:
+        batch, self._records = self._records, []
+        self._recording = True
+
+        def written(_: object) -> None:
+            for _issued, d in batch:
+                d.callback(None)
+
+        def failed(failure: Any) -> Any:
+            if len(batch) == 1:
+                batch[0][1].errback(failure)
+                return None
+            # One bad row (a duplicate serial) must not fail the others:
+            # each on its own, as without grouping.
+            alone = [self._run_now(self._insert_certificates, [issued]) for issued, _d in batch]
+            for (_issued, d), result in zip(batch, alone):
+                result.chainDeferred(d)
+            return defer.DeferredList(alone)
+
+        def next_batch(_: object) -> None:
+            self._recording = False
+            if self._records:
+                self._write_records()
+                return
+            waiting, self._records_drained = self._records_drained, []
+            for d in waiting:
+                d.callback(None)
+
+        self._run_now(self._insert_certificates, [issued for issued, _d in batch]).addCallbacks(
+            written, failed
+        ).addBoth(next_batch)
+
+    def _insert_certificates(self, txn: Any, records: list[IssuedCertificate]) -> None:
+        for issued in records:
+            self._insert_certificate(txn, issued)
+
+    def _record_renewal(self, txn: Any, issued: IssuedCertificate, renewing: int) -> None:
+        self._lock_subject(txn, issued.subject)
+        # Inserting first also takes SQLite's write lock, so the check
+        # below reads the latest committed state.
+        self._insert_certificate(txn, issued)
+        self._execute(
+            txn,
+            "SELECT serial FROM certificates WHERE subject = ? AND serial <> ?"
+            " ORDER BY issued_at DESC, id DESC LIMIT 1",
+            (issued.subject, _serial_text(issued.serial)),
+        )
+        row = txn.fetchone()
+        if row is None or row[0] != _serial_text(renewing):
+            raise NotLastIssued(
+                f"certificate {_serial_text(renewing)} is no longer the last issued for {issued.subject}"
+            )
 
     def certificate_page(
         self,
