@@ -419,3 +419,73 @@ class HsmPublishTests(Pkcs11TestCase):
                 self.assertTrue(signed.is_signature_valid(_Keys.made[kind][1].public_key()))
             finally:
                 await gateway.stop()
+
+    async def test_token_gone_while_publishing(self) -> None:
+        """The token stops signing while the gateway runs: an OCSP request
+        gets tryLater (unsigned, RFC 6960 2.3), the CRL signed before is
+        still served, a first CRL that cannot be signed is 503 with
+        Retry-After; never a 500, and no critical log event."""
+        import pkcs11
+        from urllib.parse import quote
+
+        from twisted.logger import LogLevel, globalLogPublisher
+
+        from tests import test_publish
+
+        publish = test_publish.free_port()
+        base = f"http://127.0.0.1:{publish}"
+        name = quote("HSM Procedure", safe="")
+        token, label, certificate, chain = self.files("ec-p256")
+        extra = f"publish.port = {publish}\npublish.interface = 127.0.0.1\n"
+        gateway = await RunningGateway.start(
+            self, hsm_config(certificate, chain, softhsm.shared().pin_file, token, label, extra))
+        await gateway.store.add_device(Device(DEVICE, hash_password(PASSWORD)))
+        client = Client(self, gateway, "device")
+        _key, csr = await client.key_and_csr(f"/CN={DEVICE}")
+        result = await client.enroll("simpleenroll", csr, user=f"{DEVICE}:{PASSWORD}")
+        self.assertEqual(result.status, 200, result.text)
+        issued = await client.certificates(result.body)
+
+        async def get(url: str) -> tuple[int, bytes, str]:
+            out = client.path(f"get-{abs(hash(url))}")
+            done = await run_process([_which("curl"), "-sS", "--max-time", "20", "-D", out + ".h", "-o", out,
+                                      "-w", "%{http_code}", url])
+            with open(out, "rb") as f, open(out + ".h") as h:
+                return int(done.stdout or b"0"), f.read(), h.read().lower()
+
+        status, before, _ = await get(f"{base}/crl/{name}.crl")
+        self.assertEqual(status, 200)
+
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        login = gateway.service.state.procedures["HSM Procedure"].ca._login
+
+        def unreachable() -> None:
+            raise pkcs11.TokenNotPresent()
+
+        login.reopen, original = unreachable, login.reopen
+        self.addCleanup(setattr, login, "reopen", original)
+        login.session.close()
+        self.addCleanup(original)
+
+        issuer = client.path("issuer.pem")
+        write(issuer, cert_pem(x509.load_pem_x509_certificates(open(certificate, "rb").read())[0]))
+        answer = await client.openssl("ocsp", "-issuer", issuer, "-cert", issued, "-url", f"{base}/ocsp/{name}",
+                                      "-resp_text", "-timeout", "20", check=False)
+        text = (answer.stdout + answer.stderr).decode()
+        self.assertIn("Responder Error: trylater (3)", text)
+        self.assertNotIn("code=500", text)
+        # The revocation is recorded; the CRL cannot be re-signed, so the last one is served.
+        await gateway.store.revoke_certificate(
+            x509.load_pem_x509_certificates(open(issued, "rb").read())[0].serial_number, "keyCompromise")
+        status, during, _ = await get(f"{base}/crl/{name}.crl")
+        self.assertEqual((status, during), (200, before))
+        # With nothing cached (a new generation's first CRL), 503 with Retry-After.
+        published = gateway.service.published["HSM Procedure"].generations[0]
+        published._crl = None
+        status, body, headers = await get(f"{base}/crl/{name}.crl")
+        self.assertEqual(status, 503, body)
+        self.assertIn("retry-after: 60", headers)
+        self.assertEqual([e for e in events if e.get("log_level") == LogLevel.critical], [])
+        self.flushLoggedErrors()

@@ -260,8 +260,10 @@ class ISigningCA(Interface):
     ) -> x509.CertificateRevocationList:
         """Sign (and keep in ``directory``) the CRL of ``revoked`` entries, synchronously."""
 
-    def sign_ocsp(builder: ocsp.OCSPResponseBuilder) -> ocsp.OCSPResponse:
-        """Sign an OCSP response builder as this CA, synchronously."""
+    def sign_ocsp(builder: ocsp.OCSPResponseBuilder, more: Sequence[bytes] = ()) -> ocsp.OCSPResponse:
+        """Sign an OCSP response builder as this CA, synchronously, with the
+        DER SingleResponses ``more`` (RFC 6960 4.2.1) after the builder's
+        one. CAError: the CA cannot sign now."""
 
 
 def key_usage_extension(fields: frozenset[str]) -> x509.KeyUsage:
