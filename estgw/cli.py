@@ -26,6 +26,7 @@ from twisted.internet import defer, task
 import estgw
 from estgw import bootstrap, config as config_module, device_import, factory, names, officers
 from estgw.ca import CRL_FILE, CAError, ISigningCA
+from estgw.ca import factory as ca_factory
 from estgw.ca._files import load_certificate as load_cert, load_private_key as load_key
 from estgw.ca.keys import KEY_TYPES, read_passphrase
 from estgw.ca.publish import revoked_entries
@@ -88,11 +89,15 @@ def _json(out: Any, items: list[dict[str, Any]]) -> None:
 
 
 async def cmd_init(options: Any, config: Config, store: IStore, out: Any) -> None:
-    """Report what the first start created. Loading it (before this runs)
-    checked every token procedure: for ``ca = file`` that the key fits the
+    """Create what is missing and report it. Building every token
+    procedure checks it: for ``ca = file`` that the key fits the
     certificate, that the certificate may sign certificates and that the
-    chain reaches its root."""
-    state = bootstrap.initialize(config)
+    chain reaches its root; for ``ca = pkcs11`` that the token and key are
+    there; for ``ca = est`` the upstream's /cacerts is fetched now."""
+    try:
+        state = bootstrap.initialize(config)
+    except (ConfigError, CAError) as e:
+        raise CommandError(str(e)) from None
     if options["offline_root"]:
         try:
             state.ca.export_root_key(options["offline_root"], bootstrap.ca_passphrase(config), out)
@@ -108,9 +113,22 @@ async def cmd_init(options: Any, config: Config, store: IStore, out: Any) -> Non
             f"it is needed only to make the next issuing CA\n"
         )
     for name, procedure in state.procedures.items():
-        issuing = procedure.chain()[0]
         kind = config.token_procedures[name].ca
-        out.write(f"token procedure {name!r} (ca = {kind}): issuing CA {issuing.subject.rfc4514_string()}\n")
+        out.write(f"token procedure {name!r} (ca = {kind}): {await _procedure_state(procedure)}\n")
+
+
+async def _procedure_state(procedure: Any) -> str:
+    """One line on what a token procedure issues with, whatever its kind."""
+    refresh = getattr(procedure, "refresh", None)
+    chain = list(await refresh()) if refresh is not None else procedure.chain()
+    if chain:
+        where = f"upstream {procedure.url}, " if refresh is not None else ""
+        return f"{where}issuing CA {chain[0].subject.rfc4514_string()}"
+    if refresh is not None:
+        reason = getattr(procedure, "last_error", None) or "no answer"
+        return (f"upstream {procedure.url}: its CA certificates could not be fetched now ({reason}); "
+                f"the gateway fetches them again when it runs")
+    return "no CA certificate"
 
 
 def read_password(options: Any) -> str | None:
@@ -424,13 +442,22 @@ def _write_file_atomically(path: str, data: bytes) -> None:
 
 
 def _signing_ca(config: Config, name: str | None) -> Any:
-    """The local CA, or the CA that signs for token procedure ``name``."""
+    """The local CA, or the CA that signs for token procedure ``name``
+    (built alone: the other token procedures' CAs may be unavailable)."""
     if name is None:
-        return bootstrap.local_ca(config)
+        try:
+            return bootstrap.local_ca(config)
+        except (ConfigError, CAError) as e:
+            raise CommandError(str(e)) from None
     if name not in config.token_procedures:
         known = ", ".join(sorted(config.token_procedures)) or "none is defined"
         raise CommandError(f"no token procedure named {name!r} (known: {known})")
-    procedure = bootstrap.token_procedures(config, bootstrap.local_ca(config))[name]
+    try:
+        procedure = ca_factory.token_procedure(
+            config.token_procedures[name], ca_factory.Context(config=config, local_ca=bootstrap.local_ca(config))
+        )
+    except (ConfigError, CAError) as e:
+        raise CommandError(f"the CA of token procedure {name!r} cannot be used now: {e}") from None
     ca = getattr(procedure, "ca", None)
     if not ISigningCA.providedBy(ca):
         raise CommandError(f"token procedure {name!r} signs with no key this gateway holds")
@@ -439,8 +466,11 @@ def _signing_ca(config: Config, name: str | None) -> Any:
 
 async def cmd_ca_rollover(options: Any, config: Config, store: IStore, out: Any) -> None:
     """RFC 7030 4.1.3: the local CA's next issuing CA (and root, with --root)."""
-    passphrase = bootstrap.ca_passphrase(config)
-    ca = bootstrap.local_ca(config)
+    try:
+        passphrase = bootstrap.ca_passphrase(config)
+        ca = bootstrap.local_ca(config)
+    except (ConfigError, CAError) as e:
+        raise CommandError(str(e)) from None
     try:
         root_key = None
         if options["root_key"]:
@@ -713,7 +743,10 @@ async def run(reactor: Any, argv: Sequence[str], out: Any = None, err: Any = Non
         return
     try:
         config = config_module.load(options.config)
-        bootstrap.initialize(config)
+        # The store alone: commands on devices, officers and certificates
+        # work while a CA (a token, an upstream) is unavailable; those that
+        # need a CA build it themselves and say when it cannot be used.
+        bootstrap.prepare_state_directory(config)
     except (ConfigError, CAError) as e:
         raise CommandError(str(e)) from None
     store = bootstrap.open_store(config, reactor)

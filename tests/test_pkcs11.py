@@ -489,3 +489,50 @@ class HsmPublishTests(Pkcs11TestCase):
         self.assertIn("retry-after: 60", headers)
         self.assertEqual([e for e in events if e.get("log_level") == LogLevel.critical], [])
         self.flushLoggedErrors()
+
+
+class TokenOutageCommandTests(Pkcs11TestCase):
+    async def test_store_commands_work_while_the_token_is_gone(self) -> None:
+        """With the token unavailable, the operator commands that only touch
+        the store work (the revocation is recorded, for the CRL the gateway
+        signs when the token is back); those that need the CA (init, crl
+        write) say so in one line, exit 1, no traceback."""
+        import sys
+
+        gateway = await self.gateway("ec-p256")
+        client = Client(self, gateway, "device")
+        _key, csr = await client.key_and_csr(f"/CN={DEVICE}")
+        result = await client.enroll("simpleenroll", csr, user=f"{DEVICE}:{PASSWORD}")
+        self.assertEqual(result.status, 200, result.text)
+        (record,) = await gateway.store.list_certificates()
+        token, label, certificate, chain = self.files("ec-p256")
+        outage = write(os.path.join(os.path.dirname(gateway.config_path), "outage.properties"),
+                       hsm_config(certificate, chain, softhsm.shared().pin_file, "no-such-token", label).encode())
+
+        async def estgw(*argv: str) -> tuple[int, str, str]:
+            done = await run_process([sys.executable, "-m", "estgw.cli", "--config", outage, *argv], env=environment())
+            return done.code, done.stdout.decode(), done.stderr.decode()
+
+        code, out, err = await estgw("cert", "list")
+        self.assertEqual(code, 0, err)
+        self.assertIn(f"{record.serial:x}", out.lower().replace(":", ""))
+        code, out, err = await estgw("cert", "revoke", f"{record.serial:x}", "--reason", "keyCompromise")
+        self.assertEqual(code, 0, err)
+        self.assertIn("revoked", out)
+        self.assertIsNotNone((await gateway.store.get_certificate(record.serial)).revoked_at)
+        code, out, err = await estgw("device", "add", "pump-9", "--password", "a long password 9")
+        self.assertEqual(code, 0, err)
+        self.assertIsNotNone(await gateway.store.get_device("pump-9"))
+        for argv, says in (
+            (("crl", "write", "--tokenprocedure", "HSM Procedure", "--out", os.path.join(client.path("x.crl"))),
+             "the CA of token procedure 'HSM Procedure' cannot be used now"),
+            (("init",), "no-such-token"),
+        ):
+            code, out, err = await estgw(*argv)
+            self.assertEqual(code, 1, (argv, out, err))
+            self.assertIn(says, err)
+            self.assertNotIn("Traceback", err)
+            self.assertEqual(len(err.strip().splitlines()), 1, err)
+        # SoftHSM's free slot has a token without a label: named, not an empty item.
+        self.assertRegex(err, r"present: [^,)]")
+        self.assertIn("(unlabelled)", err)

@@ -24,7 +24,7 @@ from estgw.config import ConfigError, from_string
 from estgw.passwords import hash_password
 from estgw.protocol import encode_certs_only
 from estgw.store import Device
-from estgw.testing import RunningGateway, cert_pem, make_csr, name, new_key, write
+from estgw.testing import RunningGateway, cert_pem, make_csr, name, new_key, run_process, write
 from estgw.tls import server_context_factory
 from tests.test_auth import gateway_certificate, run_cli
 from tests.test_e2e import Client
@@ -662,3 +662,39 @@ class CacertsRefreshTests(TestCase):
         upstream.chain()
         self.assertEqual(upstream.chain(), [second.issuing, second.root])
         self.assertEqual(http.urls, ["https://ca.example/.well-known/est/ra/cacerts"] * 3)
+
+
+class InitTests(UpstreamTestCase):
+    async def test_init_reports_the_upstream(self) -> None:
+        """``estgw init`` with a ca = est token procedure fetches the
+        upstream's /cacerts and names its issuing CA; with the upstream
+        unreachable it says so plainly and succeeds (the gateway fetches
+        again when it runs): no traceback either way."""
+        import sys
+
+        from tests.test_publish import free_port
+        from tests.test_twistd import environment
+
+        await self.start_upstream()
+        client_anchors = write(os.path.join(self.directory, "upstream-cas.pem"),
+                               cert_pem(*self.upstream.service.state.ca.chain()))
+        closed = free_port()
+        for url, says in (
+            (f"https://127.0.0.1:{self.upstream.port}/.well-known/est/ra",
+             "issuing CA " + self.upstream.service.state.ca.issuing.subject.rfc4514_string()),
+            (f"https://127.0.0.1:{closed}/.well-known/est",
+             "its CA certificates could not be fetched now ("),
+        ):
+            directory = os.path.abspath(self.mktemp())
+            os.makedirs(directory)
+            config = write(os.path.join(directory, "est.properties"), DOWNSTREAM_CONFIG.format(
+                url=url, token=self.token, password_file=self.password_file, anchors=self.upstream.ca_file,
+                client_anchors=client_anchors,
+            ).encode())
+            done = await run_process([sys.executable, "-m", "estgw.cli", "--config", config, "init"],
+                                     env=environment())
+            out, err = done.stdout.decode(), done.stderr.decode()
+            self.assertEqual(done.code, 0, err)
+            self.assertIn(f"token procedure 'Upstream EST' (ca = est): upstream {url}", out)
+            self.assertIn(says, out)
+            self.assertNotIn("Traceback", out + err)

@@ -138,7 +138,9 @@ def _login(lib: Any, module: str, token_label: str, pin: str) -> _Login:
         try:
             token = lib.get_token(token_label=token_label)
         except pkcs11.NoSuchToken:
-            labels = sorted({slot.get_token().label for slot in lib.get_slots(token_present=True)})
+            # SoftHSM and many HSMs show a free slot whose token has no label yet.
+            labels = sorted({slot.get_token().label.strip() or "(unlabelled)"
+                             for slot in lib.get_slots(token_present=True)})
             raise CASettingError(
                 "pkcs11.token",
                 f"no token labelled {token_label!r} in {module} (present: {', '.join(labels) or 'none'})",

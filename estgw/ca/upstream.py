@@ -117,6 +117,8 @@ class UpstreamEST:
         self._reactor = reactor
         self._timeout = timeout
         self._chain: list[x509.Certificate] = []
+        #: Why the last /cacerts fetch failed ("" after a success).
+        self.last_error = ""
         self._next_refresh = 0.0
         self._refreshing: Deferred[list[x509.Certificate]] | None = None
         # DER request -> the waiters of its one upstream call in flight.
@@ -257,10 +259,12 @@ class UpstreamEST:
             if not chain:
                 raise _Unreachable("the answer holds no certificate")
         except _Unreachable as e:
+            self.last_error = e.reason
             self._next_refresh = self._reactor.seconds() + CACERTS_RETRY
             self._log.warn("cannot fetch the CA certificates of {url}: {reason}", url=url, reason=e.reason)
             return list(self._chain)
         self._chain = _ordered(chain)
+        self.last_error = ""
         self._next_refresh = self._reactor.seconds() + CACERTS_REFRESH
         return list(self._chain)
 
