@@ -464,8 +464,35 @@ def _signing_ca(config: Config, name: str | None) -> Any:
     return ca
 
 
+def _urls_without_ca(config: Config) -> list[str]:
+    """The CRL and caIssuers URLs of the local CA's token procedures that
+    lack ``{ca}``: after a rollover they would name the new CA's CRL and
+    certificate in the earlier CA's certificates (RFC 5280 4.2.1.13)."""
+    found = []
+    for procedure in config.token_procedures.values():
+        if procedure.ca != "local":
+            continue
+        for key, url in (("crl.url", procedure.crl_url), ("caIssuers.url", procedure.ca_issuers_url)):
+            if url and "{ca}" not in url:
+                found.append(f"tokenprocedure.{procedure.key}.{key} = {url}")
+    return found
+
+
 async def cmd_ca_rollover(options: Any, config: Config, store: IStore, out: Any) -> None:
-    """RFC 7030 4.1.3: the local CA's next issuing CA (and root, with --root)."""
+    """RFC 7030 4.1.3: the local CA's next issuing CA (and root, with --root).
+    Refused (without --force) while a CRL or caIssuers URL of the local CA
+    lacks ``{ca}``."""
+    unsafe = _urls_without_ca(config)
+    if unsafe:
+        text = (
+            "these URLs lack {ca}, so after the rollover the certificates of the current issuing CA "
+            "would point at the new CA's CRL or certificate (revocation checks fail): "
+            + "; ".join(unsafe) + ". Put {ca} into them (e.g. .../crl/<name>/{ca}.crl, "
+            ".../ca/<name>/{ca}.crt) and restart the gateway first"
+        )
+        if not options["force"]:
+            raise CommandError(text + ", or give --force")
+        _warn(options, "warning: " + text)
     try:
         passphrase = bootstrap.ca_passphrase(config)
         ca = bootstrap.local_ca(config)
@@ -703,6 +730,8 @@ def _parser() -> argparse.ArgumentParser:
                           help="take this issuing CA certificate (issued by the current root) instead")
     rollover.add_argument("--key", metavar="FILE", help="its private key (PEM or DER)")
     rollover.add_argument("--key-password-file", metavar="FILE", help="the key's passphrase, when encrypted")
+    rollover.add_argument("--force", action="store_true",
+                          help="roll over although a CRL or caIssuers URL of the local CA lacks {ca}")
     rollover.set_defaults(run=cmd_ca_rollover)
 
     # Talks to the approval service (its own config), not to this store.

@@ -191,6 +191,24 @@ class RolloverCommandTests(TestCase):
         self.assertEqual([g.issuing for g in ca.previous], [issuing])
         self.assertFalse(ca.root_key_online)
 
+    async def test_urls_without_ca_refused(self) -> None:
+        """A CRL or caIssuers URL without {ca} would send the current CA's
+        certificates to the new CA's CRL after a rollover: refused naming
+        the keys (nothing changes); --force rolls over with a warning."""
+        write(self.config_path, (TEST_CONFIG + "tokenprocedure.1.crl.url = http://127.0.0.1:1/crl/T.crl\n"
+                                 "tokenprocedure.1.caIssuers.url = http://127.0.0.1:1/ca/T.crt\n").encode())
+        await self.cli("init")
+        issuing = self.ca().issuing
+        message = await self.fails("ca", "rollover")
+        self.assertIn("tokenprocedure.1.crl.url = http://127.0.0.1:1/crl/T.crl", message)
+        self.assertIn("tokenprocedure.1.caIssuers.url", message)
+        self.assertIn("--force", message)
+        self.assertEqual(self.ca().issuing, issuing)
+        err = io.StringIO()
+        await cli.run(reactor, ["--config", self.config_path, "ca", "rollover", "--force"], io.StringIO(), err)
+        self.assertIn("warning: these URLs lack {ca}", err.getvalue())
+        self.assertNotEqual(self.ca().issuing, issuing)
+
     async def test_from_files(self) -> None:
         """--certificate/--key take an issuing CA the operator made (openssl,
         with the root key); one not issued by the root is refused."""
