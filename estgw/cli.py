@@ -498,6 +498,19 @@ async def cmd_ca_rollover(options: Any, config: Config, store: IStore, out: Any)
         ca = bootstrap.local_ca(config)
     except (ConfigError, CAError) as e:
         raise CommandError(str(e)) from None
+    # An offline root stays offline: a new root's key goes where the
+    # operator says, never silently into the state directory.
+    root_offline = not ca.root_key_online
+    new_root_out = options["new_root_key_out"]
+    if new_root_out and not options["root"]:
+        raise CommandError("--new-root-key-out goes with --root")
+    if options["root"] and root_offline and not new_root_out:
+        raise CommandError(
+            "the root key is offline: give --new-root-key-out FILE (or - to print it once) for the new "
+            "root's key, so that it is kept offline too"
+        )
+    if new_root_out and new_root_out != "-" and os.path.exists(new_root_out):
+        raise CommandError(f"{new_root_out} exists; the new root key is written only to a new file")
     try:
         root_key = None
         if options["root_key"]:
@@ -514,16 +527,29 @@ async def cmd_ca_rollover(options: Any, config: Config, store: IStore, out: Any)
             name=config.ca_name, key_type=options["key_type"], passphrase=passphrase,
             new_root=options["root"], root_key=root_key, issuing=issuing,
         )
+        if new_root_out:
+            rolled.export_root_key(new_root_out, passphrase, out)
     except CAError as e:
         raise CommandError(str(e)) from None
+    protection = "encrypted with ca.keyPasswordFile" if passphrase else "unencrypted: set ca.keyPasswordFile"
+    directory = config.ca_directory
     out.write(f"new issuing CA:  {rolled.issuing.subject.rfc4514_string()} "
               f"(until {_when(rolled.issuing.not_valid_after_utc)})\n")
+    out.write(f"its key:         {os.path.join(directory, 'issuing-ca.key')} ({protection})\n")
     for generation in rolled.previous:
         out.write(f"still serving:   {generation.issuing.subject.rfc4514_string()} "
-                  f"(until {_when(generation.issuing.not_valid_after_utc)}; its certificates renew)\n")
+                  f"(until {_when(generation.issuing.not_valid_after_utc)}; its certificates renew; "
+                  f"its certificate and key: {generation.directory})\n")
     if options["root"]:
         out.write(f"new root:        {rolled.root.subject.rfc4514_string()}; cacerts carries both roots"
                   f" and the NewWithOld/OldWithNew link certificates\n")
+        if new_root_out:
+            where = "the PEM above" if new_root_out == "-" else os.path.abspath(new_root_out)
+            out.write(f"new root key:    moved to {where}; keep it offline\n")
+        else:
+            out.write(f"new root key:    {os.path.join(directory, 'root-ca.key')} ({protection})\n")
+    elif root_offline:
+        out.write("root key:        still offline (given with --root-key; nothing of it was written)\n")
     out.write("restart the gateway to issue from the new CA\n")
 
 
@@ -730,6 +756,9 @@ def _parser() -> argparse.ArgumentParser:
                           help="take this issuing CA certificate (issued by the current root) instead")
     rollover.add_argument("--key", metavar="FILE", help="its private key (PEM or DER)")
     rollover.add_argument("--key-password-file", metavar="FILE", help="the key's passphrase, when encrypted")
+    rollover.add_argument("--new-root-key-out", metavar="OUT.pem",
+                          help="with --root and an offline root: write the new root's key to this new file"
+                               " (- prints it once) instead of the state directory")
     rollover.add_argument("--force", action="store_true",
                           help="roll over although a CRL or caIssuers URL of the local CA lacks {ca}")
     rollover.set_defaults(run=cmd_ca_rollover)

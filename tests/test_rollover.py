@@ -9,6 +9,7 @@ import subprocess
 from urllib.parse import quote
 
 from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.hazmat.primitives.serialization import Encoding
 from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
@@ -190,6 +191,36 @@ class RolloverCommandTests(TestCase):
         self.assertNotEqual(ca.issuing, issuing)
         self.assertEqual([g.issuing for g in ca.previous], [issuing])
         self.assertFalse(ca.root_key_online)
+
+    async def test_offline_root_stays_offline(self) -> None:
+        """ca rollover --root with an offline root: refused without
+        --new-root-key-out (nothing changes); with it the new root's key is
+        written there (0600), not into the state directory, and the output
+        says where every key went."""
+        root_key = os.path.join(self.directory, "root.key")
+        await self.cli("init", "--offline-root", root_key)
+        ca_dir = config_module.load(self.config_path).ca_directory
+        old_root = self.ca().root
+        message = await self.fails("ca", "rollover", "--root", "--root-key", root_key)
+        self.assertIn("--new-root-key-out", message)
+        self.assertEqual(self.ca().root, old_root)
+        new_key_path = os.path.join(self.directory, "new-root.key")
+        out = await self.cli("ca", "rollover", "--root", "--root-key", root_key, "--new-root-key-out", new_key_path)
+        ca = self.ca()
+        self.assertNotEqual(ca.root, old_root)
+        self.assertFalse(ca.root_key_online)
+        self.assertFalse(os.path.exists(os.path.join(ca_dir, "root-ca.key")))
+        self.assertEqual(os.stat(new_key_path).st_mode & 0o777, 0o600)
+        from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+        with open(new_key_path, "rb") as f:
+            exported = load_pem_private_key(f.read(), None)
+        self.assertEqual(exported.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo),
+                         ca.root.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo))
+        self.assertIn(f"new root key:    moved to {new_key_path}", out)
+        self.assertIn(f"its key:         {os.path.join(ca_dir, 'issuing-ca.key')} (unencrypted", out)
+        # The exported key is what the next rollover needs.
+        await self.cli("ca", "rollover", "--root-key", new_key_path)
 
     async def test_urls_without_ca_refused(self) -> None:
         """A CRL or caIssuers URL without {ca} would send the current CA's
