@@ -78,6 +78,38 @@ class RolloverTests(TestCase):
         pem = await self.client.certificates(result.body)
         return pem, load_pem(pem)
 
+    async def test_rollover_while_running(self) -> None:
+        """`ca rollover` while the gateway runs (before its restart): the
+        running gateway's CRL of the old CA goes to the old CA's own place
+        (previous/001/), never over the new CA's directory, and still lists
+        a revocation made meanwhile."""
+        _, _, old = await self.enroll()
+        config = config_module.load(self.gateway.config_path)
+        out = io.StringIO()
+        await cli.run(reactor, ["--config", self.gateway.config_path, "ca", "rollover"], out)
+        await cli.run(reactor, ["--config", self.gateway.config_path, "cert", "revoke",
+                                f"{old.serial_number:x}", "--reason", "superseded"], io.StringIO())
+        status, body = await self.get_crl()
+        self.assertEqual(status, 200)
+        crl = x509.load_der_x509_crl(body)
+        self.assertEqual(crl.issuer, old.issuer)
+        self.assertIsNotNone(crl.get_revoked_certificate_by_serial_number(old.serial_number))
+        new_home = os.path.join(config.ca_directory, "crl.pem")
+        if os.path.exists(new_home):
+            with open(new_home, "rb") as f:
+                self.assertNotEqual(x509.load_pem_x509_crl(f.read()).issuer, old.issuer)
+        with open(os.path.join(config.ca_directory, "previous", "001", "crl.pem"), "rb") as f:
+            kept = x509.load_pem_x509_crl(f.read())
+        self.assertEqual(kept.issuer, old.issuer)
+        self.assertIsNotNone(kept.get_revoked_certificate_by_serial_number(old.serial_number))
+
+    async def get_crl(self) -> tuple[int, bytes]:
+        out = self.client.path(f"crl-{free_port()}")
+        url = f"http://127.0.0.1:{self.publish}/crl/{quote(NAME, safe='')}.crl"
+        result = await run_process([_which("curl"), "-sS", "--max-time", "20", "-o", out, "-w", "%{http_code}", url])
+        with open(out, "rb") as f:
+            return int(result.stdout or b"0"), f.read()
+
     async def test_issuing_rollover(self) -> None:
         """After a rollover new certificates come from the new issuing CA;
         cacerts carries both issuing CAs; a certificate of the old one still

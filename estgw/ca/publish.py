@@ -95,9 +95,10 @@ def delegated_responder(ca: ISigningCA, now: datetime | None = None) -> tuple[Pr
     for every response. Synchronous: call it off the reactor.
     """
     now = now or datetime.now(timezone.utc)
-    key_path = os.path.join(ca.directory, RESPONDER_KEY)
-    cert_path = os.path.join(ca.directory, RESPONDER_CERT)
-    with _locked(ca.directory):
+    home = ca.home()
+    key_path = os.path.join(home, RESPONDER_KEY)
+    cert_path = os.path.join(home, RESPONDER_CERT)
+    with _locked(home):
         key: PrivateKey
         if os.path.exists(key_path):
             key = _load_key(key_path)

@@ -107,6 +107,12 @@ class SigningCA:
         """This CA and the earlier generations it still answers for."""
         return [self]
 
+    def home(self) -> str:
+        """The directory this CA's CRL and delegated OCSP responder are kept
+        in now: ``directory``, unless a CA rolled over while this process
+        runs moved it (:meth:`estgw.ca.local.LocalCA.home`)."""
+        return self.directory
+
     @property
     def key_id(self) -> str:
         """Hex of the issuing CA's key identifier: what ``{ca}`` in a
@@ -222,9 +228,10 @@ class SigningCA:
         if next_update <= timedelta(0):
             raise ValueError(f"next_update must be positive, not {next_update}")
         now = _utc(now)
-        path = os.path.join(self.directory, CRL_FILE)
+        home = self.home()
+        path = os.path.join(home, CRL_FILE)
         entries = _entries(revoked)
-        with _locked(self.directory):
+        with _locked(home):
             number = int(now.timestamp())
             if os.path.exists(path):
                 try:
