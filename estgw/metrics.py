@@ -97,9 +97,14 @@ class MetricsResource(resource.Resource):
         return body
 
 
+#: The largest request body the metrics listener reads (it serves GET only).
+METRICS_MAX_BODY = 4096
+
+
 def metrics_site(metrics: Metrics) -> Any:
-    from twisted.web import server
+    from estgw.web import limited_site
 
     root = resource.Resource()
     root.putChild(b"metrics", MetricsResource(metrics))
-    return server.Site(root)
+    # The EST listener's limits; nothing here takes a body.
+    return limited_site(root, METRICS_MAX_BODY)

@@ -395,13 +395,22 @@ class _Channel(http.HTTPChannel):
 IDLE_TIMEOUT = 60
 
 
+def limited_site(root: resource.Resource, max_body: int) -> server.Site:
+    """A Site for ``root`` with the request limits of every listener here:
+    a request or header line over ``_Channel.MAX_LENGTH`` or a head over
+    ``totalHeadersSize`` is 400, a body over ``max_body`` bytes is 413 at
+    once (by Content-Length, or as it arrives), idle connections close
+    after :data:`IDLE_TIMEOUT` s, and no traceback is shown."""
+    site = server.Site(root, timeout=IDLE_TIMEOUT)
+    site.protocol = _Channel  # type: ignore[method-assign, assignment]  # what Site.buildProtocol makes
+    site.requestFactory = request_factory(max_body)
+    site.displayTracebacks = False
+    return site
+
+
 def build_site(gateway: Gateway) -> server.Site:
     root = _Branch()
     well_known = _Branch()
     root.putChild(b".well-known", well_known)
     well_known.putChild(b"est", ESTResource(gateway))
-    site = server.Site(root, timeout=IDLE_TIMEOUT)
-    site.protocol = _Channel  # type: ignore[method-assign, assignment]  # what Site.buildProtocol makes
-    site.requestFactory = request_factory(gateway.config.max_request_bytes)
-    site.displayTracebacks = False
-    return site
+    return limited_site(root, gateway.config.max_request_bytes)

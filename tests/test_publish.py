@@ -9,6 +9,7 @@ import base64
 import io
 import os
 import socket
+from typing import Any
 from urllib.parse import quote
 
 from cryptography import x509
@@ -230,6 +231,10 @@ class PublishTests(_Publishing):
         self.assertIsNotNone(new.get_revoked_certificate_by_serial_number(cert.serial_number))
         self.assertIsNone(old.get_revoked_certificate_by_serial_number(cert.serial_number))
 
+    async def test_request_limits(self) -> None:
+        """The publishing listener has the EST listener's request limits."""
+        await check_request_limits(self, self.client, self.publish, f"/ocsp/{quote(LOCAL, safe='')}")
+
     async def test_refusals(self) -> None:
         """Unknown names are 404; an OCSP POST of another media type is 415;
         a request that is not OCSP gets malformedRequest; a request about
@@ -275,6 +280,24 @@ class PublishTests(_Publishing):
         status, body = await self.get(url, "-H", "Content-Type: application/ocsp-request", "--data-binary", "@" + path)
         self.assertEqual((status, ocsp.load_der_ocsp_response(body).response_status),
                          (200, ocsp.OCSPResponseStatus.UNAUTHORIZED))
+
+
+async def check_request_limits(testcase: TestCase, client: Any, port: int, post_path: str) -> None:
+    """The EST listener's limits on the listener at ``port``, with curl: a
+    request line over 16 KiB is 400, a Content-Length past the body limit
+    is 413 at once (not after the body), each with a reply."""
+    out = client.path(f"limits-{port}")
+    base = f"http://127.0.0.1:{port}"
+    result = await run_process([_which("curl"), "-sS", "--max-time", "20", "-o", out, "-w", "%{http_code}",
+                                f"{base}/{'a' * 17000}"])
+    testcase.assertEqual(result.stdout, b"400", result.stderr)
+    body = write(client.path("small.req"), b"0" * 100)
+    result = await run_process([_which("curl"), "-sS", "--max-time", "20", "-o", out, "-w", "%{http_code}",
+                                "-H", "Content-Type: application/ocsp-request", "-H", "Content-Length: 999999999999",
+                                "--data-binary", "@" + body, base + post_path])
+    testcase.assertEqual(result.stdout, b"413", result.stderr)
+    with open(out, "rb") as f:
+        testcase.assertIn(b"exceeds", f.read())
 
 
 class DelegatedResponderTests(_Publishing):

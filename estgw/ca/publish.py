@@ -488,6 +488,8 @@ class OCSPResource(_Async):
             return _plain(
                 415, f"Unsupported Media Type: an OCSP request is {OCSP_REQUEST_TYPE}"
             ).render(request)
+        if getattr(request, "body_too_large", False):
+            return server.NOT_DONE_YET  # 413 was answered and the connection closed
         assert request.content is not None
         body = request.content.read(MAX_OCSP_REQUEST + 1)
         if len(body) > MAX_OCSP_REQUEST:
@@ -534,11 +536,14 @@ class _Directory(resource.Resource):
 
 def publish_site(published: Mapping[str, PublishedProcedure]) -> server.Site:
     """The publishing listener's site for ``published`` (token procedure name → what it publishes)."""
+    from estgw.web import limited_site
+
     root = resource.Resource()
     root.putChild(b"crl", _Directory("crl", published))
     root.putChild(b"ocsp", _Directory("ocsp", published))
     root.putChild(b"ca", _Directory("ca", published))
-    return server.Site(root)
+    # The EST listener's limits; no body here is larger than an OCSP request.
+    return limited_site(root, MAX_OCSP_REQUEST)
 
 
 def published_cas(
