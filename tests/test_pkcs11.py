@@ -236,6 +236,36 @@ class ReadmeTests(Pkcs11TestCase):
         self.assertEqual(await gateway.store.count_certificates(), 2)
 
 
+    async def test_readme_token_commands(self) -> None:
+        """README.rst's commands that make a SoftHSM2 token, a key pair in it
+        and the CA certificate of its public key, run by bash as written (on
+        a token directory of their own): the certificate is a CA of the
+        token's key, issued by the root, and the PIN file is 0600."""
+        from tests.test_readme_examples import literal_block
+
+        script = literal_block("    # example: pkcs11 token")
+        self.assertIn("-force_pubkey", script)
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(os.path.join(directory, "tokens"))
+        conf = write(os.path.join(directory, "softhsm2.conf"),
+                     f"directories.tokendir = {directory}/tokens\nobjectstore.backend = file\n".encode())
+        env = dict(os.environ, SOFTHSM2_CONF=conf)
+        done = await run_process(["bash", "-euo", "pipefail", "-c", script], env=env, path=directory)
+        self.assertEqual(done.code, 0, done.stderr.decode())
+        run = await run_process(["openssl", "verify", "-CAfile", "hsm/root-ca.pem", "hsm/issuing-ca.pem"],
+                                path=directory)
+        self.assertIn(b": OK", run.stdout, run.stderr)
+        with open(os.path.join(directory, "hsm", "issuing-ca.pem"), "rb") as f:
+            issuing = x509.load_pem_x509_certificate(f.read())
+        with open(os.path.join(directory, "issuing-ca.pub.pem"), "rb") as f:
+            token_key = f.read()
+        from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+        self.assertEqual(issuing.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo), token_key)
+        self.assertTrue(issuing.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
+        self.assertEqual(os.stat(os.path.join(directory, "hsm", "pin")).st_mode & 0o777, 0o600)
+
+
 class StartTests(Pkcs11TestCase):
     """What stops the gateway from starting (in process; twistd below)."""
 
