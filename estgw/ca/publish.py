@@ -584,8 +584,10 @@ def keep_fresh(published: Mapping[str, PublishedProcedure], reactor: Any) -> tas
         for one in every.values():
             try:
                 await one.crl()
+            except CRLUnavailable:
+                pass  # logged where it was raised; retried on the next round
             except Exception:
-                log.failure("could not re-sign the CRL of {issuer}",
+                log.failure("could not re-sign the CRL of {issuer}", level=LogLevel.error,
                             issuer=one.ca.issuing.subject.rfc4514_string())
 
     loop = task.LoopingCall(lambda: defer.Deferred.fromCoroutine(refresh()))
