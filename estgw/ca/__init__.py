@@ -242,6 +242,10 @@ class ISigningCA(Interface):
 
     issuing = Attribute("The issuing CA certificate (x509.Certificate).")
     directory = Attribute("A directory of the gateway's own for this CA: its crl.pem, CRL number, responder.")
+
+    def home() -> str:
+        """Where this CA's crl.pem and delegated responder are kept now:
+        ``directory``, or where a rollover while the gateway runs moved them."""
     key_id = Attribute("Hex of the issuing CA's key identifier ({ca} in profile URLs).")
 
     def issued(cert: x509.Certificate) -> bool:

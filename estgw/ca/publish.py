@@ -263,7 +263,7 @@ def _draft_certificate(key: PrivateKey) -> x509.Certificate:
         _DRAFT_CERT.append(
             x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
             .serial_number(1).not_valid_before(now).not_valid_after(now + timedelta(days=1))
-            .sign(key, hashes.SHA256())  # type: ignore[arg-type]
+            .sign(key, hashes.SHA256())
         )
     return _DRAFT_CERT[0]
 
