@@ -605,7 +605,7 @@ class _FakeResponse:
         return len(self._body)
 
     def deliverBody(self, protocol: Any) -> None:
-        from twisted.test.proto_helpers import StringTransport
+        from twisted.internet.testing import StringTransport
         from twisted.web.client import ResponseDone
         from twisted.python.failure import Failure
 
