@@ -98,12 +98,7 @@ def initialize(config: Config, reactor: Any = None) -> State:
     """Create what is missing under the state directory, load the rest,
     and build the token procedures (ConfigError naming a bad setting)."""
     extra_anchors = configured_trust_anchors(config)
-    try:
-        os.makedirs(config.state_directory, mode=0o700, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(
-            "state.directory", f"cannot create {config.state_directory}: {e.strerror}", config.source
-        ) from None
+    prepare_state_directory(config)
     ca = local_ca(config)
     key, cert = ca.server_credentials(config.tls_directory, config.hostnames, key_type=config.tls_key_type)
     procedures = token_procedures(config, ca, reactor)
@@ -116,6 +111,17 @@ def initialize(config: Config, reactor: Any = None) -> State:
         ca=ca, server_key=key, server_certificate=cert, trust_anchors=tuple(anchors.values()),
         procedures=procedures,
     )
+
+
+def prepare_state_directory(config: Config) -> None:
+    """Create the state directory (mode 0700) if missing; ConfigError naming
+    ``state.directory`` when it cannot be."""
+    try:
+        os.makedirs(config.state_directory, mode=0o700, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(
+            "state.directory", f"cannot create {config.state_directory}: {e.strerror}", config.source
+        ) from None
 
 
 def check_store(config: Config) -> None:

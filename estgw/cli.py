@@ -26,6 +26,7 @@ from twisted.internet import defer, task
 import estgw
 from estgw import audit, bootstrap, config as config_module, device_import, factory, names, officers
 from estgw.ca import CRL_FILE, CAError, ISigningCA
+from estgw.ca import factory as ca_factory
 from estgw.ca._files import load_certificate as load_cert, load_private_key as load_key
 from estgw.ca.keys import KEY_TYPES, read_passphrase
 from estgw.ca.publish import revoked_entries
@@ -93,11 +94,15 @@ def _json(out: Any, items: list[dict[str, Any]]) -> None:
 
 
 async def cmd_init(options: Any, config: Config, store: IStore, out: Any) -> None:
-    """Report what the first start created. Loading it (before this runs)
-    checked every token procedure: for ``ca = file`` that the key fits the
+    """Create what is missing and report it. Building every token
+    procedure checks it: for ``ca = file`` that the key fits the
     certificate, that the certificate may sign certificates and that the
-    chain reaches its root."""
-    state = bootstrap.initialize(config)
+    chain reaches its root; for ``ca = pkcs11`` that the token and key are
+    there; for ``ca = est`` the upstream's /cacerts is fetched now."""
+    try:
+        state = bootstrap.initialize(config)
+    except (ConfigError, CAError) as e:
+        raise CommandError(str(e)) from None
     if options["offline_root"]:
         try:
             state.ca.export_root_key(options["offline_root"], bootstrap.ca_passphrase(config), out)
@@ -113,9 +118,22 @@ async def cmd_init(options: Any, config: Config, store: IStore, out: Any) -> Non
             f"it is needed only to make the next issuing CA\n"
         )
     for name, procedure in state.procedures.items():
-        issuing = procedure.chain()[0]
         kind = config.token_procedures[name].ca
-        out.write(f"token procedure {name!r} (ca = {kind}): issuing CA {issuing.subject.rfc4514_string()}\n")
+        out.write(f"token procedure {name!r} (ca = {kind}): {await _procedure_state(procedure)}\n")
+
+
+async def _procedure_state(procedure: Any) -> str:
+    """One line on what a token procedure issues with, whatever its kind."""
+    refresh = getattr(procedure, "refresh", None)
+    chain = list(await refresh()) if refresh is not None else procedure.chain()
+    if chain:
+        where = f"upstream {procedure.url}, " if refresh is not None else ""
+        return f"{where}issuing CA {chain[0].subject.rfc4514_string()}"
+    if refresh is not None:
+        reason = getattr(procedure, "last_error", None) or "no answer"
+        return (f"upstream {procedure.url}: its CA certificates could not be fetched now ({reason}); "
+                f"the gateway fetches them again when it runs")
+    return "no CA certificate"
 
 
 def read_password(options: Any) -> str | None:
@@ -479,23 +497,75 @@ def _write_file_atomically(path: str, data: bytes) -> None:
 
 
 def _signing_ca(config: Config, name: str | None) -> Any:
-    """The local CA, or the CA that signs for token procedure ``name``."""
+    """The local CA, or the CA that signs for token procedure ``name``
+    (built alone: the other token procedures' CAs may be unavailable)."""
     if name is None:
-        return bootstrap.local_ca(config)
+        try:
+            return bootstrap.local_ca(config)
+        except (ConfigError, CAError) as e:
+            raise CommandError(str(e)) from None
     if name not in config.token_procedures:
         known = ", ".join(sorted(config.token_procedures)) or "none is defined"
         raise CommandError(f"no token procedure named {name!r} (known: {known})")
-    procedure = bootstrap.token_procedures(config, bootstrap.local_ca(config))[name]
+    try:
+        procedure = ca_factory.token_procedure(
+            config.token_procedures[name], ca_factory.Context(config=config, local_ca=bootstrap.local_ca(config))
+        )
+    except (ConfigError, CAError) as e:
+        raise CommandError(f"the CA of token procedure {name!r} cannot be used now: {e}") from None
     ca = getattr(procedure, "ca", None)
     if not ISigningCA.providedBy(ca):
         raise CommandError(f"token procedure {name!r} signs with no key this gateway holds")
     return ca
 
 
+def _urls_without_ca(config: Config) -> list[str]:
+    """The CRL and caIssuers URLs of the local CA's token procedures that
+    lack ``{ca}``: after a rollover they would name the new CA's CRL and
+    certificate in the earlier CA's certificates (RFC 5280 4.2.1.13)."""
+    found = []
+    for procedure in config.token_procedures.values():
+        if procedure.ca != "local":
+            continue
+        for key, url in (("crl.url", procedure.crl_url), ("caIssuers.url", procedure.ca_issuers_url)):
+            if url and "{ca}" not in url:
+                found.append(f"tokenprocedure.{procedure.key}.{key} = {url}")
+    return found
+
+
 async def cmd_ca_rollover(options: Any, config: Config, store: IStore, out: Any) -> None:
-    """RFC 7030 4.1.3: the local CA's next issuing CA (and root, with --root)."""
-    passphrase = bootstrap.ca_passphrase(config)
-    ca = bootstrap.local_ca(config)
+    """RFC 7030 4.1.3: the local CA's next issuing CA (and root, with --root).
+    Refused (without --force) while a CRL or caIssuers URL of the local CA
+    lacks ``{ca}``."""
+    unsafe = _urls_without_ca(config)
+    if unsafe:
+        text = (
+            "these URLs lack {ca}, so after the rollover the certificates of the current issuing CA "
+            "would point at the new CA's CRL or certificate (revocation checks fail): "
+            + "; ".join(unsafe) + ". Put {ca} into them (e.g. .../crl/<name>/{ca}.crl, "
+            ".../ca/<name>/{ca}.crt) and restart the gateway first"
+        )
+        if not options["force"]:
+            raise CommandError(text + ", or give --force")
+        _warn(options, "warning: " + text)
+    try:
+        passphrase = bootstrap.ca_passphrase(config)
+        ca = bootstrap.local_ca(config)
+    except (ConfigError, CAError) as e:
+        raise CommandError(str(e)) from None
+    # An offline root stays offline: a new root's key goes where the
+    # operator says, never silently into the state directory.
+    root_offline = not ca.root_key_online
+    new_root_out = options["new_root_key_out"]
+    if new_root_out and not options["root"]:
+        raise CommandError("--new-root-key-out goes with --root")
+    if options["root"] and root_offline and not new_root_out:
+        raise CommandError(
+            "the root key is offline: give --new-root-key-out FILE (or - to print it once) for the new "
+            "root's key, so that it is kept offline too"
+        )
+    if new_root_out and new_root_out != "-" and os.path.exists(new_root_out):
+        raise CommandError(f"{new_root_out} exists; the new root key is written only to a new file")
     try:
         root_key = None
         if options["root_key"]:
@@ -512,20 +582,33 @@ async def cmd_ca_rollover(options: Any, config: Config, store: IStore, out: Any)
             name=config.ca_name, key_type=options["key_type"], passphrase=passphrase,
             new_root=options["root"], root_key=root_key, issuing=issuing,
         )
+        if new_root_out:
+            rolled.export_root_key(new_root_out, passphrase, out)
     except CAError as e:
         raise CommandError(str(e)) from None
     await audit.operator_action(
         store, audit.os_operator(), "ca-rollover", rolled.issuing.subject.rfc4514_string(),
         "new root and issuing CA" if options["root"] else "new issuing CA",
     )
+    protection = "encrypted with ca.keyPasswordFile" if passphrase else "unencrypted: set ca.keyPasswordFile"
+    directory = config.ca_directory
     out.write(f"new issuing CA:  {rolled.issuing.subject.rfc4514_string()} "
               f"(until {_when(rolled.issuing.not_valid_after_utc)})\n")
+    out.write(f"its key:         {os.path.join(directory, 'issuing-ca.key')} ({protection})\n")
     for generation in rolled.previous:
         out.write(f"still serving:   {generation.issuing.subject.rfc4514_string()} "
-                  f"(until {_when(generation.issuing.not_valid_after_utc)}; its certificates renew)\n")
+                  f"(until {_when(generation.issuing.not_valid_after_utc)}; its certificates renew; "
+                  f"its certificate and key: {generation.directory})\n")
     if options["root"]:
         out.write(f"new root:        {rolled.root.subject.rfc4514_string()}; cacerts carries both roots"
                   f" and the NewWithOld/OldWithNew link certificates\n")
+        if new_root_out:
+            where = "the PEM above" if new_root_out == "-" else os.path.abspath(new_root_out)
+            out.write(f"new root key:    moved to {where}; keep it offline\n")
+        else:
+            out.write(f"new root key:    {os.path.join(directory, 'root-ca.key')} ({protection})\n")
+    elif root_offline:
+        out.write("root key:        still offline (given with --root-key; nothing of it was written)\n")
     out.write("restart the gateway to issue from the new CA\n")
 
 
@@ -791,6 +874,11 @@ def _parser() -> argparse.ArgumentParser:
                           help="take this issuing CA certificate (issued by the current root) instead")
     rollover.add_argument("--key", metavar="FILE", help="its private key (PEM or DER)")
     rollover.add_argument("--key-password-file", metavar="FILE", help="the key's passphrase, when encrypted")
+    rollover.add_argument("--new-root-key-out", metavar="OUT.pem",
+                          help="with --root and an offline root: write the new root's key to this new file"
+                               " (- prints it once) instead of the state directory")
+    rollover.add_argument("--force", action="store_true",
+                          help="roll over although a CRL or caIssuers URL of the local CA lacks {ca}")
     rollover.set_defaults(run=cmd_ca_rollover)
 
     # Talks to the approval service (its own config), not to this store.
@@ -841,7 +929,10 @@ async def run(reactor: Any, argv: Sequence[str], out: Any = None, err: Any = Non
         return
     try:
         config = config_module.load(options.config)
-        bootstrap.initialize(config)
+        # The store alone: commands on devices, officers and certificates
+        # work while a CA (a token, an upstream) is unavailable; those that
+        # need a CA build it themselves and say when it cannot be used.
+        bootstrap.prepare_state_directory(config)
     except (ConfigError, CAError) as e:
         raise CommandError(str(e)) from None
     store = bootstrap.open_store(config, reactor)

@@ -406,6 +406,18 @@ class _Site(server.Site):
             super().log(request)
 
 
+def limited_site(root: resource.Resource, max_body: int, config: Any = None) -> server.Site:
+    """A Site for ``root`` with the request limits of every listener here:
+    the ``server.*`` limits of ``config`` (estgw.limits: head and body
+    deadlines, header count and size, idle timeout), a body over
+    ``max_body`` bytes is 413 at once (by Content-Length, or as it
+    arrives), and no traceback is shown."""
+    site = server.Site(root)
+    site.requestFactory = request_factory(max_body)
+    site.displayTracebacks = False
+    return limits.limit_site(site, config)
+
+
 def build_site(gateway: Gateway) -> server.Site:
     root = _Branch()
     well_known = _Branch()
