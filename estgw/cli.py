@@ -218,6 +218,15 @@ async def cmd_device_passwd(options: Any, config: Config, store: IStore, out: An
     password = read_password(options)
     if password is None:
         raise CommandError("device passwd needs --password-file (or --password)")
+    registered = await store.get_device(device_id)
+    if registered is None:
+        raise CommandError(f"no device {device_id!r}")
+    if registered.password_hash is None and not options["add_password"]:
+        # A factory-certificate device gains a second way in: only on purpose.
+        raise CommandError(
+            f"device {device_id!r} has no password (it logs in with its factory certificate);"
+            " give --add-password to add one"
+        )
     # Hashing blocks; fine here: no one else waits on this reactor.
     device = device_import.build_device(
         device_import.Registration(device_id=device_id, password=password),
@@ -226,8 +235,9 @@ async def cmd_device_passwd(options: Any, config: Config, store: IStore, out: An
     assert device.password_hash is not None
     if not await store.set_device_password(device_id, device.password_hash, device.digest_ha1):
         raise CommandError(f"no device {device_id!r}")
-    await audit.operator_action(store, audit.os_operator(), "device-passwd", device_id, "password changed")
-    out.write(f"changed the password of device {device_id}\n")
+    what = "password changed" if registered.password_hash is not None else "password added"
+    await audit.operator_action(store, audit.os_operator(), "device-passwd", device_id, what)
+    out.write(f"{'changed' if registered.password_hash is not None else 'added'} the password of device {device_id}\n")
 
 
 def _read_certificate(path: str) -> Any:
@@ -453,6 +463,13 @@ async def cmd_cert_show(options: Any, config: Config, store: IStore, out: Any) -
 
 async def cmd_cert_revoke(options: Any, config: Config, store: IStore, out: Any) -> None:
     serial = parse_serial(options["serial"])
+    known = await store.get_certificate(serial)
+    if known is not None and known.revoked:
+        # Nothing changes: say so, and audit no revocation that did not happen.
+        raise CommandError(
+            f"{format_serial(serial)} is already revoked (at {_when(known.revoked_at)},"
+            f" reason {known.revocation_reason or 'unspecified'})"
+        )
     try:
         issued = await store.revoke_certificate(
             serial, options["reason"], invalidity_date=options["invalidity_date"]
@@ -758,6 +775,10 @@ def _parser() -> argparse.ArgumentParser:
     passwd.add_argument("id")
     passwd.add_argument("--password-file", help="read the new password from the first line of this file")
     passwd.add_argument("--password", help="the new password (visible in ps; prefer --password-file)")
+    passwd.add_argument(
+        "--add-password", action="store_true",
+        help="allow adding a password to a device that has none (a factory-certificate device)",
+    )
     passwd.set_defaults(run=cmd_device_passwd)
     device_list = device.add_parser("list", help="list pre-registered devices")
     device_list.add_argument("--json", action="store_true", help="a JSON array instead of a table")

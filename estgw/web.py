@@ -92,6 +92,10 @@ class LimitedRequest(server.Request):
             method=printable(self.method), path=printable(self.uri), client=getattr(address, "host", "?"),
             status=413, code="body-too-large", reason=reason, event="refused",
         )
+        close_with = getattr(self.channel, "close_with", None)
+        if close_with is not None:  # estgw.limits.LimitedChannel: one way to close
+            close_with(413, reason)
+            return
         body = (reason + "\n").encode("ascii")
         transport.write(
             b"HTTP/1.1 413 Content Too Large\r\nContent-Type: text/plain; charset=utf-8\r\n"

@@ -210,6 +210,12 @@ class CertTests(CLITestCase):
         self.assertIn("status:              revoked\n", shown)
         self.assertIn("revocation reason:   keyCompromise\n", shown)
         self.assertIn("revoked", await self.cli("cert", "list"))
+        # Revoking again changes nothing and says so; no second audit row.
+        audit_before = await self.cli("audit", "list")
+        message = await self.fails("cert", "revoke", serial, "--reason", "superseded")
+        self.assertIn("is already revoked", message)
+        self.assertIn("reason keyCompromise", message)
+        self.assertEqual(await self.cli("audit", "list"), audit_before)
 
     async def test_crl_carries_reason_and_invalidity_date(self) -> None:
         """revoke --reason keyCompromise --invalidity-date, then crl write: the
@@ -477,3 +483,17 @@ class OperatorToolTests(CLITestCase):
         self.assertFalse(verify_password("old-pw", device.password_hash))
         self.assertEqual(await self.fails("device", "passwd", "ghost", "--password-file", new), "no device 'ghost'")
         self.assertIn("needs --password-file", await self.fails("device", "passwd", "pump-1"))
+
+    async def test_device_passwd_factory_only(self) -> None:
+        """A device registered with only a factory certificate gets no
+        password login unless the operator asks for it (--add-password)."""
+        from tests.test_auth import FACTORY_CA
+
+        idevid = FACTORY_CA.issue(self.directory, "ACME-1")
+        await self.cli("device", "add", "fac-1", "--factory-cert", idevid.cert_path)
+        new = write(os.path.join(self.directory, "new.txt"), b"new-pw\n")
+        self.assertIn("--add-password", await self.fails("device", "passwd", "fac-1", "--password-file", new))
+        self.assertEqual(
+            await self.cli("device", "passwd", "fac-1", "--password-file", new, "--add-password"),
+            "added the password of device fac-1\n",
+        )
