@@ -1217,19 +1217,50 @@ def _announced_templates(handlers: tuple[HandlerConfig, ...], source: str) -> tu
     """Give each enrollment handler the csrattrs template of its CA label
     (what its clients were told), and serverkeygen its key type: its own
     setting, else the template's key, else the default.  A serverkeygen key
-    type that differs from the announced one is an error."""
+    type that differs from the announced one is an error.
+
+    The template is the label's, on every transport: a transport whose
+    csrattrs handler sets none (or that has no csrattrs handler of the
+    label) takes the one the label announces elsewhere, and its csrattrs
+    handler announces it too.  Only when that is ambiguous (two different
+    templates elsewhere) does start-up stop."""
     # What csrattrs announces per label and transport: over HTTPS and
     # over CoAPs a label may have its own csrattrs handler.
     announced = {
         (h.label, transport): h.csr_template
         for h in handlers if h.operation == "csrattrs" for transport in h.transports
     }
+    by_label: dict[str, set[CsrTemplate]] = {}
+    for (label, _transport), template in announced.items():
+        if template is not None:
+            by_label.setdefault(label, set()).add(template)
+
+    def effective(handler: HandlerConfig, transport: str) -> CsrTemplate | None:
+        own = announced.get((handler.label, transport))
+        if own is not None:
+            return own
+        elsewhere = by_label.get(handler.label, set())
+        if len(elsewhere) > 1:
+            raise ConfigError(
+                f"handler.{handler.id}.transport",
+                f"csrattrs announces different templates for this CA label on other transports, and none"
+                f" over {transport}: set csrattrs.template on a csrattrs handler of this label over {transport}",
+                source,
+            )
+        return next(iter(elsewhere), None)
+
     result = []
     for handler in handlers:
         if handler.operation not in ENROLL_OPERATIONS:
-            result.append(handler if handler.operation == "csrattrs" else attr.evolve(handler, csr_template=None))
+            if handler.operation == "csrattrs":
+                templates = {effective(handler, transport) for transport in handler.transports}
+                if handler.csr_template is None and len(templates) == 1:
+                    handler = attr.evolve(handler, csr_template=templates.pop())
+                result.append(handler)
+            else:
+                result.append(attr.evolve(handler, csr_template=None))
             continue
-        templates = {announced.get((handler.label, transport)) for transport in handler.transports}
+        templates = {effective(handler, transport) for transport in handler.transports}
         if len(templates) > 1:
             raise ConfigError(
                 f"handler.{handler.id}.transport",

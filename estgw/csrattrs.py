@@ -33,16 +33,19 @@ from __future__ import annotations
 
 import binascii
 import ipaddress
+import urllib.parse
 from typing import TYPE_CHECKING, Any, Sequence
 
 import attr
 from cryptography import x509
 from cryptography.x509.oid import ExtensionOID, NameOID, ObjectIdentifier
+from pyasn1.codec.der import decoder as der_decoder
 from pyasn1.codec.der import encoder as der_encoder
+from pyasn1.error import PyAsn1Error
 from pyasn1.type import char, univ
 from pyasn1_modules import rfc5280, rfc7030
 
-from estgw import keytypes, rfc9908
+from estgw import keytypes, names, rfc9908
 from estgw.protocol import CsrAttr, csrattrs_sequence, encode_base64
 from estgw.refusal import Refusal
 
@@ -187,6 +190,11 @@ def _parse_subject(text: str) -> tuple[SubjectRequirement, ...]:
             raise ValueError(f"subject: {item!r}: empty value")
         if fixed is not None and oid == NameOID.COUNTRY_NAME and not (len(fixed) == 2 and fixed.isascii() and fixed.isalpha()):
             raise ValueError(f"subject: {item!r}: countryName must be two letters")
+        if fixed is not None:
+            try:
+                names.check_value(oid, fixed)
+            except names.BadName as e:
+                raise ValueError(f"subject: {item!r}: {e}") from None
         result.append(SubjectRequirement(oid, fixed))
     return tuple(result)
 
@@ -220,7 +228,14 @@ def _extension_value(oid: ObjectIdentifier, text: str, item: str) -> tuple[Any, 
         raise ValueError(f"extensions: {item!r}: empty value")
     value: Any
     if oid == ExtensionOID.SUBJECT_ALTERNATIVE_NAME:
-        value = x509.SubjectAlternativeName([_general_name(part, item) for part in parts])
+        general_names = [_general_name(part, item) for part in parts]
+        try:
+            # The same checks a CSR's names pass: never announce a name
+            # the gateway would refuse.
+            names.check_sans(general_names)
+        except Refusal as e:
+            raise ValueError(f"extensions: {item!r}: {e.reason}") from None
+        value = x509.SubjectAlternativeName(general_names)
     elif oid == ExtensionOID.KEY_USAGE:
         fields = dict.fromkeys(set(KEY_USAGE_NAMES.values()), False)
         for part in parts:
@@ -248,6 +263,17 @@ def _extension_value(oid: ObjectIdentifier, text: str, item: str) -> tuple[Any, 
             raise ValueError(f"extensions: {item!r}: der: takes hexadecimal digits") from None
         if not der:
             raise ValueError(f"extensions: {item!r}: empty value")
+        # extnValue holds exactly one DER value (RFC 5280 §4.1): what csrattrs
+        # announces must decode, and re-encode to the same bytes.
+        try:
+            decoded, rest = der_decoder.decode(der)
+            canonical = der_encoder.encode(decoded)
+        except (PyAsn1Error, ValueError, TypeError):
+            raise ValueError(f"extensions: {item!r}: der: is not a well-formed DER value") from None
+        if rest:
+            raise ValueError(f"extensions: {item!r}: der: holds more than one DER value")
+        if canonical != der:
+            raise ValueError(f"extensions: {item!r}: der: is BER, not DER")
         return x509.UnrecognizedExtension(oid, der), der
     return value, value.public_bytes()
 
@@ -452,6 +478,42 @@ def csr_matches_template(ctx: "PolicyContext") -> None:
         _check_extension(ctx, extension)
 
 
+def _comparable(name: x509.GeneralName) -> tuple[type, object]:
+    """A subjectAltName as compared with a fixed one: host names and the
+    domain of an e-mail address are case-insensitive (RFC 4343, RFC 5280
+    §4.2.1.6, §7.5), and so are a URI's scheme and host (RFC 3986 §6.2.2.1)."""
+    if isinstance(name, x509.DNSName):
+        return type(name), name.value.lower()
+    if isinstance(name, x509.RFC822Name):
+        local, at, domain = name.value.rpartition("@")
+        return type(name), f"{local}{at}{domain.lower()}"
+    if isinstance(name, x509.UniformResourceIdentifier):
+        parts = urllib.parse.urlsplit(name.value)
+        host = parts.netloc.rpartition("@")
+        netloc = host[0] + host[1] + host[2].lower()
+        return type(name), urllib.parse.urlunsplit((parts.scheme.lower(), netloc, parts.path, parts.query, parts.fragment))
+    return type(name), name.value
+
+
+def _check_critical(ctx: "PolicyContext", requirement: ExtensionRequirement) -> None:
+    """An extension announced with ``!`` must be marked critical in the CSR
+    (the template's ``critical`` field, RFC 9908 §3.4)."""
+    if not requirement.critical:
+        return
+    try:
+        present = ctx.csr.extensions.get_extension_for_oid(requirement.oid)
+    except x509.ExtensionNotFound:
+        raise _refuse(
+            "csr-template-extension",
+            f"the CSR lacks a critical {requirement.name}, which csrattrs announces as required",
+        ) from None
+    if not present.critical:
+        raise _refuse(
+            "csr-template-extension",
+            f"the CSR {requirement.name} is not marked critical, as csrattrs announces it",
+        )
+
+
 def _check_extension(ctx: "PolicyContext", requirement: ExtensionRequirement) -> None:
     if requirement.oid == ExtensionOID.SUBJECT_ALTERNATIVE_NAME:
         # After the SAN copy rules: the names that would be issued.
@@ -460,11 +522,14 @@ def _check_extension(ctx: "PolicyContext", requirement: ExtensionRequirement) ->
                 "csr-template-extension",
                 "the CSR lacks subjectAltName, which csrattrs announces as required",
             )
-        if requirement.value is not None and set(ctx.sans) != set(requirement.value):
+        if requirement.value is not None and (
+            {_comparable(n) for n in ctx.sans} != {_comparable(n) for n in requirement.value}
+        ):
             raise _refuse(
                 "csr-template-extension",
                 "the CSR subjectAltName differs from the one csrattrs announces",
             )
+        _check_critical(ctx, requirement)
         return
     try:
         present = ctx.csr.extensions.get_extension_for_oid(requirement.oid)
@@ -478,3 +543,4 @@ def _check_extension(ctx: "PolicyContext", requirement: ExtensionRequirement) ->
             "csr-template-extension",
             f"the CSR {requirement.name} differs from the value csrattrs announces",
         )
+    _check_critical(ctx, requirement)

@@ -208,6 +208,7 @@ def request(
     sans: tuple[x509.GeneralName, ...] = (x509.DNSName("pump-17"),),
     key_usage: bool = True,
     eku: bool = False,
+    key_usage_critical: bool = True,
 ) -> bytes:
     key = key or ec.generate_private_key(ec.SECP384R1())
     fields = {"CN": "pump-17", "O": "ACME", "OU": "pumps"} if subject is None else subject
@@ -219,7 +220,7 @@ def request(
         builder = builder.add_extension(x509.SubjectAlternativeName(list(sans)), critical=False)
     if key_usage:
         builder = builder.add_extension(
-            x509.KeyUsage(True, False, False, False, False, False, False, False, False), critical=True
+            x509.KeyUsage(True, False, False, False, False, False, False, False, False), critical=key_usage_critical
         )
     if eku:
         builder = builder.add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
@@ -293,6 +294,38 @@ class EnforcementTests(TestCase):
         self.assertEqual(await gateway.store.count_certificates(), 0)
 
 
+    async def test_critical_marker_enforced(self) -> None:
+        """'keyUsage!' is announced critical: a CSR whose keyUsage is not
+        marked critical is refused on simpleenroll and serverkeygen."""
+        gateway = await self.start()
+        for path in ("acme/simpleenroll", "acme/serverkeygen"):
+            del self.events[:]
+            result = await gateway.curl(path, request(key_usage_critical=False), user=USER)
+            self.assertEqual(result.status, 403, (path, result.text))
+            self.assertIn("keyUsage is not marked critical", result.text)
+            self.assertEqual([e["code"] for e in self.events if e.get("event") == "refused"], ["csr-template-extension"])
+            self.assertEqual([e for e in self.events if e.get("event") == "issued"], [])
+        self.assertEqual(await gateway.store.count_certificates(), 0)
+
+    async def test_fixed_san_compares_host_names_without_case(self) -> None:
+        """A fixed dNSName matches in any letter case (RFC 4343); another
+        name is still refused."""
+        gateway = await self.start()
+        sans = (x509.DNSName("PUMP-17.Example"), x509.IPAddress(ipaddress.ip_address("10.0.0.17")))
+        result = await gateway.curl(
+            "fixed/simpleenroll", request(new_key("rsa3072"), {"CN": "pump-17", "C": "DE"}, sans, False, True), user=USER
+        )
+        self.assertEqual(result.status, 200, result.text)
+        self.assertEqual(await gateway.store.count_certificates(), 1)
+        sans = (x509.DNSName("PUMP-18.Example"), x509.IPAddress(ipaddress.ip_address("10.0.0.17")))
+        result = await gateway.curl(
+            "fixed/simpleenroll", request(new_key("rsa3072"), {"CN": "pump-17", "C": "DE"}, sans, False, True), user=USER
+        )
+        self.assertEqual(result.status, 403, result.text)
+        self.assertIn("subjectAltName differs", result.text)
+        self.assertEqual(await gateway.store.count_certificates(), 1)
+
+
 class SettingTests(SynchronousTestCase):
     def test_parse(self) -> None:
         """Sections in any order and case; names, long names and OIDs;
@@ -325,6 +358,15 @@ class SettingTests(SynchronousTestCase):
             ("extensions: keyUsage=flying", "unknown key usage"),
             ("extensions: 2.999.1=05", "der:HEX"),
             ("extensions: keyUsage, 2.5.29.15", "listed twice"),
+            ("extensions: subjectAltName=DNS:bad..name, 2.999.1=der:0500", "'bad..name' is not a host name"),
+            ("extensions: subjectAltName=DNS:a.example|DNS:A.example", "appears twice"),
+            ("extensions: subjectAltName=email:nobody", "not an e-mail address"),
+            ("extensions: subjectAltName=URI:relative/path", "no scheme"),
+            ("extensions: 2.999.1=der:05", "not a well-formed DER value"),
+            ("extensions: 2.999.1=der:05000500", "more than one DER value"),
+            ("extensions: 2.999.1=der:0101ff00", "more than one DER value"),
+            ("extensions: 2.999.1=der:0381020000", "is BER, not DER"),
+            ("subject: O=A\u202eB", "changes how the name is displayed"),
             ("extensions: ", "empty"),
         ]:
             error = self.assertRaises(
