@@ -69,6 +69,22 @@ handler.29.csrattrs.template = subject: CN ; key: ec-p384
 """
 
 
+# The label's template is announced by an HTTPS-only csrattrs handler and
+# binds the label's CoAPs handlers all the same.
+LABEL_TEMPLATE_CONFIG = COAPS_CONFIG + """\
+handler.60.operation = csrattrs
+handler.60.label = devices
+handler.60.csrattrs.template = subject: CN, O=ACME ; key: ec-p256 ; extensions: subjectAltName
+handler.61.operation = simpleenroll
+handler.61.label = devices
+handler.61.transport = coaps
+handler.62.operation = serverkeygen
+handler.62.label = devices
+handler.62.transport = coaps
+handler.62.serverkeygen.allowUnencryptedKey = true
+"""
+
+
 def setUpModule() -> None:
     if shutil.which(COAP_CLIENT) is None:
         raise SkipTest(f"{COAP_CLIENT} is not installed (Debian: apt-get install libcoap3-bin)")
@@ -77,7 +93,7 @@ def setUpModule() -> None:
 class CoAPsTests(TestCase):
     timeout = 120
 
-    async def start(self) -> RunningGateway:
+    async def start(self, config: str = COAPS_CONFIG) -> RunningGateway:
         self.events: list[dict] = []
 
         def observe(event: dict) -> None:
@@ -86,16 +102,18 @@ class CoAPsTests(TestCase):
 
         globalLogPublisher.addObserver(observe)
         self.addCleanup(globalLogPublisher.removeObserver, observe)
-        gateway = await RunningGateway.start(self, COAPS_CONFIG)
+        gateway = await RunningGateway.start(self, config)
         self.gateway = gateway
         return gateway
 
-    def credentials(self, common_name: str, issuer: Any = None) -> tuple[x509.Certificate, Any, str, str]:
+    def credentials(
+        self, common_name: str, issuer: Any = None, subject: x509.Name | None = None, sans: tuple = ()
+    ) -> tuple[x509.Certificate, Any, str, str]:
         """A client certificate with clientAuth signed by the gateway's CA,
         its key, and both written as PEM files."""
         key = new_key()
         cert = self.gateway.service.state.ca.sign(
-            IssueRequest(subject=name(common_name), public_key=key.public_key()),
+            IssueRequest(subject=subject or name(common_name), public_key=key.public_key(), sans=sans),
             Profile(extended_key_usage=tuple(CLIENT_AUTH)),
         )
         directory = self.gateway.directory
@@ -152,6 +170,35 @@ class CoAPsTests(TestCase):
         self.assertEqual(https.status, 200)
 
     # -- enrollment -------------------------------------------------------------------------
+
+    async def test_label_template_binds_coaps_handlers(self) -> None:
+        """A csrattrs template announced over HTTPS only binds sen and skg
+        of the same label over CoAPs: a CSR without the announced O is
+        refused (4.03 csr-template-subject, nothing issued); one that
+        carries it is issued."""
+        from cryptography.x509.oid import NameOID
+
+        gateway = await self.start(LABEL_TEMPLATE_CONFIG)
+        subject = x509.Name([
+            x509.NameAttribute(NameOID.COMMON_NAME, "pump-17"), x509.NameAttribute(NameOID.ORGANIZATION_NAME, "ACME"),
+        ])
+        _cert, _key, cert_file, key_file = self.credentials(
+            "pump-17", subject=subject, sans=(x509.DNSName("pump-17.example"),)
+        )
+        for short in ("sen", "skg"):
+            csr = make_csr(new_key(), "pump-17", [x509.DNSName("pump-17.example")]).public_bytes(Encoding.DER)
+            await self.refused(
+                f"/.well-known/est/devices/{short}", "4.03", "csr-template-subject", "lacks organizationName",
+                method="post", payload=csr, content_format=coap.PKCS10, cert=cert_file, key=key_file,
+            )
+        csr = make_csr(new_key(), subject, [x509.DNSName("pump-17.example")]).public_bytes(Encoding.DER)
+        before = await gateway.store.count_certificates()
+        result = await self.coap(
+            "/.well-known/est/devices/sen", method="post", payload=csr, content_format=coap.PKCS10,
+            cert=cert_file, key=key_file,
+        )
+        self.assertEqual(result.code, "2.04", result.diagnostic)
+        self.assertEqual(await gateway.store.count_certificates(), before + 1)
 
     async def test_simpleenroll_with_client_certificate(self) -> None:
         """sen with the DTLS client certificate as identity: a 64-byte

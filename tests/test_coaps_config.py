@@ -111,3 +111,35 @@ handler.4.transport = coaps
             "handler.3.transport = both\n",
             "handler.3.transport", "different templates",
         )
+
+    def test_label_template_on_every_transport(self) -> None:
+        """A template announced on one transport binds the label's
+        enrollment handlers on the other too, and a csrattrs handler
+        there without one announces it; handlers of other labels stay free."""
+        config = from_string(BASE + """\
+coaps.port = 5684
+handler.1.operation = csrattrs
+handler.1.label = devices
+handler.1.csrattrs.template = subject: CN, O=ACME ; key: ec-p256
+handler.2.operation = csrattrs
+handler.2.label = devices
+handler.2.transport = coaps
+handler.3.operation = simpleenroll
+handler.3.label = devices
+handler.3.transport = coaps
+handler.4.operation = serverkeygen
+handler.4.label = devices
+handler.4.transport = coaps
+handler.5.operation = simplereenroll
+handler.5.label = devices
+handler.5.transport = both
+handler.6.operation = simpleenroll
+handler.6.transport = coaps
+""")
+        announced = config.handler("devices", "csrattrs", "https").csr_template
+        self.assertEqual(announced.key_type, "ec-p256")
+        self.assertEqual(config.handler("devices", "csrattrs", "coaps").csr_template, announced)
+        for operation in ("simpleenroll", "serverkeygen", "simplereenroll"):
+            self.assertEqual(config.handler("devices", operation, "coaps").csr_template, announced, operation)
+        self.assertEqual(config.handler("devices", "serverkeygen", "coaps").serverkeygen_key_type, "ec-p256")
+        self.assertIsNone(config.handler("", "simpleenroll", "coaps").csr_template)
