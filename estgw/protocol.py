@@ -174,13 +174,41 @@ def _load_csr(der: bytes) -> x509.CertificateSigningRequest | None:
     except Exception:
         # A subject or subjectAltName cryptography cannot represent (an
         # INTEGER commonName, a 5-octet iPAddress) is named as such.
-        refusal = names.unparsable_name_refusal(der)
+        refusal = names.unparsable_name_refusal(der) or attribute_refusal(der)
         if refusal is not None:
             raise refusal from None
         # Arbitrary bytes from the network: ValueError, InvalidVersion,
         # DuplicateExtension... all mean the same thing to the client.
         return None
     return csr
+
+
+#: CSR attributes whose misuse has a refusal code of its own: OID ->
+#: (name, the code of a malformed one).  RFC 7030 §4.4.1.1, §4.4.1.2.
+KEY_ATTRIBUTES = {
+    "1.2.840.113549.1.9.16.2.37": ("DecryptKeyIdentifier", "decrypt-key-malformed"),
+    "1.2.840.113549.1.9.16.2.54": ("AsymmetricDecryptKeyIdentifier", "decrypt-key-malformed"),
+}
+
+
+def attribute_refusal(der: bytes) -> Refusal | None:
+    """``400`` naming the first CSR attribute that does not hold exactly
+    one value (the attributes we read are single-valued, RFC 2985 §5.4,
+    RFC 7030 §4.4.1), or None.  Its code is the attribute's own
+    (:data:`KEY_ATTRIBUTES`), else ``csr-bad-attribute``."""
+    from pyasn1_modules import rfc2986
+
+    try:
+        request, _rest = der_decoder.decode(der, asn1Spec=rfc2986.CertificationRequest())
+    except (PyAsn1Error, ValueError, TypeError):
+        return None
+    for attribute in request["certificationRequestInfo"]["attributes"]:
+        oid = str(attribute["type"])
+        count = len(attribute["values"])
+        if count != 1:
+            name, code = KEY_ATTRIBUTES.get(oid, (oid, "csr-bad-attribute"))
+            return Refusal(400, code, f"the CSR attribute {name} holds {count} values; it must hold exactly one")
+    return None
 
 
 def _printable(text: str, limit: int = 80) -> str:

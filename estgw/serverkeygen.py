@@ -40,6 +40,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import pkcs7
+from pyasn1.codec.der import decoder as der_decoder
+from pyasn1.error import PyAsn1Error
+from pyasn1.type import univ
 from twisted.internet.threads import deferToThreadPool
 
 from estgw import auth, cms, keytypes, protocol
@@ -67,12 +70,38 @@ PKCS8 = "application/pkcs8"
 SERVER_GENERATED_KEY = "application/pkcs7-mime; smime-type=server-generated-key"
 
 
-def _attribute(csr: x509.CertificateSigningRequest, oid: x509.ObjectIdentifier) -> bytes | None:
-    try:
-        value = csr.attributes.get_attribute_for_oid(oid).value
-    except x509.AttributeNotFound:
-        return None
-    return value if isinstance(value, bytes) else str(value).encode("utf-8")
+def decrypt_key_identifiers(csr: x509.CertificateSigningRequest) -> dict[x509.ObjectIdentifier, bytes]:
+    """The DecryptKeyIdentifier and AsymmetricDecryptKeyIdentifier the CSR
+    carries (RFC 7030 §4.4.1.1, §4.4.1.2: each one attribute holding one
+    non-empty OCTET STRING).
+
+    :raises Refusal: ``400 decrypt-key-malformed`` naming the attribute
+        when it holds another type, more or fewer than one value, or an
+        empty identifier; ``400 decrypt-key-ambiguous`` when one is given twice.
+    """
+    from pyasn1_modules import rfc2986
+
+    info, _rest = der_decoder.decode(csr.tbs_certrequest_bytes, asn1Spec=rfc2986.CertificationRequestInfo())
+    found: dict[x509.ObjectIdentifier, bytes] = {}
+    for attribute in info["attributes"]:
+        oid = str(attribute["type"])
+        if oid not in protocol.KEY_ATTRIBUTES:
+            continue
+        name, code = protocol.KEY_ATTRIBUTES[oid]
+        values = list(attribute["values"])
+        if len(values) != 1:
+            raise Refusal(400, code, f"the CSR attribute {name} holds {len(values)} values; it must hold exactly one")
+        try:
+            value, rest = der_decoder.decode(bytes(values[0]), asn1Spec=univ.OctetString())
+        except (PyAsn1Error, ValueError, TypeError):
+            raise Refusal(400, code, f"the CSR attribute {name} is malformed: its value must be an OCTET STRING") from None
+        if rest or not bytes(value):
+            raise Refusal(400, code, f"the CSR attribute {name} is malformed: its value must be one non-empty OCTET STRING")
+        key = x509.ObjectIdentifier(oid)
+        if key in found:
+            raise Refusal(400, "decrypt-key-ambiguous", f"the CSR carries the attribute {name} twice: name one key once")
+        found[key] = bytes(value)
+    return found
 
 
 def _key_identifiers(certificate: x509.Certificate) -> set[bytes]:
@@ -91,8 +120,9 @@ def recipient(
     """Whom to encrypt the private key to: a certificate, a shared key
     ``(id, key)``, or None for the unencrypted form; Refusal when the
     request asks for what cannot be done."""
-    shared = _attribute(csr, DECRYPT_KEY_IDENTIFIER)
-    wanted = _attribute(csr, ASYMMETRIC_DECRYPT_KEY_IDENTIFIER)
+    identifiers = decrypt_key_identifiers(csr)
+    shared = identifiers.get(DECRYPT_KEY_IDENTIFIER)
+    wanted = identifiers.get(ASYMMETRIC_DECRYPT_KEY_IDENTIFIER)
     if shared is not None and wanted is not None:
         raise Refusal(
             400, "decrypt-key-ambiguous",

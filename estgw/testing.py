@@ -376,3 +376,31 @@ async def run_coap_client(
     codes = re.findall(r"t:(?:ACK|NON|CON) c:([0-9]\.[0-9]{2}) ", log)
     body = open(out, "rb").read() if os.path.exists(out) else b""
     return CoAPResult(codes[-1] if codes else "", body, log, result.stderr)
+
+
+def make_raw_csr(key: Any, common_name: str, attributes: Sequence[tuple[str, Sequence[bytes]]]) -> bytes:
+    """A DER CSR signed by ``key`` (EC) whose attributes are exactly
+    ``attributes``: (OID, the DER of each value), repeats and empty value
+    sets included, for requests cryptography will not build."""
+    from pyasn1.codec.der import decoder as der_decoder
+    from pyasn1.codec.der import encoder as der_encoder
+    from pyasn1.type import univ
+    from pyasn1_modules import rfc2986
+
+    def tlv(tag: int, body: bytes) -> bytes:
+        n = len(body)
+        length = bytes([n]) if n < 128 else bytes([0x80 | ((n.bit_length() + 7) // 8)]) + n.to_bytes((n.bit_length() + 7) // 8, "big")
+        return bytes([tag]) + length + body
+
+    base = make_csr(key, common_name)
+    request, _ = der_decoder.decode(base.public_bytes(serialization.Encoding.DER), asn1Spec=rfc2986.CertificationRequest())
+    info = request["certificationRequestInfo"]
+    # SET OF in DER order (X.690 §11.6), as a parser insists.
+    encoded = b"".join(sorted(
+        tlv(0x30, der_encoder.encode(univ.ObjectIdentifier(oid)) + tlv(0x31, b"".join(sorted(values))))
+        for oid, values in attributes
+    ))
+    info_der = tlv(0x30, b"".join(der_encoder.encode(info[f]) for f in ("version", "subject", "subjectPKInfo")) + tlv(0xA0, encoded))
+    signature = key.sign(info_der, ec.ECDSA(hashes.SHA256()))
+    algorithm = bytes.fromhex("300a06082a8648ce3d040302")  # ecdsa-with-SHA256
+    return tlv(0x30, info_der + algorithm + tlv(0x03, b"\x00" + signature))

@@ -46,6 +46,7 @@ from estgw.testing import (
     csr_pem,
     key_pem,
     make_csr,
+    make_raw_csr,
     name,
     new_key,
     run_process,
@@ -342,6 +343,39 @@ class ServerKeygenTests(TestCase):
         for path, request, status, code, reason in cases:
             result = await gateway.curl(path, **request)
             await self.assert_refused(gateway, result, status, code, reason)
+
+    async def test_malformed_decrypt_key_attributes(self) -> None:
+        """A key identifier attribute is one OCTET STRING in one single-valued
+        attribute, given once (RFC 7030 §4.4.1): another string type, an
+        INTEGER, an empty identifier, two values, none, or the attribute
+        twice is refused naming it; nothing is issued."""
+        gateway = await self.start()
+        rsa_cert, rsa_key, rsa_client = self.rsa_client_certificate(gateway)
+        asym, shared = ASYMMETRIC_DECRYPT_KEY_IDENTIFIER.dotted_string, DECRYPT_KEY_IDENTIFIER.dotted_string
+        ski = x509.SubjectKeyIdentifier.from_public_key(rsa_client.public_key()).digest
+        octets = bytes([4, len(ski)]) + ski
+
+        def body(*attributes: tuple[str, list[bytes]]) -> bytes:
+            return base64.encodebytes(make_raw_csr(new_key(), "pump-17", attributes))
+
+        cases = [
+            (body((asym, [bytes([12, len(ski)]) + ski])), "decrypt-key-malformed", "AsymmetricDecryptKeyIdentifier is malformed"),
+            (body((asym, [b"\x02\x01\x05"])), "decrypt-key-malformed", "AsymmetricDecryptKeyIdentifier is malformed"),
+            (body((asym, [b"\x04\x00"])), "decrypt-key-malformed", "AsymmetricDecryptKeyIdentifier is malformed"),
+            (body((shared, [b"\x0c\x05kek-1"])), "decrypt-key-malformed", "DecryptKeyIdentifier is malformed"),
+            (body((asym, [octets]), (asym, [b"\x04\x03abc"])), "decrypt-key-ambiguous", "AsymmetricDecryptKeyIdentifier twice"),
+            (body((asym, [octets]), (asym, [octets])), "decrypt-key-ambiguous", "AsymmetricDecryptKeyIdentifier twice"),
+            (body((asym, [octets, b"\x04\x03abc"])), "decrypt-key-malformed", "AsymmetricDecryptKeyIdentifier holds 2 values"),
+            (body((asym, []),), "decrypt-key-malformed", "AsymmetricDecryptKeyIdentifier holds 0 values"),
+            (body(("1.2.3.4", [b"\x05\x00", b"\x05\x00"])), "csr-bad-attribute", "1.2.3.4 holds 2 values"),
+        ]
+        for data, code, reason in cases:
+            result = await gateway.curl("lab/serverkeygen", data, cert=rsa_cert, key=rsa_key)
+            self.assertIn(reason, result.text, (code, result.text))
+            await self.assert_refused(gateway, result, 400, code, reason)
+        # The well-formed one is served: the checks above refuse only the form.
+        result = await gateway.curl("lab/serverkeygen", body((asym, [octets])), cert=rsa_cert, key=rsa_key)
+        self.assertEqual(result.status, 200, result.text)
 
     async def test_single_use_never_gets_an_earlier_certificate(self) -> None:
         """A single-use device that enrolled with key K and then asks
