@@ -582,6 +582,18 @@ class CoAPsTests(TestCase):
             method="post", payload=csr, content_format=coap.PKCS10, cert=cert_file, key=key_file,
         )
 
+    async def test_pem_csr_refused(self) -> None:
+        """coap-client posting a PEM CSR as Content-Format 286 (which is DER,
+        RFC 9148 §4) to sen and skg: 4.00 bad-csr, nothing issued."""
+        await self.start()
+        _cert, _key, cert_file, key_file = self.credentials("pump-9")
+        pem = make_csr(new_key(), "pump-9").public_bytes(Encoding.PEM)
+        for path in ("/.well-known/est/sen", "/.well-known/est/skg"):
+            await self.refused(
+                path, "4.00", "bad-csr", "this payload is not DER",
+                method="post", payload=pem, content_format=coap.PKCS10, cert=cert_file, key=key_file,
+            )
+
     async def test_skg_without_client_certificate(self) -> None:
         await self.start()
         csr = make_csr(new_key(), "valve-4").public_bytes(Encoding.DER)
@@ -726,3 +738,123 @@ class CoAPLayerTests(TestCase):
         response = await self.exchange(self.request("/.well-known/est/crts", mid=300, type_=coap.NON))
         self.assertEqual((response.type, response.code, response.token), (coap.NON, coap.CONTENT, b"tk"))
         self.assertNotEqual(response.message_id, 300)
+
+    def csr_request(self, mid: int, payload: bytes | None = None, options: tuple = (), token: bytes = b"tk",
+                    path: str = "/.well-known/est/sen") -> coap.Message:
+        if payload is None:
+            payload = make_csr(new_key(), "meter-1").public_bytes(Encoding.DER)
+        segments = [s for s in path.split("/") if s]
+        return coap.Message(coap.CON, coap.POST, mid, token, coap.uri_path_options(segments) + tuple(options), payload)
+
+    async def test_overlong_and_repeated_options(self) -> None:
+        """An option whose value is longer than its range, or a second
+        occurrence of one that is not repeatable, is unrecognised (RFC 7252
+        §5.4.3, §5.4.5): critical ones get 4.02 naming the option, never
+        5.00; nothing is issued."""
+        before = await self.gateway.store.count_certificates()
+        pkcs10 = (coap.CONTENT_FORMAT, coap.encode_uint(coap.PKCS10))
+        cases = [
+            ("/.well-known/est/crts", ((coap.ACCEPT, b"\0\0\0\x01\x19"),), "17 (Accept) has a 5-byte value"),
+            ("/.well-known/est/crts", ((coap.BLOCK2, b"\0\0\0\x06"),), "23 (Block2) has a 4-byte value"),
+            ("/.well-known/est/crts", ((coap.URI_PORT, b"\0\x16\x34"),), "7 (Uri-Port) has a 3-byte value"),
+            ("/.well-known/est/crts", ((coap.ACCEPT, coap.encode_uint(281)), (coap.ACCEPT, coap.encode_uint(287))),
+             "17 (Accept) is given more than once"),
+            ("/.well-known/est/sen", ((coap.BLOCK1, coap.Block(0, True, 2).encode()),
+                                      (coap.BLOCK1, coap.Block(1, True, 2).encode()), pkcs10),
+             "27 (Block1) is given more than once"),
+            ("/.well-known/est/sen", ((coap.BLOCK1, b"\0\0\0\x0a"), pkcs10), "27 (Block1) has a 4-byte value"),
+        ]
+        for mid, (path, options, reason) in enumerate(cases, 400):
+            message = (self.csr_request(mid, options=options, path=path) if path.endswith("sen")
+                       else self.request(path, mid=mid, options=options))
+            response = await self.exchange(message)
+            self.assertEqual(coap.code_text(response.code), "4.02", (reason, response.payload))
+            self.assertIn(reason.encode(), response.payload)
+        self.assertEqual(await self.gateway.store.count_certificates(), before)
+
+    async def test_overlong_elective_options_are_ignored(self) -> None:
+        """A 5-byte Content-Format or Size1 is elective and ignored (RFC 7252
+        §5.4.1): the DER CSR is served as if it were absent; a repeated
+        Content-Format counts once."""
+        before = await self.gateway.store.count_certificates()
+        for mid, options in enumerate((
+            ((coap.CONTENT_FORMAT, b"\0\0\0\x01\x1e"),),
+            ((coap.SIZE1, b"\0\0\0\0\x01"), (coap.CONTENT_FORMAT, coap.encode_uint(coap.PKCS10))),
+            ((coap.CONTENT_FORMAT, coap.encode_uint(coap.PKCS10)), (coap.CONTENT_FORMAT, coap.encode_uint(0))),
+        ), 450):
+            csr = make_csr(new_key(), f"meter-{mid}").public_bytes(Encoding.DER)
+            response = await self.exchange(self.csr_request(mid, csr, options, path="/.well-known/est/any/sen"))
+            self.assertEqual(coap.code_text(response.code), "2.04", response.payload)
+        self.assertEqual(await self.gateway.store.count_certificates(), before + 3)
+
+    async def test_path_not_utf8_is_bad_request(self) -> None:
+        """A Uri-Path that is not UTF-8 is 4.00, not 5.00."""
+        message = coap.Message(coap.CON, coap.GET, 470, b"tk", ((coap.URI_PATH, b".well-known"), (coap.URI_PATH, b"\xff\xfe")))
+        response = await self.exchange(message)
+        self.assertEqual(coap.code_text(response.code), "4.00")
+        self.assertIn(b"not UTF-8", response.payload)
+
+    async def test_unknown_version_silently_ignored(self) -> None:
+        """A message of CoAP version 2 gets no answer at all (RFC 7252 §3)."""
+        data = bytearray(coap.encode(self.request("/.well-known/est/crts", mid=480)))
+        data[0] = (data[0] & 0x3F) | (2 << 6)
+        self.server.record_received(self.session, bytes(data))
+        await deferLater(reactor, 0.1, lambda: None)
+        self.assertEqual(self.session.sent, [])
+        # The same Message ID in version 1 is served: the ignored one left no state.
+        response = await self.exchange(self.request("/.well-known/est/crts", mid=480))
+        self.assertEqual(response.code, coap.CONTENT)
+
+    async def test_size1_too_large_refused_at_once(self) -> None:
+        """Size1 announcing more than server.maxRequestBytes on the first
+        Block1 block is 4.13 with Size1 = the limit (RFC 7959 §2.9.3),
+        before any upload is kept; so is a single payload over the limit."""
+        limit = self.gateway.config.max_request_bytes
+        before = await self.gateway.store.count_certificates()
+        first = self.csr_request(490, payload=b"\x30" * 64, options=(
+            (coap.BLOCK1, coap.Block(0, True, 2).encode()), (coap.SIZE1, coap.encode_uint(2 ** 31)),
+            (coap.CONTENT_FORMAT, coap.encode_uint(coap.PKCS10)),
+        ))
+        response = await self.exchange(first)
+        self.assertEqual(coap.code_text(response.code), "4.13", response.payload)
+        self.assertEqual(response.uint_option(coap.SIZE1), limit)
+        following = self.csr_request(491, payload=b"\x30" * 64, options=((coap.BLOCK1, coap.Block(1, True, 2).encode()),))
+        self.assertEqual((await self.exchange(following)).code, coap.REQUEST_ENTITY_INCOMPLETE)
+        self.assertEqual(await self.gateway.store.count_certificates(), before)
+
+    async def test_pem_and_base64_csr_refused(self) -> None:
+        """Content-Format 286 is DER (RFC 9148 §4): a PEM or base64 CSR is
+        4.00 bad-csr and nothing is issued."""
+        csr = make_csr(new_key(), "meter-1")
+        before = await self.gateway.store.count_certificates()
+        pkcs10 = ((coap.CONTENT_FORMAT, coap.encode_uint(coap.PKCS10)),)
+        for mid, payload in enumerate((csr.public_bytes(Encoding.PEM),
+                                       base64.b64encode(csr.public_bytes(Encoding.DER))), 500):
+            for path in ("/.well-known/est/sen", "/.well-known/est/skg"):
+                response = await self.exchange(self.csr_request(mid if path.endswith("sen") else mid + 10,
+                                                                payload=payload, options=pkcs10, path=path))
+                self.assertEqual(coap.code_text(response.code), "4.00", response.payload)
+                self.assertIn(b"not DER", response.payload)
+        self.assertEqual(await self.gateway.store.count_certificates(), before)
+
+    async def test_same_message_id_other_token_not_served_again(self) -> None:
+        """The same Message ID from the same endpoint is a duplicate whatever
+        its token (RFC 7252 §4.5): with another token it is reset, during
+        and after the first exchange; one certificate is issued."""
+        before = await self.gateway.store.count_certificates()
+        pkcs10 = ((coap.CONTENT_FORMAT, coap.encode_uint(coap.PKCS10)),)
+        first = self.csr_request(520, options=pkcs10, token=b"\xaa")
+        other = self.csr_request(520, options=pkcs10, token=b"\xcc")
+        self.server.record_received(self.session, coap.encode(first))
+        self.server.record_received(self.session, coap.encode(other))  # while the first is served
+        self.assertEqual([(m.type, m.message_id) for m in self.session.sent], [(coap.RST, 520)])
+        for _ in range(200):
+            if len(self.session.sent) > 1:
+                break
+            await deferLater(reactor, 0.01, lambda: None)
+        answer = self.session.sent[-1]
+        self.assertEqual((answer.code, answer.token), (coap.CHANGED, b"\xaa"))
+        after = await self.exchange(other)
+        self.assertEqual((after.type, after.message_id, after.code), (coap.RST, 520, coap.EMPTY))
+        self.assertEqual(await self.exchange(first), answer)
+        self.assertEqual(await self.gateway.store.count_certificates(), before + 1)

@@ -76,6 +76,26 @@ KNOWN_OPTIONS = frozenset({
     MAX_AGE, URI_QUERY, ACCEPT, BLOCK2, BLOCK1, SIZE2, SIZE1,
 })
 
+# Each option's value length in bytes (RFC 7252 §5.10, RFC 7959 §2.1,
+# §4); a value outside it is treated as an unrecognised option (§5.4.3).
+OPTION_LENGTHS = {
+    IF_MATCH: (0, 8), URI_HOST: (1, 255), ETAG: (1, 8), IF_NONE_MATCH: (0, 0), OBSERVE: (0, 3),
+    URI_PORT: (0, 2), URI_PATH: (0, 255), CONTENT_FORMAT: (0, 2), MAX_AGE: (0, 4), URI_QUERY: (0, 255),
+    ACCEPT: (0, 2), BLOCK2: (0, 3), BLOCK1: (0, 3), SIZE2: (0, 4), SIZE1: (0, 4),
+}
+# Options that may occur more than once (RFC 7252 §5.10 "R"); another
+# occurrence of any other is treated as unrecognised (§5.4.5).
+REPEATABLE_OPTIONS = frozenset({IF_MATCH, ETAG, LOCATION_PATH, URI_PATH, URI_QUERY, LOCATION_QUERY})
+OPTION_NAMES = {
+    IF_MATCH: "If-Match", URI_HOST: "Uri-Host", ETAG: "ETag", IF_NONE_MATCH: "If-None-Match", OBSERVE: "Observe",
+    URI_PORT: "Uri-Port", LOCATION_PATH: "Location-Path", URI_PATH: "Uri-Path", CONTENT_FORMAT: "Content-Format",
+    MAX_AGE: "Max-Age", URI_QUERY: "Uri-Query", ACCEPT: "Accept", LOCATION_QUERY: "Location-Query",
+    BLOCK2: "Block2", BLOCK1: "Block1", SIZE2: "Size2", PROXY_URI: "Proxy-Uri", PROXY_SCHEME: "Proxy-Scheme",
+    SIZE1: "Size1",
+}
+# Options whose value is a string (RFC 7252 §3.2: UTF-8 Net-Unicode).
+STRING_OPTIONS = frozenset({URI_HOST, LOCATION_PATH, URI_PATH, URI_QUERY, LOCATION_QUERY, PROXY_URI, PROXY_SCHEME})
+
 # Content-Formats (IANA "CoAP Content-Formats"; RFC 9148 §8.3, RFC 8710).
 TEXT_PLAIN = 0
 LINK_FORMAT = 40
@@ -125,11 +145,63 @@ class Message:
 
     @property
     def uri_path(self) -> tuple[str, ...]:
-        """The Uri-Path segments, decoded as UTF-8 (RFC 7252 §6.5)."""
-        try:
-            return tuple(value.decode("utf-8") for value in self.options_of(URI_PATH))
-        except UnicodeDecodeError:
-            raise MessageFormatError("a Uri-Path option is not UTF-8") from None
+        """The Uri-Path segments, decoded as UTF-8 (RFC 7252 §6.5); a
+        byte that is not UTF-8 reads as U+FFFD (:func:`screen_options`
+        refuses such a request before anything routes on it)."""
+        return tuple(value.decode("utf-8", "replace") for value in self.options_of(URI_PATH))
+
+
+def option_name(number: int) -> str:
+    name = OPTION_NAMES.get(number)
+    return f"{number} ({name})" if name else str(number)
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class Screened:
+    """A request after :func:`screen_options`: the options this server
+    acts on, and why it must be refused (None when it need not be)."""
+
+    message: Message
+    bad_option: str | None = None  # an unrecognised critical option: 4.02
+    malformed: str | None = None  # a string option that is not UTF-8: 4.00
+
+
+def screen_options(message: Message) -> Screened:
+    """Sort a request's options as RFC 7252 §5.4 does.  An option is
+    unrecognised when this server does not know its number, when its value
+    length is outside the option's range (§5.4.3), or when it repeats an
+    option that is not repeatable (§5.4.5).  Unrecognised elective (even)
+    options are dropped (§5.4.1); the first unrecognised critical (odd)
+    option is named in ``bad_option``, for a 4.02 Bad Option.  A string
+    option that is not UTF-8 is named in ``malformed`` (a 4.00)."""
+    kept: list[tuple[int, bytes]] = []
+    seen: set[int] = set()
+    bad: str | None = None
+    malformed: str | None = None
+    for number, value in message.options:
+        problem = None
+        if number not in KNOWN_OPTIONS:
+            problem = f"critical option {option_name(number)} is not supported"
+        elif number in seen and number not in REPEATABLE_OPTIONS:
+            problem = f"critical option {option_name(number)} is given more than once; it is not repeatable"
+        elif number in OPTION_LENGTHS and not OPTION_LENGTHS[number][0] <= len(value) <= OPTION_LENGTHS[number][1]:
+            low, high = OPTION_LENGTHS[number]
+            problem = (
+                f"critical option {option_name(number)} has a {len(value)}-byte value;"
+                f" RFC 7252 allows {low} to {high} bytes"
+            )
+        if problem is not None:
+            if number & 1 and bad is None:
+                bad = problem
+            continue  # elective: ignored, as if absent
+        seen.add(number)
+        if number in STRING_OPTIONS and malformed is None:
+            try:
+                value.decode("utf-8")
+            except UnicodeDecodeError:
+                malformed = f"the {option_name(number)} option is not UTF-8"
+        kept.append((number, value))
+    return Screened(attr.evolve(message, options=tuple(kept)), bad, malformed)
 
 
 def encode_uint(value: int) -> bytes:

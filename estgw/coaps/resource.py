@@ -138,6 +138,8 @@ class ESTCoapServer:
         session.state.clear()
 
     def record_received(self, session: Session, data: bytes) -> None:
+        if data and data[0] >> 6 != coap.VERSION:
+            return  # RFC 7252 §3: a message of an unknown version is silently ignored
         try:
             message = coap.decode(data)
         except coap.MessageFormatError:
@@ -154,18 +156,26 @@ class ESTCoapServer:
         if not message.is_request:
             session.send(coap.encode(coap.reset(message)))
             return
+        # Duplicates are detected on the Message ID from this endpoint (one
+        # DTLS session), whatever the token (RFC 7252 §4.5).
         exchanges: collections.OrderedDict[Any, Any] = session.state.setdefault("exchanges", collections.OrderedDict())
-        key = (message.message_id, message.token)
-        if key in exchanges:
-            # A retransmission (RFC 7252 §4.5): the same answer again, or
-            # nothing while the first copy is still being served.
-            if exchanges[key] is not None:
-                session.send(exchanges[key])
+        if message.message_id in exchanges:
+            token, answer = exchanges[message.message_id]
+            if token != message.token:
+                # Not a copy of the request we served: a reused Message ID.
+                # Rejected, never served a second time.
+                session.send(coap.encode(coap.reset(message)))
+            elif answer is not None:
+                # A retransmission: the same answer again (nothing while the
+                # first copy is still being served).
+                session.send(answer)
             return
-        exchanges[key] = None
+        exchanges[message.message_id] = (message.token, None)
         while len(exchanges) > MAX_EXCHANGES:
             exchanges.popitem(last=False)
-        d = defer.Deferred.fromCoroutine(self._serve(session, message))
+        screened = coap.screen_options(message)
+        message = screened.message
+        d = defer.Deferred.fromCoroutine(self._serve(session, message, screened))
 
         def failed(failure: Failure) -> None:
             # A bug, never bad input: bad input is a Refusal.
@@ -176,10 +186,13 @@ class ESTCoapServer:
 
     # -- one request ------------------------------------------------------------
 
-    async def _serve(self, session: Session, message: Message) -> None:
+    async def _serve(self, session: Session, message: Message, screened: coap.Screened) -> None:
         path = "/" + "/".join(message.uri_path)
         try:
-            self._critical_options(message)
+            if screened.bad_option is not None:
+                raise Refusal(400, "bad-option", screened.bad_option)
+            if screened.malformed is not None:
+                raise Refusal(400, "bad-request", screened.malformed)
             if message.uri_path == (".well-known", "core"):
                 return self._send(session, message, self._discovery(message))
             label, operation, name = self._route(message)
@@ -206,11 +219,6 @@ class ESTCoapServer:
             reply = self._refusal(session, message, path, refusal)
         self._send(session, message, reply)
 
-    def _critical_options(self, message: Message) -> None:
-        for number, _value in message.options:
-            if number & 1 and number not in coap.KNOWN_OPTIONS:
-                raise Refusal(400, "bad-option", f"critical option {number} is not supported")
-
     def _route(self, message: Message) -> tuple[str, str, str]:
         """(label, operation, the resource name as requested)."""
         segments = message.uri_path
@@ -236,8 +244,18 @@ class ESTCoapServer:
     def _request_body(self, session: Session, message: Message, path: str) -> bytes | None:
         """The whole request payload, assembled from Block1 blocks
         (RFC 7959 §2.5); None after answering 2.31 Continue."""
+        limit = self._gateway.config.max_request_bytes
+        announced = message.uint_option(coap.SIZE1)
+        if announced is not None and announced > limit:
+            # RFC 7959 §4: Size1 announces the whole size; refuse at once.
+            session.state.get("uploads", {}).pop(path, None)
+            raise Refusal(
+                413, "body-too-large", f"the request body of {announced} bytes exceeds {limit} bytes", {"Size1": str(limit)}
+            )
         raw = message.option(coap.BLOCK1)
         if raw is None:
+            if len(message.payload) > limit:
+                raise Refusal(413, "body-too-large", f"the request body exceeds {limit} bytes", {"Size1": str(limit)})
             return message.payload
         try:
             block = Block.decode(raw)
@@ -253,7 +271,6 @@ class ESTCoapServer:
         if block.more and len(message.payload) != block.size:
             uploads.pop(path, None)
             raise Refusal(400, "bad-block-option", "a Block1 block other than the last must fill the block size")
-        limit = self._gateway.config.max_request_bytes
         if len(buffer) + len(message.payload) > limit:
             uploads.pop(path, None)
             raise Refusal(413, "body-too-large", f"the request body exceeds {limit} bytes", {"Size1": str(limit)})
@@ -317,6 +334,13 @@ class ESTCoapServer:
             raise Refusal(
                 415, "unsupported-media-type",
                 f"expected Content-Format {coap.PKCS10} (application/pkcs10), got {content_format}",
+            )
+        if body and body[:1] != b"\x30":
+            # RFC 9148 §4: the CSR is DER; PEM and base64 are HTTPS forms.
+            raise Refusal(
+                400, "bad-csr",
+                f"Content-Format {coap.PKCS10} is a DER PKCS#10 request; this payload is not DER"
+                " (PEM and base64 are for HTTPS)",
             )
         if operation == "serverkeygen":
             return await self._serverkeygen(request, handler, peer, body, name, accept)
@@ -439,8 +463,8 @@ class ESTCoapServer:
             out = Message(coap.NON, reply.code, self._next_mid, message.token, tuple(options), payload)
         data = coap.encode(out)
         exchanges = session.state.get("exchanges")
-        if exchanges is not None and (message.message_id, message.token) in exchanges:
-            exchanges[(message.message_id, message.token)] = data
+        if exchanges is not None and exchanges.get(message.message_id, (None,))[0] == message.token:
+            exchanges[message.message_id] = (message.token, data)
         session.send(data)
 
 
