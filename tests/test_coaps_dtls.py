@@ -162,6 +162,64 @@ class DTLSTests(SynchronousTestCase):
         self.assertEqual(set(self.server.sessions), {addresses[0], addresses[2]})
         self.assertEqual(self.application.closed, [addresses[1]])
 
+    def half_open(self, address: Any) -> None:
+        """The cookie exchange, then the ClientHello with the cookie, then
+        nothing: a handshake the server must keep until it times out."""
+        client = self.client()
+        (verify,) = self.flight(client, address)
+        client.bio_write(verify)
+        self.assertTrue(self.flight(client, address))  # ServerHello .. ServerHelloDone
+
+    def test_half_open_handshakes_never_evict_sessions(self) -> None:
+        """One host opening many handshakes (cookie answered, then silence)
+        fills only the handshake bound, whose oldest makes room; the
+        authenticated session and an anonymous one both stay and are served."""
+        self.server.max_handshakes = 3
+        credentials = CA.issue(self.directory, "device-1")
+        legit = self.client(credentials)
+        address = ("127.0.0.1", 4000)
+        self.handshake(legit, address)
+        anonymous = self.client()
+        self.handshake(anonymous, ("127.0.0.1", 4001))
+        for port in range(20000, 20050):
+            self.half_open(("127.0.0.1", port))
+        self.assertEqual(set(self.server.sessions), {address, ("127.0.0.1", 4001)})
+        self.assertEqual(set(self.server.handshakes), {("127.0.0.1", p) for p in (20047, 20048, 20049)})
+        self.assertNotIn(address, self.application.closed)
+        self.assertEqual(len(self.application.closed), 47)  # half-open ones only
+        self.transport.sent.clear()
+        legit.send(b"still served")
+        self.server.datagramReceived(_drain(legit), address)
+        self.assertEqual(self.application.records, [(address, b"still served")])
+        legit.bio_write(self.transport.sent[-1][0])
+        self.assertEqual(legit.recv(100), b"echo:still served")
+
+    def test_half_open_handshake_times_out(self) -> None:
+        """A handshake not finished within handshake_timeout is dropped;
+        established sessions run on their idle timeout instead."""
+        self.server.handshake_timeout = 10
+        self.handshake(self.client(), ("127.0.0.1", 4002))
+        self.half_open(("127.0.0.1", 4003))
+        self.assertIn(("127.0.0.1", 4003), self.server.handshakes)
+        self.clock.advance(9)
+        self.assertIn(("127.0.0.1", 4003), self.server.handshakes)
+        self.clock.advance(2)
+        self.assertEqual(self.server.handshakes, {})
+        self.assertIn(("127.0.0.1", 4002), self.server.sessions)
+        self.assertEqual(self.application.closed, [("127.0.0.1", 4003)])
+
+    def test_session_limit_spares_authenticated_sessions(self) -> None:
+        """At max_sessions a finished handshake displaces the least recently
+        active session without a client certificate before any with one,
+        even a more recently active one."""
+        authenticated = ("127.0.0.1", 4010)
+        self.handshake(self.client(CA.issue(self.directory, "device-2")), authenticated)
+        anonymous = ("127.0.0.1", 4011)
+        self.handshake(self.client(), anonymous)  # more recently active than the authenticated one
+        self.handshake(self.client(), ("127.0.0.1", 4012))
+        self.assertEqual(set(self.server.sessions), {authenticated, ("127.0.0.1", 4012)})
+        self.assertEqual(self.application.closed, [anonymous])
+
     def test_new_handshake_from_same_address(self) -> None:
         """A peer that lost its session handshakes again from the same
         address: the new association replaces the old (RFC 6347 §4.2.8),

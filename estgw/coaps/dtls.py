@@ -3,10 +3,14 @@
 One pyOpenSSL :class:`~OpenSSL.SSL.Connection` with memory BIOs per peer
 address.  A peer gets one only after the cookie exchange
 (``DTLSv1_listen``, RFC 6347 §4.2.1): a ClientHello from a spoofed
-address is answered with a HelloVerifyRequest and leaves no state.  The
-number of sessions is bounded (the least recently active one makes room)
-and idle sessions expire; handshake flights are retransmitted on
-OpenSSL's DTLS timer.  DTLS 1.3 is not offered: OpenSSL has no DTLS 1.3.
+address is answered with a HelloVerifyRequest and leaves no state.
+Handshakes in progress are kept apart from established sessions, with a
+smaller bound of their own (the oldest handshake makes room) and a
+deadline, so half-open handshakes never displace an established session.
+The number of established sessions is bounded too (the least recently
+active one without a client certificate makes room, else the least
+recently active) and idle sessions expire; handshake flights are
+retransmitted on OpenSSL's DTLS timer.  DTLS 1.3 is not offered: OpenSSL has no DTLS 1.3.
 
 Application data goes to an :class:`IDatagramApplication` one record at
 a time; what it sends back is one record per call.
@@ -123,6 +127,7 @@ class Session:
         self.state: dict[str, Any] = {}  # the application's per-session state
         self._retransmit: Any = None
         self._idle: Any = None
+        self._deadline: Any = None  # the handshake's, until it completes
 
     def send(self, data: bytes) -> None:
         """Send ``data`` as one DTLS record."""
@@ -163,10 +168,10 @@ class Session:
         self._arm_retransmission()
 
     def _cancel_timers(self) -> None:
-        for call in (self._retransmit, self._idle):
+        for call in (self._retransmit, self._idle, self._deadline):
             if call is not None and call.active():
                 call.cancel()
-        self._retransmit = self._idle = None
+        self._retransmit = self._idle = self._deadline = None
 
 
 class DTLSServer(DatagramProtocol):
@@ -174,8 +179,13 @@ class DTLSServer(DatagramProtocol):
 
     :param context: from :func:`dtls_context`.
     :param application: receives each session's records.
-    :param max_sessions: at most this many DTLS sessions at once.
+    :param max_sessions: at most this many established DTLS sessions at once.
     :param idle_timeout: seconds without a datagram before a session ends.
+    :param max_handshakes: at most this many handshakes in progress (past
+        the cookie exchange, not yet finished) at once; they do not count
+        toward ``max_sessions``.
+    :param handshake_timeout: seconds a handshake may take, from its
+        verified ClientHello to its Finished.
     :param mtu: largest datagram sent, in bytes (IP and UDP headers not counted).
     """
 
@@ -189,6 +199,8 @@ class DTLSServer(DatagramProtocol):
         max_sessions: int = 1000,
         idle_timeout: float = 300.0,
         mtu: int = DEFAULT_MTU,
+        max_handshakes: int = 100,
+        handshake_timeout: float = 15.0,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
@@ -200,7 +212,10 @@ class DTLSServer(DatagramProtocol):
         self.max_sessions = max_sessions
         self.idle_timeout = idle_timeout
         self.mtu = mtu
-        self.sessions: dict[tuple[Any, ...], Session] = {}  # least recently active first
+        self.max_handshakes = max_handshakes
+        self.handshake_timeout = handshake_timeout
+        self.sessions: dict[tuple[Any, ...], Session] = {}  # established; least recently active first
+        self.handshakes: dict[tuple[Any, ...], Session] = {}  # in progress; oldest first
         # Cookies are HMACs of the peer's address under a key of this
         # process (RFC 6347 §4.2.1): checking one needs no stored state.
         self._cookie_key = os.urandom(32)
@@ -222,9 +237,12 @@ class DTLSServer(DatagramProtocol):
     # -- datagrams -------------------------------------------------------------
 
     def datagramReceived(self, data: bytes, address: Any) -> None:
-        session = self.sessions.get(address)
+        session = self.handshakes.get(address) or self.sessions.get(address)
         if session is None:
             self._listen(data, address)
+            return
+        if not session.established:
+            self._feed(session, data)
             return
         if session.established and _is_initial_client_hello(data):
             # The peer lost its session and starts again from the same
@@ -256,16 +274,39 @@ class DTLSServer(DatagramProtocol):
             return
         except SSL.Error:
             return
-        previous = self.sessions.get(address)
+        previous = self.handshakes.get(address) or self.sessions.get(address)
         if previous is not None:
             self._drop(previous, "replaced by a new handshake from the same address")
-        while len(self.sessions) >= self.max_sessions:
-            oldest = next(iter(self.sessions.values()))
-            self._drop(oldest, "session limit reached; the least recently active makes room")
+        while len(self.handshakes) >= self.max_handshakes:
+            # Only another handshake makes room: established sessions are
+            # never displaced by handshakes that may never finish.
+            oldest = next(iter(self.handshakes.values()))
+            self._drop(oldest, "handshake limit reached; the oldest handshake makes room")
         session = Session(self, address, connection)
-        self.sessions[address] = session
-        session._touch()
+        self.handshakes[address] = session
+        session._deadline = self.reactor.callLater(self.handshake_timeout, self._handshake_expired, session)
         self._advance(session)
+
+    def _handshake_expired(self, session: Session) -> None:
+        session._deadline = None
+        if not session.established:
+            self._drop(session, f"handshake not finished within {self.handshake_timeout} s")
+
+    def _established(self, session: Session) -> None:
+        """Move a finished handshake among the sessions, making room: the
+        least recently active session without a client certificate, else
+        the least recently active one."""
+        if self.handshakes.get(session.address) is session:
+            del self.handshakes[session.address]
+        if session._deadline is not None and session._deadline.active():
+            session._deadline.cancel()
+        session._deadline = None
+        while len(self.sessions) >= self.max_sessions:
+            anonymous = [s for s in self.sessions.values() if s.peer is None or s.peer.certificate is None]
+            victim = anonymous[0] if anonymous else next(iter(self.sessions.values()))
+            self._drop(victim, "session limit reached; the least recently active makes room")
+        self.sessions[session.address] = session
+        session._touch()
 
     def _feed(self, session: Session, data: bytes) -> None:
         try:
@@ -291,6 +332,7 @@ class DTLSServer(DatagramProtocol):
                 return
             session.established = True
             session.peer = tls.connection_peer_info(connection)
+            self._established(session)
             session._arm_retransmission()
             self._flush(session)
         while not session.closed:
@@ -353,12 +395,15 @@ class DTLSServer(DatagramProtocol):
         session._cancel_timers()
         if self.sessions.get(session.address) is session:
             del self.sessions[session.address]
+        if self.handshakes.get(session.address) is session:
+            del self.handshakes[session.address]
         self._log.debug("DTLS session with {address} ended: {why}", address=session.address, why=why)
         self.application.session_closed(session)
 
     def stopProtocol(self) -> None:
-        for session in list(self.sessions.values()):
+        for session in list(self.handshakes.values()) + list(self.sessions.values()):
             session._cancel_timers()
             session.closed = True
             self.application.session_closed(session)
         self.sessions.clear()
+        self.handshakes.clear()
