@@ -56,9 +56,38 @@ class MessageTests(SynchronousTestCase):
                 coap.decode(data)
 
     def test_uri_path_not_utf8(self) -> None:
+        """A Uri-Path that is not UTF-8 never raises where it is read; the
+        screening names it for a 4.00."""
         message = coap.decode(coap.encode(Message(coap.CON, coap.GET, 1, b"", ((coap.URI_PATH, b"\xff"),))))
-        with self.assertRaises(MessageFormatError):
-            message.uri_path
+        self.assertEqual(message.uri_path, ("\ufffd",))
+        self.assertEqual(coap.screen_options(message).malformed, "the 11 (Uri-Path) option is not UTF-8")
+
+    def test_screen_options(self) -> None:
+        """RFC 7252 §5.4: unknown, out-of-range and repeated non-repeatable
+        options are unrecognised; critical ones are named (the first),
+        elective ones dropped; repeatable ones and the first of the others kept."""
+        options = (
+            (coap.URI_PATH, b"a"), (coap.URI_PATH, b"b"),
+            (coap.CONTENT_FORMAT, b"\0\0\0\0\x01"),  # elective, too long: dropped
+            (coap.SIZE1, coap.encode_uint(10)), (coap.SIZE1, coap.encode_uint(20)),  # elective repeat: first kept
+            (2050, b"x"),  # unknown elective: dropped
+        )
+        screened = coap.screen_options(Message(coap.CON, coap.POST, 1, b"", options))
+        self.assertEqual(screened.bad_option, None)
+        self.assertEqual(
+            screened.message.options,
+            ((coap.URI_PATH, b"a"), (coap.URI_PATH, b"b"), (coap.SIZE1, coap.encode_uint(10))),
+        )
+        for critical, reason in (
+            (((coap.ACCEPT, b"\0\0\0\0\x01"),), "17 (Accept) has a 5-byte value"),
+            (((coap.BLOCK1, b"\x08"), (coap.BLOCK1, b"\x18")), "27 (Block1) is given more than once"),
+            (((coap.IF_NONE_MATCH, b"x"),), "5 (If-None-Match) has a 1-byte value"),
+            (((coap.URI_HOST, b""),), "3 (Uri-Host) has a 0-byte value"),
+            (((coap.PROXY_URI, b"coap://x"),), "35 (Proxy-Uri) is not supported"),
+            (((9, b""),), "critical option 9 is not supported"),
+        ):
+            screened = coap.screen_options(Message(coap.CON, coap.GET, 1, b"", critical))
+            self.assertIn(reason, screened.bad_option or "")
 
     def test_code_text(self) -> None:
         self.assertEqual(
