@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import binascii
 import ipaddress
-import urllib.parse
 from typing import TYPE_CHECKING, Any, Sequence
 
 import attr
@@ -478,23 +477,6 @@ def csr_matches_template(ctx: "PolicyContext") -> None:
         _check_extension(ctx, extension)
 
 
-def _comparable(name: x509.GeneralName) -> tuple[type, object]:
-    """A subjectAltName as compared with a fixed one: host names and the
-    domain of an e-mail address are case-insensitive (RFC 4343, RFC 5280
-    §4.2.1.6, §7.5), and so are a URI's scheme and host (RFC 3986 §6.2.2.1)."""
-    if isinstance(name, x509.DNSName):
-        return type(name), name.value.lower()
-    if isinstance(name, x509.RFC822Name):
-        local, at, domain = name.value.rpartition("@")
-        return type(name), f"{local}{at}{domain.lower()}"
-    if isinstance(name, x509.UniformResourceIdentifier):
-        parts = urllib.parse.urlsplit(name.value)
-        host = parts.netloc.rpartition("@")
-        netloc = host[0] + host[1] + host[2].lower()
-        return type(name), urllib.parse.urlunsplit((parts.scheme.lower(), netloc, parts.path, parts.query, parts.fragment))
-    return type(name), name.value
-
-
 def _check_critical(ctx: "PolicyContext", requirement: ExtensionRequirement) -> None:
     """An extension announced with ``!`` must be marked critical in the CSR
     (the template's ``critical`` field, RFC 9908 §3.4)."""
@@ -523,7 +505,7 @@ def _check_extension(ctx: "PolicyContext", requirement: ExtensionRequirement) ->
                 "the CSR lacks subjectAltName, which csrattrs announces as required",
             )
         if requirement.value is not None and (
-            {_comparable(n) for n in ctx.sans} != {_comparable(n) for n in requirement.value}
+            {names.comparison_key(n) for n in ctx.sans} != {names.comparison_key(n) for n in requirement.value}
         ):
             raise _refuse(
                 "csr-template-extension",

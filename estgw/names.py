@@ -64,6 +64,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import unicodedata
+import urllib.parse
 import warnings
 from typing import Any, Iterable
 
@@ -94,6 +95,7 @@ __all__ = [
     "check_name",
     "check_general_name",
     "check_subject",
+    "comparison_key",
     "check_sans",
     "describe_general_name",
     "unparsable_name_refusal",
@@ -471,6 +473,24 @@ def check_general_name(name: x509.GeneralName) -> x509.GeneralName:
     elif not isinstance(name, x509.RegisteredID):
         raise BadName(f"a {type(name).__name__} subjectAltName is not issued")
     return name
+
+
+def comparison_key(name: x509.GeneralName) -> tuple[type, object]:
+    """A subjectAltName as compared with another: host names and the
+    domain of an e-mail address without regard to letter case (RFC 4343,
+    RFC 5280 §4.2.1.6, §7.5), and a URI's scheme and host too (RFC 3986
+    §6.2.2.1); everything else exactly."""
+    if isinstance(name, x509.DNSName):
+        return type(name), name.value.lower()
+    if isinstance(name, x509.RFC822Name):
+        local, at, domain = name.value.rpartition("@")
+        return type(name), f"{local}{at}{domain.lower()}"
+    if isinstance(name, x509.UniformResourceIdentifier):
+        parts = urllib.parse.urlsplit(name.value)
+        userinfo, at, host = parts.netloc.rpartition("@")
+        netloc = userinfo + at + host.lower()
+        return type(name), urllib.parse.urlunsplit((parts.scheme.lower(), netloc, parts.path, parts.query, parts.fragment))
+    return type(name), name.value
 
 
 def check_subject(subject: x509.Name) -> x509.Name:

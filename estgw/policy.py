@@ -452,7 +452,8 @@ def subject_matches_client_certificate(ctx: PolicyContext) -> None:
             f"the CSR subject {ctx.subject.rfc4514_string()!r} differs from the client "
             f"certificate subject {cert.subject.rfc4514_string()!r}",
         )
-    if set(ctx.sans) != set(cert_sans):
+    # Host names compare without regard to letter case (RFC 4343).
+    if {names.comparison_key(n) for n in ctx.sans} != {names.comparison_key(n) for n in cert_sans}:
         raise _policy("san-mismatch", "the CSR subjectAltNames differ from those of the client certificate")
 
 

@@ -196,6 +196,19 @@ class CheckTests(SynchronousTestCase):
         extra = context(csr_with(name("pump-17"), sans=[x509.DNSName("x.example")]), identity=identity)
         self.assertEqual(refusal_of(policy.subject_matches_client_certificate, extra).code, "san-mismatch")
 
+    def test_subject_match_host_names_without_case(self) -> None:
+        """Host names (and e-mail domains) compare without regard to letter
+        case (RFC 4343); another name or another local part is still a mismatch."""
+        cert = self_signed("pump-17", [ExtendedKeyUsageOID.CLIENT_AUTH],
+                           sans=[x509.DNSName("pump-17.example"), x509.RFC822Name("ops@pump.example")])
+        identity = Identity(kind="certificate", certificate=cert)
+        upper = [x509.DNSName("PUMP-17.Example"), x509.RFC822Name("ops@PUMP.example")]
+        policy.subject_matches_client_certificate(context(csr_with(name("pump-17"), sans=upper), identity=identity))
+        for sans in ([x509.DNSName("pump-18.example"), x509.RFC822Name("ops@pump.example")],
+                     [x509.DNSName("pump-17.example"), x509.RFC822Name("OPS@pump.example")]):
+            ctx = context(csr_with(name("pump-17"), sans=sans), identity=identity)
+            self.assertEqual(refusal_of(policy.subject_matches_client_certificate, ctx).code, "san-mismatch")
+
     def test_subject_match_applies_copy_rules_to_the_certificate(self) -> None:
         """A certificate issued without a SAN (by another CA, say) matches a
         CSR with the same CN: both sides get the copied dNSName."""
