@@ -102,4 +102,5 @@ def metrics_site(metrics: Metrics) -> Any:
 
     root = resource.Resource()
     root.putChild(b"metrics", MetricsResource(metrics))
-    return server.Site(root)
+    # No form parsing (see estgw.web.build_site).
+    return server.Site(root, parsePOSTFormSubmission=False)

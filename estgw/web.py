@@ -395,7 +395,10 @@ def build_site(gateway: Gateway) -> server.Site:
     well_known = _Branch()
     root.putChild(b".well-known", well_known)
     well_known.putChild(b"est", ESTResource(gateway))
-    site = server.Site(root, timeout=IDLE_TIMEOUT)
+    # No form parsing: EST bodies are never forms, and twisted.web raises
+    # out of dataReceived on some Content-Type values (a dropped connection
+    # and a logged traceback instead of an answer).
+    site = server.Site(root, timeout=IDLE_TIMEOUT, parsePOSTFormSubmission=False)
     site.protocol = _Channel
     site.requestFactory = request_factory(gateway.config.max_request_bytes)
     site.displayTracebacks = False

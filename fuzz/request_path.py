@@ -25,7 +25,9 @@ Run (a benchmark, not a CI step; see README.rst, "Hardening")::
 
 Any crash is written by libFuzzer as ``crash-<sha1>``; copy it to
 ``tests/fuzz_regressions/`` where ``tests/test_fuzz_regressions.py``
-replays it through :func:`one_input` without atheris.
+replays it through :func:`one_input` without atheris, as does::
+
+    .venv/bin/python fuzz/request_path.py --replay tests/fuzz_regressions/*
 """
 
 from __future__ import annotations
@@ -38,11 +40,14 @@ import tempfile
 import time
 from typing import Any, Callable
 
-from twisted.internet import defer
-from twisted.internet.address import IPv4Address
-from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.logger import globalLogBeginner, globalLogPublisher
-from twisted.python.failure import Failure
+# The estgw of this checkout, not an older installed copy.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from twisted.internet import defer  # noqa: E402
+from twisted.internet.address import IPv4Address  # noqa: E402
+from twisted.internet.testing import MemoryReactorClock, StringTransport  # noqa: E402
+from twisted.logger import globalLogBeginner, globalLogPublisher  # noqa: E402
+from twisted.python.failure import Failure  # noqa: E402
 
 #: A device the fuzzer can authenticate as (Basic, handler 2 and 6).
 DEVICE = "fuzz-device"
@@ -275,6 +280,9 @@ def responses(output: bytes) -> list[tuple[int, bytes, bytes]]:
         length = re.search(rb"\r\ncontent-length: *(\d+)", head, re.IGNORECASE)
         if length is None:
             body, rest = tail, b""
+        elif _STATUS.match(tail):
+            # The answer to a HEAD: its Content-Length, and no body.
+            body, rest = b"", tail
         else:
             n = int(length.group(1))
             body, rest = tail[:n], tail[n:]
@@ -447,7 +455,33 @@ SEEDS = [
 ]
 
 
+def replay(paths: list[str]) -> int:
+    """Run each input file through :func:`one_input` (no atheris): 0 if all pass."""
+    import shutil
+
+    global _harness
+    failed = 0
+    directory = tempfile.mkdtemp(prefix="estgw-fuzz-", dir=_scratch())
+    try:
+        _harness = Harness(directory)
+        for path in paths:
+            with open(path, "rb") as f:
+                data = f.read()
+            try:
+                one_input(data)
+            except Exception as e:
+                failed += 1
+                print(f"FAIL {os.path.basename(path)}: {type(e).__name__}: {e}")
+            else:
+                print(f"ok {os.path.basename(path)}")
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+    return 1 if failed else 0
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["--replay"]:
+        sys.exit(replay(sys.argv[2:]))
     import atheris
 
     # Seed an empty corpus directory given on the command line.

@@ -413,7 +413,8 @@ def publish_site(published: Mapping[str, PublishedProcedure]) -> server.Site:
     root.putChild(b"crl", _Directory("crl", published))
     root.putChild(b"ocsp", _Directory("ocsp", published))
     root.putChild(b"ca", _Directory("ca", published))
-    return server.Site(root)
+    # No form parsing (see estgw.web.build_site): OCSP requests are POSTed.
+    return server.Site(root, parsePOSTFormSubmission=False)
 
 
 def published_cas(
