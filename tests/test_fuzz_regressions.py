@@ -109,7 +109,7 @@ class FormParsingTests(unittest.TestCase):
     dataReceived while parsing a form body: the connection was dropped
     without an answer.  No site of estgw parses forms."""
 
-    VALUES = [b"multipart/form-data\x1d", b"application/pkcs10;\x85x", b"text/plain\x0b", b"a\x0cb", b"\x1c"]
+    VALUES = [b"multipart/form-data\x1dx", b"application/pkcs10;\x85x", b"text/plain\x0bx", b"a\x0cb", b"a\x1cb"]
 
     def _each_value(self, site, path: bytes = b"/") -> None:
         for value in self.VALUES:
