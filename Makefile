@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 CONFIG ?= etc/est.properties
 SOURCES := $(shell find estgw twisted -name '*.py') setup.cfg pyproject.toml
 
-.PHONY: install run test bench clean
+.PHONY: install run test typecheck bench clean
 
 install: $(VENV)/.installed
 
@@ -16,11 +16,22 @@ $(VENV)/.installed: $(SOURCES)
 	$(PY) -c 'from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))' 2>/dev/null || true
 	touch $@
 
+# In the foreground (-n), so no pid file (--pidfile=): Ctrl-C stops it.
 run: install
-	$(VENV)/bin/twistd -n estgw --config $(CONFIG)
+	$(VENV)/bin/twistd -n --pidfile= estgw --config $(CONFIG)
 
+# trial's working directory (state directories, CAs, logs) is removed
+# afterwards; KEEP_TEMP=1 keeps it to look into a failure.
 test: install
-	$(PY) -b -W error::DeprecationWarning -m twisted.trial --temp-directory=/tmp/estgw-trial-$$$$ tests
+	@tmp=$$(mktemp -d /tmp/estgw-trial-XXXXXX); \
+	$(PY) -b -W error::DeprecationWarning -m twisted.trial --temp-directory=$$tmp/_trial_temp tests; \
+	status=$$?; \
+	if [ -n "$(KEEP_TEMP)" ]; then echo "trial's files kept in $$tmp"; else rm -rf "$$tmp"; fi; \
+	exit $$status
+
+# mypy with the zope.interface plugin, as configured in mypy.ini.
+typecheck: install
+	$(VENV)/bin/mypy
 
 bench: install
 	$(PY) bench/enroll_bench.py

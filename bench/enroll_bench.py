@@ -76,10 +76,28 @@ def _arguments(argv: list[str]) -> argparse.Namespace:
 # -- setup: config copy, devices ------------------------------------------------
 
 
+# Keys whose values are files, relative to the directory of est.properties:
+# the copy lives elsewhere, so they are made absolute (e.g. an approval
+# handler's PKCS#12 token, the CRL and trust anchor files).
+PATH_KEYS = re.compile(
+    r"\s*((?:tls\.trustAnchors|tls\.crls)|(?:handler\.\d+|default)\.idm\.tls\.(?:token|trustAnchors))\s*[=:]\s*(.*)$"
+)
+
+
+def _absolute_paths(line: str, base: str) -> str:
+    match = PATH_KEYS.match(line)
+    if match is None or not match.group(2).strip():
+        return line
+    paths = [os.path.join(base, os.path.expanduser(p.strip())) for p in match.group(2).split(",") if p.strip()]
+    return f"{match.group(1)} = {', '.join(paths)}"
+
+
 def write_config(directory: str) -> str:
-    """etc/est.properties with OVERRIDES in place of its own values."""
-    with open(os.path.join(REPO, "etc", "est.properties"), encoding="utf-8") as f:
-        lines = f.read().splitlines()
+    """etc/est.properties with OVERRIDES in place of its own values and
+    its relative file names made absolute."""
+    etc = os.path.join(REPO, "etc")
+    with open(os.path.join(etc, "est.properties"), encoding="utf-8") as f:
+        lines = [_absolute_paths(line, etc) for line in f.read().splitlines()]
     keys = "|".join(re.escape(k) for k in OVERRIDES)
     kept = [line for line in lines if not re.match(rf"\s*({keys})\s*[=:\s]", line)]
     kept += [f"{key} = {value}" for key, value in OVERRIDES.items()]

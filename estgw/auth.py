@@ -25,7 +25,7 @@ import tempfile
 import unicodedata
 from contextlib import asynccontextmanager
 from datetime import datetime, timezone
-from typing import Any, AsyncIterator, Sequence
+from typing import Any, AsyncIterator, Callable, Sequence
 
 import attr
 from cryptography import x509
@@ -35,7 +35,7 @@ from twisted.cred.portal import IRealm, Portal
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.web.iweb import ICredentialFactory
-from zope.interface import implementer
+from zope.interface import Interface, implementer
 
 from estgw import officers
 from estgw.config import HandlerConfig
@@ -152,7 +152,7 @@ class DeviceChecker:
         self._reactor = reactor
         self._nonce_counts = nonce_counts if nonce_counts is not None else MemoryNonceCounts()
 
-    def requestAvatarId(self, creds: Any) -> defer.Deferred:
+    def requestAvatarId(self, creds: Any) -> defer.Deferred[bytes | tuple[()]]:
         if credentials.IUsernameDigestHash.providedBy(creds):
             return defer.Deferred.fromCoroutine(self._check_digest(creds))
         return defer.Deferred.fromCoroutine(self._check_password(creds))
@@ -199,12 +199,16 @@ class DeviceChecker:
 class DeviceRealm:
     """The avatar of a device login is its id; handlers need nothing more."""
 
-    def requestAvatar(self, avatarId: bytes, mind: Any, *interfaces: Any) -> tuple:
+    def requestAvatar(
+        self, avatarId: bytes | tuple[()], mind: object, *interfaces: type[Interface]
+    ) -> tuple[type[Interface], object, Callable[[], None]]:
+        if not isinstance(avatarId, bytes):  # ANONYMOUS: our checkers never answer it
+            raise error.UnauthorizedLogin("anonymous login")
         return interfaces[0], avatarId.decode("utf-8"), lambda: None
 
 
-class _Avatar:
-    """Marker interface for Portal.login: the realm hands back a str."""
+class IDeviceId(Interface):
+    """What Portal.login asks the realm for: the device id (a str)."""
 
 
 def credential_factory(
@@ -570,7 +574,7 @@ async def _http_login(
     if isinstance(creds, DigestResponse):
         _check_digest_response(creds, request, handler, factory)
     try:
-        _interface, device_id, _logout = await portal.login(creds, None, _Avatar)
+        _interface, device_id, _logout = await portal.login(creds, None, IDeviceId)
     except ReplayedResponse as e:
         raise unauthorized(
             factory, request, "digest-replayed",
@@ -579,7 +583,7 @@ async def _http_login(
         ) from None
     except error.LoginFailed:
         raise unauthorized(factory, request, "bad-credentials", "unknown device or wrong password") from None
-    device = await portal.store.get_device(device_id)
+    device = await portal.store.get_device(str(device_id))
     if device is None:  # removed a moment ago
         raise unauthorized(factory, request, "bad-credentials", "unknown device or wrong password")
     return device

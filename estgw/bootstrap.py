@@ -8,6 +8,7 @@ for client certificates, the store and the token procedures.
 from __future__ import annotations
 
 import os
+import sqlite3
 from typing import Any, Mapping
 
 import attr
@@ -115,6 +116,25 @@ def initialize(config: Config, reactor: Any = None) -> State:
         ca=ca, server_key=key, server_certificate=cert, trust_anchors=tuple(anchors.values()),
         procedures=procedures,
     )
+
+
+def check_store(config: Config) -> None:
+    """Open the SQLite file once, synchronously, before twistd detaches:
+    ConfigError naming ``store.url`` when it is not a database or cannot
+    be opened (the store itself opens it later, in its threads)."""
+    path = config.store_path
+    if not os.path.exists(path):
+        return  # created on start, in a directory initialize() made
+    if not os.access(path, os.R_OK | os.W_OK):
+        raise ConfigError("store.url", f"cannot open {path}: permission denied", config.source)
+    try:
+        connection = sqlite3.connect(path, timeout=5)
+        try:
+            connection.execute("PRAGMA schema_version").fetchone()
+        finally:
+            connection.close()
+    except sqlite3.Error as e:
+        raise ConfigError("store.url", f"cannot open {path}: {e}", config.source) from None
 
 
 def open_store(config: Config, reactor: Any = None) -> SQLiteStore:

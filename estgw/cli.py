@@ -1,13 +1,17 @@
 """``estgw --config FILE <command>``: the operator's commands.
 
 Each command opens the same store the daemon uses (SQLite allows both at
-once) and prints one clear line per outcome; errors go to stderr with a
-non-zero exit status.
+once).  Like the tools sysadmins already use: data (listings, ``--json``)
+goes to stdout, errors and per-row problems to stderr as
+``estgw: <reason>``; the exit status is 0 on success, 1 when the command
+failed, 2 for a usage mistake, and 141 when the reader of stdout went
+away (``estgw cert list | head``), silently.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import sys
@@ -16,8 +20,10 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, Sequence
 
 from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509.oid import NameOID
 from twisted.internet import defer, task
 
+import estgw
 from estgw import bootstrap, config as config_module, device_import, factory, names, officers
 from estgw.ca import CRL_FILE, CAError, ISigningCA
 from estgw.ca._files import load_certificate as load_cert, load_private_key as load_key
@@ -43,9 +49,17 @@ class CommandError(Exception):
     """An operator mistake: printed as ``estgw: <message>``, exit status 1."""
 
 
+def format_serial(serial: int) -> str:
+    """A serial number as ``openssl x509 -serial`` prints it: upper-case
+    hex, whole octets (so with its leading zero), e.g. ``0A1B``."""
+    text = f"{serial:X}"
+    return "0" + text if len(text) % 2 else text
+
+
 def parse_serial(text: str) -> int:
-    """Serials are shown in hex; accept that, with or without 0x or colons."""
-    cleaned = text.strip().lower().removeprefix("0x").replace(":", "")
+    """Serials in hex as openssl or ``cert list`` print them: any case,
+    leading zeros, ``0x``, colons (``0a:1b``) or ``serial=`` allowed."""
+    cleaned = text.strip().lower().removeprefix("serial=").removeprefix("0x").replace(":", "")
     # Hex digits only: int() alone would also take "-1", "+a" and "1_0".
     if not _HEX.fullmatch(cleaned):
         raise CommandError(f"not a serial number (hex expected): {text!r}")
@@ -54,6 +68,20 @@ def parse_serial(text: str) -> int:
 
 def _when(value: datetime | None) -> str:
     return value.strftime("%Y-%m-%d %H:%M:%SZ") if value else "-"
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.strftime("%Y-%m-%dT%H:%M:%SZ") if value else None
+
+
+def _warn(options: Any, text: str) -> None:
+    """A diagnostic line: stderr, never mixed into the data on stdout."""
+    stream = options.get("stderr") or sys.stderr
+    stream.write(f"estgw: {text}\n")
+
+
+def _json(out: Any, items: list[dict[str, Any]]) -> None:
+    out.write(json.dumps(items, indent=2) + "\n")
 
 
 # -- commands: each is async (options, config, store, out) -> None ----------
@@ -140,10 +168,37 @@ async def cmd_device_import(options: Any, config: Config, store: IStore, out: An
         raise CommandError(str(e)) from None
     result = await device_import.import_devices(store, rows, device_import.digest_realms(config))
     for line, reason in result.bad:
-        out.write(f"line {line}: {printable(reason)}\n")
+        _warn(options, f"{options['file']} line {line}: {printable(reason)}")
+    if not options["skip_existing"]:
+        for line, device_id in result.existing:
+            _warn(options, f"{options['file']} line {line}: device {printable(repr(device_id))} is already registered (left unchanged)")
     out.write(device_import.describe(result, len(rows)) + "\n")
+    problems = []
     if result.bad:
-        raise CommandError(f"{len(result.bad)} bad row(s) in {options['file']}; the others were imported")
+        problems.append(f"{len(result.bad)} bad row(s)")
+    if result.existing and not options["skip_existing"]:
+        problems.append(
+            f"{len(result.existing)} device(s) already registered (--skip-existing accepts that;"
+            " estgw device passwd changes a password)"
+        )
+    if problems:
+        raise CommandError(f"{' and '.join(problems)} in {options['file']}")
+
+
+async def cmd_device_passwd(options: Any, config: Config, store: IStore, out: Any) -> None:
+    device_id = options["id"]
+    password = read_password(options)
+    if password is None:
+        raise CommandError("device passwd needs --password-file (or --password)")
+    # Hashing blocks; fine here: no one else waits on this reactor.
+    device = device_import.build_device(
+        device_import.Registration(device_id=device_id, password=password),
+        device_import.digest_realms(config),
+    )
+    assert device.password_hash is not None
+    if not await store.set_device_password(device_id, device.password_hash, device.digest_ha1):
+        raise CommandError(f"no device {device_id!r}")
+    out.write(f"changed the password of device {device_id}\n")
 
 
 def _read_certificate(path: str) -> Any:
@@ -159,6 +214,13 @@ async def cmd_officer_add(options: Any, config: Config, store: IStore, out: Any)
         role = config_module.role_name(options["role"])
     except ValueError as e:
         raise CommandError(str(e)) from None
+    known = known_roles(config)
+    if role not in known and not options["force"]:
+        named = ", ".join(sorted(known)) if known else "none (no handler sets requiredRoRoles)"
+        raise CommandError(
+            f"no handler in {config.source} names the role {role!r} in requiredRoRoles;"
+            f" known roles: {named} (--force grants it all the same)"
+        )
     grant = officers.role_grant(cert, role)
     if await store.add_officer_role(grant):
         out.write(f"granted officer role {role} to {printable(grant.subject)} (SHA-256 {grant.fingerprint})\n")
@@ -166,15 +228,27 @@ async def cmd_officer_add(options: Any, config: Config, store: IStore, out: Any)
         out.write(f"{printable(grant.subject)} (SHA-256 {grant.fingerprint}) already holds officer role {role}\n")
 
 
+def known_roles(config: Config) -> set[str]:
+    """The officer roles some handler's requiredRoRoles names."""
+    return {role for h in config.handlers for role in (h.required_ro_roles or ()) if role != "none"}
+
+
 async def cmd_officer_list(options: Any, config: Config, store: IStore, out: Any) -> None:
     grants = await store.list_officer_roles()
+    if options["json"]:
+        return _json(out, [
+            {"role": g.role, "subject": g.subject, "issuer": g.issuer, "serial": format_serial(g.serial),
+             "grantedAt": _iso(g.granted_at), "sha256": g.fingerprint}
+            for g in grants
+        ])
     if not grants:
         out.write("no officer roles granted\n")
         return
     out.write(f"{'ROLE':<16} {'SUBJECT':<40} {'SERIAL':<42} {'GRANTED':<20} SHA-256\n")
     for g in grants:
         out.write(
-            f"{g.role:<16} {printable(g.subject):<40} {g.serial:<42x} {_when(g.granted_at):<20} {g.fingerprint}\n"
+            f"{g.role:<16} {printable(g.subject):<40} {format_serial(g.serial):<42} {_when(g.granted_at):<20}"
+            f" {g.fingerprint}\n"
         )
 
 
@@ -194,6 +268,13 @@ async def cmd_officer_remove(options: Any, config: Config, store: IStore, out: A
 
 async def cmd_device_list(options: Any, config: Config, store: IStore, out: Any) -> None:
     devices = await store.list_devices()
+    if options["json"]:
+        return _json(out, [
+            {"id": d.device_id, "password": d.password_hash is not None,
+             "factoryCertSha256": d.factory_cert_sha256, "commonName": d.expected_common_name,
+             "singleUse": d.single_use, "registeredAt": _iso(d.created_at), "consumedAt": _iso(d.consumed_at)}
+            for d in devices
+        ])
     if not devices:
         out.write("no devices registered\n")
         return
@@ -237,15 +318,46 @@ def _status(c: IssuedCertificate) -> str:
     return "valid"
 
 
+def _matches_subject(c: IssuedCertificate, wanted: str) -> bool:
+    """The whole subject DN, or its commonName, exactly."""
+    if c.subject == wanted:
+        return True
+    cn = c.certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return any(a.value == wanted for a in cn)
+
+
+def _cert_json(c: IssuedCertificate) -> dict[str, Any]:
+    return {
+        "serial": format_serial(c.serial), "subject": c.subject, "subjectAltNames": list(c.sans),
+        "status": _status(c), "notBefore": _iso(c.not_before), "notAfter": _iso(c.not_after),
+        "revokedAt": _iso(c.revoked_at), "revocationReason": c.revocation_reason,
+        "handler": c.handler, "requester": c.requester, "issuedAt": _iso(c.issued_at),
+    }
+
+
 async def cmd_cert_list(options: Any, config: Config, store: IStore, out: Any) -> None:
-    certs = await store.list_certificates(options["subject"])
+    certs = await store.list_certificates()
+    if options["subject"] is not None:
+        certs = [c for c in certs if _matches_subject(c, options["subject"])]
+    if options["search"] is not None:
+        needle = options["search"].lower()
+        certs = [c for c in certs if needle in c.subject.lower() or any(needle in s.lower() for s in c.sans)]
+    if options["status"]:
+        certs = [c for c in certs if _status(c) in options["status"]]
+    if options["expires_within"] is not None:
+        now = datetime.now(timezone.utc)
+        horizon = now + timedelta(days=options["expires_within"])
+        certs = [c for c in certs if _status(c) == "valid" and c.not_after <= horizon]
+    if options["json"]:
+        return _json(out, [_cert_json(c) for c in certs])
     if not certs:
-        out.write("no certificates issued\n")
+        filtered = any(options[k] is not None for k in ("subject", "search", "expires_within")) or options["status"]
+        out.write("no certificates match\n" if filtered else "no certificates issued\n")
         return
     out.write(f"{'SERIAL':<42} {'STATUS':<8} {'NOT AFTER':<20} {'SUBJECT':<40} REQUESTER\n")
     for c in certs:
         out.write(
-            f"{c.serial:<42x} {_status(c):<8} {_when(c.not_after):<20} {printable(c.subject):<40}"
+            f"{format_serial(c.serial):<42} {_status(c):<8} {_when(c.not_after):<20} {printable(c.subject):<40}"
             f" {printable(c.requester)}\n"
         )
 
@@ -254,14 +366,14 @@ async def _get(store: IStore, serial_text: str) -> IssuedCertificate:
     serial = parse_serial(serial_text)
     issued = await store.get_certificate(serial)
     if issued is None:
-        raise CommandError(f"no certificate with serial {serial:x}")
+        raise CommandError(f"no certificate with serial {format_serial(serial)}")
     return issued
 
 
 async def cmd_cert_show(options: Any, config: Config, store: IStore, out: Any) -> None:
     c = await _get(store, options["serial"])
     rows = [
-        ("serial", f"{c.serial:x}"),
+        ("serial", format_serial(c.serial)),
         ("subject", c.subject),
         ("subjectAltName", ", ".join(c.sans) or "-"),
         ("not before", _when(c.not_before)),
@@ -288,11 +400,11 @@ async def cmd_cert_revoke(options: Any, config: Config, store: IStore, out: Any)
             serial, options["reason"], invalidity_date=options["invalidity_date"]
         )
     except UnknownCertificate:
-        raise CommandError(f"no certificate with serial {serial:x}") from None
+        raise CommandError(f"no certificate with serial {format_serial(serial)}") from None
     except ValueError as e:  # an unknown --reason, an invalidity date in the future
         raise CommandError(str(e)) from None
     out.write(
-        f"revoked {serial:x} ({printable(issued.subject)}) at {_when(issued.revoked_at)}, "
+        f"revoked {format_serial(serial)} ({printable(issued.subject)}) at {_when(issued.revoked_at)}, "
         f"reason {issued.revocation_reason}\n"
     )
 
@@ -404,6 +516,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="estgw", description="Operator commands of the estgw EST gateway."
     )
     parser.add_argument("-c", "--config", default="etc/est.properties", help="the est.properties file")
+    parser.add_argument("--version", action="version", version=f"estgw {estgw.__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     init = commands.add_parser(
@@ -450,12 +563,26 @@ def _parser() -> argparse.ArgumentParser:
         + ",".join(device_import.CSV_COLUMNS)
         + " (id required; any order). password may be empty when factory_cert (a file relative to"
         " the CSV) is given; cn defaults to the id; single_use is yes/no; subject_values are"
-        " NAME=VALUE pairs and sans KIND:VALUE names, each separated by ';'. Each bad row is reported as 'line N: reason' and"
-        " skipped; the good rows are imported; the exit status is 1 if any row was bad.",
+        " NAME=VALUE pairs and sans KIND:VALUE names, each separated by ';'. Each bad row is"
+        " reported on stderr as 'FILE line N: reason' and skipped, and so is each row of a device"
+        " already registered (left unchanged); the good rows are imported and counted on stdout."
+        " The exit status is 1 if any row was bad or, without --skip-existing, already registered.",
     )
     importing.add_argument("file", help="the CSV file")
+    importing.add_argument(
+        "--skip-existing", action="store_true",
+        help="devices already registered are left unchanged without counting as an error"
+        " (re-running an import is then harmless)",
+    )
     importing.set_defaults(run=cmd_device_import)
-    device.add_parser("list", help="list pre-registered devices").set_defaults(run=cmd_device_list)
+    passwd = device.add_parser("passwd", help="change a pre-registered device's password")
+    passwd.add_argument("id")
+    passwd.add_argument("--password-file", help="read the new password from the first line of this file")
+    passwd.add_argument("--password", help="the new password (visible in ps; prefer --password-file)")
+    passwd.set_defaults(run=cmd_device_passwd)
+    device_list = device.add_parser("list", help="list pre-registered devices")
+    device_list.add_argument("--json", action="store_true", help="a JSON array instead of a table")
+    device_list.set_defaults(run=cmd_device_list)
     remove = device.add_parser("remove", help="remove a pre-registered device")
     remove.add_argument("id")
     remove.set_defaults(run=cmd_device_remove)
@@ -465,9 +592,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     grant = officer.add_parser("add", help="grant an officer role to a certificate (see requiredRoRoles)")
     grant.add_argument("--cert", required=True, metavar="FILE", help="the officer's certificate, PEM or DER")
-    grant.add_argument("--role", required=True, help="the role, e.g. ra")
+    grant.add_argument("--role", required=True, help="the role, e.g. ra: one a handler's requiredRoRoles names")
+    grant.add_argument("--force", action="store_true", help="grant a role no handler names (yet)")
     grant.set_defaults(run=cmd_officer_add)
-    officer.add_parser("list", help="list officer roles").set_defaults(run=cmd_officer_list)
+    officer_list = officer.add_parser("list", help="list officer roles")
+    officer_list.add_argument("--json", action="store_true", help="a JSON array instead of a table")
+    officer_list.set_defaults(run=cmd_officer_list)
     withdraw = officer.add_parser("remove", help="withdraw officer roles from a certificate")
     withdraw.add_argument("--cert", metavar="FILE", help="the officer's certificate")
     withdraw.add_argument("--fingerprint", metavar="SHA256", help="its SHA-256, as officer list shows it")
@@ -478,10 +608,23 @@ def _parser() -> argparse.ArgumentParser:
         dest="action", metavar="ACTION", required=True
     )
     listing = cert.add_parser("list", help="list issued certificates, newest first")
-    listing.add_argument("--subject", help="only this subject (RFC 4514 string)")
+    listing.add_argument(
+        "--subject", metavar="NAME",
+        help="only this subject: the whole DN (CN=pump-17,O=Example) or its commonName (pump-17)",
+    )
+    listing.add_argument("--search", metavar="TEXT", help="subject or a subjectAltName contains TEXT (any case)")
+    listing.add_argument(
+        "--status", action="append", choices=("valid", "revoked", "expired"),
+        help="only certificates in this state (repeatable)",
+    )
+    listing.add_argument(
+        "--expires-within", type=_non_negative_days, metavar="DAYS",
+        help="only valid certificates whose notAfter is at most DAYS days away",
+    )
+    listing.add_argument("--json", action="store_true", help="a JSON array instead of a table")
     listing.set_defaults(run=cmd_cert_list)
     show = cert.add_parser("show", help="show one certificate and its PEM")
-    show.add_argument("serial", help="the serial number in hex")
+    show.add_argument("serial", help="the serial number in hex, as openssl prints it")
     show.set_defaults(run=cmd_cert_show)
     revoke = cert.add_parser("revoke", help="revoke a certificate; refused from the next request on")
     revoke.add_argument("serial", help="the serial number in hex")
@@ -539,6 +682,16 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _non_negative_days(text: str) -> int:
+    try:
+        days = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number of days: {text!r}") from None
+    if days < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 days or more, not {days}")
+    return days
+
+
 def _positive_days(text: str) -> int:
     try:
         days = int(text)
@@ -549,9 +702,12 @@ def _positive_days(text: str) -> int:
     return days
 
 
-async def run(reactor: Any, argv: Sequence[str], out: Any = sys.stdout) -> None:
-    """Parse ``argv`` and run the command; raise CommandError on failure."""
+async def run(reactor: Any, argv: Sequence[str], out: Any = None, err: Any = None) -> None:
+    """Parse ``argv`` and run the command; raise CommandError on failure.
+    Data goes to ``out`` (stdout), diagnostics to ``err`` (stderr)."""
+    out = sys.stdout if out is None else out
     options = _parser().parse_args(list(argv))  # exits 2 with usage on a mistake
+    options.stderr = sys.stderr if err is None else err
     if getattr(options, "standalone", None) is not None:
         await options.standalone(reactor, vars(options), out)
         return
@@ -574,11 +730,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     async def _main(reactor: Any) -> None:
         try:
             await run(reactor, arguments)
+            sys.stdout.flush()
         except CommandError as e:
             sys.stderr.write(f"estgw: {printable(str(e))}\n")
             raise SystemExit(1)
+        except BrokenPipeError:
+            _stdout_gone()
 
     task.react(lambda reactor: defer.Deferred.fromCoroutine(_main(reactor)))
+
+
+def _stdout_gone() -> None:
+    """The reader of stdout left (``| head``): end quietly, as cat does,
+    with 128 + SIGPIPE; nothing more may be written to the closed pipe."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    raise SystemExit(128 + 13)
 
 
 if __name__ == "__main__":

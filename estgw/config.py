@@ -146,8 +146,39 @@ def _port(value: str) -> int:
     return number
 
 
+def _interface(value: str) -> str:
+    """``localhost`` (127.0.0.1 and ::1), empty (every IPv4 address) or a
+    comma-separated list of IP addresses (``::``: every address)."""
+    text = value.strip()
+    for item in (i.strip() for i in text.split(",")) if text else ():
+        if item.lower() == "localhost":
+            continue
+        try:
+            ipaddress.ip_address(item.removeprefix("[").removesuffix("]"))
+        except ValueError:
+            raise ValueError(f"not an IP address or 'localhost': {item!r}") from None
+    return text
+
+
 def _list(value: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in value.split(",") if item.strip())
+
+
+def _est_url(value: str) -> str:
+    """An https URL of an EST server's base path (RFC 7030 3.2.2):
+    ``/.well-known/est`` or ``/.well-known/est/<label>``."""
+    text = value.strip().rstrip("/")
+    parts = urlsplit(text)
+    if parts.scheme.lower() != "https" or not parts.hostname:
+        raise ValueError(f"expected an https URL with a host, not {text!r}")
+    if parts.query or parts.fragment:
+        raise ValueError(f"expected a URL without query or fragment, not {text!r}")
+    path = parts.path
+    base = "/.well-known/est"
+    label = path[len(base) + 1:] if path.startswith(base + "/") else ""
+    if path != base and not (label and _LABEL.match(label)):
+        raise ValueError(f"expected the path {base} or {base}/<label>, not {path or '/'!r}")
+    return text
 
 
 def _hostnames(value: str) -> tuple[str, ...]:
@@ -362,6 +393,22 @@ class TokenProcedureConfig:
             "file.", self.file_certificate, self.file_chain, self.file_key,
             self.file_key_password_file, self.file_key_password_env,
         )
+    # ca = pkcs11: the issuing key in a PKCS#11 token, found by token and
+    # key label; the PIN from a file; the issuing CA certificate and its
+    # chain from files (paths resolved against the config file's directory).
+    pkcs11_module: str = ""
+    pkcs11_token: str = ""
+    pkcs11_key_label: str = ""
+    pkcs11_pin_file: str = ""
+    pkcs11_certificate: str = ""
+    pkcs11_chain: str = ""
+    # ca = est: another EST server's base URL (…/.well-known/est[/label]),
+    # the RA's PKCS#12 client token and the file holding its password, the
+    # CA files that verify the upstream (empty: the system's trust store).
+    est_url: str = ""
+    est_token: str = ""
+    est_token_password_file: str = ""
+    est_trust_anchors: tuple[str, ...] = ()
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -451,7 +498,7 @@ class Config:
     source: str  # the file it came from, for messages
     state_directory: str
     port: int = 8443
-    interface: str = ""
+    interface: str = "localhost"
     hostnames: tuple[str, ...] = ()
     max_request_bytes: int = 65536
     store_url: str = "sqlite:estgw.sqlite"
@@ -542,7 +589,7 @@ class Config:
 # key → (attribute, parser) tables; a new setting is one row here.
 _GLOBAL_KEYS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "server.port": ("port", _port),
-    "server.interface": ("interface", _text),
+    "server.interface": ("interface", _interface),
     "server.hostnames": ("hostnames", _hostnames),
     "server.maxRequestBytes": ("max_request_bytes", _positive_int),
     "state.directory": ("state_directory", _text),
@@ -561,14 +608,14 @@ _GLOBAL_KEYS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "tls.groups": ("tls_groups", _nonempty),
     "tls.securityLevel": ("tls_security_level", _security_level),
     "metrics.port": ("metrics_port", _port),
-    "metrics.interface": ("metrics_interface", _text),
+    "metrics.interface": ("metrics_interface", _interface),
     "ca.keyType": ("ca_key_type", _choice(*KEY_TYPES)),
     "tls.keyType": ("tls_key_type", _choice(*KEY_TYPES)),
     "ca.rsaPadding": ("ca_rsa_padding", _choice(*RSA_PADDINGS)),
     "ca.keyPasswordFile": ("ca_key_password_file", _text),
     "ca.keyPasswordEnv": ("ca_key_password_env", _text),
     "publish.port": ("publish_port", _port),
-    "publish.interface": ("publish_interface", _text),
+    "publish.interface": ("publish_interface", _interface),
     "publish.crl.nextUpdateHours": ("publish_crl_hours", _positive_int),
     "coaps.port": ("coaps_port", _port),
     "coaps.interface": ("coaps_interface", _text),
@@ -591,6 +638,16 @@ _TOKEN_PROCEDURE_KEYS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "file.key": ("file_key", _text),
     "file.keyPasswordFile": ("file_key_password_file", _text),
     "file.keyPasswordEnv": ("file_key_password_env", _text),
+    "pkcs11.module": ("pkcs11_module", _text),
+    "pkcs11.token": ("pkcs11_token", _text),
+    "pkcs11.keyLabel": ("pkcs11_key_label", _text),
+    "pkcs11.pinFile": ("pkcs11_pin_file", _text),
+    "pkcs11.certificate": ("pkcs11_certificate", _text),
+    "pkcs11.chain": ("pkcs11_chain", _text),
+    "est.url": ("est_url", _est_url),
+    "est.token": ("est_token", _text),
+    "est.tokenPasswordFile": ("est_token_password_file", _text),
+    "est.trustAnchors": ("est_trust_anchors", _list),
 }
 # file.previous.<m>.<key>: an earlier issuing CA of ca = file (rollover).
 _FILE_PREVIOUS = re.compile(r"^file\.previous\.([0-9]+)\.(certificate|chain|key|keyPasswordFile|keyPasswordEnv)\Z")
@@ -599,13 +656,25 @@ _FILE_SETTING_FIELDS = {
     "keyPasswordFile": "key_password_file", "keyPasswordEnv": "key_password_env",
 }
 # Keys that only mean something for one kind of token procedure.
-_KIND_KEYS = {"file.": "file"}
+_KIND_KEYS = {"file.": "file", "pkcs11.": "pkcs11", "est.": "est"}
+# What the other kinds need (ca = file is checked in _check_kind).
+_KIND_REQUIRED = {
+    "pkcs11": ("pkcs11.module", "pkcs11.token", "pkcs11.keyLabel", "pkcs11.pinFile", "pkcs11.certificate"),
+    "est": ("est.url", "est.token"),
+}
 # Paths: relative to the config file's directory, and must exist.
 _TOKEN_PROCEDURE_FILES = {
     "file.certificate": "file_certificate",
     "file.chain": "file_chain",
     "file.key": "file_key",
     "file.keyPasswordFile": "file_key_password_file",
+    "pkcs11.module": "pkcs11_module",
+    "pkcs11.pinFile": "pkcs11_pin_file",
+    "pkcs11.certificate": "pkcs11_certificate",
+    "pkcs11.chain": "pkcs11_chain",
+    "est.token": "est_token",
+    "est.tokenPasswordFile": "est_token_password_file",
+    "est.trustAnchors": "est_trust_anchors",
 }
 _HANDLER_KEYS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "operation": ("operation", _choice(*OPERATIONS)),
@@ -831,18 +900,23 @@ def _check_kind(procedure: TokenProcedureConfig, keys: Mapping[str, str], prefix
                     prefix + settings.prefix + "keyPasswordEnv",
                     f"{settings.prefix}keyPasswordFile already names the passphrase", source,
                 )
+    for name in _KIND_REQUIRED.get(procedure.ca, ()):
+        if not keys.get(name, "").strip():
+            raise ConfigError(prefix + name, f"required with ca = {procedure.ca}", source)
 
 
 def _resolve_procedure_files(procedure: TokenProcedureConfig, base_dir: str, source: str) -> TokenProcedureConfig:
-    changes = {}
+    changes: dict[str, Any] = {}
     for name, attribute in _TOKEN_PROCEDURE_FILES.items():
         value = getattr(procedure, attribute)
         if not value:
             continue
-        path = _resolve(base_dir, value)
-        if not os.path.isfile(path):
-            raise ConfigError(f"tokenprocedure.{procedure.key}.{name}", f"no such file: {path}", source)
-        changes[attribute] = path
+        # est.trustAnchors is a list of files, the others one file each.
+        paths = [_resolve(base_dir, v) for v in (value if isinstance(value, tuple) else (value,))]
+        for path in paths:
+            if not os.path.isfile(path):
+                raise ConfigError(f"tokenprocedure.{procedure.key}.{name}", f"no such file: {path}", source)
+        changes[attribute] = tuple(paths) if isinstance(value, tuple) else paths[0]
     previous = []
     for settings in procedure.file_previous:
         resolved = {}

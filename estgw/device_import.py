@@ -47,7 +47,7 @@ from estgw import factory, names
 from estgw.auth import digest_ha1
 from estgw.config import Config
 from estgw.passwords import hash_password
-from estgw.store import Device, DuplicateDevice, IStore, certificate_fingerprint
+from estgw.store import Device, DuplicateDevice, DuplicateFactoryCertificate, IStore, certificate_fingerprint
 
 __all__ = [
     "Registration",
@@ -218,22 +218,30 @@ def read_csv(path: str) -> list[tuple[int, Registration | ValueError]]:
 class ImportResult:
     imported: list[str] = attr.Factory(list)
     bad: list[tuple[int, str]] = attr.Factory(list)  # (line, reason)
+    existing: list[tuple[int, str]] = attr.Factory(list)  # (line, device id) already registered
 
 
 async def import_devices(
     store: IStore, rows: Sequence[tuple[int, Registration | ValueError]], realms: Sequence[str]
 ) -> ImportResult:
-    """Register every good row; collect the bad ones (including devices
-    already registered) with their line numbers."""
+    """Register every good row; collect the bad ones and the devices
+    already registered (left as they are) with their line numbers."""
     result = ImportResult()
+    seen: dict[str, int] = {}
     for line, row in rows:
         if isinstance(row, ValueError):
             result.bad.append((line, str(row)))
             continue
+        if row.device_id in seen:  # a mistake in the file, not a re-run
+            result.bad.append((line, f"device {row.device_id!r} is already on line {seen[row.device_id]}"))
+            continue
+        seen[row.device_id] = line
         try:
             await store.add_device(build_device(row, realms))
-        except DuplicateDevice as e:
+        except DuplicateFactoryCertificate as e:
             result.bad.append((line, str(e)))
+        except DuplicateDevice:
+            result.existing.append((line, row.device_id))
         except ValueError as e:
             result.bad.append((line, str(e)))
         else:
@@ -244,5 +252,6 @@ async def import_devices(
 def describe(result: ImportResult, total: int) -> str:
     return (
         f"imported {len(result.imported)} of {total} device(s);"
+        f" {len(result.existing)} already registered (left unchanged);"
         f" {len(result.bad)} bad row(s) not imported"
     )

@@ -26,7 +26,7 @@ from estgw.metrics import Metrics
 from estgw.protocol import parse_csr
 from estgw.refusal import Refusal
 from estgw.revocation import RevocationChecker
-from estgw.store import IssuedCertificate, IStore
+from estgw.store import DuplicateCertificate, IssuedCertificate, IStore
 from estgw.tls import PeerInfo, channel_binding
 
 _log = Logger(namespace="estgw.audit")
@@ -53,13 +53,24 @@ class Gateway:
     key_signer: tuple[x509.Certificate, Any, tuple[x509.Certificate, ...]] | None = None
 
     def cacerts(self, label: str) -> list[x509.Certificate]:
-        """What cacerts under ``label`` returns (RFC 7030 4.1.3): the chain
-        of the token procedure that issues under that label, else the
-        local CA's."""
+        """What ``/cacerts`` under ``label`` returns (RFC 7030 4.1.3): the
+        chain of the token procedure that issues under that label
+        (simpleenroll's, else simplereenroll's), else the embedded CA's.
+
+        Raises a 503 Refusal while the token procedure does not know its
+        chain yet (an upstream EST server not reached so far).
+        """
         for operation in ENROLL_OPERATIONS:
             handler = self.config.handler(label, operation)
             if handler is not None and handler.token_procedure in self.procedures:
-                return self.procedures[handler.token_procedure].chain()
+                chain = self.procedures[handler.token_procedure].chain()
+                if not chain:
+                    raise Refusal(
+                        503, "ca-certificates-unavailable",
+                        "the CA certificates of this label are not known yet; try again later",
+                        {"Retry-After": "30"},
+                    )
+                return chain
         return self.ca_chain
 
 
@@ -70,10 +81,12 @@ async def _client_certificate_not_revoked(
     if cert is None:
         return
     # The store is read on every request: `estgw cert revoke` needs no restart.
-    # It knows only serials of our own CA: a foreign certificate with an
-    # equal serial is not ours to refuse.
-    ours = any(cert.issuer == issuer.subject for issuer in gateway.portal.issuers)
-    if ours and await gateway.store.is_revoked(cert.serial_number):
+    # It records what every token procedure issued (the embedded CA, an
+    # HSM key, an upstream CA), so the record is matched by the whole
+    # certificate: a foreign certificate with an equal serial is not ours
+    # to refuse.
+    recorded = await gateway.store.get_certificate(cert.serial_number)
+    if recorded is not None and recorded.revoked and recorded.der == cert.public_bytes(Encoding.DER):
         raise Refusal(403, "client-certificate-revoked", "the TLS client certificate has been revoked")
     if gateway.revocation is not None:
         await gateway.revocation.check(cert, peer.chain if peer is not None else ())
@@ -102,6 +115,33 @@ async def _renewing_last_issued(gateway: Gateway, identity: auth.Identity, ctx: 
             if last is not None else
             "renewal requires the certificate issued last for this subject; this gateway has no record of one",
         )
+
+
+async def _record(
+    gateway: Gateway, certificate: x509.Certificate, handler: HandlerConfig, identity: auth.Identity
+) -> bool:
+    """Record ``certificate``; False when this very certificate is recorded already.
+
+    A CA may answer a repeated request with the certificate it issued
+    before (an upstream EST server asked again for a request it answered,
+    or two identical requests that shared one upstream call): that is
+    the same certificate sent again, not a second one.  Another
+    certificate with a recorded serial is still an error.
+    """
+    try:
+        await gateway.store.record_certificate(
+            IssuedCertificate.from_certificate(certificate, handler.id, identity.requester)
+        )
+    except DuplicateCertificate:
+        recorded = await gateway.store.get_certificate(certificate.serial_number)
+        if recorded is None or recorded.der != certificate.public_bytes(Encoding.DER):
+            raise
+        _log.info(
+            "sent again serial {serial:x} to {requester}: the CA answered with a certificate already recorded",
+            serial=certificate.serial_number, requester=printable(identity.requester), event="reissued",
+        )
+        return False
+    return True
 
 
 async def _sent_again(
@@ -189,9 +229,8 @@ async def enroll(
     async with auth.single_use(gateway.store, identity):
         certificate = await procedure.issue(issue)
         # Committed before the response is written: nothing sent is unrecorded.
-        await gateway.store.record_certificate(
-            IssuedCertificate.from_certificate(certificate, handler.id, identity.requester)
-        )
+        if not await _record(gateway, certificate, handler, identity):
+            return certificate
     _log.info(
         "issued serial {serial:x} subject {subject} to {requester} by handler {handler}",
         serial=certificate.serial_number,

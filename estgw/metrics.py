@@ -33,13 +33,13 @@ class Metrics:
         self.issued: Counter[str] = Counter()
         # operation -> per-bucket counts (cumulated when rendered), sum, count
         self._latency: dict[str, list[int]] = {}
-        self._latency_sum: Counter[str] = Counter()
+        self._latency_sum: dict[str, float] = {}
 
     def response(self, operation: str, status: int, seconds: float) -> None:
         self.responses[(operation, status)] += 1
         buckets = self._latency.setdefault(operation, [0] * (len(BUCKETS) + 1))
         buckets[bisect.bisect_left(BUCKETS, seconds)] += 1
-        self._latency_sum[operation] += seconds
+        self._latency_sum[operation] = self._latency_sum.get(operation, 0.0) + seconds
 
     def refusal(self, code: str) -> None:
         self.refusals[code] += 1

@@ -65,7 +65,7 @@ import ipaddress
 import re
 import unicodedata
 import warnings
-from typing import Iterable
+from typing import Any, Iterable
 
 from cryptography import x509
 from cryptography.x509.name import _ASN1Type
@@ -354,7 +354,7 @@ def attribute_name(oid: ObjectIdentifier) -> str:
     return known[0] if known is not None else oid.dotted_string
 
 
-def check_attribute(attribute: x509.NameAttribute) -> x509.NameAttribute:
+def check_attribute(attribute: x509.NameAttribute[Any]) -> x509.NameAttribute[Any]:
     """One subject attribute: checked, and returned in the encoding
     RFC 5280 asks for.  :raises BadName: saying what is wrong."""
     name, syntax, bound = ATTRIBUTES.get(attribute.oid, (attribute.oid.dotted_string, "", UB_MATCH))

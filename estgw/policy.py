@@ -25,6 +25,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa
+from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import AttributeOID, ExtendedKeyUsageOID, NameOID, ObjectIdentifier
 
 from estgw import factory, names
@@ -421,7 +422,7 @@ def client_certificate_has_client_auth(ctx: PolicyContext) -> None:
         # certificate must name clientAuth.
         if ctx.identity.kind == "factory":
             return
-        ekus = []
+        ekus = x509.ExtendedKeyUsage([])
     if ExtendedKeyUsageOID.CLIENT_AUTH not in ekus and ANY_EKU not in ekus:
         raise _policy(
             "client-certificate-not-client-auth",
@@ -616,4 +617,5 @@ def issue_request(ctx: PolicyContext) -> IssueRequest:
         subject=names.check_subject(ctx.subject),
         public_key=ctx.csr.public_key(),
         sans=names.check_sans(ctx.sans),
+        csr=ctx.csr.public_bytes(Encoding.DER),
     )

@@ -34,7 +34,7 @@ import collections
 import os
 import weakref
 from datetime import datetime, timedelta, timezone
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence, cast
 
 import attr
 from cryptography import x509
@@ -317,7 +317,7 @@ def _single_response(
 def _is_responder(response: ocsp.OCSPResponse, certificate: x509.Certificate) -> bool:
     if response.responder_name is not None:
         return response.responder_name == certificate.subject
-    key_hash = x509.SubjectKeyIdentifier.from_public_key(certificate.public_key()).digest  # type: ignore[arg-type]
+    key_hash = x509.SubjectKeyIdentifier.from_public_key(certificate.public_key()).digest
     return response.responder_key_hash == key_hash
 
 
@@ -329,6 +329,7 @@ def _verify_signature(key: Any, signature: bytes, data: bytes, response: ocsp.OC
             pad: Any = padding.PSS(padding.MGF1(algorithm), padding.PSS.AUTO)
         else:
             pad = padding.PKCS1v15()
+        assert algorithm is not None
         key.verify(signature, data, pad, algorithm)
     elif isinstance(key, ec.EllipticCurvePublicKey):
         assert algorithm is not None
@@ -553,7 +554,8 @@ class _LimitedBody(protocol.Protocol):
 
     def _abort(self) -> None:
         if self.transport is not None:
-            self.transport.stopProducing()
+            # The response body's transport is a producer (IPushProducer).
+            cast(Any, self.transport).stopProducing()
 
     def dataReceived(self, data: bytes) -> None:
         if self.done.called:
@@ -606,8 +608,9 @@ class RevocationChecker:
         self.ocsp = ocsp_checker
         self._crl_stale = crl_stale
         if clock is None:
-            from twisted.internet import reactor as clock  # type: ignore[assignment]
-        self._clock = clock
+            from twisted.internet import reactor as clock
+        assert clock is not None
+        self._clock: IReactorTime = clock
         self._warned_stale: weakref.WeakSet[LoadedCRL] = weakref.WeakSet()
 
     async def check(self, certificate: x509.Certificate, chain: Sequence[x509.Certificate] = ()) -> None:
@@ -684,7 +687,7 @@ def build_checker(
     issuing CA, whose certificates OCSP leaves to the store.
     """
     if reactor is None:
-        from twisted.internet import reactor  # type: ignore[no-redef]
+        from twisted.internet import reactor
     runner = run_blocking or _thread_runner(reactor)
     crls = []
     now = _utc_from_seconds(reactor.seconds())

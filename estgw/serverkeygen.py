@@ -167,7 +167,7 @@ async def _generate(gateway: Gateway, key_type: str) -> Any:
         return keytypes.generate(key_type)  # EC and Ed25519 take microseconds
     reactor = gateway.reactor
     if reactor is None:
-        from twisted.internet import reactor  # type: ignore[no-redef]
+        from twisted.internet import reactor
     return await deferToThreadPool(reactor, reactor.getThreadPool(), keytypes.generate, key_type)
 
 

@@ -329,6 +329,12 @@ class IStore(Interface):
     def list_devices() -> Deferred[list[Device]]:
         """All devices, by id."""
 
+    def set_device_password(
+        device_id: str, password_hash: str, digest_ha1: tuple[tuple[str, str], ...] = ()
+    ) -> Deferred[bool]:
+        """Replace a device's password hashes (scrypt, Digest H(A1) per
+        realm); False when no such device.  Its other settings stay."""
+
     def remove_device(device_id: str) -> Deferred[bool]:
         """Forget a device; True if there was one."""
 
@@ -1024,6 +1030,19 @@ class _SQLStore:
         def interaction(txn: Any) -> list[Device]:
             self._execute(txn, f"SELECT {_DEVICE_COLUMNS} FROM devices ORDER BY device_id")
             return [_device_from_row(row) for row in txn.fetchall()]
+
+        return self._run(interaction)
+
+    def set_device_password(
+        self, device_id: str, password_hash: str, digest_ha1: tuple[tuple[str, str], ...] = ()
+    ) -> Deferred[bool]:
+        def interaction(txn: Any) -> bool:
+            self._execute(
+                txn,
+                "UPDATE devices SET password_hash = ?, digest_ha1 = ? WHERE device_id = ?",
+                (password_hash, json.dumps(dict(digest_ha1)) if digest_ha1 else None, device_id),
+            )
+            return bool(txn.rowcount > 0)
 
         return self._run(interaction)
 

@@ -1,20 +1,25 @@
 """``twistd estgw``: options and the service tree.
 
-The configuration is loaded and checked in ``postOptions`` so a bad file
-stops twistd before anything listens, with the key and the reason.
+The configuration is loaded and checked in ``postOptions``, and
+``makeService`` creates the state and binds the listening ports, so every
+start failure that can be known before the reactor runs (a bad file, an
+unreadable key, a port in use) stops twistd with the key or port and the
+reason and a non-zero status, before it daemonizes: the terminal that ran
+``twistd estgw`` sees it, and no pid file is left behind.  A failure
+after that (the store does not open) is logged and ends the process with
+a non-zero status.
 """
 
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Any
+from typing import Any, Mapping
 
 from twisted.application import service
 from twisted.internet import defer
-from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint, wrapServerTLS
+from twisted.internet.endpoints import wrapServerTLS
 from twisted.logger import Logger
 from twisted.python import usage
-from twisted.python.failure import Failure
 
 from estgw import bootstrap, config as config_module
 from estgw.approval.gateway import build_gates, load_approval_tls
@@ -22,7 +27,9 @@ from estgw.auth import device_portal, digest_nonce_counts, digest_secret
 from estgw.ca import CAError
 from estgw.ca.publish import keep_fresh, publish_site, published_cas
 from estgw.config import Config, ConfigError
+from estgw.daemon import StartError, end_process_on_failure, listen_all, shown_address
 from estgw.enroll import Gateway
+from estgw.health import Check, certificate_in_validity, health_resource
 from estgw.revocation import build_checker
 from estgw.metrics import metrics_site
 from estgw.tls import server_context_factory, settings_of
@@ -57,16 +64,6 @@ class Options(usage.Options):
         self.loaded: Config = loaded
 
 
-def _listen_now(endpoint: Any, factory: Any, number: int) -> Any:
-    """Listen before the reactor runs (TCP endpoints answer at once)."""
-    outcome: list[Any] = []
-    endpoint.listen(factory).addBoth(outcome.append)
-    if not outcome or isinstance(outcome[0], Failure):
-        reason = outcome[0].getErrorMessage() if outcome else "listening did not complete"
-        raise SystemExit(f"estgw: cannot listen on port {number}: {reason}")
-    return outcome[0]
-
-
 class GatewayService(service.Service):
     """Opens the store, then listens; stops listening, then closes it."""
 
@@ -92,20 +89,27 @@ class GatewayService(service.Service):
             )
             # PKCS#12 tokens of approval handlers, opened before listening.
             self.approval_tls = load_approval_tls(config)
+            bootstrap.check_store(config)
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
         self.store = bootstrap.open_store(config, reactor)
-        self.port: Any = None
+        self.ports: list[Any] = []
+        self.metrics_ports: list[Any] = []
+        self.publish_ports: list[Any] = []
         self.gateway: Gateway | None = None
-        self.metrics_port: Any = None
-        self.publish_port: Any = None
+        self._serving = False
         self.published = published_cas(
             self.state.procedures, config.token_procedures, self.store, self.reactor,
             timedelta(hours=config.publish_crl_hours),
         )
         self._crl_refresh: Any = None
         self.coaps_port: Any = None
-        self.ready: defer.Deferred = defer.Deferred()
+        self.ready: defer.Deferred[None] = defer.Deferred()
+
+    @property
+    def port(self) -> Any:
+        """The first EST listening port (None before bind or after stop)."""
+        return self.ports[0] if self.ports else None
 
     def build_gateway(self) -> Gateway:
         return Gateway(
@@ -124,9 +128,7 @@ class GatewayService(service.Service):
             key_signer=(self.state.server_certificate, self.state.server_key, (self.state.ca.issuing,)),
         )
 
-    def _endpoint(self) -> Any:
-        interface = self.config.interface
-        tcp = TCP6ServerEndpoint if ":" in interface else TCP4ServerEndpoint
+    def _wrap_tls(self, endpoint: Any) -> Any:
         context = server_context_factory(
             self.state.server_key,
             self.state.server_certificate,
@@ -136,31 +138,59 @@ class GatewayService(service.Service):
             self.state.trust_anchors,
             settings_of(self.config),
         )
-        return wrapServerTLS(context, tcp(self.reactor, self.config.port, interface=interface))
+        return wrapServerTLS(context, endpoint)
 
-    def _listen(self) -> Any:
-        """Bind the port now, before the reactor runs, so a port in use
-        stops twistd with a message and a non-zero status; accept nothing
-        until the store is open (connections wait in the listen backlog)."""
-        gateway = self.gateway = self.build_gateway()
-        port = _listen_now(self._endpoint(), build_site(gateway), self.config.port)
-        port.stopReading()
-        if self.config.metrics_port is not None:
-            endpoint = TCP4ServerEndpoint(
-                self.reactor, self.config.metrics_port, interface=self.config.metrics_interface
-            )
-            self.metrics_port = _listen_now(endpoint, metrics_site(gateway.metrics), self.config.metrics_port)
-        if self.config.publish_port is not None:
-            interface = self.config.publish_interface
-            tcp = TCP6ServerEndpoint if ":" in interface else TCP4ServerEndpoint
-            self.publish_port = _listen_now(
-                tcp(self.reactor, self.config.publish_port, interface=interface),
-                publish_site(self.published),
-                self.config.publish_port,
-            )
-        if self.config.coaps_port is not None:
-            self.coaps_port = self._listen_coaps(gateway)
-        return port
+    def readiness_checks(self) -> Mapping[str, Check]:
+        """What ``/health/ready`` asks; nothing (not ready) unless serving."""
+        if not self._serving or self.gateway is None:
+            return {}
+        procedures = self.gateway.procedures
+
+        async def store() -> None:
+            await self.store.get_certificate(0)
+
+        async def ca() -> None:
+            for procedure in procedures.values():
+                certificate_in_validity(procedure.chain()[0])
+
+        return {"store": store, "ca": ca}
+
+    def bind(self) -> None:
+        """Bind the EST (and metrics, publish, CoAPs) ports now, before the reactor runs,
+        so a port in use stops twistd before it daemonizes; accept
+        nothing until the store is open (connections wait in the listen
+        backlog).  StartError names the address, the port and the reason."""
+        if self.ports:
+            return
+        self.gateway = gateway = self.build_gateway()
+        health = health_resource(self.readiness_checks, self.reactor)
+        site = build_site(gateway)
+        site.resource.putChild(b"health", health)
+        self.ports = listen_all(
+            self.reactor, self.config.interface, self.config.port, site, self._wrap_tls
+        )
+        for port in self.ports:
+            port.stopReading()
+        try:
+            if self.config.metrics_port is not None:
+                operations = metrics_site(gateway.metrics)
+                operations.resource.putChild(b"health", health)
+                self.metrics_ports = listen_all(
+                    self.reactor, self.config.metrics_interface, self.config.metrics_port,
+                    operations, what="metrics",
+                )
+            if self.config.publish_port is not None:
+                self.publish_ports = listen_all(
+                    self.reactor, self.config.publish_interface, self.config.publish_port,
+                    publish_site(self.published), what="CRL publishing",
+                )
+            if self.config.coaps_port is not None:
+                self.coaps_port = self._listen_coaps(gateway)
+        except BaseException:
+            for port in self.ports + self.metrics_ports + self.publish_ports:
+                port.stopListening()
+            self.ports, self.metrics_ports, self.publish_ports = [], [], []
+            raise
 
     def _listen_coaps(self, gateway: Gateway) -> Any:
         """EST over CoAPs (RFC 9148) on coaps.port; reads nothing until the store is open."""
@@ -176,24 +206,28 @@ class GatewayService(service.Service):
             self.state.trust_anchors,
             settings_of(self.config),
         )
+        assert self.config.coaps_port is not None
         try:
             port = listen_coaps(
                 self.reactor, gateway, context, self.config.coaps_port, self.config.coaps_interface
             )
         except CannotListenError as e:
-            raise SystemExit(f"estgw: cannot listen on UDP port {self.config.coaps_port} (coaps.port): {e.socketError}")
+            reason = getattr(e.socketError, "strerror", None) or str(e.socketError)
+            raise StartError(f"cannot listen on UDP port {self.config.coaps_port} (coaps.port): {reason}") from None
         port.stopReading()
         return port
 
     async def _open(self) -> None:
         await self.store.start()
+        assert self.gateway is not None
         await self.gateway.portal.start()
-        if self.publish_port is not None:
+        if self.publish_ports:
             # CRLs re-signed after revocations (also by `estgw cert revoke` in
             # another process) and before their nextUpdate.
             self._crl_refresh = keep_fresh(self.published, self.reactor)
             self._crl_refresh.start(CRL_REFRESH_SECONDS, now=True)
-        self.port.startReading()
+        for port in self.ports:
+            port.startReading()
         if self.coaps_port is not None:
             self.coaps_port.startReading()
             self._log.info(
@@ -201,6 +235,13 @@ class GatewayService(service.Service):
                 host=self.config.hostnames[0] if self.config.hostnames else "localhost",
                 port=self.coaps_port.getHost().port,
             )
+        self._serving = True
+        self._log.info(
+            "listening on {addresses}",
+            addresses=", ".join(
+                shown_address(p.getHost()) for p in self.ports + self.metrics_ports + self.publish_ports
+            ),
+        )
         host = self.config.hostnames[0] if self.config.hostnames else "localhost"
         self._log.info(
             "estgw serving EST at https://{host}:{port}/.well-known/est/ ; "
@@ -211,30 +252,27 @@ class GatewayService(service.Service):
         )
 
     def startService(self) -> None:
-        self.port = self._listen()
+        self.bind()
         super().startService()
         d = defer.Deferred.fromCoroutine(self._open())
 
-        def failed(failure: Any) -> None:
+        def failed(failure: Any) -> Any:
             self._log.failure("estgw could not start", failure)
-            if self.reactor.running:
-                self.reactor.stop()
+            return failure
 
-        d.addCallbacks(self.ready.callback, failed)
+        d.addErrback(failed)
+        d.chainDeferred(self.ready)
 
     async def _stop(self) -> None:
-        port, self.port = self.port, None  # stopping twice is harmless
-        if port is not None:
+        self._serving = False  # /health/ready says 503 from now on
+        ports, self.ports = self.ports, []  # stopping twice is harmless
+        metrics, self.metrics_ports = self.metrics_ports, []
+        publish, self.publish_ports = self.publish_ports, []
+        for port in ports + metrics + publish:
             await defer.maybeDeferred(port.stopListening)
         coaps, self.coaps_port = self.coaps_port, None
         if coaps is not None:
             await defer.maybeDeferred(coaps.stopListening)
-        metrics, self.metrics_port = self.metrics_port, None
-        if metrics is not None:
-            await defer.maybeDeferred(metrics.stopListening)
-        publish, self.publish_port = self.publish_port, None
-        if publish is not None:
-            await defer.maybeDeferred(publish.stopListening)
         refresh, self._crl_refresh = self._crl_refresh, None
         if refresh is not None and refresh.running:
             refresh.stop()
@@ -242,7 +280,7 @@ class GatewayService(service.Service):
             await self.gateway.portal.close()
         await self.store.close()
 
-    def stopService(self) -> defer.Deferred:
+    def stopService(self) -> defer.Deferred[None]:
         super().stopService()
         return defer.Deferred.fromCoroutine(self._stop())
 
@@ -251,9 +289,11 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     top = service.MultiService()
     try:
         gateway = GatewayService(options.loaded, reactor)
-    except usage.UsageError as e:
+        gateway.bind()
+    except (usage.UsageError, StartError) as e:
         # twistd shows a traceback for errors raised here; the message is
         # what the operator needs, and the exit status is non-zero.
         raise SystemExit(f"estgw: {e}") from None
+    end_process_on_failure(gateway.ready, gateway.reactor)
     gateway.setServiceParent(top)
     return top

@@ -123,13 +123,14 @@ class ProcessResult:
 
 
 class _Collect(protocol.ProcessProtocol):
-    def __init__(self, stdin: bytes, done: defer.Deferred) -> None:
+    def __init__(self, stdin: bytes, done: defer.Deferred[ProcessResult]) -> None:
         self._stdin = stdin
         self._done = done
         self._out: list[bytes] = []
         self._err: list[bytes] = []
 
     def connectionMade(self) -> None:
+        assert self.transport is not None
         if self._stdin:
             self.transport.write(self._stdin)
         self.transport.closeStdin()
@@ -151,11 +152,11 @@ def run_process(
     env: Mapping[str, str] | None = None,
     path: str | None = None,
     reactor: Any = None,
-) -> defer.Deferred:
+) -> defer.Deferred[ProcessResult]:
     """Run a program without blocking the reactor; fires with ProcessResult."""
     if reactor is None:
         from twisted.internet import reactor
-    done: defer.Deferred = defer.Deferred()
+    done: defer.Deferred[ProcessResult] = defer.Deferred()
     environment = dict(os.environ if env is None else env)
     reactor.spawnProcess(_Collect(stdin, done), argv[0], list(argv), env=environment, path=path)
     return done
@@ -204,16 +205,16 @@ class HeldTokenProcedure:
     def __init__(self, procedure: Any) -> None:
         self.name = procedure.name
         self._procedure = procedure
-        self.called: defer.Deferred = defer.Deferred()
-        self._waiting: list[defer.Deferred] = []
+        self.called: defer.Deferred[Any] = defer.Deferred()
+        self._waiting: list[defer.Deferred[None]] = []
         self._released = False
 
-    def issue(self, request: Any) -> defer.Deferred:
+    def issue(self, request: Any) -> defer.Deferred[Any]:
         if not self.called.called:
             self.called.callback(request)
         if self._released:
             return self._procedure.issue(request)
-        waiting: defer.Deferred = defer.Deferred()
+        waiting: defer.Deferred[None] = defer.Deferred()
         self._waiting.append(waiting)
         return waiting.addCallback(lambda _: self._procedure.issue(request))
 
@@ -257,7 +258,7 @@ class RunningGateway:
         await self.service.ready
         self.port = self.service.port.getHost().port
 
-    def stop(self) -> defer.Deferred:
+    def stop(self) -> defer.Deferred[None]:
         return self.service.stopService()
 
     @property

@@ -298,8 +298,8 @@ def server_context_factory(
     factory = GatewayContextFactory(
         # cryptography objects: pyOpenSSL deprecates its own PKey/X509 here.
         privateKey=private_key,
-        certificate=certificate,
-        extraCertChain=list(chain),
+        certificate=certificate,  # type: ignore[arg-type]  # Twisted's hints name only pyOpenSSL's types
+        extraCertChain=list(chain),  # type: ignore[arg-type]
         verify=True,
         caCerts=[crypto.X509.from_cryptography(c) for c in trust_anchors],
         requireCertificate=False,

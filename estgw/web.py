@@ -16,8 +16,9 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, resource, server
-from twisted.web.http import Request, unquote
+from twisted.web.server import Request
 from twisted.web.http_headers import Headers
+from urllib.parse import unquote_to_bytes as unquote  # what twisted.web.http uses
 
 from estgw import csrattrs, protocol
 from estgw.config import OPERATIONS
@@ -65,6 +66,7 @@ class LimitedRequest(server.Request):
     def handleContentChunk(self, data: bytes) -> None:
         if self.body_too_large:
             return
+        assert self.content is not None  # set by gotLength
         if self.content.tell() + len(data) > self.max_body:
             self.content.seek(0)
             self.content.truncate()
@@ -242,12 +244,12 @@ class ESTResource(resource.Resource):
 
     @staticmethod
     def _operation_name(request: Request) -> str:
-        segments = [s for s in request.postpath if s]
+        segments = [s for s in request.postpath or [] if s]
         name = segments[-1].decode("ascii", "replace") if segments else ""
         return name if name in OPERATIONS else "other"
 
     def _route(self, request: Request) -> tuple[str, str]:
-        segments = [s.decode("utf-8", "replace") for s in request.postpath if s]
+        segments = [s.decode("utf-8", "replace") for s in request.postpath or [] if s]
         if len(segments) == 1:
             label, operation = "", segments[0]
         elif len(segments) == 2:
@@ -289,20 +291,22 @@ class ESTResource(resource.Resource):
                 413, "body-too-large",
                 f"the request body exceeds {self._gateway.config.max_request_bytes} bytes",
             )
+        if operation in ("cacerts", "csrattrs"):
+            from estgw.auth import authenticate
+
+            # filter public admits anyone; clientcert asks for a certificate.
+            await authenticate(request, handler, peer, self._gateway.portal)
         if operation == "cacerts":
             body = protocol.encode_certs_only(self._gateway.cacerts(label))
             return self._send(request, body, protocol.PKCS7_MIME)
         if operation == "csrattrs":
-            from estgw.auth import authenticate
-
-            await authenticate(request, handler, peer, self._gateway.portal)
             attributes = self._csr_attributes(label, handler)
             if not attributes and handler.csr_template is None:
                 return _respond(request, 204, b"", None)
             body = csrattrs.encode_response(attributes, handler.csr_template)
             return self._send(request, body, protocol.CSRATTRS)
         content_type = request.getHeader(b"content-type")
-        body = request.content.read()
+        body = request.content.read() if request.content is not None else b""
         if operation == "serverkeygen":
             multipart, multipart_type = await serverkeygen(
                 self._gateway, handler, request, peer, body,
@@ -378,6 +382,7 @@ class _Channel(http.HTTPChannel):
         # waits for this channel's producer: the client hung until the
         # idle timeout.
         body = f"a request or header line is longer than {self.MAX_LENGTH} bytes\n".encode("ascii")
+        assert self.transport is not None
         self.transport.write(
             b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n"
             b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
@@ -399,7 +404,7 @@ def build_site(gateway: Gateway) -> server.Site:
     # out of dataReceived on some Content-Type values (a dropped connection
     # and a logged traceback instead of an answer).
     site = server.Site(root, timeout=IDLE_TIMEOUT, parsePOSTFormSubmission=False)
-    site.protocol = _Channel
+    site.protocol = _Channel  # type: ignore[method-assign, assignment]  # what Site.buildProtocol makes
     site.requestFactory = request_factory(gateway.config.max_request_bytes)
     site.displayTracebacks = False
     return site

@@ -15,7 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from estgw import bootstrap, config as config_module
 from estgw.ca import IssueRequest, Profile
-from estgw.cli import CommandError, parse_serial, run
+from estgw.cli import CommandError, format_serial, parse_serial, run
 from estgw.passwords import verify_password
 from estgw.store import IssuedCertificate
 from estgw.testing import TEST_CONFIG, name, new_key, run_process, write
@@ -164,12 +164,12 @@ class DeviceTests(CLITestCase):
             os.path.join(self.directory, "twice.csv"),
             b"id,password,subject_values\nbad-7,x,serialNumber=S1;serialNumber=S1\nok-1,y,\n",
         )
-        out = io.StringIO()
+        out, err = io.StringIO(), io.StringIO()
         try:
-            await run(reactor, ["--config", self.config_path, "device", "import", csv_path], out)
+            await run(reactor, ["--config", self.config_path, "device", "import", csv_path], out, err)
         except (CommandError, SystemExit):
             pass
-        self.assertIn("line 2", out.getvalue() + "")
+        self.assertIn(f"{csv_path} line 2: ", err.getvalue())
         self.assertIsNone(await self.stored_hash("bad-7"))
         self.assertIsNotNone(await self.stored_hash("ok-1"))
 
@@ -184,15 +184,15 @@ class CertTests(CLITestCase):
         takes the serial in any hex spelling and prints fields and PEM."""
         self.assertEqual(await self.cli("cert", "list"), "no certificates issued\n")
         cert = await self.issue("dev-9")
-        serial = f"{cert.serial_number:x}"
+        serial = format_serial(cert.serial_number)
         listing = await self.cli("cert", "list")
         self.assertIn(serial, listing)
         self.assertIn("valid", listing)
         self.assertIn("CN=dev-9", listing)
         self.assertIn("device:dev-9", listing)
-        padded = serial.zfill(len(serial) + len(serial) % 2)  # openssl's spelling: whole octets
-        colons = ":".join(padded[i:i + 2] for i in range(0, len(padded), 2))
-        for spelling in (serial, "0x" + serial.upper(), colons):
+        colons = ":".join(serial[i:i + 2] for i in range(0, len(serial), 2))
+        bare = f"{cert.serial_number:x}"  # lower case, no leading zero
+        for spelling in (serial, "0x" + serial, colons, bare, "serial=" + serial, "000" + bare):
             shown = await self.cli("cert", "show", spelling)
             self.assertIn(f"serial:              {serial}\n", shown)
             self.assertIn("subjectAltName:      DNS:dev-9\n", shown)
@@ -202,8 +202,8 @@ class CertTests(CLITestCase):
     async def test_revoke(self) -> None:
         """cert revoke marks the certificate revoked, with its reason."""
         cert = await self.issue()
-        serial = f"{cert.serial_number:x}"
-        out = await self.cli("cert", "revoke", serial, "--reason", "keyCompromise")
+        serial = format_serial(cert.serial_number)
+        out = await self.cli("cert", "revoke", serial.lower(), "--reason", "keyCompromise")
         self.assertTrue(out.startswith(f"revoked {serial} (CN=dev-1) at "), out)
         shown = await self.cli("cert", "show", serial)
         self.assertIn("status:              revoked\n", shown)
@@ -258,8 +258,9 @@ class CertTests(CLITestCase):
     async def test_unknown_and_bad_serials(self) -> None:
         """Unknown serials and non-hex text fail with a message."""
         await self.issue()
-        self.assertEqual(await self.fails("cert", "show", "abc123"), "no certificate with serial abc123")
-        self.assertEqual(await self.fails("cert", "revoke", "0xABC123"), "no certificate with serial abc123")
+        self.assertEqual(await self.fails("cert", "show", "abc123"), "no certificate with serial ABC123")
+        self.assertEqual(await self.fails("cert", "revoke", "0xABC123"), "no certificate with serial ABC123")
+        self.assertEqual(await self.fails("cert", "revoke", "abc12"), "no certificate with serial 0ABC12")
         self.assertIn("not a serial number", await self.fails("cert", "revoke", "-5"))
 
 class ProcessTests(CLITestCase):
@@ -278,7 +279,7 @@ class ProcessTests(CLITestCase):
         code, out, err = await self.run_cli("device", "add", "d", "--password", "p")
         self.assertEqual((code, out, err), (1, "", "estgw: device 'd' is already registered\n"))
         code, _out, err = await self.run_cli("cert", "show", "ff")
-        self.assertEqual((code, err), (1, "estgw: no certificate with serial ff\n"))
+        self.assertEqual((code, err), (1, "estgw: no certificate with serial FF\n"))
 
     async def test_usage_errors(self) -> None:
         """An unknown command or revocation reason exits 2 with argparse's
@@ -291,3 +292,151 @@ class ProcessTests(CLITestCase):
         self.assertEqual(code, 2)
         self.assertIn("invalid choice: 'lost'", err)
         self.assertIn("valid", await self.cli("cert", "list"))
+
+
+class OperatorToolTests(CLITestCase):
+    """What makes the CLI behave like the tools sysadmins already use."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        text = TEST_CONFIG + (
+            "handler.8.operation = simpleenroll\nhandler.8.label = ra\nhandler.8.requiredRoRoles = ra, auditor\n"
+        )
+        self.config_path = write(os.path.join(self.directory, "est.properties"), text.encode())
+        self.config = config_module.load(self.config_path)
+
+    async def run_cli(self, *argv: str, shell: str | None = None) -> tuple[int, str, str]:
+        env = dict(os.environ, PYTHONPATH=REPO)
+        command = [sys.executable, "-m", "estgw.cli", "--config", self.config_path, *argv]
+        if shell is not None:  # e.g. "| head -n 1", with bash's pipefail
+            import shlex
+
+            command = ["/bin/bash", "-c", "set -o pipefail; " + shlex.join(command) + " " + shell]
+        result = await run_process(command, env=env)
+        return result.code, result.stdout.decode(), result.stderr.decode()
+
+    async def test_version(self) -> None:
+        """estgw --version prints the version on stdout and exits 0."""
+        import estgw
+
+        self.assertEqual(await self.run_cli("--version"), (0, f"estgw {estgw.__version__}\n", ""))
+
+    async def test_closed_pipe_is_quiet(self) -> None:
+        """``estgw cert list | true``: the reader is gone before estgw writes;
+        no BrokenPipeError traceback, exit status 141 as from cat."""
+        for n in range(3):
+            await self.issue(f"dev-{n}")
+        code, out, err = await self.run_cli("cert", "list", shell="| true")
+        self.assertEqual((code, err), (141, ""))
+        code, out, err = await self.run_cli("cert", "list", "--json", shell="| head -c 10")
+        self.assertEqual(err, "")
+        self.assertEqual(len(out), 10)
+
+    async def test_cert_list_filters(self) -> None:
+        """--subject takes the DN or the bare commonName (exactly);
+        --search a substring in any case; --status and --expires-within
+        filter; --json gives the same records as a JSON array."""
+        import json
+
+        pump = await self.issue("pump-17")
+        await self.issue("pump-170")
+        other = await self.issue("valve-3")
+        await self.cli("cert", "revoke", format_serial(other.serial_number))
+
+        def serials(listing: str) -> set[str]:
+            return {line.split()[0] for line in listing.splitlines()[1:]}
+
+        self.assertEqual(serials(await self.cli("cert", "list", "--subject", "pump-17")),
+                         {format_serial(pump.serial_number)})
+        self.assertEqual(serials(await self.cli("cert", "list", "--subject", "CN=pump-17")),
+                         {format_serial(pump.serial_number)})
+        self.assertEqual(len(serials(await self.cli("cert", "list", "--search", "PUMP"))), 2)
+        self.assertEqual(serials(await self.cli("cert", "list", "--status", "revoked")),
+                         {format_serial(other.serial_number)})
+        self.assertEqual(len(serials(await self.cli("cert", "list", "--status", "valid"))), 2)
+        self.assertEqual(len(serials(await self.cli("cert", "list", "--status", "valid", "--status", "revoked"))), 3)
+        # issue() uses the default profile: 365 days; revoked ones never count.
+        self.assertEqual(len(serials(await self.cli("cert", "list", "--expires-within", "366"))), 2)
+        self.assertEqual(await self.cli("cert", "list", "--expires-within", "364"), "no certificates match\n")
+        self.assertEqual(await self.cli("cert", "list", "--subject", "nobody"), "no certificates match\n")
+        records = json.loads(await self.cli("cert", "list", "--json", "--subject", "pump-17"))
+        self.assertEqual(len(records), 1)
+        self.assertEqual(records[0]["serial"], format_serial(pump.serial_number))
+        self.assertEqual(records[0]["subject"], "CN=pump-17")
+        self.assertEqual(records[0]["status"], "valid")
+        self.assertEqual(json.loads(await self.cli("cert", "list", "--json", "--subject", "nobody")), [])
+
+    async def test_serial_as_openssl_prints_it(self) -> None:
+        """cert list prints the serial as openssl x509 -serial does, and
+        that text (or openssl's whole line) finds the certificate."""
+        cert = await self.issue("dev-x")
+        pem = write(os.path.join(self.directory, "dev-x.pem"), cert.public_bytes(Encoding.PEM))
+        result = await run_process(["openssl", "x509", "-noout", "-serial", "-in", pem])
+        printed = result.stdout.decode().strip()  # serial=0A1B...
+        self.assertIn(printed.removeprefix("serial="), await self.cli("cert", "list"))
+        self.assertIn("CN=dev-x", await self.cli("cert", "show", printed))
+        self.assertEqual(format_serial(0x0A1B), "0A1B")
+
+    async def test_device_and_officer_json(self) -> None:
+        """device list --json and officer list --json are JSON arrays."""
+        import json
+
+        self.assertEqual(json.loads(await self.cli("device", "list", "--json")), [])
+        await self.cli("device", "add", "pump-1", "--password", "pw")
+        (device,) = json.loads(await self.cli("device", "list", "--json"))
+        self.assertEqual((device["id"], device["password"], device["singleUse"]), ("pump-1", True, False))
+        self.assertNotIn("hash", json.dumps(device).lower())
+        self.assertEqual(json.loads(await self.cli("officer", "list", "--json")), [])
+
+    async def test_unknown_role_refused(self) -> None:
+        """officer add --role RAA (a typo) is refused naming the roles the
+        handlers know; nothing is granted; --force grants it all the same."""
+        cert = await self.issue("ra-1")
+        pem = write(os.path.join(self.directory, "ra-1.pem"), cert.public_bytes(Encoding.PEM))
+        message = await self.fails("officer", "add", "--cert", pem, "--role", "RAA")
+        self.assertIn("no handler", message)
+        self.assertIn("known roles: auditor, ra", message)
+        self.assertEqual(await self.cli("officer", "list"), "no officer roles granted\n")
+        self.assertIn("granted officer role ra ", await self.cli("officer", "add", "--cert", pem, "--role", "ra"))
+        self.assertIn("granted officer role RAA ", await self.cli("officer", "add", "--cert", pem, "--role", "RAA", "--force"))
+
+    async def test_import_twice(self) -> None:
+        """Re-running an import reports the registered rows as such, on
+        stderr, with a truthful summary and status 1; --skip-existing
+        makes the re-run succeed; a bad row still fails it."""
+        csv = write(os.path.join(self.directory, "devices.csv"),
+                    b"id,password\npump-1,pw-1\npump-2,pw-2\n")
+        code, out, err = await self.run_cli("device", "import", csv)
+        self.assertEqual((code, out, err), (0, "imported 2 of 2 device(s); 0 already registered (left unchanged);"
+                                                " 0 bad row(s) not imported\n", ""))
+        code, out, err = await self.run_cli("device", "import", csv)
+        self.assertEqual(code, 1)
+        self.assertEqual(out, "imported 0 of 2 device(s); 2 already registered (left unchanged); 0 bad row(s) not imported\n")
+        self.assertIn(f"estgw: {csv} line 2: device 'pump-1' is already registered (left unchanged)\n", err)
+        self.assertIn("estgw: 2 device(s) already registered (--skip-existing accepts that;", err)
+        self.assertNotIn("imported", err)
+        code, out, err = await self.run_cli("device", "import", "--skip-existing", csv)
+        self.assertEqual((code, err), (0, ""))
+        write(csv, b"id,password\npump-1,pw-1\npump-3,pw-3\nbad:id,pw\n")
+        code, out, err = await self.run_cli("device", "import", "--skip-existing", csv)
+        self.assertEqual(code, 1)
+        self.assertEqual(out, "imported 1 of 3 device(s); 1 already registered (left unchanged); 1 bad row(s) not imported\n")
+        self.assertIn("line 4: device id 'bad:id' contains ':'", err)
+
+    async def test_device_passwd(self) -> None:
+        """device passwd replaces the password (and its Digest hashes); the
+        old one stops working; an unknown id fails."""
+        await self.cli("device", "add", "pump-1", "--password", "old-pw")
+        new = write(os.path.join(self.directory, "new.txt"), b"new-pw\n")
+        self.assertEqual(await self.cli("device", "passwd", "pump-1", "--password-file", new),
+                         "changed the password of device pump-1\n")
+        store = bootstrap.open_store(self.config, reactor)
+        await store.start()
+        try:
+            device = await store.get_device("pump-1")
+        finally:
+            await store.close()
+        self.assertTrue(verify_password("new-pw", device.password_hash))
+        self.assertFalse(verify_password("old-pw", device.password_hash))
+        self.assertEqual(await self.fails("device", "passwd", "ghost", "--password-file", new), "no device 'ghost'")
+        self.assertIn("needs --password-file", await self.fails("device", "passwd", "pump-1"))

@@ -40,7 +40,7 @@ class ShippedConfigTests(SynchronousTestCase):
     def test_listener_and_state(self) -> None:
         """Port 8443, the default host names, and state next to the file."""
         self.assertEqual(self.config.port, 8443)
-        self.assertEqual(self.config.interface, "")
+        self.assertEqual(self.config.interface, "localhost")
         self.assertIn("localhost", self.config.hostnames)
         self.assertIn("127.0.0.1", self.config.hostnames)
         self.assertEqual(self.config.state_directory, os.path.join(os.path.dirname(SHIPPED), "state"))

@@ -271,10 +271,10 @@ class DeviceRegistrationCLITests(SecurityTestCase):
             "pump-1,pw1,DNS:pump-1.plant.example;IP:10.0.0.1;URI:https://pump-1.plant.example/a%3Bb,O=Plant\n"
             "pump-2,pw2,DNS:*.example,\n"
         ).encode())
-        stream = io.StringIO()
+        stream, errors = io.StringIO(), io.StringIO()
         with self.assertRaises(cli.CommandError):
-            await cli.run(reactor, ["--config", self.gateway.config_path, "device", "import", path], stream)
-        self.assertIn("line 3: the dNSName subjectAltName '*.example'", stream.getvalue())
+            await cli.run(reactor, ["--config", self.gateway.config_path, "device", "import", path], stream, errors)
+        self.assertIn("line 3: the dNSName subjectAltName '*.example'", errors.getvalue())
         [device] = await self.gateway.store.list_devices()
         self.assertEqual(device.subject_values, (
             ("O", "Plant"), ("DNS", "pump-1.plant.example"), ("IP", "10.0.0.1"),
@@ -307,18 +307,20 @@ class DeviceImportTests(SecurityTestCase):
     async def test_import_good_and_bad_rows(self) -> None:
         """Each bad row is reported with its line number and reason; the
         good rows are imported; a summary line; the command fails."""
-        stream = io.StringIO()
+        stream, errors = io.StringIO(), io.StringIO()
         with self.assertRaises(cli.CommandError) as caught:
-            await cli.run(reactor, ["--config", self.gateway.config_path, "device", "import", self.csv], stream)
-        out = stream.getvalue().splitlines()
+            await cli.run(reactor, ["--config", self.gateway.config_path, "device", "import", self.csv], stream, errors)
+        err = errors.getvalue().splitlines()
         self.assertIn("5 bad row(s)", str(caught.exception))
-        self.assertEqual([line.split(":")[0] for line in out[:-1]], ["line 3", "line 5", "line 7", "line 8", "line 9"])
-        self.assertIn("password, a factory certificate, or both", out[0])
-        self.assertIn("single_use must be yes or no", out[1])
-        self.assertIn("missing.pem", out[2])
-        self.assertIn("already registered", out[3])
-        self.assertIn("expected 6 fields, found 5", out[4])
-        self.assertEqual(out[-1], "imported 3 of 8 device(s); 5 bad row(s) not imported")
+        self.assertEqual([line.split(":")[1] for line in err],
+                         [f" {self.csv} line {n}" for n in (3, 5, 7, 8, 9)])
+        self.assertIn("password, a factory certificate, or both", err[0])
+        self.assertIn("single_use must be yes or no", err[1])
+        self.assertIn("missing.pem", err[2])
+        self.assertIn("device 'pump-1' is already on line 2", err[3])
+        self.assertIn("expected 6 fields, found 5", err[4])
+        self.assertEqual(stream.getvalue(), "imported 3 of 8 device(s); 0 already registered (left unchanged);"
+                                            " 5 bad row(s) not imported\n")
         devices = {d.device_id: d for d in await self.gateway.store.list_devices()}
         self.assertEqual(sorted(devices), ["pump-1", "pump-20", "pump-6"])
         self.assertEqual(devices["pump-20"].subject_values, (("serialNumber", "SN20"), ("IP", "10.0.0.20")))
@@ -344,16 +346,17 @@ class DeviceImportTests(SecurityTestCase):
         self.assertEqual(await self.gateway.store.count_certificates(), 2)
 
     async def test_exit_status(self) -> None:
-        """The estgw command exits 1 after a file with a bad row, and the
-        report is on its output."""
+        """The estgw command exits 1 after a file with a bad row; the rows'
+        problems are on stderr, the summary on stdout."""
         result = await run_process(
             [sys.executable, "-m", "estgw.cli", "--config", self.gateway.config_path, "device", "import", self.csv],
             env={**os.environ, "PYTHONPATH": os.pathsep.join([_SOURCE_ROOT, os.environ.get("PYTHONPATH", "")])},
         )
         self.assertEqual(result.code, 1, result.stderr)
-        self.assertIn(b"line 3: ", result.stdout)
-        self.assertIn(b"imported 3 of 8 device(s); 5 bad row(s) not imported", result.stdout)
-        self.assertIn(b"estgw: ", result.stderr)
+        self.assertIn(b" line 3: ", result.stderr)
+        self.assertEqual(b"imported 3 of 8 device(s); 0 already registered (left unchanged);"
+                         b" 5 bad row(s) not imported\n", result.stdout)
+        self.assertIn(b"estgw: 5 bad row(s) in ", result.stderr)
 
     async def test_bad_header(self) -> None:
         """A header with an unknown column imports nothing."""

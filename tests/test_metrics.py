@@ -35,7 +35,7 @@ class MetricsEndpointTests(TestCase):
         issued = await gateway.curl("simpleenroll", data=basic_csr(), user="pump-17:s3cret")
         self.assertEqual(issued.status, 200)
 
-        port = gateway.service.metrics_port.getHost().port
+        port = gateway.service.metrics_ports[0].getHost().port
         result = await run_process(["curl", "-sS", "-i", f"http://127.0.0.1:{port}/metrics"])
         self.assertEqual(result.code, 0, result.stderr)
         head, _, text = result.stdout.decode().partition("\r\n\r\n")
@@ -51,7 +51,7 @@ class MetricsEndpointTests(TestCase):
     async def test_off_by_default(self) -> None:
         """Without metrics.port nothing else listens."""
         gateway = await RunningGateway.start(self)
-        self.assertIsNone(gateway.service.metrics_port)
+        self.assertEqual(gateway.service.metrics_ports, [])
 
 
 class MetricsTests(SynchronousTestCase):

@@ -24,7 +24,7 @@ class OfficerEnrollmentTests(SecurityTestCase):
         self.before = 1
 
     async def grant(self, role: str = "ra") -> None:
-        await run_cli(self.gateway, "officer", "add", "--cert", self.officer.cert_path, "--role", role)
+        await run_cli(self.gateway, "officer", "add", "--cert", self.officer.cert_path, "--role", role, "--force")
 
     async def test_officer_enrolls_for_another_subject(self) -> None:
         """An officer with role ra enrolls for pump-17 on a subject-match
@@ -122,7 +122,7 @@ class OfficerCLITests(SecurityTestCase):
         self.assertIn(f"granted officer role ra to CN=ra-1 (SHA-256 {fingerprint})", out)
         out = await run_cli(self.gateway, "officer", "add", "--cert", self.officer.cert_path, "--role", "ra")
         self.assertIn("already holds officer role ra", out)
-        await run_cli(self.gateway, "officer", "add", "--cert", self.officer.cert_path, "--role", "ops")
+        await run_cli(self.gateway, "officer", "add", "--cert", self.officer.cert_path, "--role", "ops", "--force")
         self.assertEqual(await self.gateway.store.officer_roles(fingerprint), ("ops", "ra"))
         listing = (await run_cli(self.gateway, "officer", "list")).splitlines()
         self.assertEqual(len(listing), 3)
@@ -135,7 +135,7 @@ class OfficerCLITests(SecurityTestCase):
         """A role name with spaces, or "none", is refused."""
         for role in ("two words", "none"):
             with self.assertRaises(cli.CommandError):
-                await run_cli(self.gateway, "officer", "add", "--cert", self.officer.cert_path, "--role", role)
+                await run_cli(self.gateway, "officer", "add", "--cert", self.officer.cert_path, "--role", role, "--force")
         self.assertEqual(await self.gateway.store.list_officer_roles(), [])
 
     async def test_remove_unknown(self) -> None:

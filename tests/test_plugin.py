@@ -8,7 +8,7 @@ import os
 from twisted.application.service import IServiceMaker
 from twisted.plugin import getPlugins
 from twisted.python import usage
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from estgw import tap
 from estgw.testing import TEST_CONFIG, write
@@ -61,6 +61,33 @@ class LayoutTests(SynchronousTestCase):
                 expected.add(os.path.relpath(directory, REPO).replace(os.sep, "."))
         self.assertEqual(listed, expected)
 
+    def test_extras_offer_only_what_is_used(self) -> None:
+        """Every optional dependency (extras other than test) is imported by
+        some module of estgw: an extra that does nothing is not offered."""
+        import re
+
+        parser = configparser.ConfigParser()
+        parser.read_string(self.read("setup.cfg"))
+        extras = parser["options.extras_require"] if parser.has_section("options.extras_require") else {}
+        sources = ""
+        for directory, _dirs, files in os.walk(os.path.join(REPO, "estgw")):
+            for name in files:
+                if name.endswith(".py"):
+                    with open(os.path.join(directory, name), encoding="utf-8") as f:
+                        sources += f.read()
+        for extra, requirements in extras.items():
+            if extra == "test":
+                continue
+            for requirement in requirements.split():
+                module = re.split(r"[<>=!\[; ]", requirement)[0].replace("-binary", "").replace("-", "_")
+                self.assertRegex(sources, rf"(?m)^\s*(import|from) {re.escape(module)}\b", f"{extra}: {requirement}")
+
+    def test_version_has_one_home(self) -> None:
+        """setup.cfg takes the version from estgw.__version__ (what --version says)."""
+        parser = configparser.ConfigParser()
+        parser.read_string(self.read("setup.cfg"))
+        self.assertEqual(parser["metadata"]["version"], "attr: estgw.__version__")
+
     def test_no_init_in_twisted_namespace(self) -> None:
         """No __init__.py under twisted/: it would shadow the installed Twisted."""
         self.assertFalse(os.path.exists(os.path.join(REPO, "twisted", "__init__.py")))
@@ -70,6 +97,26 @@ class LayoutTests(SynchronousTestCase):
         """pyproject.toml holds only the build-system table; metadata is in setup.cfg."""
         tables = [line.strip() for line in self.read("pyproject.toml").splitlines() if line.startswith("[")]
         self.assertEqual(tables, ["[build-system]"])
+
+
+class MakeServiceListensTests(TestCase):
+    async def test_builds_gateway_service(self) -> None:
+        """makeService creates the state, binds the port (before twistd
+        daemonizes) without accepting yet, and returns a MultiService
+        holding the (not yet started) gateway service."""
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        path = write(os.path.join(directory, "est.properties"), TEST_CONFIG.encode())
+        options = tap.Options()
+        options.parseOptions(["--config", path])
+        top = tap.makeService(options)
+        (gateway,) = list(top)
+        self.assertIsInstance(gateway, tap.GatewayService)
+        self.assertFalse(gateway.running)
+        self.assertTrue(os.path.exists(options.loaded.ca_certificate_path))
+        self.assertEqual([p.getHost().host for p in gateway.ports], ["127.0.0.1"])
+        for port in gateway.ports:
+            await port.stopListening()
 
 
 class OptionsTests(SynchronousTestCase):
@@ -128,18 +175,6 @@ class MakeServiceTests(SynchronousTestCase):
         self.directory = os.path.abspath(self.mktemp())
         os.makedirs(self.directory)
         self.path = os.path.join(self.directory, "est.properties")
-
-    def test_builds_gateway_service(self) -> None:
-        """makeService creates the state and returns a MultiService holding
-        the (not yet started) gateway service."""
-        write(self.path, TEST_CONFIG.encode())
-        options = tap.Options()
-        options.parseOptions(["--config", self.path])
-        top = tap.makeService(options)
-        (gateway,) = list(top)
-        self.assertIsInstance(gateway, tap.GatewayService)
-        self.assertFalse(gateway.running)
-        self.assertTrue(os.path.exists(options.loaded.ca_certificate_path))
 
     def test_unusable_state_directory(self) -> None:
         """A state.directory that cannot be created ends twistd with a

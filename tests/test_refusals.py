@@ -13,7 +13,9 @@ tests/test_approval_*.py with the same assertions; wire-level refusals
 from __future__ import annotations
 
 import datetime
+import atexit
 import os
+import shutil
 import tempfile
 from typing import Any, Awaitable, Callable
 
@@ -32,7 +34,9 @@ from estgw.store import Device, IssuedCertificate
 from tests.test_auth import FACTORY_CA, SECURITY_CONFIG, gateway_certificate, run_cli
 from estgw.testing import TEST_CONFIG, RunningGateway, cert_pem, csr_pem, key_pem, make_csr, name, new_key, write
 
-REVOKED_IDEVID = FACTORY_CA.issue(tempfile.mkdtemp(prefix="estgw-matrix-"), "ACME-PUMP-0066")
+_MATRIX_FILES = tempfile.mkdtemp(prefix="estgw-matrix-")
+atexit.register(shutil.rmtree, _MATRIX_FILES, True)  # leave nothing in the temporary directory
+REVOKED_IDEVID = FACTORY_CA.issue(_MATRIX_FILES, "ACME-PUMP-0066")
 
 MATRIX_CONFIG = TEST_CONFIG + """\
 handler.10.operation = simpleenroll
@@ -282,7 +286,7 @@ async def officer_without_role(gw, d):
 
 async def officer_without_role_registered(gw, d):
     own = gateway_certificate(gw, d, "ra-7")
-    await run_cli(gw, "officer", "add", "--cert", own.cert_path, "--role", "auditor")
+    await run_cli(gw, "officer", "add", "--cert", own.cert_path, "--role", "auditor", "--force")
     return {"data": basic_csr("pump-99"), **own.curl}
 
 

@@ -13,6 +13,7 @@ import base64
 import email
 import email.policy
 import os
+import re
 import sys
 from typing import Any
 
@@ -478,7 +479,7 @@ def shipped_config(extra: str = "") -> str:
     """etc/est.properties as shipped, on a free port of 127.0.0.1."""
     text = open(os.path.join(REPO, "etc", "est.properties"), encoding="utf-8").read()
     text = text.replace("\nserver.port = 8443\n", "\nserver.port = 0\n")
-    text = text.replace("\nserver.interface =\n", "\nserver.interface = 127.0.0.1\n")
+    text = re.sub(r"(?m)^server\.interface *=.*$", "server.interface = 127.0.0.1", text)
     assert "server.port = 0" in text and "server.interface = 127.0.0.1" in text
     return text + extra
 

@@ -18,6 +18,7 @@ from twisted.internet import defer, protocol, reactor
 from twisted.internet.error import ProcessDone, ProcessExitedAlready
 from twisted.trial.unittest import TestCase
 
+from estgw.cli import format_serial
 from estgw.protocol import decode_certs_only
 from estgw.testing import ProcessResult, _which, make_csr, new_key, run_process
 
@@ -178,7 +179,7 @@ class DaemonTests(TwistdTestCase):
         self.assertEqual(decode_certs_only(body), first_chain)
         listed = await self.cli("cert", "list")
         self.assertEqual(listed.code, 0, listed.stderr.decode())
-        self.assertIn(f"{cert.serial_number:x}".encode(), listed.stdout)
+        self.assertIn(format_serial(cert.serial_number).encode(), listed.stdout)
         self.assertIn(b"device:pump-7", listed.stdout)
 
 
@@ -232,5 +233,200 @@ class PortInUseTests(TwistdTestCase):
         code = await _wait(daemon.ended, START_TIMEOUT)
         output = daemon.output.decode()
         self.assertNotEqual(code, 0, output)
-        self.assertIn(f"estgw: cannot listen on port {busy}", output)
+        self.assertIn(f"estgw: cannot listen for EST on 127.0.0.1 port {busy}: Address already in use", output)
         self.assertNotIn("Traceback", output)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+class DaemonizeTestCase(TwistdTestCase):
+    """Runs twistd without ``-n``: the real fork, pid file and log file."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.pidfile = os.path.join(self.directory, "twistd.pid")
+        self.logfile = os.path.join(self.directory, "twistd.log")
+
+    async def daemonize(self, *extra: str, plugin: str = "estgw", config: str | None = None) -> ProcessResult:
+        argv = TWISTD + [f"--pidfile={self.pidfile}", f"--logfile={self.logfile}",
+                         plugin, "--config", config or self.config, *extra]
+        started = reactor.seconds()
+        result = await _wait(run_process(argv, env=environment(), path=self.directory), START_TIMEOUT)
+        self.took = reactor.seconds() - started
+        if os.path.exists(self.pidfile):
+            with open(self.pidfile) as f:
+                pid = int(f.read())
+            self.addCleanup(self._kill, pid)
+        return result
+
+    async def _kill(self, pid: int) -> None:
+        if _alive(pid):
+            os.kill(pid, 15)
+        for _ in range(150):  # at most 15 s
+            if not _alive(pid):
+                return
+            await _sleep(0.1)
+        os.kill(pid, 9)
+
+    def assert_failed_fast(self, result: ProcessResult, message: str) -> None:
+        self.assertNotEqual(result.code, 0, result)
+        self.assertLess(self.took, 20)
+        self.assertIn(message, result.stderr.decode() + result.stdout.decode())
+        self.assertNotIn("Traceback", result.stderr.decode())
+        self.assertFalse(os.path.exists(self.pidfile), "no pid file of a dead process")
+
+    def append_config(self, text: str) -> None:
+        with open(self.config, "a") as f:
+            f.write(text)
+
+
+class DaemonizedTests(DaemonizeTestCase):
+    """``twistd estgw`` without ``-n``: every start failure makes the
+    command itself exit non-zero within seconds with the reason on its
+    terminal, and leaves no pid file."""
+
+    async def test_port_in_use(self) -> None:
+        """The port is held: twistd exits 1 with the address, the port and
+        the reason instead of waiting forever for its child."""
+        holder = reactor.listenTCP(0, protocol.Factory(), interface="127.0.0.1")
+        self.addCleanup(holder.stopListening)
+        busy = holder.getHost().port
+        result = await self.daemonize("--port", str(busy))
+        self.assert_failed_fast(result, f"estgw: cannot listen for EST on 127.0.0.1 port {busy}: Address already in use")
+
+    async def test_metrics_port_in_use(self) -> None:
+        """So does a metrics port in use; the EST port is released again."""
+        holder = reactor.listenTCP(0, protocol.Factory(), interface="127.0.0.1")
+        self.addCleanup(holder.stopListening)
+        busy = holder.getHost().port
+        self.append_config(f"metrics.port = {busy}\n")
+        result = await self.daemonize("--port", "0")
+        self.assert_failed_fast(result, f"cannot listen for metrics on 127.0.0.1 port {busy}")
+
+    async def test_coaps_port_in_use(self) -> None:
+        """So does the CoAPs UDP port in use (coaps.port)."""
+        holder = reactor.listenUDP(0, protocol.DatagramProtocol(), interface="127.0.0.1")
+        self.addCleanup(holder.stopListening)
+        busy = holder.getHost().port
+        self.append_config(f"coaps.port = {busy}\ncoaps.interface = 127.0.0.1\n")
+        result = await self.daemonize("--port", "0")
+        self.assert_failed_fast(result, f"estgw: cannot listen on UDP port {busy} (coaps.port): Address already in use")
+
+    async def test_bad_config(self) -> None:
+        """A misspelt key: exit status non-zero, the key and the reason."""
+        self.append_config("server.prot = 8443\n")
+        result = await self.daemonize("--port", "0")
+        self.assert_failed_fast(result, "server.prot: unknown key")
+
+    async def test_unreadable_ca_key(self) -> None:
+        """A CA key that cannot be loaded stops the start with its path."""
+        first = await self.daemonize("--port", "0")  # creates the state, then serves
+        self.assertEqual(first.code, 0, first)
+        with open(self.pidfile) as f:
+            await self._kill(int(f.read()))
+        key = os.path.join(self.directory, "state", "ca", "issuing-ca.key")
+        with open(key, "w") as f:
+            f.write("-----BEGIN PRIVATE KEY-----\ngarbage\n-----END PRIVATE KEY-----\n")
+        result = await self.daemonize("--port", "0")
+        self.assert_failed_fast(result, "issuing-ca.key")
+
+    async def test_store_not_a_database(self) -> None:
+        """A store file that is not SQLite stops the start naming store.url."""
+        os.makedirs(os.path.join(self.directory, "state"))
+        with open(os.path.join(self.directory, "state", "estgw.sqlite"), "wb") as f:
+            f.write(b"this is not a database" * 100)
+        result = await self.daemonize("--port", "0")
+        self.assert_failed_fast(result, "store.url: cannot open")
+
+    async def test_serves_then_stops(self) -> None:
+        """A good start: twistd returns 0 at once, the pid file names the
+        serving daemon, which answers /health/ready and ends on SIGTERM,
+        removing its pid file."""
+        holder = reactor.listenTCP(0, protocol.Factory(), interface="127.0.0.1")
+        port = holder.getHost().port
+        await holder.stopListening()
+        result = await self.daemonize("--port", str(port))
+        self.assertEqual(result.code, 0, result)
+        with open(self.pidfile) as f:
+            pid = int(f.read())
+        self.assertTrue(_alive(pid))
+        ca = os.path.join(self.directory, "state", "ca", "root-ca.pem")
+        ready = None
+        for _ in range(100):  # the store opens after twistd returned; at most 10 s
+            ready = await run_process([_which("curl"), "-sS", "--max-time", "5", "--cacert", ca,
+                                       f"https://localhost:{port}/health/ready"])
+            if ready.code == 0:
+                break
+            await _sleep(0.1)
+        self.assertEqual(ready.stdout, b"ready\n", ready)
+        await self._kill(pid)
+        self.assertFalse(_alive(pid))
+        self.assertFalse(os.path.exists(self.pidfile))
+
+    async def test_store_failure_after_detaching(self) -> None:
+        """The store written by a newer estgw fails only once the reactor
+        runs: the daemon logs why and ends with a non-zero status (-n:
+        terminated by SIGTERM) instead of lingering without serving."""
+        import sqlite3
+
+        os.makedirs(os.path.join(self.directory, "state"))
+        db = sqlite3.connect(os.path.join(self.directory, "state", "estgw.sqlite"))
+        db.execute("CREATE TABLE schema_version (id INTEGER PRIMARY KEY, version INTEGER NOT NULL)")
+        db.execute("INSERT INTO schema_version VALUES (1, 9999)")
+        db.commit()
+        db.close()
+        daemon = self.spawn("--port", "0")
+        code = await _wait(daemon.ended, START_TIMEOUT)
+        self.assertEqual((code, daemon.signal), (None, 15), daemon.output.decode())
+        self.assertIn(b"schema version 9999", daemon.output)
+        self.assertIn(b"estgw could not start", daemon.output)
+
+
+class ApprovalDaemonTests(DaemonizeTestCase):
+    """The reference approval service starts the same way."""
+
+    async def test_approval_port_in_use(self) -> None:
+        """``twistd estgw-approval`` on a port in use exits 1 at once, daemonized or not."""
+        holder = reactor.listenTCP(0, protocol.Factory(), interface="127.0.0.1")
+        self.addCleanup(holder.stopListening)
+        busy = holder.getHost().port
+        config = os.path.join(self.directory, "approval.properties")
+        with open(config, "w") as f:
+            f.write(f"service.port = {busy}\nservice.interface = 127.0.0.1\nservice.hostnames = 127.0.0.1\n")
+        result = await self.daemonize(plugin="estgw-approval", config=config)
+        self.assert_failed_fast(
+            result, f"estgw-approval: cannot listen for the approval service on 127.0.0.1 port {busy}"
+        )
+        foreground = await _wait(run_process(
+            TWISTD + ["-n", "--pidfile=", "estgw-approval", "--config", config],
+            env=environment(), path=self.directory), START_TIMEOUT)
+        self.assertNotEqual(foreground.code, 0)
+        self.assertNotIn(b"Traceback", foreground.stdout + foreground.stderr)
+
+
+class ListenTests(TwistdTestCase):
+    async def test_localhost_on_both_stacks(self) -> None:
+        """The shipped server.interface = localhost listens on 127.0.0.1 and
+        ::1 (the names the certificate carries), on one port, and nowhere
+        else; curl reaches it as localhost, 127.0.0.1 and [::1]."""
+        daemon = await self.start()
+        port = daemon.port
+        self.assertIn(f"listening on 127.0.0.1:{port}, [::1]:{port}".encode(), daemon.output)
+        ca = os.path.join(self.directory, "state", "ca", "root-ca.pem")
+        for host in ("localhost", "127.0.0.1", "[::1]"):
+            result = await run_process([_which("curl"), "-sS", "--max-time", "10", "--cacert", ca,
+                                        "-o", "/dev/null", "-w", "%{http_code}",
+                                        f"https://{host}:{port}/.well-known/est/cacerts"])
+            self.assertEqual(result.stdout, b"200", (host, result))
+
+
+def _sleep(seconds: float) -> defer.Deferred:
+    from twisted.internet import task
+
+    return task.deferLater(reactor, seconds, lambda: None)

@@ -33,7 +33,7 @@ from estgw.approval.tls import (
     load_pem_credentials,
 )
 from estgw.ca import CAError
-from estgw.cli import CommandError, read_password
+from estgw.cli import CommandError, format_serial, read_password
 from estgw.config import ConfigError
 from estgw.escape import printable
 
@@ -129,6 +129,9 @@ async def cmd_list(reactor: Any, options: dict[str, Any], out: Any) -> None:
     client = _ServiceClient(reactor, options)
     data = await client.call("GET", params={"status": options["status"]})
     requests = data.get("requests", []) if isinstance(data, dict) else []
+    if options.get("json"):
+        out.write(json.dumps(requests, indent=2) + "\n")
+        return
     if not requests:
         label = "" if options["status"] == "all" else options["status"] + " "
         out.write(f"no {label}requests\n")
@@ -202,12 +205,22 @@ async def cmd_issue_gateway(reactor: Any, options: dict[str, Any], out: Any) -> 
         pki.write_pkcs12(options["out"], key, certificate, state.gateway_ca, password)
     except OSError as e:
         raise CommandError(f"cannot write {options['out']}: {e.strerror}") from None
+    gateway_config = options.get("config") or "etc/est.properties"
     out.write(
-        f"wrote {options['out']}: {certificate.subject.rfc4514_string()}, serial {certificate.serial_number:x}\n"
-        f"gateway settings: idm.requestUrl = {config.url}\n"
-        f"                  idm.tls.token = {options['out']}\n"
-        f"                  idm.tls.trustAnchors = {os.path.join(config.ca_directory, 'root-ca.pem')}\n"
+        f"wrote {options['out']}: {certificate.subject.rfc4514_string()}, serial {format_serial(certificate.serial_number)}\n"
+        f"gateway settings for {gateway_config} (paths relative to its directory):\n"
+        f"    idm.requestUrl = {config.url}\n"
+        f"    idm.tls.token = {_relative_to(options['out'], gateway_config)}\n"
+        f"    idm.tls.trustAnchors = {_relative_to(os.path.join(config.ca_directory, 'root-ca.pem'), gateway_config)}\n"
     )
+
+
+def _relative_to(path: str, config_file: str) -> str:
+    """``path`` as est.properties (``config_file``) reads it: relative to
+    its directory when below it, else absolute."""
+    base = os.path.dirname(os.path.abspath(config_file))
+    relative = os.path.relpath(os.path.abspath(path), base)
+    return os.path.abspath(path) if relative.startswith("..") else relative
 
 
 async def cmd_issue_operator(reactor: Any, options: dict[str, Any], out: Any) -> None:
@@ -249,6 +262,7 @@ def add_parser(commands: Any) -> None:
 
     listing = actions.add_parser("list", help="list requests (pending by default)")
     listing.add_argument("--status", choices=_STATUSES, default="pending")
+    listing.add_argument("--json", action="store_true", help="the service's request objects as a JSON array")
     listing.set_defaults(approval_action=cmd_list)
     approve = actions.add_parser("approve", help="approve a pending request")
     approve.add_argument("id")

@@ -25,19 +25,20 @@ from twisted.application import service
 from twisted.enterprise import adbapi
 from twisted.internet import defer, ssl
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint, wrapServerTLS
+from twisted.internet.endpoints import wrapServerTLS
 from twisted.internet.ssl import TLSVersion
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.web import resource, server
-from twisted.web.http import Request
+from twisted.web.server import Request
 
 from estgw.approval import pki
 from estgw.approval.config import REQUEST_PATH, ServiceConfig
 from estgw.ca import CAError
 from estgw import policy
 from estgw.config import ConfigError
+from estgw.daemon import listen_all
 from estgw.escape import printable
 from estgw.refusal import Refusal
 from estgw.store import general_name_text
@@ -336,7 +337,7 @@ def _send_json(request: Request, status: int, body: Any, headers: dict[str, str]
 
 
 def _read_json(request: Request) -> Any:
-    data = request.content.read(MAX_BODY + 1)
+    data = request.content.read(MAX_BODY + 1) if request.content is not None else b""
     if len(data) > MAX_BODY:
         raise ApiError(413, f"the body exceeds {MAX_BODY} bytes")
     if not data.strip():
@@ -447,7 +448,7 @@ class RequestsResource(resource.Resource):
             _send_json(request, status, body, headers)
 
     async def _route(self, request: Request, caller: Caller, headers: dict[str, str]) -> tuple[int, Any]:
-        segments = [s.decode("utf-8", "replace") for s in request.postpath if s]
+        segments = [s.decode("utf-8", "replace") for s in request.postpath or [] if s]
         method = request.method
         if not segments:
             if method == b"POST":
@@ -489,7 +490,8 @@ class RequestsResource(resource.Resource):
         return 200, record.to_json(now, full=caller.role == "operator")
 
     async def _list(self, request: Request, caller: Caller) -> tuple[int, Any]:
-        wanted = (request.args.get(b"status") or [b"pending"])[0].decode("utf-8", "replace")
+        args: dict[bytes, list[bytes]] = request.args or {}
+        wanted = (args.get(b"status") or [b"pending"])[0].decode("utf-8", "replace")
         if wanted not in _LIST_FILTERS:
             raise ApiError(400, f"status: one of {', '.join(_LIST_FILTERS)}")
         now = _now(self._clock)
@@ -535,8 +537,8 @@ def server_context(state: pki.ServicePKI) -> ssl.CertificateOptions:
     operator trust anchor is required by the handshake itself."""
     return ssl.CertificateOptions(
         privateKey=state.server_key,
-        certificate=state.server_certificate,
-        extraCertChain=[state.server_ca.issuing],
+        certificate=state.server_certificate,  # type: ignore[arg-type]  # Twisted's hints name only pyOpenSSL's types
+        extraCertChain=[state.server_ca.issuing],  # type: ignore[list-item]
         verify=True,
         caCerts=[crypto.X509.from_cryptography(c) for c in state.client_trust],
         requireCertificate=True,
@@ -566,18 +568,35 @@ class ApprovalService(service.Service):
             raise usage.UsageError(str(e)) from None
         self.store = ServiceStore(config.store_path, reactor)
         self.roles = Roles.from_anchors(self.pki.gateway_anchors, self.pki.operator_anchors)
-        self.port: Any = None
+        self.ports: list[Any] = []
         self.ready: Deferred[None] = Deferred()
 
     def identify(self, request: Request) -> Caller | None:
         return self.roles.caller(verified_chain(request))
 
+    def bind(self) -> None:
+        """Bind the port now, before the reactor runs (and before twistd
+        daemonizes); accept nothing until the store is open.  StartError
+        names the address, the port and the reason."""
+        if self.ports:
+            return
+        self.ports = listen_all(
+            self.reactor, self.config.interface, self.config.port,
+            build_site(self.store, self.identify, self.reactor),
+            lambda endpoint: wrapServerTLS(server_context(self.pki), endpoint),
+            what="the approval service",
+        )
+        for port in self.ports:
+            port.stopReading()
+
+    @property
+    def port(self) -> Any:
+        return self.ports[0] if self.ports else None
+
     async def _start(self) -> None:
         await self.store.start()
-        interface = self.config.interface
-        tcp = TCP6ServerEndpoint if ":" in interface else TCP4ServerEndpoint
-        endpoint = wrapServerTLS(server_context(self.pki), tcp(self.reactor, self.config.port, interface=interface))
-        self.port = await endpoint.listen(build_site(self.store, self.identify, self.reactor))
+        for port in self.ports:
+            port.startReading()
         self._log.info(
             "estgw-approval serving {url} ; gateways trust {ca}",
             url=self.config.url.replace(f":{self.config.port}/", f":{self.port.getHost().port}/"),
@@ -585,19 +604,21 @@ class ApprovalService(service.Service):
         )
 
     def startService(self) -> None:
+        self.bind()
         super().startService()
         d = Deferred.fromCoroutine(self._start())
 
-        def failed(failure: Failure) -> None:
+        def failed(failure: Failure) -> Failure:
             self._log.failure("estgw-approval could not start", failure)
-            if self.reactor.running:
-                self.reactor.stop()
+            return failure
 
-        d.addCallbacks(self.ready.callback, failed)
+        d.addErrback(failed)
+        d.chainDeferred(self.ready)
 
     async def _stop(self) -> None:
-        if self.port is not None:
-            await self.port.stopListening()
+        ports, self.ports = self.ports, []
+        for port in ports:
+            await defer.maybeDeferred(port.stopListening)
         self.store.close()
 
     def stopService(self) -> Deferred[None]:

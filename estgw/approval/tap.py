@@ -1,8 +1,9 @@
 """``twistd estgw-approval``: the reference approval service.
 
-The configuration is loaded and checked in ``postOptions`` and the
-service's CAs and certificates are made (or loaded) before anything
-listens, so a bad file stops twistd with the key and the reason.
+The configuration is loaded and checked in ``postOptions``; the
+service's CAs and certificates are made (or loaded) and its port bound in
+``makeService``, before twistd daemonizes, so a bad file or a port in use
+stops twistd with the reason and a non-zero status.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from estgw.approval import config as config_module
 from estgw.approval.config import ServiceConfig
 from estgw.approval.service import ApprovalService
 from estgw.config import ConfigError
+from estgw.daemon import StartError, end_process_on_failure
 
 
 class Options(usage.Options):
@@ -46,7 +48,9 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     top = service.MultiService()
     try:
         approval = ApprovalService(options.loaded, reactor)
-    except usage.UsageError as e:
+        approval.bind()  # before twistd daemonizes: see estgw.daemon
+    except (usage.UsageError, StartError) as e:
         raise SystemExit(f"estgw-approval: {e}") from None
+    end_process_on_failure(approval.ready, approval.reactor)
     approval.setServiceParent(top)
     return top

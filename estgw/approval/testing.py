@@ -133,7 +133,7 @@ class RunningApprovalService:
         await self.service.ready
         self.port = self.service.port.getHost().port
 
-    def stop(self) -> defer.Deferred:
+    def stop(self) -> defer.Deferred[None]:
         if self.service is None or not self.service.running:
             return defer.succeed(None)
         return self.service.stopService()

@@ -15,10 +15,12 @@ names.
 from __future__ import annotations
 
 import re
-from datetime import timedelta
+from datetime import datetime, timedelta
+from typing import Any, Iterable, Sequence
 
 import attr
 from cryptography import x509
+from cryptography.x509 import ocsp
 from cryptography.hazmat.primitives.asymmetric.types import (
     CertificateIssuerPrivateKeyTypes,
     CertificatePublicKeyTypes,
@@ -59,13 +61,21 @@ class CASettingError(CAError):
 # --- requests and profiles -------------------------------------------------
 
 
+def _general_names(names: Iterable[x509.GeneralName]) -> tuple[x509.GeneralName, ...]:
+    return tuple(names)
+
+
 @attr.s(frozen=True, auto_attribs=True)
 class IssueRequest:
     """What the checked and rewritten PKCS#10 request asks to be certified."""
 
     subject: x509.Name
     public_key: CertificatePublicKeyTypes
-    sans: tuple[x509.GeneralName, ...] = attr.ib(default=(), converter=tuple)
+    sans: tuple[x509.GeneralName, ...] = attr.ib(default=(), converter=_general_names)
+    #: The DER PKCS#10 request exactly as the client signed it: what a
+    #: token procedure that forwards to another CA sends on (it cannot
+    #: re-sign a request with the client's key); b"" when there is none.
+    csr: bytes = attr.ib(default=b"", repr=False)
 
 
 #: RFC 5280 camelCase key usage names -> x509.KeyUsage field names.
@@ -95,12 +105,12 @@ EXTENDED_KEY_USAGE_NAMES: dict[str, x509.ObjectIdentifier] = {
 _DOTTED_OID = re.compile(r"^[0-2](\.(0|[1-9][0-9]*))+\Z")
 
 
-def _check_validity(instance: object, attribute: attr.Attribute, value: timedelta) -> None:
+def _check_validity(instance: object, attribute: attr.Attribute[timedelta], value: timedelta) -> None:
     if value <= timedelta(0):
         raise ValueError(f"validity must be positive, not {value}")
 
 
-def _check_key_usage(instance: object, attribute: attr.Attribute, value: frozenset[str]) -> None:
+def _check_key_usage(instance: object, attribute: attr.Attribute[frozenset[str]], value: frozenset[str]) -> None:
     unknown = sorted(value - _KEY_USAGE_FIELDS)
     if unknown:
         raise ValueError(f"unknown key usage {', '.join(unknown)}")
@@ -114,6 +124,16 @@ def _check_key_usage(instance: object, attribute: attr.Attribute, value: frozens
     for only in ("encipher_only", "decipher_only"):
         if only in value and "key_agreement" not in value:
             raise ValueError(f"key usage {_camel(only)} requires keyAgreement")
+
+
+# Typed attrs converters (frozenset/tuple themselves leave mypy unsure of the type).
+def _names(values: Iterable[str]) -> frozenset[str]:
+    return frozenset(values)
+
+
+def _unique_oids(oids: Iterable[x509.ObjectIdentifier]) -> tuple[x509.ObjectIdentifier, ...]:
+    """Duplicates dropped, order kept."""
+    return tuple(dict.fromkeys(oids))
 
 
 def _camel(field: str) -> str:
@@ -143,13 +163,13 @@ class Profile:
     #: x509.KeyUsage field names; empty means no KeyUsage extension.
     key_usage: frozenset[str] = attr.ib(
         default=frozenset({"digital_signature", "key_encipherment"}),
-        converter=frozenset,
+        converter=_names,
         validator=_check_key_usage,
     )
     #: Empty means no ExtendedKeyUsage extension.
     extended_key_usage: tuple[x509.ObjectIdentifier, ...] = attr.ib(
         default=(ExtendedKeyUsageOID.CLIENT_AUTH,),
-        converter=lambda v: tuple(dict.fromkeys(v)),  # drop duplicates, keep order
+        converter=_unique_oids,
     )
     #: Where relying parties find the CRL (RFC 5280 4.2.1.13 CRL
     #: distribution point), the OCSP responder and the issuer's certificate
@@ -227,13 +247,20 @@ class ISigningCA(Interface):
     def issued(cert: x509.Certificate) -> bool:
         """Whether this CA signed ``cert``."""
 
-    def sign(request: IssueRequest, profile: "Profile", now: object = None, extra: object = ()) -> x509.Certificate:
+    def sign(
+        request: IssueRequest,
+        profile: "Profile",
+        now: datetime | None = None,
+        extra: Sequence[x509.ExtensionType] = (),
+    ) -> x509.Certificate:
         """Sign an end-entity certificate (synchronously; callers use a thread)."""
 
-    def write_crl(revoked: object, next_update: timedelta, now: object = None) -> x509.CertificateRevocationList:
+    def write_crl(
+        revoked: Sequence[Any], next_update: timedelta = timedelta(days=7), now: datetime | None = None
+    ) -> x509.CertificateRevocationList:
         """Sign (and keep in ``directory``) the CRL of ``revoked`` entries, synchronously."""
 
-    def sign_ocsp(builder: object) -> object:
+    def sign_ocsp(builder: ocsp.OCSPResponseBuilder) -> ocsp.OCSPResponse:
         """Sign an OCSP response builder as this CA, synchronously."""
 
 
@@ -243,9 +270,9 @@ def key_usage_extension(fields: frozenset[str]) -> x509.KeyUsage:
 
 
 # Re-exported: callers import the embedded CA from here.
+from estgw.ca.signing import CRL_FILE as CRL_FILE  # noqa: E402
 from estgw.ca.local import (  # noqa: E402
     CA_FILES,
-    CRL_FILE,
     ISSUING_CERT,
     ISSUING_KEY,
     ROOT_CERT,

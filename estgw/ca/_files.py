@@ -10,7 +10,7 @@ import os
 import tempfile
 from contextlib import contextmanager
 from datetime import datetime, timezone
-from typing import Iterator
+from typing import Iterator, cast
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -118,6 +118,22 @@ def _read(path: str) -> bytes:
         raise CAError(f"cannot read {path}: {e.strerror}") from e
 
 
+def read_secret_file(path: str, key: str, what: str) -> str:
+    """The secret in ``path`` (a PIN, a password): its first line without
+    the line break.  CASettingError for the setting ``key`` when it cannot
+    be read or is empty."""
+    from estgw.ca import CASettingError
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            secret = f.readline().rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as e:
+        raise CASettingError(key, f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+    if not secret:
+        raise CASettingError(key, f"{path} is empty; it must hold {what}")
+    return secret
+
+
 def _load_cert(path: str) -> x509.Certificate:
     try:
         return x509.load_pem_x509_certificate(_read(path))
@@ -149,9 +165,9 @@ def _load_key(path: str, passphrase: bytes | None = None) -> PrivateKey:
         if passphrase is not None and b"ENCRYPTED" in data:
             raise PassphraseError(f"{path}: the passphrase does not decrypt it") from e
         raise CAError(f"{path} is not a PEM or DER private key: {e}") from e
-    if not isinstance(key, CertificateIssuerPrivateKeyTypes):  # type: ignore[misc, arg-type]
+    if not isinstance(key, CertificateIssuerPrivateKeyTypes):  # type: ignore[arg-type]
         raise CAError(f"{path} holds a {type(key).__name__}, which cannot sign certificates")
-    return key
+    return cast(CertificateIssuerPrivateKeyTypes, key)  # mypy does not narrow by a Union in isinstance
 
 
 def _spki(key: CertificatePublicKeyTypes) -> bytes:

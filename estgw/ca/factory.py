@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 KINDS: dict[str, str] = {
     "local": "estgw.ca.local",
     "file": "estgw.ca.file",
+    "pkcs11": "estgw.ca.pkcs11",
+    "est": "estgw.ca.upstream",
 }
 
 

@@ -143,7 +143,7 @@ class PublishedCA:
     def _now(self) -> datetime:
         return datetime.fromtimestamp(self.reactor.seconds(), timezone.utc)
 
-    def _in_thread(self, f: Callable[..., Any], *args: Any) -> defer.Deferred:
+    def _in_thread(self, f: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
         return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), f, *args)
 
     async def crl(self) -> x509.CertificateRevocationList:
@@ -250,7 +250,7 @@ class _Async(resource.Resource):
     _log = Logger()
 
     def _run(self, request: server.Request, work: Any) -> Any:
-        finished = []
+        finished: list[object] = []
         request.notifyFinish().addBoth(finished.append)
 
         def done(result: tuple[bytes, bytes]) -> None:
@@ -382,6 +382,7 @@ class _Directory(resource.Resource):
         self.published = published
 
     def getChild(self, path: bytes, request: server.Request) -> resource.Resource:
+        assert request.postpath is not None  # set while resources are looked up
         segment = unquote(path.decode("utf-8", "replace"))
         rest = [unquote(p.decode("utf-8", "replace")) for p in request.postpath]
         if self.kind == "ocsp":

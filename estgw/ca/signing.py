@@ -16,6 +16,7 @@ import attr
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509 import ocsp
+from cryptography.x509.oid import AuthorityInformationAccessOID
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorThreads
 from twisted.internet.threads import deferToThreadPool
@@ -81,9 +82,9 @@ def profile_extensions(profile: Profile, key_id: str = "") -> list[x509.Extensio
         extensions.append(x509.CRLDistributionPoints([x509.DistributionPoint([uri(profile.crl_url)], None, None, None)]))
     access = []
     if profile.ocsp_url:
-        access.append(x509.AccessDescription(x509.AuthorityInformationAccessOID.OCSP, uri(profile.ocsp_url)))
+        access.append(x509.AccessDescription(AuthorityInformationAccessOID.OCSP, uri(profile.ocsp_url)))
     if profile.ca_issuers_url:
-        access.append(x509.AccessDescription(x509.AuthorityInformationAccessOID.CA_ISSUERS, uri(profile.ca_issuers_url)))
+        access.append(x509.AccessDescription(AuthorityInformationAccessOID.CA_ISSUERS, uri(profile.ca_issuers_url)))
     if access:
         extensions.append(x509.AuthorityInformationAccess(access))
     return extensions
@@ -185,7 +186,19 @@ class SigningCA:
         ).add_extension(self.authority_key_identifier(), critical=False)
         for extension in [*profile_extensions(profile, self.key_id), *extra]:
             builder = builder.add_extension(extension, critical=False)
-        return builder.sign(self._issuing_key, **sign_arguments(self._issuing_key, self.rsa_padding))
+        return self._signed(builder)
+
+    def _signed(self, builder: Any, ocsp_response: bool = False) -> Any:
+        """``builder`` (a certificate, CRL or OCSP response builder) signed
+        with the issuing key.  The one place a signature is made: a CA
+        whose key is elsewhere (:mod:`estgw.ca.pkcs11`) overrides it.
+
+        cryptography signs OCSP responses of RSA keys with PKCS#1 v1.5
+        whatever ``rsa_padding`` says."""
+        arguments = sign_arguments(self._issuing_key, self.rsa_padding)
+        if ocsp_response:
+            return builder.sign(self._issuing_key, arguments["algorithm"])
+        return builder.sign(self._issuing_key, **arguments)
 
     def write_crl(
         self,
@@ -239,7 +252,7 @@ class SigningCA:
                         x509.InvalidityDate(entry.invalidity_date.replace(tzinfo=None)), critical=False
                     )
                 builder = builder.add_revoked_certificate(revoked_builder.build())
-            crl = builder.sign(self._issuing_key, **sign_arguments(self._issuing_key, self.rsa_padding))
+            crl = self._signed(builder)
             _write_atomically(path, crl.public_bytes(serialization.Encoding.PEM), _CERT_MODE)
         return crl
 
@@ -249,7 +262,7 @@ class SigningCA:
         cryptography signs OCSP responses of RSA keys with PKCS#1 v1.5
         whatever ``rsa_padding`` says."""
         builder = builder.responder_id(ocsp.OCSPResponderEncoding.HASH, self.issuing)
-        return builder.sign(self._issuing_key, sign_arguments(self._issuing_key)["algorithm"])
+        return self._signed(builder, ocsp_response=True)
 
 
 @implementer(ITokenProcedure)

@@ -113,7 +113,7 @@ class Session:
 
     _log = Logger()
 
-    def __init__(self, server: "DTLSServer", address: tuple, connection: SSL.Connection) -> None:
+    def __init__(self, server: "DTLSServer", address: tuple[Any, ...], connection: SSL.Connection) -> None:
         self.server = server
         self.address = address
         self.connection = connection
@@ -200,7 +200,7 @@ class DTLSServer(DatagramProtocol):
         self.max_sessions = max_sessions
         self.idle_timeout = idle_timeout
         self.mtu = mtu
-        self.sessions: dict[tuple, Session] = {}  # least recently active first
+        self.sessions: dict[tuple[Any, ...], Session] = {}  # least recently active first
         # Cookies are HMACs of the peer's address under a key of this
         # process (RFC 6347 §4.2.1): checking one needs no stored state.
         self._cookie_key = os.urandom(32)

@@ -154,7 +154,7 @@ class ESTCoapServer:
         if not message.is_request:
             session.send(coap.encode(coap.reset(message)))
             return
-        exchanges: collections.OrderedDict = session.state.setdefault("exchanges", collections.OrderedDict())
+        exchanges: collections.OrderedDict[Any, Any] = session.state.setdefault("exchanges", collections.OrderedDict())
         key = (message.message_id, message.token)
         if key in exchanges:
             # A retransmission (RFC 7252 §4.5): the same answer again, or
@@ -282,18 +282,23 @@ class ESTCoapServer:
             raise Refusal(404, "operation-not-configured", f"{operation} is not served over CoAPs here")
         peer = self._peer(session)
         request = CoapRequest(session, coap.METHOD_NAMES[message.code], path)
+        if operation in ("cacerts", "csrattrs"):
+            from estgw.auth import authenticate
+
+            # filter public admits anyone; clientcert asks for a certificate.
+            await authenticate(request, handler, peer, self._gateway.portal)
         if operation == "cacerts":
-            chain = self._gateway.ca_chain
+            # The same chain HTTPS serves under this label (its issuing CA,
+            # both chains after a rollover).
+            chain = self._gateway.cacerts(label)
             if accept == coap.PKIX_CERT and len(chain) == 1:
                 return Reply(coap.CONTENT, _der(chain[0]), coap.PKIX_CERT)
             _acceptable(accept, coap.PKCS7_CERTS_ONLY)
             return Reply(coap.CONTENT, _certs_only(chain), coap.PKCS7_CERTS_ONLY)
         if operation == "csrattrs":
             _acceptable(accept, coap.CSRATTRS)
-            from estgw.auth import authenticate
             from estgw.web import csr_attributes
 
-            await authenticate(request, handler, peer, self._gateway.portal)
             attributes = csr_attributes(self._gateway, label, handler, "coaps")
             if not attributes and handler.csr_template is None:
                 return Reply(coap.CONTENT)  # nothing announced: no payload (HTTP's 204)
