@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import sqlite3
 import sys
 import tempfile
@@ -97,6 +98,7 @@ def run(directory: str, rounds: int = 3, clients: int = 4, kill_after: int = 10,
     totals = {"requests": 0, "errors": 0, "refused": 0}
     issuing: Any = None
     summary: dict[str, Any] = {"rounds": []}
+    phase = random.Random(7030)
     for number in range(1, rounds + 1):
         daemon.start()
         client = Client(daemon, timeout=30)
@@ -137,6 +139,9 @@ def run(directory: str, rounds: int = 3, clients: int = 4, kill_after: int = 10,
         deadline = started + 300
         while in_round[0] < kill_after and time.monotonic() < deadline:
             time.sleep(0.01)
+        # A varying moment, so kills land in every phase of a request
+        # (authentication, signing, commit, writing the response).
+        time.sleep(phase.uniform(0, 0.5))
         daemon.kill()  # requests are in flight: every client is in a loop
         stop.set()
         for thread in threads:
@@ -145,7 +150,7 @@ def run(directory: str, rounds: int = 3, clients: int = 4, kill_after: int = 10,
             raise CrashSafetyError(f"round {number}: only {in_round[0]} enrollments in 300 s\n{daemon.output.decode()}")
         counts = check_store(daemon.store_path, received, issuing)
         line = (
-            f"round {number}: killed after {in_round[0]} certificates in {time.monotonic() - started:.1f} s; "
+            f"round {number}: killed at {in_round[0]} certificates in {time.monotonic() - started:.1f} s; "
             f"store {counts['stored']} (received {counts['received']}, issued but not received "
             f"{counts['not_received']}); integrity ok, WAL"
         )
