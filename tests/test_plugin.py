@@ -56,21 +56,22 @@ class LayoutTests(SynchronousTestCase):
         parser.read_string(self.read("setup.cfg"))
         listed = set(parser["options"]["packages"].replace(",", " ").split())
         expected = {"twisted.plugins"}
-        for directory, _dirs, files in os.walk(os.path.join(REPO, "estgw")):
+        for directory, _dirs, files in [*os.walk(os.path.join(REPO, "estgw")), *os.walk(os.path.join(REPO, "fuzz"))]:
             if "__init__.py" in files:
                 expected.add(os.path.relpath(directory, REPO).replace(os.sep, "."))
         self.assertEqual(listed, expected)
 
     def test_extras_offer_only_what_is_used(self) -> None:
         """Every optional dependency (extras other than test) is imported by
-        some module of estgw: an extra that does nothing is not offered."""
+        some module of estgw (or, for the fuzz extra, by the fuzzer in
+        fuzz/): an extra that does nothing is not offered."""
         import re
 
         parser = configparser.ConfigParser()
         parser.read_string(self.read("setup.cfg"))
         extras = parser["options.extras_require"] if parser.has_section("options.extras_require") else {}
         sources = ""
-        for directory, _dirs, files in os.walk(os.path.join(REPO, "estgw")):
+        for directory, _dirs, files in [*os.walk(os.path.join(REPO, "estgw")), *os.walk(os.path.join(REPO, "fuzz"))]:
             for name in files:
                 if name.endswith(".py"):
                     with open(os.path.join(directory, name), encoding="utf-8") as f:
