@@ -37,7 +37,7 @@ from twisted.logger import Logger
 from twisted.web.iweb import ICredentialFactory
 from zope.interface import Interface, implementer
 
-from estgw import officers
+from estgw import audit, officers
 from estgw.config import HandlerConfig
 from estgw.escape import printable
 from estgw.httpauth import (
@@ -571,6 +571,8 @@ async def _http_login(
             factory, request, "digest-nonce-invalid",
             f"{e.args[0] if e.args else 'the nonce is not valid'}: answer the new challenge",
         ) from None
+    # A refused login is audited with the device id tried (never the password).
+    audit.note(request, requester="device:" + creds.username.decode("utf-8", "replace"))
     if isinstance(creds, DigestResponse):
         _check_digest_response(creds, request, handler, factory)
     try:

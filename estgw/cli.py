@@ -24,7 +24,7 @@ from cryptography.x509.oid import NameOID
 from twisted.internet import defer, task
 
 import estgw
-from estgw import bootstrap, config as config_module, device_import, factory, names, officers
+from estgw import audit, bootstrap, config as config_module, device_import, factory, names, officers
 from estgw.ca import CRL_FILE, CAError, ISigningCA
 from estgw.ca._files import load_certificate as load_cert, load_private_key as load_key
 from estgw.ca.keys import KEY_TYPES, read_passphrase
@@ -158,6 +158,7 @@ async def cmd_device_add(options: Any, config: Config, store: IStore, out: Any) 
         raise CommandError(f"device {device_id!r} is already registered") from None
     except ValueError as e:
         raise CommandError(str(e)) from None
+    await audit.operator_action(store, audit.os_operator(), "device-add", device_id, _device_kind(device))
     out.write(f"registered device {printable(device_id)}\n")
 
 
@@ -167,6 +168,10 @@ async def cmd_device_import(options: Any, config: Config, store: IStore, out: An
     except ValueError as e:
         raise CommandError(str(e)) from None
     result = await device_import.import_devices(store, rows, device_import.digest_realms(config))
+    if rows:
+        await audit.operator_action(
+            store, audit.os_operator(), "device-import", options["file"], device_import.describe(result, len(rows))
+        )
     for line, reason in result.bad:
         _warn(options, f"{options['file']} line {line}: {printable(reason)}")
     if not options["skip_existing"]:
@@ -198,6 +203,7 @@ async def cmd_device_passwd(options: Any, config: Config, store: IStore, out: An
     assert device.password_hash is not None
     if not await store.set_device_password(device_id, device.password_hash, device.digest_ha1):
         raise CommandError(f"no device {device_id!r}")
+    await audit.operator_action(store, audit.os_operator(), "device-passwd", device_id, "password changed")
     out.write(f"changed the password of device {device_id}\n")
 
 
@@ -223,6 +229,10 @@ async def cmd_officer_add(options: Any, config: Config, store: IStore, out: Any)
         )
     grant = officers.role_grant(cert, role)
     if await store.add_officer_role(grant):
+        await audit.operator_action(
+            store, audit.os_operator(), "officer-add", grant.subject,
+            f"role {role}, certificate SHA-256 {grant.fingerprint}",
+        )
         out.write(f"granted officer role {role} to {printable(grant.subject)} (SHA-256 {grant.fingerprint})\n")
     else:
         out.write(f"{printable(grant.subject)} (SHA-256 {grant.fingerprint}) already holds officer role {role}\n")
@@ -263,6 +273,10 @@ async def cmd_officer_remove(options: Any, config: Config, store: IStore, out: A
     if not removed:
         what = f"role {options['role']}" if options["role"] else "officer roles"
         raise CommandError(f"the certificate with SHA-256 {fingerprint} holds no {what}")
+    await audit.operator_action(
+        store, audit.os_operator(), "officer-remove", f"certificate SHA-256 {fingerprint}",
+        f"role {options['role']}" if options["role"] else "all roles",
+    )
     out.write(f"withdrew {removed} officer role(s) from the certificate with SHA-256 {fingerprint}\n")
 
 
@@ -307,7 +321,14 @@ def _registered_names(device: Any) -> str:
 async def cmd_device_remove(options: Any, config: Config, store: IStore, out: Any) -> None:
     if not await store.remove_device(options["id"]):
         raise CommandError(f"no device {options['id']!r}")
+    await audit.operator_action(store, audit.os_operator(), "device-remove", options["id"])
     out.write(f"removed device {printable(options['id'])}\n")
+
+
+def _device_kind(device: Any) -> str:
+    """How a device authenticates, for the audit trail (never the secret)."""
+    kinds = [kind for kind, present in (("password", device.password_hash), ("factory certificate", device.factory_cert_sha256)) if present]
+    return " + ".join(kinds) + (", single use" if device.single_use else "")
 
 
 def _status(c: IssuedCertificate) -> str:
@@ -403,10 +424,25 @@ async def cmd_cert_revoke(options: Any, config: Config, store: IStore, out: Any)
         raise CommandError(f"no certificate with serial {format_serial(serial)}") from None
     except ValueError as e:  # an unknown --reason, an invalidity date in the future
         raise CommandError(str(e)) from None
+    await audit.operator_action(
+        store, audit.os_operator(), "cert-revoke", f"serial {serial:x}",
+        f"{issued.subject}, reason {issued.revocation_reason or 'unspecified'}",
+    )
     out.write(
         f"revoked {format_serial(serial)} ({printable(issued.subject)}) at {_when(issued.revoked_at)}, "
         f"reason {issued.revocation_reason}\n"
     )
+
+
+async def cmd_audit_list(options: Any, config: Config, store: IStore, out: Any) -> None:
+    """The latest operator actions from the store's audit table, oldest first."""
+    entries = await store.list_audit(options["limit"])
+    if not entries:
+        out.write("no operator actions recorded\n")
+        return
+    out.write(f"{'WHEN':<20} {'OPERATOR':<24} {'ACTION':<18} {'TARGET':<40} DETAILS\n")
+    for e in entries:
+        out.write(f"{_when(e.at):<20} {e.operator:<24} {e.action:<18} {e.target:<40} {e.details}\n")
 
 
 def _write_file_atomically(path: str, data: bytes) -> None:
@@ -459,6 +495,10 @@ async def cmd_ca_rollover(options: Any, config: Config, store: IStore, out: Any)
         )
     except CAError as e:
         raise CommandError(str(e)) from None
+    await audit.operator_action(
+        store, audit.os_operator(), "ca-rollover", rolled.issuing.subject.rfc4514_string(),
+        "new root and issuing CA" if options["root"] else "new issuing CA",
+    )
     out.write(f"new issuing CA:  {rolled.issuing.subject.rfc4514_string()} "
               f"(until {_when(rolled.issuing.not_valid_after_utc)})\n")
     for generation in rolled.previous:
@@ -495,6 +535,9 @@ async def cmd_crl_write(options: Any, config: Config, store: IStore, out: Any) -
         except OSError as e:
             raise CommandError(f"cannot write {options['out']}: {e.strerror}") from None
         written.append(options["out"])
+    await audit.operator_action(
+        store, audit.os_operator(), "crl-write", ", ".join(written), f"{len(crl)} revoked certificate(s)"
+    )
     out.write(
         f"wrote CRL of {len(crl)} revoked certificate(s), next update "
         f"{_when(crl.next_update_utc)}, to {', '.join(written)}\n"
@@ -639,6 +682,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     revoke.set_defaults(run=cmd_cert_revoke)
 
+    audit_list = commands.add_parser("audit", help="operator actions recorded in the store").add_subparsers(
+        dest="action", metavar="ACTION", required=True
+    ).add_parser("list", help="who did what, when: the latest operator actions, oldest first")
+    audit_list.add_argument("--limit", type=_positive_count, default=100, help="how many (default 100)")
+    audit_list.set_defaults(run=cmd_audit_list)
+
     crl = commands.add_parser("crl", help="certificate revocation lists").add_subparsers(
         dest="action", metavar="ACTION", required=True
     )
@@ -692,6 +741,16 @@ def _non_negative_days(text: str) -> int:
     return days
 
 
+def _positive_count(text: str) -> int:
+    try:
+        number = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {number}")
+    return number
+
+
 def _positive_days(text: str) -> int:
     try:
         days = int(text)
@@ -718,9 +777,13 @@ async def run(reactor: Any, argv: Sequence[str], out: Any = None, err: Any = Non
         raise CommandError(str(e)) from None
     store = bootstrap.open_store(config, reactor)
     await store.start()
+    # Operator actions go to the same JSON audit file as the daemon's events.
+    observer = audit.start_audit_file(config.audit_file) if config.audit_file else None
     try:
         await options.run(vars(options), config, store, out)
     finally:
+        if observer is not None:
+            audit.stop_audit_file(observer)
         await store.close()
 
 

@@ -514,6 +514,8 @@ class Config:
     # GET /metrics (Prometheus text) on its own plain-HTTP listener; None: off.
     metrics_port: int | None = None
     metrics_interface: str = "127.0.0.1"
+    # estgw_certificates_expiring counts certificates expiring within this many days.
+    metrics_expiring_days: int = 30
     ocsp_failure: str = "hard"
     # How long a consumed single-use registration may fetch again the
     # certificate its first enrollment got (same key): a device whose
@@ -542,6 +544,24 @@ class Config:
     # EST over CoAPs (RFC 9148) on this UDP port; None: off.
     coaps_port: int | None = None
     coaps_interface: str = ""
+    # Limits (README, Hardening): seconds for the request head from its
+    # first byte, for the body after the head, and of silence on a kept-
+    # alive connection; header fields (count, bytes with the request
+    # line); open connections in all and per client IP address (0: no cap).
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    idle_timeout: float = 60.0
+    max_headers: int = 100
+    max_header_bytes: int = 16384
+    max_connections: int = 1024
+    max_connections_per_client: int = 64
+    # Enrollments waiting for or inside a token procedure, and how long
+    # one may take, before 503 + Retry-After.
+    ca_max_queued: int = 32
+    ca_timeout: float = 30.0
+    # One JSON object per line for each issuance, refusal and operator
+    # action (estgw.audit); "" = none.
+    audit_file: str = ""
     token_procedures: Mapping[str, TokenProcedureConfig] = attr.Factory(dict)
     handlers: tuple[HandlerConfig, ...] = ()
 
@@ -607,6 +627,16 @@ _GLOBAL_KEYS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "tls.ciphersuites": ("tls_ciphersuites", _nonempty),
     "tls.groups": ("tls_groups", _nonempty),
     "tls.securityLevel": ("tls_security_level", _security_level),
+    "server.headerTimeout": ("header_timeout", _seconds),
+    "server.bodyTimeout": ("body_timeout", _seconds),
+    "server.idleTimeout": ("idle_timeout", _seconds),
+    "server.maxHeaders": ("max_headers", _positive_int),
+    "server.maxHeaderBytes": ("max_header_bytes", _positive_int),
+    "server.maxConnections": ("max_connections", _non_negative_int),
+    "server.maxConnectionsPerClient": ("max_connections_per_client", _non_negative_int),
+    "ca.maxQueued": ("ca_max_queued", _positive_int),
+    "ca.timeout": ("ca_timeout", _seconds),
+    "log.audit.file": ("audit_file", _text),
     "metrics.port": ("metrics_port", _port),
     "metrics.interface": ("metrics_interface", _interface),
     "ca.keyType": ("ca_key_type", _choice(*KEY_TYPES)),
@@ -619,6 +649,7 @@ _GLOBAL_KEYS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "publish.crl.nextUpdateHours": ("publish_crl_hours", _positive_int),
     "coaps.port": ("coaps_port", _port),
     "coaps.interface": ("coaps_interface", _text),
+    "metrics.expiringDays": ("metrics_expiring_days", _positive_int),
 }
 _TOKEN_PROCEDURE_KEYS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "name": ("name", _text),
@@ -792,6 +823,8 @@ def from_string(text: str, source: str = "est.properties", base_dir: str = ".") 
         if not os.path.isfile(path):
             raise ConfigError("ca.keyPasswordFile", f"no such file: {path}", source)
         global_values["ca_key_password_file"] = path
+    if global_values.get("audit_file"):
+        global_values["audit_file"] = _resolve(base_dir, global_values["audit_file"])
     if not global_values.get("hostnames"):
         global_values["hostnames"] = default_hostnames()
     _check_tls(global_values, source)

@@ -17,8 +17,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from twisted.logger import Logger
 
-from estgw import auth, policy
+from estgw import audit, auth, policy
 from estgw.approval.gate import ApprovalGate
+from estgw.guard import CAGuard
 from estgw.ca import ITokenProcedure
 from estgw.config import ENROLL_OPERATIONS, Config, HandlerConfig
 from estgw.escape import printable
@@ -51,6 +52,8 @@ class Gateway:
     # serverkeygen: the certificate, key and chain that sign the keys the
     # gateway makes and sends encrypted (RFC 7030 §4.4.2): its TLS ones.
     key_signer: tuple[x509.Certificate, Any, tuple[x509.Certificate, ...]] | None = None
+    # ca.maxQueued and ca.timeout around every token procedure call.
+    ca_guard: CAGuard = attr.ib(default=None)
 
     def cacerts(self, label: str) -> list[x509.Certificate]:
         """What ``/cacerts`` under ``label`` returns (RFC 7030 4.1.3): the
@@ -72,6 +75,15 @@ class Gateway:
                     )
                 return chain
         return self.ca_chain
+
+    def __attrs_post_init__(self) -> None:
+        if self.ca_guard is None:
+            clock = self.reactor
+            if clock is None:
+                from twisted.internet import reactor as clock
+            self.ca_guard = CAGuard(
+                self.config.ca_max_queued, self.config.ca_timeout, clock, self.metrics.ca_error
+            )
 
 
 async def _client_certificate_not_revoked(
@@ -191,9 +203,11 @@ async def enroll(
     CSR's; it may raise Refusal too.
     """
     identity = await auth.authenticate(request, handler, peer, gateway.portal)
+    audit.note(request, requester=identity.requester)
     # Who the client is comes before what it asks for.
     await _client_certificate_not_revoked(gateway, identity, peer)
     csr = parse_csr(body, content_type)
+    audit.note(request, subject=csr.subject.rfc4514_string())
     binding = channel_binding(peer)
     ctx = policy.build_context(
         handler.operation, handler, identity, csr,
@@ -212,7 +226,9 @@ async def enroll(
         return await approval.enroll(
             csr,
             identity.requester,
-            sign=lambda: procedure.issue(policy.issue_request(ctx)),
+            sign=lambda: gateway.ca_guard.issue(
+                lambda: procedure.issue(policy.issue_request(ctx)), handler.token_procedure
+            ),
             claim=lambda: auth.single_use(gateway.store, identity),
         )
     if server_key is None:
@@ -227,7 +243,7 @@ async def enroll(
     # A single-use registration is claimed first (one winner among
     # concurrent requests) and released if issuing or recording fails.
     async with auth.single_use(gateway.store, identity):
-        certificate = await procedure.issue(issue)
+        certificate = await gateway.ca_guard.issue(lambda: procedure.issue(issue), handler.token_procedure)
         # Committed before the response is written: nothing sent is unrecorded.
         if not await _record(gateway, certificate, handler, identity):
             return certificate
@@ -237,6 +253,7 @@ async def enroll(
         subject=printable(certificate.subject.rfc4514_string()),
         requester=printable(identity.requester),
         handler=handler.id,
+        client=request.getClientAddress().host,
         event="issued",
     )
     return certificate

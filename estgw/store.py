@@ -47,6 +47,8 @@ __all__ = [
     "APPROVAL_STATES",
     "UnsupportedSchemaVersion",
     "StoreNotRunning",
+    "StoreUnavailable",
+    "AuditEntry",
     "REVOCATION_REASONS",
     "MIGRATIONS",
     "IStore",
@@ -233,7 +235,25 @@ class UnsupportedSchemaVersion(Exception):
     """The database was written by a newer estgw than this one."""
 
 
-class StoreNotRunning(Exception):
+@attr.s(frozen=True, auto_attribs=True)
+class AuditEntry:
+    """One operator action: when, who (``os:<user>`` or an operator
+    certificate), what (``device-add``, ``cert-revoke``, ...), on what."""
+
+    at: datetime = attr.ib(validator=_require_utc)
+    operator: str
+    action: str
+    target: str
+    details: str = ""
+
+
+class StoreUnavailable(Exception):
+    """The database failed (locked, disk full, read-only, connection
+    lost, ...): nothing was written by the failed call.  The message is for
+    the log; devices are told only that the store is unavailable."""
+
+
+class StoreNotRunning(StoreUnavailable):
     """An operation on a store that was not started, or was closed."""
 
 
@@ -316,6 +336,16 @@ class IStore(Interface):
     def certificates_for_public_key(public_key_sha256: str) -> Deferred[list[IssuedCertificate]]:
         """Certificates issued for a public key (hex SHA-256 of its
         SubjectPublicKeyInfo DER), newest first."""
+
+    def add_audit(at: datetime, operator: str, action: str, target: str, details: str) -> Deferred[None]:
+        """Append one operator action to the audit table."""
+
+    def list_audit(limit: int = 100) -> Deferred[list[AuditEntry]]:
+        """The latest ``limit`` operator actions, oldest first."""
+
+    def count_expiring(after: datetime, before: datetime) -> Deferred[int]:
+        """How many certificates not revoked expire after ``after`` and at
+        or before ``before`` (both timezone-aware)."""
 
     def count_certificates() -> Deferred[int]:
         """How many certificates are recorded."""
@@ -506,6 +536,22 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
         [
             # RFC 5280 5.3.2 invalidity date of a revocation, for CRLs and OCSP.
             "ALTER TABLE certificates ADD COLUMN invalidity_date TEXT",
+        ],
+    ),
+    (
+        5,
+        [
+            # Operator actions (estgw.audit.operator_action): who, what, when.
+            """
+            CREATE TABLE audit (
+                id {autoincrement_primary_key},
+                at TEXT NOT NULL,
+                operator TEXT NOT NULL,
+                action TEXT NOT NULL,
+                target TEXT NOT NULL,
+                details TEXT NOT NULL
+            )
+            """,
         ],
     ),
 ]
@@ -732,7 +778,18 @@ class _SQLStore:
 
         d: Deferred[_T] = self._pool.runInteraction(interaction, *args)
         d.addBoth(done)
+        d.addErrback(self._unavailable)
         return d
+
+    def _unavailable(self, failure: Any) -> Any:
+        """A database error other than a constraint (which the methods turn
+        into their own exceptions) means the store cannot serve: one
+        exception for callers to map to 503."""
+        dbapi = self._pool.dbapi if self._pool is not None else None
+        error = failure.value
+        if dbapi is not None and isinstance(error, dbapi.Error) and not isinstance(error, dbapi.IntegrityError):
+            raise StoreUnavailable(f"{self!r}: {error}") from error
+        return failure
 
     # -- lifecycle
 
@@ -961,6 +1018,38 @@ class _SQLStore:
                 (public_key_sha256,),
             )
             return [_certificate_from_row(row) for row in txn.fetchall()]
+
+        return self._run(interaction)
+
+    def add_audit(self, at: datetime, operator: str, action: str, target: str, details: str) -> Deferred[None]:
+        def interaction(txn: Any) -> None:
+            self._execute(
+                txn,
+                "INSERT INTO audit (at, operator, action, target, details) VALUES (?, ?, ?, ?, ?)",
+                (_time_text(at), operator, action, target, details),
+            )
+
+        return self._run(interaction)
+
+    def list_audit(self, limit: int = 100) -> Deferred[list[AuditEntry]]:
+        def interaction(txn: Any) -> list[AuditEntry]:
+            self._execute(
+                txn, "SELECT at, operator, action, target, details FROM audit ORDER BY id DESC LIMIT ?", (limit,)
+            )
+            rows = txn.fetchall()
+            return [AuditEntry(_parse_time(r[0]), r[1], r[2], r[3], r[4]) for r in reversed(rows)]
+
+        return self._run(interaction)
+
+    def count_expiring(self, after: datetime, before: datetime) -> Deferred[int]:
+        def interaction(txn: Any) -> int:
+            self._execute(
+                txn,
+                "SELECT COUNT(*) FROM certificates"
+                " WHERE revoked_at IS NULL AND not_after > ? AND not_after <= ?",
+                (_time_text(after), _time_text(before)),
+            )
+            return int(txn.fetchone()[0])
 
         return self._run(interaction)
 
@@ -1384,4 +1473,6 @@ class SQLiteStore(_SQLStore):
             cp_max=1,
             cp_openfun=self._open,
             cp_reactor=self._reactor,
+            # A connection that failed is replaced by a new one for the next call.
+            cp_reconnect=True,
         )

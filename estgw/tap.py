@@ -21,7 +21,7 @@ from twisted.internet.endpoints import wrapServerTLS
 from twisted.logger import Logger
 from twisted.python import usage
 
-from estgw import bootstrap, config as config_module
+from estgw import audit, bootstrap, config as config_module, limits
 from estgw.approval.gateway import build_gates, load_approval_tls
 from estgw.auth import device_portal, digest_nonce_counts, digest_secret
 from estgw.ca import CAError
@@ -30,8 +30,9 @@ from estgw.config import Config, ConfigError
 from estgw.daemon import StartError, end_process_on_failure, listen_all, shown_address
 from estgw.enroll import Gateway
 from estgw.health import Check, certificate_in_validity, health_resource
+from estgw.limits import ConnectionCounts, LimitedEndpoint
 from estgw.revocation import build_checker
-from estgw.metrics import metrics_site
+from estgw.metrics import Metrics, metrics_site
 from estgw.tls import server_context_factory, settings_of
 from estgw.web import build_site
 
@@ -97,7 +98,9 @@ class GatewayService(service.Service):
         self.metrics_ports: list[Any] = []
         self.publish_ports: list[Any] = []
         self.gateway: Gateway | None = None
+        self.connection_counts = ConnectionCounts()
         self._serving = False
+        self.audit_observer: audit.AuditFileObserver | None = None
         self.published = published_cas(
             self.state.procedures, config.token_procedures, self.store, self.reactor,
             timedelta(hours=config.publish_crl_hours),
@@ -112,7 +115,7 @@ class GatewayService(service.Service):
         return self.ports[0] if self.ports else None
 
     def build_gateway(self) -> Gateway:
-        return Gateway(
+        gateway = Gateway(
             config=self.config,
             store=self.store,
             procedures=self.state.procedures,
@@ -126,7 +129,15 @@ class GatewayService(service.Service):
             revocation=self.revocation,
             approvals=build_gates(self.config, self.approval_tls, self.store, self.reactor),
             key_signer=(self.state.server_certificate, self.state.server_key, (self.state.ca.issuing,)),
+            metrics=Metrics(self.config.metrics_expiring_days),
         )
+        # Thread pools are looked up when scraped: the store's exists once it started.
+        pools = {
+            "reactor": lambda: self.reactor.getThreadPool() if hasattr(self.reactor, "getThreadPool") else None,
+            "store": lambda: getattr(getattr(self.store, "_pool", None), "threadpool", None),
+        }
+        gateway.metrics.watch(self.store, gateway.ca_guard, pools, self.reactor)
+        return gateway
 
     def _wrap_tls(self, endpoint: Any) -> Any:
         context = server_context_factory(
@@ -138,7 +149,17 @@ class GatewayService(service.Service):
             self.state.trust_anchors,
             settings_of(self.config),
         )
-        return wrapServerTLS(context, endpoint)
+        # Connection caps outside TLS, shared by every listening address:
+        # a refused connection costs no handshake.
+        limited = LimitedEndpoint(
+            endpoint, self.config.max_connections, self.config.max_connections_per_client,
+            self.refused_connection, self.connection_counts,
+        )
+        return wrapServerTLS(context, limited)
+
+    def refused_connection(self, code: str) -> None:
+        if self.gateway is not None:
+            self.gateway.metrics.refusal(code)
 
     def readiness_checks(self) -> Mapping[str, Check]:
         """What ``/health/ready`` asks; nothing (not ready) unless serving."""
@@ -173,7 +194,7 @@ class GatewayService(service.Service):
             port.stopReading()
         try:
             if self.config.metrics_port is not None:
-                operations = metrics_site(gateway.metrics)
+                operations = metrics_site(gateway.metrics, self.config)
                 operations.resource.putChild(b"health", health)
                 self.metrics_ports = listen_all(
                     self.reactor, self.config.metrics_interface, self.config.metrics_port,
@@ -182,7 +203,8 @@ class GatewayService(service.Service):
             if self.config.publish_port is not None:
                 self.publish_ports = listen_all(
                     self.reactor, self.config.publish_interface, self.config.publish_port,
-                    publish_site(self.published), what="CRL publishing",
+                    # Relying parties may be anywhere: the same request limits.
+                    limits.limit_site(publish_site(self.published), self.config), what="CRL publishing",
                 )
             if self.config.coaps_port is not None:
                 self.coaps_port = self._listen_coaps(gateway)
@@ -252,6 +274,11 @@ class GatewayService(service.Service):
         )
 
     def startService(self) -> None:
+        if self.config.audit_file and self.audit_observer is None:
+            try:
+                self.audit_observer = audit.start_audit_file(self.config.audit_file)
+            except OSError as e:
+                raise StartError(f"log.audit.file: cannot open {self.config.audit_file}: {e.strerror}") from None
         self.bind()
         super().startService()
         d = defer.Deferred.fromCoroutine(self._open())
@@ -279,6 +306,9 @@ class GatewayService(service.Service):
         if self.gateway is not None:
             await self.gateway.portal.close()
         await self.store.close()
+        observer, self.audit_observer = self.audit_observer, None
+        if observer is not None:
+            audit.stop_audit_file(observer)
 
     def stopService(self) -> defer.Deferred[None]:
         super().stopService()

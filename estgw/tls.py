@@ -281,6 +281,10 @@ class GatewayContextFactory(ssl.CertificateOptions):
             # After CertificateOptions: these replace its cipher list and
             # its single ECDH curve (P-256).
             apply_tls_settings(context, self.settings)
+            # No renegotiation (a client could restart handshakes at our
+            # cost, or change identity mid-connection) and no TLS
+            # compression (CRIME).
+            context.set_options(SSL.OP_NO_RENEGOTIATION | SSL.OP_NO_COMPRESSION)
             return context
         return super().getContext()
 

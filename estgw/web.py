@@ -15,12 +15,12 @@ from typing import Any
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import http, resource, server
+from twisted.web import resource, server
 from twisted.web.server import Request
 from twisted.web.http_headers import Headers
 from urllib.parse import unquote_to_bytes as unquote  # what twisted.web.http uses
 
-from estgw import csrattrs, protocol
+from estgw import audit, csrattrs, guard, limits, protocol
 from estgw.config import OPERATIONS
 from estgw.enroll import Gateway, enroll
 from estgw.escape import printable
@@ -163,8 +163,11 @@ def _respond(
 def _refuse(request: Request, refusal: Refusal, peer: PeerInfo | None) -> None:
     # A reason may quote what the client sent: one line in the log and the body.
     reason = printable(refusal.reason)
+    noted = audit.noted(request)
+    if "requester" not in noted and peer is not None and peer.certificate is not None:
+        noted["requester"] = "cert:" + peer.certificate.subject.rfc4514_string()
     _audit.info(
-        "{event} {method} {path} from {client}: {status} {code}: {reason}",
+        "{event} {method} {path} from {client}: {status} {code}: {reason}{who}",
         method=printable(request.method),
         path=printable(request.path),
         client=_client_name(request, peer),
@@ -172,6 +175,10 @@ def _refuse(request: Request, refusal: Refusal, peer: PeerInfo | None) -> None:
         code=refusal.code,
         reason=reason,
         event=refusal.event,
+        # Client-chosen text (a device id tried, a CSR subject), escaped for
+        # the human log; the audit file's JSON escapes the fields themselves.
+        who="".join(f" {key} '{printable(value)}'" for key, value in sorted(noted.items()) if key != "handler"),
+        **noted,
     )
     if is_bare_challenge(request, refusal):
         return _respond(request, refusal.status, b"", None, refusal.headers)
@@ -275,7 +282,18 @@ class ESTResource(resource.Resource):
             label, operation = self._route(request)
             peer = peer_info(request)
             await self._operation(request, label, operation, peer)
-        except Refusal as refusal:
+        except Exception as error:
+            # Faults of the CA or the store: 503 and a reason; anything
+            # else is a bug, answered 500 by render().
+            refusal = error if isinstance(error, Refusal) else guard.as_refusal(error)
+            if refusal is None:
+                raise
+            if not isinstance(error, Refusal):
+                self._gateway.metrics.store_error()
+                self._log.error(
+                    "store unavailable while serving {path}: {why}",
+                    path=request.path.decode("ascii", "replace"), why=str(error),
+                )
             if refusal.event == "refused":
                 self._gateway.metrics.refusal(refusal.code)
             _refuse(request, refusal, peer)
@@ -284,6 +302,7 @@ class ESTResource(resource.Resource):
         if operation == "fullcmc":
             raise Refusal(501, "not-implemented", f"{operation} is not offered by this gateway")
         handler = self._gateway.config.handler(label, operation)
+        audit.note(request, handler=handler.id if handler is not None else None)
         if handler is None:
             raise Refusal(404, "operation-not-configured", f"{operation} is not served here")
         if getattr(request, "body_too_large", False):
@@ -372,39 +391,22 @@ class _Branch(resource.Resource):
         return _NotEST().render(request)
 
 
-class _Channel(http.HTTPChannel):
-    """HTTP/1.x (h2 is never negotiated, see :mod:`estgw.tls`)."""
-
-    def lineLengthExceeded(self, line: bytes) -> None:
-        # A request or header line over MAX_LENGTH (e.g. a huge
-        # Authorization header): 400 like a head over totalHeadersSize.
-        # twisted's default closes the transport directly, which over TLS
-        # waits for this channel's producer: the client hung until the
-        # idle timeout.
-        body = f"a request or header line is longer than {self.MAX_LENGTH} bytes\n".encode("ascii")
-        assert self.transport is not None
-        self.transport.write(
-            b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n"
-            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
-        )
-        self.loseConnection()
-
-
-# Idle keep-alive connections are closed after this many seconds
-# (twisted.web's default is twelve hours).
-IDLE_TIMEOUT = 60
-
-
 def build_site(gateway: Gateway) -> server.Site:
     root = _Branch()
     well_known = _Branch()
     root.putChild(b".well-known", well_known)
     well_known.putChild(b"est", ESTResource(gateway))
-    # No form parsing: EST bodies are never forms, and twisted.web raises
-    # out of dataReceived on some Content-Type values (a dropped connection
-    # and a logged traceback instead of an answer).
-    site = server.Site(root, timeout=IDLE_TIMEOUT, parsePOSTFormSubmission=False)
-    site.protocol = _Channel  # type: ignore[method-assign, assignment]  # what Site.buildProtocol makes
+    config = gateway.config
+    # server.idleTimeout: twisted.web's default is twelve hours.  No form
+    # parsing: EST bodies are never forms, and twisted.web raises out of
+    # dataReceived on some Content-Type values (a dropped connection and a
+    # logged traceback instead of an answer).
+    site = server.Site(root, timeout=config.idle_timeout, parsePOSTFormSubmission=False)
+    # Site.protocol is typed as twisted.web's own channel factory; ours is an HTTPChannel too.
+    site.protocol = limits.channel_factory(  # type: ignore[method-assign,assignment]
+        config.header_timeout, config.body_timeout, config.max_headers, config.max_header_bytes,
+        gateway.metrics,
+    )
     site.requestFactory = request_factory(gateway.config.max_request_bytes)
     site.displayTracebacks = False
     return site

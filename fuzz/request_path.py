@@ -161,9 +161,8 @@ class Harness:
         from estgw.tap import GatewayService
         from estgw.tls import PeerInfo
         from estgw.testing import TEST_CONFIG, write
-        from estgw.web import IDLE_TIMEOUT, build_site
+        from estgw.web import build_site
 
-        self.idle_timeout = IDLE_TIMEOUT
         # adbapi makes its own twisted.python.threadpool.ThreadPool: in this
         # process every one runs its work synchronously.
         threadpool.ThreadPool = _SyncThreadPool  # type: ignore[misc,assignment]
@@ -178,6 +177,8 @@ class Harness:
         self.directory = directory or tempfile.mkdtemp(prefix="estgw-fuzz-", dir=_scratch())
         path = write(os.path.join(self.directory, "est.properties"), TEST_CONFIG.encode())
         self.config = config_module.load(path)
+        # Past every deadline (idle, request head, body), a connection must be closed.
+        self.idle_timeout = max(self.config.idle_timeout, self.config.header_timeout, self.config.body_timeout)
         self.reactor = _Reactor()
         self.reactor.advance(time.time())  # certificates and the store use the reactor's clock
         self.failures: list[dict[str, Any]] = []

@@ -25,6 +25,7 @@ from estgw.protocol import CERTS_ONLY, decode_certs_only
 from estgw.store import Device
 from estgw.tap import Options
 from estgw.testing import RunningGateway, make_csr, new_key, run_process, write
+from tests.test_auth import AuditLog
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PASSWORD = "abcd1234"
@@ -197,13 +198,17 @@ class ApprovalFlowTests(TestCase):
         foreign = os.path.join(self.files, "foreign.p12")
         write_pkcs12(foreign, key, certificate, foreign_ca, PASSWORD)
         operator_token = self.approval.issue_operator_token(os.path.join(self.files, "op.p12"), PASSWORD)
+        audit = AuditLog(self)
         for token, words in ((foreign, "TLS failure: tlsv1 alert unknown ca"), (operator_token, "HTTP 403: this needs a gateway certificate")):
             self.config_text = idm_gateway_config(self.approval.url, token, PASSWORD, self.approval.ca_file)
             self.gateway = await RunningGateway.start(self, self.config_text)
             await self.gateway.store.add_device(Device(DEVICE, DEVICE_HASH))
             result = await self.enroll()
             self.assertEqual(result.status, 503, result.text)
-            self.assertIn(words, result.text)
+            # The device learns what it can act on; the operator's log has the cause.
+            self.assertIn("the approval service is unavailable", result.text)
+            self.assertNotIn(words, result.text)
+            self.assertIn(words, audit.causes("approval-service-unavailable")[-1])
             self.assertEqual(await self.gateway.store.count_certificates(), 0)
         self.assertIn("no requests", await self.operator("list", "--status", "all"))
         no_certificate = await run_process(
@@ -213,13 +218,15 @@ class ApprovalFlowTests(TestCase):
 
     async def test_service_certificate_verified(self) -> None:
         """A gateway that does not trust the service's CA does not talk to
-        it: the device gets 503 with a TLS reason."""
+        it: the device gets 503, the log the TLS reason."""
         other_ca = LocalCA.load_or_create(os.path.abspath(self.mktemp()), "other")
         other = write(os.path.abspath(self.mktemp()), other_ca.root.public_bytes(Encoding.PEM))
+        audit = AuditLog(self)
         await self.start(ca=other)
         result = await self.enroll()
         self.assertEqual(result.status, 503, result.text)
-        self.assertIn("TLS failure: certificate verify failed", result.text)
+        self.assertNotIn("TLS failure", result.text)
+        self.assertIn("TLS failure: certificate verify failed", audit.causes("approval-service-unavailable")[-1])
         self.assertIn("no requests", await self.operator("list", "--status", "all"))
 
 

@@ -10,6 +10,7 @@ from cryptography import x509
 from twisted.internet import defer, task
 from twisted.trial.unittest import TestCase
 
+from tests.test_auth import AuditLog
 from estgw.approval.client import ApprovalStatus, ApprovalUnavailable, Submission
 from estgw.approval.gate import ApprovalGate, request_key
 from estgw.ca import IssueRequest, LocalCA, Profile
@@ -251,9 +252,13 @@ class GateTests(TestCase):
         it is submitted (once) and the device gets 202."""
         gate = await self.gate()
         self.client.fail = "HTTP 503: maintenance"
+        audit = AuditLog(self)
         refusal = await self.refused(gate, 503, "approval-service-unavailable")
         self.assertEqual(refusal.headers, {"Retry-After": "7"})
-        self.assertIn("HTTP 503: maintenance", refusal.reason)
+        # The cause goes to the operator's log, not to the device.
+        self.assertNotIn("HTTP 503: maintenance", refusal.reason)
+        self.assertIn("the approval service is unavailable", refusal.reason)
+        self.assertEqual(audit.causes("approval-service-unavailable"), ["HTTP 503: maintenance"])
         row = await self.only_row()
         self.assertIsNone(row.submitted_at)
         self.assertEqual(self.client.known, 0)

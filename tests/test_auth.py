@@ -214,6 +214,10 @@ class AuditLog:
     def issued(self) -> list[dict]:
         return [e for e in self.events if e.get("event") == "issued"]
 
+    def causes(self, event: str) -> list[str]:
+        """The ``why`` of each audit event named ``event``."""
+        return [str(e.get("why", "")) for e in self.events if e.get("event") == event]
+
 
 def csr_for(common_name: str, key: Any = None, **attributes: str) -> bytes:
     return csr_pem(make_csr(key or new_key(), name(common_name, **attributes)))

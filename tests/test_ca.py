@@ -279,15 +279,22 @@ class SignTests(_CAMixin, SynchronousTestCase):
                          _ext(self.ca.issuing, x509.SubjectKeyIdentifier).value.digest)
 
     def test_default_profile(self) -> None:
-        """The default profile gives 365 days, digitalSignature+keyEncipherment critical, EKU clientAuth."""
+        """The default profile gives 365 days, digitalSignature+keyEncipherment critical
+        (keyEncipherment for RSA keys only), EKU clientAuth."""
         now = datetime(2030, 1, 1, tzinfo=timezone.utc)
         leaf = self.ca.sign(_ec_request(), Profile(), now=now)
         self.assertEqual(leaf.not_valid_after_utc, now + timedelta(days=365))
         ku = _ext(leaf, x509.KeyUsage)
         self.assertTrue(ku.critical)
-        self.assertTrue(ku.value.digital_signature and ku.value.key_encipherment)
+        self.assertTrue(ku.value.digital_signature)
         self.assertFalse(ku.value.content_commitment or ku.value.key_cert_sign)
         self.assertEqual(list(_ext(leaf, x509.ExtendedKeyUsage).value), [ExtendedKeyUsageOID.CLIENT_AUTH])
+        # An EC key cannot encipher (RFC 8813 §3): the profile's keyEncipherment
+        # is left out for it, and kept for an RSA key.
+        self.assertFalse(ku.value.key_encipherment or ku.value.data_encipherment)
+        rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        rsa_leaf = self.ca.sign(IssueRequest(_name("device-2"), rsa_key.public_key()), Profile(), now=now)
+        self.assertTrue(_ext(rsa_leaf, x509.KeyUsage).value.key_encipherment)
 
     def test_profile_in_certificate(self) -> None:
         """A profile from settings shows in the certificate: validity, each key usage bit, each EKU."""

@@ -178,6 +178,42 @@ class CoAPsTests(TestCase):
         self.assertEqual(record.handler, "20")
         self.assertTrue(record.requester.startswith("cert:CN=pump-7#serial="))
 
+    async def test_store_failure_is_5_03(self) -> None:
+        """A store that cannot record over CoAPs: 5.03 with the reason in
+        words, as over HTTPS (estgw.guard), nothing recorded; the next
+        request is issued."""
+        from twisted.internet import defer as _defer
+
+        from estgw.store import StoreUnavailable
+
+        gateway = await self.start()
+        _cert, _key, cert_file, key_file = self.credentials("pump-8")
+        gw = gateway.service.gateway
+        real = gw.store
+
+        class NoRecord:
+            def __getattr__(self, name: str) -> Any:
+                return getattr(real, name)
+
+            def record_certificate(self, issued: Any) -> Any:
+                return _defer.fail(StoreUnavailable("database is locked"))
+
+        gw.store = NoRecord()
+        try:
+            result = await self.refused(
+                "/.well-known/est/sen", "5.03", "store-unavailable", "cannot use its certificate store",
+                method="post", payload=make_csr(new_key(), "pump-8").public_bytes(Encoding.DER),
+                content_format=coap.PKCS10, cert=cert_file, key=key_file,
+            )
+            self.assertNotIn("locked", result.diagnostic)
+        finally:
+            gw.store = real
+        again = await self.coap(
+            "/.well-known/est/sen", method="post", payload=make_csr(new_key(), "pump-8").public_bytes(Encoding.DER),
+            content_format=coap.PKCS10, cert=cert_file, key=key_file,
+        )
+        self.assertEqual(again.code, "2.04", again.log[-2000:])
+
     async def test_large_request_and_response_default_blocks(self) -> None:
         """An RSA-4096 enrollment without -b: the CSR and the PKCS#7
         answer are each over one datagram, so both go block-wise at the

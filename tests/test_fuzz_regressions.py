@@ -119,15 +119,15 @@ class FormParsingTests(unittest.TestCase):
         self.flushWarnings()
 
     def test_est(self) -> None:
+        from estgw.config import from_string
+        from estgw.metrics import Metrics
+        from estgw.testing import TEST_CONFIG
         from estgw.web import build_site
 
-        # No gateway is needed to refuse a path that is not EST.
-        class _Config:
-            handlers = ()
-            max_request_bytes = 65536
-
+        # No CA or store is needed to refuse a path that is not EST.
         class _Gateway:
-            config = _Config()
+            config = from_string(TEST_CONFIG, base_dir=self.mktemp())
+            metrics = Metrics()
 
         self._each_value(build_site(_Gateway()), b"/not-est")
 

@@ -72,3 +72,75 @@ class MetricsTests(SynchronousTestCase):
         with self.assertRaises(ConfigError) as caught:
             from_string(TEST_CONFIG + "metrics.port = 70000\n")
         self.assertEqual(caught.exception.key, "metrics.port")
+
+
+class LibraryMetricsTests(TestCase):
+    """What prometheus-client adds: faults, TLS failures, store-derived
+    gauges, thread pools and the process."""
+
+    async def scrape(self, gateway: RunningGateway) -> str:
+        port = gateway.service.metrics_ports[0].getHost().port
+        result = await run_process(["curl", "-sS", f"http://127.0.0.1:{port}/metrics"])
+        self.assertEqual(result.code, 0, result.stderr)
+        return result.stdout.decode()
+
+    async def test_faults_tls_gauges_and_process(self) -> None:
+        """A CA fault, a store fault and a plain-HTTP request to the TLS
+        port are counted by kind; a certificate expiring within
+        metrics.expiringDays and a pending approval count; thread pools and
+        the process (CPU, RSS, open fds) are reported."""
+        from twisted.internet import defer
+
+        from estgw.store import Approval, StoreUnavailable
+
+        gateway = await RunningGateway.start(self, CONFIG + "metrics.expiringDays = 31\n")
+        await register(gateway)
+        gw = gateway.service.gateway
+        real = gw.procedures["Test Procedure"]
+
+        class Broken:
+            def issue(self, request: object) -> object:
+                return defer.fail(RuntimeError("CA down"))
+
+        gw.procedures["Test Procedure"] = Broken()
+        self.assertEqual((await gateway.curl("simpleenroll", data=basic_csr(), user="pump-17:s3cret")).status, 503)
+        gw.procedures["Test Procedure"] = real
+
+        class NoRecord:
+            def __getattr__(self, name: str) -> object:
+                return getattr(gateway.store, name)
+
+            def record_certificate(self, issued: object) -> object:
+                return defer.fail(StoreUnavailable("disk full"))
+
+        gw.store = NoRecord()
+        self.assertEqual((await gateway.curl("simpleenroll", data=basic_csr(), user="pump-17:s3cret")).status, 503)
+        gw.store = gateway.store
+        # TEST_CONFIG's certificates are valid 30 days: within 31.
+        self.assertEqual((await gateway.curl("simpleenroll", data=basic_csr(), user="pump-17:s3cret")).status, 200)
+        plain = await run_process(["curl", "-sS", "--max-time", "5", f"http://127.0.0.1:{gateway.port}/"])
+        self.assertNotEqual(plain.code, 0)
+
+        text = await self.scrape(gateway)
+        self.assertEqual(value(text, 'estgw_ca_errors_total{kind="error"}'), 1)
+        self.assertEqual(value(text, "estgw_store_errors_total"), 1)
+        self.assertEqual(value(text, 'estgw_refusals_total{code="ca-unavailable"}'), 1)
+        self.assertEqual(value(text, 'estgw_refusals_total{code="store-unavailable"}'), 1)
+        self.assertEqual(value(text, 'estgw_tls_handshake_failures_total{reason="http request"}'), 1)
+        self.assertEqual(value(text, 'estgw_certificates_expiring{days="31"}'), 1)
+        self.assertEqual(value(text, "estgw_pending_approvals"), 0)
+        self.assertEqual(value(text, "estgw_ca_in_flight"), 0)
+        self.assertEqual(value(text, 'estgw_threadpool_queued{pool="reactor"}'), 0)
+        self.assertEqual(value(text, 'estgw_threadpool_queued{pool="store"}'), 0)
+        self.assertGreater(value(text, "process_resident_memory_bytes"), 1e6)
+        self.assertGreater(value(text, "process_open_fds"), 3)
+        self.assertGreater(value(text, "process_cpu_seconds_total"), 0)
+        # An approval waiting for an operator is counted when scraped.
+        import datetime
+
+        now = datetime.datetime.now(datetime.timezone.utc)
+        await gateway.store.add_approval(Approval(
+            request_id="r-1", handler="2", public_key_sha256="00", subject="CN=x", requester="device:x",
+            csr=b"x", state="pending", created_at=now, expires_at=now + datetime.timedelta(hours=1),
+        ))
+        self.assertEqual(value(await self.scrape(gateway), "estgw_pending_approvals"), 1)

@@ -276,6 +276,16 @@ class GeneralNameProperties(SynchronousTestCase):
         with self.assertRaises(names.BadName):
             names.check_uri(bad)
 
+    def test_trailing_newline_refused(self) -> None:
+        """A name that ends in a newline is refused: a pattern's ``$`` would
+        match before it, ``\\Z`` does not."""
+        for name in (
+            x509.DNSName("pump-17\n"), x509.UniformResourceIdentifier("https://pump-17/\n"),
+            x509.RFC822Name("pump\n@plant.example"),
+        ):
+            with self.assertRaises(names.BadName, msg=repr(name)):
+                names.check_general_name(name)
+
     def test_uri_examples(self) -> None:
         """A relative URI, a scheme alone, a broken percent escape and an
         authority without a host are refused; a URN and an IP host pass."""

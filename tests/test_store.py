@@ -29,6 +29,7 @@ from estgw.store import (
     IStore,
     SQLiteStore,
     StoreNotRunning,
+    StoreUnavailable,
     UnknownCertificate,
     UnsupportedSchemaVersion,
     _SQLStore,
@@ -534,8 +535,9 @@ class SchemaTests(StoreTestCase):
                 (current + 1, ["CREATE TABLE half (id TEXT)", "CREATE TABLE certificates (x TEXT)"])
             ]
 
-        with self.assertRaises(sqlite3.OperationalError):
+        with self.assertRaises(StoreUnavailable) as caught:
             await BrokenStore(self.path).start()
+        self.assertIsInstance(caught.exception.__cause__, sqlite3.OperationalError)
         self.assertEqual(self.on_disk("SELECT version FROM schema_version"), [(current,)])
         self.assertEqual(
             self.on_disk("SELECT name FROM sqlite_master WHERE name = 'half'"), []

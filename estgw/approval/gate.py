@@ -214,10 +214,16 @@ class ApprovalGate:
         try:
             status = await self._status_from_service(row, csr, now)
         except ApprovalUnavailable as e:
+            # The cause (an exception, a TLS error) is for the operator's
+            # log; the device is told what it can act on.
+            _audit.warn(
+                "approval service unavailable for request {request_id}: {why}",
+                request_id=row.request_id, why=e.reason, event="approval-service-unavailable",
+            )
             raise Refusal(
                 503,
                 "approval-service-unavailable",
-                f"the approval service is unavailable ({e.reason}); the request"
+                "the approval service is unavailable; the request"
                 f" {row.request_id} is kept: retry later",
                 {"Retry-After": str(self._retry_after)},
             ) from None
@@ -230,6 +236,12 @@ class ApprovalGate:
         )
         assert decided is not None  # rows are never deleted
         if decided.state == status.status:
+            # The operator's decision, in the store's audit table too.
+            await self._store.add_audit(
+                now, status.decided_by or "the approval service", f"approval-{status.status}",
+                f"approval request {row.request_id}",
+                row.subject + (f": {_one_line(status.reason)}" if status.status == "rejected" else ""),
+            )
             _audit.info(
                 "approval request {request_id} for {subject} {state} by {operator}{because}",
                 request_id=row.request_id, subject=printable(row.subject), state=status.status,

@@ -33,6 +33,7 @@ from twisted.python.failure import Failure
 from twisted.web import resource, server
 from twisted.web.server import Request
 
+from estgw import limits
 from estgw.approval import pki
 from estgw.approval.config import REQUEST_PATH, ServiceConfig
 from estgw.ca import CAError
@@ -117,6 +118,10 @@ def verified_chain(request: Request) -> list[x509.Certificate]:
     if not isinstance(handle, SSL.Connection):
         return []
     return [c.to_cryptography() for c in handle.get_verified_chain() or []]
+
+
+# Operator decisions, as audit events (estgw.audit).
+_audit = Logger(namespace="estgw.audit")
 
 
 # -- the store ---------------------------------------------------------------
@@ -510,10 +515,12 @@ class RequestsResource(resource.Resource):
         status = "approved" if action == "approve" else "rejected"
         now = _now(self._clock)
         record = await self._store.decide(request_id, status, reason, caller.name, now)
-        self._log.info(
+        # An operator action: in the audit namespace, with who and what.
+        _audit.info(
             "request {request_id} for {subject} {status} by {operator}{because}",
             request_id=printable(request_id), subject=printable(record.subject), status=status,
             operator=printable(caller.name), because=f": {printable(reason)}" if reason else "",
+            event="operator", action=f"approval-{action}", target=f"approval request {printable(request_id)}",
         )
         return 200, record.to_json(now, full=True)
 
@@ -526,7 +533,8 @@ def build_site(store: ServiceStore, identify: Callable[[Request], Caller | None]
     # No form parsing (see estgw.web.build_site): decisions are JSON.
     site = server.Site(root, parsePOSTFormSubmission=False)
     site.displayTracebacks = False
-    return site
+    # The same slow-client limits as the gateway's own listener (their defaults).
+    return limits.limit_site(site)
 
 
 # -- the service ----------------------------------------------------------------

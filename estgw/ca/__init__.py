@@ -21,6 +21,7 @@ from typing import Any, Iterable, Sequence
 import attr
 from cryptography import x509
 from cryptography.x509 import ocsp
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519
 from cryptography.hazmat.primitives.asymmetric.types import (
     CertificateIssuerPrivateKeyTypes,
     CertificatePublicKeyTypes,
@@ -267,6 +268,19 @@ class ISigningCA(Interface):
 def key_usage_extension(fields: frozenset[str]) -> x509.KeyUsage:
     """The KeyUsage extension with exactly ``fields`` (x509.KeyUsage names) set."""
     return x509.KeyUsage(**{field: field in fields for field in sorted(_KEY_USAGE_FIELDS)})
+
+
+# What a key can do, whatever the profile asks: an EC or EdDSA key cannot
+# encipher keys or data (RFC 8813 §3, RFC 8410 §5), so those bits are left
+# out for it; RSA keys take every usage.
+_ENCIPHERMENT = frozenset({"key_encipherment", "data_encipherment"})
+
+
+def usages_for_key(fields: frozenset[str], public_key: object) -> frozenset[str]:
+    """``fields`` (x509.KeyUsage names) without those ``public_key`` cannot have."""
+    if isinstance(public_key, (ec.EllipticCurvePublicKey, ed25519.Ed25519PublicKey, ed448.Ed448PublicKey)):
+        return fields - _ENCIPHERMENT
+    return fields
 
 
 # Re-exported: callers import the embedded CA from here.

@@ -23,7 +23,9 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from estgw.ca import CAError, IssueRequest, ISigningCA, ITokenProcedure, PrivateKey, Profile, key_usage_extension
+from estgw.ca import (
+    CAError, IssueRequest, ISigningCA, ITokenProcedure, PrivateKey, Profile, key_usage_extension, usages_for_key,
+)
 from estgw.ca._files import _CERT_MODE, _locked, _read, _utc, _write_atomically
 from estgw.ca.keys import sign_arguments
 
@@ -170,8 +172,9 @@ class SigningCA:
             .not_valid_after(not_after)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         )
-        if profile.key_usage:
-            builder = builder.add_extension(key_usage_extension(profile.key_usage), critical=True)
+        usages = usages_for_key(profile.key_usage, request.public_key)
+        if usages:
+            builder = builder.add_extension(key_usage_extension(usages), critical=True)
         if profile.extended_key_usage:
             builder = builder.add_extension(
                 x509.ExtendedKeyUsage(list(profile.extended_key_usage)), critical=False

@@ -26,7 +26,7 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from estgw import csrattrs, protocol
+from estgw import csrattrs, guard, protocol
 from estgw.coaps import coap
 from estgw.coaps.coap import Block, Message
 from estgw.coaps.dtls import Session
@@ -192,7 +192,15 @@ class ESTCoapServer:
                 if cached is not None:
                     return self._send(session, message, cached)
             reply = await self._operation(session, message, label, operation, name, path, body)
-        except Refusal as refusal:
+        except Exception as error:
+            # A failed store is 5.03 as over HTTPS (estgw.guard); anything
+            # else not a Refusal is a bug, answered 5.00 by the caller.
+            refusal = error if isinstance(error, Refusal) else guard.as_refusal(error)
+            if refusal is None:
+                raise
+            if not isinstance(error, Refusal):
+                self._gateway.metrics.store_error()
+                self._log.error("store unavailable while serving CoAP {path}: {why}", path=path, why=str(error))
             if refusal.event == "refused":
                 self._gateway.metrics.refusal(refusal.code)
             reply = self._refusal(session, message, path, refusal)

@@ -1,0 +1,102 @@
+"""Faults of the CA and the store become 503 + Retry-After, never a 500.
+
+* :class:`CAGuard` runs every token procedure call: at most ``ca.maxQueued``
+  enrollments wait for or are inside the CA at once (beyond: 503
+  ``ca-busy``), each gets ``ca.timeout`` seconds (beyond: 503
+  ``ca-timeout``), and a CA that raises gives 503 ``ca-unavailable``.
+* :func:`as_refusal` maps a failed store (:class:`StoreUnavailable`) to 503
+  ``store-unavailable``.
+
+The device is told what failed, in words, never an exception class or a
+message of ours meant for the operator (that goes to the log).  Nothing
+is recorded when any of these happen: the certificate is recorded after
+the CA answered and sent only once recorded (RFC 7030 §4.2.3, 503 with
+Retry-After for a server that cannot answer now).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from cryptography import x509
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from estgw.refusal import Refusal
+from estgw.store import StoreUnavailable
+
+# Seconds a device is told to wait after a CA or store fault.
+RETRY_AFTER_SECONDS = 30
+
+_log = Logger(namespace="estgw.guard")
+
+
+def _unavailable(code: str, reason: str) -> Refusal:
+    return Refusal(503, code, reason, {"Retry-After": str(RETRY_AFTER_SECONDS)})
+
+
+def store_refusal() -> Refusal:
+    return _unavailable(
+        "store-unavailable", "the gateway cannot use its certificate store just now; nothing was issued: retry later"
+    )
+
+
+def as_refusal(error: BaseException) -> Refusal | None:
+    """The refusal for a fault outside the request, or None for a bug."""
+    if isinstance(error, StoreUnavailable):
+        return store_refusal()
+    return None
+
+
+class CAGuard:
+    """Bounds and times every call to a token procedure (see module doc).
+
+    ``error`` is called with ``busy``, ``timeout`` or ``error`` for each
+    fault (estgw.metrics).  ``in_flight`` counts calls not yet answered.
+    """
+
+    def __init__(
+        self, max_queued: int, timeout: float, clock: Any, error: Callable[[str], None] | None = None
+    ) -> None:
+        self.max_queued = max_queued
+        self.timeout = timeout
+        self._clock = clock
+        self._error = error or (lambda kind: None)
+        self.in_flight = 0
+
+    async def issue(self, issue: Callable[[], Any], procedure: str = "") -> x509.Certificate:
+        """Run ``issue()`` (a token procedure's ``issue(request)``, which
+        returns a Deferred or a coroutine) under the limits; raise Refusal 503."""
+        if self.in_flight >= self.max_queued:
+            self._error("busy")
+            _log.warn(
+                "token procedure {procedure}: {count} enrollments already wait for the CA (ca.maxQueued)",
+                procedure=procedure, count=self.in_flight,
+            )
+            raise _unavailable("ca-busy", "the CA has too many requests waiting; retry later")
+        self.in_flight += 1
+        try:
+            d = defer.maybeDeferred(issue)
+            d.addTimeout(self.timeout, self._clock)
+            return await d
+        except Refusal:
+            raise
+        except defer.TimeoutError:
+            self._error("timeout")
+            _log.warn(
+                "token procedure {procedure} did not answer within {seconds:g} s (ca.timeout)",
+                procedure=procedure, seconds=self.timeout,
+            )
+            raise _unavailable(
+                "ca-timeout", f"the CA did not answer within {self.timeout:g} seconds; retry later"
+            ) from None
+        except StoreUnavailable:
+            raise
+        except Exception as e:
+            self._error("error")
+            _log.error(
+                "token procedure {procedure} failed: {why}", procedure=procedure, why=f"{type(e).__name__}: {e}"
+            )
+            raise _unavailable("ca-unavailable", "the CA cannot issue certificates just now; retry later") from None
+        finally:
+            self.in_flight -= 1
