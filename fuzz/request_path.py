@@ -424,7 +424,12 @@ _harness: Harness | None = None
 def harness() -> Harness:
     global _harness
     if _harness is None:
-        _harness = Harness()
+        import atexit
+        import shutil
+
+        directory = tempfile.mkdtemp(prefix="estgw-fuzz-", dir=_scratch())
+        atexit.register(shutil.rmtree, directory, True)
+        _harness = Harness(directory)
     return _harness
 
 
