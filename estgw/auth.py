@@ -54,7 +54,7 @@ from estgw.httpauth import (
     StaleNonce,
     authorization_header,
 )
-from estgw.passwords import check_password_in_thread
+from estgw.passwords import VerificationCache, check_password_in_thread
 from estgw.refusal import Refusal
 from estgw.store import Device, IStore, certificate_fingerprint
 from estgw.tls import PeerInfo
@@ -147,10 +147,18 @@ class DeviceChecker:
     credentialInterfaces = (credentials.IUsernamePassword, credentials.IUsernameDigestHash)
     _log = Logger()
 
-    def __init__(self, store: IStore, reactor: Any = None, nonce_counts: NonceCounts | None = None) -> None:
+    def __init__(
+        self,
+        store: IStore,
+        reactor: Any = None,
+        nonce_counts: NonceCounts | None = None,
+        password_cache: VerificationCache | None = None,
+    ) -> None:
         self._store = store
         self._reactor = reactor
         self._nonce_counts = nonce_counts if nonce_counts is not None else MemoryNonceCounts()
+        # auth.passwordCacheSeconds; None: every login pays for scrypt.
+        self._password_cache = password_cache
 
     def requestAvatarId(self, creds: Any) -> defer.Deferred[bytes | tuple[()]]:
         if credentials.IUsernameDigestHash.providedBy(creds):
@@ -161,9 +169,14 @@ class DeviceChecker:
         device = await self._store.get_device(creds.username.decode("utf-8", "replace"))
         # An unknown device costs as much time as a known one (see passwords).
         encoded = device.password_hash if device is not None else None
+        cache = self._password_cache
+        if device is not None and cache is not None and cache.known(device.device_id, creds.password, encoded):
+            return self._usable(device)
         if not await check_password_in_thread(creds.password, encoded, self._reactor):
             raise error.UnauthorizedLogin("unknown device or wrong password")
-        assert device is not None
+        assert device is not None and encoded is not None
+        if cache is not None:
+            cache.remember(device.device_id, creds.password, encoded)
         return self._usable(device)
 
     async def _check_digest(self, creds: Any) -> bytes:
@@ -282,9 +295,12 @@ class DevicePortal(Portal):
         digest_secret: bytes | None = None,
         nonce_counts: NonceCounts | None = None,
         issuers: Sequence[x509.Certificate] = (),
+        password_cache_seconds: float = 0,
     ) -> None:
         self.nonce_counts = nonce_counts if nonce_counts is not None else MemoryNonceCounts()
-        super().__init__(DeviceRealm(), [DeviceChecker(store, reactor, self.nonce_counts)])
+        clock = reactor.seconds if reactor is not None else None
+        self.password_cache = VerificationCache(password_cache_seconds, clock) if password_cache_seconds > 0 else None
+        super().__init__(DeviceRealm(), [DeviceChecker(store, reactor, self.nonce_counts, self.password_cache)])
         self.store = store
         self.ca_chain = tuple(ca_chain)
         self._reactor = reactor
@@ -318,8 +334,9 @@ def device_portal(
     digest_secret: bytes | None = None,
     nonce_counts: NonceCounts | None = None,
     issuers: Sequence[x509.Certificate] = (),
+    password_cache_seconds: float = 0,
 ) -> DevicePortal:
-    return DevicePortal(store, reactor, ca_chain, digest_secret, nonce_counts, issuers)
+    return DevicePortal(store, reactor, ca_chain, digest_secret, nonce_counts, issuers, password_cache_seconds)
 
 
 # -- responses ------------------------------------------------------------------
@@ -409,7 +426,7 @@ def _issuer_accepted(request: Any, handler: HandlerConfig, peer: PeerInfo, porta
         return attr.evolve(peer, certificate=None, chain=())
     if cert is None or handler.client_certificate_issuers != "local":
         return peer
-    if officers.issued_by(cert, portal.issuers):
+    if officers.issued_by(cert, portal.issuers, peer.chain):
         return peer
     if handler.filter == "device" and request.getHeader(b"authorization"):
         return attr.evolve(peer, certificate=None, chain=())

@@ -150,7 +150,7 @@ async def cmd_device_add(options: Any, config: Config, store: IStore, out: Any) 
             single_use=bool(options["single_use"]),
         )
         # Hashing blocks; fine here: no one else waits on this reactor.
-        device = device_import.build_device(registration, device_import.digest_realms(config))
+        device = device_import.build_device(registration, device_import.digest_realms(config), config.scrypt_n)
         await store.add_device(device)
     except DuplicateFactoryCertificate as e:
         raise CommandError(str(e)) from None
@@ -167,7 +167,7 @@ async def cmd_device_import(options: Any, config: Config, store: IStore, out: An
         rows = device_import.read_csv(options["file"])
     except ValueError as e:
         raise CommandError(str(e)) from None
-    result = await device_import.import_devices(store, rows, device_import.digest_realms(config))
+    result = await device_import.import_devices(store, rows, device_import.digest_realms(config), config.scrypt_n)
     if rows:
         await audit.operator_action(
             store, audit.os_operator(), "device-import", options["file"], device_import.describe(result, len(rows))

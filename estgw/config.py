@@ -285,6 +285,34 @@ def _non_negative_int(value: str) -> int:
     return 0 if value.strip() == "0" else _positive_int(value)
 
 
+def _workers(value: str) -> int:
+    number = _positive_int(value)
+    if number > 64:
+        raise ValueError(f"must be at most 64, not {number}")
+    return number
+
+
+def _log_bytes(value: str) -> int:
+    number = _positive_int(value)
+    if number < 4096:
+        raise ValueError(f"must be at least 4096 bytes, not {number}")
+    return number
+
+
+def _scrypt_n(value: str) -> int:
+    number = _positive_int(value)
+    if number & (number - 1) or not 2**10 <= number <= 2**20:
+        raise ValueError(f"must be a power of two from 1024 to 1048576, not {number}")
+    return number
+
+
+def _cache_seconds(value: str) -> int:
+    number = _non_negative_int(value)
+    if number > 3600:
+        raise ValueError(f"must be at most 3600 seconds, not {number}")
+    return number
+
+
 def _ocsp(value: str) -> str:
     """``off``, ``aia`` (the certificate's AuthorityInformationAccess) or a responder URL."""
     text = value.strip()
@@ -514,6 +542,21 @@ class Config:
     # GET /metrics (Prometheus text) on its own plain-HTTP listener; None: off.
     metrics_port: int | None = None
     metrics_interface: str = "127.0.0.1"
+    # Processes serving the one listening socket (estgw.workers).
+    workers: int = 1
+    # Every connection starts with a PROXY protocol header (v1 or v2) from
+    # a TCP load balancer, naming the client.
+    proxy_protocol: bool = False
+    # The human log (estgw.logs): a file rotated by size, how many rotated
+    # files are kept, and the least level written.  None: twistd's own.
+    log_file: str | None = None
+    log_max_bytes: int = 10 * 1024 * 1024
+    log_max_files: int = 10
+    log_level: str = "info"
+    # Password checks (estgw.passwords): the scrypt cost of new hashes and
+    # how long a successful check is remembered (0: never).
+    scrypt_n: int = 2**14
+    password_cache_seconds: int = 60
     # estgw_certificates_expiring counts certificates expiring within this many days.
     metrics_expiring_days: int = 30
     ocsp_failure: str = "hard"
@@ -639,6 +682,14 @@ _GLOBAL_KEYS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "log.audit.file": ("audit_file", _text),
     "metrics.port": ("metrics_port", _port),
     "metrics.interface": ("metrics_interface", _interface),
+    "server.workers": ("workers", _workers),
+    "server.proxyProtocol": ("proxy_protocol", _bool),
+    "log.file": ("log_file", _nonempty),
+    "log.maxBytes": ("log_max_bytes", _log_bytes),
+    "log.maxFiles": ("log_max_files", _positive_int),
+    "log.level": ("log_level", _choice("debug", "info", "warn", "error", "critical")),
+    "auth.scrypt.n": ("scrypt_n", _scrypt_n),
+    "auth.passwordCacheSeconds": ("password_cache_seconds", _cache_seconds),
     "ca.keyType": ("ca_key_type", _choice(*KEY_TYPES)),
     "tls.keyType": ("tls_key_type", _choice(*KEY_TYPES)),
     "ca.rsaPadding": ("ca_rsa_padding", _choice(*RSA_PADDINGS)),
@@ -816,6 +867,12 @@ def from_string(text: str, source: str = "est.properties", base_dir: str = ".") 
     global_values["crl_files"] = tuple(
         _resolve(base_dir, f) for f in global_values.get("crl_files", ())
     )
+    if global_values.get("log_file"):
+        global_values["log_file"] = _resolve(base_dir, global_values["log_file"])
+    if global_values.get("workers", 1) > 1 and global_values.get("metrics_port") is not None:
+        # Each worker counts only what it served: one scrape would see one
+        # worker's counters, and a counter must never go backwards.
+        raise ConfigError("metrics.port", "not available with server.workers above 1", source)
     if global_values.get("ca_key_password_file"):
         if global_values.get("ca_key_password_env"):
             raise ConfigError("ca.keyPasswordEnv", "ca.keyPasswordFile already names the passphrase", source)

@@ -46,7 +46,7 @@ from cryptography.x509.oid import NameOID
 from estgw import factory, names
 from estgw.auth import digest_ha1
 from estgw.config import Config
-from estgw.passwords import hash_password
+from estgw.passwords import DEFAULT_N, hash_password
 from estgw.store import Device, DuplicateDevice, DuplicateFactoryCertificate, IStore, certificate_fingerprint
 
 __all__ = [
@@ -119,14 +119,15 @@ def check_registration(registration: Registration) -> Registration:
     return registration
 
 
-def build_device(registration: Registration, realms: Iterable[str]) -> Device:
-    """The store record: hashes only.  Blocks for the scrypt hash (tens of
+def build_device(registration: Registration, realms: Iterable[str], scrypt_n: int = DEFAULT_N) -> Device:
+    """The store record: hashes only (scrypt cost ``scrypt_n``, from
+    ``auth.scrypt.n``).  Blocks for the scrypt hash (tens of
     milliseconds): for the CLI, not for the reactor thread of a server."""
     check_registration(registration)
     password = registration.password
     return Device(
         device_id=registration.device_id,
-        password_hash=None if password is None else hash_password(password),
+        password_hash=None if password is None else hash_password(password, scrypt_n),
         single_use=registration.single_use,
         factory_cert_sha256=(
             None if registration.factory_cert is None else certificate_fingerprint(registration.factory_cert)
@@ -222,7 +223,10 @@ class ImportResult:
 
 
 async def import_devices(
-    store: IStore, rows: Sequence[tuple[int, Registration | ValueError]], realms: Sequence[str]
+    store: IStore,
+    rows: Sequence[tuple[int, Registration | ValueError]],
+    realms: Sequence[str],
+    scrypt_n: int = DEFAULT_N,
 ) -> ImportResult:
     """Register every good row; collect the bad ones and the devices
     already registered (left as they are) with their line numbers."""
@@ -237,7 +241,7 @@ async def import_devices(
             continue
         seen[row.device_id] = line
         try:
-            await store.add_device(build_device(row, realms))
+            await store.add_device(build_device(row, realms, scrypt_n))
         except DuplicateFactoryCertificate as e:
             result.bad.append((line, str(e)))
         except DuplicateDevice:

@@ -34,9 +34,21 @@ def role_grant(cert: x509.Certificate, role: str) -> OfficerRole:
     )
 
 
-def issued_by(cert: x509.Certificate, issuers: Sequence[x509.Certificate]) -> bool:
+def issued_by(
+    cert: x509.Certificate,
+    issuers: Sequence[x509.Certificate],
+    verified_chain: Sequence[x509.Certificate] = (),
+) -> bool:
     """Whether ``cert`` was signed by one of ``issuers``, the gateway's
-    issuing CA certificates (not the roots above them)."""
+    issuing CA certificates (not the roots above them).
+
+    ``verified_chain`` is the chain TLS verified for ``cert`` (leaf first,
+    :attr:`estgw.tls.PeerInfo.chain`): when it runs from ``cert`` straight
+    to one of ``issuers``, OpenSSL has checked that signature in the
+    handshake and it is not checked again.
+    """
+    if len(verified_chain) >= 2 and verified_chain[0] == cert and verified_chain[1] in issuers:
+        return True
     for issuer in issuers:
         try:
             cert.verify_directly_issued_by(issuer)

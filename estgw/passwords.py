@@ -6,9 +6,15 @@ already in the store::
 
     scrypt$16384$8$1$<salt, base64>$<hash, base64>
 
-scrypt at these parameters takes tens of milliseconds of CPU: code running
-on the reactor thread must use :func:`check_password_in_thread`, never
+New hashes use N = ``auth.scrypt.n`` (default 16384, r = 8, p = 1: 16 MiB
+and tens of milliseconds of CPU per check); a stored hash is always
+checked with the parameters it carries.  Code running on the reactor
+thread must use :func:`check_password_in_thread`, never
 :func:`verify_password` directly.
+
+:class:`VerificationCache` remembers successful checks for
+``auth.passwordCacheSeconds`` so that a device retrying within that time
+does not pay for scrypt again.
 """
 
 from __future__ import annotations
@@ -18,16 +24,18 @@ import binascii
 import hashlib
 import hmac
 import os
+import time
 import unicodedata
 from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredSemaphore
 from twisted.internet.threads import deferToThreadPool
 
-__all__ = ["hash_password", "verify_password", "check_password_in_thread"]
+__all__ = ["hash_password", "verify_password", "check_password_in_thread", "VerificationCache", "DEFAULT_N"]
 
 _SCHEME = "scrypt"
-_N = 2**14
+DEFAULT_N = 2**14
+_N = DEFAULT_N
 _R = 8
 _P = 1
 _SALT_BYTES = 16
@@ -61,19 +69,23 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-def hash_password(password: str | bytes) -> str:
+def hash_password(password: str | bytes, n: int = DEFAULT_N) -> str:
     """
-    Hash ``password`` with scrypt and a fresh random 16-byte salt.
+    Hash ``password`` with scrypt (cost ``n``, a power of two; r = 8,
+    p = 1) and a fresh random 16-byte salt.
 
     :raises ValueError: for an empty password (a device registered with
-        one could be enrolled by anyone).
+        one could be enrolled by anyone), or an ``n`` that is not a power
+        of two from 1024 to 2**20.
     """
+    if n & (n - 1) or not 2**10 <= n <= 2**20:
+        raise ValueError(f"scrypt cost must be a power of two from 1024 to 1048576, not {n}")
     raw = _password_bytes(password)
     if not raw:
         raise ValueError("refusing to hash an empty password")
     salt = os.urandom(_SALT_BYTES)
-    digest = _scrypt(raw, salt, _N, _R, _P, _HASH_BYTES)
-    return f"{_SCHEME}${_N}${_R}${_P}${_b64(salt)}${_b64(digest)}"
+    digest = _scrypt(raw, salt, n, _R, _P, _HASH_BYTES)
+    return f"{_SCHEME}${n}${_R}${_P}${_b64(salt)}${_b64(digest)}"
 
 
 def _parse(encoded: str) -> tuple[int, int, int, bytes, bytes] | None:
@@ -166,3 +178,59 @@ def check_password_in_thread(
 
 
 _SCRYPT_SLOTS = DeferredSemaphore(max(1, os.cpu_count() or 1))
+
+
+class VerificationCache:
+    """Successful password checks, remembered for ``seconds``.
+
+    An entry is keyed by an HMAC (with a random per-process key) of the
+    device id, the password and the stored hash: the password itself is
+    never kept, and a new password or a new registration (a new salt)
+    changes the stored hash, so an entry of the old one never matches.  A
+    removed device has no stored hash to match.  Failed checks are not
+    remembered: every wrong guess still costs a full scrypt.  At most
+    ``size`` entries; the oldest go first.  ``clock()`` gives seconds.
+    """
+
+    def __init__(self, seconds: float, clock: Any = None, size: int = 100_000) -> None:
+        self.seconds = seconds
+        self._clock = clock if clock is not None else time.monotonic
+        self._size = size
+        self._key = os.urandom(32)
+        self._expiry: dict[bytes, float] = {}  # insertion order is expiry order
+
+    def _entry(self, device_id: str, password: str | bytes, encoded: str) -> bytes | None:
+        try:
+            raw = _password_bytes(password)
+        except (UnicodeDecodeError, AttributeError, TypeError):
+            return None
+        mac = hmac.new(self._key, digestmod=hashlib.sha256)
+        for part in (device_id.encode("utf-8"), raw, encoded.encode("utf-8")):
+            mac.update(len(part).to_bytes(4, "big") + part)
+        return mac.digest()
+
+    def _expire(self, now: float) -> None:
+        for entry, until in list(self._expiry.items()):
+            if until > now and len(self._expiry) <= self._size:
+                break
+            del self._expiry[entry]
+
+    def known(self, device_id: str, password: str | bytes, encoded: str | None) -> bool:
+        """Whether this password was verified against ``encoded`` for this
+        device within the last ``seconds``."""
+        if self.seconds <= 0 or encoded is None:
+            return False
+        entry = self._entry(device_id, password, encoded)
+        until = self._expiry.get(entry) if entry is not None else None
+        return until is not None and until > self._clock()
+
+    def remember(self, device_id: str, password: str | bytes, encoded: str) -> None:
+        if self.seconds <= 0:
+            return
+        entry = self._entry(device_id, password, encoded)
+        if entry is None:
+            return
+        now = self._clock()
+        self._expiry.pop(entry, None)
+        self._expiry[entry] = now + self.seconds
+        self._expire(now)

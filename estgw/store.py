@@ -735,6 +735,11 @@ class _SQLStore:
         # work is queued would block the reactor thread on a join until
         # the queue drained.
         self._in_flight: set[Deferred[None]] = set()
+        # Group commit of record_certificate: waiting records, whether a
+        # transaction of them is in flight, and who waits for both to end.
+        self._records: list[tuple[IssuedCertificate, Deferred[None]]] = []
+        self._recording = False
+        self._records_drained: list[Deferred[None]] = []
 
     # -- plumbing
 
@@ -768,6 +773,11 @@ class _SQLStore:
         before the returned Deferred fires."""
         if self._pool is None or self._closing:
             return defer.fail(StoreNotRunning("the store is not started, or closed"))
+        return self._run_now(interaction, *args)
+
+    def _run_now(self, interaction: Callable[..., _T], *args: Any) -> Deferred[_T]:
+        """:meth:`_run` while closing too: for work accepted before close()."""
+        assert self._pool is not None
         finished: Deferred[None] = Deferred()
         self._in_flight.add(finished)
 
@@ -867,6 +877,11 @@ class _SQLStore:
         if self._pool is None or self._closing:
             return defer.succeed(None)
         self._closing = True  # refuse new work; let work in flight finish
+        waits = list(self._in_flight)
+        if self._recording:  # and the records queued behind it
+            drained: Deferred[None] = Deferred()
+            self._records_drained.append(drained)
+            waits.append(drained)
 
         def close_pool(_: object) -> None:
             assert self._pool is not None
@@ -874,13 +889,61 @@ class _SQLStore:
             self._pool = None
             self._closing = False
 
-        d: Deferred[None] = defer.DeferredList(list(self._in_flight)).addCallback(close_pool)
+        d: Deferred[None] = defer.DeferredList(waits).addCallback(close_pool)
         return d
 
     # -- certificates
 
     def record_certificate(self, issued: IssuedCertificate) -> Deferred[None]:
-        def interaction(txn: Any) -> None:
+        """Record ``issued``; fires once it is committed.
+
+        Group commit: records arriving while a commit is in flight are
+        written together in the next transaction, so concurrent
+        enrollments share one transaction and one fsync, and each
+        Deferred still fires only after its own row is on disk.
+        """
+        if self._pool is None or self._closing:
+            return defer.fail(StoreNotRunning("the store is not started, or closed"))
+        d: Deferred[None] = Deferred()
+        self._records.append((issued, d))
+        if not self._recording:
+            self._write_records()
+        return d
+
+    def _write_records(self) -> None:
+        batch, self._records = self._records, []
+        self._recording = True
+
+        def written(_: object) -> None:
+            for _issued, d in batch:
+                d.callback(None)
+
+        def failed(failure: Any) -> Any:
+            if len(batch) == 1:
+                batch[0][1].errback(failure)
+                return None
+            # One bad row (a duplicate serial) must not fail the others:
+            # each on its own, as without grouping.
+            alone = [self._run_now(self._insert_certificates, [issued]) for issued, _d in batch]
+            for (_issued, d), result in zip(batch, alone):
+                result.chainDeferred(d)
+            return defer.DeferredList(alone)
+
+        def next_batch(_: object) -> None:
+            self._recording = False
+            if self._records:
+                self._write_records()
+                return
+            waiting, self._records_drained = self._records_drained, []
+            for d in waiting:
+                d.callback(None)
+
+        self._run_now(self._insert_certificates, [issued for issued, _d in batch]).addCallbacks(
+            written, failed
+        ).addBoth(next_batch)
+
+    def _insert_certificates(self, txn: Any, records: list[IssuedCertificate]) -> None:
+        for issued in records:
             try:
                 self._execute(
                     txn,
@@ -906,8 +969,6 @@ class _SQLStore:
                 if self._is_integrity_error(e):
                     raise DuplicateCertificate(f"serial {issued.serial:x} is already recorded") from e
                 raise
-
-        return self._run(interaction)
 
     def _select_certificate(self, txn: Any, serial: int) -> IssuedCertificate | None:
         self._execute(

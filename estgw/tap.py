@@ -12,22 +12,27 @@ a non-zero status.
 
 from __future__ import annotations
 
+import os
+import socket
 from datetime import timedelta
 from typing import Any, Mapping
 
 from twisted.application import service
 from twisted.internet import defer
 from twisted.internet.endpoints import wrapServerTLS
+from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger
+from twisted.protocols.haproxy import proxyEndpoint
 from twisted.python import usage
+from zope.interface import implementer
 
-from estgw import audit, bootstrap, config as config_module, limits
+from estgw import audit, bootstrap, config as config_module, lagprobe, limits, logs, workers
 from estgw.approval.gateway import build_gates, load_approval_tls
 from estgw.auth import device_portal, digest_nonce_counts, digest_secret
 from estgw.ca import CAError
 from estgw.ca.publish import keep_fresh, publish_site, published_cas
 from estgw.config import Config, ConfigError
-from estgw.daemon import StartError, end_process_on_failure, listen_all, shown_address
+from estgw.daemon import StartError, _listen_now, end_process_on_failure, listen_all, shown_address
 from estgw.enroll import Gateway
 from estgw.health import Check, certificate_in_validity, health_resource
 from estgw.limits import ConnectionCounts, LimitedEndpoint
@@ -47,6 +52,10 @@ class Options(usage.Options):
     optParameters = [
         ["config", "c", "etc/est.properties", "The est.properties file."],
         ["port", "p", None, "Listen on this TCP port instead of server.port.", int],
+        ["workers", "w", None, "Run this many worker processes instead of server.workers.", int],
+        # Internal: a worker of estgw.workers serves the listening sockets it inherited.
+        ["worker-fds", None, None, "(internal) serve the inherited listening sockets on these descriptors."],
+        ["worker-number", None, 1, "(internal) which worker this is; worker 1 also serves publish.port and coaps.port.", int],
     ]
 
     def postOptions(self) -> None:
@@ -62,7 +71,37 @@ class Options(usage.Options):
             import attr
 
             loaded = attr.evolve(loaded, port=self["port"])
+        if self["workers"] is not None:
+            if not 1 <= self["workers"] <= 64:
+                raise usage.UsageError(f"--workers: must be from 1 to 64, not {self['workers']}")
+            if self["workers"] > 1 and loaded.metrics_port is not None:
+                raise usage.UsageError(f"{loaded.source}: metrics.port: not available with --workers above 1")
+            import attr
+
+            loaded = attr.evolve(loaded, workers=self["workers"])
+        if self["worker-fds"] is not None:
+            try:
+                self["worker-fds"] = [int(fd) for fd in self["worker-fds"].split(",")]
+            except ValueError:
+                raise usage.UsageError(f"--worker-fds: not descriptor numbers: {self['worker-fds']}") from None
         self.loaded: Config = loaded
+
+
+@implementer(IStreamServerEndpoint)
+class _AdoptedEndpoint:
+    """A listening socket inherited on descriptor ``fd`` (estgw.workers)."""
+
+    def __init__(self, reactor: Any, fd: int) -> None:
+        self.reactor = reactor
+        self.fd = fd
+
+    def listen(self, factory: Any) -> defer.Deferred[Any]:
+        probe = socket.socket(fileno=os.dup(self.fd))
+        family = probe.family
+        probe.close()
+        port = self.reactor.adoptStreamPort(self.fd, family, factory)
+        os.close(self.fd)  # adoptStreamPort serves its own duplicate
+        return defer.succeed(port)
 
 
 class GatewayService(service.Service):
@@ -70,7 +109,17 @@ class GatewayService(service.Service):
 
     _log = Logger()
 
-    def __init__(self, config: Config, reactor: Any = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        reactor: Any = None,
+        inherited_fds: list[int] | None = None,
+        side_listeners: bool = True,
+    ) -> None:
+        # inherited_fds: a worker (estgw.workers) serves these listening sockets.
+        # side_listeners: publish.port and coaps.port, which only one worker binds.
+        self.inherited_fds = inherited_fds
+        self.side_listeners = side_listeners
         if reactor is None:
             from twisted.internet import reactor as default_reactor
 
@@ -108,6 +157,7 @@ class GatewayService(service.Service):
         self._crl_refresh: Any = None
         self.coaps_port: Any = None
         self.ready: defer.Deferred[None] = defer.Deferred()
+        self.lag_probe = lagprobe.from_environment(reactor)
 
     @property
     def port(self) -> Any:
@@ -124,6 +174,7 @@ class GatewayService(service.Service):
                 self.store, self.reactor, self.state.ca.chain(), digest_secret(self.config.state_directory),
                 digest_nonce_counts(self.config.state_directory, self.reactor),
                 issuers=self.state.issuers,
+                password_cache_seconds=self.config.password_cache_seconds,
             ),
             reactor=self.reactor,
             revocation=self.revocation,
@@ -149,6 +200,10 @@ class GatewayService(service.Service):
             self.state.trust_anchors,
             settings_of(self.config),
         )
+        if self.config.proxy_protocol:
+            # The PROXY header comes before the TLS handshake (and names the
+            # client the per-client connection cap counts).
+            endpoint = proxyEndpoint(endpoint)
         # Connection caps outside TLS, shared by every listening address:
         # a refused connection costs no handshake.
         limited = LimitedEndpoint(
@@ -187,9 +242,14 @@ class GatewayService(service.Service):
         health = health_resource(self.readiness_checks, self.reactor)
         site = build_site(gateway)
         site.resource.putChild(b"health", health)
-        self.ports = listen_all(
-            self.reactor, self.config.interface, self.config.port, site, self._wrap_tls
-        )
+        if self.inherited_fds is not None:
+            self.ports = [
+                _listen_now(self._wrap_tls(_AdoptedEndpoint(self.reactor, fd)), site) for fd in self.inherited_fds
+            ]
+        else:
+            self.ports = listen_all(
+                self.reactor, self.config.interface, self.config.port, site, self._wrap_tls
+            )
         for port in self.ports:
             port.stopReading()
         try:
@@ -200,13 +260,13 @@ class GatewayService(service.Service):
                     self.reactor, self.config.metrics_interface, self.config.metrics_port,
                     operations, what="metrics",
                 )
-            if self.config.publish_port is not None:
+            if self.config.publish_port is not None and self.side_listeners:
                 self.publish_ports = listen_all(
                     self.reactor, self.config.publish_interface, self.config.publish_port,
                     # Relying parties may be anywhere: the same request limits.
                     limits.limit_site(publish_site(self.published), self.config), what="CRL publishing",
                 )
-            if self.config.coaps_port is not None:
+            if self.config.coaps_port is not None and self.side_listeners:
                 self.coaps_port = self._listen_coaps(gateway)
         except BaseException:
             for port in self.ports + self.metrics_ports + self.publish_ports:
@@ -250,6 +310,8 @@ class GatewayService(service.Service):
             self._crl_refresh.start(CRL_REFRESH_SECONDS, now=True)
         for port in self.ports:
             port.startReading()
+        if self.lag_probe is not None:
+            self.lag_probe.start()
         if self.coaps_port is not None:
             self.coaps_port.startReading()
             self._log.info(
@@ -292,6 +354,9 @@ class GatewayService(service.Service):
 
     async def _stop(self) -> None:
         self._serving = False  # /health/ready says 503 from now on
+        probe, self.lag_probe = self.lag_probe, None
+        if probe is not None:
+            probe.stop()
         ports, self.ports = self.ports, []  # stopping twice is harmless
         metrics, self.metrics_ports = self.metrics_ports, []
         publish, self.publish_ports = self.publish_ports, []
@@ -315,10 +380,42 @@ class GatewayService(service.Service):
         return defer.Deferred.fromCoroutine(self._stop())
 
 
-def makeService(options: Options, reactor: Any = None) -> service.MultiService:
-    top = service.MultiService()
+def _supervisor(options: Options, reactor: Any) -> workers.Supervisor:
+    config = options.loaded
     try:
-        gateway = GatewayService(options.loaded, reactor)
+        # The state is created once, here, not raced for by the workers.
+        bootstrap.initialize(config, reactor)
+        bootstrap.check_store(config)
+        digest_secret(config.state_directory)
+    except CAError as e:
+        raise SystemExit(f"estgw: {config.source}: state.directory: {e}") from None
+    except ConfigError as e:
+        raise SystemExit(f"estgw: {e}") from None
+    try:
+        sockets = workers.bind(config.interface, config.port)
+    except StartError as e:
+        raise SystemExit(f"estgw: {e}") from None
+    return workers.Supervisor(config, options["config"], sockets, reactor)
+
+
+def makeService(options: Options, reactor: Any = None) -> service.MultiService:
+    config = options.loaded
+    worker = options["worker-fds"] is not None
+    # A worker's events go to its supervisor as JSON (twistd --logger).
+    observer = None
+    if not worker and logs.configured(config):
+        try:
+            observer = logs.human_observer(config)
+        except OSError as e:
+            raise SystemExit(f"estgw: log.file: cannot open {config.log_file}: {e.strerror}") from None
+    top = logs.LoggingService(observer)
+    if not worker and config.workers > 1:
+        _supervisor(options, reactor).setServiceParent(top)
+        return top
+    try:
+        gateway = GatewayService(
+            config, reactor, inherited_fds=options["worker-fds"], side_listeners=options["worker-number"] == 1
+        )
         gateway.bind()
     except (usage.UsageError, StartError) as e:
         # twistd shows a traceback for errors raised here; the message is
@@ -326,4 +423,6 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         raise SystemExit(f"estgw: {e}") from None
     end_process_on_failure(gateway.ready, gateway.reactor)
     gateway.setServiceParent(top)
+    if worker:
+        workers.watch_parent(gateway.reactor)
     return top

@@ -635,26 +635,45 @@ class LocalTokenProcedureTests(_CAMixin, TestCase):
         self.assertEqual(procedure.name, "EST Enroll")
         self.assertEqual(procedure.chain(), [self.ca.issuing, self.ca.root])
 
-    def test_issue(self) -> Deferred[None]:
-        """issue() returns a Deferred that fires with a certificate signed off the reactor thread."""
+    def _issue_recording_thread(self, ca: LocalCA) -> tuple[Deferred[x509.Certificate], list, IssueRequest]:
         threads = []
-        original = self.ca.sign
+        original = ca.sign
 
         def sign(*args, **kwargs):  # type: ignore[no-untyped-def]
             threads.append(threading.current_thread())
             return original(*args, **kwargs)
 
-        ca = LocalCA(self.ca.directory, self.ca.root, self.ca.issuing, self.ca._issuing_key)
-        object.__setattr__(ca, "sign", sign)  # frozen attrs: instance override for the test
-        procedure = LocalTokenProcedure("p", ca, Profile(), reactor=reactor)
+        copy = LocalCA(ca.directory, ca.root, ca.issuing, ca._issuing_key)
+        object.__setattr__(copy, "sign", sign)  # frozen attrs: instance override for the test
+        procedure = LocalTokenProcedure("p", copy, Profile(), reactor=reactor)
         request = _ec_request("threaded")
         d = procedure.issue(request)
         self.assertIsInstance(d, Deferred)
+        return d, threads, request
+
+    def test_issue_ec_on_reactor_thread(self) -> Deferred[None]:
+        """An EC CA signs at once, on the calling (reactor) thread: cheaper than a thread hop."""
+        self.assertTrue(self.ca.signs_quickly)
+        self.assertTrue(LocalCA.load_or_create(self.mktemp(), "rsa", key_type="rsa-2048").signs_quickly)
+        d, threads, request = self._issue_recording_thread(self.ca)
 
         def check(cert: x509.Certificate) -> None:
-            self.assertIsInstance(cert, x509.Certificate)
             self.assertEqual(cert.subject, request.subject)
             cert.verify_directly_issued_by(self.ca.issuing)
+            self.assertEqual(threads, [threading.main_thread()])
+
+        self.assertTrue(d.called)
+        return d.addCallback(check)
+
+    def test_issue_rsa_off_reactor_thread(self) -> Deferred[None]:
+        """An RSA-3072 CA signs on a pool thread: milliseconds would stall the reactor."""
+        ca = LocalCA.load_or_create(self.mktemp(), "rsa", key_type="rsa-3072")
+        self.assertFalse(ca.signs_quickly)
+        d, threads, request = self._issue_recording_thread(ca)
+
+        def check(cert: x509.Certificate) -> None:
+            self.assertEqual(cert.subject, request.subject)
+            cert.verify_directly_issued_by(ca.issuing)
             self.assertEqual(len(threads), 1)
             self.assertIsNot(threads[0], threading.main_thread())
 

@@ -177,3 +177,36 @@ class RequiredRoRolesConfigTests(SynchronousTestCase):
         with self.assertRaises(ConfigError) as caught:
             from_string(TEST_CONFIG + "handler.1.requiredRoRoles = ra\n")
         self.assertEqual(caught.exception.key, "handler.1.requiredRoRoles")
+
+
+class IssuedByTests(SynchronousTestCase):
+    """officers.issued_by trusts the chain TLS verified only when it runs
+    from the certificate straight to one of our issuing CAs."""
+
+    def setUp(self) -> None:
+        from estgw.ca import IssueRequest, Profile
+        from estgw.ca.local import LocalCA
+        from estgw.testing import new_key
+        from cryptography import x509
+
+        self.ours = LocalCA.load_or_create(self.mktemp(), "ours")
+        # Same names, other keys: a look-alike CA.
+        self.other = LocalCA.load_or_create(self.mktemp(), "ours")
+        request = IssueRequest(x509.Name.from_rfc4514_string("CN=dev"), new_key().public_key())
+        self.cert = self.ours.sign(request, Profile())
+        self.forged = self.other.sign(request, Profile())
+
+    def test_signature_checked_without_chain(self) -> None:
+        from estgw.officers import issued_by
+
+        self.assertTrue(issued_by(self.cert, [self.ours.issuing]))
+        self.assertFalse(issued_by(self.forged, [self.ours.issuing]))
+
+    def test_verified_chain_trusted_only_to_our_issuer(self) -> None:
+        from estgw.officers import issued_by
+
+        self.assertTrue(issued_by(self.cert, [self.ours.issuing], (self.cert, self.ours.issuing, self.ours.root)))
+        # A chain through the look-alike CA (same subject name) proves nothing about ours.
+        self.assertFalse(issued_by(self.forged, [self.ours.issuing], (self.forged, self.other.issuing)))
+        # A chain naming our CA above another leaf does not vouch for this one.
+        self.assertFalse(issued_by(self.forged, [self.ours.issuing], (self.cert, self.ours.issuing)))

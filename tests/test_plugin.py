@@ -63,22 +63,28 @@ class LayoutTests(SynchronousTestCase):
 
     def test_extras_offer_only_what_is_used(self) -> None:
         """Every optional dependency (extras other than test) is imported by
-        some module of estgw (or, for the fuzz extra, by the fuzzer in
-        fuzz/): an extra that does nothing is not offered."""
+        some module of estgw (the bench extra: by a benchmark under bench/;
+        the fuzz extra: by the fuzzer under fuzz/): an extra that does
+        nothing is not offered."""
         import re
 
         parser = configparser.ConfigParser()
         parser.read_string(self.read("setup.cfg"))
         extras = parser["options.extras_require"] if parser.has_section("options.extras_require") else {}
-        sources = ""
-        for directory, _dirs, files in [*os.walk(os.path.join(REPO, "estgw")), *os.walk(os.path.join(REPO, "fuzz"))]:
-            for name in files:
-                if name.endswith(".py"):
-                    with open(os.path.join(directory, name), encoding="utf-8") as f:
-                        sources += f.read()
+
+        def sources_of(top: str) -> str:
+            sources = ""
+            for directory, _dirs, files in os.walk(os.path.join(REPO, top)):
+                for name in files:
+                    if name.endswith(".py"):
+                        with open(os.path.join(directory, name), encoding="utf-8") as f:
+                            sources += f.read()
+            return sources
+
         for extra, requirements in extras.items():
             if extra == "test":
                 continue
+            sources = sources_of(extra if extra in ("bench", "fuzz") else "estgw")
             for requirement in requirements.split():
                 module = re.split(r"[<>=!\[; ]", requirement)[0].replace("-binary", "").replace("-", "_")
                 self.assertRegex(sources, rf"(?m)^\s*(import|from) {re.escape(module)}\b", f"{extra}: {requirement}")

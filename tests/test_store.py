@@ -652,3 +652,60 @@ class LifecycleTests(StoreTestCase):
         got = await store.get_device("pump-17")
         self.assertEqual(got.password_hash, device.password_hash)
         self.assertEqual(got.consumed_at, T0 + timedelta(hours=1))
+
+
+class GroupCommitTests(StoreTestCase):
+    """record_certificate: concurrent records share transactions, and each
+    fires only once its own row is committed."""
+
+    async def counting_store(self) -> tuple[Any, list[int]]:
+        store = await self.open_store()
+        sizes: list[int] = []
+        real = store._insert_certificates
+
+        def insert(txn: Any, records: list[IssuedCertificate]) -> None:
+            sizes.append(len(records))
+            real(txn, records)
+
+        store._insert_certificates = insert
+        return store, sizes
+
+    async def test_concurrent_records_grouped_and_committed_first(self) -> None:
+        store, sizes = await self.counting_store()
+        records = [issued(f"pump-{i}", serial=0x1000 + i) for i in range(20)]
+        seen_on_disk: list[bool] = []
+
+        def committed(_: object, serial: int) -> None:
+            rows = self.on_disk("SELECT count(*) FROM certificates WHERE serial = ?", (f"{serial:x}",))
+            seen_on_disk.append(rows[0][0] == 1)
+
+        await defer.gatherResults([
+            store.record_certificate(r).addCallback(committed, r.serial) for r in records
+        ])
+        self.assertEqual(seen_on_disk, [True] * 20)
+        self.assertEqual(sum(sizes), 20)
+        self.assertLess(len(sizes), 20)  # grouped: fewer transactions than records
+        self.assertEqual(sizes[0], 1)  # the first does not wait for company
+
+    async def test_duplicate_fails_alone(self) -> None:
+        store, sizes = await self.counting_store()
+        await store.record_certificate(issued("pump-0", serial=0x2000))
+        results = await defer.DeferredList([
+            store.record_certificate(issued("pump-1", serial=0x2001)),
+            store.record_certificate(issued("pump-2", serial=0x2000)),  # duplicate
+            store.record_certificate(issued("pump-3", serial=0x2003)),
+        ], consumeErrors=True)
+        self.assertEqual([ok for ok, _ in results], [True, False, True])
+        results[1][1].trap(DuplicateCertificate)
+        on_disk = self.on_disk("SELECT serial FROM certificates ORDER BY serial")
+        self.assertEqual(on_disk, [("2000",), ("2001",), ("2003",)])
+
+    async def test_close_writes_what_was_accepted(self) -> None:
+        store = SQLiteStore(self.path)
+        await store.start()
+        pending = [store.record_certificate(issued(f"pump-{i}", serial=0x3000 + i)) for i in range(5)]
+        await store.close()
+        await defer.gatherResults(pending)
+        self.assertEqual(self.on_disk("SELECT count(*) FROM certificates"), [(5,)])
+        with self.assertRaises(StoreNotRunning):
+            await store.record_certificate(issued("late", serial=0x3100))

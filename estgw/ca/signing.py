@@ -15,9 +15,10 @@ from typing import Any, Iterable, Sequence
 import attr
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509 import ocsp
 from cryptography.x509.oid import AuthorityInformationAccessOID
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IReactorThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
@@ -107,6 +108,14 @@ class SigningCA:
     def issuers(self) -> list["SigningCA"]:
         """This CA and the earlier generations it still answers for."""
         return [self]
+
+    @property
+    def signs_quickly(self) -> bool:
+        """Whether a certificate signed by the issuing key costs at most
+        about half a millisecond of CPU (EC, EdDSA, RSA up to 2048 bits)
+        rather than several (larger RSA keys)."""
+        key = self._issuing_key
+        return not isinstance(key, rsa.RSAPrivateKey) or key.key_size <= 2048
 
     @property
     def key_id(self) -> str:
@@ -294,7 +303,16 @@ class SigningTokenProcedure:
         return f"<{type(self).__name__} {self.name!r}>"
 
     def issue(self, request: IssueRequest) -> "Deferred[x509.Certificate]":
-        """Sign on a pool thread; the Deferred fires in the reactor thread."""
+        """Sign; the Deferred fires in the reactor thread.
+
+        A quick signature (:attr:`SigningCA.signs_quickly`: 0.1 ms for a
+        P-256 certificate, 0.5 ms for RSA-2048) is made at once: it holds
+        the GIL either way, so a pool thread would only add the hop there
+        and back.  Larger RSA keys (several ms) go to a pool thread, so the
+        reactor keeps answering meanwhile.
+        """
+        if self.ca.signs_quickly:
+            return maybeDeferred(self.ca.sign, request, self.profile)
         assert self._reactor is not None
         # The reactor's pool is looked up here, not in __init__: asking for
         # it starts it, which should not happen merely by loading a config.

@@ -1,0 +1,133 @@
+"""The human log: where it goes, how it rotates, what level it keeps.
+
+``log.file`` names a file rotated at ``log.maxBytes`` with at most
+``log.maxFiles`` rotated files kept (``FILE.1`` newest); ``log.level``
+drops events below it (``warn`` leaves out the per-request lines).  The
+``estgw.audit`` lines (one per issuance or refusal) are the audit trail
+and stay at ``info`` unless the JSON audit file keeps that trail.
+
+twistd asks the application for an :class:`ILogObserver` before it picks
+its own: :class:`LoggingService` hands it one when any ``log.*`` key is
+set, so twistd's ``--logfile`` applies only when none is.
+
+Worker processes (:mod:`estgw.workers`) write their events as JSON lines
+to standard output, already filtered by level; the supervisor publishes
+them into its own log (:func:`worker_observer`, :func:`publish_worker_line`).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import IO, Any
+
+from twisted.application import service
+from twisted.logger import (
+    FilteringLogObserver,
+    ILogObserver,
+    LogLevel,
+    LogLevelFilterPredicate,
+    eventFromJSON,
+    globalLogPublisher,
+    jsonFileLogObserver,
+    textFileLogObserver,
+)
+from twisted.python.logfile import LogFile
+
+from estgw.config import Config
+
+__all__ = ["configured", "human_observer", "LoggingService", "worker_observer", "publish_worker_line"]
+
+#: The level a worker filters at, handed down by the supervisor.
+WORKER_LEVEL_VARIABLE = "ESTGW_WORKER_LOG_LEVEL"
+
+
+def configured(config: Config) -> bool:
+    """Whether estgw, not twistd, makes the log observer."""
+    return config.log_file is not None or config.log_level != "info"
+
+
+#: The namespace of the per-request audit lines (issued, refused).
+AUDIT_NAMESPACE = "estgw.audit"
+
+
+def _audit_kept_elsewhere(config: Config) -> bool:
+    # The JSON audit file (log.audit.file) is the audit trail when set;
+    # otherwise the estgw.audit lines of the human log are, and log.level
+    # must not drop them.
+    return bool(config.audit_file)
+
+
+def _level_filter(observer: Any, level: str, keep_audit: bool = True) -> Any:
+    predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.levelWithName(level))
+    if keep_audit:
+        predicate.setLogLevelForNamespace(AUDIT_NAMESPACE, min(LogLevel.info, LogLevel.levelWithName(level)))
+    return FilteringLogObserver(observer, [predicate])
+
+
+def open_log_file(config: Config) -> LogFile:
+    """``log.file``, opened for appending, rotating by size.
+
+    :raises OSError: the file or its directory cannot be written.
+    """
+    assert config.log_file is not None
+    directory, name = os.path.split(config.log_file)
+    os.makedirs(directory or ".", exist_ok=True)
+    return LogFile(name, directory or ".", rotateLength=config.log_max_bytes,
+                   maxRotatedFiles=config.log_max_files)
+
+
+def human_observer(config: Config, stream: IO[str] | None = None) -> Any:
+    """The text log as configured: ``log.file`` (rotated) or ``stream``
+    (standard output when None), keeping events at ``log.level`` and above."""
+    target: Any = open_log_file(config) if config.log_file is not None else (stream or sys.stdout)
+    return _level_filter(textFileLogObserver(target), config.log_level, not _audit_kept_elsewhere(config))
+
+
+class LoggingService(service.MultiService):
+    """The top service of ``twistd estgw``: gives the application its log
+    observer as it is attached (twistd reads it right after)."""
+
+    def __init__(self, observer: Any = None) -> None:
+        super().__init__()
+        self.observer = observer
+
+    def setServiceParent(self, parent: Any) -> None:
+        super().setServiceParent(parent)
+        if self.observer is not None and hasattr(parent, "setComponent"):
+            parent.setComponent(ILogObserver, self.observer)
+
+
+def worker_level(config: Config) -> str:
+    """What :func:`worker_observer` reads from :data:`WORKER_LEVEL_VARIABLE`."""
+    return config.log_level + (",audit-elsewhere" if _audit_kept_elsewhere(config) else "")
+
+
+def worker_observer() -> Any:
+    """twistd ``--logger`` of a worker: JSON lines on standard output."""
+    level, _, keep_audit = os.environ.get(WORKER_LEVEL_VARIABLE, "info").partition(",")
+    return _level_filter(jsonFileLogObserver(sys.stdout, recordSeparator=""), level, keep_audit != "audit-elsewhere")
+
+
+def publish_worker_line(line: bytes, worker: int) -> None:
+    """Publish one line a worker wrote into this process's log.
+
+    A JSON event keeps its level and namespace; anything else (a
+    traceback printed before logging started) is logged as an error.
+    """
+    text = line.decode("utf-8", "replace").rstrip("\r\n")
+    if not text:
+        return
+    try:
+        event = eventFromJSON(text)
+        if not isinstance(event, dict) or "log_level" not in event:
+            raise ValueError("not an event")
+    except ValueError:
+        event = {"log_format": "{line}", "line": text, "log_level": LogLevel.error,
+                 "log_namespace": "estgw.workers", "log_time": time.time()}
+    # "[w2 estgw.audit#info]": which worker, then what twistd would show.
+    level = event.get("log_level")
+    own = event.get("log_system") or f"{event.get('log_namespace', '-')}#{getattr(level, 'name', level)}"
+    event["log_system"] = f"w{worker} {own}"
+    globalLogPublisher(event)

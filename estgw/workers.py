@@ -1,0 +1,264 @@
+"""``server.workers`` / ``twistd estgw --workers N``: N processes, one socket.
+
+The supervisor (the process twistd started) binds the listening sockets
+(one per address of ``server.interface``), creates the state (CA, TLS
+credentials, Digest key) once, and runs N worker processes.  Each worker
+is ``twistd -n estgw --worker-fds 3[,4...] --worker-number N`` with the
+sockets as its file descriptors 3 and on: it adopts them
+(``reactor.adoptStreamPort``) and serves as a single process would,
+on the same state directory and store.  The kernel hands each new
+connection to one of the workers waiting in ``accept``.  Worker 1 alone
+also serves ``publish.port`` and ``coaps.port`` (one socket each);
+``metrics.port`` is refused with more than one worker, since each worker
+counts only what it served.
+
+A worker that exits while the supervisor runs is started again (after a
+delay that grows while workers keep dying young).  Stopping the
+supervisor (SIGTERM, SIGINT) sends SIGTERM to every worker, waits for them
+(SIGKILL after :data:`STOP_TIMEOUT` seconds) and exits.  A worker also
+stops when its standard input, a pipe from the supervisor, closes: a
+supervisor killed outright leaves no workers behind.
+
+Workers log JSON events to the supervisor (:mod:`estgw.logs`), which
+writes the one human log.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import sys
+from typing import Any
+
+from twisted.application import service
+from twisted.internet import defer, error, main, protocol
+from twisted.internet.interfaces import IReadDescriptor
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from estgw import logs
+from estgw.config import Config
+from estgw.daemon import StartError, listen_addresses
+
+__all__ = ["Supervisor", "bind", "watch_parent", "STOP_TIMEOUT"]
+
+STOP_TIMEOUT = 10.0
+_RESTART_DELAYS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+# A worker that lived this long was healthy: its successor starts at once.
+_HEALTHY_SECONDS = 30.0
+_BACKLOG = 1024
+
+
+def _bind_one(address: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6 and address != "::":
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((address, port))
+        sock.listen(_BACKLOG)
+    except OSError:
+        sock.close()
+        raise
+    # Each worker polls it; accept must not block the one that lost the race.
+    sock.setblocking(False)
+    return sock
+
+
+def bind(interface: str, port: int) -> list[socket.socket]:
+    """The listening sockets the workers share: one per address of
+    ``server.interface`` (as :func:`estgw.daemon.listen_addresses` reads
+    it), all on the same port (the first one's when ``port`` is 0).
+
+    :raises StartError: naming the address, the port and the reason.
+    """
+    sockets: list[socket.socket] = []
+    optional = {"::1"} if "localhost" in interface.lower() else set()
+    try:
+        for address in listen_addresses(interface):
+            number = sockets[0].getsockname()[1] if sockets else port
+            try:
+                sockets.append(_bind_one(address, number))
+            except OSError as e:
+                if address in optional and sockets and e.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+                    continue
+                shown = f"[{address}]" if ":" in address else (address or "every IPv4 address")
+                raise StartError(f"cannot listen for EST on {shown} port {number}: {e.strerror}") from None
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+class _Worker:
+    def __init__(self, number: int) -> None:
+        self.number = number
+        self.process: Any = None
+        self.started = 0.0
+        self.failures = 0  # deaths in a row, each before _HEALTHY_SECONDS
+        self.ended: defer.Deferred[None] | None = None
+
+
+class _WorkerProtocol(protocol.ProcessProtocol):
+    """stdout/stderr of one worker into the supervisor's log."""
+
+    def __init__(self, supervisor: "Supervisor", worker: _Worker) -> None:
+        self.supervisor = supervisor
+        self.worker = worker
+        self.buffers = {1: b"", 2: b""}
+
+    def childDataReceived(self, fd: int, data: bytes) -> None:
+        buffered = self.buffers.get(fd, b"") + data
+        *lines, rest = buffered.split(b"\n")
+        # A runaway line is cut rather than held.
+        self.buffers[fd] = rest if len(rest) < 1 << 20 else b""
+        for line in lines:
+            logs.publish_worker_line(line, self.worker.number)
+
+    def processEnded(self, reason: Any) -> None:
+        for fd in (1, 2):
+            if self.buffers[fd]:
+                logs.publish_worker_line(self.buffers[fd], self.worker.number)
+        self.supervisor._ended(self.worker, reason)
+
+
+class Supervisor(service.Service):
+    """Runs ``config.workers`` worker processes on one listening socket."""
+
+    _log = Logger()
+
+    def __init__(self, config: Config, config_path: str, sockets: list[socket.socket], reactor: Any = None,
+                 argv: list[str] | None = None) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor
+        self.config = config
+        self.config_path = os.path.abspath(config_path)
+        self.sockets = sockets
+        self.reactor = reactor
+        self.workers = [_Worker(n) for n in range(1, config.workers + 1)]
+        self._stopping = False
+        self._pending: dict[int, Any] = {}
+        self._argv = argv
+
+    def _command(self) -> list[str]:
+        if self._argv is not None:
+            return list(self._argv)
+        return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+                "-n", "--pidfile=", "--logger=estgw.logs.worker_observer",
+                "estgw", "--config", self.config_path,
+                "--worker-fds", ",".join(str(3 + i) for i in range(len(self.sockets)))]
+
+    def _arguments(self, worker: _Worker) -> list[str]:
+        return self._command() + ["--worker-number", str(worker.number)]
+
+    def _spawn(self, worker: _Worker) -> None:
+        self._pending.pop(worker.number, None)
+        if self._stopping:
+            return
+        argv = self._arguments(worker)
+        env = dict(os.environ, **{logs.WORKER_LEVEL_VARIABLE: logs.worker_level(self.config)})
+        worker.ended = defer.Deferred()
+        worker.started = self.reactor.seconds()
+        worker.process = self.reactor.spawnProcess(
+            _WorkerProtocol(self, worker), argv[0], argv, env=env,
+            childFDs={0: "w", 1: "r", 2: "r", **{3 + i: s.fileno() for i, s in enumerate(self.sockets)}},
+        )
+        self._log.info("started worker {number} (pid {pid})", number=worker.number, pid=worker.process.pid)
+
+    def _ended(self, worker: _Worker, reason: Any) -> None:
+        ended, worker.ended, worker.process = worker.ended, None, None
+        if ended is not None:
+            ended.callback(None)
+        if self._stopping:
+            return
+        lived = self.reactor.seconds() - worker.started
+        worker.failures = 0 if lived >= _HEALTHY_SECONDS else worker.failures + 1
+        delay = _RESTART_DELAYS[min(worker.failures, len(_RESTART_DELAYS)) - 1] if worker.failures else 0.0
+        self._log.error(
+            "worker {number} ended ({reason}) after {lived:.1f} s; starting it again in {delay:g} s",
+            number=worker.number, reason=reason.getErrorMessage(), lived=lived, delay=delay,
+        )
+        self._pending[worker.number] = self.reactor.callLater(delay, self._spawn, worker)
+
+    def startService(self) -> None:
+        super().startService()
+        for worker in self.workers:
+            self._spawn(worker)
+        self._log.info(
+            "estgw serving EST at https://{host}:{port}/.well-known/est/ with {n} worker processes ;"
+            " CA certificate (trust anchor for clients): {ca}",
+            host=self.config.hostnames[0] if self.config.hostnames else "localhost",
+            port=self.sockets[0].getsockname()[1], n=len(self.workers), ca=self.config.ca_certificate_path,
+        )
+
+    async def _stop(self) -> None:
+        self._stopping = True
+        for call in self._pending.values():
+            if call.active():
+                call.cancel()
+        self._pending.clear()
+        waits = []
+        for worker in self.workers:
+            if worker.process is not None and worker.ended is not None:
+                waits.append(worker.ended)
+                self._signal(worker, "TERM")
+        kill = self.reactor.callLater(STOP_TIMEOUT, self._kill_all)
+        await defer.DeferredList(waits)
+        if kill.active():
+            kill.cancel()
+        for sock in self.sockets:
+            sock.close()
+
+    def _signal(self, worker: _Worker, name: str) -> None:
+        if worker.process is not None:
+            try:
+                worker.process.signalProcess(name)
+            except error.ProcessExitedAlready:
+                pass
+
+    def _kill_all(self) -> None:
+        for worker in self.workers:
+            self._signal(worker, "KILL")
+
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
+        return defer.Deferred.fromCoroutine(self._stop())
+
+
+@implementer(IReadDescriptor)
+class _ParentPipe:
+    """Standard input of a worker: EOF means the supervisor is gone."""
+
+    def __init__(self, reactor: Any) -> None:
+        self.reactor = reactor
+
+    def fileno(self) -> int:
+        return 0
+
+    def logPrefix(self) -> str:
+        return "supervisor"
+
+    def doRead(self) -> Any:
+        try:
+            data = os.read(0, 4096)
+        except BlockingIOError:
+            return None
+        except OSError:
+            return main.CONNECTION_LOST
+        return None if data else main.CONNECTION_DONE
+
+    def connectionLost(self, reason: Any) -> None:
+        self.reactor.removeReader(self)
+        if self.reactor.running:
+            Logger().warn("the supervisor is gone: worker {pid} stops", pid=os.getpid())
+            self.reactor.stop()
+
+
+def watch_parent(reactor: Any) -> None:
+    """Stop this worker's reactor when the supervisor's pipe closes."""
+    reactor.addReader(_ParentPipe(reactor))

@@ -1,0 +1,219 @@
+"""server.workers / --workers with the real twistd: several processes on one
+socket, a crashed worker started again, a clean stop; the rotated, filtered
+log; the lag probe."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import re
+import signal
+import time
+from typing import Any
+
+from cryptography.hazmat.primitives.serialization import Encoding
+from twisted.internet import reactor, task
+from twisted.logger import Logger
+from twisted.trial.unittest import SynchronousTestCase
+
+from estgw import config as config_module, logs
+from estgw.testing import make_csr, new_key
+from tests.test_twistd import TWISTD, Daemon, TwistdTestCase, environment
+
+STARTED = re.compile(rb"started worker (\d+) \(pid (\d+)\)")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+async def _until(predicate: Any, seconds: float = 30.0) -> None:
+    """Poll ``predicate`` every 0.1 s; fail after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {seconds} s: {predicate}")
+        await task.deferLater(reactor, 0.1, lambda: None)
+
+
+class WorkerTests(TwistdTestCase):
+    def append(self, text: str) -> None:
+        with open(self.config, "a", encoding="utf-8") as f:
+            f.write("\n" + text + "\n")
+
+    def workers(self, daemon: Daemon) -> dict[int, int]:
+        """worker number -> pid of its latest start."""
+        return {int(n): int(pid) for n, pid in STARTED.findall(daemon.output)}
+
+    async def enroll(self, port: int, device: str, password: str) -> int:
+        csr = make_csr(new_key(), device).public_bytes(Encoding.DER)
+        status, body = await self.curl(port, "simpleenroll", base64.b64encode(csr), f"{device}:{password}")
+        self.assertEqual(status, 200, body.decode(errors="replace"))
+        return status
+
+    async def test_two_workers_restart_and_stop(self) -> None:
+        """--workers 2: two children serve one port; one killed with
+        SIGKILL is started again and the port keeps serving; SIGTERM to
+        the supervisor stops every process."""
+        daemon = self.spawn("--port", "0", "--workers", "2")
+        port = await daemon.ready()
+        await _until(lambda: len(re.findall(rb"\] estgw serving EST", daemon.output)) >= 2)
+        first = self.workers(daemon)
+        self.assertEqual(sorted(first), [1, 2])
+        supervisor = daemon.transport.pid
+        for pid in first.values():
+            with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+                self.assertEqual(int(f.read().rsplit(")", 1)[1].split()[1]), supervisor)
+        self.assertEqual((await self.cli("device", "add", "pump-1", "--password", "pw-1")).code, 0)
+        # Keep-alive is off with curl per request: connections spread over both.
+        for _ in range(4):
+            await self.enroll(port, "pump-1", "pw-1")
+        self.assertRegex(daemon.output.decode(), r"\[w[12] estgw\.audit#info\] issued serial")
+        # One line per enrollment: its audit line, no access-log line besides;
+        # requests without an audit line keep theirs.
+        self.assertNotIn(b'"POST /.well-known/est/simpleenroll', daemon.output)
+        self.assertEqual((await self.curl(port, "cacerts"))[0], 200)
+        await _until(lambda: b'"GET /.well-known/est/cacerts HTTP/1.1" 200' in daemon.output, 10)
+
+        os.kill(first[1], signal.SIGKILL)
+        await _until(lambda: self.workers(daemon)[1] != first[1])
+        self.assertIn(b"worker 1 ended", daemon.output)
+        await _until(lambda: not _alive(first[1]), 10)
+        second = self.workers(daemon)
+        self.assertEqual(second[2], first[2])
+        for _ in range(4):
+            await self.enroll(port, "pump-1", "pw-1")
+        listed = await self.cli("cert", "list")
+        self.assertEqual(listed.stdout.count(b"device:pump-1"), 8)
+
+        await daemon.stop()
+        self.assertIn((daemon.exit_code, daemon.signal), ((0, None), (None, 15)))
+        await _until(lambda: not any(_alive(pid) for pid in second.values()), 10)
+        self.assertEqual(daemon.output.count(b"Server Shut Down."), 3)  # both workers and the supervisor
+        self.assertEqual(sorted(os.listdir(self.directory)), ["body", "est.properties", "request", "state"])
+
+    async def test_supervisor_killed_workers_stop(self) -> None:
+        """A supervisor killed outright (SIGKILL) leaves no worker behind."""
+        self.append("server.workers = 2")
+        daemon = self.spawn("--port", "0")
+        await daemon.ready()
+        await _until(lambda: len(self.workers(daemon)) == 2)
+        pids = list(self.workers(daemon).values())
+        daemon.transport.signalProcess("KILL")
+        await daemon.ended
+        await _until(lambda: not any(_alive(pid) for pid in pids), 15)
+
+    async def test_metrics_refused_with_workers(self) -> None:
+        self.append("metrics.port = 0")
+        daemon = self.spawn("--port", "0", "--workers", "2")
+        code = await daemon.ended
+        self.assertNotEqual(code, 0)
+        self.assertIn(b"metrics.port: not available with --workers above 1", daemon.output)
+
+    async def test_log_file_workers_and_lag_probe(self) -> None:
+        """log.file gets the supervisor's and the workers' lines; the lag
+        probe (ESTGW_LAG_PROBE) writes one line a second per process."""
+        self.append("server.workers = 2\nlog.file = logs/estgw.log\nlog.maxBytes = 65536\nlog.maxFiles = 2")
+        lag = os.path.join(self.directory, "lag.txt")
+        daemon = Daemon()
+        argv = TWISTD + ["-n", "--pidfile=", "estgw", "--config", self.config, "--port", "0"]
+        reactor.spawnProcess(daemon, argv[0], argv, env=dict(environment(), ESTGW_LAG_PROBE=lag),
+                             path=self.directory)
+        self.addCleanup(self._stop, daemon)
+        path = os.path.join(self.directory, "logs", "estgw.log")
+
+        def text() -> str:
+            with open(path, encoding="utf-8") as f:
+                return f.read()
+
+        await _until(lambda: os.path.exists(path) and text().count("] estgw serving EST") >= 2)
+        self.assertNotIn(b"serving EST", daemon.output)  # not on standard output
+        self.assertRegex(text(), r"\[w1 ")
+        self.assertRegex(text(), r"\[w2 ")
+        await _until(lambda: os.path.exists(lag) and len(open(lag).read().splitlines()) >= 2, 10)
+        with open(lag, encoding="ascii") as f:
+            when, pid, ms = f.readline().split()
+        self.assertIn(int(pid), self.workers_from(text()))
+        self.assertGreaterEqual(float(ms), 0.0)
+
+    def workers_from(self, text: str) -> list[int]:
+        return [int(pid) for _, pid in re.findall(r"started worker (\d+) \(pid (\d+)\)", text)]
+
+
+class HumanLogTests(SynchronousTestCase):
+    def config(self, directory: str, extra: str) -> config_module.Config:
+        return config_module.from_string(extra, base_dir=directory)
+
+    def test_rotation_by_size_and_count(self) -> None:
+        """log.maxBytes rotates the file; only log.maxFiles rotated files stay."""
+        directory = os.path.abspath(self.mktemp())
+        loaded = self.config(directory, "log.file = est.log\nlog.maxBytes = 4096\nlog.maxFiles = 2\n")
+        self.assertEqual(loaded.log_file, os.path.join(directory, "est.log"))
+        observer = logs.human_observer(loaded)
+        log = Logger(namespace="estgw.test", observer=observer)
+        for i in range(200):
+            log.info("line {i} {padding}", i=i, padding="x" * 60)
+        self.assertEqual(sorted(os.listdir(directory)), ["est.log", "est.log.1", "est.log.2"])
+        for name in os.listdir(directory):
+            self.assertLessEqual(os.path.getsize(os.path.join(directory, name)), 4096 + 200)
+        with open(os.path.join(directory, "est.log"), encoding="utf-8") as f:
+            self.assertIn("line 199 ", f.read())
+
+    def test_level_keeps_the_audit_trail(self) -> None:
+        """log.level = warn drops info lines but keeps estgw.audit (no JSON
+        audit file keeps the trail instead)."""
+        out = io.StringIO()
+        observer = logs.human_observer(self.config(".", "log.level = warn\n"), out)
+        Logger(namespace="estgw.audit", observer=observer).info("issued serial {s}", s="ab")
+        Logger(namespace="estgw.web", observer=observer).info("an access line")
+        Logger(namespace="estgw.web", observer=observer).warn("a warning")
+        Logger(namespace="estgw.web", observer=observer).debug("a debug line")
+        text = out.getvalue()
+        self.assertIn("issued serial ab", text)
+        self.assertIn("a warning", text)
+        self.assertNotIn("an access line", text)
+        self.assertNotIn("a debug line", text)
+
+    def test_level_with_audit_file(self) -> None:
+        """With log.audit.file keeping the audit trail, log.level = warn
+        drops the estgw.audit lines from the human log too."""
+        out = io.StringIO()
+        observer = logs.human_observer(self.config(".", "log.level = warn\nlog.audit.file = audit.jsonl\n"), out)
+        Logger(namespace="estgw.audit", observer=observer).info("issued serial {s}", s="ab")
+        Logger(namespace="estgw.web", observer=observer).warn("a warning")
+        self.assertNotIn("issued serial ab", out.getvalue())
+        self.assertIn("a warning", out.getvalue())
+
+    def test_bad_values(self) -> None:
+        for text, key in (("log.maxBytes = 100", "log.maxBytes"), ("log.maxFiles = 0", "log.maxFiles"),
+                          ("log.level = loud", "log.level"), ("server.workers = 0", "server.workers"),
+                          ("server.workers = 65", "server.workers"),
+                          ("server.workers = 2\nmetrics.port = 9100", "metrics.port")):
+            with self.assertRaises(config_module.ConfigError) as raised:
+                config_module.from_string(text + "\n")
+            self.assertIn(key, str(raised.exception))
+
+    def test_worker_lines_published(self) -> None:
+        """A worker's JSON event keeps level and namespace; other text is an error line."""
+        events: list[dict] = []
+        from twisted.logger import globalLogPublisher, eventAsJSON, LogLevel
+
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        event = {"log_format": "issued {x}", "x": 1, "log_level": LogLevel.info,
+                 "log_namespace": "estgw.audit", "log_time": 1.0}
+        logs.publish_worker_line(eventAsJSON(event).encode() + b"\n", 2)
+        logs.publish_worker_line(b"Traceback (most recent call last):\n", 2)
+        mine = [e for e in events if str(e.get("log_system", "")).startswith("w2 ")]
+        self.assertEqual(mine[0]["log_namespace"], "estgw.audit")
+        self.assertEqual(mine[0]["log_level"], LogLevel.info)
+        self.assertEqual(mine[0]["log_system"], "w2 estgw.audit#info")
+        self.assertEqual(mine[1]["log_level"], LogLevel.error)
+        self.assertEqual(mine[1]["line"], "Traceback (most recent call last):")
+
+
