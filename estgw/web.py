@@ -53,9 +53,6 @@ class LimitedRequest(server.Request):
 
     max_body = 65536
     body_too_large = False
-    # EST bodies are never HTML forms: skip twisted.web's Content-Type
-    # parse (the email package, a tenth of an enrollment's reactor time).
-    _parsePOSTFormSubmission = False
 
     def process(self) -> None:
         self.path = origin_path(self.path, self.requestHeaders)
@@ -413,9 +410,11 @@ def build_site(gateway: Gateway) -> server.Site:
     well_known.putChild(b"est", ESTResource(gateway))
     config = gateway.config
     # server.idleTimeout: twisted.web's default is twelve hours.  No form
-    # parsing: EST bodies are never forms, and twisted.web raises out of
-    # dataReceived on some Content-Type values (a dropped connection and a
-    # logged traceback instead of an answer).
+    # parsing (set on the Site: Request.__init__ overrides a class
+    # attribute): EST bodies are never forms, twisted.web's Content-Type
+    # parse costs a tenth of an enrollment's reactor time, and it raises
+    # out of dataReceived on some values (a dropped connection and a logged
+    # traceback instead of an answer).
     site = _Site(root, timeout=config.idle_timeout, parsePOSTFormSubmission=False)
     # Site.protocol is typed as twisted.web's own channel factory; ours is an HTTPChannel too.
     site.protocol = limits.channel_factory(  # type: ignore[method-assign,assignment]
