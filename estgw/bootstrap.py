@@ -20,7 +20,7 @@ from estgw.ca import CAError, factory
 from estgw.ca._files import PassphraseError
 from estgw.ca.keys import read_passphrase
 from estgw.config import Config, ConfigError
-from estgw.store import SQLiteStore
+from estgw.store import IStore, open_store as _open_store
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -98,12 +98,7 @@ def initialize(config: Config, reactor: Any = None) -> State:
     """Create what is missing under the state directory, load the rest,
     and build the token procedures (ConfigError naming a bad setting)."""
     extra_anchors = configured_trust_anchors(config)
-    try:
-        os.makedirs(config.state_directory, mode=0o700, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(
-            "state.directory", f"cannot create {config.state_directory}: {e.strerror}", config.source
-        ) from None
+    prepare_state_directory(config)
     ca = local_ca(config)
     key, cert = ca.server_credentials(config.tls_directory, config.hostnames, key_type=config.tls_key_type)
     procedures = token_procedures(config, ca, reactor)
@@ -118,11 +113,26 @@ def initialize(config: Config, reactor: Any = None) -> State:
     )
 
 
+def prepare_state_directory(config: Config) -> None:
+    """Create the state directory (mode 0700) if missing; ConfigError naming
+    ``state.directory`` when it cannot be."""
+    try:
+        os.makedirs(config.state_directory, mode=0o700, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(
+            "state.directory", f"cannot create {config.state_directory}: {e.strerror}", config.source
+        ) from None
+
+
 def check_store(config: Config) -> None:
-    """Open the SQLite file once, synchronously, before twistd detaches:
-    ConfigError naming ``store.url`` when it is not a database or cannot
-    be opened (the store itself opens it later, in its threads)."""
+    """Open the store once, synchronously, before twistd detaches:
+    ConfigError naming ``store.url`` when the SQLite file is not a database
+    or cannot be opened, or the PostgreSQL server cannot be reached (the
+    store itself opens it later, in its threads)."""
     path = config.store_path
+    if path is None:
+        _check_postgresql(config)
+        return
     if not os.path.exists(path):
         return  # created on start, in a directory initialize() made
     if not os.access(path, os.R_OK | os.W_OK):
@@ -137,10 +147,25 @@ def check_store(config: Config) -> None:
         raise ConfigError("store.url", f"cannot open {path}: {e}", config.source) from None
 
 
-def open_store(config: Config, reactor: Any = None) -> SQLiteStore:
-    """The store (not yet started: call ``start()``)."""
-    os.makedirs(os.path.dirname(config.store_path) or ".", mode=0o700, exist_ok=True)
-    return SQLiteStore(config.store_path, reactor=reactor)
+def _check_postgresql(config: Config) -> None:
+    import psycopg
+
+    from estgw.store import redact_url
+
+    try:
+        with psycopg.connect(config.store_url, connect_timeout=5, application_name="estgw") as connection:
+            connection.execute("SELECT 1").fetchone()
+    except psycopg.Error as e:
+        reason = str(e).strip().replace(config.store_url, redact_url(config.store_url))
+        raise ConfigError("store.url", f"cannot connect to the PostgreSQL server: {reason}", config.source) from None
+
+
+def open_store(config: Config, reactor: Any = None) -> IStore:
+    """The store of ``store.url`` (not yet started: call ``start()``, which
+    creates or migrates its schema)."""
+    if config.store_path is not None:
+        os.makedirs(os.path.dirname(config.store_path) or ".", mode=0o700, exist_ok=True)
+    return _open_store(config.store_location, reactor=reactor)
 
 
 def token_procedures(config: Config, ca: LocalCA, reactor: Any = None) -> dict[str, ITokenProcedure]:

@@ -26,6 +26,7 @@ from twisted.internet import defer, task
 import estgw
 from estgw import audit, bootstrap, config as config_module, device_import, factory, names, officers
 from estgw.ca import CRL_FILE, CAError, ISigningCA
+from estgw.ca import factory as ca_factory
 from estgw.ca._files import load_certificate as load_cert, load_private_key as load_key
 from estgw.ca.keys import KEY_TYPES, read_passphrase
 from estgw.ca.publish import revoked_entries
@@ -37,8 +38,13 @@ from estgw.store import (
     DuplicateFactoryCertificate,
     IssuedCertificate,
     IStore,
+    SQLiteStore,
+    StoreNotEmpty,
     UnknownCertificate,
     certificate_fingerprint,
+    iterate_certificates,
+    open_store,
+    redact_url,
 )
 
 
@@ -88,11 +94,15 @@ def _json(out: Any, items: list[dict[str, Any]]) -> None:
 
 
 async def cmd_init(options: Any, config: Config, store: IStore, out: Any) -> None:
-    """Report what the first start created. Loading it (before this runs)
-    checked every token procedure: for ``ca = file`` that the key fits the
+    """Create what is missing and report it. Building every token
+    procedure checks it: for ``ca = file`` that the key fits the
     certificate, that the certificate may sign certificates and that the
-    chain reaches its root."""
-    state = bootstrap.initialize(config)
+    chain reaches its root; for ``ca = pkcs11`` that the token and key are
+    there; for ``ca = est`` the upstream's /cacerts is fetched now."""
+    try:
+        state = bootstrap.initialize(config)
+    except (ConfigError, CAError) as e:
+        raise CommandError(str(e)) from None
     if options["offline_root"]:
         try:
             state.ca.export_root_key(options["offline_root"], bootstrap.ca_passphrase(config), out)
@@ -100,7 +110,7 @@ async def cmd_init(options: Any, config: Config, store: IStore, out: Any) -> Non
             raise CommandError(str(e)) from None
     out.write(f"state directory: {config.state_directory}\n")
     out.write(f"CA certificate:  {config.ca_certificate_path}\n")
-    out.write(f"store:           {config.store_path}\n")
+    out.write(f"store:           {redact_url(config.store_location)}\n")
     if options["offline_root"]:
         where = "the PEM above" if options["offline_root"] == "-" else options["offline_root"]
         out.write(
@@ -108,9 +118,22 @@ async def cmd_init(options: Any, config: Config, store: IStore, out: Any) -> Non
             f"it is needed only to make the next issuing CA\n"
         )
     for name, procedure in state.procedures.items():
-        issuing = procedure.chain()[0]
         kind = config.token_procedures[name].ca
-        out.write(f"token procedure {name!r} (ca = {kind}): issuing CA {issuing.subject.rfc4514_string()}\n")
+        out.write(f"token procedure {name!r} (ca = {kind}): {await _procedure_state(procedure)}\n")
+
+
+async def _procedure_state(procedure: Any) -> str:
+    """One line on what a token procedure issues with, whatever its kind."""
+    refresh = getattr(procedure, "refresh", None)
+    chain = list(await refresh()) if refresh is not None else procedure.chain()
+    if chain:
+        where = f"upstream {procedure.url}, " if refresh is not None else ""
+        return f"{where}issuing CA {chain[0].subject.rfc4514_string()}"
+    if refresh is not None:
+        reason = getattr(procedure, "last_error", None) or "no answer"
+        return (f"upstream {procedure.url}: its CA certificates could not be fetched now ({reason}); "
+                f"the gateway fetches them again when it runs")
+    return "no CA certificate"
 
 
 def read_password(options: Any) -> str | None:
@@ -195,6 +218,15 @@ async def cmd_device_passwd(options: Any, config: Config, store: IStore, out: An
     password = read_password(options)
     if password is None:
         raise CommandError("device passwd needs --password-file (or --password)")
+    registered = await store.get_device(device_id)
+    if registered is None:
+        raise CommandError(f"no device {device_id!r}")
+    if registered.password_hash is None and not options["add_password"]:
+        # A factory-certificate device gains a second way in: only on purpose.
+        raise CommandError(
+            f"device {device_id!r} has no password (it logs in with its factory certificate);"
+            " give --add-password to add one"
+        )
     # Hashing blocks; fine here: no one else waits on this reactor.
     device = device_import.build_device(
         device_import.Registration(device_id=device_id, password=password),
@@ -203,8 +235,9 @@ async def cmd_device_passwd(options: Any, config: Config, store: IStore, out: An
     assert device.password_hash is not None
     if not await store.set_device_password(device_id, device.password_hash, device.digest_ha1):
         raise CommandError(f"no device {device_id!r}")
-    await audit.operator_action(store, audit.os_operator(), "device-passwd", device_id, "password changed")
-    out.write(f"changed the password of device {device_id}\n")
+    what = "password changed" if registered.password_hash is not None else "password added"
+    await audit.operator_action(store, audit.os_operator(), "device-passwd", device_id, what)
+    out.write(f"{'changed' if registered.password_hash is not None else 'added'} the password of device {device_id}\n")
 
 
 def _read_certificate(path: str) -> Any:
@@ -357,30 +390,44 @@ def _cert_json(c: IssuedCertificate) -> dict[str, Any]:
 
 
 async def cmd_cert_list(options: Any, config: Config, store: IStore, out: Any) -> None:
-    certs = await store.list_certificates()
-    if options["subject"] is not None:
-        certs = [c for c in certs if _matches_subject(c, options["subject"])]
-    if options["search"] is not None:
-        needle = options["search"].lower()
-        certs = [c for c in certs if needle in c.subject.lower() or any(needle in s.lower() for s in c.sans)]
-    if options["status"]:
-        certs = [c for c in certs if _status(c) in options["status"]]
-    if options["expires_within"] is not None:
-        now = datetime.now(timezone.utc)
-        horizon = now + timedelta(days=options["expires_within"])
-        certs = [c for c in certs if _status(c) == "valid" and c.not_after <= horizon]
+    # Streamed page by page and filtered row by row: memory stays flat
+    # however many were issued.
+    now = datetime.now(timezone.utc)
+    horizon = None if options["expires_within"] is None else now + timedelta(days=options["expires_within"])
+    needle = None if options["search"] is None else options["search"].lower()
+
+    def wanted(c: IssuedCertificate) -> bool:
+        if options["subject"] is not None and not _matches_subject(c, options["subject"]):
+            return False
+        if needle is not None and not (needle in c.subject.lower() or any(needle in s.lower() for s in c.sans)):
+            return False
+        if options["status"] and _status(c) not in options["status"]:
+            return False
+        if horizon is not None and not (_status(c) == "valid" and c.not_after <= horizon):
+            return False
+        return True
+
+    shown = 0
+    async for c in iterate_certificates(store):
+        if not wanted(c):
+            continue
+        if options["json"]:
+            # The text json.dumps(list, indent=2) gives, one item at a time.
+            item = json.dumps(_cert_json(c), indent=2).replace("\n", "\n  ")
+            out.write(("[\n  " if not shown else ",\n  ") + item)
+        else:
+            if not shown:
+                out.write(f"{'SERIAL':<42} {'STATUS':<8} {'NOT AFTER':<20} {'SUBJECT':<40} REQUESTER\n")
+            out.write(
+                f"{format_serial(c.serial):<42} {_status(c):<8} {_when(c.not_after):<20}"
+                f" {printable(c.subject):<40} {printable(c.requester)}\n"
+            )
+        shown += 1
     if options["json"]:
-        return _json(out, [_cert_json(c) for c in certs])
-    if not certs:
+        out.write("\n]\n" if shown else "[]\n")
+    elif not shown:
         filtered = any(options[k] is not None for k in ("subject", "search", "expires_within")) or options["status"]
         out.write("no certificates match\n" if filtered else "no certificates issued\n")
-        return
-    out.write(f"{'SERIAL':<42} {'STATUS':<8} {'NOT AFTER':<20} {'SUBJECT':<40} REQUESTER\n")
-    for c in certs:
-        out.write(
-            f"{format_serial(c.serial):<42} {_status(c):<8} {_when(c.not_after):<20} {printable(c.subject):<40}"
-            f" {printable(c.requester)}\n"
-        )
 
 
 async def _get(store: IStore, serial_text: str) -> IssuedCertificate:
@@ -416,6 +463,13 @@ async def cmd_cert_show(options: Any, config: Config, store: IStore, out: Any) -
 
 async def cmd_cert_revoke(options: Any, config: Config, store: IStore, out: Any) -> None:
     serial = parse_serial(options["serial"])
+    known = await store.get_certificate(serial)
+    if known is not None and known.revoked:
+        # Nothing changes: say so, and audit no revocation that did not happen.
+        raise CommandError(
+            f"{format_serial(serial)} is already revoked (at {_when(known.revoked_at)},"
+            f" reason {known.revocation_reason or 'unspecified'})"
+        )
     try:
         issued = await store.revoke_certificate(
             serial, options["reason"], invalidity_date=options["invalidity_date"]
@@ -460,23 +514,75 @@ def _write_file_atomically(path: str, data: bytes) -> None:
 
 
 def _signing_ca(config: Config, name: str | None) -> Any:
-    """The local CA, or the CA that signs for token procedure ``name``."""
+    """The local CA, or the CA that signs for token procedure ``name``
+    (built alone: the other token procedures' CAs may be unavailable)."""
     if name is None:
-        return bootstrap.local_ca(config)
+        try:
+            return bootstrap.local_ca(config)
+        except (ConfigError, CAError) as e:
+            raise CommandError(str(e)) from None
     if name not in config.token_procedures:
         known = ", ".join(sorted(config.token_procedures)) or "none is defined"
         raise CommandError(f"no token procedure named {name!r} (known: {known})")
-    procedure = bootstrap.token_procedures(config, bootstrap.local_ca(config))[name]
+    try:
+        procedure = ca_factory.token_procedure(
+            config.token_procedures[name], ca_factory.Context(config=config, local_ca=bootstrap.local_ca(config))
+        )
+    except (ConfigError, CAError) as e:
+        raise CommandError(f"the CA of token procedure {name!r} cannot be used now: {e}") from None
     ca = getattr(procedure, "ca", None)
     if not ISigningCA.providedBy(ca):
         raise CommandError(f"token procedure {name!r} signs with no key this gateway holds")
     return ca
 
 
+def _urls_without_ca(config: Config) -> list[str]:
+    """The CRL and caIssuers URLs of the local CA's token procedures that
+    lack ``{ca}``: after a rollover they would name the new CA's CRL and
+    certificate in the earlier CA's certificates (RFC 5280 4.2.1.13)."""
+    found = []
+    for procedure in config.token_procedures.values():
+        if procedure.ca != "local":
+            continue
+        for key, url in (("crl.url", procedure.crl_url), ("caIssuers.url", procedure.ca_issuers_url)):
+            if url and "{ca}" not in url:
+                found.append(f"tokenprocedure.{procedure.key}.{key} = {url}")
+    return found
+
+
 async def cmd_ca_rollover(options: Any, config: Config, store: IStore, out: Any) -> None:
-    """RFC 7030 4.1.3: the local CA's next issuing CA (and root, with --root)."""
-    passphrase = bootstrap.ca_passphrase(config)
-    ca = bootstrap.local_ca(config)
+    """RFC 7030 4.1.3: the local CA's next issuing CA (and root, with --root).
+    Refused (without --force) while a CRL or caIssuers URL of the local CA
+    lacks ``{ca}``."""
+    unsafe = _urls_without_ca(config)
+    if unsafe:
+        text = (
+            "these URLs lack {ca}, so after the rollover the certificates of the current issuing CA "
+            "would point at the new CA's CRL or certificate (revocation checks fail): "
+            + "; ".join(unsafe) + ". Put {ca} into them (e.g. .../crl/<name>/{ca}.crl, "
+            ".../ca/<name>/{ca}.crt) and restart the gateway first"
+        )
+        if not options["force"]:
+            raise CommandError(text + ", or give --force")
+        _warn(options, "warning: " + text)
+    try:
+        passphrase = bootstrap.ca_passphrase(config)
+        ca = bootstrap.local_ca(config)
+    except (ConfigError, CAError) as e:
+        raise CommandError(str(e)) from None
+    # An offline root stays offline: a new root's key goes where the
+    # operator says, never silently into the state directory.
+    root_offline = not ca.root_key_online
+    new_root_out = options["new_root_key_out"]
+    if new_root_out and not options["root"]:
+        raise CommandError("--new-root-key-out goes with --root")
+    if options["root"] and root_offline and not new_root_out:
+        raise CommandError(
+            "the root key is offline: give --new-root-key-out FILE (or - to print it once) for the new "
+            "root's key, so that it is kept offline too"
+        )
+    if new_root_out and new_root_out != "-" and os.path.exists(new_root_out):
+        raise CommandError(f"{new_root_out} exists; the new root key is written only to a new file")
     try:
         root_key = None
         if options["root_key"]:
@@ -493,20 +599,33 @@ async def cmd_ca_rollover(options: Any, config: Config, store: IStore, out: Any)
             name=config.ca_name, key_type=options["key_type"], passphrase=passphrase,
             new_root=options["root"], root_key=root_key, issuing=issuing,
         )
+        if new_root_out:
+            rolled.export_root_key(new_root_out, passphrase, out)
     except CAError as e:
         raise CommandError(str(e)) from None
     await audit.operator_action(
         store, audit.os_operator(), "ca-rollover", rolled.issuing.subject.rfc4514_string(),
         "new root and issuing CA" if options["root"] else "new issuing CA",
     )
+    protection = "encrypted with ca.keyPasswordFile" if passphrase else "unencrypted: set ca.keyPasswordFile"
+    directory = config.ca_directory
     out.write(f"new issuing CA:  {rolled.issuing.subject.rfc4514_string()} "
               f"(until {_when(rolled.issuing.not_valid_after_utc)})\n")
+    out.write(f"its key:         {os.path.join(directory, 'issuing-ca.key')} ({protection})\n")
     for generation in rolled.previous:
         out.write(f"still serving:   {generation.issuing.subject.rfc4514_string()} "
-                  f"(until {_when(generation.issuing.not_valid_after_utc)}; its certificates renew)\n")
+                  f"(until {_when(generation.issuing.not_valid_after_utc)}; its certificates renew; "
+                  f"its certificate and key: {generation.directory})\n")
     if options["root"]:
         out.write(f"new root:        {rolled.root.subject.rfc4514_string()}; cacerts carries both roots"
                   f" and the NewWithOld/OldWithNew link certificates\n")
+        if new_root_out:
+            where = "the PEM above" if new_root_out == "-" else os.path.abspath(new_root_out)
+            out.write(f"new root key:    moved to {where}; keep it offline\n")
+        else:
+            out.write(f"new root key:    {os.path.join(directory, 'root-ca.key')} ({protection})\n")
+    elif root_offline:
+        out.write("root key:        still offline (given with --root-key; nothing of it was written)\n")
     out.write("restart the gateway to issue from the new CA\n")
 
 
@@ -549,6 +668,40 @@ async def cmd_crl_write(options: Any, config: Config, store: IStore, out: Any) -
             f"wrote CRL of {len(previous)} revoked certificate(s) of the earlier issuing CA "
             f"{earlier.issuing.subject.rfc4514_string()} to {os.path.join(earlier.directory, CRL_FILE)}\n"
         )
+
+
+async def cmd_store_migrate(options: Any, config: Config, store: IStore, out: Any) -> None:
+    """Copy this gateway's SQLite store into the store at --to (e.g. a new
+    PostgreSQL database), creating its schema first."""
+    if config.store_path is None:
+        raise CommandError(
+            f"store migrate copies a SQLite store, and store.url is {redact_url(config.store_url)}"
+        )
+    target_url = options["to"]
+    try:
+        target = open_store(target_url)
+    except ValueError as e:
+        raise CommandError(f"--to: {e}") from None
+    if isinstance(target, SQLiteStore) and os.path.abspath(target.path) == os.path.abspath(config.store_path):
+        raise CommandError("--to names the store being copied")
+    try:
+        await target.start()  # creates or migrates the target's schema
+    except Exception as e:
+        raise CommandError(f"cannot open {redact_url(target_url)}: {e}") from None
+    try:
+        counts = await target.copy_from_sqlite(config.store_path)
+        copied = ", ".join(f"{n} {table}" for table, n in counts.items())
+        # In the copy's audit table, which goes on from the copied one.
+        await audit.operator_action(
+            target, audit.os_operator(), "store-migrate", redact_url(target_url),
+            f"copied {copied} from {config.store_path}",
+        )
+    except StoreNotEmpty as e:
+        raise CommandError(str(e)) from None
+    finally:
+        await target.close()
+    out.write(f"copied {copied} from {config.store_path} to {redact_url(target_url)}\n")
+    out.write(f"to use it, set store.url = {redact_url(target_url)} in {config.source}\n")
 
 
 # -- argument parsing -------------------------------------------------------
@@ -622,6 +775,10 @@ def _parser() -> argparse.ArgumentParser:
     passwd.add_argument("id")
     passwd.add_argument("--password-file", help="read the new password from the first line of this file")
     passwd.add_argument("--password", help="the new password (visible in ps; prefer --password-file)")
+    passwd.add_argument(
+        "--add-password", action="store_true",
+        help="allow adding a password to a device that has none (a factory-certificate device)",
+    )
     passwd.set_defaults(run=cmd_device_passwd)
     device_list = device.add_parser("list", help="list pre-registered devices")
     device_list.add_argument("--json", action="store_true", help="a JSON array instead of a table")
@@ -705,6 +862,22 @@ def _parser() -> argparse.ArgumentParser:
     )
     crl_write.set_defaults(run=cmd_crl_write)
 
+    stores = commands.add_parser("store", help="the store itself").add_subparsers(
+        dest="action", metavar="ACTION", required=True
+    )
+    migrate = stores.add_parser(
+        "migrate",
+        help="copy this SQLite store (every table) into an empty store, e.g. PostgreSQL",
+        description="Creates the target's schema, then copies every table of the SQLite store of"
+        " store.url in one transaction; refuses a target that already holds data. Stop the gateways"
+        " first, then point store.url at the target.",
+    )
+    migrate.add_argument(
+        "--to", required=True, metavar="URL",
+        help="the target store: postgresql://user@host/db (or sqlite:PATH)",
+    )
+    migrate.set_defaults(run=cmd_store_migrate)
+
     ca = commands.add_parser("ca", help="the local CA").add_subparsers(
         dest="action", metavar="ACTION", required=True
     )
@@ -722,6 +895,11 @@ def _parser() -> argparse.ArgumentParser:
                           help="take this issuing CA certificate (issued by the current root) instead")
     rollover.add_argument("--key", metavar="FILE", help="its private key (PEM or DER)")
     rollover.add_argument("--key-password-file", metavar="FILE", help="the key's passphrase, when encrypted")
+    rollover.add_argument("--new-root-key-out", metavar="OUT.pem",
+                          help="with --root and an offline root: write the new root's key to this new file"
+                               " (- prints it once) instead of the state directory")
+    rollover.add_argument("--force", action="store_true",
+                          help="roll over although a CRL or caIssuers URL of the local CA lacks {ca}")
     rollover.set_defaults(run=cmd_ca_rollover)
 
     # Talks to the approval service (its own config), not to this store.
@@ -772,7 +950,10 @@ async def run(reactor: Any, argv: Sequence[str], out: Any = None, err: Any = Non
         return
     try:
         config = config_module.load(options.config)
-        bootstrap.initialize(config)
+        # The store alone: commands on devices, officers and certificates
+        # work while a CA (a token, an upstream) is unavailable; those that
+        # need a CA build it themselves and say when it cannot be used.
+        bootstrap.prepare_state_directory(config)
     except (ConfigError, CAError) as e:
         raise CommandError(str(e)) from None
     store = bootstrap.open_store(config, reactor)

@@ -617,10 +617,20 @@ class Config:
         return os.path.join(self.state_directory, "tls")
 
     @property
-    def store_path(self) -> str:
-        """The SQLite file; relative to the state directory."""
+    def store_path(self) -> str | None:
+        """The SQLite file, relative to the state directory; None for a
+        PostgreSQL store."""
+        if not self.store_url.startswith("sqlite:"):
+            return None
         path = self.store_url[len("sqlite:"):].strip()
         return os.path.join(self.state_directory, os.path.expanduser(path))
+
+    @property
+    def store_location(self) -> str:
+        """``store.url`` with a SQLite path made absolute: what
+        :func:`estgw.store.open_store` opens."""
+        path = self.store_path
+        return self.store_url if path is None else "sqlite:" + path
 
     @property
     def ca_certificate_path(self) -> str:
@@ -885,9 +895,7 @@ def from_string(text: str, source: str = "est.properties", base_dir: str = ".") 
     if not global_values.get("hostnames"):
         global_values["hostnames"] = default_hostnames()
     _check_tls(global_values, source)
-    store_url = global_values.get("store_url", "sqlite:estgw.sqlite")
-    if not store_url.startswith("sqlite:") or not store_url[len("sqlite:"):].strip():
-        raise ConfigError("store.url", f"expected sqlite:PATH, not {store_url!r}", source)
+    _check_store_url(global_values.get("store_url", "sqlite:estgw.sqlite"), source)
     return Config(
         source=source,
         state_directory=_resolve(base_dir, state),
@@ -895,6 +903,34 @@ def from_string(text: str, source: str = "est.properties", base_dir: str = ".") 
         handlers=handlers,
         **global_values,
     )
+
+
+def _check_store_url(url: str, source: str) -> None:
+    """``sqlite:PATH`` or a PostgreSQL URL that libpq can read, with psycopg
+    installed: checked at load so a typo stops start-up with the key."""
+    from estgw.store import POSTGRESQL_SCHEMES, redact_url
+
+    if url.startswith("sqlite:"):
+        if not url[len("sqlite:"):].strip():
+            raise ConfigError("store.url", "expected sqlite:PATH, with a path", source)
+        return
+    if not url.startswith(POSTGRESQL_SCHEMES):
+        raise ConfigError(
+            "store.url", f"expected sqlite:PATH or postgresql://..., not {redact_url(url)!r}", source
+        )
+    try:
+        from psycopg import conninfo
+    except ImportError:
+        raise ConfigError(
+            "store.url",
+            "a postgresql:// store needs psycopg 3 and psycopg-pool: pip install 'estgw[postgresql]'",
+            source,
+        ) from None
+    try:
+        conninfo.conninfo_to_dict(url)
+    except Exception as e:  # psycopg.ProgrammingError: libpq's reason
+        reason = str(e).replace(url, redact_url(url))
+        raise ConfigError("store.url", f"not a PostgreSQL URL libpq can read: {reason}", source) from None
 
 
 def _check_coaps_listener(handlers: Sequence[HandlerConfig], values: Mapping[str, Any], source: str) -> None:

@@ -27,7 +27,7 @@ from estgw.metrics import Metrics
 from estgw.protocol import parse_csr
 from estgw.refusal import Refusal
 from estgw.revocation import RevocationChecker
-from estgw.store import DuplicateCertificate, IssuedCertificate, IStore
+from estgw.store import DuplicateCertificate, IssuedCertificate, IStore, NotLastIssued
 from estgw.tls import PeerInfo, channel_binding
 
 _log = Logger(namespace="estgw.audit")
@@ -104,13 +104,21 @@ async def _client_certificate_not_revoked(
         await gateway.revocation.check(cert, peer.chain if peer is not None else ())
 
 
-async def _renewing_last_issued(gateway: Gateway, identity: auth.Identity, ctx: policy.PolicyContext) -> None:
+_NEWER_EXISTS = "renewal requires the certificate issued last for this subject; a newer one exists"
+
+
+async def _renewing_last_issued(
+    gateway: Gateway, identity: auth.Identity, ctx: policy.PolicyContext
+) -> int | None:
     """With allowRenewalWithOldCertificates = true (the product's
     name reads backwards: true turns the check ON), only the certificate
     issued last for the subject may renew it, by any operation.
 
     A simpleenroll of a subject this gateway never issued is a first
-    enrollment, not a renewal; a simplereenroll needs the record.
+    enrollment, not a renewal; a simplereenroll needs the record.  Returns
+    the serial the new certificate renews (None: a first enrollment), for
+    the store to check again when it records, so that of concurrent
+    renewals with one certificate (in any gateway process) only one wins.
     """
     cert = identity.certificate
     assert cert is not None  # policy.renews_own_subject
@@ -118,21 +126,30 @@ async def _renewing_last_issued(gateway: Gateway, identity: auth.Identity, ctx: 
     # another case, or add to it, and still renew it.
     last = await gateway.store.last_issued_for_subject(cert.subject.rfc4514_string())
     if last is None and ctx.operation != "simplereenroll":
-        return
+        return None
     if last is None or last.serial != cert.serial_number:
         raise Refusal(
             403,
             "not-last-issued-certificate",
-            "renewal requires the certificate issued last for this subject; a newer one exists"
-            if last is not None else
+            _NEWER_EXISTS if last is not None else
             "renewal requires the certificate issued last for this subject; this gateway has no record of one",
         )
+    return last.serial
 
 
 async def _record(
-    gateway: Gateway, certificate: x509.Certificate, handler: HandlerConfig, identity: auth.Identity
+    gateway: Gateway,
+    certificate: x509.Certificate,
+    handler: HandlerConfig,
+    identity: auth.Identity,
+    renewing: int | None = None,
 ) -> bool:
     """Record ``certificate``; False when this very certificate is recorded already.
+
+    ``renewing``: the serial the certificate renews under the last-issued
+    rule, checked again by the store as it records, so that of concurrent
+    renewals with one certificate (in any gateway process) only one is
+    recorded; the others are refused and their certificate never sent.
 
     A CA may answer a repeated request with the certificate it issued
     before (an upstream EST server asked again for a request it answered,
@@ -142,8 +159,11 @@ async def _record(
     """
     try:
         await gateway.store.record_certificate(
-            IssuedCertificate.from_certificate(certificate, handler.id, identity.requester)
+            IssuedCertificate.from_certificate(certificate, handler.id, identity.requester),
+            renewing=renewing,
         )
+    except NotLastIssued:
+        raise Refusal(403, "not-last-issued-certificate", _NEWER_EXISTS) from None
     except DuplicateCertificate:
         recorded = await gateway.store.get_certificate(certificate.serial_number)
         if recorded is None or recorded.der != certificate.public_bytes(Encoding.DER):
@@ -216,8 +236,9 @@ async def enroll(
     policy.run_format(ctx)
     # Who is renewing is decided once, for every operation, label and
     # filter: an older certificate must not renew through simpleenroll.
+    renewing: int | None = None
     if gateway.config.last_issued_rule and policy.renews_own_subject(ctx):
-        await _renewing_last_issued(gateway, identity, ctx)
+        renewing = await _renewing_last_issued(gateway, identity, ctx)
 
     procedure = gateway.procedures[handler.token_procedure]
     approval = gateway.approvals.get(handler.id)
@@ -245,7 +266,7 @@ async def enroll(
     async with auth.single_use(gateway.store, identity):
         certificate = await gateway.ca_guard.issue(lambda: procedure.issue(issue), handler.token_procedure)
         # Committed before the response is written: nothing sent is unrecorded.
-        if not await _record(gateway, certificate, handler, identity):
+        if not await _record(gateway, certificate, handler, identity, renewing):
             return certificate
     _log.info(
         "issued serial {serial:x} subject {subject} to {requester} by handler {handler}",

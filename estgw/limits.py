@@ -189,7 +189,7 @@ class LimitedChannel(http.HTTPChannel):
             "{event} connection from {client}: {status} {code}: {reason}",
             event="refused", code="line-too-long", client=_host(self.getPeer()), status=400, reason=reason,
         )
-        self._close_with(400, reason)
+        self.close_with(400, reason)
 
     def _respondToBadRequestAndDisconnect(self) -> None:
         # twisted.web answers a bare 400 for every malformed head; say why,
@@ -205,9 +205,17 @@ class LimitedChannel(http.HTTPChannel):
             "{event} connection from {client}: {status} {code}: {reason}",
             event="refused", code=code, client=_host(self.getPeer()), status=status, reason=reason,
         )
-        self._close_with(status, reason)
+        self.close_with(status, reason)
 
-    def _close_with(self, status: int, reason: str) -> None:
+    # After a refusal that closes the connection: how long the client has
+    # to read the answer (a TLS close waits for the client's close_notify,
+    # which a client that does not read never sends), then it is cut off.
+    refusal_abort_seconds = 5.0
+
+    def close_with(self, status: int, reason: str) -> None:
+        """Answer ``status`` with the one-line ``reason`` outside any
+        request, drop further input, and close: cut off after
+        :attr:`refusal_abort_seconds` if the client does not close."""
         body = (reason + "\n").encode("utf-8")
         phrase = http.RESPONSES.get(status, b"Error")
         assert self.transport is not None
@@ -220,8 +228,8 @@ class LimitedChannel(http.HTTPChannel):
         self.dataReceived = lambda data: None  # type: ignore[method-assign]
         self.lineReceived = lambda line: None  # type: ignore[method-assign]
         self.setTimeout(None)
-        if self.abortTimeout is not None:
-            self._abortingCall = self.callLater(self.abortTimeout, self.forceAbortClient)
+        self._cancel_deadline()
+        self._abortingCall = self.callLater(self.refusal_abort_seconds, self.forceAbortClient)
         self.loseConnection()
 
     def _too_slow(self, code: str) -> None:
@@ -234,7 +242,7 @@ class LimitedChannel(http.HTTPChannel):
             "{event} connection from {client}: {status} {code}: the request {part} took longer than {seconds:g} s",
             event="refused", code=code, client=_host(peer), status=408, part=part, seconds=seconds,
         )
-        self._close_with(408, f"the request {part} was not received within {seconds:g} seconds")
+        self.close_with(408, f"the request {part} was not received within {seconds:g} seconds")
 
 
 def handshake_failure_reason(error: BaseException | None) -> str:

@@ -206,11 +206,14 @@ class MetricsResource(resource.Resource):
         return server.NOT_DONE_YET
 
 
+#: The largest request body the metrics listener reads (it serves GET only).
+METRICS_MAX_BODY = 4096
+
+
 def metrics_site(metrics: Metrics, config: Any = None) -> Any:
     """The ``GET /metrics`` site, with the ``server.*`` request limits of ``config``."""
-    from estgw import limits
+    from estgw.web import limited_site
 
     root = resource.Resource()
     root.putChild(b"metrics", MetricsResource(metrics))
-    # No form parsing (see estgw.web.build_site).
-    return limits.limit_site(server.Site(root, parsePOSTFormSubmission=False), config)
+    return limited_site(root, METRICS_MAX_BODY, config)

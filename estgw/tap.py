@@ -64,7 +64,9 @@ class Options(usage.Options):
             bootstrap.configured_trust_anchors(loaded)  # unreadable files stop start-up here
             load_approval_tls(loaded)  # so does a wrong idm.tls.password
         except ConfigError as e:
-            raise usage.UsageError(str(e)) from None
+            # Not a usage error: twistd would print its whole usage text
+            # before it.  The message names the file and the key.
+            raise SystemExit(f"estgw: {e}") from None
         if self["port"] is not None:
             if not 0 <= self["port"] <= 65535:
                 raise usage.UsageError(f"--port: not a TCP port: {self['port']}")

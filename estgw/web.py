@@ -89,6 +89,10 @@ class LimitedRequest(server.Request):
             method=printable(self.method), path=printable(self.uri), client=getattr(address, "host", "?"),
             status=413, code="body-too-large", reason=reason, event="refused",
         )
+        close_with = getattr(self.channel, "close_with", None)
+        if close_with is not None:  # estgw.limits.LimitedChannel: one way to close
+            close_with(413, reason)
+            return
         body = (reason + "\n").encode("ascii")
         transport.write(
             b"HTTP/1.1 413 Content Too Large\r\nContent-Type: text/plain; charset=utf-8\r\n"
@@ -401,6 +405,19 @@ class _Site(server.Site):
     def log(self, request: http.Request) -> None:
         if not getattr(request, "audited", False):
             super().log(request)
+
+
+def limited_site(root: resource.Resource, max_body: int, config: Any = None) -> server.Site:
+    """A Site for ``root`` with the request limits of every listener here:
+    the ``server.*`` limits of ``config`` (estgw.limits: head and body
+    deadlines, header count and size, idle timeout), a body over
+    ``max_body`` bytes is 413 at once (by Content-Length, or as it
+    arrives), no form parsing (see :func:`build_site`), and no traceback
+    is shown."""
+    site = server.Site(root, parsePOSTFormSubmission=False)
+    site.requestFactory = request_factory(max_body)
+    site.displayTracebacks = False
+    return limits.limit_site(site, config)
 
 
 def build_site(gateway: Gateway) -> server.Site:

@@ -245,7 +245,7 @@ class TokenPasswordTests(TestCase):
         """A wrong idm.tls.password stops start-up before anything listens:
         twistd's options and the service both fail naming the key."""
         path = await self.prepare()
-        with self.assertRaises(usage.UsageError) as caught:
+        with self.assertRaises(SystemExit) as caught:  # not a usage error: no usage text
             Options().parseOptions(["--config", path])
         message = str(caught.exception)
         self.assertIn("handler.3.idm.tls.password", message)

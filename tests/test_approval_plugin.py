@@ -110,3 +110,4 @@ class DaemonTests(TestCase):
         )
         self.assertNotEqual(result.code, 0)
         self.assertIn(b"service.prot: unknown key", result.stdout + result.stderr)
+        self.assertNotIn(b"Usage:", result.stdout + result.stderr)  # an error, not a usage mistake

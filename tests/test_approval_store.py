@@ -1,17 +1,21 @@
-"""The store's pending approvals (schema version 3): real SQLite files."""
+"""The store's pending approvals (schema version 3): real SQLite files, and
+the same tests on a real PostgreSQL server (PostgreSQLApprovalStoreTests)."""
 
 from __future__ import annotations
 
 import os
 from datetime import datetime, timedelta, timezone
+from typing import Any
 
 from cryptography.hazmat.primitives.serialization import Encoding
+from twisted.internet import defer
 from twisted.trial.unittest import TestCase
 
 from estgw.approval.gate import request_key
 from estgw.ca import IssueRequest, LocalCA, Profile
 from estgw.store import Approval, IssuedCertificate, SQLiteStore
 from estgw.testing import make_csr, new_key
+from tests import postgresql
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
 
@@ -32,13 +36,18 @@ def approval(request_id: str, subject: str = "pump-17", key: object = None) -> A
 
 
 class ApprovalStoreTests(TestCase):
+    store_class: Any = SQLiteStore
+
     def setUp(self) -> None:
         self.directory = os.path.abspath(self.mktemp())
         os.makedirs(self.directory)
         self.path = os.path.join(self.directory, "estgw.sqlite")
 
-    async def open_store(self) -> SQLiteStore:
-        store = SQLiteStore(self.path)
+    async def location(self) -> str:
+        return self.path
+
+    async def open_store(self) -> Any:
+        store = self.store_class(await self.location())
         await store.start()
         self.addCleanup(store.close)
         return store
@@ -116,6 +125,22 @@ class ApprovalStoreTests(TestCase):
         self.assertEqual((row.state, row.serial), ("issued", issued.serial))
         self.assertEqual([r.request_id for r in await store.list_approvals("issued")], ["req-1"])
 
+    async def test_two_connections_race_to_issue(self) -> None:
+        """Six issue_approved calls for one approved request, through two
+        stores at once (as two gateway processes retrying): one records its
+        certificate, the others record nothing."""
+        store_a, store_b = await self.open_store(), await self.open_store()
+        await store_a.add_approval(approval("req-1"))
+        await store_a.decide_approval("req-1", "approved", None, T0 + timedelta(days=3), T0)
+        candidates = [self.issued() for _ in range(6)]
+        results = await defer.gatherResults(
+            [(store_a, store_b)[i % 2].issue_approved("req-1", c) for i, c in enumerate(candidates)]
+        )
+        self.assertEqual(sorted(results), [False] * 5 + [True])
+        self.assertEqual(await store_b.count_certificates(), 1)
+        winner = candidates[results.index(True)]
+        self.assertEqual((await store_b.get_approval("req-1")).serial, winner.serial)
+
     async def test_submission_recorded(self) -> None:
         """The submission time is recorded, and can be cleared again."""
         store = await self.open_store()
@@ -124,3 +149,22 @@ class ApprovalStoreTests(TestCase):
         self.assertEqual((await store.get_approval("req-1")).submitted_at, T0)
         await store.set_approval_submitted("req-1", None)
         self.assertIsNone((await store.get_approval("req-1")).submitted_at)
+
+
+class PostgreSQLApprovalStoreTests(ApprovalStoreTests):
+    """The same on a fresh PostgreSQL database: two stores are two pools, as
+    two gateway processes have."""
+
+    _url: str | None = None
+
+    @property
+    def store_class(self) -> Any:  # type: ignore[override]
+        from estgw.store.postgresql import PostgreSQLStore
+
+        return PostgreSQLStore
+
+    async def location(self) -> str:
+        if self._url is None:
+            self._url = await postgresql.new_database(self)
+        return self._url
+

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from datetime import datetime, timezone
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -209,6 +210,12 @@ class CertTests(CLITestCase):
         self.assertIn("status:              revoked\n", shown)
         self.assertIn("revocation reason:   keyCompromise\n", shown)
         self.assertIn("revoked", await self.cli("cert", "list"))
+        # Revoking again changes nothing and says so; no second audit row.
+        audit_before = await self.cli("audit", "list")
+        message = await self.fails("cert", "revoke", serial, "--reason", "superseded")
+        self.assertIn("is already revoked", message)
+        self.assertIn("reason keyCompromise", message)
+        self.assertEqual(await self.cli("audit", "list"), audit_before)
 
     async def test_crl_carries_reason_and_invalidity_date(self) -> None:
         """revoke --reason keyCompromise --invalidity-date, then crl write: the
@@ -262,6 +269,42 @@ class CertTests(CLITestCase):
         self.assertEqual(await self.fails("cert", "revoke", "0xABC123"), "no certificate with serial ABC123")
         self.assertEqual(await self.fails("cert", "revoke", "abc12"), "no certificate with serial 0ABC12")
         self.assertIn("not a serial number", await self.fails("cert", "revoke", "-5"))
+
+    async def test_list_and_crl_read_pages(self) -> None:
+        """
+        cert list and crl write read the store in pages, never the whole
+        table at once (list_certificates is not called), and crl write asks
+        only for revoked rows; a listing of many pages is complete and in
+        order.
+        """
+        from estgw.cli import format_serial
+        from estgw.store import SQLiteStore
+
+        certs = [await self.issue(f"dev-{i}") for i in range(5)]
+        await self.cli("cert", "revoke", f"{certs[1].serial_number:x}")
+        asked: list[tuple[int, bool]] = []
+        original = SQLiteStore.certificate_page
+
+        def page(store: Any, after: Any = None, limit: int = 1000, subject: Any = None,
+                 revoked_only: bool = False) -> Any:
+            asked.append((limit, revoked_only))
+            return original(store, after, 2 if limit == 1000 else limit, subject, revoked_only)
+
+        def whole_table(*args: Any, **kwargs: Any) -> Any:
+            raise AssertionError("the whole table was read")
+
+        self.patch(SQLiteStore, "certificate_page", page)
+        self.patch(SQLiteStore, "list_certificates", whole_table)
+        listing = await self.cli("cert", "list")
+        self.assertEqual(
+            [line.split()[0] for line in listing.splitlines()[1:]],
+            [format_serial(c.serial_number) for c in reversed(certs)],
+        )
+        self.assertEqual(asked, [(1000, False)] * 3)  # pages of 2: 2 + 2 + 1
+        asked.clear()
+        self.assertIn("CRL of 1 revoked certificate(s)", await self.cli("crl", "write"))
+        self.assertEqual(asked, [(1000, True)])
+
 
 class ProcessTests(CLITestCase):
     """``python -m estgw.cli``: exit status and stderr as operators see them."""
@@ -440,3 +483,17 @@ class OperatorToolTests(CLITestCase):
         self.assertFalse(verify_password("old-pw", device.password_hash))
         self.assertEqual(await self.fails("device", "passwd", "ghost", "--password-file", new), "no device 'ghost'")
         self.assertIn("needs --password-file", await self.fails("device", "passwd", "pump-1"))
+
+    async def test_device_passwd_factory_only(self) -> None:
+        """A device registered with only a factory certificate gets no
+        password login unless the operator asks for it (--add-password)."""
+        from tests.test_auth import FACTORY_CA
+
+        idevid = FACTORY_CA.issue(self.directory, "ACME-1")
+        await self.cli("device", "add", "fac-1", "--factory-cert", idevid.cert_path)
+        new = write(os.path.join(self.directory, "new.txt"), b"new-pw\n")
+        self.assertIn("--add-password", await self.fails("device", "passwd", "fac-1", "--password-file", new))
+        self.assertEqual(
+            await self.cli("device", "passwd", "fac-1", "--password-file", new, "--add-password"),
+            "added the password of device fac-1\n",
+        )

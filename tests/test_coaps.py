@@ -195,7 +195,7 @@ class CoAPsTests(TestCase):
             def __getattr__(self, name: str) -> Any:
                 return getattr(real, name)
 
-            def record_certificate(self, issued: Any) -> Any:
+            def record_certificate(self, issued: Any, renewing: Any = None) -> Any:
                 return _defer.fail(StoreUnavailable("database is locked"))
 
         gw.store = NoRecord()

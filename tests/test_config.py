@@ -173,6 +173,7 @@ class PathTests(SynchronousTestCase):
                         "store.url = sqlite:/var/lib/e.sqlite\n", base_dir="/etc")
         self.assertEqual(c.state_directory, "/srv/est")
         self.assertEqual(c.store_path, "/var/lib/e.sqlite")
+        self.assertEqual(c.store_location, "sqlite:/var/lib/e.sqlite")
 
     def test_unreadable_file(self) -> None:
         """A missing config file is an error naming --config and the path."""
@@ -395,11 +396,24 @@ class ErrorTests(SynchronousTestCase):
         self.assertIn("factory.pem", e.reason)
 
     def test_bad_store_url(self) -> None:
-        """store.url must be sqlite:PATH."""
-        self.error(BASE + "store.url = postgres://db/est\n",
-                   "store.url", "expected sqlite:PATH")
+        """store.url must be sqlite:PATH or a PostgreSQL URL libpq reads;
+        the refusal never shows a password."""
         self.error(BASE + "store.url = sqlite:\n",
                    "store.url", "expected sqlite:PATH")
+        e = self.error(BASE + "store.url = mysql://estgw:s3cret@db/est\n",
+                       "store.url", "expected sqlite:PATH or postgresql://")
+        self.assertNotIn("s3cret", str(e))
+        e = self.error(BASE + "store.url = postgresql://estgw:s3cret@db/est?nosuchparam=1\n",
+                       "store.url", "not a PostgreSQL URL libpq can read")
+        self.assertIn("nosuchparam", e.reason)
+        self.assertNotIn("s3cret", str(e))
+
+    def test_postgresql_store_url(self) -> None:
+        """A PostgreSQL URL is taken as written: no SQLite path, opened as is."""
+        for url in ("postgresql://estgw@db.example:5432/estgw", "postgres:///estgw?host=/run/postgresql"):
+            c = from_string(BASE + f"store.url = {url}\n", base_dir="/etc")
+            self.assertIsNone(c.store_path)
+            self.assertEqual(c.store_location, url)
 
 
 class HelperTests(SynchronousTestCase):

@@ -149,7 +149,7 @@ class _StoreProxy:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._real, name)
 
-    def record_certificate(self, issued: Any) -> Any:
+    def record_certificate(self, issued: Any, renewing: Any = None) -> Any:
         return defer.fail(self._error)
 
 

@@ -48,6 +48,16 @@ class MetricsEndpointTests(TestCase):
         self.assertEqual(value(text, 'estgw_request_seconds_count{operation="simpleenroll"}'), 2)
         self.assertEqual(value(text, 'estgw_request_seconds_bucket{le="+Inf",operation="simpleenroll"}'), 2)
 
+    async def test_request_limits(self) -> None:
+        """The metrics listener has the EST listener's request limits: a
+        long request line is 400, an oversized Content-Length 413 at once."""
+        from tests.test_e2e import Client
+        from tests.test_publish import check_request_limits
+
+        gateway = await RunningGateway.start(self, CONFIG)
+        port = gateway.service.metrics_ports[0].getHost().port
+        await check_request_limits(self, Client(self, gateway, "limits"), port, "/metrics")
+
     async def test_off_by_default(self) -> None:
         """Without metrics.port nothing else listens."""
         gateway = await RunningGateway.start(self)
@@ -110,7 +120,7 @@ class LibraryMetricsTests(TestCase):
             def __getattr__(self, name: str) -> object:
                 return getattr(gateway.store, name)
 
-            def record_certificate(self, issued: object) -> object:
+            def record_certificate(self, issued: object, renewing: object = None) -> object:
                 return defer.fail(StoreUnavailable("disk full"))
 
         gw.store = NoRecord()

@@ -236,6 +236,36 @@ class ReadmeTests(Pkcs11TestCase):
         self.assertEqual(await gateway.store.count_certificates(), 2)
 
 
+    async def test_readme_token_commands(self) -> None:
+        """README.rst's commands that make a SoftHSM2 token, a key pair in it
+        and the CA certificate of its public key, run by bash as written (on
+        a token directory of their own): the certificate is a CA of the
+        token's key, issued by the root, and the PIN file is 0600."""
+        from tests.test_readme_examples import literal_block
+
+        script = literal_block("    # example: pkcs11 token")
+        self.assertIn("-force_pubkey", script)
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(os.path.join(directory, "tokens"))
+        conf = write(os.path.join(directory, "softhsm2.conf"),
+                     f"directories.tokendir = {directory}/tokens\nobjectstore.backend = file\n".encode())
+        env = dict(os.environ, SOFTHSM2_CONF=conf)
+        done = await run_process(["bash", "-euo", "pipefail", "-c", script], env=env, path=directory)
+        self.assertEqual(done.code, 0, done.stderr.decode())
+        run = await run_process(["openssl", "verify", "-CAfile", "hsm/root-ca.pem", "hsm/issuing-ca.pem"],
+                                path=directory)
+        self.assertIn(b": OK", run.stdout, run.stderr)
+        with open(os.path.join(directory, "hsm", "issuing-ca.pem"), "rb") as f:
+            issuing = x509.load_pem_x509_certificate(f.read())
+        with open(os.path.join(directory, "issuing-ca.pub.pem"), "rb") as f:
+            token_key = f.read()
+        from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+        self.assertEqual(issuing.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo), token_key)
+        self.assertTrue(issuing.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
+        self.assertEqual(os.stat(os.path.join(directory, "hsm", "pin")).st_mode & 0o777, 0o600)
+
+
 class StartTests(Pkcs11TestCase):
     """What stops the gateway from starting (in process; twistd below)."""
 
@@ -419,3 +449,120 @@ class HsmPublishTests(Pkcs11TestCase):
                 self.assertTrue(signed.is_signature_valid(_Keys.made[kind][1].public_key()))
             finally:
                 await gateway.stop()
+
+    async def test_token_gone_while_publishing(self) -> None:
+        """The token stops signing while the gateway runs: an OCSP request
+        gets tryLater (unsigned, RFC 6960 2.3), the CRL signed before is
+        still served, a first CRL that cannot be signed is 503 with
+        Retry-After; never a 500, and no critical log event."""
+        import pkcs11
+        from urllib.parse import quote
+
+        from twisted.logger import LogLevel, globalLogPublisher
+
+        from tests import test_publish
+
+        publish = test_publish.free_port()
+        base = f"http://127.0.0.1:{publish}"
+        name = quote("HSM Procedure", safe="")
+        token, label, certificate, chain = self.files("ec-p256")
+        extra = f"publish.port = {publish}\npublish.interface = 127.0.0.1\n"
+        gateway = await RunningGateway.start(
+            self, hsm_config(certificate, chain, softhsm.shared().pin_file, token, label, extra))
+        await gateway.store.add_device(Device(DEVICE, hash_password(PASSWORD)))
+        client = Client(self, gateway, "device")
+        _key, csr = await client.key_and_csr(f"/CN={DEVICE}")
+        result = await client.enroll("simpleenroll", csr, user=f"{DEVICE}:{PASSWORD}")
+        self.assertEqual(result.status, 200, result.text)
+        issued = await client.certificates(result.body)
+
+        async def get(url: str) -> tuple[int, bytes, str]:
+            out = client.path(f"get-{abs(hash(url))}")
+            done = await run_process([_which("curl"), "-sS", "--max-time", "20", "-D", out + ".h", "-o", out,
+                                      "-w", "%{http_code}", url])
+            with open(out, "rb") as f, open(out + ".h") as h:
+                return int(done.stdout or b"0"), f.read(), h.read().lower()
+
+        status, before, _ = await get(f"{base}/crl/{name}.crl")
+        self.assertEqual(status, 200)
+
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        login = gateway.service.state.procedures["HSM Procedure"].ca._login
+
+        def unreachable() -> None:
+            raise pkcs11.TokenNotPresent()
+
+        login.reopen, original = unreachable, login.reopen
+        self.addCleanup(setattr, login, "reopen", original)
+        login.session.close()
+        self.addCleanup(original)
+
+        issuer = client.path("issuer.pem")
+        write(issuer, cert_pem(x509.load_pem_x509_certificates(open(certificate, "rb").read())[0]))
+        answer = await client.openssl("ocsp", "-issuer", issuer, "-cert", issued, "-url", f"{base}/ocsp/{name}",
+                                      "-resp_text", "-timeout", "20", check=False)
+        text = (answer.stdout + answer.stderr).decode()
+        self.assertIn("Responder Error: trylater (3)", text)
+        self.assertNotIn("code=500", text)
+        # The revocation is recorded; the CRL cannot be re-signed, so the last one is served.
+        await gateway.store.revoke_certificate(
+            x509.load_pem_x509_certificates(open(issued, "rb").read())[0].serial_number, "keyCompromise")
+        status, during, _ = await get(f"{base}/crl/{name}.crl")
+        self.assertEqual((status, during), (200, before))
+        # With nothing cached (a new generation's first CRL), 503 with Retry-After.
+        published = gateway.service.published["HSM Procedure"].generations[0]
+        published._crl = None
+        status, body, headers = await get(f"{base}/crl/{name}.crl")
+        self.assertEqual(status, 503, body)
+        self.assertIn("retry-after: 60", headers)
+        self.assertEqual([e for e in events if e.get("log_level") == LogLevel.critical], [])
+        self.flushLoggedErrors()
+
+
+class TokenOutageCommandTests(Pkcs11TestCase):
+    async def test_store_commands_work_while_the_token_is_gone(self) -> None:
+        """With the token unavailable, the operator commands that only touch
+        the store work (the revocation is recorded, for the CRL the gateway
+        signs when the token is back); those that need the CA (init, crl
+        write) say so in one line, exit 1, no traceback."""
+        import sys
+
+        gateway = await self.gateway("ec-p256")
+        client = Client(self, gateway, "device")
+        _key, csr = await client.key_and_csr(f"/CN={DEVICE}")
+        result = await client.enroll("simpleenroll", csr, user=f"{DEVICE}:{PASSWORD}")
+        self.assertEqual(result.status, 200, result.text)
+        (record,) = await gateway.store.list_certificates()
+        token, label, certificate, chain = self.files("ec-p256")
+        outage = write(os.path.join(os.path.dirname(gateway.config_path), "outage.properties"),
+                       hsm_config(certificate, chain, softhsm.shared().pin_file, "no-such-token", label).encode())
+
+        async def estgw(*argv: str) -> tuple[int, str, str]:
+            done = await run_process([sys.executable, "-m", "estgw.cli", "--config", outage, *argv], env=environment())
+            return done.code, done.stdout.decode(), done.stderr.decode()
+
+        code, out, err = await estgw("cert", "list")
+        self.assertEqual(code, 0, err)
+        self.assertIn(f"{record.serial:x}", out.lower().replace(":", ""))
+        code, out, err = await estgw("cert", "revoke", f"{record.serial:x}", "--reason", "keyCompromise")
+        self.assertEqual(code, 0, err)
+        self.assertIn("revoked", out)
+        self.assertIsNotNone((await gateway.store.get_certificate(record.serial)).revoked_at)
+        code, out, err = await estgw("device", "add", "pump-9", "--password", "a long password 9")
+        self.assertEqual(code, 0, err)
+        self.assertIsNotNone(await gateway.store.get_device("pump-9"))
+        for argv, says in (
+            (("crl", "write", "--tokenprocedure", "HSM Procedure", "--out", os.path.join(client.path("x.crl"))),
+             "the CA of token procedure 'HSM Procedure' cannot be used now"),
+            (("init",), "no-such-token"),
+        ):
+            code, out, err = await estgw(*argv)
+            self.assertEqual(code, 1, (argv, out, err))
+            self.assertIn(says, err)
+            self.assertNotIn("Traceback", err)
+            self.assertEqual(len(err.strip().splitlines()), 1, err)
+        # SoftHSM's free slot has a token without a label: named, not an empty item.
+        self.assertRegex(err, r"present: [^,)]")
+        self.assertIn("(unlabelled)", err)

@@ -404,6 +404,7 @@ class DaemonRefusesTests(TwistdTestCase):
     """The real twistd stops with the key named, for the new settings."""
 
     assert_refuses_to_start = test_twistd.BadConfigTests.assert_refuses_to_start
+    assert_only_the_error = test_twistd.BadConfigTests.assert_only_the_error
     append = test_twistd.BadConfigTests.append
 
     async def test_bad_key_type(self) -> None:

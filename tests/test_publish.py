@@ -9,9 +9,13 @@ import base64
 import io
 import os
 import socket
+from typing import Any
 from urllib.parse import quote
 
 from cryptography import x509
+from pyasn1.codec.der import decoder as der_decoder
+from pyasn1.codec.der import encoder as der_encoder
+from pyasn1_modules import rfc2560
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509 import ocsp
 from twisted.internet import reactor
@@ -94,8 +98,10 @@ class _Publishing(TestCase):
                                 f"{cert.serial_number:x}", *options], io.StringIO())
 
     async def ocsp_status(self, name: str, issuer_pem: str, cert_pem: str | None, chain: str,
-                          serial: int | None = None) -> str:
+                          serial: int | None = None, more: tuple[str, ...] = ()) -> str:
         target = ["-cert", cert_pem] if cert_pem else ["-serial", hex(serial or 0)]
+        for other in more:  # several certificates in one request (RFC 6960 4.1.1 requestList)
+            target += ["-cert", other]
         result = await self.client.openssl(
             "ocsp", "-issuer", issuer_pem, *target, "-url", self.base("ocsp", name),
             "-CAfile", chain, "-resp_text", "-timeout", "20", check=False,
@@ -159,6 +165,10 @@ class _Publishing(TestCase):
         self.assertIn("Reason: keyCompromise", answer)
         self.assertIn(f"{good_pem}: good", await self.ocsp_status(name, issuer, good_pem, chain))
         self.assertIn(": unknown", await self.ocsp_status(name, issuer, None, chain, serial=0x1234567))
+        # One request about two certificates: one signed answer about each.
+        both = await self.ocsp_status(name, issuer, good_pem, chain, more=(revoked_pem,))
+        self.assertIn(f"{good_pem}: good", both)
+        self.assertIn(f"{revoked_pem}: revoked", both)
 
         # RFC 6960 A.1 GET: /ocsp/<name>/<URL-encoded base64 of the DER request>.
         request = (
@@ -177,6 +187,21 @@ class _Publishing(TestCase):
         self.assertEqual(response.extensions.get_extension_for_class(x509.OCSPNonce).value.nonce,
                          b"0123456789abcdef")
 
+
+
+def _two_cert_request(*pairs: tuple[x509.Certificate, x509.Certificate]) -> bytes:
+    """A DER OCSP request about each (certificate, issuer) of ``pairs``
+    (cryptography's builder holds one)."""
+    requests = []
+    for cert, issuer in pairs:
+        one = ocsp.OCSPRequestBuilder().add_certificate(cert, issuer, hashes.SHA1()).build()
+        decoded, _ = der_decoder.decode(one.public_bytes(serialization.Encoding.DER), asn1Spec=rfc2560.OCSPRequest())
+        requests.append(decoded["tbsRequest"]["requestList"][0])
+    decoded, _ = der_decoder.decode(ocsp.OCSPRequestBuilder().add_certificate(*pairs[0], hashes.SHA1()).build()
+                                    .public_bytes(serialization.Encoding.DER), asn1Spec=rfc2560.OCSPRequest())
+    for extra in requests[1:]:
+        decoded["tbsRequest"]["requestList"].append(extra)
+    return bytes(der_encoder.encode(decoded))
 
 
 class PublishTests(_Publishing):
@@ -206,6 +231,10 @@ class PublishTests(_Publishing):
         self.assertIsNotNone(new.get_revoked_certificate_by_serial_number(cert.serial_number))
         self.assertIsNone(old.get_revoked_certificate_by_serial_number(cert.serial_number))
 
+    async def test_request_limits(self) -> None:
+        """The publishing listener has the EST listener's request limits."""
+        await check_request_limits(self, self.client, self.publish, f"/ocsp/{quote(LOCAL, safe='')}")
+
     async def test_refusals(self) -> None:
         """Unknown names are 404; an OCSP POST of another media type is 415;
         a request that is not OCSP gets malformedRequest; a request about
@@ -225,6 +254,16 @@ class PublishTests(_Publishing):
         self.assertEqual(status, 200)
         self.assertEqual(ocsp.load_der_ocsp_response(body).response_status,
                          ocsp.OCSPResponseStatus.MALFORMED_REQUEST)
+        # A request asking about no certificate is malformed (RFC 6960 4.1.1), not a 500.
+        empty = rfc2560.OCSPRequest()
+        empty["tbsRequest"]["requestList"] = rfc2560.OCSPRequest.componentType["tbsRequest"].getType()[
+            "requestList"].clone()
+        nothing = write(self.client.path("nothing.req"), der_encoder.encode(empty))
+        status, body = await self.get(url, "-H", "Content-Type: application/ocsp-request",
+                                      "--data-binary", "@" + nothing)
+        self.assertEqual(status, 200)
+        self.assertEqual(ocsp.load_der_ocsp_response(body).response_status,
+                         ocsp.OCSPResponseStatus.MALFORMED_REQUEST)
         _, cert = await self.enroll("lab")  # the operator CA's certificate, asked of the local CA
         (operator_issuing,) = load_pem(os.path.join(self.operator, "issuing.pem"))
         request = ocsp.OCSPRequestBuilder().add_certificate(cert, operator_issuing, hashes.SHA256()).build()
@@ -233,6 +272,32 @@ class PublishTests(_Publishing):
                                       "--data-binary", "@" + other)
         self.assertEqual(ocsp.load_der_ocsp_response(body).response_status,
                          ocsp.OCSPResponseStatus.UNAUTHORIZED)
+        # Asking one responder about certificates of two CAs: unauthorized too.
+        _, mine = await self.enroll()
+        (local_issuing,) = [c for c in load_pem(await self.chain()) if c.subject == mine.issuer]
+        mixed = _two_cert_request((mine, local_issuing), (cert, operator_issuing))
+        path = write(self.client.path("mixed.req"), mixed)
+        status, body = await self.get(url, "-H", "Content-Type: application/ocsp-request", "--data-binary", "@" + path)
+        self.assertEqual((status, ocsp.load_der_ocsp_response(body).response_status),
+                         (200, ocsp.OCSPResponseStatus.UNAUTHORIZED))
+
+
+async def check_request_limits(testcase: TestCase, client: Any, port: int, post_path: str) -> None:
+    """The EST listener's limits on the listener at ``port``, with curl: a
+    request line over 16 KiB is 400, a Content-Length past the body limit
+    is 413 at once (not after the body), each with a reply."""
+    out = client.path(f"limits-{port}")
+    base = f"http://127.0.0.1:{port}"
+    result = await run_process([_which("curl"), "-sS", "--max-time", "20", "-o", out, "-w", "%{http_code}",
+                                f"{base}/{'a' * 17000}"])
+    testcase.assertEqual(result.stdout, b"400", result.stderr)
+    body = write(client.path("small.req"), b"0" * 100)
+    result = await run_process([_which("curl"), "-sS", "--max-time", "20", "-o", out, "-w", "%{http_code}",
+                                "-H", "Content-Type: application/ocsp-request", "-H", "Content-Length: 999999999999",
+                                "--data-binary", "@" + body, base + post_path])
+    testcase.assertEqual(result.stdout, b"413", result.stderr)
+    with open(out, "rb") as f:
+        testcase.assertIn(b"exceeds", f.read())
 
 
 class DelegatedResponderTests(_Publishing):

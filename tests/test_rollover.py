@@ -9,6 +9,7 @@ import subprocess
 from urllib.parse import quote
 
 from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.hazmat.primitives.serialization import Encoding
 from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
@@ -76,6 +77,38 @@ class RolloverTests(TestCase):
         self.assertEqual(result.status, 200)
         pem = await self.client.certificates(result.body)
         return pem, load_pem(pem)
+
+    async def test_rollover_while_running(self) -> None:
+        """`ca rollover` while the gateway runs (before its restart): the
+        running gateway's CRL of the old CA goes to the old CA's own place
+        (previous/001/), never over the new CA's directory, and still lists
+        a revocation made meanwhile."""
+        _, _, old = await self.enroll()
+        config = config_module.load(self.gateway.config_path)
+        out = io.StringIO()
+        await cli.run(reactor, ["--config", self.gateway.config_path, "ca", "rollover"], out)
+        await cli.run(reactor, ["--config", self.gateway.config_path, "cert", "revoke",
+                                f"{old.serial_number:x}", "--reason", "superseded"], io.StringIO())
+        status, body = await self.get_crl()
+        self.assertEqual(status, 200)
+        crl = x509.load_der_x509_crl(body)
+        self.assertEqual(crl.issuer, old.issuer)
+        self.assertIsNotNone(crl.get_revoked_certificate_by_serial_number(old.serial_number))
+        new_home = os.path.join(config.ca_directory, "crl.pem")
+        if os.path.exists(new_home):
+            with open(new_home, "rb") as f:
+                self.assertNotEqual(x509.load_pem_x509_crl(f.read()).issuer, old.issuer)
+        with open(os.path.join(config.ca_directory, "previous", "001", "crl.pem"), "rb") as f:
+            kept = x509.load_pem_x509_crl(f.read())
+        self.assertEqual(kept.issuer, old.issuer)
+        self.assertIsNotNone(kept.get_revoked_certificate_by_serial_number(old.serial_number))
+
+    async def get_crl(self) -> tuple[int, bytes]:
+        out = self.client.path(f"crl-{free_port()}")
+        url = f"http://127.0.0.1:{self.publish}/crl/{quote(NAME, safe='')}.crl"
+        result = await run_process([_which("curl"), "-sS", "--max-time", "20", "-o", out, "-w", "%{http_code}", url])
+        with open(out, "rb") as f:
+            return int(result.stdout or b"0"), f.read()
 
     async def test_issuing_rollover(self) -> None:
         """After a rollover new certificates come from the new issuing CA;
@@ -190,6 +223,54 @@ class RolloverCommandTests(TestCase):
         self.assertNotEqual(ca.issuing, issuing)
         self.assertEqual([g.issuing for g in ca.previous], [issuing])
         self.assertFalse(ca.root_key_online)
+
+    async def test_offline_root_stays_offline(self) -> None:
+        """ca rollover --root with an offline root: refused without
+        --new-root-key-out (nothing changes); with it the new root's key is
+        written there (0600), not into the state directory, and the output
+        says where every key went."""
+        root_key = os.path.join(self.directory, "root.key")
+        await self.cli("init", "--offline-root", root_key)
+        ca_dir = config_module.load(self.config_path).ca_directory
+        old_root = self.ca().root
+        message = await self.fails("ca", "rollover", "--root", "--root-key", root_key)
+        self.assertIn("--new-root-key-out", message)
+        self.assertEqual(self.ca().root, old_root)
+        new_key_path = os.path.join(self.directory, "new-root.key")
+        out = await self.cli("ca", "rollover", "--root", "--root-key", root_key, "--new-root-key-out", new_key_path)
+        ca = self.ca()
+        self.assertNotEqual(ca.root, old_root)
+        self.assertFalse(ca.root_key_online)
+        self.assertFalse(os.path.exists(os.path.join(ca_dir, "root-ca.key")))
+        self.assertEqual(os.stat(new_key_path).st_mode & 0o777, 0o600)
+        from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+        with open(new_key_path, "rb") as f:
+            exported = load_pem_private_key(f.read(), None)
+        self.assertEqual(exported.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo),
+                         ca.root.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo))
+        self.assertIn(f"new root key:    moved to {new_key_path}", out)
+        self.assertIn(f"its key:         {os.path.join(ca_dir, 'issuing-ca.key')} (unencrypted", out)
+        # The exported key is what the next rollover needs.
+        await self.cli("ca", "rollover", "--root-key", new_key_path)
+
+    async def test_urls_without_ca_refused(self) -> None:
+        """A CRL or caIssuers URL without {ca} would send the current CA's
+        certificates to the new CA's CRL after a rollover: refused naming
+        the keys (nothing changes); --force rolls over with a warning."""
+        write(self.config_path, (TEST_CONFIG + "tokenprocedure.1.crl.url = http://127.0.0.1:1/crl/T.crl\n"
+                                 "tokenprocedure.1.caIssuers.url = http://127.0.0.1:1/ca/T.crt\n").encode())
+        await self.cli("init")
+        issuing = self.ca().issuing
+        message = await self.fails("ca", "rollover")
+        self.assertIn("tokenprocedure.1.crl.url = http://127.0.0.1:1/crl/T.crl", message)
+        self.assertIn("tokenprocedure.1.caIssuers.url", message)
+        self.assertIn("--force", message)
+        self.assertEqual(self.ca().issuing, issuing)
+        err = io.StringIO()
+        await cli.run(reactor, ["--config", self.config_path, "ca", "rollover", "--force"], io.StringIO(), err)
+        self.assertIn("warning: these URLs lack {ca}", err.getvalue())
+        self.assertNotEqual(self.ca().issuing, issuing)
 
     async def test_from_files(self) -> None:
         """--certificate/--key take an issuing CA the operator made (openssl,

@@ -191,8 +191,25 @@ class BadConfigTests(TwistdTestCase):
         self.assertNotEqual(code, 0, output)
         self.assertIsNone(daemon.port, "it must not listen")
         self.assertIn(f"{self.config}: {key}: {reason}", output)
-        self.assertNotIn("Traceback", output)
+        self.assert_only_the_error(output)
         self.assertFalse(os.path.exists(os.path.join(self.directory, "state")), "nothing created")
+
+    def assert_only_the_error(self, output: str) -> None:
+        """A configuration error is not a usage error: no usage text, no traceback."""
+        self.assertNotIn("Traceback", output)
+        self.assertNotIn("Usage:", output)
+        self.assertNotIn("--config=", output)  # twistd's options list
+        self.assertIn("estgw: ", output)
+
+    async def test_missing_config_file(self) -> None:
+        """A config file that is not there: the error alone, exit non-zero."""
+        os.unlink(self.config)
+        daemon = self.spawn("--port", "0")
+        code = await _wait(daemon.ended, START_TIMEOUT)
+        output = daemon.output.decode()
+        self.assertNotEqual(code, 0, output)
+        self.assertIn(self.config, output)
+        self.assert_only_the_error(output)
 
     def append(self, text: str) -> None:
         with open(self.config, "a") as f:

@@ -24,7 +24,7 @@ from estgw.config import ConfigError, from_string
 from estgw.passwords import hash_password
 from estgw.protocol import encode_certs_only
 from estgw.store import Device
-from estgw.testing import RunningGateway, cert_pem, make_csr, name, new_key, write
+from estgw.testing import RunningGateway, cert_pem, make_csr, name, new_key, run_process, write
 from estgw.tls import server_context_factory
 from tests.test_auth import gateway_certificate, run_cli
 from tests.test_e2e import Client
@@ -445,6 +445,71 @@ class StubTests(UpstreamTestCase):
         self.assertIn("no certificate for the request's key", result.text)
         self.assertEqual(await self.downstream.store.count_certificates(), 0)
 
+    async def refused_502(self, reason: str) -> None:
+        _key, csr = await self.client.key_and_csr(f"/CN={DEVICE}")
+        result = await self.client.enroll("simpleenroll", csr, user=f"{DEVICE}:{PASSWORD}")
+        self.assertEqual(result.status, 502, result.text)
+        self.assertIn(reason, result.text)
+        self.assertEqual(await self.downstream.store.count_certificates(), 0)
+
+    def upstream_certificate(self, body: bytes, **changes: Any) -> bytes:
+        """What the stub upstream answers: a certificate for the request's
+        key, signed by the upstream's CA, made as ``changes`` say."""
+        import base64
+        from datetime import datetime, timedelta, timezone
+
+        from cryptography.hazmat.primitives import hashes
+
+        csr = x509.load_der_x509_csr(base64.b64decode(body))
+        ca = self.upstream.service.state.ca
+        now = datetime.now(timezone.utc)
+        builder = (
+            x509.CertificateBuilder().subject_name(csr.subject).issuer_name(ca.issuing.subject)
+            .public_key(csr.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(changes.get("not_before", now - timedelta(minutes=1)))
+            .not_valid_after(changes.get("not_after", now + timedelta(days=30)))
+        )
+        for extension in changes.get("extensions", []):
+            builder = builder.add_extension(extension, critical=True)
+        return encode_certs_only([builder.sign(ca._issuing_key, hashes.SHA256())])
+
+    async def test_not_an_end_entity_certificate(self) -> None:
+        """An upstream answer for the request's key that is a CA certificate,
+        may sign certificates, or is not valid now is not delivered: 502,
+        nothing recorded."""
+        from datetime import datetime, timedelta, timezone
+
+        now = datetime.now(timezone.utc)
+        usage = dict(digital_signature=True, content_commitment=False, key_encipherment=False,
+                     data_encipherment=False, key_agreement=False, crl_sign=False,
+                     encipher_only=False, decipher_only=False)
+        for changes, reason in (
+            (dict(extensions=[x509.BasicConstraints(ca=True, path_length=None)]), "basicConstraints cA TRUE"),
+            (dict(extensions=[x509.KeyUsage(key_cert_sign=True, **usage)]), "allows signing certificates"),
+            (dict(not_before=now - timedelta(days=60), not_after=now - timedelta(days=1)), "it expired"),
+            (dict(not_before=now + timedelta(days=1)), "it is not valid before"),
+        ):
+            self.stub.answers = [lambda request, body, changes=changes: self.upstream_certificate(body, **changes)]
+            await self.refused_502(reason)
+
+    async def test_answer_too_large(self) -> None:
+        """An upstream answer over MAX_ANSWER bytes (with Content-Length, or
+        chunked) is dropped unread: 502, nothing recorded."""
+        from estgw.ca.upstream import MAX_ANSWER
+
+        def declared(request: Any, body: bytes) -> bytes:
+            return b"x" * (MAX_ANSWER + 1)
+
+        def chunked(request: Any, body: bytes) -> Any:
+            for _ in range(MAX_ANSWER // 65536 + 2):
+                request.write(b"x" * 65536)
+            request.finish()
+            return server.NOT_DONE_YET
+
+        for answer in (declared, chunked):
+            self.stub.answers = [answer]
+            await self.refused_502(f"larger than {MAX_ANSWER} bytes")
+
     async def test_upstream_goes_away(self) -> None:
         """The upstream stops: enrollment is 503 with Retry-After and nothing
         is recorded; the cached cacerts is still served."""
@@ -535,8 +600,18 @@ class _FakeResponse:
         self.headers = Headers()
         self._body = body
 
-    def content(self) -> defer.Deferred:
-        return defer.succeed(self._body)
+    @property
+    def length(self) -> int:
+        return len(self._body)
+
+    def deliverBody(self, protocol: Any) -> None:
+        from twisted.internet.testing import StringTransport
+        from twisted.web.client import ResponseDone
+        from twisted.python.failure import Failure
+
+        protocol.makeConnection(StringTransport())
+        protocol.dataReceived(self._body)
+        protocol.connectionLost(Failure(ResponseDone()))
 
 
 class _FakeHTTP:
@@ -587,3 +662,39 @@ class CacertsRefreshTests(TestCase):
         upstream.chain()
         self.assertEqual(upstream.chain(), [second.issuing, second.root])
         self.assertEqual(http.urls, ["https://ca.example/.well-known/est/ra/cacerts"] * 3)
+
+
+class InitTests(UpstreamTestCase):
+    async def test_init_reports_the_upstream(self) -> None:
+        """``estgw init`` with a ca = est token procedure fetches the
+        upstream's /cacerts and names its issuing CA; with the upstream
+        unreachable it says so plainly and succeeds (the gateway fetches
+        again when it runs): no traceback either way."""
+        import sys
+
+        from tests.test_publish import free_port
+        from tests.test_twistd import environment
+
+        await self.start_upstream()
+        client_anchors = write(os.path.join(self.directory, "upstream-cas.pem"),
+                               cert_pem(*self.upstream.service.state.ca.chain()))
+        closed = free_port()
+        for url, says in (
+            (f"https://127.0.0.1:{self.upstream.port}/.well-known/est/ra",
+             "issuing CA " + self.upstream.service.state.ca.issuing.subject.rfc4514_string()),
+            (f"https://127.0.0.1:{closed}/.well-known/est",
+             "its CA certificates could not be fetched now ("),
+        ):
+            directory = os.path.abspath(self.mktemp())
+            os.makedirs(directory)
+            config = write(os.path.join(directory, "est.properties"), DOWNSTREAM_CONFIG.format(
+                url=url, token=self.token, password_file=self.password_file, anchors=self.upstream.ca_file,
+                client_anchors=client_anchors,
+            ).encode())
+            done = await run_process([sys.executable, "-m", "estgw.cli", "--config", config, "init"],
+                                     env=environment())
+            out, err = done.stdout.decode(), done.stderr.decode()
+            self.assertEqual(done.code, 0, err)
+            self.assertIn(f"token procedure 'Upstream EST' (ca = est): upstream {url}", out)
+            self.assertIn(says, out)
+            self.assertNotIn("Traceback", out + err)

@@ -36,7 +36,8 @@ class Options(usage.Options):
         try:
             loaded = config_module.load(self["config"])
         except ConfigError as e:
-            raise usage.UsageError(str(e)) from None
+            # Not a usage error: twistd would print its usage text before it.
+            raise SystemExit(f"estgw-approval: {e}") from None
         if self["port"] is not None:
             if not 0 <= self["port"] <= 65535:
                 raise usage.UsageError(f"--port: not a TCP port: {self['port']}")

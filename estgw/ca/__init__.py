@@ -243,6 +243,10 @@ class ISigningCA(Interface):
 
     issuing = Attribute("The issuing CA certificate (x509.Certificate).")
     directory = Attribute("A directory of the gateway's own for this CA: its crl.pem, CRL number, responder.")
+
+    def home() -> str:
+        """Where this CA's crl.pem and delegated responder are kept now:
+        ``directory``, or where a rollover while the gateway runs moved them."""
     key_id = Attribute("Hex of the issuing CA's key identifier ({ca} in profile URLs).")
 
     def issued(cert: x509.Certificate) -> bool:
@@ -261,8 +265,10 @@ class ISigningCA(Interface):
     ) -> x509.CertificateRevocationList:
         """Sign (and keep in ``directory``) the CRL of ``revoked`` entries, synchronously."""
 
-    def sign_ocsp(builder: ocsp.OCSPResponseBuilder) -> ocsp.OCSPResponse:
-        """Sign an OCSP response builder as this CA, synchronously."""
+    def sign_ocsp(builder: ocsp.OCSPResponseBuilder, more: Sequence[bytes] = ()) -> ocsp.OCSPResponse:
+        """Sign an OCSP response builder as this CA, synchronously, with the
+        DER SingleResponses ``more`` (RFC 6960 4.2.1) after the builder's
+        one. CAError: the CA cannot sign now."""
 
 
 def key_usage_extension(fields: frozenset[str]) -> x509.KeyUsage:

@@ -220,6 +220,25 @@ class LocalCA(SigningCA):
     #: Root rollover link certificates (NewWithOld, OldWithNew), oldest first.
     links: tuple[x509.Certificate, ...] = ()
 
+    def home(self) -> str:
+        """Where this issuing CA's files are now: ``directory``, or, when
+        ``estgw ca rollover`` ran while this process holds the CA, the
+        ``previous/<n>/`` directory its files moved to, so a running
+        gateway keeps writing each CA's CRL to that CA's own place."""
+        try:
+            if _load_cert(os.path.join(self.directory, ISSUING_CERT)) == self.issuing:
+                return self.directory
+        except CAError:
+            return self.directory  # mid-rollover or damaged: the load at start checked it
+        for entry in reversed(_previous_names(self.directory)):
+            path = os.path.join(self.directory, PREVIOUS, entry)
+            try:
+                if _load_cert(os.path.join(path, ISSUING_CERT)) == self.issuing:
+                    return path
+            except CAError:
+                continue
+        return self.directory
+
     @classmethod
     def load_or_create(
         cls,

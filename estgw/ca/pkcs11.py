@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import threading
 from datetime import datetime, timedelta, timezone
-from typing import Any, NoReturn
+from typing import Any, NoReturn, Sequence
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -47,6 +47,7 @@ from zope.interface import implementer
 
 from estgw.ca import CAError, CASettingError, IssueRequest, ISigningCA, ITokenProcedure, Profile
 from estgw.ca._files import _read, _utc, read_secret_file
+from estgw.ca._der import _basic_response, _der_sequence, _signature_algorithm_der, assemble_ocsp_response, with_responses
 from estgw.ca.signing import SigningCA
 
 __all__ = ["Pkcs11CA", "Pkcs11TokenProcedure", "open_token_key", "token_procedure"]
@@ -137,7 +138,9 @@ def _login(lib: Any, module: str, token_label: str, pin: str) -> _Login:
         try:
             token = lib.get_token(token_label=token_label)
         except pkcs11.NoSuchToken:
-            labels = sorted({slot.get_token().label for slot in lib.get_slots(token_present=True)})
+            # SoftHSM and many HSMs show a free slot whose token has no label yet.
+            labels = sorted({slot.get_token().label.strip() or "(unlabelled)"
+                             for slot in lib.get_slots(token_present=True)})
             raise CASettingError(
                 "pkcs11.token",
                 f"no token labelled {token_label!r} in {module} (present: {', '.join(labels) or 'none'})",
@@ -195,39 +198,6 @@ def open_token_key(module: str, token_label: str, key_label: str, pin: str) -> t
 # --- certificates signed outside cryptography ---------------------------
 
 
-def _der_length(length: int) -> bytes:
-    if length < 0x80:
-        return bytes([length])
-    octets = length.to_bytes((length.bit_length() + 7) // 8, "big")
-    return bytes([0x80 | len(octets)]) + octets
-
-
-def _der_sequence(content: bytes) -> bytes:
-    return b"\x30" + _der_length(len(content)) + content
-
-
-def _signature_algorithm_der(draft: Any) -> bytes:
-    """The DER AlgorithmIdentifier of a signed draft: a certificate (RFC
-    5280 4.1.1.2), a CRL (5.1.1.2) or an OCSP response (RFC 6960 4.2.1)."""
-    if isinstance(draft, x509.Certificate):
-        decoded, _ = der_decoder.decode(draft.public_bytes(serialization.Encoding.DER), asn1Spec=rfc5280.Certificate())
-    elif isinstance(draft, x509.CertificateRevocationList):
-        decoded, _ = der_decoder.decode(
-            draft.public_bytes(serialization.Encoding.DER), asn1Spec=rfc5280.CertificateList()
-        )
-    else:
-        decoded = _basic_response(draft)
-    return bytes(der_encoder.encode(decoded["signatureAlgorithm"]))
-
-
-def _basic_response(response: Any) -> Any:
-    outer, _ = der_decoder.decode(response.public_bytes(serialization.Encoding.DER), asn1Spec=rfc2560.OCSPResponse())
-    basic, _ = der_decoder.decode(
-        bytes(outer["responseBytes"]["response"]), asn1Spec=rfc2560.BasicOCSPResponse()
-    )
-    return basic
-
-
 def responder_key_hash(certificate: x509.Certificate) -> bytes:
     """RFC 6960 4.2.1 KeyHash: SHA-1 of the subjectPublicKey BIT STRING's value."""
     decoded, _ = der_decoder.decode(certificate.public_bytes(serialization.Encoding.DER), asn1Spec=rfc5280.Certificate())
@@ -242,22 +212,6 @@ def with_responder_key(tbs: bytes, key_hash: bytes) -> bytes:
     responder = data["responderID"]
     responder["byKey"] = responder["byKey"].clone(key_hash)
     return bytes(der_encoder.encode(data))
-
-
-def assemble_ocsp_response(draft: Any, tbs: bytes, algorithm: bytes, signature: bytes) -> Any:
-    """``draft`` (an OCSPResponse) with ``tbs`` as its tbsResponseData and
-    ``signature`` as its BasicOCSPResponse signature (RFC 6960 4.2.1)."""
-    from cryptography.x509 import ocsp
-
-    basic = _basic_response(draft)
-    parts = tbs + algorithm + bytes(
-        der_encoder.encode(univ.BitString.fromOctetString(signature))
-    )
-    if basic["certs"].isValue:
-        parts += bytes(der_encoder.encode(basic["certs"]))
-    outer, _ = der_decoder.decode(draft.public_bytes(serialization.Encoding.DER), asn1Spec=rfc2560.OCSPResponse())
-    outer["responseBytes"]["response"] = univ.OctetString(_der_sequence(parts))
-    return ocsp.load_der_ocsp_response(bytes(der_encoder.encode(outer)))
 
 
 def assemble_certificate(tbs: bytes, algorithm: bytes, signature: bytes) -> x509.Certificate:
@@ -408,7 +362,7 @@ class Pkcs11CA(SigningCA):
     def issuers(self) -> list[SigningCA]:
         return [self]
 
-    def sign_ocsp(self, builder: Any) -> Any:
+    def sign_ocsp(self, builder: Any, more: Sequence[bytes] = ()) -> Any:
         """An OCSP response signed in the token as the CA itself (RFC 6960
         4.2.2.2).  cryptography wants the responder certificate to match
         the key it signs with: the draft names a stand-in of the issuing
@@ -425,9 +379,9 @@ class Pkcs11CA(SigningCA):
                 .sign(self._issuing_key, hashes.SHA256())
             )
         builder = builder.responder_id(ocsp.OCSPResponderEncoding.HASH, self._stand_in)
-        return self._signed(builder, ocsp_response=True)
+        return self._signed(builder, ocsp_response=True, more=more)
 
-    def _signed(self, builder: Any, ocsp_response: bool = False) -> Any:
+    def _signed(self, builder: Any, ocsp_response: bool = False, more: Sequence[bytes] = ()) -> Any:
         """Build with the throw-away key, then sign the to-be-signed bytes in
         the token and put that signature in; verified with the issuing CA's
         public key before it is returned (CAError when the token fails)."""
@@ -446,7 +400,7 @@ class Pkcs11CA(SigningCA):
             ))
         else:
             # Named by the issuing key's hash, not the draft key's.
-            tbs = with_responder_key(draft.tbs_response_bytes, responder_key_hash(self.issuing))
+            tbs = with_responses(with_responder_key(draft.tbs_response_bytes, responder_key_hash(self.issuing)), more)
             signed = assemble_ocsp_response(draft, tbs, algorithm, self._token_sign(tbs, hash))
         try:
             self._scheme.verify(signed.signature, tbs, hash)

@@ -27,25 +27,31 @@ import base64
 import binascii
 import os
 from datetime import datetime, timedelta, timezone
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 from urllib.parse import unquote
 
 import attr
+from pyasn1.codec.der import decoder as der_decoder
+from pyasn1.error import PyAsn1Error
+from pyasn1.type import univ
+from pyasn1_modules import rfc2560
 from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509 import ocsp
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from twisted.internet import defer, task
 from twisted.internet.threads import deferToThreadPool
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
+from twisted.python.failure import Failure
 from twisted.web import resource, server
 from twisted.web.pages import errorPage
 
-from estgw.ca import IssueRequest, ISigningCA, PrivateKey, Profile
+from estgw.ca import CAError, IssueRequest, ISigningCA, PrivateKey, Profile
+from estgw.ca._der import resigned_with_responses, single_response
 from estgw.ca._files import _load_cert, _load_key, _locked, _spki, _write_cert, _write_key
 from estgw.ca.keys import key_type_of, new_key, sign_arguments
 from estgw.ca.signing import RevokedEntry
+from estgw.store import IssuedCertificate, IStore, iterate_certificates
 
 CRL_MEDIA_TYPE = b"application/pkix-crl"
 OCSP_REQUEST_TYPE = "application/ocsp-request"
@@ -62,9 +68,16 @@ RESPONDER_KEY = "ocsp-responder.key"
 MAX_OCSP_REQUEST = 16384
 
 
-async def revoked_entries(store: Any, ca: ISigningCA) -> list[RevokedEntry]:
+async def revoked_records(store: IStore) -> list[IssuedCertificate]:
+    """The store's revoked certificates, and only those: read a page at a
+    time through the index of revoked rows, so the cost follows the
+    revocations, not the number of certificates issued."""
+    return [issued async for issued in iterate_certificates(store, revoked_only=True)]
+
+
+async def revoked_entries(store: IStore, ca: ISigningCA) -> list[RevokedEntry]:
     """The store's revoked certificates that ``ca`` issued, as CRL entries."""
-    return entries_of(await store.list_certificates(), ca)
+    return entries_of(await revoked_records(store), ca)
 
 
 def entries_of(records: Any, ca: ISigningCA) -> list[RevokedEntry]:
@@ -90,9 +103,10 @@ def delegated_responder(ca: ISigningCA, now: datetime | None = None) -> tuple[Pr
     for every response. Synchronous: call it off the reactor.
     """
     now = now or datetime.now(timezone.utc)
-    key_path = os.path.join(ca.directory, RESPONDER_KEY)
-    cert_path = os.path.join(ca.directory, RESPONDER_CERT)
-    with _locked(ca.directory):
+    home = ca.home()
+    key_path = os.path.join(home, RESPONDER_KEY)
+    cert_path = os.path.join(home, RESPONDER_CERT)
+    with _locked(home):
         key: PrivateKey
         if os.path.exists(key_path):
             key = _load_key(key_path)
@@ -151,7 +165,7 @@ class PublishedCA:
         half of the previous one's validity is gone."""
         await self._lock.acquire()
         try:
-            records = await self.store.list_certificates()
+            records = await revoked_records(self.store)
             entries = await self._in_thread(entries_of, records, self.ca)
             now = self._now()
             crl = self._crl
@@ -162,7 +176,13 @@ class PublishedCA:
                 and now < crl.last_update_utc + (crl.next_update_utc - crl.last_update_utc) / 2
             ):
                 return crl
-            crl = await self._in_thread(self.ca.write_crl, entries, self.crl_validity, now)
+            try:
+                crl = await self._in_thread(self.ca.write_crl, entries, self.crl_validity, now)
+            except Exception as e:
+                _log_signing_failure("the CRL", self, e)
+                if crl is not None and crl.next_update_utc is not None and now < crl.next_update_utc:
+                    return crl  # the last one signed is still valid: relying parties use it meanwhile
+                raise CRLUnavailable(str(e)) from None
             self._crl, self._crl_entries = crl, entries
         finally:
             self._lock.release()
@@ -171,50 +191,51 @@ class PublishedCA:
                        next=crl.next_update_utc)
         return crl
 
-    async def answer(self, request: ocsp.OCSPRequest) -> ocsp.OCSPResponse:
-        """The OCSP response (RFC 6960 4.2) to ``request``, which is about this CA."""
-        serial, hash_algorithm = request.serial_number, request.hash_algorithm
-        issued = await self.store.get_certificate(serial)
-        status, revoked_at, reason = ocsp.OCSPCertStatus.UNKNOWN, None, None
-        if issued is not None and self.ca.issued(issued.certificate):
-            if issued.revoked_at is None:
-                status = ocsp.OCSPCertStatus.GOOD
-            else:
-                status, revoked_at = ocsp.OCSPCertStatus.REVOKED, issued.revoked_at
-                entry = RevokedEntry(serial, issued.revoked_at, issued.revocation_reason)
-                reason = entry.reason_flag
+    async def answer(self, asked: "Sequence[CertID]", nonce: x509.OCSPNonce | None) -> ocsp.OCSPResponse:
+        """The OCSP response (RFC 6960 4.2) about every certificate ``asked``
+        (all about this CA): one SingleResponse each, in the request's order.
+        CAError (or whatever the signer raises): it cannot be signed now."""
         now = self._now()
-        builder = ocsp.OCSPResponseBuilder().add_response_by_hash(
-            issuer_name_hash=request.issuer_name_hash,
-            issuer_key_hash=request.issuer_key_hash,
-            serial_number=serial,
-            algorithm=hash_algorithm,
-            cert_status=status,
-            this_update=now,
-            next_update=now + OCSP_VALIDITY,
-            revocation_time=revoked_at,
-            revocation_reason=reason,
-        )
-        try:
-            nonce = request.extensions.get_extension_for_class(x509.OCSPNonce).value
-        except x509.ExtensionNotFound:
-            nonce = None
+        singles = []
+        for one in asked:
+            issued = await self.store.get_certificate(one.serial)
+            status, revoked_at, reason = ocsp.OCSPCertStatus.UNKNOWN, None, None
+            if issued is not None and self.ca.issued(issued.certificate):
+                if issued.revoked_at is None:
+                    status = ocsp.OCSPCertStatus.GOOD
+                else:
+                    status, revoked_at = ocsp.OCSPCertStatus.REVOKED, issued.revoked_at
+                    reason = RevokedEntry(one.serial, issued.revoked_at, issued.revocation_reason).reason_flag
+            singles.append(ocsp.OCSPResponseBuilder().add_response_by_hash(
+                issuer_name_hash=one.issuer_name_hash,
+                issuer_key_hash=one.issuer_key_hash,
+                serial_number=one.serial,
+                algorithm=one.hash_algorithm,
+                cert_status=status,
+                this_update=now,
+                next_update=now + OCSP_VALIDITY,
+                revocation_time=revoked_at,
+                revocation_reason=reason,
+            ))
+        builder = singles[0]
         if nonce is not None:
             builder = builder.add_extension(nonce, critical=False)
-        return await self._in_thread(self._sign, builder)
+        return await self._in_thread(self._sign, builder, singles[1:])
 
-    def _sign(self, builder: ocsp.OCSPResponseBuilder) -> ocsp.OCSPResponse:
+    def _sign(self, builder: ocsp.OCSPResponseBuilder, others: list[ocsp.OCSPResponseBuilder]) -> ocsp.OCSPResponse:
+        more = [_single_response_der(other) for other in others]
         if self.responder == "delegated":
             now = datetime.now(timezone.utc)
             if self._responder_credentials is None or self._responder_credentials[1].not_valid_after_utc - now <= RESPONDER_RENEW_BEFORE:
                 self._responder_credentials = delegated_responder(self.ca, now)
             key, cert = self._responder_credentials
             builder = builder.responder_id(ocsp.OCSPResponderEncoding.HASH, cert).certificates([cert])
-            return builder.sign(key, sign_arguments(key)["algorithm"])
-        return self.ca.sign_ocsp(builder)
+            draft = builder.sign(key, sign_arguments(key)["algorithm"])
+            return resigned_with_responses(draft, more, key) if more else draft
+        return self.ca.sign_ocsp(builder, more)
 
-    def about_this_ca(self, request: ocsp.OCSPRequest) -> bool:
-        """Whether the request's issuer name and key hashes (RFC 6960 4.1.1) are this CA's."""
+    def about_this_ca(self, request: "CertID") -> bool:
+        """Whether the CertID's issuer name and key hashes (RFC 6960 4.1.1) are this CA's."""
         algorithm = request.hash_algorithm
         name_hash = hashes.Hash(algorithm)
         name_hash.update(self.ca.issuing.subject.public_bytes())
@@ -225,6 +246,87 @@ class PublishedCA:
             name_hash.finalize() == request.issuer_name_hash
             and key_hash.finalize() == request.issuer_key_hash
         )
+
+
+_DRAFT_KEY: list[PrivateKey] = []
+
+
+def _single_response_der(builder: ocsp.OCSPResponseBuilder) -> bytes:
+    """The DER SingleResponse ``builder`` holds (signed with a throw-away
+    key only to get at it: the signature is dropped)."""
+    if not _DRAFT_KEY:
+        _DRAFT_KEY.append(new_key("ec-p256"))
+    key = _DRAFT_KEY[0]
+    draft = builder.responder_id(ocsp.OCSPResponderEncoding.HASH, _draft_certificate(key)).sign(key, hashes.SHA256())
+    return single_response(draft)
+
+
+_DRAFT_CERT: list[x509.Certificate] = []
+
+
+def _draft_certificate(key: PrivateKey) -> x509.Certificate:
+    if not _DRAFT_CERT:
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "draft")])
+        now = datetime.now(timezone.utc)
+        _DRAFT_CERT.append(
+            x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(1).not_valid_before(now).not_valid_after(now + timedelta(days=1))
+            .sign(key, hashes.SHA256())
+        )
+    return _DRAFT_CERT[0]
+
+
+#: The CertID hash algorithms (RFC 6960 4.1.1) cryptography answers with.
+_CERT_ID_HASHES: dict[str, type[hashes.HashAlgorithm]] = {
+    "1.3.14.3.2.26": hashes.SHA1,
+    "2.16.840.1.101.3.4.2.4": hashes.SHA224,
+    "2.16.840.1.101.3.4.2.1": hashes.SHA256,
+    "2.16.840.1.101.3.4.2.2": hashes.SHA384,
+    "2.16.840.1.101.3.4.2.3": hashes.SHA512,
+}
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class CertID:
+    """What an OCSP request asks about one certificate (RFC 6960 4.1.1)."""
+
+    hash_algorithm: hashes.HashAlgorithm
+    issuer_name_hash: bytes
+    issuer_key_hash: bytes
+    serial: int
+
+
+def parse_request(body: bytes) -> tuple[list[CertID], x509.OCSPNonce | None]:
+    """The CertIDs (in order) and nonce (RFC 8954) of the DER OCSP request
+    ``body`` (RFC 6960 4.1.1).  ValueError: it does not parse, asks about
+    nothing, or names a hash algorithm not answered with."""
+    try:
+        outer, rest = der_decoder.decode(body, asn1Spec=rfc2560.OCSPRequest())
+    except PyAsn1Error as e:
+        raise ValueError(f"not an OCSP request: {e}") from None
+    if rest:
+        raise ValueError("bytes after the OCSP request")
+    asked = []
+    for one in outer["tbsRequest"]["requestList"]:
+        cert_id = one["reqCert"]
+        algorithm = _CERT_ID_HASHES.get(str(cert_id["hashAlgorithm"]["algorithm"]))
+        if algorithm is None:
+            raise ValueError(f"CertID hash algorithm {cert_id['hashAlgorithm']['algorithm']} is not supported")
+        asked.append(CertID(algorithm(), bytes(cert_id["issuerNameHash"]), bytes(cert_id["issuerKeyHash"]),
+                            int(cert_id["serialNumber"])))
+    if not asked:
+        raise ValueError("the OCSP request asks about no certificate")
+    nonce = None
+    extensions = outer["tbsRequest"]["requestExtensions"]
+    if extensions.isValue:
+        for extension in extensions:
+            if str(extension["extnID"]) == x509.OCSPNonce.oid.dotted_string:
+                try:
+                    value, _ = der_decoder.decode(bytes(extension["extnValue"]), asn1Spec=univ.OctetString())
+                    nonce = x509.OCSPNonce(bytes(value))
+                except (PyAsn1Error, ValueError, TypeError) as e:
+                    raise ValueError(f"unreadable nonce: {e}") from None
+    return asked, nonce
 
 
 def _public_key_bits(cert: x509.Certificate) -> bytes:
@@ -243,8 +345,17 @@ def _public_key_bits(cert: x509.Certificate) -> bytes:
 # --- HTTP --------------------------------------------------------------------
 
 
+class CRLUnavailable(Exception):
+    """No valid CRL can be given now: the CA cannot sign and none is cached."""
+
+
+#: Seconds a client is asked to wait (Retry-After) when the CA cannot sign.
+RETRY_AFTER = 60
+
+
 class _Async(resource.Resource):
-    """Runs an async handler; a failure is logged and answered 500 once."""
+    """Runs an async handler; a failure is answered 503 with Retry-After
+    (the CA cannot sign now), logged once: never a 500."""
 
     isLeaf = True
     _log = Logger()
@@ -263,12 +374,14 @@ class _Async(resource.Resource):
             request.finish()
 
         def failed(failure: Any) -> None:
-            self._log.failure("publishing failed", failure)
+            if not failure.check(CRLUnavailable):  # already logged where it was raised
+                self._log.failure("publishing failed", failure, LogLevel.error)
             if finished:
                 return
-            request.setResponseCode(500)
+            request.setResponseCode(503)
+            request.setHeader(b"retry-after", str(RETRY_AFTER).encode())
             request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-            request.write(b"the response could not be made; see the gateway's log\n")
+            request.write(b"Service Unavailable: the CA cannot sign now; try again later\n")
             request.finish()
 
         defer.Deferred.fromCoroutine(work).addCallbacks(done, failed)
@@ -293,18 +406,37 @@ class PublishedProcedure:
         return next((g for g in self.generations if g.ca.key_id == key_id.lower()), None)
 
     async def ocsp(self, body: bytes) -> ocsp.OCSPResponse:
-        """The OCSP response to the DER request ``body``: malformedRequest
-        when it does not parse (or asks about several certificates),
-        unauthorized when it is about a CA not published here (2.3)."""
+        """The OCSP response to the DER request ``body``, answering every
+        certificate it asks about (RFC 6960 4.2.1).  malformedRequest when
+        it does not parse or asks about none; unauthorized when it is about
+        a CA not published here, or about several CAs (2.3); tryLater
+        (unsigned, 2.3) when the CA cannot sign now."""
         try:
-            request = ocsp.load_der_ocsp_request(body)
-            request.serial_number, request.hash_algorithm
-        except (ValueError, TypeError, UnsupportedAlgorithm):
+            asked, nonce = parse_request(body)
+        except ValueError:
             return ocsp.OCSPResponseBuilder.build_unsuccessful(ocsp.OCSPResponseStatus.MALFORMED_REQUEST)
-        for generation in self.generations:
-            if generation.about_this_ca(request):
-                return await generation.answer(request)
-        return ocsp.OCSPResponseBuilder.build_unsuccessful(ocsp.OCSPResponseStatus.UNAUTHORIZED)
+        generation = next((g for g in self.generations if g.about_this_ca(asked[0])), None)
+        if generation is None or not all(generation.about_this_ca(one) for one in asked[1:]):
+            return ocsp.OCSPResponseBuilder.build_unsuccessful(ocsp.OCSPResponseStatus.UNAUTHORIZED)
+        try:
+            return await generation.answer(asked, nonce)
+        except Exception as e:
+            _log_signing_failure("an OCSP response", generation, e)
+            return ocsp.OCSPResponseBuilder.build_unsuccessful(ocsp.OCSPResponseStatus.TRY_LATER)
+
+
+def _log_signing_failure(what: str, generation: PublishedCA, error: Exception) -> None:
+    """Once per failure: a line for CAError (the CA cannot sign now), the
+    traceback (at error level) for anything else."""
+    issuer = generation.ca.issuing.subject.rfc4514_string()
+    if isinstance(error, CAError):
+        _publish_log.error("could not sign {what} of {issuer}: {error}", what=what, issuer=issuer, error=str(error))
+    else:
+        _publish_log.failure("could not sign {what} of {issuer}", Failure(error), LogLevel.error,
+                             what=what, issuer=issuer)
+
+
+_publish_log = Logger()
 
 
 class CRLResource(_Async):
@@ -364,6 +496,8 @@ class OCSPResource(_Async):
             return _plain(
                 415, f"Unsupported Media Type: an OCSP request is {OCSP_REQUEST_TYPE}"
             ).render(request)
+        if getattr(request, "body_too_large", False):
+            return server.NOT_DONE_YET  # 413 was answered and the connection closed
         assert request.content is not None
         body = request.content.read(MAX_OCSP_REQUEST + 1)
         if len(body) > MAX_OCSP_REQUEST:
@@ -410,12 +544,14 @@ class _Directory(resource.Resource):
 
 def publish_site(published: Mapping[str, PublishedProcedure]) -> server.Site:
     """The publishing listener's site for ``published`` (token procedure name → what it publishes)."""
+    from estgw.web import limited_site
+
     root = resource.Resource()
     root.putChild(b"crl", _Directory("crl", published))
     root.putChild(b"ocsp", _Directory("ocsp", published))
     root.putChild(b"ca", _Directory("ca", published))
-    # No form parsing (see estgw.web.build_site): OCSP requests are POSTed.
-    return server.Site(root, parsePOSTFormSubmission=False)
+    # The EST listener's limits; no body here is larger than an OCSP request.
+    return limited_site(root, MAX_OCSP_REQUEST)
 
 
 def published_cas(
@@ -456,8 +592,10 @@ def keep_fresh(published: Mapping[str, PublishedProcedure], reactor: Any) -> tas
         for one in every.values():
             try:
                 await one.crl()
+            except CRLUnavailable:
+                pass  # logged where it was raised; retried on the next round
             except Exception:
-                log.failure("could not re-sign the CRL of {issuer}",
+                log.failure("could not re-sign the CRL of {issuer}", level=LogLevel.error,
                             issuer=one.ca.issuing.subject.rfc4514_string())
 
     loop = task.LoopingCall(lambda: defer.Deferred.fromCoroutine(refresh()))

@@ -27,6 +27,7 @@ from zope.interface import implementer
 from estgw.ca import (
     CAError, IssueRequest, ISigningCA, ITokenProcedure, PrivateKey, Profile, key_usage_extension, usages_for_key,
 )
+from estgw.ca._der import resigned_with_responses
 from estgw.ca._files import _CERT_MODE, _locked, _read, _utc, _write_atomically
 from estgw.ca.keys import sign_arguments
 
@@ -108,6 +109,12 @@ class SigningCA:
     def issuers(self) -> list["SigningCA"]:
         """This CA and the earlier generations it still answers for."""
         return [self]
+
+    def home(self) -> str:
+        """The directory this CA's CRL and delegated OCSP responder are kept
+        in now: ``directory``, unless a CA rolled over while this process
+        runs moved it (:meth:`estgw.ca.local.LocalCA.home`)."""
+        return self.directory
 
     @property
     def signs_quickly(self) -> bool:
@@ -200,16 +207,18 @@ class SigningCA:
             builder = builder.add_extension(extension, critical=False)
         return self._signed(builder)
 
-    def _signed(self, builder: Any, ocsp_response: bool = False) -> Any:
+    def _signed(self, builder: Any, ocsp_response: bool = False, more: Sequence[bytes] = ()) -> Any:
         """``builder`` (a certificate, CRL or OCSP response builder) signed
         with the issuing key.  The one place a signature is made: a CA
         whose key is elsewhere (:mod:`estgw.ca.pkcs11`) overrides it.
 
         cryptography signs OCSP responses of RSA keys with PKCS#1 v1.5
-        whatever ``rsa_padding`` says."""
+        whatever ``rsa_padding`` says; ``more``: further DER SingleResponses
+        of an OCSP response (RFC 6960 4.2.1)."""
         arguments = sign_arguments(self._issuing_key, self.rsa_padding)
         if ocsp_response:
-            return builder.sign(self._issuing_key, arguments["algorithm"])
+            draft = builder.sign(self._issuing_key, arguments["algorithm"])
+            return resigned_with_responses(draft, more, self._issuing_key) if more else draft
         return builder.sign(self._issuing_key, **arguments)
 
     def write_crl(
@@ -231,9 +240,10 @@ class SigningCA:
         if next_update <= timedelta(0):
             raise ValueError(f"next_update must be positive, not {next_update}")
         now = _utc(now)
-        path = os.path.join(self.directory, CRL_FILE)
+        home = self.home()
+        path = os.path.join(home, CRL_FILE)
         entries = _entries(revoked)
-        with _locked(self.directory):
+        with _locked(home):
             number = int(now.timestamp())
             if os.path.exists(path):
                 try:
@@ -268,13 +278,14 @@ class SigningCA:
             _write_atomically(path, crl.public_bytes(serialization.Encoding.PEM), _CERT_MODE)
         return crl
 
-    def sign_ocsp(self, builder: ocsp.OCSPResponseBuilder) -> ocsp.OCSPResponse:
-        """Sign an OCSP response as the CA itself (RFC 6960 4.2.2.2).
+    def sign_ocsp(self, builder: ocsp.OCSPResponseBuilder, more: Sequence[bytes] = ()) -> ocsp.OCSPResponse:
+        """Sign an OCSP response as the CA itself (RFC 6960 4.2.2.2), with
+        the DER SingleResponses ``more`` after the builder's one.
 
         cryptography signs OCSP responses of RSA keys with PKCS#1 v1.5
         whatever ``rsa_padding`` says."""
         builder = builder.responder_id(ocsp.OCSPResponderEncoding.HASH, self.issuing)
-        return self._signed(builder, ocsp_response=True)
+        return self._signed(builder, ocsp_response=True, more=more)
 
 
 @implementer(ITokenProcedure)

@@ -18,7 +18,9 @@ What the upstream says is passed on:
 * 4xx: the same status and the upstream's reason text (401 is this
   gateway's RA credentials failing, not the device's: 502);
 * 5xx, no connection, TLS failure, no answer in time: 503 with
-  Retry-After (502 for an answer that is not a certificate of the key).
+  Retry-After (502 for an answer that is not an end-entity certificate
+  of the request's key, valid now, and for an answer larger than
+  :data:`MAX_ANSWER`).
 
 cacerts of the labels served by this token procedure is the upstream's
 ``/cacerts`` (RFC 7030 4.1), fetched when the gateway starts and again
@@ -36,12 +38,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from estgw.ca import CAError, CASettingError, IssueRequest, ITokenProcedure
 from estgw.ca._files import read_secret_file
+from estgw.ca.signing import CLOCK_SKEW
 
 __all__ = ["UpstreamEST", "token_procedure", "CACERTS_REFRESH", "CACERTS_RETRY", "TIMEOUT", "RETRY_AFTER"]
 
@@ -54,6 +58,10 @@ TIMEOUT = 30.0
 #: Seconds told to devices in Retry-After when the upstream cannot be
 #: reached, or answered 202/503 without a usable Retry-After.
 RETRY_AFTER = 60
+
+#: The largest upstream answer body read, in bytes (a certificate chain
+#: is a few KiB); a larger one is dropped unread and answered 502.
+MAX_ANSWER = 1024 * 1024
 
 _MAX_REASON = 200  # characters of an upstream's reason text passed on
 
@@ -109,6 +117,8 @@ class UpstreamEST:
         self._reactor = reactor
         self._timeout = timeout
         self._chain: list[x509.Certificate] = []
+        #: Why the last /cacerts fetch failed ("" after a success).
+        self.last_error = ""
         self._next_refresh = 0.0
         self._refreshing: Deferred[list[x509.Certificate]] | None = None
         # DER request -> the waiters of its one upstream call in flight.
@@ -153,6 +163,11 @@ class UpstreamEST:
                 "POST", url, body,
                 {b"Content-Type": [b"application/pkcs10"], b"Content-Transfer-Encoding": [b"base64"]},
             )
+        except _TooLarge:
+            self._log.warn("upstream EST {url} answered more than {limit} bytes", url=url, limit=MAX_ANSWER)
+            raise Refusal(
+                502, "upstream-bad-answer", f"the upstream CA's answer is larger than {MAX_ANSWER} bytes"
+            ) from None
         except _Unreachable as e:
             self._log.warn("upstream EST {url} unreachable: {reason}", url=url, reason=e.reason)
             raise Refusal(
@@ -195,6 +210,11 @@ class UpstreamEST:
         wanted = _spki(request.public_key)
         for certificate in certificates:
             if _spki(certificate.public_key()) == wanted:
+                problem = _not_end_entity(certificate, self._reactor.seconds())
+                if problem:
+                    self._log.warn("upstream EST {url} answered an unusable certificate: {problem}",
+                                   url=self.url, problem=problem)
+                    raise Refusal(502, "upstream-bad-answer", f"the upstream CA's certificate is unusable: {problem}")
                 return certificate
         raise bad
 
@@ -226,7 +246,10 @@ class UpstreamEST:
 
         url = f"{self.url}/cacerts"
         try:
-            code, _headers, answer = await self._exchange("GET", url)
+            try:
+                code, _headers, answer = await self._exchange("GET", url)
+            except _TooLarge:
+                raise _Unreachable(f"the answer is larger than {MAX_ANSWER} bytes") from None
             if code != 200:
                 raise _Unreachable(f"answered {code}: {_reason(answer)}")
             try:
@@ -236,10 +259,12 @@ class UpstreamEST:
             if not chain:
                 raise _Unreachable("the answer holds no certificate")
         except _Unreachable as e:
+            self.last_error = e.reason
             self._next_refresh = self._reactor.seconds() + CACERTS_RETRY
             self._log.warn("cannot fetch the CA certificates of {url}: {reason}", url=url, reason=e.reason)
             return list(self._chain)
         self._chain = _ordered(chain)
+        self.last_error = ""
         self._next_refresh = self._reactor.seconds() + CACERTS_REFRESH
         return list(self._chain)
 
@@ -249,19 +274,81 @@ class UpstreamEST:
         self, method: str, url: str, body: bytes | None = None, headers: dict[bytes, list[bytes]] | None = None
     ) -> tuple[int, Any, bytes]:
         """(status, response headers, body) of one exchange; _Unreachable
-        when there is no answer (connection, TLS, timeout)."""
+        when there is no answer (connection, TLS, timeout), _TooLarge when
+        the body is larger than :data:`MAX_ANSWER`."""
         from estgw.approval.client import describe_failure
 
         try:
             response = await self._http.request(
                 method, url, data=body, headers=headers, timeout=self._timeout
             )
-            answer = await response.content()
+            answer = await _capped_body(response)
+        except _TooLarge:
+            raise
         except defer.CancelledError:
             raise _Unreachable(f"no answer within {self._timeout:g} s") from None
         except Exception as e:  # every transport failure means the same here
             raise _Unreachable(describe_failure(e)) from None
         return response.code, response.headers, answer
+
+
+def _not_end_entity(certificate: x509.Certificate, now: float) -> str:
+    """Why ``certificate`` is not an end-entity certificate valid at ``now``
+    (Unix seconds), or "" (RFC 5280 4.2.1.9, 4.2.1.3, 4.1.2.5)."""
+    try:
+        constraints = certificate.extensions.get_extension_for_class(x509.BasicConstraints).value
+        if constraints.ca:
+            return "it is a CA certificate (basicConstraints cA TRUE)"
+    except x509.ExtensionNotFound:
+        pass
+    try:
+        usage = certificate.extensions.get_extension_for_class(x509.KeyUsage).value
+        if usage.key_cert_sign or usage.crl_sign:
+            return "its key usage allows signing certificates or CRLs"
+    except x509.ExtensionNotFound:
+        pass
+    if not certificate.not_valid_before_utc.timestamp() - CLOCK_SKEW.total_seconds() <= now:
+        return f"it is not valid before {certificate.not_valid_before_utc.isoformat()}"
+    if now >= certificate.not_valid_after_utc.timestamp():
+        return f"it expired on {certificate.not_valid_after_utc.isoformat()}"
+    return ""
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _capped_body(response: Any) -> bytes:
+    """The body of ``response``, at most :data:`MAX_ANSWER` bytes; a larger
+    one (by Content-Length, or as it arrives) drops the connection and
+    raises :class:`_TooLarge`."""
+    import treq
+
+    from twisted.web.iweb import UNKNOWN_LENGTH
+
+    if response.length is not UNKNOWN_LENGTH and response.length > MAX_ANSWER:
+        response.deliverBody(_Discard())
+        raise _TooLarge()
+    parts: list[bytes] = []
+    size = [0]
+
+    def collect(data: bytes) -> None:
+        size[0] += len(data)
+        if size[0] > MAX_ANSWER:
+            raise _TooLarge()
+        parts.append(data)
+
+    try:
+        await treq.collect(response, collect)
+    except _TooLarge:
+        raise
+    return b"".join(parts)
+
+
+class _Discard(Protocol):
+    def makeConnection(self, transport: Any) -> None:
+        super().makeConnection(transport)
+        transport.stopProducing()
 
 
 class _Unreachable(Exception):

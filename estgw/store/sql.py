@@ -1,560 +1,49 @@
-"""Durable state: issued certificates, revocations, pre-registered devices.
+"""The SQL of every :class:`~estgw.store.IStore` backend.
 
-Callers see only :class:`IStore`, whose methods return Deferreds; the SQL
-runs in a one-connection :class:`twisted.enterprise.adbapi.ConnectionPool`
-thread, and every write is committed before its Deferred fires (so a
-certificate can be sent to a device only once it is on disk).
-
-The SQL is a portable subset (SQLite and PostgreSQL both run it): values
-as TEXT (timestamps as fixed-width ISO 8601 UTC, serials as hex, SANs as
-a JSON list), booleans as 0/1 INTEGER, ``LIMIT``, ``CREATE ... IF NOT
-EXISTS``.  What differs between the two is kept in :class:`_SQLStore`'s
-class attributes: the DB-API paramstyle and a few DDL words.
-
-The schema is versioned: :data:`MIGRATIONS` lists ``(version, [sql...])``
-steps, each applied in its own transaction together with the bump of the
-single-row ``schema_version`` table.  Later steps add pending approvals,
-officer roles and factory certificates.  To change the schema, append a
-step; never edit one that has shipped.
+:class:`_SQLStore` implements the interface once, over any DB-API driver
+reached through an adbapi-like pool (``runInteraction``, ``start``,
+``close``, ``dbapi``).  A backend module (:mod:`estgw.store.sqlite`,
+:mod:`estgw.store.postgresql`) supplies the pool, the paramstyle, the DDL
+words that differ, and the locks that SQLite does not need.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
+import sqlite3
 from datetime import datetime, timezone
-from typing import Any, Callable, ClassVar, Iterable, Sequence, TypeVar
+from typing import Any, Callable, ClassVar, Sequence, TypeVar
 
-import attr
-from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-from twisted.enterprise import adbapi
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
-from zope.interface import Attribute, Interface, implementer
+from zope.interface import implementer
 
-__all__ = [
-    "IssuedCertificate",
-    "Device",
-    "DuplicateDevice",
-    "DuplicateFactoryCertificate",
-    "OfficerRole",
-    "certificate_fingerprint",
-    "DuplicateCertificate",
-    "UnknownCertificate",
-    "Approval",
-    "APPROVAL_STATES",
-    "UnsupportedSchemaVersion",
-    "StoreNotRunning",
-    "StoreUnavailable",
-    "AuditEntry",
-    "REVOCATION_REASONS",
-    "MIGRATIONS",
-    "IStore",
-    "SQLiteStore",
-]
+from estgw.store import (
+    REVOCATION_REASONS,
+    Approval,
+    AuditEntry,
+    CertificatePage,
+    Device,
+    DuplicateCertificate,
+    DuplicateDevice,
+    DuplicateFactoryCertificate,
+    IssuedCertificate,
+    IStore,
+    NotLastIssued,
+    OfficerRole,
+    StoreNotEmpty,
+    StoreNotRunning,
+    StoreUnavailable,
+    UnknownCertificate,
+    UnsupportedSchemaVersion,
+)
+from estgw.store.migrations import MIGRATIONS, TABLE_KEYS
 
 _T = TypeVar("_T")
 
-
-# -- values -----------------------------------------------------------------
-
-
-def _require_utc(instance: Any, attribute: Any, value: Any) -> None:
-    # A naive datetime would be stored as if it were UTC and silently shift
-    # validity and revocation dates by the local offset: refuse it.
-    if value is not None and value.utcoffset() is None:
-        raise ValueError(f"{attribute.name} must be timezone-aware, got {value!r}")
-
-
-def _to_tuple(values: Iterable[str]) -> tuple[str, ...]:
-    # Lists (e.g. from JSON) compare unequal to tuples: normalise.
-    return tuple(values)
-
-
-def _pairs(values: Any) -> tuple[tuple[str, str], ...]:
-    # Accept a mapping or pairs (e.g. lists from JSON); keep the order.
-    items = values.items() if hasattr(values, "items") else values
-    return tuple((str(k), str(v)) for k, v in items)
-
-
-def _utcnow() -> datetime:
-    return datetime.now(timezone.utc)
-
-
-def general_name_text(name: x509.GeneralName) -> str:
-    """One SAN in the ``TYPE:value`` spelling OpenSSL prints."""
-    if isinstance(name, x509.DNSName):
-        return f"DNS:{name.value}"
-    if isinstance(name, x509.IPAddress):
-        return f"IP:{name.value}"
-    if isinstance(name, x509.RFC822Name):
-        return f"email:{name.value}"
-    if isinstance(name, x509.UniformResourceIdentifier):
-        return f"URI:{name.value}"
-    if isinstance(name, x509.DirectoryName):
-        return f"DirName:{name.value.rfc4514_string()}"
-    if isinstance(name, x509.RegisteredID):
-        return f"RID:{name.value.dotted_string}"
-    if isinstance(name, x509.OtherName):
-        return f"othername:{name.type_id.dotted_string}:{name.value.hex()}"
-    return f"unknown:{name!r}"  # pragma: no cover - cryptography has no others
-
-
-@attr.s(frozen=True, auto_attribs=True)
-class IssuedCertificate:
-    """A certificate this gateway issued, and whether it was revoked."""
-
-    serial: int  # up to 160 bits: stored as hex TEXT, not INTEGER
-    subject: str  # cert.subject.rfc4514_string()
-    # "DNS:x", "IP:1.2.3.4", "email:..", "URI:.." in certificate order
-    sans: tuple[str, ...] = attr.ib(converter=_to_tuple)
-    not_before: datetime = attr.ib(validator=_require_utc)
-    not_after: datetime = attr.ib(validator=_require_utc)
-    public_key_sha256: str  # hex SHA-256 of the SubjectPublicKeyInfo DER
-    handler: str  # handler id, e.g. "1"
-    requester: str  # e.g. "device:pump-17" or "cert:CN=x,O=y#serial=ab12.."
-    der: bytes = attr.ib(repr=False)
-    issued_at: datetime = attr.ib(validator=_require_utc)
-    revoked_at: datetime | None = attr.ib(default=None, validator=_require_utc)
-    revocation_reason: str | None = None
-    # RFC 5280 5.3.2: when the key is known or suspected to have been
-    # compromised (set by `estgw cert revoke --invalidity-date`).
-    invalidity_date: datetime | None = attr.ib(default=None, validator=_require_utc)
-
-    @classmethod
-    def from_certificate(
-        cls,
-        cert: x509.Certificate,
-        handler: str,
-        requester: str,
-        issued_at: datetime | None = None,
-    ) -> IssuedCertificate:
-        """Describe ``cert``; ``issued_at`` defaults to now."""
-        try:
-            san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
-            sans = tuple(general_name_text(name) for name in san.value)
-        except x509.ExtensionNotFound:
-            sans = ()
-        spki = cert.public_key().public_bytes(
-            Encoding.DER, PublicFormat.SubjectPublicKeyInfo
-        )
-        return cls(
-            serial=cert.serial_number,
-            subject=cert.subject.rfc4514_string(),
-            sans=sans,
-            not_before=cert.not_valid_before_utc,
-            not_after=cert.not_valid_after_utc,
-            public_key_sha256=hashlib.sha256(spki).hexdigest(),
-            handler=handler,
-            requester=requester,
-            der=cert.public_bytes(Encoding.DER),
-            issued_at=_utcnow() if issued_at is None else issued_at,
-        )
-
-    @property
-    def certificate(self) -> x509.Certificate:
-        return x509.load_der_x509_certificate(self.der)
-
-    @property
-    def revoked(self) -> bool:
-        return self.revoked_at is not None
-
-
-@attr.s(frozen=True, auto_attribs=True)
-class Device:
-    """A device an administrator pre-registered for HTTP Basic/Digest."""
-
-    device_id: str
-    password_hash: str | None = attr.ib(repr=False)  # never the password
-    single_use: bool = False
-    created_at: datetime | None = attr.ib(default=None, validator=_require_utc)
-    consumed_at: datetime | None = attr.ib(default=None, validator=_require_utc)
-    # Factory (authentication) certificate, e.g. an IDevID: the SHA-256 of
-    # its DER (certificate_fingerprint); the commonName a CSR must carry
-    # (None: the device id); registered names, subject values and
-    # subjectAltNames, ("serialNumber", "SN1"), ("DNS", "pump-1.example"),
-    # ("IP", "10.0.0.5"): an empty value matches anything (stored as a JSON
-    # list of pairs; an object from older versions reads the same).
-    factory_cert_sha256: str | None = None
-    factory_cn: str | None = None
-    subject_values: tuple[tuple[str, str], ...] = attr.ib(default=(), converter=_pairs)
-    # HTTP Digest H(A1) = MD5(id:realm:password) per realm: a password
-    # equivalent for that realm, so never shown.
-    digest_ha1: tuple[tuple[str, str], ...] = attr.ib(default=(), converter=_pairs, repr=False)
-
-    @property
-    def expected_common_name(self) -> str:
-        return self.device_id if self.factory_cn is None else self.factory_cn
-
-
-@attr.s(frozen=True, auto_attribs=True)
-class OfficerRole:
-    """An officer/RA role granted to one certificate (by its fingerprint)."""
-
-    fingerprint: str  # certificate_fingerprint() of the officer certificate
-    role: str
-    subject: str  # for people reading `estgw officer list`
-    issuer: str
-    serial: int
-    granted_at: datetime | None = attr.ib(default=None, validator=_require_utc)
-
-
-def certificate_fingerprint(cert: x509.Certificate) -> str:
-    """Lower-case hex SHA-256 of the DER: how the store keys factory
-    certificates and officer roles."""
-    return hashlib.sha256(cert.public_bytes(Encoding.DER)).hexdigest()
-
-
-#: Reasons :meth:`IStore.revoke_certificate` accepts: the RFC 5280 CRLReason
-#: names as cryptography spells them, so a CRL writer can use
-#: ``x509.ReasonFlags(reason)``.  removeFromCRL is for delta CRLs only.
-REVOCATION_REASONS: frozenset[str] = frozenset(
-    flag.value for flag in x509.ReasonFlags if flag is not x509.ReasonFlags.remove_from_crl
-)
-
-
-class DuplicateDevice(Exception):
-    """add_device for a device id that is already registered."""
-
-
-class DuplicateFactoryCertificate(DuplicateDevice):
-    """add_device with a factory certificate registered to another device."""
-
-
-class DuplicateCertificate(Exception):
-    """record_certificate for a serial number that is already recorded."""
-
-
-class UnknownCertificate(Exception):
-    """No certificate with this serial number was issued here."""
-
-
-class UnsupportedSchemaVersion(Exception):
-    """The database was written by a newer estgw than this one."""
-
-
-@attr.s(frozen=True, auto_attribs=True)
-class AuditEntry:
-    """One operator action: when, who (``os:<user>`` or an operator
-    certificate), what (``device-add``, ``cert-revoke``, ...), on what."""
-
-    at: datetime = attr.ib(validator=_require_utc)
-    operator: str
-    action: str
-    target: str
-    details: str = ""
-
-
-class StoreUnavailable(Exception):
-    """The database failed (locked, disk full, read-only, connection
-    lost, ...): nothing was written by the failed call.  The message is for
-    the log; devices are told only that the store is unavailable."""
-
-
-class StoreNotRunning(StoreUnavailable):
-    """An operation on a store that was not started, or was closed."""
-
-
-#: States of a request that waits for an operator:
-#: pending -> approved -> issued, pending -> rejected, pending|approved -> expired.
-APPROVAL_STATES = ("pending", "approved", "rejected", "issued", "expired")
-
-
-@attr.s(frozen=True, auto_attribs=True)
-class Approval:
-    """An enrollment request that waits for, or had, an operator's decision."""
-
-    request_id: str  # generated here; the approval service dedups on it
-    handler: str
-    public_key_sha256: str  # hex SHA-256 of the CSR's SubjectPublicKeyInfo
-    subject: str  # the CSR subject, RFC 4514
-    requester: str
-    csr: bytes = attr.ib(repr=False)  # DER
-    created_at: datetime = attr.ib(validator=_require_utc)
-    expires_at: datetime = attr.ib(validator=_require_utc)
-    state: str = attr.ib(default="pending", validator=attr.validators.in_(APPROVAL_STATES))
-    # When the approval service acknowledged the submission; None: not yet.
-    submitted_at: datetime | None = attr.ib(default=None, validator=_require_utc)
-    decided_at: datetime | None = attr.ib(default=None, validator=_require_utc)
-    reason: str | None = None  # the operator's reason (rejections)
-    serial: int | None = None  # the certificate issued for it
-
-    @property
-    def key(self) -> tuple[str, str, str]:
-        return (self.handler, self.public_key_sha256, self.subject)
-
-
-# -- interface --------------------------------------------------------------
-
-
-class IStore(Interface):
-    """
-    Durable gateway state.  Every method returns a Deferred; a write's
-    Deferred fires only after the write is committed.  Datetimes are
-    timezone-aware UTC; ``when`` arguments default to now.
-    """
-
-    SCHEMA_VERSION = Attribute("The schema version this code reads and writes (int).")
-
-    def start() -> Deferred[None]:
-        """Open the database; create or migrate the schema to SCHEMA_VERSION."""
-
-    def close() -> Deferred[None]:
-        """Finish the operations in flight, then release the database."""
-
-    def record_certificate(issued: IssuedCertificate) -> Deferred[None]:
-        """Record an issued certificate (DuplicateCertificate on a reused serial)."""
-
-    def get_certificate(serial: int) -> Deferred[IssuedCertificate | None]:
-        """The certificate with this serial, or None."""
-
-    def list_certificates(subject: str | None = None) -> Deferred[list[IssuedCertificate]]:
-        """All certificates, or those of one subject; newest first."""
-
-    def revoke_certificate(
-        serial: int,
-        reason: str = "unspecified",
-        when: datetime | None = None,
-        invalidity_date: datetime | None = None,
-    ) -> Deferred[IssuedCertificate]:
-        """
-        Mark a certificate revoked and return it.  UnknownCertificate if
-        absent; a second revocation keeps the first date, reason and
-        invalidity date.  ``reason`` is one of REVOCATION_REASONS (else
-        ValueError); ``invalidity_date`` (RFC 5280 5.3.2, timezone-aware)
-        must not be later than the revocation (else ValueError).
-        """
-
-    def is_revoked(serial: int) -> Deferred[bool]:
-        """Whether this serial was issued here and revoked (unknown: False)."""
-
-    def last_issued_for_subject(subject: str) -> Deferred[IssuedCertificate | None]:
-        """The newest certificate for ``subject`` (by issued_at, then insertion)."""
-
-    def certificates_for_public_key(public_key_sha256: str) -> Deferred[list[IssuedCertificate]]:
-        """Certificates issued for a public key (hex SHA-256 of its
-        SubjectPublicKeyInfo DER), newest first."""
-
-    def add_audit(at: datetime, operator: str, action: str, target: str, details: str) -> Deferred[None]:
-        """Append one operator action to the audit table."""
-
-    def list_audit(limit: int = 100) -> Deferred[list[AuditEntry]]:
-        """The latest ``limit`` operator actions, oldest first."""
-
-    def count_expiring(after: datetime, before: datetime) -> Deferred[int]:
-        """How many certificates not revoked expire after ``after`` and at
-        or before ``before`` (both timezone-aware)."""
-
-    def count_certificates() -> Deferred[int]:
-        """How many certificates are recorded."""
-
-    def add_device(device: Device) -> Deferred[None]:
-        """Pre-register a device (DuplicateDevice if the id exists)."""
-
-    def get_device(device_id: str) -> Deferred[Device | None]:
-        """The device, or None."""
-
-    def list_devices() -> Deferred[list[Device]]:
-        """All devices, by id."""
-
-    def set_device_password(
-        device_id: str, password_hash: str, digest_ha1: tuple[tuple[str, str], ...] = ()
-    ) -> Deferred[bool]:
-        """Replace a device's password hashes (scrypt, Digest H(A1) per
-        realm); False when no such device.  Its other settings stay."""
-
-    def remove_device(device_id: str) -> Deferred[bool]:
-        """Forget a device; True if there was one."""
-
-    def consume_device(device_id: str, when: datetime | None = None) -> Deferred[bool]:
-        """
-        Use up a single-use device, atomically: True only for the one call
-        that consumed it; False if already consumed, not single-use, or
-        unknown.
-        """
-
-    def release_device(device_id: str, consumed_at: datetime) -> Deferred[bool]:
-        """
-        Undo the consume_device(device_id, when=consumed_at) whose issue
-        failed, so the device can try again; True if it was undone.
-        """
-
-    def get_device_by_factory_cert(fingerprint: str) -> Deferred[Device | None]:
-        """The device registered with this factory certificate, or None."""
-
-    def add_officer_role(role: OfficerRole) -> Deferred[bool]:
-        """Grant a role to a certificate; False if it already held it."""
-
-    def officer_roles(fingerprint: str) -> Deferred[tuple[str, ...]]:
-        """The roles the certificate with this fingerprint holds, sorted."""
-
-    def list_officer_roles() -> Deferred[list[OfficerRole]]:
-        """Every grant, by subject, fingerprint and role."""
-
-    def remove_officer_roles(fingerprint: str, role: str | None = None) -> Deferred[int]:
-        """Withdraw one role (or all) from a certificate; how many went."""
-
-    def add_approval(approval: Approval) -> Deferred[Approval]:
-        """
-        Record a new pending request and return it; when a live (pending or
-        approved) request with the same (handler, public key, subject)
-        exists already, record nothing and return that one.
-        """
-
-    def find_approval(handler: str, public_key_sha256: str, subject: str) -> Deferred[Approval | None]:
-        """The newest request with this (handler, public key, subject), or None."""
-
-    def get_approval(request_id: str) -> Deferred[Approval | None]:
-        """The request with this id, or None."""
-
-    def list_approvals(state: str | None = None) -> Deferred[list[Approval]]:
-        """All requests, or those in one state; newest first."""
-
-    def set_approval_submitted(request_id: str, when: datetime | None) -> Deferred[None]:
-        """Record that the approval service has the request (None: it has not)."""
-
-    def decide_approval(
-        request_id: str, state: str, reason: str | None, expires_at: datetime, when: datetime | None = None
-    ) -> Deferred[Approval | None]:
-        """
-        pending -> ``state`` ("approved" or "rejected"), atomically; the
-        decision is kept until ``expires_at``.  Returns the request as it
-        now is (also when it was no longer pending), None if unknown.
-        """
-
-    def expire_approval(request_id: str, when: datetime | None = None) -> Deferred[bool]:
-        """pending or approved -> expired; True only for the call that did it."""
-
-    def issue_approved(request_id: str, issued: IssuedCertificate) -> Deferred[bool]:
-        """
-        approved -> issued and record ``issued``, in one transaction.  True
-        for the one call that did it; False (and nothing recorded) when the
-        request was not approved, e.g. another call issued first.
-        """
-
-
-# -- schema -----------------------------------------------------------------
-
-# DDL words that differ between databases are {placeholders}, filled from
-# _SQLStore.ddl_words; everything else must run unchanged on both.
-MIGRATIONS: list[tuple[int, list[str]]] = [
-    (
-        1,
-        [
-            """
-            CREATE TABLE certificates (
-                id {autoincrement_primary_key},
-                serial TEXT NOT NULL UNIQUE,
-                subject TEXT NOT NULL,
-                sans TEXT NOT NULL,
-                not_before TEXT NOT NULL,
-                not_after TEXT NOT NULL,
-                public_key_sha256 TEXT NOT NULL,
-                handler TEXT NOT NULL,
-                requester TEXT NOT NULL,
-                der {blob} NOT NULL,
-                issued_at TEXT NOT NULL,
-                revoked_at TEXT,
-                revocation_reason TEXT
-            )
-            """,
-            # Leading subject: serves lookups by subject, and the ordering
-            # of last_issued_for_subject without a sort.
-            "CREATE INDEX certificates_subject ON certificates (subject, issued_at, id)",
-            # For "is this key already certified?" checks (rekey policy).
-            "CREATE INDEX certificates_public_key ON certificates (public_key_sha256)",
-            """
-            CREATE TABLE devices (
-                device_id TEXT PRIMARY KEY,
-                password_hash TEXT,
-                single_use INTEGER NOT NULL,
-                created_at TEXT NOT NULL,
-                consumed_at TEXT
-            )
-            """,
-        ],
-    ),
-    (
-        2,
-        [
-            # Factory (authentication) certificates: the SHA-256 of the DER,
-            # the commonName a CSR must carry, expected subject values
-            # (JSON object) and per-realm HTTP Digest H(A1) (JSON object).
-            "ALTER TABLE devices ADD COLUMN factory_cert_sha256 TEXT",
-            "ALTER TABLE devices ADD COLUMN factory_cn TEXT",
-            "ALTER TABLE devices ADD COLUMN subject_values TEXT",
-            "ALTER TABLE devices ADD COLUMN digest_ha1 TEXT",
-            # NULLs do not collide in a unique index (SQLite, PostgreSQL).
-            "CREATE UNIQUE INDEX devices_factory_cert ON devices (factory_cert_sha256)",
-            # Officer/RA roles, keyed by the SHA-256 of the certificate's DER.
-            """
-            CREATE TABLE officer_roles (
-                fingerprint TEXT NOT NULL,
-                role TEXT NOT NULL,
-                subject TEXT NOT NULL,
-                issuer TEXT NOT NULL,
-                serial TEXT NOT NULL,
-                granted_at TEXT NOT NULL,
-                PRIMARY KEY (fingerprint, role)
-            )
-            """,
-        ],
-    ),
-    (
-        3,
-        [
-            # Requests waiting for an operator's approval.
-            """
-            CREATE TABLE approvals (
-                id {autoincrement_primary_key},
-                request_id TEXT NOT NULL UNIQUE,
-                handler TEXT NOT NULL,
-                public_key_sha256 TEXT NOT NULL,
-                subject TEXT NOT NULL,
-                requester TEXT NOT NULL,
-                csr {blob} NOT NULL,
-                state TEXT NOT NULL,
-                created_at TEXT NOT NULL,
-                expires_at TEXT NOT NULL,
-                submitted_at TEXT,
-                decided_at TEXT,
-                reason TEXT,
-                serial TEXT
-            )
-            """,
-            # Retries find their request by key, newest first.
-            "CREATE INDEX approvals_key ON approvals (handler, public_key_sha256, subject, id)",
-            # One live request per key, even with several gateway processes.
-            "CREATE UNIQUE INDEX approvals_live ON approvals (handler, public_key_sha256, subject)"
-            " WHERE state IN ('pending', 'approved')",
-        ],
-    ),
-    (
-        4,
-        [
-            # RFC 5280 5.3.2 invalidity date of a revocation, for CRLs and OCSP.
-            "ALTER TABLE certificates ADD COLUMN invalidity_date TEXT",
-        ],
-    ),
-    (
-        5,
-        [
-            # Operator actions (estgw.audit.operator_action): who, what, when.
-            """
-            CREATE TABLE audit (
-                id {autoincrement_primary_key},
-                at TEXT NOT NULL,
-                operator TEXT NOT NULL,
-                action TEXT NOT NULL,
-                target TEXT NOT NULL,
-                details TEXT NOT NULL
-            )
-            """,
-        ],
-    ),
-]
+#: Bounds of certificate_page's ``limit``.
+MAX_PAGE = 10000
 
 
 def _serial_text(serial: int) -> str:
@@ -585,6 +74,9 @@ _CERT_COLUMNS = (
     "serial, subject, sans, not_before, not_after, public_key_sha256,"
     " handler, requester, der, issued_at, revoked_at, revocation_reason, invalidity_date"
 )
+# Where certificate_page's keyset columns sit after _CERT_COLUMNS.
+_ISSUED_AT_INDEX = 9
+_ID_INDEX = len(_CERT_COLUMNS.split(","))
 _DEVICE_COLUMNS = (
     "device_id, password_hash, single_use, created_at, consumed_at,"
     " factory_cert_sha256, factory_cn, subject_values, digest_ha1"
@@ -602,7 +94,7 @@ def _certificate_from_row(row: Sequence[Any]) -> IssuedCertificate:
         public_key_sha256=row[5],
         handler=row[6],
         requester=row[7],
-        der=bytes(row[8]),  # psycopg2 returns memoryview for BYTEA
+        der=bytes(row[8]),  # whatever binary type the driver returns
         issued_at=_parse_time(row[9]),
         revoked_at=_parse_optional_time(row[10]),
         revocation_reason=row[11],
@@ -652,7 +144,7 @@ def _approval_from_row(row: Sequence[Any]) -> Approval:
         public_key_sha256=row[2],
         subject=row[3],
         requester=row[4],
-        csr=bytes(row[5]),  # memoryview from psycopg2
+        csr=bytes(row[5]),  # whatever binary type the driver returns
         state=row[6],
         created_at=_parse_time(row[7]),
         expires_at=_parse_time(row[8]),
@@ -681,32 +173,22 @@ def _approval_params(approval: Approval) -> tuple[Any, ...]:
     )
 
 
-# -- implementation ---------------------------------------------------------
-
-
 @implementer(IStore)
 class _SQLStore:
     """
-    IStore over any DB-API module through adbapi.
+    IStore over any DB-API module through an adbapi-like pool.
 
-    A subclass supplies :meth:`_make_pool`, and sets :attr:`paramstyle`
-    and :attr:`ddl_words` where its database differs from SQLite.  A
-    ``PostgresStore(connection_string, reactor=None)`` needs only:
+    A subclass supplies :meth:`_make_pool` (an object with adbapi's
+    ``start()``, ``close()``, ``runInteraction(f, *args)`` and ``dbapi``),
+    and sets :attr:`paramstyle` and :attr:`ddl_words` where its database
+    differs from SQLite, and :meth:`_lock_schema` / :meth:`_lock_subject`
+    where concurrent transactions need an explicit lock (SQLite has one
+    writer at a time and needs none).
 
-    - ``_make_pool``: ``adbapi.ConnectionPool("psycopg2", connection_string,
-      cp_min=1, cp_max=N, cp_reactor=self._reactor)`` (several connections
-      are fine there: row locks, not a file lock; the ``consume_device``
-      UPDATE stays atomic under READ COMMITTED);
-    - ``paramstyle = "format"`` (psycopg2 writes ``%s``; no SQL here
-      contains a literal ``%``, which ``format`` would need doubled);
-    - ``ddl_words = {"blob": "BYTEA", "autoincrement_primary_key":
-      "BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY"}``.
-
-    Integrity errors are recognised through the pool's ``dbapi`` module, and
-    BYTEA values come back as memoryview and are turned into bytes, so
-    nothing else changes.  Migrations take the ``schema_version`` row lock
-    first, so several gateway processes starting at once apply each step
-    once.
+    Integrity errors are recognised through the pool's ``dbapi`` module;
+    binary values are turned into bytes whatever the driver returns.
+    Migrations run under the schema lock, so several gateway processes
+    starting at once apply each step once.
     """
 
     _log: ClassVar[Logger] = Logger()
@@ -728,7 +210,8 @@ class _SQLStore:
 
             reactor = _reactor
         self._reactor = reactor
-        self._pool: adbapi.ConnectionPool | None = None
+        # adbapi.ConnectionPool, or an object with the same four members.
+        self._pool: Any = None
         self._closing = False
         # Deferreds that fire when each operation in flight ends: close()
         # waits for them in the reactor, because stopping the pool while
@@ -743,7 +226,10 @@ class _SQLStore:
 
     # -- plumbing
 
-    def _make_pool(self) -> adbapi.ConnectionPool:
+    def _make_pool(self) -> Any:
+        """The pool: ``start()``, ``close()``, ``runInteraction(f, *args)``
+        (``f(cursor, *args)`` in one transaction, committed before the
+        Deferred fires) and ``dbapi`` (the driver module, for its errors)."""
         raise NotImplementedError
 
     def _sql(self, query: str) -> str:
@@ -758,6 +244,14 @@ class _SQLStore:
     def _execute(self, txn: Any, query: str, params: Sequence[Any] = ()) -> Any:
         txn.execute(self._sql(query), tuple(params))
         return txn
+
+    def _lock_schema(self, txn: Any) -> None:
+        """Serialise schema creation and migration across processes for
+        the rest of ``txn`` (SQLite: its single writer lock suffices)."""
+
+    def _lock_subject(self, txn: Any, subject: str) -> None:
+        """Serialise, for the rest of ``txn``, the transactions that decide
+        which certificate is the last issued for ``subject``."""
 
     def _now(self) -> datetime:
         # The reactor's clock, so that tests can control it where they
@@ -839,6 +333,7 @@ class _SQLStore:
 
     def _bootstrap(self, txn: Any) -> int:
         """Create the version table if needed; return the version on disk."""
+        self._lock_schema(txn)
         self._execute(
             txn,
             "CREATE TABLE IF NOT EXISTS schema_version ("
@@ -863,6 +358,7 @@ class _SQLStore:
         # the row lock (PostgreSQL), and in Python's sqlite3 the DML opens
         # the transaction that the DDL below then joins, so the step and
         # the version bump commit or roll back together.
+        self._lock_schema(txn)
         self._execute(txn, "UPDATE schema_version SET version = version WHERE id = 1")
         self._execute(txn, "SELECT version FROM schema_version WHERE id = 1")
         (current,) = txn.fetchone()
@@ -872,6 +368,54 @@ class _SQLStore:
             self._execute(txn, statement.format(**self.ddl_words))
         self._execute(txn, "UPDATE schema_version SET version = ? WHERE id = 1", (version,))
         self._log.info("applied store schema migration {version}", version=version)
+
+    # -- copying a store (estgw store migrate)
+
+    def copy_from_sqlite(self, path: str, batch: int = 1000) -> Deferred[dict[str, int]]:
+        """
+        Copy every table of the SQLite store file ``path`` (already at this
+        schema version: start and close a SQLiteStore on it first) into
+        this started, empty store, in one transaction: all or nothing.
+        Rows keep their ids, so ties in issue order stay as they were.
+        Returns the number of rows copied per table; StoreNotEmpty (nothing
+        copied) if this store holds any row.  Memory holds one batch.
+        """
+
+        def interaction(txn: Any) -> dict[str, int]:
+            for table in TABLE_KEYS:
+                self._execute(txn, f"SELECT 1 FROM {table} LIMIT 1")
+                if txn.fetchone() is not None:
+                    raise StoreNotEmpty(
+                        f"{self!r} already holds data (table {table} is not empty);"
+                        f" a store is copied into an empty one only, and nothing was copied"
+                    )
+            source = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+            counts: dict[str, int] = {}
+            try:
+                for table, key in TABLE_KEYS.items():
+                    cursor = source.execute(f"SELECT * FROM {table} ORDER BY {', '.join(key)}")
+                    columns = [column[0] for column in cursor.description]
+                    insert = self._sql(
+                        f"INSERT INTO {table} ({', '.join(columns)})"
+                        f" VALUES ({', '.join('?' for _ in columns)})"
+                    )
+                    counts[table] = 0
+                    while True:
+                        rows = cursor.fetchmany(batch)
+                        if not rows:
+                            break
+                        txn.executemany(insert, rows)
+                        counts[table] += len(rows)
+            finally:
+                source.close()
+            self._after_copy(txn)
+            return counts
+
+        return self._run(interaction)
+
+    def _after_copy(self, txn: Any) -> None:
+        """Make ids generated from now on follow the copied ones (SQLite's
+        AUTOINCREMENT does by itself)."""
 
     def close(self) -> Deferred[None]:
         if self._pool is None or self._closing:
@@ -894,16 +438,48 @@ class _SQLStore:
 
     # -- certificates
 
-    def record_certificate(self, issued: IssuedCertificate) -> Deferred[None]:
+    def _insert_certificate(self, txn: Any, issued: IssuedCertificate) -> None:
+        try:
+            self._execute(
+                txn,
+                f"INSERT INTO certificates ({_CERT_COLUMNS})"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    _serial_text(issued.serial),
+                    issued.subject,
+                    json.dumps(list(issued.sans)),
+                    _time_text(issued.not_before),
+                    _time_text(issued.not_after),
+                    issued.public_key_sha256,
+                    issued.handler,
+                    issued.requester,
+                    issued.der,
+                    _time_text(issued.issued_at),
+                    _optional_time_text(issued.revoked_at),
+                    issued.revocation_reason,
+                    _optional_time_text(issued.invalidity_date),
+                ),
+            )
+        except Exception as e:
+            # Raising rolls back whatever the transaction did before.
+            if self._is_integrity_error(e):
+                raise DuplicateCertificate(f"serial {issued.serial:x} is already recorded") from e
+            raise
+
+    def record_certificate(self, issued: IssuedCertificate, renewing: int | None = None) -> Deferred[None]:
         """Record ``issued``; fires once it is committed.
 
         Group commit: records arriving while a commit is in flight are
         written together in the next transaction, so concurrent
         enrollments share one transaction and one fsync, and each
-        Deferred still fires only after its own row is on disk.
+        Deferred still fires only after its own row is on disk.  A renewal
+        under the last-issued rule (``renewing``) is checked and recorded
+        in a transaction of its own, under the subject's lock.
         """
         if self._pool is None or self._closing:
             return defer.fail(StoreNotRunning("the store is not started, or closed"))
+        if renewing is not None:
+            return self._run(self._record_renewal, issued, renewing)
         d: Deferred[None] = Deferred()
         self._records.append((issued, d))
         if not self._recording:
@@ -944,31 +520,65 @@ class _SQLStore:
 
     def _insert_certificates(self, txn: Any, records: list[IssuedCertificate]) -> None:
         for issued in records:
-            try:
-                self._execute(
-                    txn,
-                    f"INSERT INTO certificates ({_CERT_COLUMNS})"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        _serial_text(issued.serial),
-                        issued.subject,
-                        json.dumps(list(issued.sans)),
-                        _time_text(issued.not_before),
-                        _time_text(issued.not_after),
-                        issued.public_key_sha256,
-                        issued.handler,
-                        issued.requester,
-                        issued.der,
-                        _time_text(issued.issued_at),
-                        None if issued.revoked_at is None else _time_text(issued.revoked_at),
-                        issued.revocation_reason,
-                        None if issued.invalidity_date is None else _time_text(issued.invalidity_date),
-                    ),
-                )
-            except Exception as e:
-                if self._is_integrity_error(e):
-                    raise DuplicateCertificate(f"serial {issued.serial:x} is already recorded") from e
-                raise
+            self._insert_certificate(txn, issued)
+
+    def _record_renewal(self, txn: Any, issued: IssuedCertificate, renewing: int) -> None:
+        self._lock_subject(txn, issued.subject)
+        # Inserting first also takes SQLite's write lock, so the check
+        # below reads the latest committed state.
+        self._insert_certificate(txn, issued)
+        self._execute(
+            txn,
+            "SELECT serial FROM certificates WHERE subject = ? AND serial <> ?"
+            " ORDER BY issued_at DESC, id DESC LIMIT 1",
+            (issued.subject, _serial_text(issued.serial)),
+        )
+        row = txn.fetchone()
+        if row is None or row[0] != _serial_text(renewing):
+            raise NotLastIssued(
+                f"certificate {_serial_text(renewing)} is no longer the last issued for {issued.subject}"
+            )
+
+    def certificate_page(
+        self,
+        after: tuple[str, int] | None = None,
+        limit: int = 1000,
+        subject: str | None = None,
+        revoked_only: bool = False,
+    ) -> Deferred[CertificatePage]:
+        if not 1 <= limit <= MAX_PAGE:
+            return defer.fail(ValueError(f"a page holds 1 to {MAX_PAGE} certificates, not {limit}"))
+        conditions: list[str] = []
+        params: list[Any] = []
+        if subject is not None:
+            conditions.append("subject = ?")
+            params.append(subject)
+        if revoked_only:
+            # Written as the partial index's WHERE so the planner uses it.
+            conditions.append("revoked_at IS NOT NULL")
+        if after is not None:
+            # Keyset paging: the position is the last row's (issued_at,
+            # id).  "issued_at <= ?" bounds the index range scan on both
+            # databases; the second term drops the few rows of that same
+            # instant already shown.
+            conditions.append("issued_at <= ? AND (issued_at < ? OR id < ?)")
+            params += [after[0], after[0], int(after[1])]
+        where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
+        query = (
+            f"SELECT {_CERT_COLUMNS}, id FROM certificates{where}"
+            f" ORDER BY issued_at DESC, id DESC LIMIT {int(limit)}"
+        )
+
+        def interaction(txn: Any) -> CertificatePage:
+            self._execute(txn, query, params)
+            rows = txn.fetchall()
+            certificates = [_certificate_from_row(row) for row in rows]
+            last = rows[-1] if len(rows) == limit else None
+            return CertificatePage(
+                certificates, None if last is None else (last[_ISSUED_AT_INDEX], int(last[_ID_INDEX]))
+            )
+
+        return self._run(interaction)
 
     def _select_certificate(self, txn: Any, serial: int) -> IssuedCertificate | None:
         self._execute(
@@ -1464,76 +1074,7 @@ class _SQLStore:
             )
             if txn.rowcount != 1:
                 return False
-            try:
-                self._execute(
-                    txn,
-                    f"INSERT INTO certificates ({_CERT_COLUMNS})"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        _serial_text(issued.serial),
-                        issued.subject,
-                        json.dumps(list(issued.sans)),
-                        _time_text(issued.not_before),
-                        _time_text(issued.not_after),
-                        issued.public_key_sha256,
-                        issued.handler,
-                        issued.requester,
-                        issued.der,
-                        _time_text(issued.issued_at),
-                        _optional_time_text(issued.revoked_at),
-                        issued.revocation_reason,
-                        None if issued.invalidity_date is None else _time_text(issued.invalidity_date),
-                    ),
-                )
-            except Exception as e:
-                # Raising rolls the state change back with it.
-                if self._is_integrity_error(e):
-                    raise DuplicateCertificate(f"serial {issued.serial:x} is already recorded") from e
-                raise
+            self._insert_certificate(txn, issued)
             return True
 
         return self._run(interaction)
-
-
-class SQLiteStore(_SQLStore):
-    """
-    :class:`IStore` in one SQLite file, through one pooled connection
-    (SQLite serialises writers anyway).  WAL journal so readers in other
-    processes (the CLI) do not block the gateway; ``synchronous=FULL`` so a
-    committed certificate survives a power cut.
-
-    ``path`` must be a file: ``":memory:"`` would give every pool
-    connection its own empty database.
-    """
-
-    def __init__(self, path: str, reactor: Any = None) -> None:
-        if path == ":memory:" or path.startswith("file::memory:"):
-            raise ValueError("SQLiteStore needs a file path, not an in-memory database")
-        super().__init__(reactor)
-        self.path = path
-
-    def __repr__(self) -> str:
-        return f"SQLiteStore({self.path!r})"
-
-    @staticmethod
-    def _open(connection: Any) -> None:
-        # Per connection: PRAGMAs are not stored in the file (except
-        # journal_mode, which is set again harmlessly).
-        cursor = connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA synchronous=FULL")
-        cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.close()
-
-    def _make_pool(self) -> adbapi.ConnectionPool:
-        return adbapi.ConnectionPool(
-            "sqlite3",
-            self.path,
-            check_same_thread=False,  # the pool closes it from the reactor thread
-            cp_min=1,
-            cp_max=1,
-            cp_openfun=self._open,
-            cp_reactor=self._reactor,
-            # A connection that failed is replaced by a new one for the next call.
-            cp_reconnect=True,
-        )

@@ -1,0 +1,53 @@
+"""The SQLite backend: one file, no server (``store.url = sqlite:PATH``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.enterprise import adbapi
+
+from estgw.store.sql import _SQLStore
+
+
+class SQLiteStore(_SQLStore):
+    """
+    :class:`IStore` in one SQLite file, through one pooled connection
+    (SQLite serialises writers anyway).  WAL journal so readers in other
+    processes (the CLI) do not block the gateway; ``synchronous=FULL`` so a
+    committed certificate survives a power cut.
+
+    ``path`` must be a file: ``":memory:"`` would give every pool
+    connection its own empty database.
+    """
+
+    def __init__(self, path: str, reactor: Any = None) -> None:
+        if path == ":memory:" or path.startswith("file::memory:"):
+            raise ValueError("SQLiteStore needs a file path, not an in-memory database")
+        super().__init__(reactor)
+        self.path = path
+
+    def __repr__(self) -> str:
+        return f"SQLiteStore({self.path!r})"
+
+    @staticmethod
+    def _open(connection: Any) -> None:
+        # Per connection: PRAGMAs are not stored in the file (except
+        # journal_mode, which is set again harmlessly).
+        cursor = connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    def _make_pool(self) -> adbapi.ConnectionPool:
+        return adbapi.ConnectionPool(
+            "sqlite3",
+            self.path,
+            check_same_thread=False,  # the pool closes it from the reactor thread
+            cp_min=1,
+            cp_max=1,
+            cp_openfun=self._open,
+            cp_reactor=self._reactor,
+            # A connection that failed is replaced by a new one for the next call.
+            cp_reconnect=True,
+        )
