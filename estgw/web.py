@@ -53,9 +53,6 @@ class LimitedRequest(server.Request):
 
     max_body = 65536
     body_too_large = False
-    # EST bodies are never HTML forms: skip twisted.web's Content-Type
-    # parse (the email package, a tenth of an enrollment's reactor time).
-    _parsePOSTFormSubmission = False
 
     def process(self) -> None:
         self.path = origin_path(self.path, self.requestHeaders)
@@ -415,8 +412,9 @@ def limited_site(root: resource.Resource, max_body: int, config: Any = None) -> 
     the ``server.*`` limits of ``config`` (estgw.limits: head and body
     deadlines, header count and size, idle timeout), a body over
     ``max_body`` bytes is 413 at once (by Content-Length, or as it
-    arrives), and no traceback is shown."""
-    site = server.Site(root)
+    arrives), no form parsing (see :func:`build_site`), and no traceback
+    is shown."""
+    site = server.Site(root, parsePOSTFormSubmission=False)
     site.requestFactory = request_factory(max_body)
     site.displayTracebacks = False
     return limits.limit_site(site, config)
@@ -428,8 +426,13 @@ def build_site(gateway: Gateway) -> server.Site:
     root.putChild(b".well-known", well_known)
     well_known.putChild(b"est", ESTResource(gateway))
     config = gateway.config
-    # server.idleTimeout: twisted.web's default is twelve hours.
-    site = _Site(root, timeout=config.idle_timeout)
+    # server.idleTimeout: twisted.web's default is twelve hours.  No form
+    # parsing (set on the Site: Request.__init__ overrides a class
+    # attribute): EST bodies are never forms, twisted.web's Content-Type
+    # parse costs a tenth of an enrollment's reactor time, and it raises
+    # out of dataReceived on some values (a dropped connection and a logged
+    # traceback instead of an answer).
+    site = _Site(root, timeout=config.idle_timeout, parsePOSTFormSubmission=False)
     # Site.protocol is typed as twisted.web's own channel factory; ours is an HTTPChannel too.
     site.protocol = limits.channel_factory(  # type: ignore[method-assign,assignment]
         config.header_timeout, config.body_timeout, config.max_headers, config.max_header_bytes,

@@ -56,15 +56,16 @@ class LayoutTests(SynchronousTestCase):
         parser.read_string(self.read("setup.cfg"))
         listed = set(parser["options"]["packages"].replace(",", " ").split())
         expected = {"twisted.plugins"}
-        for directory, _dirs, files in os.walk(os.path.join(REPO, "estgw")):
+        for directory, _dirs, files in [*os.walk(os.path.join(REPO, "estgw")), *os.walk(os.path.join(REPO, "fuzz"))]:
             if "__init__.py" in files:
                 expected.add(os.path.relpath(directory, REPO).replace(os.sep, "."))
         self.assertEqual(listed, expected)
 
     def test_extras_offer_only_what_is_used(self) -> None:
         """Every optional dependency (extras other than test) is imported by
-        some module of estgw (the bench extra: by a benchmark under bench/):
-        an extra that does nothing is not offered."""
+        some module of estgw (the bench extra: by a benchmark under bench/;
+        the fuzz extra: by the fuzzer under fuzz/): an extra that does
+        nothing is not offered."""
         import re
 
         parser = configparser.ConfigParser()
@@ -83,7 +84,7 @@ class LayoutTests(SynchronousTestCase):
         for extra, requirements in extras.items():
             if extra == "test":
                 continue
-            sources = sources_of("bench" if extra == "bench" else "estgw")
+            sources = sources_of(extra if extra in ("bench", "fuzz") else "estgw")
             # One requirement a line, e.g. "psycopg[binary] >= 3.1".
             for requirement in filter(None, (line.strip() for line in requirements.splitlines())):
                 module = re.split(r"[<>=!\[; ]", requirement)[0].replace("-binary", "").replace("-", "_")

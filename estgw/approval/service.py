@@ -530,7 +530,8 @@ def build_site(store: ServiceStore, identify: Callable[[Request], Caller | None]
     approval = resource.Resource()
     root.putChild(b"approval", approval)
     approval.putChild(b"requests", RequestsResource(store, identify, clock))
-    site = server.Site(root)
+    # No form parsing (see estgw.web.build_site): decisions are JSON.
+    site = server.Site(root, parsePOSTFormSubmission=False)
     site.displayTracebacks = False
     # The same slow-client limits as the gateway's own listener (their defaults).
     return limits.limit_site(site)
