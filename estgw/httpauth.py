@@ -42,6 +42,7 @@ from twisted.web.iweb import ICredentialFactory
 from zope.interface import implementer
 
 from estgw.escape import printable
+from estgw.store.sqlite import enable_wal
 
 __all__ = [
     "MAX_AUTHORIZATION",
@@ -489,7 +490,7 @@ class SQLiteNonceCounts(NonceCounts):
     @staticmethod
     def _open(connection: Any) -> None:
         cursor = connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
+        enable_wal(cursor)
         # A count lost to a power cut can at worst let one response made
         # before the cut be replayed, within the nonce's lifetime.
         cursor.execute("PRAGMA synchronous=NORMAL")

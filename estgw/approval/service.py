@@ -41,6 +41,7 @@ from estgw import policy
 from estgw.config import ConfigError
 from estgw.daemon import listen_all
 from estgw.escape import printable
+from estgw.store.sqlite import enable_wal
 from estgw.refusal import Refusal
 from estgw.store import general_name_text
 
@@ -243,7 +244,7 @@ class ServiceStore:
     @staticmethod
     def _open(connection: Any) -> None:
         cursor = connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
+        enable_wal(cursor)
         cursor.execute("PRAGMA synchronous=FULL")  # a decision survives a power cut
         cursor.close()
 

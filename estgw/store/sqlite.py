@@ -2,11 +2,29 @@
 
 from __future__ import annotations
 
+import sqlite3
+import time
 from typing import Any
 
 from twisted.enterprise import adbapi
 
 from estgw.store.sql import _SQLStore
+
+
+def enable_wal(cursor: Any) -> None:
+    """``PRAGMA journal_mode=WAL`` on a new connection.  The switch takes an
+    exclusive lock that SQLite's busy timeout does not wait for, so
+    processes opening one file at once retry (for up to five seconds, on
+    the pool's thread) instead of failing to start.  Every SQLite file of
+    estgw (store, Digest nonce counts, approval service) opens this way."""
+    for attempt in range(50):
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or attempt == 49:
+                raise
+            time.sleep(0.1)
 
 
 class SQLiteStore(_SQLStore):
@@ -34,7 +52,7 @@ class SQLiteStore(_SQLStore):
         # Per connection: PRAGMAs are not stored in the file (except
         # journal_mode, which is set again harmlessly).
         cursor = connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
+        enable_wal(cursor)
         cursor.execute("PRAGMA synchronous=FULL")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
