@@ -48,6 +48,22 @@ def as_refusal(error: BaseException) -> Refusal | None:
     return None
 
 
+def refusal_for(error: BaseException, metrics: Any, log: Any, where: str) -> Refusal:
+    """What a request that failed with ``error`` is answered, on any
+    transport: a Refusal as it is, a store fault as 503 (counted and logged
+    once, naming ``where``), counted by code when it is a refusal.
+    :raises: ``error`` itself when it is a bug (answered 500 / 5.00)."""
+    refusal = error if isinstance(error, Refusal) else as_refusal(error)
+    if refusal is None:
+        raise error
+    if not isinstance(error, Refusal):
+        metrics.store_error()
+        log.error("store unavailable while serving {where}: {why}", where=where, why=str(error))
+    if refusal.event == "refused":
+        metrics.refusal(refusal.code)
+    return refusal
+
+
 class CAGuard:
     """Bounds and times every call to a token procedure (see module doc).
 

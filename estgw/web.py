@@ -290,17 +290,9 @@ class ESTResource(resource.Resource):
         except Exception as error:
             # Faults of the CA or the store: 503 and a reason; anything
             # else is a bug, answered 500 by render().
-            refusal = error if isinstance(error, Refusal) else guard.as_refusal(error)
-            if refusal is None:
-                raise
-            if not isinstance(error, Refusal):
-                self._gateway.metrics.store_error()
-                self._log.error(
-                    "store unavailable while serving {path}: {why}",
-                    path=request.path.decode("ascii", "replace"), why=str(error),
-                )
-            if refusal.event == "refused":
-                self._gateway.metrics.refusal(refusal.code)
+            refusal = guard.refusal_for(
+                error, self._gateway.metrics, self._log, printable(request.path)
+            )
             _refuse(request, refusal, peer)
 
     async def _operation(self, request: Request, label: str, operation: str, peer: PeerInfo) -> None:

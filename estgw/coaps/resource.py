@@ -206,16 +206,9 @@ class ESTCoapServer:
                     return self._send(session, message, cached)
             reply = await self._operation(session, message, label, operation, name, path, body)
         except Exception as error:
-            # A failed store is 5.03 as over HTTPS (estgw.guard); anything
-            # else not a Refusal is a bug, answered 5.00 by the caller.
-            refusal = error if isinstance(error, Refusal) else guard.as_refusal(error)
-            if refusal is None:
-                raise
-            if not isinstance(error, Refusal):
-                self._gateway.metrics.store_error()
-                self._log.error("store unavailable while serving CoAP {path}: {why}", path=path, why=str(error))
-            if refusal.event == "refused":
-                self._gateway.metrics.refusal(refusal.code)
+            # A failed store is 5.03 as over HTTPS; anything else not a
+            # Refusal is a bug, answered 5.00 by the caller.
+            refusal = guard.refusal_for(error, self._gateway.metrics, self._log, f"CoAP {printable(path)}")
             reply = self._refusal(session, message, path, refusal)
         self._send(session, message, reply)
 
