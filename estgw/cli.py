@@ -980,6 +980,15 @@ def main(argv: Sequence[str] | None = None) -> None:
             raise SystemExit(1)
         except BrokenPipeError:
             _stdout_gone()
+        except OverflowError as e:
+            # A number too large for a date or an interval (--days, --expires-within).
+            sys.stderr.write(f"estgw: a number is out of range: {printable(str(e))}\n")
+            raise SystemExit(2)
+        except OSError as e:
+            # Output that cannot be written (a full disk, /dev/full), a file
+            # that cannot be read: the reason, never a traceback.
+            sys.stderr.write(f"estgw: {printable(e.strerror or str(e))}\n")
+            raise SystemExit(1)
 
     task.react(lambda reactor: defer.Deferred.fromCoroutine(_main(reactor)))
 

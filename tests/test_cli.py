@@ -336,7 +336,6 @@ class ProcessTests(CLITestCase):
         self.assertIn("invalid choice: 'lost'", err)
         self.assertIn("valid", await self.cli("cert", "list"))
 
-
 class OperatorToolTests(CLITestCase):
     """What makes the CLI behave like the tools sysadmins already use."""
 
@@ -357,6 +356,20 @@ class OperatorToolTests(CLITestCase):
             command = ["/bin/bash", "-c", "set -o pipefail; " + shlex.join(command) + " " + shell]
         result = await run_process(command, env=env)
         return result.code, result.stdout.decode(), result.stderr.decode()
+
+    async def test_no_traceback_on_numbers_or_output(self) -> None:
+        """A number too large for a date or an interval exits 2, output that
+        cannot be written exits 1: each with 'estgw: <reason>', never a
+        traceback."""
+        await self.issue()
+        for argv in (("cert", "list", "--expires-within", "99999999999999"), ("crl", "write", "--days", "999999999")):
+            code, _out, err = await self.run_cli(*argv)
+            self.assertEqual(code, 2, err)
+            self.assertTrue(err.startswith("estgw: a number is out of range"), err)
+            self.assertNotIn("Traceback", err)
+        if os.path.exists("/dev/full"):
+            code, _out, err = await self.run_cli("cert", "list", shell="> /dev/full")
+            self.assertEqual((code, err), (1, "estgw: No space left on device\n"))
 
     async def test_version(self) -> None:
         """estgw --version prints the version on stdout and exits 0."""
