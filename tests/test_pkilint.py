@@ -5,8 +5,8 @@ The kinds: the local root and issuing CA, the gateway's TLS server
 certificate, device certificates from simpleenroll (EC and RSA keys,
 DNS and IP subjectAltNames, a serialNumber attribute) and simplereenroll,
 the approval service's CAs, server, gateway and operator certificates,
-and the CRL of ``estgw crl write`` with revoked entries.  estgw produces
-no OCSP responses.
+and the CRL of ``estgw crl write`` with revoked entries; and every kind of
+OCSP response the publishing listener signs passes the RFC 6960 linters.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from pkilint import loader, pkix
 from pkilint.pkix import certificate as pkix_certificate, crl as pkix_crl, extension, name
+from pkilint.pkix import ocsp as pkilint_ocsp
 from pkilint.validation import ValidationFindingSeverity
 from twisted.trial.unittest import TestCase
 
@@ -27,6 +28,8 @@ from estgw.approval.testing import RunningApprovalService
 from estgw.protocol import decode_certs_only
 from estgw.testing import TEST_CONFIG, RunningGateway, csr_pem, make_csr, new_key, write
 from tests.test_auth import run_cli
+from tests.test_e2e import load_pem
+from tests.test_publish import LOCAL, OPERATOR, _Publishing, _two_cert_request
 
 _CERTIFICATES = pkix_certificate.create_pkix_certificate_validator_container(
     pkix_certificate.create_decoding_validators(name.ATTRIBUTE_TYPE_MAPPINGS, extension.EXTENSION_MAPPINGS),
@@ -149,3 +152,68 @@ class PkilintTests(TestCase):
         findings = [errors(kind, der, label) for kind, der, label in documents]
         self.assertFalse("".join(findings), "".join(findings))
         self.assertEqual(len(documents), 16)
+
+
+_OCSP_RESPONSES = pkilint_ocsp.create_pkix_ocsp_response_validator_container(
+    [
+        pkilint_ocsp.create_response_decoder(),
+        pkix.create_attribute_decoder(name.ATTRIBUTE_TYPE_MAPPINGS),
+        pkix.create_extension_decoder(extension.EXTENSION_MAPPINGS),
+    ],
+    [],
+)
+
+
+def ocsp_errors(der: bytes, label: str) -> str:
+    """pkilint's RFC 6960 ERROR and FATAL findings for one OCSP response."""
+    document = loader.RFC6960OCSPResponseDocumentLoader().load_der_document(der, label)
+    return "\n".join(
+        f"{label}: {found.finding.code} ({found.finding.severity.name}): {found.message}"
+        for result in _OCSP_RESPONSES.validate(document.root)
+        for found in result.finding_descriptions
+        if found.finding.severity <= ValidationFindingSeverity.ERROR
+    )
+
+
+class OcspLintTests(_Publishing):
+    """Every kind of OCSP response the publishing listener signs (RFC 6960):
+    good, revoked with a reason, several certificates in one response,
+    signed by the CA and by a delegated responder; and the responder
+    certificate itself under the RFC 5280 linters."""
+
+    responder = "delegated"
+    timeout = 120
+
+    async def post(self, name: str, request: bytes) -> bytes:
+        path = write(self.client.path(f"req-{abs(hash(request))}"), request)
+        status, body = await self.get(
+            self.base("ocsp", name), "-H", "Content-Type: application/ocsp-request", "--data-binary", "@" + path
+        )
+        self.assertEqual(status, 200)
+        return body
+
+    async def test_every_kind_of_response(self) -> None:
+        """No ERROR or FATAL finding on any OCSP response."""
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.x509 import ocsp
+
+        _, good = await self.enroll()
+        _, revoked = await self.enroll()
+        await self.revoke(revoked, "--reason", "keyCompromise")
+        issuing = self.gateway.service.state.ca.issuing
+        responses: list[tuple[str, bytes]] = []
+        for label, cert in (("good", good), ("revoked", revoked)):
+            request = ocsp.OCSPRequestBuilder().add_certificate(cert, issuing, hashes.SHA1()).build()
+            responses.append((f"{label} (CA-signed)", await self.post(LOCAL, request.public_bytes(Encoding.DER))))
+        responses.append(
+            ("two certificates", await self.post(LOCAL, _two_cert_request((good, issuing), (revoked, issuing))))
+        )
+        _, lab = await self.enroll("lab")
+        (operator_issuing,) = load_pem(os.path.join(self.operator, "issuing.pem"))
+        request = ocsp.OCSPRequestBuilder().add_certificate(lab, operator_issuing, hashes.SHA1()).build()
+        delegated = await self.post(OPERATOR, request.public_bytes(Encoding.DER))
+        responses.append(("delegated responder", delegated))
+        found = [ocsp_errors(der, label) for label, der in responses]
+        (responder,) = ocsp.load_der_ocsp_response(delegated).certificates
+        found.append(errors("certificate", responder.public_bytes(Encoding.DER), "OCSP responder certificate"))
+        self.assertEqual([f for f in found if f], [])
