@@ -50,8 +50,19 @@ class _NotFound(resource.Resource):
         return _answer(request, 404, "no such resource: /health/live and /health/ready are served here")
 
 
-class _Live(resource.Resource):
+class _GetOnly(resource.Resource):
+    """GET and HEAD; any other method is a plain-text 405 with Allow, like
+    every other refusal (twisted.web's own 405 page is HTML)."""
+
     isLeaf = True
+
+    def render(self, request: Request) -> Any:
+        if request.method not in (b"GET", b"HEAD"):
+            return _answer(request, 405, "health checks take GET or HEAD", {"Allow": "GET, HEAD"})
+        return super().render(request)
+
+
+class _Live(_GetOnly):
 
     def render_GET(self, request: Request) -> bytes:
         if request.postpath:
@@ -61,7 +72,7 @@ class _Live(resource.Resource):
     render_HEAD = render_GET
 
 
-class _Ready(resource.Resource):
+class _Ready(_GetOnly):
     isLeaf = True
     _log = Logger(namespace="estgw.health")
 

@@ -61,6 +61,17 @@ class HealthTests(TestCase):
         self.assertEqual(dict(gateway.service.readiness_checks()), {})
         gateway.service._serving = True
 
+    async def test_other_methods(self) -> None:
+        """POST (or any method but GET and HEAD) is a plain-text 405 with
+        Allow, like every other refusal, never twisted.web's HTML page."""
+        gateway = await RunningGateway.start(self)
+        for path in ("/health/ready", "/health/live"):
+            status, head, body = await self.get(gateway.url(path), "--cacert", gateway.ca_file, "-X", "POST")
+            self.assertEqual(status, 405, path)
+            self.assertIn("content-type: text/plain", head)
+            self.assertIn("allow: get, head", head)
+            self.assertNotIn(b"<", body)
+
     async def test_unknown_health_path(self) -> None:
         """Other paths under /health are 404."""
         gateway = await RunningGateway.start(self)
