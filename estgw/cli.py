@@ -319,7 +319,10 @@ async def cmd_device_list(options: Any, config: Config, store: IStore, out: Any)
         return _json(out, [
             {"id": d.device_id, "password": d.password_hash is not None,
              "factoryCertSha256": d.factory_cert_sha256, "commonName": d.expected_common_name,
-             "singleUse": d.single_use, "registeredAt": _iso(d.created_at), "consumedAt": _iso(d.consumed_at)}
+             "singleUse": d.single_use, "registeredAt": _iso(d.created_at), "consumedAt": _iso(d.consumed_at),
+             # What the device may be called besides its id: subject values
+             # (name "serialNumber", ...) and SANs (name "DNS", "IP", ...).
+             "registeredNames": [{"name": n, "value": v} for n, v in d.subject_values]}
             for d in devices
         ])
     if not devices:

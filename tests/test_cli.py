@@ -438,9 +438,16 @@ class OperatorToolTests(CLITestCase):
         import json
 
         self.assertEqual(json.loads(await self.cli("device", "list", "--json")), [])
-        await self.cli("device", "add", "pump-1", "--password", "pw")
+        await self.cli(
+            "device", "add", "pump-1", "--password", "pw",
+            "--subject-value", "serialNumber=SN1", "--san", "DNS:pump-1.plant.example",
+        )
         (device,) = json.loads(await self.cli("device", "list", "--json"))
         self.assertEqual((device["id"], device["password"], device["singleUse"]), ("pump-1", True, False))
+        self.assertEqual(
+            device["registeredNames"],
+            [{"name": "serialNumber", "value": "SN1"}, {"name": "DNS", "value": "pump-1.plant.example"}],
+        )
         self.assertNotIn("hash", json.dumps(device).lower())
         self.assertEqual(json.loads(await self.cli("officer", "list", "--json")), [])
 
