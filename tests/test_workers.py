@@ -131,7 +131,14 @@ class WorkerTests(TwistdTestCase):
             with open(path, encoding="utf-8") as f:
                 return f.read()
 
-        await _until(lambda: os.path.exists(path) and text().count("] estgw serving EST") >= 2)
+        def each_worker_serves() -> bool:
+            # The supervisor's line and one of each worker (they start in
+            # either order, and a loaded machine may delay one).
+            return os.path.exists(path) and all(
+                re.search(rf"\[w{n} [^\]]*\] estgw serving EST", text()) for n in (1, 2)
+            )
+
+        await _until(each_worker_serves)
         self.assertNotIn(b"serving EST", daemon.output)  # not on standard output
         self.assertRegex(text(), r"\[w1 ")
         self.assertRegex(text(), r"\[w2 ")
