@@ -477,18 +477,20 @@ def csr_matches_template(ctx: "PolicyContext") -> None:
         _check_extension(ctx, extension)
 
 
-def _check_critical(ctx: "PolicyContext", requirement: ExtensionRequirement) -> None:
+def _check_critical(ctx: "PolicyContext", requirement: ExtensionRequirement, present: Any = None) -> None:
     """An extension announced with ``!`` must be marked critical in the CSR
-    (the template's ``critical`` field, RFC 9908 §3.4)."""
+    (the template's ``critical`` field, RFC 9908 §3.4).  ``present``: the
+    CSR's extension when the caller already looked it up."""
     if not requirement.critical:
         return
-    try:
-        present = ctx.csr.extensions.get_extension_for_oid(requirement.oid)
-    except x509.ExtensionNotFound:
-        raise _refuse(
-            "csr-template-extension",
-            f"the CSR lacks a critical {requirement.name}, which csrattrs announces as required",
-        ) from None
+    if present is None:
+        try:
+            present = ctx.csr.extensions.get_extension_for_oid(requirement.oid)
+        except x509.ExtensionNotFound:
+            raise _refuse(
+                "csr-template-extension",
+                f"the CSR lacks a critical {requirement.name}, which csrattrs announces as required",
+            ) from None
     if not present.critical:
         raise _refuse(
             "csr-template-extension",
@@ -525,4 +527,4 @@ def _check_extension(ctx: "PolicyContext", requirement: ExtensionRequirement) ->
             "csr-template-extension",
             f"the CSR {requirement.name} differs from the value csrattrs announces",
         )
-    _check_critical(ctx, requirement)
+    _check_critical(ctx, requirement, present)
