@@ -26,6 +26,11 @@ Values that came from a client are kept as given: JSON escapes them.
 Never a password, key, PIN or token password: nothing that carries one
 is ever a field of an audit event.
 
+The file is opened for appending and follows log rotation
+(:mod:`estgw.logfiles`): SIGHUP, or a rename or deletion seen as it
+writes, opens ``log.audit.file`` again; each line goes whole to the old
+file or to the new one.
+
 Operator actions are also rows of the store's ``audit`` table (see
 :func:`operator_action`), so they survive log rotation.
 """
@@ -35,12 +40,13 @@ from __future__ import annotations
 import getpass
 import os
 from datetime import datetime, timezone
-from typing import IO, Any
+from typing import Any
 
 from twisted.logger import ILogObserver, Logger, formatEvent, globalLogPublisher, jsonFileLogObserver
 from zope.interface import implementer
 
 from estgw.escape import printable
+from estgw.logfiles import AppendFile
 
 NAMESPACE = "estgw.audit"
 FIELDS = (
@@ -74,22 +80,22 @@ def record(event: dict[str, Any]) -> dict[str, Any] | None:
 
 @implementer(ILogObserver)
 class AuditFileObserver:
-    """Writes the audit events it sees to ``stream`` as JSON lines."""
+    """Writes the audit events it sees to ``file`` (an :class:`AppendFile`,
+    or any text stream) as JSON lines, one ``write`` each."""
 
     path = ""
 
-    def __init__(self, stream: IO[str]) -> None:
-        self._stream = stream
-        self._json = jsonFileLogObserver(stream, recordSeparator="")
+    def __init__(self, file: Any) -> None:
+        self._file = file
+        self._json = jsonFileLogObserver(file, recordSeparator="")
 
     def __call__(self, event: dict[str, Any]) -> None:
         line = record(event)
         if line is not None:
             self._json(line)
-            self._stream.flush()
 
     def close(self) -> None:
-        self._stream.close()
+        self._file.close()
 
 
 # path -> (observer, users): one observer per file in a process, so a CLI
@@ -104,8 +110,7 @@ def start_audit_file(path: str, publisher: Any = globalLogPublisher) -> AuditFil
         observer, users = _files[path]
         _files[path] = (observer, users + 1)
         return observer
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
-    observer = AuditFileObserver(os.fdopen(fd, "a", encoding="utf-8"))
+    observer = AuditFileObserver(AppendFile(path, 0o640))
     observer.path = path
     _files[path] = (observer, 1)
     publisher.addObserver(observer)

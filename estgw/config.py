@@ -293,9 +293,13 @@ def _workers(value: str) -> int:
 
 
 def _log_bytes(value: str) -> int:
-    number = _positive_int(value)
-    if number < 4096:
-        raise ValueError(f"must be at least 4096 bytes, not {number}")
+    # 0: estgw never rotates log.file (logrotate does).
+    try:
+        number = int(value.strip())
+    except ValueError:
+        raise ValueError(f"expected a whole number, not {value!r}") from None
+    if number != 0 and number < 4096:
+        raise ValueError(f"must be 0 (never rotate) or at least 4096 bytes, not {number}")
     return number
 
 
@@ -548,7 +552,9 @@ class Config:
     # a TCP load balancer, naming the client.
     proxy_protocol: bool = False
     # The human log (estgw.logs): a file rotated by size, how many rotated
-    # files are kept, and the least level written.  None: twistd's own.
+    # files are kept (0 bytes: never rotated by estgw), and the least level
+    # written.  None: twistd's --logfile, which estgw writes the same way,
+    # or standard output.
     log_file: str | None = None
     log_max_bytes: int = 10 * 1024 * 1024
     log_max_files: int = 10

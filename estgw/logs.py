@@ -1,14 +1,19 @@
 """The human log: where it goes, how it rotates, what level it keeps.
 
-``log.file`` names a file rotated at ``log.maxBytes`` with at most
-``log.maxFiles`` rotated files kept (``FILE.1`` newest); ``log.level``
-drops events below it (``warn`` leaves out the per-request lines).  The
-``estgw.audit`` lines (one per issuance or refusal) are the audit trail
-and stay at ``info`` unless the JSON audit file keeps that trail.
+``log.file`` names a file rotated at ``log.maxBytes`` (0: never, for
+logrotate) with at most ``log.maxFiles`` rotated files kept (``FILE.1``
+newest); it follows rotation by others and reopens on SIGHUP
+(:mod:`estgw.logfiles`).  ``log.level`` drops events below it (``warn``
+leaves out the per-request lines).  The ``estgw.audit`` lines (one per
+issuance or refusal) are the audit trail and stay at ``info`` unless the
+JSON audit file keeps that trail.
 
 twistd asks the application for an :class:`ILogObserver` before it picks
 its own: :class:`LoggingService` hands it one when any ``log.*`` key is
-set, so twistd's ``--logfile`` applies only when none is.
+set or twistd would write its log to a file (``--logfile``, or
+``twistd.log`` of a daemon): estgw then writes that file itself, as it
+writes ``log.file``, so that it too reopens after a rotation.  twistd's
+own observer is left for standard output, ``--syslog`` and ``--logger``.
 
 Worker processes (:mod:`estgw.workers`) write their events as JSON lines
 to standard output, already filtered by level; the supervisor publishes
@@ -33,11 +38,13 @@ from twisted.logger import (
     jsonFileLogObserver,
     textFileLogObserver,
 )
-from twisted.python.logfile import LogFile
-
 from estgw.config import Config
+from estgw.logfiles import FollowingLogFile, open_log_file as _open_log_file
 
-__all__ = ["configured", "human_observer", "LoggingService", "worker_observer", "publish_worker_line"]
+__all__ = [
+    "configured", "human_observer", "open_log_file", "twistd_log_file", "LoggingService", "worker_observer",
+    "publish_worker_line",
+]
 
 #: The level a worker filters at, handed down by the supervisor.
 WORKER_LEVEL_VARIABLE = "ESTGW_WORKER_LOG_LEVEL"
@@ -66,22 +73,45 @@ def _level_filter(observer: Any, level: str, keep_audit: bool = True) -> Any:
     return FilteringLogObserver(observer, [predicate])
 
 
-def open_log_file(config: Config) -> LogFile:
-    """``log.file``, opened for appending, rotating by size.
+def twistd_log_file(options: Any) -> str | None:
+    """The file twistd would write its log to for ``options`` (a twistd
+    plugin's options, whose ``parent`` holds twistd's): ``--logfile``, or
+    ``twistd.log`` for a daemon without one; None for standard output,
+    ``--syslog`` or ``--logger``, and outside twistd."""
+    parent = getattr(options, "parent", None)
+    if parent is None or not hasattr(parent, "get"):
+        return None
+    if parent.get("syslog") or parent.get("logger"):
+        return None
+    name = parent.get("logfile")
+    if name == "-":
+        return None
+    if not name:
+        return None if parent.get("nodaemon") else "twistd.log"
+    return str(name)
+
+
+def open_log_file(config: Config, path: str | None = None) -> FollowingLogFile:
+    """``path`` (``log.file`` when None), opened for appending, rotating at
+    ``log.maxBytes`` (0: never) keeping ``log.maxFiles`` rotated files.
 
     :raises OSError: the file or its directory cannot be written.
     """
-    assert config.log_file is not None
-    directory, name = os.path.split(config.log_file)
-    os.makedirs(directory or ".", exist_ok=True)
-    return LogFile(name, directory or ".", rotateLength=config.log_max_bytes,
-                   maxRotatedFiles=config.log_max_files)
+    path = path or config.log_file
+    assert path is not None
+    return _open_log_file(path, config.log_max_bytes or None, config.log_max_files)
 
 
-def human_observer(config: Config, stream: IO[str] | None = None) -> Any:
-    """The text log as configured: ``log.file`` (rotated) or ``stream``
-    (standard output when None), keeping events at ``log.level`` and above."""
-    target: Any = open_log_file(config) if config.log_file is not None else (stream or sys.stdout)
+def human_observer(config: Config, stream: IO[str] | None = None, log_file: Any = None) -> Any:
+    """The text log as configured: ``log_file``, else ``log.file`` (rotated),
+    else ``stream`` (standard output when None), keeping events at
+    ``log.level`` and above."""
+    if log_file is not None:
+        target: Any = log_file
+    elif config.log_file is not None:
+        target = open_log_file(config)
+    else:
+        target = stream or sys.stdout
     return _level_filter(textFileLogObserver(target), config.log_level, not _audit_kept_elsewhere(config))
 
 

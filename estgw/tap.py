@@ -26,7 +26,7 @@ from twisted.protocols.haproxy import proxyEndpoint
 from twisted.python import usage
 from zope.interface import implementer
 
-from estgw import audit, bootstrap, config as config_module, lagprobe, limits, logs, workers
+from estgw import audit, bootstrap, config as config_module, lagprobe, limits, logfiles, logs, workers
 from estgw.approval.gateway import build_gates, load_approval_tls
 from estgw.auth import device_portal, digest_nonce_counts, digest_secret
 from estgw.ca import CAError
@@ -404,15 +404,30 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     config = options.loaded
     worker = options["worker-fds"] is not None
     # A worker's events go to its supervisor as JSON (twistd --logger).
+    # Otherwise estgw writes the human log itself whenever it goes to a
+    # file (log.file, else twistd's --logfile), so that it reopens after
+    # a rotation (estgw.logfiles).
     observer = None
-    if not worker and logs.configured(config):
-        try:
-            observer = logs.human_observer(config)
-        except OSError as e:
-            raise SystemExit(f"estgw: log.file: cannot open {config.log_file}: {e.strerror}") from None
+    log_file = None
+    if not worker:
+        path = config.log_file or logs.twistd_log_file(options)
+        if path is not None:
+            try:
+                log_file = logs.open_log_file(config, path)
+            except OSError as e:
+                key = "log.file" if config.log_file else "--logfile"
+                raise SystemExit(f"estgw: {key}: cannot open {path}: {e.strerror}") from None
+        if log_file is not None or logs.configured(config):
+            observer = logs.human_observer(config, log_file=log_file)
     top = logs.LoggingService(observer)
+    # SIGHUP reopens the log files (and goes on to the workers); SIGUSR1
+    # rotates the human log as twistd does for its --logfile.
+    signals = logfiles.SignalService(reactor, rotate=log_file.rotate if log_file is not None else None)
+    signals.setServiceParent(top)
     if not worker and config.workers > 1:
-        _supervisor(options, reactor).setServiceParent(top)
+        supervisor = _supervisor(options, reactor)
+        signals.on_hangup.append(supervisor.hangup)
+        supervisor.setServiceParent(top)
         return top
     try:
         gateway = GatewayService(

@@ -13,7 +13,10 @@ also serves ``publish.port`` and ``coaps.port`` (one socket each);
 counts only what it served.
 
 A worker that exits while the supervisor runs is started again (after a
-delay that grows while workers keep dying young).  Stopping the
+delay that grows while workers keep dying young).  SIGHUP to the
+supervisor reopens its log files and goes on to every worker, which
+reopens its own (``log.audit.file``; :mod:`estgw.logfiles`); a worker
+ignores SIGHUP from its first instruction until it handles it.  Stopping the
 supervisor (SIGTERM, SIGINT) sends SIGTERM to every worker, waits for them
 (SIGKILL after :data:`STOP_TIMEOUT` seconds) and exits.  A worker also
 stops when its standard input, a pipe from the supervisor, closes: a
@@ -148,7 +151,11 @@ class Supervisor(service.Service):
     def _command(self) -> list[str]:
         if self._argv is not None:
             return list(self._argv)
-        return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+        # SIGHUP ignored at once: one forwarded while the worker starts up
+        # must not end it (estgw.logfiles.SignalService handles it later).
+        return [sys.executable, "-c",
+                "import signal; signal.signal(signal.SIGHUP, signal.SIG_IGN); "
+                "from twisted.scripts.twistd import run; run()",
                 "-n", "--pidfile=", "--logger=estgw.logs.worker_observer",
                 "estgw", "--config", self.config_path,
                 "--worker-fds", ",".join(str(3 + i) for i in range(len(self.sockets)))]
@@ -220,6 +227,11 @@ class Supervisor(service.Service):
                 worker.process.signalProcess(name)
             except error.ProcessExitedAlready:
                 pass
+
+    def hangup(self) -> None:
+        """Send SIGHUP on to every running worker (they reopen their log files)."""
+        for worker in self.workers:
+            self._signal(worker, "HUP")
 
     def _kill_all(self) -> None:
         for worker in self.workers:

@@ -102,6 +102,59 @@ class DaemonTests(TestCase):
         self.assertNotEqual(refused.code, 0)
         self.assertEqual(refused.stdout, b"")
 
+    async def test_sighup_reopens_its_log(self) -> None:
+        """`twistd -n --logfile FILE estgw-approval`: the service writes FILE
+        itself; after a rename, SIGHUP opens FILE again and the service
+        answers on (SIGHUP's default would have ended it)."""
+        from twisted.internet import reactor, task
+
+        config = write(
+            os.path.join(self.directory, "approval.properties"),
+            b"service.port = 0\nservice.interface = 127.0.0.1\nservice.hostnames = 127.0.0.1\n",
+        )
+        log = os.path.join(self.directory, "approval.log")
+        watch = _Watch()
+        watch.serving.addErrback(lambda failure: None)  # the log goes to the file, not to stdout
+        daemon = reactor.spawnProcess(
+            watch, TWISTD, [TWISTD, "-n", "--pidfile=", "--logfile", log, "estgw-approval", "--config", config],
+            env=self.env, path=self.directory,
+        )
+
+        async def stop() -> None:
+            if daemon.pid is not None:
+                daemon.signalProcess(signal.SIGTERM)
+            await watch.ended
+
+        self.addCleanup(lambda: defer.ensureDeferred(stop()))
+
+        def text(path: str) -> bytes:
+            try:
+                with open(path, "rb") as f:
+                    return f.read()
+            except FileNotFoundError:
+                return b""
+
+        async def until(predicate: Any) -> None:
+            for _ in range(300):  # at most 30 s
+                if predicate():
+                    return
+                await task.deferLater(reactor, 0.1, lambda: None)
+            self.fail(text(log).decode(errors="replace"))
+
+        await until(lambda: SERVING.search(text(log)))
+        url = SERVING.search(text(log)).group(1).decode()
+        os.rename(log, log + ".1")
+        daemon.signalProcess(signal.SIGHUP)
+        await until(lambda: b"SIGHUP: reopened " + log.encode() in text(log))
+        certificate, key = pki.default_operator_paths(load(config))
+        ca = os.path.join(self.directory, "approval-state", "ca", "root-ca.pem")
+        listed = await run_process(
+            ["/usr/bin/env", "curl", "-sS", "--cacert", ca, "--cert", certificate, "--key", key, url]
+        )
+        self.assertEqual(listed.code, 0, listed.stderr)
+        self.assertEqual(json.loads(listed.stdout), {"requests": []})
+        self.assertIsNotNone(daemon.pid)  # still running
+
     async def test_bad_config_stops_start(self) -> None:
         """A typo in approval.properties stops twistd with the key and reason."""
         config = write(os.path.join(self.directory, "approval.properties"), b"service.prot = 8444\n")

@@ -111,15 +111,17 @@ class MakeServiceListensTests(TestCase):
     async def test_builds_gateway_service(self) -> None:
         """makeService creates the state, binds the port (before twistd
         daemonizes) without accepting yet, and returns a MultiService
-        holding the (not yet started) gateway service."""
+        holding the (not yet started) gateway service and the signal
+        handling service."""
         directory = os.path.abspath(self.mktemp())
         os.makedirs(directory)
         path = write(os.path.join(directory, "est.properties"), TEST_CONFIG.encode())
         options = tap.Options()
         options.parseOptions(["--config", path])
         top = tap.makeService(options)
-        (gateway,) = list(top)
-        self.assertIsInstance(gateway, tap.GatewayService)
+        # The gateway, and what takes SIGHUP (estgw.logfiles).
+        self.assertEqual(sorted(type(child).__name__ for child in top), ["GatewayService", "SignalService"])
+        (gateway,) = [child for child in top if isinstance(child, tap.GatewayService)]
         self.assertFalse(gateway.running)
         self.assertTrue(os.path.exists(options.loaded.ca_certificate_path))
         self.assertEqual([p.getHost().host for p in gateway.ports], ["127.0.0.1"])

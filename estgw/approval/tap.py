@@ -4,6 +4,11 @@ The configuration is loaded and checked in ``postOptions``; the
 service's CAs and certificates are made (or loaded) and its port bound in
 ``makeService``, before twistd daemonizes, so a bad file or a port in use
 stops twistd with the reason and a non-zero status.
+
+When twistd would write its log to a file (``--logfile``, or
+``twistd.log`` of a daemon), the service writes it itself, as
+``twistd estgw`` does: rotated at 10 MiB keeping 10 files, reopened on
+SIGHUP and after a rename (:mod:`estgw.logfiles`).
 """
 
 from __future__ import annotations
@@ -12,7 +17,10 @@ from typing import Any
 
 import attr
 from twisted.application import service
+from twisted.logger import textFileLogObserver
 from twisted.python import usage
+
+from estgw import logfiles, logs
 
 from estgw.approval import config as config_module
 from estgw.approval.config import ServiceConfig
@@ -45,8 +53,22 @@ class Options(usage.Options):
         self.loaded: ServiceConfig = loaded
 
 
+#: Rotation of the log file the service writes (log.file's defaults).
+LOG_MAX_BYTES = 10 * 1024 * 1024
+LOG_MAX_FILES = 10
+
+
 def makeService(options: Options, reactor: Any = None) -> service.MultiService:
-    top = service.MultiService()
+    path = logs.twistd_log_file(options)
+    log_file = None
+    if path is not None:
+        try:
+            log_file = logfiles.open_log_file(path, LOG_MAX_BYTES, LOG_MAX_FILES)
+        except OSError as e:
+            raise SystemExit(f"estgw-approval: --logfile: cannot open {path}: {e.strerror}") from None
+    target: Any = log_file
+    top = logs.LoggingService(textFileLogObserver(target) if target is not None else None)
+    logfiles.SignalService(reactor, rotate=log_file.rotate if log_file is not None else None).setServiceParent(top)
     try:
         approval = ApprovalService(options.loaded, reactor)
         approval.bind()  # before twistd daemonizes: see estgw.daemon
