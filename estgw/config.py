@@ -608,6 +608,9 @@ class Config:
     # one may take, before 503 + Retry-After.
     ca_max_queued: int = 32
     ca_timeout: float = 30.0
+    # Calls of one token procedure still running past ca.timeout (each may
+    # hold a pool thread) at which its new enrollments are refused at once.
+    ca_max_overdue: int = 4
     # One JSON object per line for each issuance, refusal and operator
     # action (estgw.audit); "" = none.
     audit_file: str = ""
@@ -695,6 +698,7 @@ _GLOBAL_KEYS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "server.maxConnectionsPerClient": ("max_connections_per_client", _non_negative_int),
     "ca.maxQueued": ("ca_max_queued", _positive_int),
     "ca.timeout": ("ca_timeout", _seconds),
+    "ca.maxOverdue": ("ca_max_overdue", _positive_int),
     "log.audit.file": ("audit_file", _text),
     "metrics.port": ("metrics_port", _port),
     "metrics.interface": ("metrics_interface", _interface),

@@ -52,7 +52,7 @@ class Gateway:
     # serverkeygen: the certificate, key and chain that sign the keys the
     # gateway makes and sends encrypted (RFC 7030 §4.4.2): its TLS ones.
     key_signer: tuple[x509.Certificate, Any, tuple[x509.Certificate, ...]] | None = None
-    # ca.maxQueued and ca.timeout around every token procedure call.
+    # ca.maxQueued, ca.timeout and ca.maxOverdue around every token procedure call.
     ca_guard: CAGuard = attr.ib(default=None)
 
     def cacerts(self, label: str) -> list[x509.Certificate]:
@@ -82,7 +82,8 @@ class Gateway:
             if clock is None:
                 from twisted.internet import reactor as clock
             self.ca_guard = CAGuard(
-                self.config.ca_max_queued, self.config.ca_timeout, clock, self.metrics.ca_error
+                self.config.ca_max_queued, self.config.ca_timeout, clock, self.metrics.ca_error,
+                max_overdue=self.config.ca_max_overdue,
             )
 
 

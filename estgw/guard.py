@@ -4,6 +4,11 @@
   enrollments wait for or are inside the CA at once (beyond: 503
   ``ca-busy``), each gets ``ca.timeout`` seconds (beyond: 503
   ``ca-timeout``), and a CA that raises gives 503 ``ca-unavailable``.
+  A call past ``ca.timeout`` keeps running (a thread in an HSM call
+  cannot be stopped); once ``ca.maxOverdue`` of one token procedure's
+  calls do, its new enrollments are 503 ``ca-unavailable`` at once, and
+  ``/health/ready`` says why (:meth:`CAGuard.unavailable`), until they
+  return.
 * :func:`as_refusal` maps a failed store (:class:`StoreUnavailable`) to 503
   ``store-unavailable``.
 
@@ -21,6 +26,7 @@ from typing import Any, Callable
 from cryptography import x509
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from estgw.refusal import Refusal
 from estgw.store import StoreUnavailable
@@ -67,18 +73,36 @@ def refusal_for(error: BaseException, metrics: Any, log: Any, where: str) -> Ref
 class CAGuard:
     """Bounds and times every call to a token procedure (see module doc).
 
-    ``error`` is called with ``busy``, ``timeout`` or ``error`` for each
-    fault (estgw.metrics).  ``in_flight`` counts calls not yet answered.
+    ``error`` is called with ``busy``, ``timeout``, ``overdue`` or ``error``
+    for each fault (estgw.metrics).  ``in_flight`` counts enrollments not
+    yet answered; ``overdue`` (token procedure name -> count) the calls
+    still running although their enrollment was answered ``ca-timeout``.
     """
 
     def __init__(
-        self, max_queued: int, timeout: float, clock: Any, error: Callable[[str], None] | None = None
+        self, max_queued: int, timeout: float, clock: Any, error: Callable[[str], None] | None = None,
+        max_overdue: int = 4,
     ) -> None:
         self.max_queued = max_queued
         self.timeout = timeout
+        self.max_overdue = max_overdue
         self._clock = clock
         self._error = error or (lambda kind: None)
         self.in_flight = 0
+        self.overdue: dict[str, int] = {}
+
+    def unavailable(self, procedure: str) -> str | None:
+        """Why ``procedure`` takes no new enrollments now (for the log and
+        ``/health/ready``), or None: ``ca.maxOverdue`` of its calls still
+        run past ``ca.timeout``, each perhaps holding a thread, so more
+        would only pile up behind a CA that does not answer."""
+        count = self.overdue.get(procedure, 0)
+        if count < self.max_overdue:
+            return None
+        return (
+            f"token procedure {procedure}: {count} calls to the CA still run past ca.timeout"
+            f" ({self.timeout:g} s; ca.maxOverdue = {self.max_overdue}); enrollments refused until they return"
+        )
 
     async def issue(self, issue: Callable[[], Any], procedure: str = "") -> x509.Certificate:
         """Run ``issue()`` (a token procedure's ``issue(request)``, which
@@ -90,11 +114,16 @@ class CAGuard:
                 procedure=procedure, count=self.in_flight,
             )
             raise _unavailable("ca-busy", "the CA has too many requests waiting; retry later")
+        why = self.unavailable(procedure)
+        if why is not None:
+            self._error("overdue")
+            _log.warn("{why}", why=why)
+            raise _unavailable(
+                "ca-unavailable", "the CA has not answered earlier requests; nothing was issued: retry later"
+            )
         self.in_flight += 1
         try:
-            d = defer.maybeDeferred(issue)
-            d.addTimeout(self.timeout, self._clock)
-            return await d
+            return await self._call(issue, procedure)
         except Refusal:
             raise
         except defer.TimeoutError:
@@ -116,3 +145,51 @@ class CAGuard:
             raise _unavailable("ca-unavailable", "the CA cannot issue certificates just now; retry later") from None
         finally:
             self.in_flight -= 1
+
+    def _call(self, issue: Callable[[], Any], procedure: str) -> defer.Deferred[Any]:
+        """``issue()``'s outcome, or TimeoutError after ``timeout`` seconds.
+
+        The call itself is not cancelled then: no token procedure can stop
+        a signature in a thread or an HSM, and cancelling its Deferred
+        would only hide that it still runs.  It counts as overdue until it
+        returns; what it returns then is dropped (nothing was recorded, so
+        nothing is sent)."""
+        answer: defer.Deferred[Any] = defer.Deferred()
+        late = False
+        started = self._clock.seconds()
+
+        def expire() -> None:
+            nonlocal late
+            late = True
+            self.overdue[procedure] = self.overdue.get(procedure, 0) + 1
+            if not answer.called:
+                answer.errback(defer.TimeoutError(f"{self.timeout:g} s"))
+
+        timer = self._clock.callLater(self.timeout, expire)
+
+        def returned(outcome: Any) -> None:
+            if late:
+                left = self.overdue.get(procedure, 1) - 1
+                if left > 0:
+                    self.overdue[procedure] = left
+                else:
+                    self.overdue.pop(procedure, None)
+                serial = getattr(outcome, "serial_number", None)
+                _log.warn(
+                    "token procedure {procedure} returned {seconds:.1f} s after it was called, past ca.timeout:"
+                    " {what} dropped, nothing recorded or sent",
+                    procedure=procedure, seconds=self._clock.seconds() - started,
+                    what=f"certificate serial {serial:x}" if serial is not None else "its answer",
+                )
+                return None
+            if timer.active():
+                timer.cancel()
+            if not answer.called:
+                if isinstance(outcome, Failure):
+                    answer.errback(outcome)
+                else:
+                    answer.callback(outcome)
+            return None
+
+        defer.maybeDeferred(issue).addBoth(returned)
+        return answer

@@ -9,12 +9,12 @@ nothing devices need to reach.  What is exported (README, Metrics):
 * ``estgw_responses_total{operation,status}``, ``estgw_refusals_total{code}``,
   ``estgw_certificates_issued_total{operation}``,
   ``estgw_request_seconds{operation}`` (histogram);
-* ``estgw_ca_errors_total{kind}`` (busy, timeout, error),
+* ``estgw_ca_errors_total{kind}`` (busy, timeout, overdue, error),
   ``estgw_store_errors_total``, ``estgw_tls_handshake_failures_total{reason}``;
 * read when scraped: ``estgw_pending_approvals``,
   ``estgw_certificates_expiring{days}`` (issued here, not revoked, expiring
-  within ``metrics.expiringDays``), ``estgw_threadpool_queued{pool}`` and
-  ``estgw_ca_in_flight``;
+  within ``metrics.expiringDays``), ``estgw_threadpool_queued{pool}``,
+  ``estgw_ca_in_flight`` and ``estgw_ca_overdue``;
 * the process: ``process_cpu_seconds_total``,
   ``process_resident_memory_bytes``, ``process_open_fds`` and the rest of
   prometheus-client's process collector.
@@ -63,7 +63,8 @@ class Metrics:
             buckets=BUCKETS, registry=r,
         )
         self._ca_errors = Counter(
-            "estgw_ca_errors", "Token procedure faults: busy (ca.maxQueued), timeout (ca.timeout), error.",
+            "estgw_ca_errors", "Token procedure faults: busy (ca.maxQueued), timeout (ca.timeout),"
+            " overdue (refused: ca.maxOverdue calls past ca.timeout), error.",
             ["kind"], registry=r,
         )
         self._store_errors = Counter(
@@ -84,6 +85,9 @@ class Metrics:
         )
         self._ca_in_flight = Gauge(
             "estgw_ca_in_flight", "Enrollments waiting for or inside a token procedure.", registry=r
+        )
+        self._ca_overdue = Gauge(
+            "estgw_ca_overdue", "Token procedure calls still running past ca.timeout.", registry=r
         )
         ProcessCollector(registry=r)
         # Refreshed before each scrape (set by estgw.tap).
@@ -147,6 +151,7 @@ class Metrics:
         returns the ThreadPool, or None while there is none)."""
         if ca_guard is not None:
             self._ca_in_flight.set_function(lambda: ca_guard.in_flight)
+            self._ca_overdue.set_function(lambda: sum(ca_guard.overdue.values()))
         for name, pool in (pools or {}).items():
             self._queued.labels(name).set_function(functools.partial(_backlog, pool))
         if store is not None:

@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import re
 import sqlite3
+import threading
+import time
 from typing import Any
 
-from twisted.internet import defer, reactor, task
-from twisted.trial.unittest import TestCase
+from twisted.internet import defer, reactor, task, threads
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from estgw.ca import IssueRequest, Profile
+from estgw.guard import CAGuard
+from estgw.refusal import Refusal
 from estgw.store import SQLiteStore, StoreUnavailable
 from estgw.testing import TEST_CONFIG, HTTPResult, RunningGateway, name, new_key
 from tests.test_auth import AuditLog
@@ -137,6 +142,141 @@ class CAFaultTests(FaultTestCase):
         result = await first
         self.assertEqual(result.status, 200, result.text)
         self.assertEqual(await self.count_on_disk(), 1)
+
+
+class _HangingInThread:
+    """A token procedure whose signature hangs in a reactor pool thread, as
+    a PKCS#11 call stuck in an HSM does, until ``release`` is set."""
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+        self.release = threading.Event()
+        self.calls = 0
+
+    def issue(self, request: Any) -> Any:
+        self.calls += 1
+
+        def sign() -> Any:
+            self.release.wait(60)  # bounded: the test sets it
+            return self.real.ca.sign(request, self.real.profile)
+
+        return threads.deferToThreadPool(reactor, reactor.getThreadPool(), sign)
+
+    def chain(self) -> list:
+        return self.real.chain()
+
+
+async def _until(predicate: Any, seconds: float = 20.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {seconds} s")
+        await task.deferLater(reactor, 0.05, lambda: None)
+
+
+class HungCATests(FaultTestCase):
+    """Calls that outlive ca.timeout are counted per token procedure; at
+    ca.maxOverdue that procedure takes no new enrollments until they return."""
+
+    config = TEST_CONFIG + (
+        "ca.timeout = 0.5\nca.maxOverdue = 2\n"
+        "tokenprocedure.2.name = Lab Procedure\nhandler.6.tokenprocedure = Lab Procedure\n"
+    )
+
+    async def test_hung_ca_refused_at_once_and_not_ready(self) -> None:
+        """Two calls hung in pool threads: each enrollment gets 503
+        ca-timeout; the third gets 503 ca-unavailable without calling the CA
+        (no third thread taken), /health/ready names the procedure, another
+        token procedure keeps issuing.  When the calls return, their
+        certificates are dropped (nothing recorded), and the procedure and
+        readiness are back."""
+        hanging = _HangingInThread(self.real_procedure)
+        self.addCleanup(hanging.release.set)
+        self.gw.procedures[self.procedure_name] = hanging
+        for _ in range(2):
+            await self.assertUnavailable(await self.enroll(), "ca-timeout", "did not answer within 0.5 seconds")
+        self.assertEqual(self.gw.ca_guard.overdue, {self.procedure_name: 2})
+        self.assertEqual(self.gw.ca_guard.in_flight, 0)
+
+        result = await self.enroll()
+        await self.assertUnavailable(result, "ca-unavailable", "has not answered earlier requests")
+        self.assertEqual(hanging.calls, 2)  # refused before the CA was called
+        self.assertIn(b'estgw_ca_overdue 2.0', self.gw.metrics.render())
+        self.assertIn(b'estgw_ca_errors_total{kind="overdue"} 1.0', self.gw.metrics.render())
+
+        ready = await self.gateway.curl("/health/ready")
+        self.assertEqual(ready.status, 503, ready.text)
+        self.assertIn("ca: token procedure Test Procedure: 2 calls to the CA still run past ca.timeout", ready.text)
+        self.assertIn("retry-after", ready.headers)
+
+        # The other token procedure is not held up.
+        lab = await self.gateway.curl("lab/simpleenroll", data=basic_csr(), user="pump-17:s3cret")
+        self.assertEqual(lab.status, 200, lab.text)
+        self.assertEqual(await self.count_on_disk(), 1)
+
+        hanging.release.set()
+        await _until(lambda: not self.gw.ca_guard.overdue)
+        self.assertEqual(await self.count_on_disk(), 1)  # the late certificates were not recorded
+        self.assertEqual(len(self.audit.issued), 1)
+        ready = await self.gateway.curl("/health/ready")
+        self.assertEqual((ready.status, ready.text), (200, "ready\n"))
+        result = await self.enroll()  # the same (slow, now free) procedure issues again
+        self.assertEqual(result.status, 200, result.text)
+        self.assertEqual(await self.count_on_disk(), 2)
+
+
+class CAGuardTests(SynchronousTestCase):
+    """CAGuard's counting, on a Clock."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.errors: list[str] = []
+        self.guard = CAGuard(10, 5.0, self.clock, self.errors.append, max_overdue=2)
+
+    def issue(self, call: Any, procedure: str = "A") -> defer.Deferred:
+        return defer.ensureDeferred(self.guard.issue(call, procedure))
+
+    def test_overdue_until_returned(self) -> None:
+        """A call past the timeout is answered ca-timeout and counted until
+        its Deferred fires; a late result (or failure) is dropped."""
+        calls = [defer.Deferred(), defer.Deferred()]
+        answers = [self.issue(lambda d=d: d) for d in calls]
+        self.clock.advance(5)
+        for answer in answers:
+            self.assertEqual(self.failureResultOf(answer, Refusal).value.code, "ca-timeout")
+        self.assertEqual(self.guard.overdue, {"A": 2})
+        self.assertIsNotNone(self.guard.unavailable("A"))
+        self.assertIsNone(self.guard.unavailable("B"))
+        # At the limit: refused at once, the CA not called.
+        called = []
+        refused = self.issue(lambda: called.append(1))
+        self.assertEqual(self.failureResultOf(refused, Refusal).value.code, "ca-unavailable")
+        self.assertEqual(called, [])
+        # Another token procedure is not held up.
+        self.assertEqual(self.successResultOf(self.issue(lambda: "certificate", "B")), "certificate")
+        calls[0].callback("late certificate")
+        self.assertEqual(self.guard.overdue, {"A": 1})
+        calls[1].errback(RuntimeError("late failure"))
+        self.assertEqual(self.guard.overdue, {})
+        self.assertEqual(self.successResultOf(self.issue(lambda: "certificate")), "certificate")
+        self.assertEqual(self.errors, ["timeout", "timeout", "overdue"])
+
+    def test_answer_in_time_is_not_overdue(self) -> None:
+        """A call that answers before the timeout cancels its timer."""
+        call: defer.Deferred = defer.Deferred()
+        answer = self.issue(lambda: call)
+        self.clock.advance(4.9)
+        call.callback("certificate")
+        self.assertEqual(self.successResultOf(answer), "certificate")
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual((self.guard.overdue, self.guard.in_flight), ({}, 0))
+
+    def test_failure_in_time(self) -> None:
+        """A CA that fails in time: ca-unavailable, not counted overdue."""
+        answer = self.issue(lambda: defer.fail(OSError(5, "Input/output error")))
+        self.assertEqual(self.failureResultOf(answer, Refusal).value.code, "ca-unavailable")
+        self.assertEqual((self.guard.overdue, self.errors), ({}, ["error"]))
+        self.flushLoggedErrors()
 
 
 class _StoreProxy:
