@@ -3,11 +3,15 @@ orchestrators.
 
 * live: 200 ``live`` whenever the process answers HTTP at all (a process
   that does not answer is dead or wedged: restart it).
-* ready: 200 ``ready`` when the store answers a query and every token
-  procedure's CA certificate is within its validity, each within
-  ``READY_TIMEOUT`` seconds; else 503 with one line per failed check and
-  ``Retry-After``, so a load balancer sends devices elsewhere.  Also 503
-  while the gateway starts or stops.
+* ready: 200 ``ready`` when the store answers a query and could take a
+  write (no other process holds its write lock, it is not read-only),
+  and every token procedure's CA certificate is within its validity and
+  its CA is not hung (``ca.maxOverdue``), each within ``READY_TIMEOUT``
+  seconds; else 503 with one line per failed check and ``Retry-After``,
+  so a load balancer sends devices elsewhere.  Also 503 while the gateway
+  starts or stops.  The write check's outcome is kept for
+  ``WRITE_CHECK_CACHE`` seconds (:func:`cached`), so frequent probes do
+  not add load.
 
 Both are plain text with a Content-Length, take GET (and HEAD), need no
 client certificate, and say nothing secret.  They are served on the EST
@@ -28,6 +32,10 @@ from twisted.web.server import Request
 READY_TIMEOUT = 5.0
 #: Retry-After (seconds) of a 503 readiness answer.
 RETRY_AFTER = 5
+#: Seconds the store's write check waits for another connection's lock.
+WRITE_CHECK_SECONDS = 1.0
+#: Seconds a write check's outcome is reused for later probes.
+WRITE_CHECK_CACHE = 2.0
 
 Check = Callable[[], Coroutine[Any, Any, None]]
 
@@ -144,6 +152,46 @@ def health_resource(checks: Callable[[], Mapping[str, Check]], reactor: Any) -> 
     health.putChild(b"live", _Live())
     health.putChild(b"ready", _Ready(checks, reactor))
     return health
+
+
+def cached(check: Check, seconds: float, clock: Any) -> Check:
+    """``check``, run at most once per ``seconds`` (``clock.seconds()``):
+    probes within that time share its outcome, success or failure, and
+    probes during a run wait for that run."""
+    state: dict[str, Any] = {"at": None, "why": None, "running": None}
+
+    async def once() -> None:
+        try:
+            await check()
+            state["why"] = None
+        except Exception as e:
+            state["why"] = str(e) or type(e).__name__
+        finally:
+            state["at"] = clock.seconds()
+            state["running"] = None
+
+    async def run() -> None:
+        if state["running"] is None and (state["at"] is None or clock.seconds() - state["at"] >= seconds):
+            d = defer.ensureDeferred(once())
+            if not d.called:
+                state["running"] = d
+        running = state["running"]
+        if running is not None:
+            # Each probe waits on its own Deferred: one that gives up
+            # (READY_TIMEOUT cancels it) does not cancel the shared run.
+            waiter: defer.Deferred[None] = defer.Deferred()
+
+            def wake(result: Any) -> Any:
+                if not waiter.called:
+                    waiter.callback(None)
+                return result
+
+            running.addBoth(wake)
+            await waiter
+        if state["why"] is not None:
+            raise RuntimeError(state["why"])
+
+    return run
 
 
 def certificate_in_validity(certificate: Any, now: datetime | None = None) -> None:

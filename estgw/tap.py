@@ -34,7 +34,14 @@ from estgw.ca.publish import keep_fresh, publish_site, published_cas
 from estgw.config import Config, ConfigError
 from estgw.daemon import StartError, _listen_now, end_process_on_failure, listen_all, shown_address
 from estgw.enroll import Gateway
-from estgw.health import Check, certificate_in_validity, health_resource
+from estgw.health import (
+    WRITE_CHECK_CACHE,
+    WRITE_CHECK_SECONDS,
+    Check,
+    cached,
+    certificate_in_validity,
+    health_resource,
+)
 from estgw.limits import ConnectionCounts, LimitedEndpoint
 from estgw.revocation import build_checker
 from estgw.metrics import Metrics, metrics_site
@@ -160,6 +167,11 @@ class GatewayService(service.Service):
         self.coaps_port: Any = None
         self.ready: defer.Deferred[None] = defer.Deferred()
         self.lag_probe = lagprobe.from_environment(reactor)
+        # The store's write check, shared by the probes of WRITE_CHECK_CACHE seconds.
+        async def store_writable() -> None:
+            await self.store.check_writable(WRITE_CHECK_SECONDS)
+
+        self._store_writable = cached(store_writable, WRITE_CHECK_CACHE, reactor)
 
     @property
     def port(self) -> Any:
@@ -219,17 +231,28 @@ class GatewayService(service.Service):
             self.gateway.metrics.refusal(code)
 
     def readiness_checks(self) -> Mapping[str, Check]:
-        """What ``/health/ready`` asks; nothing (not ready) unless serving."""
+        """What ``/health/ready`` asks; nothing (not ready) unless serving:
+        the store answers a read and could take a write; every token
+        procedure's CA certificate is valid and its CA not hung."""
         if not self._serving or self.gateway is None:
             return {}
         procedures = self.gateway.procedures
+        guard = self.gateway.ca_guard
+        writable = self._store_writable
 
         async def store() -> None:
             await self.store.get_certificate(0)
+            await writable()
 
         async def ca() -> None:
-            for procedure in procedures.values():
-                certificate_in_validity(procedure.chain()[0])
+            for name, procedure in procedures.items():
+                chain = procedure.chain()
+                if not chain:
+                    raise ValueError(f"token procedure {name}: its CA certificates are not known yet")
+                certificate_in_validity(chain[0])
+            hung = [why for why in map(guard.unavailable, procedures) if why is not None]
+            if hung:
+                raise ValueError("; ".join(hung))
 
         return {"store": store, "ca": ca}
 

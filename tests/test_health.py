@@ -3,11 +3,17 @@ on the EST listener (TLS, no client certificate) and the metrics listener."""
 
 from __future__ import annotations
 
+import sqlite3
+import time
 from datetime import datetime, timedelta, timezone
+from typing import Any
 
+from twisted.internet import defer
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from estgw.health import certificate_in_validity
+from estgw.health import WRITE_CHECK_CACHE, cached, certificate_in_validity
+from estgw.store import StoreUnavailable
 from estgw.testing import TEST_CONFIG, RunningGateway, _which, run_process
 
 
@@ -53,6 +59,56 @@ class HealthTests(TestCase):
         self.assertEqual(status, 200)
         await gateway.store.start()  # for the cleanup
 
+    async def test_not_ready_while_another_process_holds_the_write_lock(self) -> None:
+        """Another connection holds SQLite's write lock (reads still work, as
+        WAL allows): /health/ready is 503 naming the store, within about the
+        1 s the write check waits, not the 5 s a probe may take; once the
+        lock is gone (and the 2 s cached outcome expired) it is ready."""
+        gateway = await RunningGateway.start(self)
+        status, _, body = await self.get(gateway.url("/health/ready"), "--cacert", gateway.ca_file)
+        self.assertEqual((status, body), (200, b"ready\n"))
+        other = sqlite3.connect(gateway.config.store_path, isolation_level=None)
+        self.addCleanup(other.close)
+        other.execute("BEGIN EXCLUSIVE")
+        try:
+            # A read passes (the old check alone said ready).
+            self.assertIsNone(await gateway.store.get_certificate(0))
+            await defer.Deferred.fromCoroutine(_sleep(WRITE_CHECK_CACHE))  # the last outcome expires
+            started = time.monotonic()
+            status, head, body = await self.get(gateway.url("/health/ready"), "--cacert", gateway.ca_file)
+            self.assertLess(time.monotonic() - started, 4.5)
+        finally:
+            other.execute("ROLLBACK")
+        self.assertEqual(status, 503, body)
+        self.assertIn("retry-after: 5", head)
+        self.assertRegex(body.decode(), r"^not ready\nstore: .*database is locked\n$")
+        await defer.Deferred.fromCoroutine(_sleep(WRITE_CHECK_CACHE))
+        status, _, body = await self.get(gateway.url("/health/ready"), "--cacert", gateway.ca_file)
+        self.assertEqual((status, body), (200, b"ready\n"))
+
+    async def test_write_check_cached(self) -> None:
+        """Ten probes at once run the store's write check once per 2 s, not
+        once each."""
+        gateway = await RunningGateway.start(self)
+        calls = []
+        real = gateway.store.check_writable
+
+        def counting(seconds: float = 1.0) -> Any:
+            calls.append(seconds)
+            return real(seconds)
+
+        gateway.store.check_writable = counting
+        started = time.monotonic()
+        probes = [defer.Deferred.fromCoroutine(
+            self.get(gateway.url("/health/ready"), "--cacert", gateway.ca_file)) for _ in range(10)]
+        for status, _, _ in await defer.gatherResults(probes):
+            self.assertEqual(status, 200)
+        elapsed = time.monotonic() - started
+        self.assertGreaterEqual(len(calls), 1)
+        # Once when all ten came within 2 s (as they do on an idle machine).
+        self.assertLessEqual(len(calls), 1 + int(elapsed / WRITE_CHECK_CACHE), elapsed)
+        self.assertEqual(set(calls), {1.0})
+
     async def test_not_ready_while_stopping(self) -> None:
         """Once the service stops, readiness checks report not ready."""
         gateway = await RunningGateway.start(self)
@@ -79,6 +135,60 @@ class HealthTests(TestCase):
             status, head, _ = await self.get(gateway.url(path), "--cacert", gateway.ca_file)
             self.assertEqual(status, 404, path)
             self.assertIn("content-type: text/plain", head)
+
+
+async def _sleep(seconds: float) -> None:
+    from twisted.internet import reactor, task
+
+    await task.deferLater(reactor, seconds, lambda: None)
+
+
+class CachedCheckTests(SynchronousTestCase):
+    """health.cached on a Clock."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.runs: list[defer.Deferred] = []
+
+        async def check() -> None:
+            d: defer.Deferred = defer.Deferred()
+            self.runs.append(d)
+            await d
+
+        self.check = cached(check, 2.0, self.clock)
+
+    def probe(self) -> defer.Deferred:
+        return defer.ensureDeferred(self.check())
+
+    def test_shared_then_cached_then_run_again(self) -> None:
+        """Probes during a run wait for it; within 2 s after, they get its
+        outcome without running the check; after that, it runs again."""
+        first, second = self.probe(), self.probe()
+        self.assertEqual(len(self.runs), 1)
+        self.clock.advance(0.5)
+        self.runs[0].errback(StoreUnavailable("database is locked"))
+        for probe in (first, second):
+            self.assertEqual(str(self.failureResultOf(probe, RuntimeError).value), "database is locked")
+        self.clock.advance(1.9)
+        self.failureResultOf(self.probe(), RuntimeError)
+        self.assertEqual(len(self.runs), 1)
+        self.clock.advance(0.1)
+        third = self.probe()
+        self.assertEqual(len(self.runs), 2)
+        self.runs[1].callback(None)
+        self.assertIsNone(self.successResultOf(third))
+        self.assertIsNone(self.successResultOf(self.probe()))
+        self.assertEqual(len(self.runs), 2)
+
+    def test_a_probe_that_gives_up_does_not_cancel_the_run(self) -> None:
+        """A probe cancelled (its READY_TIMEOUT) leaves the shared run going."""
+        first = self.probe()
+        first.cancel()
+        self.failureResultOf(first, defer.CancelledError)
+        second = self.probe()
+        self.assertEqual(len(self.runs), 1)
+        self.runs[0].callback(None)
+        self.assertIsNone(self.successResultOf(second))
 
 
 class CAValidityTests(SynchronousTestCase):

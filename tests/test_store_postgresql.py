@@ -19,12 +19,12 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, pkcs7
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, task, threads
 from twisted.trial.unittest import TestCase
 
 from estgw import cli, config as config_module
 from estgw.passwords import hash_password
-from estgw.store import Approval, Device, OfficerRole, SQLiteStore, open_store
+from estgw.store import Approval, Device, OfficerRole, SQLiteStore, StoreUnavailable, open_store
 from estgw.store.migrations import MIGRATIONS
 from estgw.testing import (
     TEST_CONFIG,
@@ -166,6 +166,59 @@ class TwoGatewaysTests(TestCase):
         self.assertEqual(result.status, 403, result.text)
         self.assertIn("revoked", result.text)
         self.assertEqual(await self.b.store.count_certificates(), 1)
+
+
+class ReadinessTests(TestCase):
+    """/health/ready asks PostgreSQL whether it could take a write now."""
+
+    async def setUp(self) -> None:
+        self.url = await postgresql.new_database(self)
+        base = os.path.abspath(self.mktemp())
+        self.gateway = RunningGateway(os.path.join(base, "a"), config_text(os.path.join(base, "state"), self.url))
+        await self.gateway.run()
+        self.addCleanup(self.gateway.stop)
+
+    async def ready(self) -> HTTPResult:
+        return await self.gateway.curl("/health/ready")
+
+    async def test_table_locked_by_another_session(self) -> None:
+        """Another session holds an EXCLUSIVE lock on the certificates table
+        (an INSERT would wait for it): 503 naming the store and the lock
+        timeout; ready again once it lets go."""
+        import psycopg
+
+        self.assertEqual((await self.ready()).status, 200)
+        other = await threads.deferToThread(psycopg.connect, self.url)
+        self.addCleanup(other.close)
+        await threads.deferToThread(other.execute, "LOCK TABLE certificates IN EXCLUSIVE MODE")
+        try:
+            self.assertIsNone(await self.gateway.store.get_certificate(0))  # reads still pass
+            await task.deferLater(reactor, 2.0, lambda: None)  # the cached outcome expires
+            result = await self.ready()
+        finally:
+            await threads.deferToThread(other.rollback)
+        self.assertEqual(result.status, 503, result.text)
+        self.assertRegex(result.text, r"^not ready\nstore: PostgreSQLStore\(.*lock timeout")
+        await task.deferLater(reactor, 2.0, lambda: None)
+        self.assertEqual((await self.ready()).status, 200)
+
+    async def test_read_only_database(self) -> None:
+        """The database turned read-only (as a standby after a failover is):
+        once the store's connections are replaced, 503 "takes no writes"."""
+        (database,) = postgresql.query(self.url, "SELECT current_database()")[0]
+        postgresql.query(self.url, f"ALTER DATABASE {database} SET default_transaction_read_only = on")
+        postgresql.query(
+            self.url,
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND application_name = 'estgw'",
+        )
+        result = await self.ready()
+        self.assertEqual(result.status, 503, result.text)
+        self.assertIn("store: ", result.text)
+        self.assertIn("takes no writes (read-only transaction)", result.text)
+        # Enrollments fail there too: the readiness answer is the truth.
+        with self.assertRaises(StoreUnavailable):
+            await self.gateway.store.add_audit(T0, "os:test", "probe", "nothing", "")
 
 
 class CLITests(TestCase):

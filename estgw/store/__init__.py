@@ -328,6 +328,12 @@ class IStore(Interface):
     def close() -> Deferred[None]:
         """Finish the operations in flight, then release the database."""
 
+    def check_writable(seconds: float = 1.0) -> Deferred[None]:
+        """Fire when a write transaction could start now, having waited at
+        most ``seconds`` for another connection's write lock; fail with
+        StoreUnavailable saying why not (locked by another process,
+        read-only).  Writes nothing (for ``/health/ready``)."""
+
     def record_certificate(issued: IssuedCertificate, renewing: int | None = None) -> Deferred[None]:
         """
         Record an issued certificate (DuplicateCertificate on a reused

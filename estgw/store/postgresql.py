@@ -33,7 +33,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
-from estgw.store import redact_url
+from estgw.store import StoreUnavailable, redact_url
 from estgw.store.migrations import GENERATED_IDS
 from estgw.store.sql import _SQLStore
 
@@ -222,6 +222,24 @@ class PostgreSQLStore(_SQLStore):
 
     def _make_pool(self) -> Any:
         return _PsycopgPool(self.url, self._reactor, self.pool_size, self.connect_timeout)
+
+    def check_writable(self, seconds: float = 1.0) -> Deferred[None]:
+        """In a transaction of a pooled connection: fail when it is
+        read-only (a standby after a failover, ``default_transaction_read_only``),
+        else take the lock an INSERT into ``certificates`` takes (ROW
+        EXCLUSIVE), waiting at most ``seconds`` for others' locks (``LOCK
+        TABLE ... IN EXCLUSIVE MODE``, a long ``ALTER TABLE``)."""
+        milliseconds = max(1, int(seconds * 1000))
+
+        def probe(txn: Any) -> None:
+            self._execute(txn, f"SET LOCAL lock_timeout = {milliseconds}")
+            self._execute(txn, "SELECT current_setting('transaction_read_only')")
+            (read_only,) = txn.fetchone()
+            if read_only == "on":
+                raise StoreUnavailable(f"{self!r}: the database takes no writes (read-only transaction)")
+            self._execute(txn, "LOCK TABLE certificates IN ROW EXCLUSIVE MODE")
+
+        return self._run(probe)
 
     def _lock_schema(self, txn: Any) -> None:
         self._execute(txn, "SELECT pg_advisory_xact_lock(?)", (_SCHEMA_LOCK,))

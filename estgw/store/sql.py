@@ -295,6 +295,10 @@ class _SQLStore:
             raise StoreUnavailable(f"{self!r}: {error}") from error
         return failure
 
+    def check_writable(self, seconds: float = 1.0) -> Deferred[None]:
+        """See :meth:`IStore.check_writable`; each backend knows how."""
+        raise NotImplementedError
+
     # -- lifecycle
 
     def start(self) -> Deferred[None]:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import pathlib
 import sqlite3
 import time
 from typing import Any
 
 from twisted.enterprise import adbapi
+
+from twisted.internet.defer import Deferred
 
 from estgw.store.sql import _SQLStore
 
@@ -69,3 +73,20 @@ class SQLiteStore(_SQLStore):
             # A connection that failed is replaced by a new one for the next call.
             cp_reconnect=True,
         )
+
+    def check_writable(self, seconds: float = 1.0) -> Deferred[None]:
+        """Take SQLite's write lock (``BEGIN IMMEDIATE``) on a connection of
+        its own, waiting at most ``seconds`` for another connection's,
+        and let it go: what a write would meet now.  Run in the store's
+        thread, after the work queued there; the file must exist."""
+        uri = pathlib.Path(os.path.abspath(self.path)).as_uri() + "?mode=rw"
+
+        def probe(txn: Any) -> None:
+            connection = sqlite3.connect(uri, uri=True, timeout=seconds, isolation_level=None)
+            try:
+                connection.execute("BEGIN IMMEDIATE")
+                connection.execute("ROLLBACK")
+            finally:
+                connection.close()
+
+        return self._run(probe)
