@@ -229,7 +229,9 @@ async def enroll(
     await _client_certificate_not_revoked(gateway, identity, peer)
     csr = parse_csr(body, content_type)
     audit.note(request, subject=csr.subject.rfc4514_string())
-    binding = channel_binding(peer)
+    # Only a handler with channelBinding on reads it (policy.challenge_password);
+    # deriving a TLS exporter value costs a key derivation per request.
+    binding = channel_binding(peer) if handler.channel_binding else None
     ctx = policy.build_context(
         handler.operation, handler, identity, csr,
         policy.ChannelBinding(*binding) if binding else None,

@@ -26,7 +26,7 @@ from twisted.protocols.haproxy import proxyEndpoint
 from twisted.python import usage
 from zope.interface import implementer
 
-from estgw import audit, bootstrap, config as config_module, lagprobe, limits, logfiles, logs, workers
+from estgw import audit, bootstrap, collector, config as config_module, lagprobe, limits, logfiles, logs, workers
 from estgw.approval.gateway import build_gates, load_approval_tls
 from estgw.auth import device_portal, digest_nonce_counts, digest_secret
 from estgw.ca import CAError
@@ -124,11 +124,15 @@ class GatewayService(service.Service):
         reactor: Any = None,
         inherited_fds: list[int] | None = None,
         side_listeners: bool = True,
+        settle_gc: bool = False,
     ) -> None:
         # inherited_fds: a worker (estgw.workers) serves these listening sockets.
         # side_listeners: publish.port and coaps.port, which only one worker binds.
+        # settle_gc: this service is the process's (twistd's), not one of
+        # several in a test run: tune the garbage collector once it is ready.
         self.inherited_fds = inherited_fds
         self.side_listeners = side_listeners
+        self.settle_gc = settle_gc
         if reactor is None:
             from twisted.internet import reactor as default_reactor
 
@@ -333,6 +337,8 @@ class GatewayService(service.Service):
             # another process) and before their nextUpdate.
             self._crl_refresh = keep_fresh(self.published, self.reactor)
             self._crl_refresh.start(CRL_REFRESH_SECONDS, now=True)
+        if self.settle_gc:
+            collector.settle()
         for port in self.ports:
             port.startReading()
         if self.lag_probe is not None:
@@ -454,7 +460,8 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         return top
     try:
         gateway = GatewayService(
-            config, reactor, inherited_fds=options["worker-fds"], side_listeners=options["worker-number"] == 1
+            config, reactor, inherited_fds=options["worker-fds"], side_listeners=options["worker-number"] == 1,
+            settle_gc=True,
         )
         gateway.bind()
     except (usage.UsageError, StartError) as e:

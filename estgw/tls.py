@@ -284,7 +284,18 @@ class GatewayContextFactory(ssl.CertificateOptions):
             # No renegotiation (a client could restart handshakes at our
             # cost, or change identity mid-connection) and no TLS
             # compression (CRIME).
-            context.set_options(SSL.OP_NO_RENEGOTIATION | SSL.OP_NO_COMPRESSION)
+            #
+            # A client that closes its socket without a close_notify alert
+            # (most EST clients, once they have their response) ends the
+            # connection like one that sent it.  Truncation cannot pass
+            # unseen: every HTTP message is framed (Content-Length or
+            # chunked), so a cut request is never processed.  Without it,
+            # pyOpenSSL's error became a Twisted Failure whose traceback
+            # held the connection in a reference cycle: each connection
+            # waited for the cyclic garbage collector.
+            context.set_options(
+                SSL.OP_NO_RENEGOTIATION | SSL.OP_NO_COMPRESSION | SSL.OP_IGNORE_UNEXPECTED_EOF
+            )
             return context
         return super().getContext()
 

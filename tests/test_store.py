@@ -1042,6 +1042,78 @@ class GroupCommitTests(StoreTestCase):
             await store.record_certificate(issued("late", serial=0x3100))
 
 
+class GroupedLookupTests(StoreTestCase):
+    """get_certificate: concurrent lookups share queries, each answered
+    with its own certificate (or None), and each read after it was asked."""
+
+    async def counting_store(self) -> tuple[Any, list[list[int]]]:
+        store = await self.open_store()
+        queries: list[list[int]] = []
+        real = store._select_certificates
+
+        def select(txn: Any, serials: list[int]) -> Any:
+            queries.append(list(serials))
+            return real(txn, serials)
+
+        store._select_certificates = select
+        return store, queries
+
+    async def test_concurrent_lookups_grouped_each_gets_its_own(self) -> None:
+        store, queries = await self.counting_store()
+        for i in range(10):
+            await store.record_certificate(issued(f"pump-{i}", serial=0x4000 + i))
+        asked = [0x4000 + i for i in range(10)] + [0x4003, 0x4999, 0x4007]
+        answers = await defer.gatherResults([store.get_certificate(s) for s in asked])
+        self.assertEqual(
+            [None if a is None else (a.serial, a.subject) for a in answers],
+            [(0x4000 + i, f"O=Example,CN=pump-{i}") for i in range(10)]
+            + [(0x4003, "O=Example,CN=pump-3"), None, (0x4007, "O=Example,CN=pump-7")],
+        )
+        self.assertEqual(sorted(set(sum(queries, []))), sorted(set(asked)))
+        self.assertTrue(all(len(q) == len(set(q)) for q in queries))  # a serial once per query
+        self.assertLess(len(queries), len(asked))  # grouped
+        self.assertEqual(queries[0], [0x4000])  # the first does not wait for company
+
+    async def test_revocation_committed_before_the_call_is_seen(self) -> None:
+        store, _queries = await self.counting_store()
+        await store.record_certificate(issued("pump-1", serial=0x4100))
+        await store.record_certificate(issued("pump-2", serial=0x4101))
+        other = await self.open_store()  # another gateway process on the same store
+        self.assertFalse((await store.get_certificate(0x4101)).revoked)
+        first = store.get_certificate(0x4100)  # in flight while the other revokes
+        await other.revoke_certificate(0x4101)
+        second = await store.get_certificate(0x4101)  # asked after the revocation
+        await first
+        self.assertTrue(second.revoked)
+
+    async def test_a_failed_query_fails_every_lookup_of_its_group(self) -> None:
+        store, _queries = await self.counting_store()
+
+        def broken(txn: Any, serials: list[int]) -> Any:
+            raise self.database_error("disk I/O error")
+
+        store._select_certificates = broken
+        results = await defer.DeferredList(
+            [store.get_certificate(s) for s in (1, 2, 3)], consumeErrors=True
+        )
+        for ok, failure in results:
+            self.assertFalse(ok)
+            failure.trap(StoreUnavailable)
+        store._select_certificates = type(store)._select_certificates.__get__(store)
+        self.assertIsNone(await store.get_certificate(4))  # the next group runs
+
+    async def test_close_answers_what_was_asked(self) -> None:
+        store = self.store_class(await self.location())
+        await store.start()
+        await store.record_certificate(issued("pump-0", serial=0x4200))
+        pending = [store.get_certificate(0x4200) for _ in range(5)]
+        await store.close()
+        answers = await defer.gatherResults(pending)
+        self.assertEqual([a.serial for a in answers], [0x4200] * 5)
+        with self.assertRaises(StoreNotRunning):
+            await store.get_certificate(0x4200)
+
+
 # -- the same tests on PostgreSQL ---------------------------------------------
 
 
@@ -1165,5 +1237,9 @@ class PostgreSQLConnectionTests(unittest.TestCase):
 
 
 class PostgreSQLGroupCommitTests(OnPostgreSQL, GroupCommitTests):
+    pass
+
+
+class PostgreSQLGroupedLookupTests(OnPostgreSQL, GroupedLookupTests):
     pass
 

@@ -44,6 +44,9 @@ _T = TypeVar("_T")
 
 #: Bounds of certificate_page's ``limit``.
 MAX_PAGE = 10000
+#: At most this many serials in one grouped get_certificate query (well under
+#: SQLite's and PostgreSQL's limits on bound parameters).
+MAX_LOOKUPS = 500
 
 
 def _serial_text(serial: int) -> str:
@@ -223,6 +226,10 @@ class _SQLStore:
         self._records: list[tuple[IssuedCertificate, Deferred[None]]] = []
         self._recording = False
         self._records_drained: list[Deferred[None]] = []
+        # Grouped get_certificate: the same, for lookups by serial.
+        self._lookups: list[tuple[int, Deferred[IssuedCertificate | None]]] = []
+        self._looking_up = False
+        self._lookups_drained: list[Deferred[None]] = []
 
     # -- plumbing
 
@@ -430,6 +437,10 @@ class _SQLStore:
             drained: Deferred[None] = Deferred()
             self._records_drained.append(drained)
             waits.append(drained)
+        if self._looking_up:  # and the lookups queued behind it
+            looked_up: Deferred[None] = Deferred()
+            self._lookups_drained.append(looked_up)
+            waits.append(looked_up)
 
         def close_pool(_: object) -> None:
             assert self._pool is not None
@@ -594,7 +605,55 @@ class _SQLStore:
         return None if row is None else _certificate_from_row(row)
 
     def get_certificate(self, serial: int) -> Deferred[IssuedCertificate | None]:
-        return self._run(self._select_certificate, serial)
+        """The certificate recorded with ``serial``, or None.
+
+        Grouped like record_certificate: lookups arriving while one query
+        is in flight are answered together by the next one (one thread
+        hop and one read for all of them, instead of one each).  Every
+        lookup is still read after it was asked, so a revocation
+        committed before the call, by any process, is seen.
+        """
+        if self._pool is None or self._closing:
+            return defer.fail(StoreNotRunning("the store is not started, or closed"))
+        d: Deferred[IssuedCertificate | None] = Deferred()
+        self._lookups.append((serial, d))
+        if not self._looking_up:
+            self._look_up()
+        return d
+
+    def _look_up(self) -> None:
+        batch, self._lookups = self._lookups[:MAX_LOOKUPS], self._lookups[MAX_LOOKUPS:]
+        self._looking_up = True
+
+        def found(recorded: dict[int, IssuedCertificate]) -> None:
+            for serial, d in batch:
+                d.callback(recorded.get(serial))
+
+        def failed(failure: Any) -> None:
+            for _serial, d in batch:
+                d.errback(failure)
+
+        def next_batch(_: object) -> None:
+            self._looking_up = False
+            if self._lookups:
+                self._look_up()
+                return
+            waiting, self._lookups_drained = self._lookups_drained, []
+            for d in waiting:
+                d.callback(None)
+
+        serials = sorted({serial for serial, _d in batch})
+        self._run_now(self._select_certificates, serials).addCallbacks(found, failed).addBoth(next_batch)
+
+    def _select_certificates(self, txn: Any, serials: list[int]) -> dict[int, IssuedCertificate]:
+        marks = ", ".join("?" * len(serials))
+        self._execute(
+            txn,
+            f"SELECT {_CERT_COLUMNS} FROM certificates WHERE serial IN ({marks})",
+            [_serial_text(serial) for serial in serials],
+        )
+        recorded = (_certificate_from_row(row) for row in txn.fetchall())
+        return {issued.serial: issued for issued in recorded}
 
     def list_certificates(self, subject: str | None = None) -> Deferred[list[IssuedCertificate]]:
         def interaction(txn: Any) -> list[IssuedCertificate]:
