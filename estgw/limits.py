@@ -1,10 +1,12 @@
-"""What one client may hold of the gateway: connections, time, header size.
+"""What one client may hold of the gateway: connections, time, header size,
+and the server's memory.
 
 * :class:`ConnectionLimits` wraps the listening factory, outside TLS, so
   a connection over ``server.maxConnections`` (all clients) or
   ``server.maxConnectionsPerClient`` (one IP address) is closed before a
   handshake costs anything.
-* :class:`LimitedChannel` is the HTTP/1.1 channel of the EST site: the
+* :class:`LimitedChannel` is the HTTP/1.1 channel of every listener (EST,
+  metrics and health, CRL/OCSP publishing, the approval service): the
   request head must arrive within ``server.headerTimeout`` seconds of its
   first byte and the body within ``server.bodyTimeout`` seconds of the
   head, however the bytes trickle in (the idle timeout alone is reset by
@@ -12,7 +14,11 @@
   its connection for ever); at most ``server.maxHeaders`` header lines of
   ``server.maxHeaderBytes`` bytes in all (request line included), else
   400 and the connection is closed (RFC 9112 §2.3, twisted.web's checks
-  with our numbers).
+  with our numbers).  It answers pipelined requests (RFC 9112 §9.3.2) only
+  as fast as the client reads the answers: see
+  :meth:`LimitedChannel.pauseProducing`.  A connection silent for
+  ``server.idleTimeout`` seconds, or whose client reads nothing of what
+  it was sent for that long, is closed.
 
 Both count what they turn away in :mod:`estgw.metrics` and write one
 line to the audit log (RFC 9110 §15.5.9: 408 for a request not received
@@ -83,16 +89,19 @@ class ConnectionLimits(WrappingFactory):
 
     def buildProtocol(self, addr: IAddress | None) -> Any:
         host = _host(addr)
-        code = None
+        code = reason = None
         if self.total and self.counts.total >= self.total:
             code = "too-many-connections"
+            reason = f"{self.total} connections are open (server.maxConnections)"
         elif self.per_client and self.counts.by_client.get(host, 0) >= self.per_client:
-            code = "too-many-connections-from-client"
+            code = "too-many-connections-per-client"
+            reason = f"{self.per_client} connections from this address are open (server.maxConnectionsPerClient)"
         if code is not None:
             self._refused(code)
+            # No HTTP status: the connection is closed before any request.
             _audit.info(
-                "{event} connection from {client}: {code}", event="refused", code=code, client=host,
-                status=0,
+                "{event} connection from {client}: {code}: {reason}",
+                event="refused", code=code, client=host, reason=reason,
             )
             return None  # the listening port closes the socket at once
         protocol = super().buildProtocol(addr)
@@ -132,8 +141,39 @@ class LimitedEndpoint:
         return self._endpoint.listen(self.limits)
 
 
+#: The reason phrase of each status code: RFC 9110 §15, and RFC 6585 for
+#: 428, 429, 431 and 511.  twisted.web's table has none for 429 or 431
+#: and RFC 2616's older phrases for 408, 413, 414, 416 and 504.
+REASON_PHRASES: dict[int, bytes] = {
+    100: b"Continue", 101: b"Switching Protocols",
+    200: b"OK", 201: b"Created", 202: b"Accepted", 203: b"Non-Authoritative Information",
+    204: b"No Content", 205: b"Reset Content", 206: b"Partial Content",
+    300: b"Multiple Choices", 301: b"Moved Permanently", 302: b"Found", 303: b"See Other",
+    304: b"Not Modified", 305: b"Use Proxy", 307: b"Temporary Redirect", 308: b"Permanent Redirect",
+    400: b"Bad Request", 401: b"Unauthorized", 402: b"Payment Required", 403: b"Forbidden",
+    404: b"Not Found", 405: b"Method Not Allowed", 406: b"Not Acceptable",
+    407: b"Proxy Authentication Required", 408: b"Request Timeout", 409: b"Conflict", 410: b"Gone",
+    411: b"Length Required", 412: b"Precondition Failed", 413: b"Content Too Large",
+    414: b"URI Too Long", 415: b"Unsupported Media Type", 416: b"Range Not Satisfiable",
+    417: b"Expectation Failed", 421: b"Misdirected Request", 422: b"Unprocessable Content",
+    426: b"Upgrade Required", 428: b"Precondition Required", 429: b"Too Many Requests",
+    431: b"Request Header Fields Too Large",
+    500: b"Internal Server Error", 501: b"Not Implemented", 502: b"Bad Gateway",
+    503: b"Service Unavailable", 504: b"Gateway Timeout", 505: b"HTTP Version Not Supported",
+    511: b"Network Authentication Required",
+}
+
+
+def reason_phrase(status: int) -> bytes:
+    """The reason phrase of ``status`` (:data:`REASON_PHRASES`); empty for
+    a code no RFC names, which RFC 9112 §4 allows (``HTTP/1.1 499 ``)."""
+    return REASON_PHRASES.get(status, b"")
+
+
 class LimitedChannel(http.HTTPChannel):
-    """An HTTPChannel with deadlines for the request head and body.
+    """An HTTPChannel with deadlines for the request head and body, the
+    idle timeout audited, answers to pipelined requests paced by the client
+    reading them, and RFC 9110 reason phrases.
 
     Class attributes are set per site by :func:`channel_factory`.
     """
@@ -142,23 +182,29 @@ class LimitedChannel(http.HTTPChannel):
     body_timeout: float = 30.0
     metrics: Any = None  # estgw.metrics.Metrics
 
+    # After a refusal or the idle timeout closes the connection: how long
+    # the client has to read the rest of what it was sent (a TLS close
+    # waits for the client's close_notify, which a client that does not
+    # read never sends), then it is cut off.
+    refusal_abort_seconds = 5.0
+    abortTimeout = refusal_abort_seconds  # twisted.web's grace after its idle timeout
+
     def refused(self, code: str) -> None:
         if self.metrics is not None:
             self.metrics.refusal(code)
 
     _deadline: Any = None
-    _in_head = False
 
     def dataReceived(self, data: bytes) -> None:
-        if data and self.line_mode and not self._handlingRequest and self._deadline is None:
-            # The first byte of a request head starts its clock.
-            self._in_head = True
+        if (data or self._buffer) and self.line_mode and not self._handlingRequest and not self.paused \
+                and self._deadline is None:
+            # The first byte of a request head starts its clock (or, after a
+            # pause, the first moment its bytes are parsed again).
             self._deadline = self.callLater(self.header_timeout, lambda: self._too_slow("header-timeout"))
         super().dataReceived(data)
 
     def allHeadersReceived(self) -> None:
         self._cancel_deadline()
-        self._in_head = False
         super().allHeadersReceived()
         if self.length != 0 and self.transport is not None and not self._handlingRequest:
             self._deadline = self.callLater(self.body_timeout, lambda: self._too_slow("body-timeout"))
@@ -166,6 +212,63 @@ class LimitedChannel(http.HTTPChannel):
     def allContentReceived(self) -> None:
         self._cancel_deadline()
         super().allContentReceived()
+
+    def pauseProducing(self) -> None:
+        """The transport holds more unsent bytes than it takes at once (its
+        buffer, 64 KiB): the client is not reading, or not as fast as it
+        asks.  Read nothing more from it and answer none of the pipelined
+        requests already read until it has taken them
+        (:meth:`resumeProducing`).
+
+        twisted.web stops reading only between requests and goes on
+        answering the requests it has already read, so a client that
+        pipelines thousands of requests and never reads would grow the
+        unsent answers without bound.  Here one connection holds at most
+        the transport's buffer (twice over TLS, whose small writes are
+        gathered first) plus one answer, and one read of input (64 KiB).
+        """
+        super().pauseProducing()
+        self.paused = True  # basic.LineReceiver parses nothing more of its buffer
+        self._networkProducer.pauseProducing()  # also while a request is being answered
+        if self.line_mode and not self._handlingRequest:
+            # A head waiting here is waiting for the client, not the other
+            # way round: its deadline starts again when it is parsed.
+            self._cancel_deadline()
+
+    def resumeProducing(self) -> None:
+        """The transport sent everything it held: the client is reading.
+        Read again and answer the requests read meanwhile, in order."""
+        self.paused = False
+        super().resumeProducing()
+        self.resetTimeout()  # it took what it was sent: not idle
+        if not self._handlingRequest and self.transport is not None:
+            self.dataReceived(b"")
+
+    def timeoutConnection(self) -> None:
+        """``server.idleTimeout`` seconds without a byte from the client,
+        or without it taking any of the answers it was sent (a write that
+        does not progress is no activity): one audit line, then close.  A
+        connection whose answers wait unsent is aborted at once, since an
+        orderly close would wait for the client to read them."""
+        stalled = self._waitingForTransport
+        if stalled:
+            reason = f"the client read none of its responses for {self.timeOut:g} seconds"
+        else:
+            reason = f"the connection was idle for {self.timeOut:g} seconds"
+        self.refused("idle-timeout")
+        _audit.info(
+            "{event} connection from {client}: {code}: {reason}",
+            event="refused", code="idle-timeout", client=_host(self.getPeer()), reason=reason,
+        )
+        self._cancel_deadline()
+        if stalled and self.transport is not None:
+            self.transport.abortConnection()
+        else:
+            super().timeoutConnection()
+
+    def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
+        # RFC 9110's phrase, whatever twisted.web's table has.
+        super().writeHeaders(version, code, reason_phrase(int(code)), headers)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._cancel_deadline()
@@ -207,22 +310,16 @@ class LimitedChannel(http.HTTPChannel):
         )
         self.close_with(status, reason)
 
-    # After a refusal that closes the connection: how long the client has
-    # to read the answer (a TLS close waits for the client's close_notify,
-    # which a client that does not read never sends), then it is cut off.
-    refusal_abort_seconds = 5.0
-
     def close_with(self, status: int, reason: str) -> None:
         """Answer ``status`` with the one-line ``reason`` outside any
         request, drop further input, and close: cut off after
         :attr:`refusal_abort_seconds` if the client does not close."""
         body = (reason + "\n").encode("utf-8")
-        phrase = http.RESPONSES.get(status, b"Error")
         assert self.transport is not None
         self.transport.write(
             b"HTTP/1.1 %d %s\r\nConnection: close\r\n"
             b"Content-Type: text/plain; charset=utf-8\r\n"
-            b"Content-Length: %d\r\n\r\n" % (status, phrase, len(body)) + body
+            b"Content-Length: %d\r\n\r\n" % (status, reason_phrase(status), len(body)) + body
         )
         # Stop reading; close once written, abort if the client does not read.
         self.dataReceived = lambda data: None  # type: ignore[method-assign]
@@ -241,6 +338,7 @@ class LimitedChannel(http.HTTPChannel):
         _audit.info(
             "{event} connection from {client}: {status} {code}: the request {part} took longer than {seconds:g} s",
             event="refused", code=code, client=_host(peer), status=408, part=part, seconds=seconds,
+            reason=f"the request {part} was not received within {seconds:g} seconds",
         )
         self.close_with(408, f"the request {part} was not received within {seconds:g} seconds")
 
