@@ -87,8 +87,8 @@ def flood(
                     last_sent = time.monotonic()
                 except (ssl.SSLWantWriteError, ssl.SSLWantReadError, BlockingIOError):
                     pass
-                except (ConnectionResetError, BrokenPipeError):
-                    how = "reset"
+                except (ConnectionResetError, BrokenPipeError, ssl.SSLError):
+                    how = "reset"  # an SSLError here: the server is gone mid-record
                     break
             if not w and _peer_closed(sock):
                 break
