@@ -292,6 +292,45 @@ def _workers(value: str) -> int:
     return number
 
 
+def _int_within(low: int, high: int | None = None, unit: str = "") -> Callable[[str], int]:
+    """A whole number from ``low`` to ``high`` (None: no upper bound)."""
+    suffix = f" {unit}" if unit else ""
+
+    def parse(value: str) -> int:
+        try:
+            number = int(value.strip())
+        except ValueError:
+            raise ValueError(f"expected a whole number, not {value!r}") from None
+        if number < low:
+            raise ValueError(f"must be at least {low}{suffix}, not {number}")
+        if high is not None and number > high:
+            raise ValueError(f"must be at most {high}{suffix}, not {number}")
+        return number
+
+    return parse
+
+
+def _limit_seconds(value: str) -> float:
+    """A deadline a client or the CA must meet: 1 second to a day (less
+    would fail requests on any real network, and 0 is not "off")."""
+    try:
+        number = float(value.strip())
+    except ValueError:
+        raise ValueError(f"expected a number of seconds, not {value!r}") from None
+    if not 1 <= number <= 86400:
+        raise ValueError(f"must be from 1 to 86400 seconds, not {number:g}")
+    return number
+
+
+# The request limits' bounds (README, Hardening): below them every normal
+# EST request would be refused; above server.maxHeaderBytes' the bytes one
+# connection holds while its head arrives are no longer small.
+MIN_REQUEST_BYTES = 1024
+MIN_HEADERS = 16
+MIN_HEADER_BYTES = 1024
+MAX_HEADER_BYTES = 65536
+
+
 def _log_bytes(value: str) -> int:
     # 0: estgw never rotates log.file (logrotate does).
     try:
@@ -673,7 +712,7 @@ _GLOBAL_KEYS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "server.port": ("port", _port),
     "server.interface": ("interface", _interface),
     "server.hostnames": ("hostnames", _hostnames),
-    "server.maxRequestBytes": ("max_request_bytes", _positive_int),
+    "server.maxRequestBytes": ("max_request_bytes", _int_within(MIN_REQUEST_BYTES, unit="bytes")),
     "state.directory": ("state_directory", _text),
     "store.url": ("store_url", _text),
     "ca.name": ("ca_name", _text),
@@ -689,15 +728,15 @@ _GLOBAL_KEYS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "tls.ciphersuites": ("tls_ciphersuites", _nonempty),
     "tls.groups": ("tls_groups", _nonempty),
     "tls.securityLevel": ("tls_security_level", _security_level),
-    "server.headerTimeout": ("header_timeout", _seconds),
-    "server.bodyTimeout": ("body_timeout", _seconds),
-    "server.idleTimeout": ("idle_timeout", _seconds),
-    "server.maxHeaders": ("max_headers", _positive_int),
-    "server.maxHeaderBytes": ("max_header_bytes", _positive_int),
+    "server.headerTimeout": ("header_timeout", _limit_seconds),
+    "server.bodyTimeout": ("body_timeout", _limit_seconds),
+    "server.idleTimeout": ("idle_timeout", _limit_seconds),
+    "server.maxHeaders": ("max_headers", _int_within(MIN_HEADERS)),
+    "server.maxHeaderBytes": ("max_header_bytes", _int_within(MIN_HEADER_BYTES, MAX_HEADER_BYTES, "bytes")),
     "server.maxConnections": ("max_connections", _non_negative_int),
     "server.maxConnectionsPerClient": ("max_connections_per_client", _non_negative_int),
     "ca.maxQueued": ("ca_max_queued", _positive_int),
-    "ca.timeout": ("ca_timeout", _seconds),
+    "ca.timeout": ("ca_timeout", _limit_seconds),
     "ca.maxOverdue": ("ca_max_overdue", _positive_int),
     "log.audit.file": ("audit_file", _text),
     "metrics.port": ("metrics_port", _port),

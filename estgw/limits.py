@@ -92,10 +92,10 @@ class ConnectionLimits(WrappingFactory):
         code = reason = None
         if self.total and self.counts.total >= self.total:
             code = "too-many-connections"
-            reason = f"{self.total} connections are open (server.maxConnections)"
+            reason = f"open connections: at most {self.total} in all (server.maxConnections)"
         elif self.per_client and self.counts.by_client.get(host, 0) >= self.per_client:
             code = "too-many-connections-per-client"
-            reason = f"{self.per_client} connections from this address are open (server.maxConnectionsPerClient)"
+            reason = f"open connections: at most {self.per_client} per client address (server.maxConnectionsPerClient)"
         if code is not None:
             self._refused(code)
             # No HTTP status: the connection is closed before any request.
@@ -186,7 +186,7 @@ class LimitedChannel(http.HTTPChannel):
     # the client has to read the rest of what it was sent (a TLS close
     # waits for the client's close_notify, which a client that does not
     # read never sends), then it is cut off.
-    refusal_abort_seconds = 5.0
+    refusal_abort_seconds = 5
     abortTimeout = refusal_abort_seconds  # twisted.web's grace after its idle timeout
 
     def refused(self, code: str) -> None:
@@ -261,8 +261,8 @@ class LimitedChannel(http.HTTPChannel):
             event="refused", code="idle-timeout", client=_host(self.getPeer()), reason=reason,
         )
         self._cancel_deadline()
-        if stalled and self.transport is not None:
-            self.transport.abortConnection()
+        if stalled:
+            self.forceAbortClient()
         else:
             super().timeoutConnection()
 
@@ -378,17 +378,18 @@ def channel_factory(
     )
 
 
-def limit_site(site: Any, config: Any = None) -> Any:
+def limit_site(site: Any, config: Any = None, metrics: Any = None) -> Any:
     """Apply the request limits to any twisted.web Site of this package
     (the metrics listener, the approval service): the ``server.*`` values
-    of ``config``, or the defaults."""
+    of ``config``, or the defaults; what they turn away is counted in
+    ``metrics`` (an :class:`estgw.metrics.Metrics`), if given."""
     if config is None:
         from estgw.config import Config
 
         config = Config(source="", state_directory="")
     site.timeOut = config.idle_timeout
     site.protocol = channel_factory(
-        config.header_timeout, config.body_timeout, config.max_headers, config.max_header_bytes
+        config.header_timeout, config.body_timeout, config.max_headers, config.max_header_bytes, metrics
     )
     return site
 

@@ -217,8 +217,8 @@ METRICS_MAX_BODY = 4096
 
 def metrics_site(metrics: Metrics, config: Any = None) -> Any:
     """The ``GET /metrics`` site, with the ``server.*`` request limits of ``config``."""
-    from estgw.web import limited_site
+    from estgw.web import Branch, limited_site
 
-    root = resource.Resource()
+    root = Branch("no such resource: /metrics, /health/live and /health/ready are served here")
     root.putChild(b"metrics", MetricsResource(metrics))
-    return limited_site(root, METRICS_MAX_BODY, config)
+    return limited_site(root, METRICS_MAX_BODY, config, metrics)

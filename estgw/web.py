@@ -95,8 +95,8 @@ class LimitedRequest(server.Request):
             return
         body = (reason + "\n").encode("ascii")
         transport.write(
-            b"HTTP/1.1 413 Content Too Large\r\nContent-Type: text/plain; charset=utf-8\r\n"
-            b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body
+            b"HTTP/1.1 413 %s\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n" % (limits.reason_phrase(413), len(body)) + body
         )
         transport.loseConnection()
 
@@ -365,29 +365,38 @@ def csr_attributes(
     return attributes
 
 
-class _NotEST(resource.Resource):
-    """Any path outside ``/.well-known/est/``: a plain-text 404 like every
-    other refusal (twisted.web's own pages are HTML)."""
+_NOT_EST = "no such resource: EST is served under /.well-known/est/"
+
+
+class _NotFound(resource.Resource):
+    """A plain-text 404 like every other refusal (twisted.web's own pages
+    are HTML, and its NoResource is deprecated)."""
 
     isLeaf = True
 
+    def __init__(self, text: str = _NOT_EST) -> None:
+        super().__init__()
+        self._text = text
+
     def render(self, request: Request) -> Any:
-        _respond(
-            request, 404, b"no such resource: EST is served under /.well-known/est/\n",
-            "text/plain; charset=utf-8",
-        )
+        _respond(request, 404, (self._text + "\n").encode("utf-8"), "text/plain; charset=utf-8")
         return server.NOT_DONE_YET
 
 
-class _Branch(resource.Resource):
-    """An inner node of the tree (``/``, ``/.well-known``): 404 itself and
-    for every child it does not have."""
+class Branch(resource.Resource):
+    """An inner node of a tree (``/``, ``/.well-known``; the root of the
+    metrics and publishing listeners): a plain-text 404 saying ``text``
+    for itself and for every child it does not have."""
+
+    def __init__(self, text: str = _NOT_EST) -> None:
+        super().__init__()
+        self._text = text
 
     def getChild(self, path: bytes, request: Request) -> resource.Resource:
-        return _NotEST()
+        return _NotFound(self._text)
 
     def render(self, request: Request) -> Any:
-        return _NotEST().render(request)
+        return _NotFound(self._text).render(request)
 
 
 class _Site(server.Site):
@@ -399,22 +408,22 @@ class _Site(server.Site):
             super().log(request)
 
 
-def limited_site(root: resource.Resource, max_body: int, config: Any = None) -> server.Site:
+def limited_site(root: resource.Resource, max_body: int, config: Any = None, metrics: Any = None) -> server.Site:
     """A Site for ``root`` with the request limits of every listener here:
     the ``server.*`` limits of ``config`` (estgw.limits: head and body
     deadlines, header count and size, idle timeout), a body over
     ``max_body`` bytes is 413 at once (by Content-Length, or as it
     arrives), no form parsing (see :func:`build_site`), and no traceback
-    is shown."""
+    is shown; what the limits turn away is counted in ``metrics``."""
     site = server.Site(root, parsePOSTFormSubmission=False)
     site.requestFactory = request_factory(max_body)
     site.displayTracebacks = False
-    return limits.limit_site(site, config)
+    return limits.limit_site(site, config, metrics)
 
 
 def build_site(gateway: Gateway) -> server.Site:
-    root = _Branch()
-    well_known = _Branch()
+    root = Branch()
+    well_known = Branch()
     root.putChild(b".well-known", well_known)
     well_known.putChild(b"est", ESTResource(gateway))
     config = gateway.config

@@ -233,8 +233,8 @@ class ErrorTests(SynchronousTestCase):
         self.error(BASE + "server.port = -1\n", "server.port", "at least 1")
 
     def test_bad_max_request_bytes(self) -> None:
-        """server.maxRequestBytes must be a positive number."""
-        self.error(BASE + "server.maxRequestBytes = 0\n", "server.maxRequestBytes", "at least 1")
+        """server.maxRequestBytes must be at least 1024 (a CSR must fit)."""
+        self.error(BASE + "server.maxRequestBytes = 0\n", "server.maxRequestBytes", "must be at least 1024 bytes, not 0")
 
     def test_bad_bool(self) -> None:
         """A boolean key takes true/false (and yes/no, on/off, 1/0) only."""

@@ -7,16 +7,25 @@ a closed connection) and that nothing was issued.
 
 from __future__ import annotations
 
+import os
+import re
 import time
+from http import HTTPStatus
 from typing import Any
 
 from twisted.internet import defer, protocol, reactor, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
 from twisted.internet.interfaces import IHandshakeListener
+from twisted.internet.error import ConnectionDone
 from twisted.internet.ssl import Certificate, optionsForClientTLS
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
+from estgw import limits
+from estgw.audit import record
 from estgw.config import ConfigError, from_string
 from estgw.testing import TEST_CONFIG, RunningGateway, run_process
 from tests.test_auth import AuditLog
@@ -73,6 +82,21 @@ async def closed_within(client: RawClient, seconds: float) -> None:
             timeout.cancel()
 
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+#: Where RFC 9110 renamed a phrase of RFC 7231 (Python 3.11's http.HTTPStatus).
+RFC9110_RENAMED = {413: b"Content Too Large", 414: b"URI Too Long", 416: b"Range Not Satisfiable",
+                   422: b"Unprocessable Content"}
+
+
+def audit_record(audit: AuditLog, code: str) -> dict[str, Any]:
+    """The audit file's JSON object for the one refusal with ``code``."""
+    [event] = [e for e in audit.events if e.get("code") == code]
+    line = record(event)
+    assert line is not None
+    return line
+
+
 def request_head(path: str = "/.well-known/est/cacerts", extra: str = "") -> bytes:
     return f"GET {path} HTTP/1.1\r\nHost: localhost\r\n{extra}\r\n".encode("ascii")
 
@@ -107,9 +131,14 @@ class SlowClientTests(TestCase):
         elapsed = client.closed_at - started
         self.assertGreaterEqual(elapsed, 0.9)
         self.assertLess(elapsed, 3)
-        self.assertTrue(client.received.startswith(b"HTTP/1.1 408 "), client.received)
+        self.assertTrue(client.received.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), client.received)
         self.assertIn(b"not received within 1 seconds", client.received)
-        self.assertIn("header-timeout", audit.refused)
+        self.assertEqual(audit.refused, ["header-timeout"])  # one line, not also idle-timeout
+        line = audit_record(audit, "header-timeout")
+        self.assertEqual(
+            (line["status"], line["reason"], line["client"]),
+            (408, "the request head was not received within 1 seconds", "127.0.0.1"),
+        )
 
     async def test_metrics_listener_has_the_same_deadline(self) -> None:
         """The plain-HTTP metrics listener cuts off a trickled head too."""
@@ -175,13 +204,35 @@ class SlowClientTests(TestCase):
 
     async def test_idle_connection_is_closed(self) -> None:
         """A connection that sends nothing after the handshake is closed
-        after server.idleTimeout."""
+        after server.idleTimeout, with one audit line (idle-timeout, the
+        reason, no HTTP status: nothing was answered) and counted."""
+        audit = AuditLog(self)
         gateway = await RunningGateway.start(self, TEST_CONFIG + "server.idleTimeout = 1\n")
         client = await connect(gateway)
         await client.handshake
         started = time.monotonic()
         await closed_within(client, 5)
         self.assertGreaterEqual(client.closed_at - started, 0.9)
+        self.assertEqual(client.received, b"")
+        self.assertEqual(audit.refused, ["idle-timeout"])
+        line = audit_record(audit, "idle-timeout")
+        self.assertEqual((line["reason"], line["client"]), ("the connection was idle for 1 seconds", "127.0.0.1"))
+        self.assertNotIn("status", line)
+        self.assertIn('estgw_refusals_total{code="idle-timeout"} 1.0', gateway.service.gateway.metrics.render().decode())
+
+    async def test_idle_after_a_request_on_the_metrics_listener(self) -> None:
+        """The plain-HTTP metrics listener: a kept-alive connection silent
+        after its answer is closed after server.idleTimeout, audited."""
+        audit = AuditLog(self)
+        gateway = await RunningGateway.start(self, TEST_CONFIG + "metrics.port = 0\nserver.idleTimeout = 1\n")
+        client = RawClient()
+        client.handshake.addErrback(lambda failure: None)  # plain TCP: there is no handshake
+        port = gateway.service.metrics_ports[0].getHost().port
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=5), client)
+        client.transport.write(request_head("/health/live"))
+        await closed_within(client, 5)
+        self.assertTrue(client.received.startswith(b"HTTP/1.1 200 OK\r\n"), client.received)
+        self.assertEqual(audit.refused, ["idle-timeout"])
 
 
 class HeaderLimitTests(TestCase):
@@ -190,14 +241,14 @@ class HeaderLimitTests(TestCase):
     async def test_too_many_headers(self) -> None:
         """More header fields than server.maxHeaders: 431 with a reason, no certificate."""
         audit = AuditLog(self)
-        gateway = await RunningGateway.start(self, TEST_CONFIG + "server.maxHeaders = 8\n")
+        gateway = await RunningGateway.start(self, TEST_CONFIG + "server.maxHeaders = 16\n")
         await register(gateway)
         result = await gateway.curl(
             "simpleenroll", data=basic_csr(), user="pump-17:s3cret",
-            headers=[f"X-Filler-{i}: x" for i in range(10)],
+            headers=[f"X-Filler-{i}: x" for i in range(20)],
         )
         self.assertEqual(result.status, 431, result.text)
-        self.assertIn("more than 8 header fields", result.text)
+        self.assertIn("more than 16 header fields", result.text)
         self.assertIn("too-many-headers", audit.refused)
         self.assertEqual(await gateway.store.count_certificates(), 0)
         ok = await gateway.curl("simpleenroll", data=basic_csr(), user="pump-17:s3cret")
@@ -222,6 +273,20 @@ class HeaderLimitTests(TestCase):
         self.assertEqual(await gateway.store.count_certificates(), 0)
 
 
+class LowestLimitTests(TestCase):
+    async def test_a_normal_enrollment_fits_the_lowest_limits(self) -> None:
+        """With server.maxHeaderBytes and server.maxHeaders at their lower
+        bounds, curl's enrollment with HTTP Basic (its own header fields,
+        Authorization, Content-Type) is served."""
+        gateway = await RunningGateway.start(
+            self, TEST_CONFIG + "server.maxHeaderBytes = 1024\nserver.maxHeaders = 16\n"
+        )
+        await register(gateway)
+        result = await gateway.curl("simpleenroll", data=basic_csr(), user="pump-17:s3cret")
+        self.assertEqual(result.status, 200, result.text)
+        self.assertEqual((await gateway.curl("cacerts")).status, 200)
+
+
 class ConnectionLimitTests(TestCase):
     """server.maxConnections and server.maxConnectionsPerClient."""
 
@@ -231,6 +296,14 @@ class ConnectionLimitTests(TestCase):
             await client.handshake
         await closed_within(client, 5)
         self.assertFalse(client.handshake_done)
+
+    def assert_audited(self, audit: AuditLog, code: str, reason: str, client: str) -> None:
+        """One audit line with the code and reason, and no HTTP status:
+        the connection was closed before any request."""
+        self.assertEqual(audit.refused, [code])
+        line = audit_record(audit, code)
+        self.assertEqual((line["reason"], line["client"]), (reason, client))
+        self.assertNotIn("status", line)
 
     async def accepted(self, gateway: RunningGateway, source: str = "127.0.0.1") -> RawClient:
         client = await connect(gateway, source)
@@ -245,9 +318,13 @@ class ConnectionLimitTests(TestCase):
     async def test_total(self) -> None:
         """With server.maxConnections = 2 a third connection is closed
         before its handshake; once one closes, a new one is served."""
+        audit = AuditLog(self)
         gateway = await RunningGateway.start(self, TEST_CONFIG + "server.maxConnections = 2\n")
         first, second = await self.accepted(gateway), await self.accepted(gateway, "127.0.0.2")
         await self.refused(gateway, "127.0.0.3")
+        self.assert_audited(
+            audit, "too-many-connections", "open connections: at most 2 in all (server.maxConnections)", "127.0.0.3"
+        )
         await self.close(first)
         await task.deferLater(reactor, 0.1, lambda: None)
         third = await self.accepted(gateway)
@@ -256,14 +333,107 @@ class ConnectionLimitTests(TestCase):
     async def test_per_client(self) -> None:
         """With server.maxConnectionsPerClient = 1 a second connection from
         127.0.0.1 is refused while one from 127.0.0.2 is served."""
+        audit = AuditLog(self)
         gateway = await RunningGateway.start(self, TEST_CONFIG + "server.maxConnectionsPerClient = 1\n")
         first = await self.accepted(gateway)
         await self.refused(gateway)
+        self.assert_audited(
+            audit, "too-many-connections-per-client",
+            "open connections: at most 1 per client address (server.maxConnectionsPerClient)", "127.0.0.1",
+        )
         other = await self.accepted(gateway, "127.0.0.2")
         await self.close(first, other)
         await task.deferLater(reactor, 0.1, lambda: None)
         again = await self.accepted(gateway)
         await self.close(again)
+
+
+class StatusLineTests(TestCase):
+    """Every status the listeners send carries its RFC 9110 (RFC 6585)
+    reason phrase in the status line, on the wire."""
+
+    async def status_line(self, gateway: RunningGateway, data: bytes, port: int | None = None) -> bytes:
+        if port is None:
+            client = await connect(gateway)
+            await client.handshake
+        else:
+            client = RawClient()
+            client.handshake.addErrback(lambda failure: None)  # plain TCP: there is no handshake
+            await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=5), client)
+        client.transport.write(data)
+        for _ in range(200):
+            if b"\r\n" in client.received or client.closed.called:
+                break
+            await task.deferLater(reactor, 0.025, lambda: None)
+        client.transport.loseConnection()
+        await client.closed
+        return client.received.partition(b"\r\n")[0]
+
+    async def test_reason_phrases(self) -> None:
+        """200, 204, 400, 401, 404, 405, 408, 413, 415, 431 and 501 from the
+        EST listener, 404 and 405 from the plain-HTTP metrics listener, each
+        with its phrase (431 is not "Error", 413 and 408 are RFC 9110's)."""
+        gateway = await RunningGateway.start(
+            self, TEST_CONFIG + "metrics.port = 0\nserver.headerTimeout = 1\nserver.maxRequestBytes = 2048\n"
+        )
+        await register(gateway)
+        login = "Authorization: Basic cHVtcC0xNzpzM2NyZXQ=\r\n"
+        post = "POST /.well-known/est/simpleenroll HTTP/1.1\r\nHost: localhost\r\n"
+        cases = [
+            (request_head(), b"HTTP/1.1 200 OK"),
+            (request_head("/.well-known/est/lab/csrattrs"), b"HTTP/1.1 204 No Content"),
+            (b"NOT A REQUEST LINE\r\n\r\n", b"HTTP/1.1 400 Bad Request"),
+            ((post + "Content-Length: 0\r\n\r\n").encode(), b"HTTP/1.1 401 Unauthorized"),
+            (request_head("/nothing"), b"HTTP/1.1 404 Not Found"),
+            (request_head().replace(b"GET", b"PUT", 1), b"HTTP/1.1 405 Method Not Allowed"),
+            (b"GET /.well-known/est/cacerts HTTP/1.1\r\nHost: loc", b"HTTP/1.1 408 Request Timeout"),
+            ((post + login + "Content-Length: 100000\r\n\r\n").encode(), b"HTTP/1.1 413 Content Too Large"),
+            ((post + login + "Content-Type: text/plain\r\nContent-Length: 1\r\n\r\nx").encode(),
+             b"HTTP/1.1 415 Unsupported Media Type"),
+            (request_head(extra="".join(f"X-{i}: x\r\n" for i in range(120))),
+             b"HTTP/1.1 431 Request Header Fields Too Large"),
+            (b"POST /.well-known/est/fullcmc HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\n\r\n",
+             b"HTTP/1.1 501 Not Implemented"),
+        ]
+        for data, expected in cases:
+            self.assertEqual(await self.status_line(gateway, data), expected, data[:60])
+        port = gateway.service.metrics_ports[0].getHost().port
+        self.assertEqual(await self.status_line(gateway, request_head("/nothing"), port), b"HTTP/1.1 404 Not Found")
+        self.assertEqual(
+            await self.status_line(gateway, b"POST /health/live HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n", port),
+            b"HTTP/1.1 405 Method Not Allowed",
+        )
+        self.assertEqual(await gateway.store.count_certificates(), 0)
+
+
+class ReasonPhraseTests(SynchronousTestCase):
+    def test_every_documented_status_has_its_phrase(self) -> None:
+        """Each status of README's "Every refusal" table, and the others the
+        listeners send (200, 204, 500), has RFC 9110's reason phrase; a code
+        no RFC names gets an empty one (RFC 9112 §4), never "Error"."""
+        with open(os.path.join(REPO, "README.rst"), encoding="utf-8") as f:
+            readme = f.read()
+        table = readme.split("Every refusal\n-------------", 1)[1].split("\n\n", 3)[2]
+        statuses = {int(m) for m in re.findall(r"(?m)^([1-5][0-9][0-9]) ", table)}
+        self.assertTrue({400, 408, 413, 431, 503} <= statuses, statuses)
+        for status in statuses | {200, 204, 500}:
+            self.assertEqual(limits.reason_phrase(status), HTTPStatus(status).phrase.encode()
+                             if status not in RFC9110_RENAMED else RFC9110_RENAMED[status], status)
+        self.assertEqual(limits.reason_phrase(499), b"")
+
+    def test_status_line_of_any_response(self) -> None:
+        """The channel writes the table's phrase whatever twisted.web's
+        Request passes (twisted.web has none for 431 and RFC 2616's for 413)."""
+        channel = limits.LimitedChannel()
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        for code in (413, 431, 408, 499):
+            transport.clear()
+            channel.writeHeaders(b"HTTP/1.1", str(code).encode(), b"Whatever", Headers())
+            self.assertEqual(
+                transport.value(), b"HTTP/1.1 %d %s\r\n\r\n" % (code, limits.reason_phrase(code))
+            )
+        channel.connectionLost(Failure(ConnectionDone()))
 
 
 class TLSOptionTests(TestCase):
@@ -309,6 +479,31 @@ class LimitConfigTests(SynchronousTestCase):
             with self.assertRaises(ConfigError) as caught:
                 from_string(TEST_CONFIG + f"{key} = {value}\n")
             self.assertEqual(caught.exception.key, key)
+
+    def test_bounds(self) -> None:
+        """Values below what a normal EST request needs, a timeout under a
+        second, or a head limit past 64 KiB are refused with the key and
+        the bound; the bounds themselves are accepted."""
+        for key, value, reason in [
+            ("server.maxHeaderBytes", "100", "must be at least 1024 bytes, not 100"),
+            ("server.maxHeaderBytes", "65537", "must be at most 65536 bytes, not 65537"),
+            ("server.maxHeaders", "15", "must be at least 16, not 15"),
+            ("server.maxRequestBytes", "1023", "must be at least 1024 bytes, not 1023"),
+            ("server.headerTimeout", "0.5", "must be from 1 to 86400 seconds, not 0.5"),
+            ("server.bodyTimeout", "0", "must be from 1 to 86400 seconds, not 0"),
+            ("server.idleTimeout", "-1", "must be from 1 to 86400 seconds, not -1"),
+            ("server.idleTimeout", "86401", "must be from 1 to 86400 seconds, not 86401"),
+            ("ca.timeout", "0.01", "must be from 1 to 86400 seconds, not 0.01"),
+        ]:
+            with self.assertRaises(ConfigError) as caught:
+                from_string(TEST_CONFIG + f"{key} = {value}\n")
+            self.assertEqual((caught.exception.key, caught.exception.reason), (key, reason))
+        config = from_string(
+            TEST_CONFIG + "server.maxHeaderBytes = 1024\nserver.maxHeaders = 16\nserver.maxRequestBytes = 1024\n"
+            "server.headerTimeout = 1\nserver.bodyTimeout = 1\nserver.idleTimeout = 1\nca.timeout = 1\n"
+        )
+        self.assertEqual((config.max_header_bytes, config.max_headers, config.max_request_bytes), (1024, 16, 1024))
+        self.assertEqual(from_string(TEST_CONFIG + "server.maxHeaderBytes = 65536\n").max_header_bytes, 65536)
 
     def test_zero_connections_means_no_cap(self) -> None:
         """server.maxConnections = 0 turns the cap off (documented)."""

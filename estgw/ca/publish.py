@@ -501,7 +501,7 @@ class OCSPResource(_Async):
         assert request.content is not None
         body = request.content.read(MAX_OCSP_REQUEST + 1)
         if len(body) > MAX_OCSP_REQUEST:
-            return _plain(413, f"Payload Too Large: at most {MAX_OCSP_REQUEST} bytes").render(request)
+            return _plain(413, f"Content Too Large: at most {MAX_OCSP_REQUEST} bytes").render(request)
         return self._answer(request, body)
 
 
@@ -544,9 +544,9 @@ class _Directory(resource.Resource):
 
 def publish_site(published: Mapping[str, PublishedProcedure]) -> server.Site:
     """The publishing listener's site for ``published`` (token procedure name → what it publishes)."""
-    from estgw.web import limited_site
+    from estgw.web import Branch, limited_site
 
-    root = resource.Resource()
+    root = Branch("no such resource: CRLs are served under /crl/, OCSP under /ocsp/, CA certificates under /ca/")
     root.putChild(b"crl", _Directory("crl", published))
     root.putChild(b"ocsp", _Directory("ocsp", published))
     root.putChild(b"ca", _Directory("ca", published))
