@@ -16,6 +16,8 @@ object), with these keys where they apply::
     subject   the certificate's or CSR's subject (RFC 4514)
     serial    the certificate's serial, lower-case hex
     code      the refusal code (README, Every refusal); status its HTTP status
+              (none for a connection closed without an answer: idle-timeout,
+              too-many-connections, too-many-connections-per-client)
     reason    the refusal text the client saw
     client    the client's IP address (and certificate subject)
     operator  who did an operator action: "os:<user>" or an operator

@@ -28,7 +28,7 @@ from estgw import limits
 from estgw.audit import record
 from estgw.config import ConfigError, from_string
 from estgw.testing import TEST_CONFIG, RunningGateway, run_process
-from tests.test_auth import AuditLog
+from tests.test_auth import AuditLog, run_cli
 from tests.test_refusals import basic_csr, register
 
 
@@ -275,14 +275,19 @@ class HeaderLimitTests(TestCase):
 
 class LowestLimitTests(TestCase):
     async def test_a_normal_enrollment_fits_the_lowest_limits(self) -> None:
-        """With server.maxHeaderBytes and server.maxHeaders at their lower
-        bounds, curl's enrollment with HTTP Basic (its own header fields,
-        Authorization, Content-Type) is served."""
+        """With server.maxHeaderBytes, server.maxHeaders and
+        server.maxRequestBytes at their lower bounds, curl's enrollments
+        with HTTP Basic and with HTTP Digest (its own header fields, the
+        Authorization, Content-Type) of a P-256 CSR are served."""
         gateway = await RunningGateway.start(
             self, TEST_CONFIG + "server.maxHeaderBytes = 1024\nserver.maxHeaders = 16\n"
+            "server.maxRequestBytes = 1024\nhandler.20.operation = simpleenroll\nhandler.20.label = digest\n"
+            "handler.20.authtype = Digest\nhandler.20.realm = digest realm\n",
         )
-        await register(gateway)
+        await run_cli(gateway, "device", "add", "pump-17", "--password", "s3cret")
         result = await gateway.curl("simpleenroll", data=basic_csr(), user="pump-17:s3cret")
+        self.assertEqual(result.status, 200, result.text)
+        result = await gateway.curl("digest/simpleenroll", data=basic_csr(), user="pump-17:s3cret", digest=True)
         self.assertEqual(result.status, 200, result.text)
         self.assertEqual((await gateway.curl("cacerts")).status, 200)
 
