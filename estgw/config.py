@@ -311,8 +311,8 @@ def _int_within(low: int, high: int | None = None, unit: str = "") -> Callable[[
 
 
 def _limit_seconds(value: str) -> float:
-    """A deadline a client or the CA must meet: 1 second to a day (less
-    would fail requests on any real network, and 0 is not "off")."""
+    """A deadline a client must meet: 1 second to a day (less would fail
+    requests on any real network, and 0 is not "off")."""
     try:
         number = float(value.strip())
     except ValueError:
@@ -736,7 +736,7 @@ _GLOBAL_KEYS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "server.maxConnections": ("max_connections", _non_negative_int),
     "server.maxConnectionsPerClient": ("max_connections_per_client", _non_negative_int),
     "ca.maxQueued": ("ca_max_queued", _positive_int),
-    "ca.timeout": ("ca_timeout", _limit_seconds),
+    "ca.timeout": ("ca_timeout", _seconds),
     "ca.maxOverdue": ("ca_max_overdue", _positive_int),
     "log.audit.file": ("audit_file", _text),
     "metrics.port": ("metrics_port", _port),

@@ -498,14 +498,13 @@ class LimitConfigTests(SynchronousTestCase):
             ("server.bodyTimeout", "0", "must be from 1 to 86400 seconds, not 0"),
             ("server.idleTimeout", "-1", "must be from 1 to 86400 seconds, not -1"),
             ("server.idleTimeout", "86401", "must be from 1 to 86400 seconds, not 86401"),
-            ("ca.timeout", "0.01", "must be from 1 to 86400 seconds, not 0.01"),
         ]:
             with self.assertRaises(ConfigError) as caught:
                 from_string(TEST_CONFIG + f"{key} = {value}\n")
             self.assertEqual((caught.exception.key, caught.exception.reason), (key, reason))
         config = from_string(
             TEST_CONFIG + "server.maxHeaderBytes = 1024\nserver.maxHeaders = 16\nserver.maxRequestBytes = 1024\n"
-            "server.headerTimeout = 1\nserver.bodyTimeout = 1\nserver.idleTimeout = 1\nca.timeout = 1\n"
+            "server.headerTimeout = 1\nserver.bodyTimeout = 1\nserver.idleTimeout = 1\n"
         )
         self.assertEqual((config.max_header_bytes, config.max_headers, config.max_request_bytes), (1024, 16, 1024))
         self.assertEqual(from_string(TEST_CONFIG + "server.maxHeaderBytes = 65536\n").max_header_bytes, 65536)
