@@ -34,6 +34,7 @@ from twisted.logger import (
     LogLevel,
     LogLevelFilterPredicate,
     eventFromJSON,
+    formatEvent,
     globalLogPublisher,
     jsonFileLogObserver,
     textFileLogObserver,
@@ -134,10 +135,28 @@ def worker_level(config: Config) -> str:
     return config.log_level + (",audit-elsewhere" if _audit_kept_elsewhere(config) else "")
 
 
+def _formatted_here(observer: Any) -> Any:
+    """Pass events on with their message already formatted.
+
+    twisted.logger's JSON keeps a field's value but not its format
+    specification ({serial:x} came out in decimal at the supervisor), so
+    the worker formats the message, as a single process would, and the
+    JSON carries the text."""
+
+    def observe(event: dict[str, Any]) -> None:
+        if event.get("log_format") is not None:
+            event = dict(event, log_format="{log_text}", log_text=formatEvent(event))
+        observer(event)
+
+    return observe
+
+
 def worker_observer() -> Any:
     """twistd ``--logger`` of a worker: JSON lines on standard output."""
     level, _, keep_audit = os.environ.get(WORKER_LEVEL_VARIABLE, "info").partition(",")
-    return _level_filter(jsonFileLogObserver(sys.stdout, recordSeparator=""), level, keep_audit != "audit-elsewhere")
+    return _level_filter(
+        _formatted_here(jsonFileLogObserver(sys.stdout, recordSeparator="")), level, keep_audit != "audit-elsewhere"
+    )
 
 
 def publish_worker_line(line: bytes, worker: int) -> None:

@@ -4,6 +4,8 @@ log; the lag probe."""
 
 from __future__ import annotations
 
+import sys
+
 import base64
 import io
 import os
@@ -204,6 +206,35 @@ class HumanLogTests(SynchronousTestCase):
             with self.assertRaises(config_module.ConfigError) as raised:
                 config_module.from_string(text + "\n")
             self.assertIn(key, str(raised.exception))
+
+    def test_worker_line_formatted_as_a_single_process_formats_it(self) -> None:
+        """Format specifications survive the trip ({serial:x} stays hex)."""
+        import io
+        import os
+
+        from twisted.logger import LogLevel, Logger, formatEvent, globalLogPublisher
+
+        pipe_writes: list[str] = []
+
+        class Pipe(io.StringIO):
+            def write(self, text: str) -> int:
+                pipe_writes.append(text)
+                return len(text)
+
+        self.patch(sys, "stdout", Pipe())
+        self.patch(os, "environ", dict(os.environ, **{logs.WORKER_LEVEL_VARIABLE: "info"}))
+        observer = logs.worker_observer()
+        log = Logger(namespace="estgw.audit", observer=observer)
+        log.info("issued serial {serial:x} after {age:.0f} s", serial=0xAB12, age=2.6)
+        log.info("issued serial {serial:x} after {age:.0f} s", serial=0xCD34, age=0.4)
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        for line in "".join(pipe_writes).splitlines(keepends=True):
+            logs.publish_worker_line(line.encode(), 1)
+        texts = [formatEvent(e) for e in events if str(e.get("log_system", "")).startswith("w1 ")]
+        self.assertEqual(texts, ["issued serial ab12 after 3 s", "issued serial cd34 after 0 s"])
+        self.assertEqual(events[0]["log_level"], LogLevel.info)
 
     def test_worker_lines_published(self) -> None:
         """A worker's JSON event keeps level and namespace; other text is an error line."""
