@@ -70,7 +70,7 @@ def _arguments(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--tls-key", choices=KEY_TYPES, default="ec-p256", help="tls.keyType (ec-p256)")
     parser.add_argument("--device-key", choices=KEY_TYPES, default="ec-p256", help="device keys (ec-p256)")
     parser.add_argument("--basic-devices", type=int, default=200,
-                        help="devices registered for the basic mode, one password check each (200)")
+                        help="devices registered per concurrency for the basic mode, one password check each (200)")
     parser.add_argument("--clients", type=int, default=2, help="load generator processes (2)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="an est.properties override for the daemon (repeatable)")
@@ -518,7 +518,9 @@ def measure(options: argparse.Namespace, directory: str, workers: int) -> list[d
     # Names of this run: a targeted daemon may know earlier runs' devices.
     prefix = f"bench-{os.getpid()}" if options.target else "bench"
     device_names = [f"{prefix}-{i}" for i in range(most)]
-    basic_names = [f"{prefix}-basic-{i}" for i in range(options.basic_devices)]
+    # One set of basic devices per concurrency: a device seen in an earlier
+    # run of the same daemon would hit the password cache, not scrypt.
+    basic_names = [f"{prefix}-basic-{i}" for i in range(options.basic_devices * len(options.concurrency))]
     if options.target:
         config_path, notes = options.config, []
         first = not hasattr(options, "enrolled")
@@ -545,8 +547,10 @@ def measure(options: argparse.Namespace, directory: str, workers: int) -> list[d
         for mode in options.modes:
             for concurrency in options.concurrency:
                 if mode == "basic":
-                    devices = basic_specs(basic_names, concurrency, options.device_key)
-                    count = min(options.count, len(basic_names))
+                    k = options.concurrency.index(concurrency)
+                    fresh = basic_names[k * options.basic_devices:(k + 1) * options.basic_devices]
+                    devices = basic_specs(fresh, concurrency, options.device_key)
+                    count = min(options.count, len(fresh))
                 elif mode == "basic-retry":
                     devices = basic_specs(device_names[:concurrency], concurrency, options.device_key)
                     count = options.count
