@@ -32,10 +32,14 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Proc
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 from twisted.internet import defer
 from twisted.logger import Logger
-from twisted.web import resource, server
+from twisted.web import server
+
+from estgw.plaintext import Branch, Leaf, respond, text
 
 # The *_created series double every counter and say little here.
 prometheus_client.disable_created_metrics()
+
+_NOT_FOUND = "no such resource: /metrics, /health/live and /health/ready are served here"
 
 # Upper bounds (seconds) of the latency histogram buckets.
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -182,10 +186,11 @@ def _backlog(pool: Callable[[], Any]) -> float:
     return float(team.statistics().backloggedWorkCount)
 
 
-class MetricsResource(resource.Resource):
-    """``GET /metrics``."""
+class MetricsResource(Leaf):
+    """``GET /metrics`` (and HEAD); any other method 405."""
 
-    isLeaf = True
+    takes = "/metrics takes GET or HEAD"
+    not_found = _NOT_FOUND
     _log = Logger()
 
     def __init__(self, metrics: Metrics) -> None:
@@ -199,15 +204,13 @@ class MetricsResource(resource.Resource):
             except Exception:
                 # The counters still tell; the gauges keep their last values.
                 self._log.failure("reading the store for /metrics")
-            body = self._metrics.render()
-            if request._disconnected:
-                return
-            request.setHeader(b"Content-Type", CONTENT_TYPE_PLAIN_0_0_4.encode("ascii"))
-            request.setHeader(b"Content-Length", str(len(body)).encode("ascii"))
-            request.write(body)
-            request.finish()
+            respond(request, 200, self._metrics.render(), CONTENT_TYPE_PLAIN_0_0_4)
 
-        defer.Deferred.fromCoroutine(serve())
+        def failed(failure: Any) -> None:
+            self._log.failure("while serving /metrics", failure)
+            text(request, 500, "internal error")
+
+        defer.Deferred.fromCoroutine(serve()).addErrback(failed)
         return server.NOT_DONE_YET
 
 
@@ -217,8 +220,8 @@ METRICS_MAX_BODY = 4096
 
 def metrics_site(metrics: Metrics, config: Any = None) -> Any:
     """The ``GET /metrics`` site, with the ``server.*`` request limits of ``config``."""
-    from estgw.web import Branch, limited_site
+    from estgw.web import limited_site
 
-    root = Branch("no such resource: /metrics, /health/live and /health/ready are served here")
+    root = Branch(_NOT_FOUND)
     root.putChild(b"metrics", MetricsResource(metrics))
     return limited_site(root, METRICS_MAX_BODY, config, metrics)

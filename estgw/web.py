@@ -24,6 +24,7 @@ from estgw import audit, csrattrs, guard, limits, protocol
 from estgw.config import OPERATIONS
 from estgw.enroll import Gateway, enroll
 from estgw.escape import printable
+from estgw.plaintext import Branch, respond, text
 from estgw.refusal import Refusal
 from estgw.serverkeygen import serverkeygen
 from estgw.tls import PeerInfo, peer_info
@@ -53,10 +54,31 @@ class LimitedRequest(server.Request):
 
     max_body = 65536
     body_too_large = False
+    _log = Logger()
 
     def process(self) -> None:
         self.path = origin_path(self.path, self.requestHeaders)
+        if self.path == b"*" and self.method != b"OPTIONS":
+            # twisted.web's answer has no reason (RFC 9110 §7.1: "*" is
+            # OPTIONS' own target, asking about the server as a whole).
+            self.site = self.channel.site  # type: ignore[attr-defined]  # set by twisted.web.server.Site
+            self.setHeader(b"Date", http.datetimeToString())
+            text(self, 405, "the request-target * is for OPTIONS only", {"Allow": "OPTIONS"})
+            return
         super().process()
+
+    def processingFailed(self, reason: Failure) -> Failure:
+        """A resource raised while it was looked up or rendered: a bug,
+        logged; a plain-text 500, never twisted.web's HTML page."""
+        self._log.failure("while serving {method} {path}", reason,
+                          method=printable(self.method), path=printable(self.path))
+        if self.startedWriting:
+            # Too late for a status: a truncated answer must not look whole.
+            if self.channel is not None:
+                self.channel.loseConnection()
+        else:
+            text(self, 500, "internal error")
+        return reason
 
     def gotLength(self, length: int | None) -> None:
         super().gotLength(None if length is not None and length > self.max_body else length)
@@ -143,27 +165,6 @@ def request_factory(max_body: int) -> type[LimitedRequest]:
     return type("LimitedRequest", (LimitedRequest,), {"max_body": max_body})
 
 
-def _respond(
-    request: Request,
-    status: int,
-    body: bytes,
-    content_type: str | None,
-    headers: dict[str, str] | None = None,
-) -> None:
-    if request.finished or request._disconnected:
-        return  # the client went away: nothing can be written (twisted raises)
-    request.setResponseCode(status)
-    if content_type is not None:
-        request.setHeader(b"Content-Type", content_type.encode("ascii"))
-    for name, value in (headers or {}).items():
-        request.setHeader(name.encode("ascii"), value.encode("latin-1"))
-    if status != 204:  # RFC 9110 §8.6: never on a 204, which has no body
-        request.setHeader(b"Content-Length", str(len(body)).encode("ascii"))
-    if body and request.method != b"HEAD":
-        request.write(body)
-    request.finish()
-
-
 def _refuse(request: Request, refusal: Refusal, peer: PeerInfo | None) -> None:
     # A reason may quote what the client sent: one line in the log and the body.
     reason = printable(refusal.reason)
@@ -186,9 +187,8 @@ def _refuse(request: Request, refusal: Refusal, peer: PeerInfo | None) -> None:
         **noted,
     )
     if is_bare_challenge(request, refusal):
-        return _respond(request, refusal.status, b"", None, refusal.headers)
-    body = (reason + "\n").encode("utf-8")
-    _respond(request, refusal.status, body, "text/plain; charset=utf-8", refusal.headers)
+        return respond(request, refusal.status, b"", None, refusal.headers)
+    text(request, refusal.status, reason, refusal.headers)
 
 
 def is_bare_challenge(request: Request, refusal: Refusal) -> bool:
@@ -236,7 +236,7 @@ class ESTResource(resource.Resource):
         def failed(failure: Failure) -> None:
             # A bug, never bad input: bad input is a Refusal.
             self._log.failure("while serving {path}", failure, path=printable(request.path))
-            _respond(request, 500, b"internal error\n", "text/plain; charset=utf-8")
+            text(request, 500, "internal error")
 
         d.addErrback(failed)
         return server.NOT_DONE_YET
@@ -318,7 +318,7 @@ class ESTResource(resource.Resource):
         if operation == "csrattrs":
             attributes = self._csr_attributes(label, handler)
             if not attributes and handler.csr_template is None:
-                return _respond(request, 204, b"", None)
+                return respond(request, 204, b"", None)
             body = csrattrs.encode_response(attributes, handler.csr_template)
             return self._send(request, body, protocol.CSRATTRS)
         content_type = request.getHeader(b"content-type")
@@ -332,7 +332,7 @@ class ESTResource(resource.Resource):
             request.audited = True  # type: ignore[attr-defined]
             if not (request.finished or request._disconnected):
                 # Each part says its own Content-Transfer-Encoding.
-                _respond(request, 200, multipart, multipart_type, {"Cache-Control": "no-store"})
+                respond(request, 200, multipart, multipart_type, {"Cache-Control": "no-store"})
             return None
         certificate = await enroll(
             self._gateway, handler, request, peer, body,
@@ -346,7 +346,7 @@ class ESTResource(resource.Resource):
         return csr_attributes(self._gateway, label, handler)
 
     def _send(self, request: Request, body: bytes, content_type: str) -> None:
-        _respond(request, 200, body, content_type, {"Content-Transfer-Encoding": "base64"})
+        respond(request, 200, body, content_type, {"Content-Transfer-Encoding": "base64"})
 
 
 def csr_attributes(
@@ -366,37 +366,6 @@ def csr_attributes(
 
 
 _NOT_EST = "no such resource: EST is served under /.well-known/est/"
-
-
-class _NotFound(resource.Resource):
-    """A plain-text 404 like every other refusal (twisted.web's own pages
-    are HTML, and its NoResource is deprecated)."""
-
-    isLeaf = True
-
-    def __init__(self, text: str = _NOT_EST) -> None:
-        super().__init__()
-        self._text = text
-
-    def render(self, request: Request) -> Any:
-        _respond(request, 404, (self._text + "\n").encode("utf-8"), "text/plain; charset=utf-8")
-        return server.NOT_DONE_YET
-
-
-class Branch(resource.Resource):
-    """An inner node of a tree (``/``, ``/.well-known``; the root of the
-    metrics and publishing listeners): a plain-text 404 saying ``text``
-    for itself and for every child it does not have."""
-
-    def __init__(self, text: str = _NOT_EST) -> None:
-        super().__init__()
-        self._text = text
-
-    def getChild(self, path: bytes, request: Request) -> resource.Resource:
-        return _NotFound(self._text)
-
-    def render(self, request: Request) -> Any:
-        return _NotFound(self._text).render(request)
 
 
 class _Site(server.Site):
@@ -422,8 +391,8 @@ def limited_site(root: resource.Resource, max_body: int, config: Any = None, met
 
 
 def build_site(gateway: Gateway) -> server.Site:
-    root = Branch()
-    well_known = Branch()
+    root = Branch(_NOT_EST)
+    well_known = Branch(_NOT_EST)
     root.putChild(b".well-known", well_known)
     well_known.putChild(b"est", ESTResource(gateway))
     config = gateway.config

@@ -10,6 +10,8 @@ for every input (:func:`check`):
 
 - every response has a status line, and no status is a 5xx (except 501
   for ``fullcmc``, which this gateway does not offer, RFC 7030 §4.3);
+- no response is one of twisted.web's HTML pages (every answer of
+  estgw's is plain text, or an EST media type);
 - no response carries a Python traceback, and nothing is logged as a
   failure (an exception that escaped a handler);
 - nothing hangs: once the clock passes the idle timeout the connection
@@ -303,6 +305,8 @@ def check(request: bytes, output: bytes, closed: bool, answered: bool, complete:
     for status, head, body in responses(output):
         if status >= 500 and not (status == 501 and b"fullcmc" in body):
             raise Violation(f"{status} to {request[:200]!r}: {head!r} {body[:200]!r}")
+        if b"<html" in body.lower() or b"text/html" in head.lower():
+            raise Violation(f"one of twisted.web's HTML pages for {request[:200]!r}: {head!r} {body[:200]!r}")
     if not closed:
         raise Violation(f"the connection stayed open past the idle timeout: {request[:200]!r}")
     if complete and not answered:

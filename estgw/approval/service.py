@@ -33,7 +33,6 @@ from twisted.python.failure import Failure
 from twisted.web import resource, server
 from twisted.web.server import Request
 
-from estgw import limits
 from estgw.approval import pki
 from estgw.approval.config import REQUEST_PATH, ServiceConfig
 from estgw.ca import CAError
@@ -41,6 +40,7 @@ from estgw import policy
 from estgw.config import ConfigError
 from estgw.daemon import listen_all
 from estgw.escape import printable
+from estgw.plaintext import Branch, allow, spoken
 from estgw.store.sqlite import enable_wal
 from estgw.refusal import Refusal
 from estgw.store import general_name_text
@@ -129,10 +129,11 @@ _audit = Logger(namespace="estgw.audit")
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(status, message)
         self.status = status
         self.message = message
+        self.headers = headers or {}
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -343,6 +344,8 @@ def _send_json(request: Request, status: int, body: Any, headers: dict[str, str]
 
 
 def _read_json(request: Request) -> Any:
+    if getattr(request, "body_too_large", False):  # estgw.web.LimitedRequest: 413 was answered
+        raise ApiError(413, f"the body exceeds {MAX_BODY} bytes")
     data = request.content.read(MAX_BODY + 1) if request.content is not None else b""
     if len(data) > MAX_BODY:
         raise ApiError(413, f"the body exceeds {MAX_BODY} bytes")
@@ -418,6 +421,18 @@ def _parse_submission(data: Any, gateway: str, now: datetime) -> ServiceRequest:
 _LIST_FILTERS = ("pending", "approved", "rejected", "expired", "all")
 
 
+def _methods(segments: list[str]) -> tuple[bytes, ...] | None:
+    """What the resource below ``/approval/requests`` at ``segments`` takes
+    (HEAD wherever GET), or None: there is none."""
+    if not segments:
+        return (b"GET", b"HEAD", b"POST")  # list, submit
+    if len(segments) == 1:
+        return (b"GET", b"HEAD")  # status
+    if len(segments) == 2 and segments[1] in ("approve", "reject"):
+        return (b"POST",)
+    return None
+
+
 class RequestsResource(resource.Resource):
     """``/approval/requests[/<id>[/approve|/reject]]`` (docs/approval-api.rst)."""
 
@@ -444,29 +459,35 @@ class RequestsResource(resource.Resource):
     async def _serve(self, request: Request) -> None:
         headers: dict[str, str] = {}
         try:
+            segments = [s.decode("utf-8", "replace") for s in request.postpath or [] if s]
+            # What is there, and what it takes, before who asks: the same for everyone.
+            methods = _methods(segments)
+            if methods is None:
+                raise ApiError(404, "no such resource")
+            if request.method not in methods:
+                raise ApiError(405, f"{printable(request.path.decode('latin-1'))} takes {spoken(methods)}",
+                               allow(methods))
             caller = self._identify(request)
             if caller is None:
                 raise ApiError(403, "a gateway or operator client certificate is required")
-            status, body = await self._route(request, caller, headers)
+            status, body = await self._route(request, segments, caller, headers)
         except ApiError as e:
             status, body = e.status, {"error": e.message}
+            headers.update(e.headers)
         if not request.finished and not request._disconnected:
             _send_json(request, status, body, headers)
 
-    async def _route(self, request: Request, caller: Caller, headers: dict[str, str]) -> tuple[int, Any]:
-        segments = [s.decode("utf-8", "replace") for s in request.postpath or [] if s]
-        method = request.method
+    async def _route(
+        self, request: Request, segments: list[str], caller: Caller, headers: dict[str, str]
+    ) -> tuple[int, Any]:
+        """``segments`` names a resource that takes ``request.method`` (:func:`_methods`)."""
         if not segments:
-            if method == b"POST":
+            if request.method == b"POST":
                 return await self._submit(request, self._require(caller, "gateway"), headers)
-            if method == b"GET":
-                return await self._list(request, self._require(caller, "operator"))
-            raise ApiError(405, "POST to submit, GET to list")
-        if len(segments) == 1 and method == b"GET":
+            return await self._list(request, self._require(caller, "operator"))
+        if len(segments) == 1:
             return await self._status(segments[0], caller)
-        if len(segments) == 2 and segments[1] in ("approve", "reject") and method == b"POST":
-            return await self._decide(request, self._require(caller, "operator"), segments[0], segments[1])
-        raise ApiError(404, "no such resource")
+        return await self._decide(request, self._require(caller, "operator"), segments[0], segments[1])
 
     @staticmethod
     def _require(caller: Caller, role: str) -> Caller:
@@ -527,15 +548,16 @@ class RequestsResource(resource.Resource):
 
 
 def build_site(store: ServiceStore, identify: Callable[[Request], Caller | None], clock: Any) -> server.Site:
-    root = resource.Resource()
-    approval = resource.Resource()
+    from estgw.web import limited_site
+
+    # Outside the API, plain-text 404s like the gateway's listeners.
+    root = Branch(f"no such resource: the approval API is {REQUEST_PATH}")
+    approval = Branch(root.reason)
     root.putChild(b"approval", approval)
     approval.putChild(b"requests", RequestsResource(store, identify, clock))
-    # No form parsing (see estgw.web.build_site): decisions are JSON.
-    site = server.Site(root, parsePOSTFormSubmission=False)
-    site.displayTracebacks = False
-    # The same slow-client limits as the gateway's own listener (their defaults).
-    return limits.limit_site(site)
+    # The same request limits as the gateway's own listeners (their
+    # defaults), no form parsing: decisions are JSON.
+    return limited_site(root, MAX_BODY)
 
 
 # -- the service ----------------------------------------------------------------

@@ -44,13 +44,13 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from twisted.web import resource, server
-from twisted.web.pages import errorPage
 
 from estgw.ca import CAError, IssueRequest, ISigningCA, PrivateKey, Profile
 from estgw.ca._der import resigned_with_responses, single_response
 from estgw.ca._files import _load_cert, _load_key, _locked, _spki, _write_cert, _write_key
 from estgw.ca.keys import key_type_of, new_key, sign_arguments
 from estgw.ca.signing import RevokedEntry
+from estgw.plaintext import Branch, Leaf, NotFound, respond, text
 from estgw.store import IssuedCertificate, IStore, iterate_certificates
 
 CRL_MEDIA_TYPE = b"application/pkix-crl"
@@ -351,45 +351,27 @@ class CRLUnavailable(Exception):
 
 #: Seconds a client is asked to wait (Retry-After) when the CA cannot sign.
 RETRY_AFTER = 60
+_NOT_FOUND = "no such resource: CRLs are served under /crl/, OCSP under /ocsp/, CA certificates under /ca/"
 
 
-class _Async(resource.Resource):
+class _Async(Leaf):
     """Runs an async handler; a failure is answered 503 with Retry-After
     (the CA cannot sign now), logged once: never a 500."""
 
-    isLeaf = True
     _log = Logger()
 
     def _run(self, request: server.Request, work: Any) -> Any:
-        finished: list[object] = []
-        request.notifyFinish().addBoth(finished.append)
-
         def done(result: tuple[bytes, bytes]) -> None:
-            if finished:
-                return
             content_type, body = result
-            request.setHeader(b"content-type", content_type)
-            request.setHeader(b"content-length", str(len(body)).encode())
-            request.write(body)
-            request.finish()
+            respond(request, 200, body, content_type.decode("ascii"))
 
         def failed(failure: Any) -> None:
             if not failure.check(CRLUnavailable):  # already logged where it was raised
                 self._log.failure("publishing failed", failure, LogLevel.error)
-            if finished:
-                return
-            request.setResponseCode(503)
-            request.setHeader(b"retry-after", str(RETRY_AFTER).encode())
-            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-            request.write(b"Service Unavailable: the CA cannot sign now; try again later\n")
-            request.finish()
+            text(request, 503, "the CA cannot sign now; try again later", {"Retry-After": str(RETRY_AFTER)})
 
         defer.Deferred.fromCoroutine(work).addCallbacks(done, failed)
         return server.NOT_DONE_YET
-
-
-def _plain(status: int, text: str) -> resource.Resource:
-    return errorPage(status, text.split(":")[0], text)
 
 
 @attr.s(auto_attribs=True, eq=False)
@@ -440,6 +422,8 @@ _publish_log = Logger()
 
 
 class CRLResource(_Async):
+    takes = "a CRL is fetched with GET or HEAD"
+
     def __init__(self, published: PublishedCA) -> None:
         super().__init__()
         self.published = published
@@ -451,28 +435,24 @@ class CRLResource(_Async):
 
         return self._run(request, work())
 
-    render_HEAD = render_GET
 
-
-class IssuerResource(resource.Resource):
-    isLeaf = True
+class IssuerResource(Leaf):
+    takes = "a CA certificate is fetched with GET or HEAD"
 
     def __init__(self, published: PublishedCA) -> None:
         super().__init__()
         self.published = published
 
-    def render_GET(self, request: server.Request) -> bytes:
-        request.setHeader(b"content-type", b"application/pkix-cert")
-        return self.published.ca.issuing.public_bytes(serialization.Encoding.DER)
+    def render_GET(self, request: server.Request) -> Any:
+        body = self.published.ca.issuing.public_bytes(serialization.Encoding.DER)
+        respond(request, 200, body, "application/pkix-cert")
+        return server.NOT_DONE_YET
 
-    render_HEAD = render_GET
 
-
-class OCSPResource(_Async):
-    def __init__(self, published: PublishedProcedure, encoded: str | None = None) -> None:
+class _OCSP(_Async):
+    def __init__(self, published: PublishedProcedure) -> None:
         super().__init__()
         self.published = published
-        self.encoded = encoded
 
     def _answer(self, request: server.Request, body: bytes) -> Any:
         async def work() -> tuple[bytes, bytes]:
@@ -481,37 +461,61 @@ class OCSPResource(_Async):
 
         return self._run(request, work())
 
+
+_OCSP_USAGE = "an OCSP request is POSTed to /ocsp/<name>, or sent with GET as /ocsp/<name>/<base64 of it>"
+
+
+class OCSPResource(_OCSP):
+    """``/ocsp/<name>``: POST of a DER OCSP request (RFC 6960 A.1); a GET
+    here lacks its request (400)."""
+
+    takes = _OCSP_USAGE
+
     def render_GET(self, request: server.Request) -> Any:
-        if self.encoded is None:
-            return _plain(400, "Bad Request: GET /ocsp/<name>/<base64 OCSP request>").render(request)
-        try:
-            body = base64.b64decode(unquote(self.encoded), validate=True)
-        except (binascii.Error, ValueError):
-            body = b""  # answered malformedRequest, as RFC 6960 asks
-        return self._answer(request, body)
+        text(request, 400, _OCSP_USAGE)
+        return server.NOT_DONE_YET
 
     def render_POST(self, request: server.Request) -> Any:
         content_type = (request.getHeader(b"content-type") or b"").decode("latin-1").split(";")[0].strip()
         if content_type.lower() != OCSP_REQUEST_TYPE:
-            return _plain(
-                415, f"Unsupported Media Type: an OCSP request is {OCSP_REQUEST_TYPE}"
-            ).render(request)
+            text(request, 415, f"an OCSP request is {OCSP_REQUEST_TYPE}")
+            return server.NOT_DONE_YET
         if getattr(request, "body_too_large", False):
             return server.NOT_DONE_YET  # 413 was answered and the connection closed
         assert request.content is not None
         body = request.content.read(MAX_OCSP_REQUEST + 1)
         if len(body) > MAX_OCSP_REQUEST:
-            return _plain(413, f"Content Too Large: at most {MAX_OCSP_REQUEST} bytes").render(request)
+            text(request, 413, f"an OCSP request has at most {MAX_OCSP_REQUEST} bytes")
+            return server.NOT_DONE_YET
         return self._answer(request, body)
 
 
-class _Directory(resource.Resource):
+class OCSPPathResource(_OCSP):
+    """``/ocsp/<name>/<base64 of the DER request, URL-encoded>``: GET
+    (RFC 6960 A.1); base64 that does not decode is answered
+    malformedRequest, as RFC 6960 asks."""
+
+    takes = _OCSP_USAGE
+
+    def __init__(self, published: PublishedProcedure, encoded: str) -> None:
+        super().__init__(published)
+        self.encoded = encoded
+
+    def render_GET(self, request: server.Request) -> Any:
+        try:
+            body = base64.b64decode(unquote(self.encoded), validate=True)
+        except (binascii.Error, ValueError):
+            body = b""
+        return self._answer(request, body)
+
+
+class _Directory(Branch):
     """``/crl/<name>.crl``, ``/ca/<name>.crt`` (the current CA),
     ``/crl/<name>/<key id>.crl``, ``/ca/<name>/<key id>.crt`` (any
     generation) or ``/ocsp/<name>[/<request>]``."""
 
     def __init__(self, kind: str, published: Mapping[str, PublishedProcedure]) -> None:
-        super().__init__()
+        super().__init__(_NOT_FOUND)
         self.kind = kind
         self.published = published
 
@@ -522,10 +526,12 @@ class _Directory(resource.Resource):
         if self.kind == "ocsp":
             if segment in self.published:
                 # RFC 6960 A.1 GET: the base64 may hold '/', so take the rest of the path.
-                encoded = "/".join(p.decode("latin-1") for p in request.postpath) or None
+                encoded = "/".join(p.decode("latin-1") for p in request.postpath)
                 del request.postpath[:]
-                return OCSPResource(self.published[segment], encoded)
-            return _plain(404, f"Not Found: no OCSP responder for {segment!r} here")
+                if encoded:
+                    return OCSPPathResource(self.published[segment], encoded)
+                return OCSPResource(self.published[segment])
+            return NotFound(f"no OCSP responder for {segment!r} here")
         suffix = ".crl" if self.kind == "crl" else ".crt"
         name, key_id = segment, None
         if len(rest) == 1 and rest[0].endswith(suffix):
@@ -537,16 +543,16 @@ class _Directory(resource.Resource):
         procedure = self.published.get(name)
         generation = procedure.find(key_id) if procedure is not None else None
         if generation is None:
-            return _plain(404, f"Not Found: no {self.kind} at {'/'.join([segment, *rest])!r} here")
+            return NotFound(f"no {self.kind} at {'/'.join([segment, *rest])!r} here")
         del request.postpath[:]
         return CRLResource(generation) if self.kind == "crl" else IssuerResource(generation)
 
 
 def publish_site(published: Mapping[str, PublishedProcedure]) -> server.Site:
     """The publishing listener's site for ``published`` (token procedure name → what it publishes)."""
-    from estgw.web import Branch, limited_site
+    from estgw.web import limited_site
 
-    root = Branch("no such resource: CRLs are served under /crl/, OCSP under /ocsp/, CA certificates under /ca/")
+    root = Branch(_NOT_FOUND)
     root.putChild(b"crl", _Directory("crl", published))
     root.putChild(b"ocsp", _Directory("ocsp", published))
     root.putChild(b"ca", _Directory("ca", published))
