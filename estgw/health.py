@@ -28,9 +28,14 @@ from twisted.logger import Logger
 from twisted.web import resource, server
 from twisted.web.server import Request
 
+from estgw.escape import printable
+from estgw.plaintext import TEXT, Branch, Leaf, respond, text
+
 #: Seconds each readiness check may take before it counts as failed.
 READY_TIMEOUT = 5.0
-#: Retry-After (seconds) of a 503 readiness answer.
+#: Retry-After (seconds) of a 503 readiness answer: shorter than the 30 s
+#: of a refused enrollment (estgw.guard), as a probe is sent every few
+#: seconds and readiness returns as soon as the fault clears.
 RETRY_AFTER = 5
 #: Seconds the store's write check waits for another connection's lock.
 WRITE_CHECK_SECONDS = 1.0
@@ -40,48 +45,37 @@ WRITE_CHECK_CACHE = 2.0
 Check = Callable[[], Coroutine[Any, Any, None]]
 
 
-def _answer(request: Request, status: int, text: str, headers: Mapping[str, str] = {}) -> bytes:
-    body = (text + "\n").encode("utf-8")
-    request.setResponseCode(status)
-    request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
-    request.setHeader(b"Cache-Control", b"no-store")
-    request.setHeader(b"Content-Length", str(len(body)).encode("ascii"))
-    for name, value in headers.items():
-        request.setHeader(name.encode("ascii"), value.encode("ascii"))
-    return body
+class NotReady(Exception):
+    """A readiness check failed.  ``shown`` says what, for the answer
+    anyone may read (never a file name, URL, host, user or exception);
+    ``detail`` says it for the log (default: ``shown``)."""
+
+    def __init__(self, shown: str, detail: str | None = None) -> None:
+        super().__init__(shown)
+        self.shown = shown
+        self.detail = detail or shown
 
 
-class _NotFound(resource.Resource):
-    isLeaf = True
-
-    def render(self, request: Request) -> bytes:
-        return _answer(request, 404, "no such resource: /health/live and /health/ready are served here")
+_NOT_FOUND = "no such resource: /health/live and /health/ready are served here"
+#: Health answers are never cached: each says how things are now.
+_NO_STORE = {"Cache-Control": "no-store"}
 
 
-class _GetOnly(resource.Resource):
-    """GET and HEAD; any other method is a plain-text 405 with Allow, like
-    every other refusal (twisted.web's own 405 page is HTML)."""
+class _Check(Leaf):
+    """GET and HEAD; any other method is a plain-text 405 with Allow."""
 
-    isLeaf = True
-
-    def render(self, request: Request) -> Any:
-        if request.method not in (b"GET", b"HEAD"):
-            return _answer(request, 405, "health checks take GET or HEAD", {"Allow": "GET, HEAD"})
-        return super().render(request)
+    takes = "health checks take GET or HEAD"
+    not_found = _NOT_FOUND
 
 
-class _Live(_GetOnly):
+class _Live(_Check):
 
-    def render_GET(self, request: Request) -> bytes:
-        if request.postpath:
-            return _NotFound().render(request)
-        return _answer(request, 200, "live")
-
-    render_HEAD = render_GET
+    def render_GET(self, request: Request) -> Any:
+        text(request, 200, "live", _NO_STORE)
+        return server.NOT_DONE_YET
 
 
-class _Ready(_GetOnly):
-    isLeaf = True
+class _Ready(_Check):
     _log = Logger(namespace="estgw.health")
 
     def __init__(self, checks: Callable[[], Mapping[str, Check]], reactor: Any) -> None:
@@ -89,57 +83,45 @@ class _Ready(_GetOnly):
         self._checks = checks
         self._reactor = reactor
 
-    async def _one(self, check: Check) -> str | None:
+    async def _one(self, check: Check) -> tuple[str, str] | None:
+        """None when ``check`` passes, else (what the answer says, what the log says)."""
         try:
             d: defer.Deferred[None] = defer.Deferred.fromCoroutine(check())
             await d.addTimeout(READY_TIMEOUT, self._reactor)
         except defer.TimeoutError:
-            return f"no answer within {READY_TIMEOUT:g} seconds"
+            return (f"no answer within {READY_TIMEOUT:g} seconds",) * 2
+        except NotReady as e:
+            return e.shown, e.detail
         except Exception as e:
-            return str(e) or type(e).__name__
+            # Not one the check words for everyone: its text may name a file or a host.
+            return "failed (the log says why)", f"{type(e).__name__}: {e}"
         return None
 
-    async def _evaluate(self) -> list[str]:
+    async def _evaluate(self) -> list[tuple[str, str]]:
         checks = self._checks()
         if not checks:
-            return ["gateway: not started, or stopping"]
+            return [("gateway: not started, or stopping",) * 2]
         names = list(checks)
         results = await defer.gatherResults(
             [defer.ensureDeferred(self._one(checks[name])) for name in names]
         )
-        return [f"{name}: {why}" for name, why in zip(names, results) if why is not None]
+        return [(f"{name}: {why[0]}", f"{name}: {why[1]}") for name, why in zip(names, results) if why is not None]
 
     def render_GET(self, request: Request) -> Any:
-        if request.postpath:
-            return _NotFound().render(request)
         d = defer.ensureDeferred(self._evaluate())
 
-        def done(failures: list[str]) -> None:
-            if request._disconnected:
-                return
+        def done(failures: list[tuple[str, str]]) -> None:
             if failures:
-                self._log.warn("not ready: {failures}", failures="; ".join(failures))
-                body = _answer(request, 503, "\n".join(["not ready"] + failures),
-                               {"Retry-After": str(RETRY_AFTER)})
+                self._log.warn("not ready: {failures}", failures="; ".join(detail for _, detail in failures))
+                respond(request, 503, "".join(line + "\n" for line in ["not ready"] + [
+                    printable(shown) for shown, _ in failures]).encode("utf-8"), TEXT,
+                    {"Retry-After": str(RETRY_AFTER), **_NO_STORE})
             else:
-                body = _answer(request, 200, "ready")
-            if request.method != b"HEAD":
-                request.write(body)
-            request.finish()
+                text(request, 200, "ready", _NO_STORE)
 
         d.addCallback(done)
         d.addErrback(lambda f: self._log.failure("readiness check failed", f))
         return server.NOT_DONE_YET
-
-    render_HEAD = render_GET
-
-
-class _Health(resource.Resource):
-    def getChild(self, path: bytes, request: Request) -> resource.Resource:
-        return _NotFound()
-
-    def render(self, request: Request) -> bytes:
-        return _NotFound().render(request)
 
 
 def health_resource(checks: Callable[[], Mapping[str, Check]], reactor: Any) -> resource.Resource:
@@ -148,7 +130,7 @@ def health_resource(checks: Callable[[], Mapping[str, Check]], reactor: Any) -> 
     ``checks()`` returns the readiness checks to run now (name → coroutine
     function that raises when not ready); an empty mapping means not ready.
     """
-    health = _Health()
+    health = Branch(_NOT_FOUND)
     health.putChild(b"live", _Live())
     health.putChild(b"ready", _Ready(checks, reactor))
     return health
@@ -157,7 +139,8 @@ def health_resource(checks: Callable[[], Mapping[str, Check]], reactor: Any) -> 
 def cached(check: Check, seconds: float, clock: Any) -> Check:
     """``check``, run at most once per ``seconds`` (``clock.seconds()``):
     probes within that time share its outcome, success or failure, and
-    probes during a run wait for that run."""
+    probes during a run wait for that run.  A failed outcome is the
+    exception ``check`` raised, raised again to each probe."""
     state: dict[str, Any] = {"at": None, "why": None, "running": None}
 
     async def once() -> None:
@@ -165,7 +148,7 @@ def cached(check: Check, seconds: float, clock: Any) -> Check:
             await check()
             state["why"] = None
         except Exception as e:
-            state["why"] = str(e) or type(e).__name__
+            state["why"] = e
         finally:
             state["at"] = clock.seconds()
             state["running"] = None
@@ -189,7 +172,8 @@ def cached(check: Check, seconds: float, clock: Any) -> Check:
             running.addBoth(wake)
             await waiter
         if state["why"] is not None:
-            raise RuntimeError(state["why"])
+            # Each probe's own traceback, not one growing with every raise.
+            raise state["why"].with_traceback(None)
 
     return run
 

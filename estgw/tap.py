@@ -38,12 +38,14 @@ from estgw.health import (
     WRITE_CHECK_CACHE,
     WRITE_CHECK_SECONDS,
     Check,
+    NotReady,
     cached,
     certificate_in_validity,
     health_resource,
 )
 from estgw.limits import ConnectionCounts, LimitedEndpoint
 from estgw.revocation import build_checker
+from estgw.store import StoreUnavailable
 from estgw.metrics import Metrics, metrics_site
 from estgw.tls import server_context_factory, settings_of
 from estgw.web import build_site
@@ -245,18 +247,28 @@ class GatewayService(service.Service):
         writable = self._store_writable
 
         async def store() -> None:
-            await self.store.get_certificate(0)
-            await writable()
+            # What failed, in words naming no file, host or user; the log
+            # gets the store's own message.
+            try:
+                await self.store.get_certificate(0)
+                await writable()
+            except StoreUnavailable as e:
+                raise NotReady(e.fault, str(e)) from None
 
         async def ca() -> None:
+            # Token procedure names and CA subjects: public (cacerts, the
+            # publishing URLs).
             for name, procedure in procedures.items():
                 chain = procedure.chain()
                 if not chain:
-                    raise ValueError(f"token procedure {name}: its CA certificates are not known yet")
-                certificate_in_validity(chain[0])
+                    raise NotReady(f"token procedure {name}: its CA certificates are not known yet")
+                try:
+                    certificate_in_validity(chain[0])
+                except ValueError as e:
+                    raise NotReady(str(e)) from None
             hung = [why for why in map(guard.unavailable, procedures) if why is not None]
             if hung:
-                raise ValueError("; ".join(hung))
+                raise NotReady("; ".join(hung))
 
         return {"store": store, "ca": ca}
 

@@ -12,8 +12,10 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from estgw.health import WRITE_CHECK_CACHE, cached, certificate_in_validity
-from estgw.store import StoreUnavailable
+from twisted.logger import capturedLogs, formatEvent
+
+from estgw.health import RETRY_AFTER, WRITE_CHECK_CACHE, cached, certificate_in_validity
+from estgw.store import FAULT_UNREACHABLE, StoreUnavailable
 from estgw.testing import TEST_CONFIG, RunningGateway, _which, run_process
 
 
@@ -23,7 +25,7 @@ class HealthTests(TestCase):
         self.assertEqual(result.code, 0, result.stderr)
         head, _, body = result.stdout.partition(b"\r\n\r\n")
         status = int(head.split(b" ", 2)[1])
-        return status, head.decode("latin-1").lower(), body
+        return status, head.decode("latin-1").lower() + "\r\n", body
 
     async def test_live_and_ready_on_both_listeners(self) -> None:
         """Both answer 200 in plain text with a Content-Length, over TLS on
@@ -52,9 +54,9 @@ class HealthTests(TestCase):
         gateway = await RunningGateway.start(self)
         await gateway.store.close()
         status, head, body = await self.get(gateway.url("/health/ready"), "--cacert", gateway.ca_file)
-        self.assertEqual(status, 503)
-        self.assertIn("retry-after: 5", head)
-        self.assertTrue(body.startswith(b"not ready\nstore: "), body)
+        self.assertEqual((status, body), (503, b"not ready\nstore: not started, or closed\n"))
+        self.assertIn(f"retry-after: {RETRY_AFTER}\r\n", head)
+        self.assertIn(f"content-length: {len(body)}\r\n", head)
         status, _, _ = await self.get(gateway.url("/health/live"), "--cacert", gateway.ca_file)
         self.assertEqual(status, 200)
         await gateway.store.start()  # for the cleanup
@@ -79,12 +81,41 @@ class HealthTests(TestCase):
             self.assertLess(time.monotonic() - started, 4.5)
         finally:
             other.execute("ROLLBACK")
-        self.assertEqual(status, 503, body)
-        self.assertIn("retry-after: 5", head)
-        self.assertRegex(body.decode(), r"^not ready\nstore: .*database is locked\n$")
+        self.assertEqual((status, body), (503, b"not ready\nstore: the database is locked by another connection\n"))
+        self.assertIn(f"retry-after: {RETRY_AFTER}\r\n", head)
         await defer.Deferred.fromCoroutine(_sleep(WRITE_CHECK_CACHE))
         status, _, body = await self.get(gateway.url("/health/ready"), "--cacert", gateway.ca_file)
         self.assertEqual((status, body), (200, b"ready\n"))
+
+    async def test_not_ready_names_no_file_host_or_exception(self) -> None:
+        """The 503 says what failed, never where: not the store's file name
+        (or a PostgreSQL host, user, database), not an exception; the log
+        has the store's own message.  A check that fails in a way it does
+        not word for everyone says only that it failed."""
+        gateway = await RunningGateway.start(self, TEST_CONFIG + "metrics.port = 0\n")
+        metrics = f"http://127.0.0.1:{gateway.service.metrics_ports[0].getHost().port}/health/ready"
+        secret = "postgresql://estgw@db.internal.example:5432/pki"
+        faults: list[Exception] = [
+            StoreUnavailable(f"PostgreSQLStore({secret!r}): connection to server at 10.1.2.3 failed",
+                             FAULT_UNREACHABLE),
+            RuntimeError(f"unexpected: {gateway.config.store_path}"),
+        ]
+
+        async def failing(serial: int) -> None:
+            raise faults[0]
+
+        gateway.store.get_certificate = failing
+        for shown in (FAULT_UNREACHABLE, "failed (the log says why)"):
+            with capturedLogs() as events:
+                for url, extra in ((gateway.url("/health/ready"), ("--cacert", gateway.ca_file)), (metrics, ())):
+                    status, head, body = await self.get(url, *extra)
+                    self.assertEqual((status, body), (503, f"not ready\nstore: {shown}\n".encode()), url)
+                    for hidden in ("10.1.2.3", "db.internal", "estgw@", gateway.directory, "Error", "Store("):
+                        self.assertNotIn(hidden.encode(), body)
+                        self.assertNotIn(hidden, head)
+            logged = " ".join(formatEvent(e) for e in events if e.get("log_format", "").startswith("not ready"))
+            self.assertIn(str(faults[0]), logged)
+            faults.pop(0)
 
     async def test_write_check_cached(self) -> None:
         """Ten probes at once run the store's write check once per 2 s, not
@@ -168,9 +199,9 @@ class CachedCheckTests(SynchronousTestCase):
         self.clock.advance(0.5)
         self.runs[0].errback(StoreUnavailable("database is locked"))
         for probe in (first, second):
-            self.assertEqual(str(self.failureResultOf(probe, RuntimeError).value), "database is locked")
+            self.assertEqual(str(self.failureResultOf(probe, StoreUnavailable).value), "database is locked")
         self.clock.advance(1.9)
-        self.failureResultOf(self.probe(), RuntimeError)
+        self.failureResultOf(self.probe(), StoreUnavailable)
         self.assertEqual(len(self.runs), 1)
         self.clock.advance(0.1)
         third = self.probe()

@@ -31,6 +31,11 @@ from estgw.passwords import hash_password
 from estgw.store.migrations import TABLE_KEYS
 from tests import postgresql
 from estgw.store import (
+    FAULT_FULL,
+    FAULT_LOCKED,
+    FAULT_OTHER,
+    FAULT_READ_ONLY,
+    FAULT_UNREACHABLE,
     MIGRATIONS,
     Approval,
     CertificatePage,
@@ -1182,6 +1187,74 @@ class PostgreSQLMigrateTableTests(OnPostgreSQL, MigrateTableTests):
         self.assertEqual(tables - {"schema_version"}, set(TABLE_KEYS))
 
 
+class FaultTests(unittest.SynchronousTestCase):
+    """StoreUnavailable.fault: what failed, in words naming no file, host,
+    user or database, from each backend's own error codes."""
+
+    def sqlite_error(self, path: str, *statements: str, uri: bool = False) -> sqlite3.Error:
+        try:
+            connection = sqlite3.connect(path, uri=uri, timeout=0, isolation_level=None)
+        except sqlite3.Error as e:
+            return e
+        try:
+            for statement in statements:
+                connection.execute(statement)
+        except sqlite3.Error as e:
+            return e
+        finally:
+            connection.close()
+        raise AssertionError(f"no error from {statements}")
+
+    def test_sqlite(self) -> None:
+        """Real errors of SQLite: locked, read-only, cannot open, not a
+        database, anything else."""
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        path = os.path.join(directory, "state.sqlite")
+        store = SQLiteStore(path)
+        holder = sqlite3.connect(path, isolation_level=None)
+        self.addCleanup(holder.close)
+        holder.execute("CREATE TABLE t (x)")
+        holder.execute("BEGIN EXCLUSIVE")
+        locked = self.sqlite_error(path, "BEGIN IMMEDIATE")
+        holder.execute("ROLLBACK")
+        read_only = self.sqlite_error(f"file:{path}?mode=ro", "INSERT INTO t VALUES (1)", uri=True)
+        cannot_open = self.sqlite_error(f"file:{directory}/missing/x.sqlite?mode=rw", "SELECT 1", uri=True)
+        garbage = os.path.join(directory, "garbage.sqlite")
+        with open(garbage, "wb") as f:
+            f.write(b"not a database " * 100)
+        damaged = self.sqlite_error(garbage, "SELECT * FROM sqlite_master")
+        other = self.sqlite_error(path, "SELECT nothing FROM nowhere")
+        for error, fault in (
+            (locked, FAULT_LOCKED), (read_only, FAULT_READ_ONLY),
+            (cannot_open, "the database file cannot be opened"), (damaged, "the database file is damaged"),
+            (other, FAULT_OTHER),
+        ):
+            self.assertEqual(store._fault(error), fault, error)
+            self.assertNotIn(directory, fault)
+
+    def test_postgresql(self) -> None:
+        """psycopg's errors by SQLSTATE (or its class); libpq's own (no
+        connection) have none."""
+        import psycopg
+        from psycopg import errors
+
+        from estgw.store.postgresql import PostgreSQLStore
+
+        store = PostgreSQLStore("postgresql://estgw@db.example/pki")
+        for error, fault in (
+            (errors.LockNotAvailable(), FAULT_LOCKED),
+            (errors.ReadOnlySqlTransaction(), FAULT_READ_ONLY),
+            (errors.DiskFull(), FAULT_FULL),
+            (errors.OutOfMemory(), "the database server is out of resources"),
+            (errors.AdminShutdown(), "the database server is shutting down or starting"),
+            (errors.InvalidPassword(), "the database refused the login"),
+            (psycopg.OperationalError("connection to server at db.example failed"), FAULT_UNREACHABLE),
+            (errors.UndefinedTable(), FAULT_OTHER),
+        ):
+            self.assertEqual(store._fault(error), fault, error)
+
+
 class PostgreSQLConnectionTests(unittest.TestCase):
     async def test_no_server(self) -> None:
         """
@@ -1204,6 +1277,8 @@ class PostgreSQLConnectionTests(unittest.TestCase):
         self.assertIsInstance(caught.exception.__cause__, psycopg.OperationalError)
         self.assertIn("cannot connect to the PostgreSQL store", str(caught.exception))
         self.assertIn(directory, str(caught.exception))
+        # What /health/ready may show: what failed, not where.
+        self.assertEqual(caught.exception.fault, FAULT_UNREACHABLE)
         with self.assertRaises(StoreNotRunning):
             await store.count_certificates()
         # The pool's own complaints went to the gateway's log, naming the reason.

@@ -273,12 +273,31 @@ class AuditEntry:
 
 class StoreUnavailable(Exception):
     """The database failed (locked, disk full, read-only, connection
-    lost, ...): nothing was written by the failed call.  The message is for
-    the log; devices are told only that the store is unavailable."""
+    lost, ...): nothing was written by the failed call.
+
+    The message is for the log: it names the store (a file name; a host,
+    user and database).  :attr:`fault` says what failed in words that name
+    nothing (``/health/ready`` shows it to anyone who asks); devices are
+    told only that the store is unavailable."""
+
+    def __init__(self, message: str, fault: str = "") -> None:
+        super().__init__(message)
+        self.fault = fault or FAULT_OTHER
 
 
 class StoreNotRunning(StoreUnavailable):
     """An operation on a store that was not started, or was closed."""
+
+    def __init__(self, message: str = "the store is not started, or closed") -> None:
+        super().__init__(message, "not started, or closed")
+
+
+#: :attr:`StoreUnavailable.fault` of the kinds each backend tells apart.
+FAULT_LOCKED = "the database is locked by another connection"
+FAULT_READ_ONLY = "the database takes no writes (read-only)"
+FAULT_FULL = "the disk is full"
+FAULT_UNREACHABLE = "the database cannot be reached, or the connection was lost"
+FAULT_OTHER = "the database failed"
 
 
 #: States of a request that waits for an operator:

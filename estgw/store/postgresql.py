@@ -33,7 +33,15 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
-from estgw.store import StoreUnavailable, redact_url
+from estgw.store import (
+    FAULT_FULL,
+    FAULT_LOCKED,
+    FAULT_OTHER,
+    FAULT_READ_ONLY,
+    FAULT_UNREACHABLE,
+    StoreUnavailable,
+    redact_url,
+)
 from estgw.store.migrations import GENERATED_IDS
 from estgw.store.sql import _SQLStore
 
@@ -93,6 +101,20 @@ class _CountingCursor:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._cursor, name)
+
+
+#: What failed, naming no host, user or database, by SQLSTATE or its class.
+_FAULTS = {
+    "55P03": FAULT_LOCKED,  # lock_not_available (lock_timeout)
+    "40P01": FAULT_LOCKED,  # deadlock_detected
+    "25006": FAULT_READ_ONLY,  # read_only_sql_transaction
+    "53100": FAULT_FULL,  # disk_full
+    "53": "the database server is out of resources",
+    "08": FAULT_UNREACHABLE,  # connection exception
+    "57": "the database server is shutting down or starting",  # operator intervention
+    "28": "the database refused the login",  # invalid authorization specification
+    "3D": "the database does not exist",  # invalid catalog name
+}
 
 
 class _PsycopgPool:
@@ -220,6 +242,17 @@ class PostgreSQLStore(_SQLStore):
         # Never the password.
         return f"PostgreSQLStore({redact_url(self.url)!r})"
 
+    def _fault(self, error: Exception) -> str:
+        # By SQLSTATE (PostgreSQL's appendix A), or its class (two characters).
+        state = getattr(error, "sqlstate", None) or ""
+        if state in _FAULTS:
+            return _FAULTS[state]
+        if state[:2] in _FAULTS:
+            return _FAULTS[state[:2]]
+        if not state and isinstance(error, psycopg.OperationalError):
+            return FAULT_UNREACHABLE  # libpq's own: no connection, or it broke
+        return FAULT_OTHER
+
     def _make_pool(self) -> Any:
         return _PsycopgPool(self.url, self._reactor, self.pool_size, self.connect_timeout)
 
@@ -236,7 +269,9 @@ class PostgreSQLStore(_SQLStore):
             self._execute(txn, "SELECT current_setting('transaction_read_only')")
             (read_only,) = txn.fetchone()
             if read_only == "on":
-                raise StoreUnavailable(f"{self!r}: the database takes no writes (read-only transaction)")
+                raise StoreUnavailable(
+                    f"{self!r}: the database takes no writes (read-only transaction)", FAULT_READ_ONLY
+                )
             self._execute(txn, "LOCK TABLE certificates IN ROW EXCLUSIVE MODE")
 
         return self._run(probe)

@@ -28,6 +28,7 @@ from estgw.store import (
     DuplicateCertificate,
     DuplicateDevice,
     DuplicateFactoryCertificate,
+    FAULT_OTHER,
     IssuedCertificate,
     IStore,
     NotLastIssued,
@@ -299,8 +300,13 @@ class _SQLStore:
         dbapi = self._pool.dbapi if self._pool is not None else None
         error = failure.value
         if dbapi is not None and isinstance(error, dbapi.Error) and not isinstance(error, dbapi.IntegrityError):
-            raise StoreUnavailable(f"{self!r}: {error}") from error
+            raise StoreUnavailable(f"{self!r}: {error}", self._fault(error)) from error
         return failure
+
+    def _fault(self, error: Exception) -> str:
+        """:attr:`StoreUnavailable.fault` for the driver's ``error``: what
+        failed, naming no file, host or user; each backend knows its codes."""
+        return FAULT_OTHER
 
     def check_writable(self, seconds: float = 1.0) -> Deferred[None]:
         """See :meth:`IStore.check_writable`; each backend knows how."""

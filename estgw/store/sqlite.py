@@ -12,7 +12,22 @@ from twisted.enterprise import adbapi
 
 from twisted.internet.defer import Deferred
 
+from estgw.store import FAULT_FULL, FAULT_LOCKED, FAULT_OTHER, FAULT_READ_ONLY
 from estgw.store.sql import _SQLStore
+
+#: SQLite's primary result codes (its extended codes start with them) and
+#: what each says failed, naming no file.
+_FAULTS = {
+    "SQLITE_BUSY": FAULT_LOCKED,
+    "SQLITE_LOCKED": FAULT_LOCKED,
+    "SQLITE_READONLY": FAULT_READ_ONLY,
+    "SQLITE_FULL": FAULT_FULL,
+    "SQLITE_CANTOPEN": "the database file cannot be opened",
+    "SQLITE_PERM": "the database file cannot be opened",
+    "SQLITE_IOERR": "an I/O error on the database file",
+    "SQLITE_CORRUPT": "the database file is damaged",
+    "SQLITE_NOTADB": "the database file is damaged",
+}
 
 
 def enable_wal(cursor: Any) -> None:
@@ -50,6 +65,11 @@ class SQLiteStore(_SQLStore):
 
     def __repr__(self) -> str:
         return f"SQLiteStore({self.path!r})"
+
+    def _fault(self, error: Exception) -> str:
+        name = getattr(error, "sqlite_errorname", None) or ""
+        primary = "_".join(name.split("_")[:2])
+        return _FAULTS.get(primary, FAULT_OTHER)
 
     @staticmethod
     def _open(connection: Any) -> None:
