@@ -334,13 +334,13 @@ class LimitedChannel(http.HTTPChannel):
         part = "head" if code == "header-timeout" else "body"
         seconds = self.header_timeout if code == "header-timeout" else self.body_timeout
         peer = self.transport.getPeer() if self.transport is not None else None
+        reason = f"the request {part} was not received within {seconds:g} seconds"
         self.refused(code)
         _audit.info(
-            "{event} connection from {client}: {status} {code}: the request {part} took longer than {seconds:g} s",
-            event="refused", code=code, client=_host(peer), status=408, part=part, seconds=seconds,
-            reason=f"the request {part} was not received within {seconds:g} seconds",
+            "{event} connection from {client}: {status} {code}: {reason}",
+            event="refused", code=code, client=_host(peer), status=408, reason=reason,
         )
-        self.close_with(408, f"the request {part} was not received within {seconds:g} seconds")
+        self.close_with(408, reason)
 
 
 def handshake_failure_reason(error: BaseException | None) -> str:

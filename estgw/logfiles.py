@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import signal
+import stat
 import threading
 import time
 from typing import Any, BinaryIO, Callable, cast
@@ -33,7 +34,7 @@ from twisted.logger import Logger
 from twisted.python import threadable
 from twisted.python.logfile import LogFile
 
-__all__ = ["AppendFile", "FollowingLogFile", "SignalService", "reopen_all", "CHECK_SECONDS"]
+__all__ = ["AppendFile", "FollowingLogFile", "SignalService", "hangup_summary", "reopen_all", "CHECK_SECONDS"]
 
 #: Seconds between two looks at whether a log file's name still leads to it.
 CHECK_SECONDS = 1.0
@@ -54,8 +55,43 @@ def _unregister(log_file: Any) -> None:
             _open_files.remove(log_file)
 
 
+_APPEND = os.O_WRONLY | os.O_APPEND | getattr(os, "O_CLOEXEC", 0)
+
+
 def _open_append(path: str, mode: int) -> int:
-    return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), mode)
+    return os.open(path, _APPEND | os.O_CREAT, mode)
+
+
+def _open_like(path: str, like: os.stat_result) -> int:
+    """Open ``path`` for appending, in place of the file ``like`` describes
+    (renamed or deleted by a rotation).
+
+    A file made here gets ``like``'s permission bits exactly (the daemon's
+    umask, 077 under twistd, takes none away) and its group, and, when
+    estgw runs as root, its owner: whoever could read the rotated file can
+    read the new one.  Where the system refuses a change (a group the user
+    is not in), the file keeps what it got.  A file found by the name
+    (logrotate's ``create``) is used as it is.
+    """
+    mode = stat.S_IMODE(like.st_mode) & 0o777
+    for _ in range(3):  # bounded: another process may create or delete the name meanwhile
+        try:
+            fd = os.open(path, _APPEND | os.O_CREAT | os.O_EXCL, mode)
+        except FileExistsError:
+            try:
+                return os.open(path, _APPEND)
+            except FileNotFoundError:
+                continue
+        try:
+            os.fchmod(fd, mode)
+            made = os.fstat(fd)
+            owner = like.st_uid if os.geteuid() == 0 else -1
+            if made.st_gid != like.st_gid or (owner != -1 and made.st_uid != owner):
+                os.fchown(fd, owner, like.st_gid)
+        except OSError:
+            pass  # not allowed: the new file is still written to
+        return fd
+    return _open_append(path, mode)
 
 
 def _identity(fd: int) -> tuple[int, int]:
@@ -129,7 +165,7 @@ class AppendFile:
         """Every :meth:`write` has reached the file already."""
 
     def _reopen(self) -> None:
-        fd = _open_append(self.path, self._mode)
+        fd = _open_like(self.path, os.fstat(self._fd))
         old, self._fd = self._fd, fd
         self._identity = _identity(fd)
         os.close(old)
@@ -165,12 +201,18 @@ class FollowingLogFile(LogFile):
         _register(self)
 
     def _openFile(self) -> None:
+        # The file it replaces (a rename by others, or by rotate()): the
+        # new one is made like it (:func:`_open_like`).
+        like: os.stat_result | None = getattr(self, "_stat", None)
         self.closed = False
-        mode = 0o666 if self.defaultMode is None else self.defaultMode
-        fd = _open_append(self.path, mode)
+        if like is None:
+            fd = _open_append(self.path, 0o666 if self.defaultMode is None else self.defaultMode)
+        else:
+            fd = _open_like(self.path, like)
         self._file = cast(BinaryIO, os.fdopen(fd, "ab", 0))
-        self._identity = _identity(fd)
-        self.size = os.fstat(fd).st_size
+        self._stat = os.fstat(fd)
+        self._identity = (self._stat.st_dev, self._stat.st_ino)
+        self.size = self._stat.st_size
 
     def write(self, data: Any) -> None:
         if self._follower.due():
@@ -180,12 +222,15 @@ class FollowingLogFile(LogFile):
                 except OSError:
                     pass  # keep the old file; looked at again in CHECK_SECONDS
             # The size the next rotation goes by: after copytruncate the
-            # file is shorter than what was written to it.
-            self.size = os.fstat(self._file.fileno()).st_size
+            # file is shorter than what was written to it.  And its mode
+            # and owner now, for a file that replaces it.
+            self._stat = os.fstat(self._file.fileno())
+            self.size = self._stat.st_size
         super().write(data)
 
     def _reopen(self) -> None:
         old = self._file
+        self._stat = os.fstat(old.fileno())
         try:
             self._openFile()
         except OSError:
@@ -232,6 +277,20 @@ def reopen_all() -> tuple[list[str], list[str]]:
         else:
             reopened.append(log_file.path)
     return reopened, failed
+
+
+def hangup_summary(reopened: list[str], failed: list[str]) -> str:
+    """What a SIGHUP did, in one line: the files reopened, and those kept
+    open (the old file still written to) with why (:func:`reopen_all`)."""
+    if not reopened and not failed:
+        return "no log file is open here; nothing to reopen"
+    parts = []
+    if reopened:
+        parts.append("reopened " + ", ".join(reopened))
+    if failed:
+        files = "the old file" if len(failed) == 1 else "the old files"
+        parts.append(f"kept writing to {files} of " + ", ".join(failed) + " (cannot open the name again)")
+    return "; ".join(parts)
 
 
 class SignalService(service.Service):
@@ -288,9 +347,7 @@ class SignalService(service.Service):
         reopened, failed = reopen_all()
         for why in failed:
             self._log.error("SIGHUP: cannot reopen the log file {why}; still writing to the old one", why=why)
-        self._log.info(
-            "SIGHUP: reopened {files}", files=", ".join(reopened) if reopened else "no log files (none open)"
-        )
+        self._log.info("SIGHUP: {summary}", summary=hangup_summary(reopened, failed))
         for action in self.on_hangup:
             action()
 

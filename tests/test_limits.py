@@ -139,6 +139,8 @@ class SlowClientTests(TestCase):
             (line["status"], line["reason"], line["client"]),
             (408, "the request head was not received within 1 seconds", "127.0.0.1"),
         )
+        # The human line says it in the same words as the reason and the body.
+        self.assertEqual(line["message"], "refused connection from 127.0.0.1: 408 header-timeout: " + line["reason"])
 
     async def test_metrics_listener_has_the_same_deadline(self) -> None:
         """The plain-HTTP metrics listener cuts off a trickled head too."""

@@ -102,6 +102,111 @@ class AppendFileTests(SynchronousTestCase):
         self.assertNotIn(self.path, reopened)
 
 
+class RecreatedFileTests(SynchronousTestCase):
+    """A file made again by its name after a rotation is made like the
+    rotated one: its permission bits exactly (whatever the umask: twistd's
+    daemon runs under 077), its group, and, as root, its owner; a file
+    found by the name (logrotate's ``create``) is used as it is."""
+
+    def setUp(self) -> None:
+        self.directory = os.path.abspath(self.mktemp())
+        os.makedirs(self.directory)
+        previous = os.umask(0o077)  # twistd's daemon umask
+        self.addCleanup(os.umask, previous)
+
+    def open(self, kind: str, path: str) -> Any:
+        made: Any = (logfiles.AppendFile(path, mode=0o600) if kind == "append"
+                     else logfiles.open_log_file(path, None, None))
+        self.addCleanup(made.close)
+        return made
+
+    def test_mode_and_owner_kept(self) -> None:
+        """After a rename and SIGHUP's reopen, after a rename followed
+        without a signal, and (the human log) after its own size rotation."""
+        owner = (4321, 4322) if os.geteuid() == 0 else (os.getuid(), os.getgid())
+        for kind in ("append", "logfile"):
+            for how in ("reopen", "follow", "rotate"):
+                if how == "rotate" and kind == "append":
+                    continue  # the audit file is never rotated by estgw
+                path = os.path.join(self.directory, f"{kind}-{how}.log")
+                log = self.open(kind, path)
+                log._follower.check_seconds = 0  # look at every write
+                log.write("one\n")
+                os.chmod(path, 0o644)
+                os.chown(path, *owner)
+                log.write("two\n")  # the follow check notes the file's mode now
+                if how == "rotate":
+                    log.rotate()
+                else:
+                    os.rename(path, path + ".1")
+                    if how == "reopen":
+                        log.reopen()
+                log.write("three\n")
+                self.assertEqual(lines(path), ["three"], (kind, how))
+                made = os.stat(path)
+                self.assertEqual((made.st_mode & 0o777, made.st_uid, made.st_gid), (0o644, *owner), (kind, how))
+
+    def test_a_file_created_by_logrotate_is_used_as_it_is(self) -> None:
+        """logrotate's ``create 0600``: the new file keeps the mode it was given."""
+        for kind in ("append", "logfile"):
+            path = os.path.join(self.directory, f"{kind}.log")
+            log = self.open(kind, path)
+            os.chmod(path, 0o644)
+            os.rename(path, path + ".1")
+            with open(path, "w"):
+                pass
+            os.chmod(path, 0o600)
+            log.reopen()
+            log.write("after\n")
+            self.assertEqual(lines(path), ["after"])
+            self.assertEqual(os.stat(path).st_mode & 0o777, 0o600, kind)
+
+
+class HangupMessageTests(SynchronousTestCase):
+    """What SIGHUP says it did: which files it reopened, which it kept and why."""
+
+    def test_summary(self) -> None:
+        self.assertEqual(logfiles.hangup_summary(["/l/a.log"], []), "reopened /l/a.log")
+        self.assertEqual(
+            logfiles.hangup_summary(["/l/a.log"], ["/l/b.jsonl: Permission denied"]),
+            "reopened /l/a.log; kept writing to the old file of /l/b.jsonl: Permission denied"
+            " (cannot open the name again)",
+        )
+        self.assertEqual(
+            logfiles.hangup_summary([], ["/l/a.log: Is a directory", "/l/b.jsonl: Is a directory"]),
+            "kept writing to the old files of /l/a.log: Is a directory, /l/b.jsonl: Is a directory"
+            " (cannot open the name again)",
+        )
+        self.assertEqual(logfiles.hangup_summary([], []), "no log file is open here; nothing to reopen")
+
+    def test_none_could_be_reopened(self) -> None:
+        """Neither of two files can be opened again: an error for each, and
+        a summary that names both as kept, not "none open"."""
+        from twisted.logger import capturedLogs, formatEvent
+
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        paths = [os.path.join(directory, name) for name in ("est.log", "audit.jsonl")]
+        self.patch(logfiles, "_open_files", [])  # only these two (other tests leave theirs open)
+        files = [logfiles.open_log_file(paths[0], None, None), logfiles.AppendFile(paths[1])]
+        for made in files:
+            self.addCleanup(made.close)
+        for path in paths:
+            os.rename(path, path + ".1")
+            os.mkdir(path)
+        with capturedLogs() as events:
+            logfiles.SignalService(reactor=object())._hangup()
+        said = [formatEvent(e) for e in events if "SIGHUP" in e.get("log_format", "")]
+        self.assertEqual(said[:2], [
+            f"SIGHUP: cannot reopen the log file {path}: Is a directory; still writing to the old one"
+            for path in paths
+        ])
+        self.assertEqual(said[2:], [
+            f"SIGHUP: kept writing to the old files of {paths[0]}: Is a directory, {paths[1]}: Is a directory"
+            " (cannot open the name again)"
+        ])
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

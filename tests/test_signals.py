@@ -163,14 +163,20 @@ class DaemonizedHangupTests(DaemonizeTestCase):
     async def test_logrotate_procedure(self) -> None:
         """The README's procedure on a real daemon (twistd without -n):
         rename the --logfile, ``kill -HUP $(cat PIDFILE)``: the daemon lives
-        on and writes to a new file by the name."""
+        on and writes to a new file by the name, made with the renamed
+        file's mode (not the daemon's umask 077) and, as root, its owner."""
         result = await self.daemonize("--port", "0")
         self.assertEqual(result.code, 0, result)
         with open(self.pidfile) as f:
             pid = int(f.read())
         await _until(lambda: SERVING.search(read(self.logfile)) is not None, 30)
+        owner = (4321, 4322) if os.geteuid() == 0 else (os.getuid(), os.getgid())
+        os.chmod(self.logfile, 0o644)
+        os.chown(self.logfile, *owner)
         os.rename(self.logfile, self.logfile + ".1")
         os.kill(pid, signal.SIGHUP)
         await _until(lambda: f"SIGHUP: reopened {self.logfile}" in read(self.logfile), 10)
         self.assertTrue(_alive(pid))
         self.assertIn("serving EST", read(self.logfile + ".1"))
+        made = os.stat(self.logfile)
+        self.assertEqual((made.st_mode & 0o777, made.st_uid, made.st_gid), (0o644, *owner))
