@@ -58,11 +58,11 @@ class Options(usage.Options):
     longdesc = "Serve EST (RFC 7030 / RFC 8951) over TLS as configured in est.properties."
     optParameters = [
         ["config", "c", "etc/est.properties", "The est.properties file."],
-        ["port", "p", None, "Listen on this TCP port instead of server.port.", int],
-        ["workers", "w", None, "Run this many worker processes instead of server.workers.", int],
+        ["port", "p", None, "Listen on this TCP port instead of server.port.", config_module.whole_number],
+        ["workers", "w", None, "Run this many worker processes instead of server.workers.", config_module.whole_number],
         # Internal: a worker of estgw.workers serves the listening sockets it inherited.
         ["worker-fds", None, None, "(internal) serve the inherited listening sockets on these descriptors."],
-        ["worker-number", None, 1, "(internal) which worker this is; worker 1 also serves publish.port and coaps.port.", int],
+        ["worker-number", None, 1, "(internal) which worker this is; worker 1 also serves publish.port and coaps.port.", config_module.whole_number],
     ]
 
     def postOptions(self) -> None:
@@ -90,7 +90,7 @@ class Options(usage.Options):
             loaded = attr.evolve(loaded, workers=self["workers"])
         if self["worker-fds"] is not None:
             try:
-                self["worker-fds"] = [int(fd) for fd in self["worker-fds"].split(",")]
+                self["worker-fds"] = [config_module.whole_number(fd) for fd in self["worker-fds"].split(",")]
             except ValueError:
                 raise usage.UsageError(f"--worker-fds: not descriptor numbers: {self['worker-fds']}") from None
         self.loaded: Config = loaded

@@ -25,7 +25,7 @@ from estgw import logfiles, logs
 from estgw.approval import config as config_module
 from estgw.approval.config import ServiceConfig
 from estgw.approval.service import ApprovalService
-from estgw.config import ConfigError
+from estgw.config import ConfigError, whole_number
 from estgw.daemon import StartError, end_process_on_failure
 
 
@@ -37,7 +37,7 @@ class Options(usage.Options):
     )
     optParameters = [
         ["config", "c", "etc/approval.properties", "The approval.properties file."],
-        ["port", "p", None, "Listen on this TCP port instead of service.port.", int],
+        ["port", "p", None, "Listen on this TCP port instead of service.port.", whole_number],
     ]
 
     def postOptions(self) -> None:
