@@ -1,10 +1,16 @@
 """What one client may hold of the gateway: connections, time, header size,
 and the server's memory.
 
-* :class:`ConnectionLimits` wraps the listening factory, outside TLS, so
-  a connection over ``server.maxConnections`` (all clients) or
-  ``server.maxConnectionsPerClient`` (one IP address) is closed before a
-  handshake costs anything.
+* :class:`ConnectionLimits` wraps the listening factory of every TCP
+  listener, outside TLS, so a connection over ``server.maxConnections``
+  (all clients) or ``server.maxConnectionsPerClient`` (one IP address) is
+  closed before a handshake costs anything.  The EST and the publishing
+  (CRL/OCSP) listener each count their own connections under these caps,
+  and the metrics and health listener has its own cap,
+  :data:`METRICS_CONNECTIONS`: a flood of one listener never starves
+  another (nor ``/health``).  :func:`ensure_descriptors` makes sure at
+  start that the process may open that many descriptors, so the caps act
+  before the system's limit (EMFILE) does.
 * :class:`LimitedChannel` is the HTTP/1.1 channel of every listener (EST,
   metrics and health, CRL/OCSP publishing, the approval service): the
   request head must arrive within ``server.headerTimeout`` seconds of its
@@ -69,20 +75,27 @@ class ConnectionCounts:
             self.by_client.pop(host, None)
 
 
+TOTAL_WHERE = "in all (server.maxConnections)"
+
+
 class ConnectionLimits(WrappingFactory):
     """Closes connections beyond ``total`` open ones, or beyond
-    ``per_client`` from one IP address; ``0`` means no limit."""
+    ``per_client`` from one IP address; ``0`` means no limit.
+
+    ``total_where`` says in the refusal what ``total`` counts and where it
+    comes from (in a worker process: its share of the key)."""
 
     protocol = ProtocolWrapper
     _log = Logger()
 
     def __init__(
         self, wrapped: Any, total: int, per_client: int, refused: Counter | None = None,
-        counts: ConnectionCounts | None = None,
+        counts: ConnectionCounts | None = None, total_where: str = TOTAL_WHERE,
     ) -> None:
         super().__init__(wrapped)
         self.total = total
         self.per_client = per_client
+        self.total_where = total_where
         self._refused = refused or (lambda code: None)
         self.counts = counts if counts is not None else ConnectionCounts()
         self._hosts: dict[Any, str] = {}
@@ -92,7 +105,7 @@ class ConnectionLimits(WrappingFactory):
         code = reason = None
         if self.total and self.counts.total >= self.total:
             code = "too-many-connections"
-            reason = f"open connections: at most {self.total} in all (server.maxConnections)"
+            reason = f"open connections: at most {self.total} {self.total_where}"
         elif self.per_client and self.counts.by_client.get(host, 0) >= self.per_client:
             code = "too-many-connections-per-client"
             reason = f"open connections: at most {self.per_client} per client address (server.maxConnectionsPerClient)"
@@ -127,18 +140,97 @@ class LimitedEndpoint:
 
     def __init__(
         self, endpoint: Any, total: int, per_client: int, refused: Counter | None = None,
-        counts: ConnectionCounts | None = None,
+        counts: ConnectionCounts | None = None, total_where: str = TOTAL_WHERE,
     ) -> None:
         self._endpoint = endpoint
         self._total = total
         self._per_client = per_client
         self._refused = refused
         self._counts = counts
+        self._total_where = total_where
         self.limits: ConnectionLimits | None = None
 
     def listen(self, factory: Any) -> Any:
-        self.limits = ConnectionLimits(factory, self._total, self._per_client, self._refused, self._counts)
+        self.limits = ConnectionLimits(
+            factory, self._total, self._per_client, self._refused, self._counts, self._total_where
+        )
         return self._endpoint.listen(self.limits)
+
+
+#: Connections the metrics and health listener (metrics.port) takes, on
+#: its own count: scrapers and probes are few, and a flood of the EST or
+#: publishing port must not make /health/live fail.
+METRICS_CONNECTIONS = 16
+
+#: Descriptors a gateway process holds besides its connections: the
+#: listening sockets, the store (SQLite's database, journal and shared
+#: memory files per pooled connection), the log and audit files, the
+#: reactor's epoll and waker, a worker's pipes to its supervisor, and
+#: outgoing connections (OCSP, the approval service, an upstream EST CA).
+#: An idle gateway holds about 30 (``tests/test_descriptors.py``).
+RESERVED_DESCRIPTORS = 128
+
+
+def per_process(total: int, workers: int) -> int:
+    """One worker's share of a gateway-wide cap (``server.maxConnections``,
+    ``ca.maxQueued``) when ``workers`` processes serve: ``total`` divided,
+    rounded up, so that all of them together hold at most ``total +
+    workers - 1``; 0 (no cap) stays 0."""
+    return -(-total // max(1, workers)) if total else 0
+
+
+def descriptors_needed(connections: int, publish: bool, metrics: bool) -> int:
+    """File descriptors one gateway process needs for ``connections``
+    capped connections on the EST listener, as many again on the
+    publishing listener when ``publish``, the metrics listener's
+    :data:`METRICS_CONNECTIONS` when ``metrics``, and
+    :data:`RESERVED_DESCRIPTORS`."""
+    return connections * (2 if publish else 1) + (METRICS_CONNECTIONS if metrics else 0) + RESERVED_DESCRIPTORS
+
+
+def ensure_descriptors(
+    total: int, workers: int = 1, publish: bool = False, metrics: bool = False
+) -> tuple[int, int] | None:
+    """Make sure each gateway process may open the descriptors its share of
+    ``total`` connections (``server.maxConnections``, over ``workers``
+    processes: :func:`per_process`) needs on its listeners
+    (:func:`descriptors_needed`): raise this process's soft
+    ``RLIMIT_NOFILE`` towards its hard one if it is lower; processes it
+    starts (the workers) inherit it.  ``total`` 0 (no cap): nothing to
+    ensure.
+
+    :returns: ``(before, after)`` when the soft limit was raised, else None.
+    :raises ValueError: the hard limit is too low, with a message naming
+        ``server.maxConnections``, the limit and what to do: a cap that
+        cannot act before the system's limit would be a false promise, and
+        at EMFILE every listener fails at once.
+    """
+    if not total:
+        return None
+    import resource
+
+    workers = max(1, workers)
+    connections = per_process(total, workers)
+    needed = descriptors_needed(connections, publish, metrics)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return None
+    if hard != resource.RLIM_INFINITY and hard < needed:
+        listeners = 2 if publish else 1
+        fits = (hard - (needed - connections * listeners)) // listeners * workers
+        parts = [f"{connections} connections" + (" on each of publish.port and server.port" if publish else "")]
+        if metrics:
+            parts.append(f"{METRICS_CONNECTIONS} on metrics.port")
+        parts.append(f"{RESERVED_DESCRIPTORS} for the store, logs and listening sockets")
+        share = f" ({connections} in each of {workers} workers)" if workers > 1 else ""
+        advice = f"lower server.maxConnections to at most {fits}" if fits > 0 else "lower server.maxConnections"
+        raise ValueError(
+            f"server.maxConnections = {total}{share} needs {needed} file descriptors per process"
+            f" ({', '.join(parts)}), but the process may open at most {hard} (RLIMIT_NOFILE, ulimit -n):"
+            f" {advice}, or raise the limit (systemd: LimitNOFILE=)"
+        )
+    resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+    return soft, needed
 
 
 #: The reason phrase of each status code: RFC 9110 §15, and RFC 6585 for

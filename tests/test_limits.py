@@ -353,6 +353,82 @@ class ConnectionLimitTests(TestCase):
         await self.close(again)
 
 
+class EveryListenerCappedTests(TestCase):
+    """The publishing and metrics listeners are capped too, each on its own
+    count: a full listener refuses new connections without starving the
+    others."""
+
+    async def plain(self, port: int) -> RawClient:
+        client = RawClient()
+        client.handshake.addErrback(lambda failure: None)  # plain TCP: no handshake
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=5), client)
+        return client
+
+    async def answers(self, port: int, path: str) -> bytes:
+        client = await self.plain(port)
+        client.transport.write(f"GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode())
+        await closed_within(client, 5)
+        return client.received.split(b"\r\n", 1)[0]
+
+    async def refused(self, port: int) -> None:
+        client = await self.plain(port)
+        await closed_within(client, 5)
+        self.assertEqual(client.received, b"")
+
+    async def test_each_listener_its_own_count(self) -> None:
+        """server.maxConnections = 2: two idle connections fill the
+        publishing listener, whose third is refused (audited, naming the
+        listener), while EST and /health serve; two fill EST while
+        publishing serves; the metrics listener takes
+        limits.METRICS_CONNECTIONS and refuses the next."""
+        audit = AuditLog(self)
+        gateway = await RunningGateway.start(
+            self, TEST_CONFIG + "server.maxConnections = 2\nserver.maxConnectionsPerClient = 0\n"
+            "publish.port = 0\nmetrics.port = 0\n",
+        )
+        publish = gateway.service.publish_ports[0].getHost().port
+        metrics = gateway.service.metrics_ports[0].getHost().port
+        held = [await self.plain(publish), await self.plain(publish)]
+        await self.refused(publish)
+        [line] = [record(e) for e in audit.events if e.get("code") == "too-many-connections"]
+        self.assertEqual(line["reason"], "open connections: at most 2 in all on the publishing listener (server.maxConnections)")
+        self.assertEqual((await gateway.curl("cacerts")).status, 200)
+        self.assertEqual(await self.answers(metrics, "/health/live"), b"HTTP/1.1 200 OK")
+        for client in held:
+            client.transport.loseConnection()
+            await client.closed
+        tls = [await connect(gateway), await connect(gateway)]
+        for client in tls:
+            await client.handshake
+        self.assertEqual((await gateway.curl("cacerts")).status, 0)  # EST is full
+        self.assertEqual(await self.answers(publish, "/"), b"HTTP/1.1 404 Not Found")
+        for client in tls:
+            client.transport.loseConnection()
+            await client.closed
+        scrapers = [await self.plain(metrics) for _ in range(limits.METRICS_CONNECTIONS)]
+        await self.refused(metrics)
+        self.assertIn("open connections: at most 16 on the metrics listener",
+                      [record(e)["reason"] for e in audit.events if e.get("code") == "too-many-connections"])
+        for client in scrapers:
+            client.transport.loseConnection()
+            await client.closed
+        await task.deferLater(reactor, 0.1, lambda: None)
+        self.assertEqual(await self.answers(metrics, "/health/live"), b"HTTP/1.1 200 OK")
+        self.assertEqual(await gateway.store.count_certificates(), 0)
+
+    async def test_per_client_on_every_listener(self) -> None:
+        """server.maxConnectionsPerClient = 1 holds on the publishing and
+        metrics listeners as on EST, per listener."""
+        gateway = await RunningGateway.start(
+            self, TEST_CONFIG + "server.maxConnectionsPerClient = 1\npublish.port = 0\nmetrics.port = 0\n",
+        )
+        for port in (gateway.service.publish_ports[0].getHost().port, gateway.service.metrics_ports[0].getHost().port):
+            first = await self.plain(port)
+            await self.refused(port)
+            first.transport.loseConnection()
+            await first.closed
+
+
 class StatusLineTests(TestCase):
     """Every status the listeners send carries its RFC 9110 (RFC 6585)
     reason phrase in the status line, on the wire."""
