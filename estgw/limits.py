@@ -273,6 +273,7 @@ class LimitedChannel(http.HTTPChannel):
     header_timeout: float = 10.0
     body_timeout: float = 30.0
     metrics: Any = None  # estgw.metrics.Metrics
+    _log = Logger()
 
     # After a refusal or the idle timeout closes the connection: how long
     # the client has to read the rest of what it was sent (a TLS close
@@ -336,22 +337,50 @@ class LimitedChannel(http.HTTPChannel):
         if not self._handlingRequest and self.transport is not None:
             self.dataReceived(b"")
 
+    #: Requests answered on this connection (counted once written).
+    _answered = 0
+
+    def requestDone(self, request: Any) -> None:
+        self._answered += 1
+        super().requestDone(request)
+
+    def _between_requests(self) -> bool:
+        """Every request read was answered and the answers taken, and no
+        byte of a next request has come: a kept-alive connection at rest."""
+        return (
+            self.line_mode and not self._handlingRequest and not self.requests
+            and not self._buffer and not self._dataBuffer and self._receivedHeaderSize == 0
+            and not self._waitingForTransport
+        )
+
     def timeoutConnection(self) -> None:
         """``server.idleTimeout`` seconds without a byte from the client,
         or without it taking any of the answers it was sent (a write that
-        does not progress is no activity): one audit line, then close.  A
-        connection whose answers wait unsent is aborted at once, since an
-        orderly close would wait for the client to read them."""
+        does not progress is no activity): close.  A client that had its
+        requests answered and then simply left its kept-alive connection
+        at rest did nothing wrong: a debug line only.  Anything else (no
+        complete request ever, a request half-sent, answers left unread)
+        is a refusal: one audit line, counted.  A connection whose answers
+        wait unsent is aborted at once, since an orderly close would wait
+        for the client to read them."""
         stalled = self._waitingForTransport
-        if stalled:
-            reason = f"the client read none of its responses for {self.timeOut:g} seconds"
+        if self._answered and self._between_requests():
+            self._log.debug(
+                "closed the connection from {client}, idle for {seconds:g} seconds after {count} answered requests",
+                client=_host(self.getPeer()), seconds=self.timeOut, count=self._answered,
+            )
         else:
-            reason = f"the connection was idle for {self.timeOut:g} seconds"
-        self.refused("idle-timeout")
-        _audit.info(
-            "{event} connection from {client}: {code}: {reason}",
-            event="refused", code="idle-timeout", client=_host(self.getPeer()), reason=reason,
-        )
+            if stalled:
+                reason = f"the client read none of its responses for {self.timeOut:g} seconds"
+            elif self._answered:
+                reason = f"the connection was idle for {self.timeOut:g} seconds with a request half-sent"
+            else:
+                reason = f"the connection was idle for {self.timeOut:g} seconds"
+            self.refused("idle-timeout")
+            _audit.info(
+                "{event} connection from {client}: {code}: {reason}",
+                event="refused", code="idle-timeout", client=_host(self.getPeer()), reason=reason,
+            )
         self._cancel_deadline()
         if stalled:
             self.forceAbortClient()

@@ -19,6 +19,7 @@ from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.error import ConnectionDone
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.internet.testing import StringTransport
+from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.http_headers import Headers
@@ -220,19 +221,80 @@ class SlowClientTests(TestCase):
         self.assertNotIn("status", line)
         self.assertIn('estgw_refusals_total{code="idle-timeout"} 1.0', gateway.service.gateway.metrics.render().decode())
 
-    async def test_idle_after_a_request_on_the_metrics_listener(self) -> None:
-        """The plain-HTTP metrics listener: a kept-alive connection silent
-        after its answer is closed after server.idleTimeout, audited."""
+    async def test_idle_after_answered_requests_is_no_refusal(self) -> None:
+        """On every listener (EST over TLS, metrics, publishing): a
+        kept-alive client that had two requests answered and then just
+        leaves its connection at rest is closed after server.idleTimeout
+        without a refusal (no audit line, no estgw_refusals_total), with
+        one debug line."""
         audit = AuditLog(self)
-        gateway = await RunningGateway.start(self, TEST_CONFIG + "metrics.port = 0\nserver.idleTimeout = 1\n")
-        client = RawClient()
-        client.handshake.addErrback(lambda failure: None)  # plain TCP: there is no handshake
-        port = gateway.service.metrics_ports[0].getHost().port
-        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=5), client)
-        client.transport.write(request_head("/health/live"))
+        debug: list[dict[str, Any]] = []
+
+        def observe(event: dict[str, Any]) -> None:
+            if event.get("log_namespace", "").startswith("estgw.limits") and "count" in event:
+                debug.append(event)
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        gateway = await RunningGateway.start(
+            self, TEST_CONFIG + "metrics.port = 0\npublish.port = 0\nserver.idleTimeout = 1\n"
+        )
+        listeners = [
+            ("est", gateway.port, "/.well-known/est/cacerts", b"HTTP/1.1 200 OK\r\n"),
+            ("metrics", gateway.service.metrics_ports[0].getHost().port, "/health/live", b"HTTP/1.1 200 OK\r\n"),
+            ("publish", gateway.service.publish_ports[0].getHost().port, "/", b"HTTP/1.1 404 Not Found\r\n"),
+        ]
+        for name, port, path, status in listeners:
+            client = await (connect(gateway) if name == "est" else plain_connect(port))
+            if name == "est":
+                await client.handshake
+            for _ in range(2):
+                client.received = b""
+                client.transport.write(request_head(path))
+                await until_received(client, b"\r\n\r\n")
+                self.assertTrue(client.received.startswith(status), (name, client.received))
+            started = time.monotonic()
+            await closed_within(client, 5)
+            self.assertGreaterEqual(client.closed_at - started, 0.9, name)
+        self.assertEqual(audit.refused, [])
+        self.assertNotIn("idle-timeout", gateway.service.gateway.metrics.render().decode())
+        self.assertEqual([(e["count"], e["client"]) for e in debug], [(2, "127.0.0.1")] * 3)
+        self.assertTrue(all(e["log_level"].name == "debug" for e in debug))
+
+    async def test_idle_with_a_request_half_sent_is_a_refusal(self) -> None:
+        """After an answered request, a next request left half-sent past
+        server.idleTimeout (below server.headerTimeout here) is a refusal:
+        audited idle-timeout with the reason, counted."""
+        audit = AuditLog(self)
+        gateway = await RunningGateway.start(
+            self, TEST_CONFIG + "server.idleTimeout = 1\nserver.headerTimeout = 10\n"
+        )
+        client = await connect(gateway)
+        await client.handshake
+        client.transport.write(request_head())
+        await until_received(client, b"\r\n\r\n")
+        client.transport.write(b"GET /.well-known/est/cacerts HTTP/1.1\r\nHost: loc")
         await closed_within(client, 5)
-        self.assertTrue(client.received.startswith(b"HTTP/1.1 200 OK\r\n"), client.received)
         self.assertEqual(audit.refused, ["idle-timeout"])
+        self.assertEqual(audit_record(audit, "idle-timeout")["reason"],
+                         "the connection was idle for 1 seconds with a request half-sent")
+        self.assertIn('estgw_refusals_total{code="idle-timeout"} 1.0', gateway.service.gateway.metrics.render().decode())
+
+
+async def plain_connect(port: int) -> RawClient:
+    """A plain TCP client of a 127.0.0.1 listener (metrics, publishing)."""
+    client = RawClient()
+    client.handshake.addErrback(lambda failure: None)  # plain TCP: there is no handshake
+    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=5), client)
+    return client
+
+
+async def until_received(client: RawClient, marker: bytes, seconds: float = 5.0) -> None:
+    for _ in range(int(seconds / 0.05)):
+        if marker in client.received or client.closed.called:
+            return
+        await task.deferLater(reactor, 0.05, lambda: None)
+    raise AssertionError(f"{marker!r} not received within {seconds} s: {client.received!r}")
 
 
 class HeaderLimitTests(TestCase):
