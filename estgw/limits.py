@@ -33,6 +33,7 @@ in time).
 
 from __future__ import annotations
 
+import re
 from typing import Any, Callable
 
 from OpenSSL import SSL
@@ -296,12 +297,6 @@ class LimitedChannel(http.HTTPChannel):
             self._deadline = self.callLater(self.header_timeout, lambda: self._too_slow("header-timeout"))
         super().dataReceived(data)
 
-    def allHeadersReceived(self) -> None:
-        self._cancel_deadline()
-        super().allHeadersReceived()
-        if self.length != 0 and self.transport is not None and not self._handlingRequest:
-            self._deadline = self.callLater(self.body_timeout, lambda: self._too_slow("body-timeout"))
-
     def allContentReceived(self) -> None:
         self._cancel_deadline()
         super().allContentReceived()
@@ -347,7 +342,7 @@ class LimitedChannel(http.HTTPChannel):
     def _between_requests(self) -> bool:
         """Every request read was answered and the answers taken, and no
         byte of a next request has come: a kept-alive connection at rest."""
-        return (
+        return bool(
             self.line_mode and not self._handlingRequest and not self.requests
             and not self._buffer and not self._dataBuffer and self._receivedHeaderSize == 0
             and not self._waitingForTransport
@@ -407,29 +402,82 @@ class LimitedChannel(http.HTTPChannel):
         # e.g. a huge Authorization header).  twisted's default closes the
         # transport directly, which over TLS waits for this channel's
         # producer: the client hung until the idle timeout.
-        reason = f"a request or header line is longer than {self.MAX_LENGTH} bytes"
-        self.refused("line-too-long")
-        _audit.info(
-            "{event} connection from {client}: {status} {code}: {reason}",
-            event="refused", code="line-too-long", client=_host(self.getPeer()), status=400, reason=reason,
-        )
-        self.close_with(400, reason)
+        self.reject(400, "line-too-long", f"a request or header line is longer than {self.MAX_LENGTH} bytes")
 
     def _respondToBadRequestAndDisconnect(self) -> None:
         # twisted.web answers a bare 400 for every malformed head; say why,
         # and 431 (RFC 6585 §5) where it is our header limits.
         if self._receivedHeaderSize > self.totalHeadersSize:
-            status, code, reason = 431, "header-too-large", f"the request head exceeds {self.totalHeadersSize} bytes"
+            self.reject(431, "header-too-large", f"the request head exceeds {self.totalHeadersSize} bytes")
         elif self._receivedHeaderCount > self.maxHeaders:
-            status, code, reason = 431, "too-many-headers", f"the request has more than {self.maxHeaders} header fields"
+            self.reject(431, "too-many-headers", f"the request has more than {self.maxHeaders} header fields")
         else:
-            status, code, reason = 400, "bad-request-head", "the request line or a header field is malformed"
+            self.reject(400, "bad-request-head", "the request line or a header field is malformed")
+
+    def reject(self, status: int, code: str, reason: str) -> None:
+        """Refuse what the client sent outside any request: counted, one
+        audit line, then :meth:`close_with`."""
         self.refused(code)
         _audit.info(
             "{event} connection from {client}: {status} {code}: {reason}",
             event="refused", code=code, client=_host(self.getPeer()), status=status, reason=reason,
         )
         self.close_with(status, reason)
+
+    # -- framing (RFC 9112) that twisted.web lets through ------------------
+
+    def lineReceived(self, line: bytes) -> None:
+        if line[:1] in (b" ", b"\t"):
+            # RFC 9112 §5.2: obs-fold (a field line continued on the next
+            # line) is obsolete; twisted.web would join it to the field
+            # above.  A proxy in front may read it otherwise: refuse.
+            # (Whitespace before the request line or the first field,
+            # §2.2, is refused the same way.)
+            self.reject(
+                400, "bad-request-head",
+                "a header field line starts with whitespace (obsolete line folding, RFC 9112 §5.2)",
+            )
+            return
+        super().lineReceived(line)
+
+    #: Fields estgw reads as one value: a request with two of them is
+    #: ambiguous (which one did a proxy in front act on?), so it is
+    #: refused (RFC 9112 §3.2 for Host, RFC 9110 §5.3).  Content-Length
+    #: and Transfer-Encoding twisted.web refuses itself, Authorization
+    #: estgw.httpauth.
+    SINGLE_FIELDS = (b"host", b"content-type")
+
+    def headerReceived(self, line: bytes) -> bool:
+        name = line.split(b":", 1)[0].lower()
+        if name in self.SINGLE_FIELDS and self.requests and self.requests[-1].requestHeaders.hasHeader(name):
+            field = "Host" if name == b"host" else "Content-Type"
+            self.reject(400, "bad-request-head", f"the request has more than one {field} header field (RFC 9112 §3.2)")
+            return False
+        ok: bool = super().headerReceived(line)
+        if ok and name == b"host" and not _HOST.fullmatch(self.requests[-1].requestHeaders.getRawHeaders(b"host")[-1]):
+            self.reject(400, "bad-request-head", "the Host header field is not a host name or address with an optional port (RFC 9112 §3.2)")
+            return False
+        return ok
+
+    def allHeadersReceived(self) -> None:
+        request = self.requests[-1] if self.requests else None
+        if request is not None and self._version == b"HTTP/1.1" and not request.requestHeaders.hasHeader(b"host"):
+            self.reject(400, "bad-request-head", "an HTTP/1.1 request must have a Host header field (RFC 9112 §3.2)")
+            return
+        self._cancel_deadline()
+        super().allHeadersReceived()
+        if self.length != 0 and self.transport is not None and not self._handlingRequest:
+            self._deadline = self.callLater(self.body_timeout, lambda: self._too_slow("body-timeout"))
+
+    def _maybeChooseTransferDecoder(self, header: bytes, data: bytes) -> bool:
+        ok: bool = super()._maybeChooseTransferDecoder(header, data)
+        decoder = self._transferDecoder
+        limit = getattr(self.requests[-1], "max_body", None) if self.requests else None
+        if ok and type(decoder) is http._ChunkedTransferDecoder and limit is not None:
+            self._transferDecoder = _BoundedChunkedDecoder(
+                decoder.dataCallback, decoder.finishCallback, limit, self.requests[-1], self
+            )
+        return ok
 
     def close_with(self, status: int, reason: str) -> None:
         """Answer ``status`` with the one-line ``reason`` outside any
@@ -445,6 +493,8 @@ class LimitedChannel(http.HTTPChannel):
         # Stop reading; close once written, abort if the client does not read.
         self.dataReceived = lambda data: None  # type: ignore[method-assign]
         self.lineReceived = lambda line: None  # type: ignore[method-assign]
+        # Refused at the end of its head: the request is not served.
+        self.allContentReceived = lambda: None  # type: ignore[method-assign]
         self.setTimeout(None)
         self._cancel_deadline()
         self._abortingCall = self.callLater(self.refusal_abort_seconds, self.forceAbortClient)
@@ -462,6 +512,53 @@ class LimitedChannel(http.HTTPChannel):
             reason=f"the request {part} was not received within {seconds:g} seconds",
         )
         self.close_with(408, f"the request {part} was not received within {seconds:g} seconds")
+
+
+# RFC 9112 §3.2: Host = uri-host [ ":" port ] (RFC 3986 §3.2.2: an
+# IP-literal in brackets, or a reg-name, which covers IPv4 addresses);
+# empty where the target has no authority.
+_HOST = re.compile(rb"(?:\[[A-Za-z0-9._~!$&'()*+,;=:-]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]*)(?::[0-9]*)?")
+
+
+class _BoundedChunkedDecoder(http._ChunkedTransferDecoder):
+    """A chunked request body (RFC 9112 §7.1) refused as soon as its chunk
+    sizes announce more than the request's ``max_body`` bytes (413, by
+    :meth:`estgw.web.LimitedRequest.too_large`), rather than when that
+    much has arrived: a chunk size of ``ffffffffffffffff`` is refused at
+    once, not after ``server.bodyTimeout``.  A malformed chunk is 400
+    with what is wrong (twisted.web says only that the head is bad)."""
+
+    def __init__(self, data: Any, finish: Any, limit: int, request: Any, channel: "LimitedChannel") -> None:
+        super().__init__(data, finish)
+        self._limit = limit
+        self._request = request
+        self._channel = channel
+        self._announced = 0
+
+    def dataReceived(self, data: bytes) -> None:
+        try:
+            super().dataReceived(data)
+        except http._MalformedChunkedDataError as e:
+            self._discard()
+            self._channel.reject(400, "bad-chunked-body", f"the chunked request body is malformed: {e}")
+
+    def _dataReceived_CHUNK_LENGTH(self) -> bool:
+        if not super()._dataReceived_CHUNK_LENGTH():
+            return False
+        self._announced += self.length
+        if self._announced > self._limit:
+            self._discard()
+            self._request.too_large()
+            return False
+        return True
+
+    def _discard(self) -> None:
+        self.state = "DISCARD"
+        del self._buffer[:]
+
+    def _dataReceived_DISCARD(self) -> bool:
+        del self._buffer[:]
+        return False
 
 
 def handshake_failure_reason(error: BaseException | None) -> str:

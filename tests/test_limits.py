@@ -491,6 +491,72 @@ class EveryListenerCappedTests(TestCase):
             await first.closed
 
 
+class FramingTests(TestCase):
+    """RFC 9112 framing faults twisted.web lets through, refused at once on
+    every listener, over real sockets: two Host field lines or none
+    (§3.2), obs-fold (§5.2), a chunk size past the body limit (413) or
+    not a number (400); an enrollment so framed issues nothing."""
+
+    CASES = [
+        ("two Host field lines", "Host: localhost\r\nHost: other\r\n", b"", 400, "bad-request-head",
+         "the request has more than one Host header field (RFC 9112 §3.2)"),
+        ("no Host", "", b"", 400, "bad-request-head",
+         "an HTTP/1.1 request must have a Host header field (RFC 9112 §3.2)"),
+        ("a Host that is no host", "Host: a b@c\r\n", b"", 400, "bad-request-head",
+         "the Host header field is not a host name or address with an optional port (RFC 9112 §3.2)"),
+        ("obs-fold", "Host: localhost\r\nX-Note: one\r\n two\r\n", b"", 400, "bad-request-head",
+         "a header field line starts with whitespace (obsolete line folding, RFC 9112 §5.2)"),
+        ("two Content-Type field lines", "Host: localhost\r\nContent-Type: application/pkcs10\r\n"
+         "Content-Type: text/plain\r\nContent-Length: 0\r\n", b"", 400, "bad-request-head",
+         "the request has more than one Content-Type header field (RFC 9112 §3.2)"),
+        ("a chunk size past the limit", "Host: localhost\r\nTransfer-Encoding: chunked\r\n",
+         b"fffffffffffffffffffffffffff\r\n", 413, "body-too-large", "the request body exceeds {limit} bytes"),
+        ("a chunk size that is no number", "Host: localhost\r\nTransfer-Encoding: chunked\r\n",
+         b"0x10\r\n", 400, "bad-chunked-body",
+         "the chunked request body is malformed: Chunk-size must be an integer."),
+    ]
+
+    async def send(self, client: RawClient, method: str, path: str, fields: str, body: bytes) -> None:
+        client.transport.write(f"{method} {path} HTTP/1.1\r\n{fields}\r\n".encode("ascii") + body)
+
+    async def test_every_listener(self) -> None:
+        """Each case on the EST (TLS), metrics and publishing listeners:
+        the status and reason at once (well before server.bodyTimeout,
+        30 s), the connection closed, one audit line with the code."""
+        from estgw.ca.publish import MAX_OCSP_REQUEST
+        from estgw.metrics import METRICS_MAX_BODY
+
+        audit = AuditLog(self)
+        gateway = await RunningGateway.start(self, TEST_CONFIG + "metrics.port = 0\npublish.port = 0\n")
+        await register(gateway)
+        listeners = [
+            ("est", None, "/.well-known/est/simpleenroll", gateway.config.max_request_bytes),
+            ("metrics", gateway.service.metrics_ports[0].getHost().port, "/metrics", METRICS_MAX_BODY),
+            ("publish", gateway.service.publish_ports[0].getHost().port, "/ocsp", MAX_OCSP_REQUEST),
+        ]
+        for listener, port, path, limit in listeners:
+            for what, fields, body, status, code, reason in self.CASES:
+                if listener == "est":
+                    fields = "Authorization: Basic cHVtcC0xNzpzM2NyZXQ=\r\n" + fields
+                client = await (connect(gateway) if port is None else plain_connect(port))
+                if port is None:
+                    await client.handshake
+                count = len(audit.events)
+                started = time.monotonic()
+                await self.send(client, "POST", path, fields, body)
+                await closed_within(client, 5)
+                self.assertLess(client.closed_at - started, 2, (listener, what))
+                expected = reason.format(limit=limit)
+                self.assertTrue(client.received.startswith(b"HTTP/1.1 %d " % status), (listener, what, client.received))
+                self.assertIn(expected.encode("utf-8"), client.received, (listener, what))
+                [line] = [record(e) for e in audit.events[count:]]
+                self.assertEqual((line["code"], line["status"], line["reason"]), (code, status, expected), (listener, what))
+        self.assertEqual(await gateway.store.count_certificates(), 0)
+        # A well-framed enrollment is served.
+        ok = await gateway.curl("simpleenroll", data=basic_csr(), user="pump-17:s3cret")
+        self.assertEqual(ok.status, 200, ok.text)
+
+
 class StatusLineTests(TestCase):
     """Every status the listeners send carries its RFC 9110 (RFC 6585)
     reason phrase in the status line, on the wire."""

@@ -534,6 +534,10 @@ def build_site(store: ServiceStore, identify: Callable[[Request], Caller | None]
     # No form parsing (see estgw.web.build_site): decisions are JSON.
     site = server.Site(root, parsePOSTFormSubmission=False)
     site.displayTracebacks = False
+    # A body over MAX_BODY is 413 as it arrives, never put in a file.
+    from estgw.web import request_factory
+
+    site.requestFactory = request_factory(MAX_BODY)
     # The same slow-client limits as the gateway's own listener (their defaults).
     return limits.limit_site(site)
 
