@@ -31,6 +31,7 @@ from estgw.approval.gateway import build_gates, load_approval_tls
 from estgw.auth import device_portal, digest_nonce_counts, digest_secret
 from estgw.ca import CAError
 from estgw.ca.publish import keep_fresh, publish_site, published_cas
+from estgw.ca.threads import threads_of
 from estgw.config import Config, ConfigError
 from estgw.daemon import StartError, _listen_now, end_process_on_failure, listen_all, shown_address
 from estgw.enroll import Gateway
@@ -429,6 +430,10 @@ class GatewayService(service.Service):
             refresh.stop()
         if self.gateway is not None:
             await self.gateway.portal.close()
+        for procedure in self.state.procedures.values():
+            threads = threads_of(procedure)
+            if threads is not None:
+                threads.stop()
         await self.store.close()
         observer, self.audit_observer = self.audit_observer, None
         if observer is not None:
