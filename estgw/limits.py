@@ -168,8 +168,18 @@ METRICS_CONNECTIONS = 16
 #: memory files per pooled connection), the log and audit files, the
 #: reactor's epoll and waker, a worker's pipes to its supervisor, and
 #: outgoing connections (OCSP, the approval service, an upstream EST CA).
-#: An idle gateway holds about 30 (``tests/test_descriptors.py``).
+#: An idle gateway holds about 25 (``tests/test_descriptors.py``).
 RESERVED_DESCRIPTORS = 128
+
+
+def default_caps() -> tuple[int, int]:
+    """``server.maxConnections`` and ``server.maxConnectionsPerClient`` by
+    default, for a listener without a configuration of its own (the
+    reference approval service)."""
+    from estgw.config import Config
+
+    config = Config(source="", state_directory="")
+    return config.max_connections, config.max_connections_per_client
 
 
 def per_process(total: int, workers: int) -> int:
@@ -190,7 +200,7 @@ def descriptors_needed(connections: int, publish: bool, metrics: bool) -> int:
 
 
 def ensure_descriptors(
-    total: int, workers: int = 1, publish: bool = False, metrics: bool = False
+    total: int, workers: int = 1, publish: bool = False, metrics: bool = False, key: str = "server.maxConnections"
 ) -> tuple[int, int] | None:
     """Make sure each gateway process may open the descriptors its share of
     ``total`` connections (``server.maxConnections``, over ``workers``
@@ -202,7 +212,7 @@ def ensure_descriptors(
 
     :returns: ``(before, after)`` when the soft limit was raised, else None.
     :raises ValueError: the hard limit is too low, with a message naming
-        ``server.maxConnections``, the limit and what to do: a cap that
+        ``key`` (where ``total`` comes from), the limit and what to do: a cap that
         cannot act before the system's limit would be a false promise, and
         at EMFILE every listener fails at once.
     """
@@ -224,9 +234,9 @@ def ensure_descriptors(
             parts.append(f"{METRICS_CONNECTIONS} on metrics.port")
         parts.append(f"{RESERVED_DESCRIPTORS} for the store, logs and listening sockets")
         share = f" ({connections} in each of {workers} workers)" if workers > 1 else ""
-        advice = f"lower server.maxConnections to at most {fits}" if fits > 0 else "lower server.maxConnections"
+        advice = f"lower {key} to at most {fits}" if fits > 0 else f"lower {key}"
         raise ValueError(
-            f"server.maxConnections = {total}{share} needs {needed} file descriptors per process"
+            f"{key} = {total}{share} needs {needed} file descriptors per process"
             f" ({', '.join(parts)}), but the process may open at most {hard} (RLIMIT_NOFILE, ulimit -n):"
             f" {advice}, or raise the limit (systemd: LimitNOFILE=)"
         )
