@@ -912,31 +912,30 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _non_negative_days(text: str) -> int:
+def _whole(text: str) -> int:
+    # As in est.properties: ASCII digits only (int() also takes "1_0", "٥").
     try:
-        days = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number of days: {text!r}") from None
+        return config_module.whole_number(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _non_negative_days(text: str) -> int:
+    days = _whole(text)
     if days < 0:
         raise argparse.ArgumentTypeError(f"must be 0 days or more, not {days}")
     return days
 
 
 def _positive_count(text: str) -> int:
-    try:
-        number = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    number = _whole(text)
     if number < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {number}")
     return number
 
 
 def _positive_days(text: str) -> int:
-    try:
-        days = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number of days: {text!r}") from None
+    days = _whole(text)
     if days < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1 day, not {days}")
     return days

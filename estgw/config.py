@@ -128,19 +128,72 @@ def _bool(value: str) -> bool:
     raise ValueError(f"expected true or false, not {value!r}")
 
 
-def _positive_int(value: str) -> int:
-    try:
-        number = int(value.strip())
-    except ValueError:
-        raise ValueError(f"expected a whole number, not {value!r}") from None
-    if number < 1:
-        raise ValueError(f"must be at least 1, not {number}")
-    return number
+# -- numbers: every numeric key is read by these two ------------------------
+#
+# Python's int() and float() also take "1_0", "+5", "1e3", "inf" and digits
+# of any script ("٥٠"): a value an operator cannot read the way the
+# gateway does.  Only ASCII digits here, with a "-" so that the range
+# check can say what a negative value should have been.
+_WHOLE = re.compile(r"-?[0-9]+")
+_DECIMAL = re.compile(r"-?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)")
+
+
+def whole_number(value: str) -> int:
+    """A whole number written in ASCII decimal digits (``0042`` is 42),
+    optionally negative; surrounding blanks are ignored.
+
+    :raises ValueError: ``expected a whole number (digits 0-9), not '1_0'``.
+    """
+    text = value.strip()
+    if not _WHOLE.fullmatch(text):
+        raise ValueError(f"expected a whole number (digits 0-9), not {text!r}")
+    return int(text)
+
+
+def decimal_number(value: str, what: str = "a number") -> float:
+    """A number written in ASCII decimal digits with an optional fraction
+    (``1``, ``0.5``, ``.5``), optionally negative; no exponent, ``inf`` or
+    ``nan``.
+
+    :raises ValueError: ``expected <what> (digits 0-9 and a '.'), not '1e3'``.
+    """
+    text = value.strip()
+    if not _DECIMAL.fullmatch(text):
+        raise ValueError(f"expected {what} (digits 0-9 and a '.'), not {text!r}")
+    return float(text)
+
+
+def _int_within(low: int, high: int | None = None, unit: str = "", zero: str = "") -> Callable[[str], int]:
+    """A whole number from ``low`` to ``high`` (None: no upper bound); with
+    ``zero``, 0 is allowed too and means that (``no cap``)."""
+
+    def amount(number: int) -> str:
+        # "1 day", "4096 bytes"
+        return f"{number} {unit[:-1] if number == 1 else unit}" if unit else str(number)
+
+    def parse(value: str) -> int:
+        number = whole_number(value)
+        if zero and number == 0:
+            return 0
+        if number < low:
+            if zero:
+                more = "or more" if low == 1 else f"or at least {amount(low)}"
+                raise ValueError(f"must be 0 ({zero}) {more}, not {number}")
+            raise ValueError(f"must be at least {amount(low)}, not {number}")
+        if high is not None and number > high:
+            raise ValueError(f"must be at most {amount(high)}, not {number}")
+        return number
+
+    return parse
+
+
+_positive_int = _int_within(1)
+_non_negative_int = _int_within(0)
 
 
 def _port(value: str) -> int:
     # 0 asks the system for a free port (tests, several instances).
-    number = 0 if value.strip() == "0" else _positive_int(value)
+    number = _int_within(1, zero="a free port")(value)
     if number > 65535:
         raise ValueError(f"not a TCP port: {number}")
     return number
@@ -241,10 +294,7 @@ def _csrattrs(value: str) -> tuple[CsrAttr, ...]:
 
 
 def _seconds(value: str) -> float:
-    try:
-        number = float(value.strip())
-    except ValueError:
-        raise ValueError(f"expected a number of seconds, not {value!r}") from None
+    number = decimal_number(value, "a number of seconds")
     if not 0 < number <= 86400:
         raise ValueError(f"must be more than 0 and at most 86400 seconds, not {number:g}")
     return number
@@ -259,11 +309,13 @@ def _hours(value: str) -> int:
     unit = _DURATION_UNITS.get(text[-1:], 0)
     number = text[:-1] if unit else text
     try:
-        seconds = round(float(number) * (unit or 3600))
+        seconds = round(decimal_number(number) * (unit or 3600))
     except ValueError:
-        raise ValueError(f"expected hours (or a number with s, m, h or d), not {value!r}") from None
+        raise ValueError(f"expected hours (or a number with s, m, h or d; digits 0-9), not {value.strip()!r}") from None
     if seconds < 1:
         raise ValueError(f"must be at least 1 second, not {value.strip()!r}")
+    if seconds > 366 * 86400:
+        raise ValueError(f"must be at most 366 days, not {value.strip()!r}")
     return seconds
 
 
@@ -281,65 +333,38 @@ def _security_level(value: str) -> int:
     return int(value)
 
 
-def _non_negative_int(value: str) -> int:
-    return 0 if value.strip() == "0" else _positive_int(value)
-
-
-def _workers(value: str) -> int:
-    number = _positive_int(value)
-    if number > 64:
-        raise ValueError(f"must be at most 64, not {number}")
-    return number
-
-
-def _int_within(low: int, high: int | None = None, unit: str = "") -> Callable[[str], int]:
-    """A whole number from ``low`` to ``high`` (None: no upper bound)."""
-    suffix = f" {unit}" if unit else ""
-
-    def parse(value: str) -> int:
-        try:
-            number = int(value.strip())
-        except ValueError:
-            raise ValueError(f"expected a whole number, not {value!r}") from None
-        if number < low:
-            raise ValueError(f"must be at least {low}{suffix}, not {number}")
-        if high is not None and number > high:
-            raise ValueError(f"must be at most {high}{suffix}, not {number}")
-        return number
-
-    return parse
+_workers = _int_within(1, 64)
 
 
 def _limit_seconds(value: str) -> float:
     """A deadline a client must meet: 1 second to a day (less would fail
     requests on any real network, and 0 is not "off")."""
-    try:
-        number = float(value.strip())
-    except ValueError:
-        raise ValueError(f"expected a number of seconds, not {value!r}") from None
+    number = decimal_number(value, "a number of seconds")
     if not 1 <= number <= 86400:
         raise ValueError(f"must be from 1 to 86400 seconds, not {number:g}")
     return number
 
 
 # The request limits' bounds (README, Hardening): below them every normal
-# EST request would be refused; above server.maxHeaderBytes' the bytes one
-# connection holds while its head arrives are no longer small.
+# EST request would be refused; above the upper ones what one connection
+# holds while its request arrives is no longer small (an EST body is a
+# CSR of a few KiB).
 MIN_REQUEST_BYTES = 1024
+MAX_REQUEST_BYTES = 1048576
 MIN_HEADERS = 16
+MAX_HEADERS = 1000
 MIN_HEADER_BYTES = 1024
 MAX_HEADER_BYTES = 65536
+# No process holds more descriptors than Linux's fs.nr_open (by default
+# 1048576), so no more connections can be open at once.
+MAX_CONNECTIONS = 1048576
+# Each overdue call holds one of its token procedure's threads (as many
+# as ca.maxOverdue; estgw.ca.threads).
+MAX_OVERDUE = 64
 
 
-def _log_bytes(value: str) -> int:
-    # 0: estgw never rotates log.file (logrotate does).
-    try:
-        number = int(value.strip())
-    except ValueError:
-        raise ValueError(f"expected a whole number, not {value!r}") from None
-    if number != 0 and number < 4096:
-        raise ValueError(f"must be 0 (never rotate) or at least 4096 bytes, not {number}")
-    return number
+# 0: estgw never rotates log.file (logrotate does).
+_log_bytes = _int_within(4096, 2**40, "bytes", zero="never rotate")
 
 
 def _scrypt_n(value: str) -> int:
@@ -349,11 +374,7 @@ def _scrypt_n(value: str) -> int:
     return number
 
 
-def _cache_seconds(value: str) -> int:
-    number = _non_negative_int(value)
-    if number > 3600:
-        raise ValueError(f"must be at most 3600 seconds, not {number}")
-    return number
+_cache_seconds = _int_within(0, 3600, "seconds")
 
 
 def _ocsp(value: str) -> str:
@@ -712,7 +733,7 @@ _GLOBAL_KEYS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "server.port": ("port", _port),
     "server.interface": ("interface", _interface),
     "server.hostnames": ("hostnames", _hostnames),
-    "server.maxRequestBytes": ("max_request_bytes", _int_within(MIN_REQUEST_BYTES, unit="bytes")),
+    "server.maxRequestBytes": ("max_request_bytes", _int_within(MIN_REQUEST_BYTES, MAX_REQUEST_BYTES, "bytes")),
     "state.directory": ("state_directory", _text),
     "store.url": ("store_url", _text),
     "ca.name": ("ca_name", _text),
@@ -721,9 +742,9 @@ _GLOBAL_KEYS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "tls.crl.stale": ("crl_stale", _choice("hard", "soft")),
     "tls.ocsp": ("ocsp", _ocsp),
     "tls.ocsp.timeout": ("ocsp_timeout", _seconds),
-    "tls.ocsp.cacheSeconds": ("ocsp_cache_seconds", _non_negative_int),
+    "tls.ocsp.cacheSeconds": ("ocsp_cache_seconds", _int_within(0, 86400, "seconds")),
     "tls.ocsp.failure": ("ocsp_failure", _choice("hard", "soft")),
-    "singleUse.refetchSeconds": ("single_use_refetch_seconds", _non_negative_int),
+    "singleUse.refetchSeconds": ("single_use_refetch_seconds", _int_within(0, 86400, "seconds")),
     "tls.ciphers": ("tls_ciphers", _nonempty),
     "tls.ciphersuites": ("tls_ciphersuites", _nonempty),
     "tls.groups": ("tls_groups", _nonempty),
@@ -731,13 +752,13 @@ _GLOBAL_KEYS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "server.headerTimeout": ("header_timeout", _limit_seconds),
     "server.bodyTimeout": ("body_timeout", _limit_seconds),
     "server.idleTimeout": ("idle_timeout", _limit_seconds),
-    "server.maxHeaders": ("max_headers", _int_within(MIN_HEADERS)),
+    "server.maxHeaders": ("max_headers", _int_within(MIN_HEADERS, MAX_HEADERS)),
     "server.maxHeaderBytes": ("max_header_bytes", _int_within(MIN_HEADER_BYTES, MAX_HEADER_BYTES, "bytes")),
-    "server.maxConnections": ("max_connections", _non_negative_int),
-    "server.maxConnectionsPerClient": ("max_connections_per_client", _non_negative_int),
-    "ca.maxQueued": ("ca_max_queued", _positive_int),
+    "server.maxConnections": ("max_connections", _int_within(1, MAX_CONNECTIONS, zero="no cap")),
+    "server.maxConnectionsPerClient": ("max_connections_per_client", _int_within(1, MAX_CONNECTIONS, zero="no cap")),
+    "ca.maxQueued": ("ca_max_queued", _int_within(1, 65536)),
     "ca.timeout": ("ca_timeout", _seconds),
-    "ca.maxOverdue": ("ca_max_overdue", _positive_int),
+    "ca.maxOverdue": ("ca_max_overdue", _int_within(1, MAX_OVERDUE)),
     "log.audit.file": ("audit_file", _text),
     "metrics.port": ("metrics_port", _port),
     "metrics.interface": ("metrics_interface", _interface),
@@ -745,7 +766,7 @@ _GLOBAL_KEYS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "server.proxyProtocol": ("proxy_protocol", _bool),
     "log.file": ("log_file", _nonempty),
     "log.maxBytes": ("log_max_bytes", _log_bytes),
-    "log.maxFiles": ("log_max_files", _positive_int),
+    "log.maxFiles": ("log_max_files", _int_within(1, 1000)),
     "log.level": ("log_level", _choice("debug", "info", "warn", "error", "critical")),
     "auth.scrypt.n": ("scrypt_n", _scrypt_n),
     "auth.passwordCacheSeconds": ("password_cache_seconds", _cache_seconds),
@@ -756,15 +777,15 @@ _GLOBAL_KEYS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "ca.keyPasswordEnv": ("ca_key_password_env", _text),
     "publish.port": ("publish_port", _port),
     "publish.interface": ("publish_interface", _interface),
-    "publish.crl.nextUpdateHours": ("publish_crl_hours", _positive_int),
+    "publish.crl.nextUpdateHours": ("publish_crl_hours", _int_within(1, 8784, "hours")),
     "coaps.port": ("coaps_port", _port),
     "coaps.interface": ("coaps_interface", _text),
-    "metrics.expiringDays": ("metrics_expiring_days", _positive_int),
+    "metrics.expiringDays": ("metrics_expiring_days", _int_within(1, 3660, "days")),
 }
 _TOKEN_PROCEDURE_KEYS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "name": ("name", _text),
     "ca": ("ca", _choice(*KINDS)),
-    "validity.days": ("validity_days", _positive_int),
+    "validity.days": ("validity_days", _int_within(1, 36525, "days")),
     "keyusage": ("key_usage", _text),
     "extendedkeyusage": ("extended_key_usage", _text),
     "estenroll.use-authentication-cert": ("use_authentication_cert", _bool),
@@ -846,7 +867,7 @@ _HANDLER_KEYS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "idm.tls.password": ("idm_password", _text),
     "idm.tls.trustAnchors": ("idm_trust_anchors", _list),
     "idm.timeout": ("idm_timeout", _seconds),
-    "idm.retryAfter": ("idm_retry_after", _positive_int),
+    "idm.retryAfter": ("idm_retry_after", _int_within(1, 86400, "seconds")),
     "idm.pendingLifetime": ("idm_pending_lifetime", _hours),
 }
 # Handler keys that may also stand alone at the top level (as in the

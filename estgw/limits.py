@@ -1,10 +1,16 @@
 """What one client may hold of the gateway: connections, time, header size,
 and the server's memory.
 
-* :class:`ConnectionLimits` wraps the listening factory, outside TLS, so
-  a connection over ``server.maxConnections`` (all clients) or
-  ``server.maxConnectionsPerClient`` (one IP address) is closed before a
-  handshake costs anything.
+* :class:`ConnectionLimits` wraps the listening factory of every TCP
+  listener, outside TLS, so a connection over ``server.maxConnections``
+  (all clients) or ``server.maxConnectionsPerClient`` (one IP address) is
+  closed before a handshake costs anything.  The EST and the publishing
+  (CRL/OCSP) listener each count their own connections under these caps,
+  and the metrics and health listener has its own cap,
+  :data:`METRICS_CONNECTIONS`: a flood of one listener never starves
+  another (nor ``/health``).  :func:`ensure_descriptors` makes sure at
+  start that the process may open that many descriptors, so the caps act
+  before the system's limit (EMFILE) does.
 * :class:`LimitedChannel` is the HTTP/1.1 channel of every listener (EST,
   metrics and health, CRL/OCSP publishing, the approval service): the
   request head must arrive within ``server.headerTimeout`` seconds of its
@@ -27,6 +33,7 @@ in time).
 
 from __future__ import annotations
 
+import re
 from typing import Any, Callable
 
 from OpenSSL import SSL
@@ -69,20 +76,27 @@ class ConnectionCounts:
             self.by_client.pop(host, None)
 
 
+TOTAL_WHERE = "in all (server.maxConnections)"
+
+
 class ConnectionLimits(WrappingFactory):
     """Closes connections beyond ``total`` open ones, or beyond
-    ``per_client`` from one IP address; ``0`` means no limit."""
+    ``per_client`` from one IP address; ``0`` means no limit.
+
+    ``total_where`` says in the refusal what ``total`` counts and where it
+    comes from (in a worker process: its share of the key)."""
 
     protocol = ProtocolWrapper
     _log = Logger()
 
     def __init__(
         self, wrapped: Any, total: int, per_client: int, refused: Counter | None = None,
-        counts: ConnectionCounts | None = None,
+        counts: ConnectionCounts | None = None, total_where: str = TOTAL_WHERE,
     ) -> None:
         super().__init__(wrapped)
         self.total = total
         self.per_client = per_client
+        self.total_where = total_where
         self._refused = refused or (lambda code: None)
         self.counts = counts if counts is not None else ConnectionCounts()
         self._hosts: dict[Any, str] = {}
@@ -92,7 +106,7 @@ class ConnectionLimits(WrappingFactory):
         code = reason = None
         if self.total and self.counts.total >= self.total:
             code = "too-many-connections"
-            reason = f"open connections: at most {self.total} in all (server.maxConnections)"
+            reason = f"open connections: at most {self.total} {self.total_where}"
         elif self.per_client and self.counts.by_client.get(host, 0) >= self.per_client:
             code = "too-many-connections-per-client"
             reason = f"open connections: at most {self.per_client} per client address (server.maxConnectionsPerClient)"
@@ -127,18 +141,107 @@ class LimitedEndpoint:
 
     def __init__(
         self, endpoint: Any, total: int, per_client: int, refused: Counter | None = None,
-        counts: ConnectionCounts | None = None,
+        counts: ConnectionCounts | None = None, total_where: str = TOTAL_WHERE,
     ) -> None:
         self._endpoint = endpoint
         self._total = total
         self._per_client = per_client
         self._refused = refused
         self._counts = counts
+        self._total_where = total_where
         self.limits: ConnectionLimits | None = None
 
     def listen(self, factory: Any) -> Any:
-        self.limits = ConnectionLimits(factory, self._total, self._per_client, self._refused, self._counts)
+        self.limits = ConnectionLimits(
+            factory, self._total, self._per_client, self._refused, self._counts, self._total_where
+        )
         return self._endpoint.listen(self.limits)
+
+
+#: Connections the metrics and health listener (metrics.port) takes, on
+#: its own count: scrapers and probes are few, and a flood of the EST or
+#: publishing port must not make /health/live fail.
+METRICS_CONNECTIONS = 16
+
+#: Descriptors a gateway process holds besides its connections: the
+#: listening sockets, the store (SQLite's database, journal and shared
+#: memory files per pooled connection), the log and audit files, the
+#: reactor's epoll and waker, a worker's pipes to its supervisor, and
+#: outgoing connections (OCSP, the approval service, an upstream EST CA).
+#: An idle gateway holds about 25 (``tests/test_descriptors.py``).
+RESERVED_DESCRIPTORS = 128
+
+
+def default_caps() -> tuple[int, int]:
+    """``server.maxConnections`` and ``server.maxConnectionsPerClient`` by
+    default, for a listener without a configuration of its own (the
+    reference approval service)."""
+    from estgw.config import Config
+
+    config = Config(source="", state_directory="")
+    return config.max_connections, config.max_connections_per_client
+
+
+def per_process(total: int, workers: int) -> int:
+    """One worker's share of a gateway-wide cap (``server.maxConnections``,
+    ``ca.maxQueued``) when ``workers`` processes serve: ``total`` divided,
+    rounded up, so that all of them together hold at most ``total +
+    workers - 1``; 0 (no cap) stays 0."""
+    return -(-total // max(1, workers)) if total else 0
+
+
+def descriptors_needed(connections: int, publish: bool, metrics: bool) -> int:
+    """File descriptors one gateway process needs for ``connections``
+    capped connections on the EST listener, as many again on the
+    publishing listener when ``publish``, the metrics listener's
+    :data:`METRICS_CONNECTIONS` when ``metrics``, and
+    :data:`RESERVED_DESCRIPTORS`."""
+    return connections * (2 if publish else 1) + (METRICS_CONNECTIONS if metrics else 0) + RESERVED_DESCRIPTORS
+
+
+def ensure_descriptors(
+    total: int, workers: int = 1, publish: bool = False, metrics: bool = False, key: str = "server.maxConnections"
+) -> tuple[int, int] | None:
+    """Make sure each gateway process may open the descriptors its share of
+    ``total`` connections (``server.maxConnections``, over ``workers``
+    processes: :func:`per_process`) needs on its listeners
+    (:func:`descriptors_needed`): raise this process's soft
+    ``RLIMIT_NOFILE`` towards its hard one if it is lower; processes it
+    starts (the workers) inherit it.  ``total`` 0 (no cap): nothing to
+    ensure.
+
+    :returns: ``(before, after)`` when the soft limit was raised, else None.
+    :raises ValueError: the hard limit is too low, with a message naming
+        ``key`` (where ``total`` comes from), the limit and what to do: a cap that
+        cannot act before the system's limit would be a false promise, and
+        at EMFILE every listener fails at once.
+    """
+    if not total:
+        return None
+    import resource
+
+    workers = max(1, workers)
+    connections = per_process(total, workers)
+    needed = descriptors_needed(connections, publish, metrics)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return None
+    if hard != resource.RLIM_INFINITY and hard < needed:
+        listeners = 2 if publish else 1
+        fits = (hard - (needed - connections * listeners)) // listeners * workers
+        parts = [f"{connections} connections" + (" on each of publish.port and server.port" if publish else "")]
+        if metrics:
+            parts.append(f"{METRICS_CONNECTIONS} on metrics.port")
+        parts.append(f"{RESERVED_DESCRIPTORS} for the store, logs and listening sockets")
+        share = f" ({connections} in each of {workers} workers)" if workers > 1 else ""
+        advice = f"lower {key} to at most {fits}" if fits > 0 else f"lower {key}"
+        raise ValueError(
+            f"{key} = {total}{share} needs {needed} file descriptors per process"
+            f" ({', '.join(parts)}), but the process may open at most {hard} (RLIMIT_NOFILE, ulimit -n):"
+            f" {advice}, or raise the limit (systemd: LimitNOFILE=)"
+        )
+    resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+    return soft, needed
 
 
 #: The reason phrase of each status code: RFC 9110 §15, and RFC 6585 for
@@ -181,6 +284,7 @@ class LimitedChannel(http.HTTPChannel):
     header_timeout: float = 10.0
     body_timeout: float = 30.0
     metrics: Any = None  # estgw.metrics.Metrics
+    _log = Logger()
 
     # After a refusal or the idle timeout closes the connection: how long
     # the client has to read the rest of what it was sent (a TLS close
@@ -202,12 +306,6 @@ class LimitedChannel(http.HTTPChannel):
             # pause, the first moment its bytes are parsed again).
             self._deadline = self.callLater(self.header_timeout, lambda: self._too_slow("header-timeout"))
         super().dataReceived(data)
-
-    def allHeadersReceived(self) -> None:
-        self._cancel_deadline()
-        super().allHeadersReceived()
-        if self.length != 0 and self.transport is not None and not self._handlingRequest:
-            self._deadline = self.callLater(self.body_timeout, lambda: self._too_slow("body-timeout"))
 
     def allContentReceived(self) -> None:
         self._cancel_deadline()
@@ -244,22 +342,50 @@ class LimitedChannel(http.HTTPChannel):
         if not self._handlingRequest and self.transport is not None:
             self.dataReceived(b"")
 
+    #: Requests answered on this connection (counted once written).
+    _answered = 0
+
+    def requestDone(self, request: Any) -> None:
+        self._answered += 1
+        super().requestDone(request)
+
+    def _between_requests(self) -> bool:
+        """Every request read was answered and the answers taken, and no
+        byte of a next request has come: a kept-alive connection at rest."""
+        return bool(
+            self.line_mode and not self._handlingRequest and not self.requests
+            and not self._buffer and not self._dataBuffer and self._receivedHeaderSize == 0
+            and not self._waitingForTransport
+        )
+
     def timeoutConnection(self) -> None:
         """``server.idleTimeout`` seconds without a byte from the client,
         or without it taking any of the answers it was sent (a write that
-        does not progress is no activity): one audit line, then close.  A
-        connection whose answers wait unsent is aborted at once, since an
-        orderly close would wait for the client to read them."""
+        does not progress is no activity): close.  A client that had its
+        requests answered and then simply left its kept-alive connection
+        at rest did nothing wrong: a debug line only.  Anything else (no
+        complete request ever, a request half-sent, answers left unread)
+        is a refusal: one audit line, counted.  A connection whose answers
+        wait unsent is aborted at once, since an orderly close would wait
+        for the client to read them."""
         stalled = self._waitingForTransport
-        if stalled:
-            reason = f"the client read none of its responses for {self.timeOut:g} seconds"
+        if self._answered and self._between_requests():
+            self._log.debug(
+                "closed the connection from {client}, idle for {seconds:g} seconds after {count} answered requests",
+                client=_host(self.getPeer()), seconds=self.timeOut, count=self._answered,
+            )
         else:
-            reason = f"the connection was idle for {self.timeOut:g} seconds"
-        self.refused("idle-timeout")
-        _audit.info(
-            "{event} connection from {client}: {code}: {reason}",
-            event="refused", code="idle-timeout", client=_host(self.getPeer()), reason=reason,
-        )
+            if stalled:
+                reason = f"the client read none of its responses for {self.timeOut:g} seconds"
+            elif self._answered:
+                reason = f"the connection was idle for {self.timeOut:g} seconds with a request half-sent"
+            else:
+                reason = f"the connection was idle for {self.timeOut:g} seconds"
+            self.refused("idle-timeout")
+            _audit.info(
+                "{event} connection from {client}: {code}: {reason}",
+                event="refused", code="idle-timeout", client=_host(self.getPeer()), reason=reason,
+            )
         self._cancel_deadline()
         if stalled:
             self.forceAbortClient()
@@ -286,29 +412,82 @@ class LimitedChannel(http.HTTPChannel):
         # e.g. a huge Authorization header).  twisted's default closes the
         # transport directly, which over TLS waits for this channel's
         # producer: the client hung until the idle timeout.
-        reason = f"a request or header line is longer than {self.MAX_LENGTH} bytes"
-        self.refused("line-too-long")
-        _audit.info(
-            "{event} connection from {client}: {status} {code}: {reason}",
-            event="refused", code="line-too-long", client=_host(self.getPeer()), status=400, reason=reason,
-        )
-        self.close_with(400, reason)
+        self.reject(400, "line-too-long", f"a request or header line is longer than {self.MAX_LENGTH} bytes")
 
     def _respondToBadRequestAndDisconnect(self) -> None:
         # twisted.web answers a bare 400 for every malformed head; say why,
         # and 431 (RFC 6585 §5) where it is our header limits.
         if self._receivedHeaderSize > self.totalHeadersSize:
-            status, code, reason = 431, "header-too-large", f"the request head exceeds {self.totalHeadersSize} bytes"
+            self.reject(431, "header-too-large", f"the request head exceeds {self.totalHeadersSize} bytes")
         elif self._receivedHeaderCount > self.maxHeaders:
-            status, code, reason = 431, "too-many-headers", f"the request has more than {self.maxHeaders} header fields"
+            self.reject(431, "too-many-headers", f"the request has more than {self.maxHeaders} header fields")
         else:
-            status, code, reason = 400, "bad-request-head", "the request line or a header field is malformed"
+            self.reject(400, "bad-request-head", "the request line or a header field is malformed")
+
+    def reject(self, status: int, code: str, reason: str) -> None:
+        """Refuse what the client sent outside any request: counted, one
+        audit line, then :meth:`close_with`."""
         self.refused(code)
         _audit.info(
             "{event} connection from {client}: {status} {code}: {reason}",
             event="refused", code=code, client=_host(self.getPeer()), status=status, reason=reason,
         )
         self.close_with(status, reason)
+
+    # -- framing (RFC 9112) that twisted.web lets through ------------------
+
+    def lineReceived(self, line: bytes) -> None:
+        if line[:1] in (b" ", b"\t"):
+            # RFC 9112 §5.2: obs-fold (a field line continued on the next
+            # line) is obsolete; twisted.web would join it to the field
+            # above.  A proxy in front may read it otherwise: refuse.
+            # (Whitespace before the request line or the first field,
+            # §2.2, is refused the same way.)
+            self.reject(
+                400, "bad-request-head",
+                "a header field line starts with whitespace (obsolete line folding, RFC 9112 §5.2)",
+            )
+            return
+        super().lineReceived(line)
+
+    #: Fields estgw reads as one value: a request with two of them is
+    #: ambiguous (which one did a proxy in front act on?), so it is
+    #: refused (RFC 9112 §3.2 for Host, RFC 9110 §5.3).  Content-Length
+    #: and Transfer-Encoding twisted.web refuses itself, Authorization
+    #: estgw.httpauth.
+    SINGLE_FIELDS = (b"host", b"content-type")
+
+    def headerReceived(self, line: bytes) -> bool:
+        name = line.split(b":", 1)[0].lower()
+        if name in self.SINGLE_FIELDS and self.requests and self.requests[-1].requestHeaders.hasHeader(name):
+            field = "Host" if name == b"host" else "Content-Type"
+            self.reject(400, "bad-request-head", f"the request has more than one {field} header field (RFC 9112 §3.2)")
+            return False
+        ok: bool = super().headerReceived(line)
+        if ok and name == b"host" and not _HOST.fullmatch(self.requests[-1].requestHeaders.getRawHeaders(b"host")[-1]):
+            self.reject(400, "bad-request-head", "the Host header field is not a host name or address with an optional port (RFC 9112 §3.2)")
+            return False
+        return ok
+
+    def allHeadersReceived(self) -> None:
+        request = self.requests[-1] if self.requests else None
+        if request is not None and self._version == b"HTTP/1.1" and not request.requestHeaders.hasHeader(b"host"):
+            self.reject(400, "bad-request-head", "an HTTP/1.1 request must have a Host header field (RFC 9112 §3.2)")
+            return
+        self._cancel_deadline()
+        super().allHeadersReceived()
+        if self.length != 0 and self.transport is not None and not self._handlingRequest:
+            self._deadline = self.callLater(self.body_timeout, lambda: self._too_slow("body-timeout"))
+
+    def _maybeChooseTransferDecoder(self, header: bytes, data: bytes) -> bool:
+        ok: bool = super()._maybeChooseTransferDecoder(header, data)
+        decoder = self._transferDecoder
+        limit = getattr(self.requests[-1], "max_body", None) if self.requests else None
+        if ok and type(decoder) is http._ChunkedTransferDecoder and limit is not None:
+            self._transferDecoder = _BoundedChunkedDecoder(
+                decoder.dataCallback, decoder.finishCallback, limit, self.requests[-1], self
+            )
+        return ok
 
     def close_with(self, status: int, reason: str) -> None:
         """Answer ``status`` with the one-line ``reason`` outside any
@@ -324,6 +503,8 @@ class LimitedChannel(http.HTTPChannel):
         # Stop reading; close once written, abort if the client does not read.
         self.dataReceived = lambda data: None  # type: ignore[method-assign]
         self.lineReceived = lambda line: None  # type: ignore[method-assign]
+        # Refused at the end of its head: the request is not served.
+        self.allContentReceived = lambda: None  # type: ignore[method-assign]
         self.setTimeout(None)
         self._cancel_deadline()
         self._abortingCall = self.callLater(self.refusal_abort_seconds, self.forceAbortClient)
@@ -341,6 +522,53 @@ class LimitedChannel(http.HTTPChannel):
             event="refused", code=code, client=_host(peer), status=408, reason=reason,
         )
         self.close_with(408, reason)
+
+
+# RFC 9112 §3.2: Host = uri-host [ ":" port ] (RFC 3986 §3.2.2: an
+# IP-literal in brackets, or a reg-name, which covers IPv4 addresses);
+# empty where the target has no authority.
+_HOST = re.compile(rb"(?:\[[A-Za-z0-9._~!$&'()*+,;=:-]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]*)(?::[0-9]*)?")
+
+
+class _BoundedChunkedDecoder(http._ChunkedTransferDecoder):
+    """A chunked request body (RFC 9112 §7.1) refused as soon as its chunk
+    sizes announce more than the request's ``max_body`` bytes (413, by
+    :meth:`estgw.web.LimitedRequest.too_large`), rather than when that
+    much has arrived: a chunk size of ``ffffffffffffffff`` is refused at
+    once, not after ``server.bodyTimeout``.  A malformed chunk is 400
+    with what is wrong (twisted.web says only that the head is bad)."""
+
+    def __init__(self, data: Any, finish: Any, limit: int, request: Any, channel: "LimitedChannel") -> None:
+        super().__init__(data, finish)
+        self._limit = limit
+        self._request = request
+        self._channel = channel
+        self._announced = 0
+
+    def dataReceived(self, data: bytes) -> None:
+        try:
+            super().dataReceived(data)
+        except http._MalformedChunkedDataError as e:
+            self._discard()
+            self._channel.reject(400, "bad-chunked-body", f"the chunked request body is malformed: {e}")
+
+    def _dataReceived_CHUNK_LENGTH(self) -> bool:
+        if not super()._dataReceived_CHUNK_LENGTH():
+            return False
+        self._announced += self.length
+        if self._announced > self._limit:
+            self._discard()
+            self._request.too_large()
+            return False
+        return True
+
+    def _discard(self) -> None:
+        self.state = "DISCARD"
+        del self._buffer[:]
+
+    def _dataReceived_DISCARD(self) -> bool:
+        del self._buffer[:]
+        return False
 
 
 def handshake_failure_reason(error: BaseException | None) -> str:

@@ -31,6 +31,7 @@ from estgw.approval.gateway import build_gates, load_approval_tls
 from estgw.auth import device_portal, digest_nonce_counts, digest_secret
 from estgw.ca import CAError
 from estgw.ca.publish import keep_fresh, publish_site, published_cas
+from estgw.ca.threads import threads_of
 from estgw.config import Config, ConfigError
 from estgw.daemon import StartError, _listen_now, end_process_on_failure, listen_all, shown_address
 from estgw.enroll import Gateway
@@ -60,11 +61,11 @@ class Options(usage.Options):
     longdesc = "Serve EST (RFC 7030 / RFC 8951) over TLS as configured in est.properties."
     optParameters = [
         ["config", "c", "etc/est.properties", "The est.properties file."],
-        ["port", "p", None, "Listen on this TCP port instead of server.port.", int],
-        ["workers", "w", None, "Run this many worker processes instead of server.workers.", int],
+        ["port", "p", None, "Listen on this TCP port instead of server.port.", config_module.whole_number],
+        ["workers", "w", None, "Run this many worker processes instead of server.workers.", config_module.whole_number],
         # Internal: a worker of estgw.workers serves the listening sockets it inherited.
         ["worker-fds", None, None, "(internal) serve the inherited listening sockets on these descriptors."],
-        ["worker-number", None, 1, "(internal) which worker this is; worker 1 also serves publish.port and coaps.port.", int],
+        ["worker-number", None, 1, "(internal) which worker this is; worker 1 also serves publish.port and coaps.port.", config_module.whole_number],
     ]
 
     def postOptions(self) -> None:
@@ -92,7 +93,7 @@ class Options(usage.Options):
             loaded = attr.evolve(loaded, workers=self["workers"])
         if self["worker-fds"] is not None:
             try:
-                self["worker-fds"] = [int(fd) for fd in self["worker-fds"].split(",")]
+                self["worker-fds"] = [config_module.whole_number(fd) for fd in self["worker-fds"].split(",")]
             except ValueError:
                 raise usage.UsageError(f"--worker-fds: not descriptor numbers: {self['worker-fds']}") from None
         self.loaded: Config = loaded
@@ -127,12 +128,16 @@ class GatewayService(service.Service):
         inherited_fds: list[int] | None = None,
         side_listeners: bool = True,
         settle_gc: bool = False,
+        workers: int = 1,
     ) -> None:
         # inherited_fds: a worker (estgw.workers) serves these listening sockets.
+        # workers: this is one of that many worker processes, whose config
+        # holds its share of the caps (workers.share_of).
         # side_listeners: publish.port and coaps.port, which only one worker binds.
         # settle_gc: this service is the process's (twistd's), not one of
         # several in a test run: tune the garbage collector once it is ready.
         self.inherited_fds = inherited_fds
+        self.workers = workers
         self.side_listeners = side_listeners
         self.settle_gc = settle_gc
         if reactor is None:
@@ -163,6 +168,8 @@ class GatewayService(service.Service):
         self.publish_ports: list[Any] = []
         self.gateway: Gateway | None = None
         self.connection_counts = ConnectionCounts()
+        self.publish_connection_counts = ConnectionCounts()
+        self.metrics_connection_counts = ConnectionCounts()
         self._serving = False
         self.audit_observer: audit.AuditFileObserver | None = None
         self.published = published_cas(
@@ -224,13 +231,34 @@ class GatewayService(service.Service):
             # The PROXY header comes before the TLS handshake (and names the
             # client the per-client connection cap counts).
             endpoint = proxyEndpoint(endpoint)
-        # Connection caps outside TLS, shared by every listening address:
-        # a refused connection costs no handshake.
-        limited = LimitedEndpoint(
+        # Connection caps outside TLS: a refused connection costs no handshake.
+        return wrapServerTLS(context, self._capped(endpoint))
+
+    def _capped(self, endpoint: Any, counts: ConnectionCounts | None = None, listener: str = "") -> Any:
+        """``endpoint`` under the connection caps, server.maxConnections and
+        server.maxConnectionsPerClient, counted over every address of one
+        listener: the EST listener's count (the default) or the publishing
+        listener's own, so that neither can starve the other."""
+        where = "in all" + listener
+        if self.workers > 1:
+            where = f"in this worker process{listener} (server.maxConnections over {self.workers} workers)"
+        else:
+            where += " (server.maxConnections)"
+        return LimitedEndpoint(
             endpoint, self.config.max_connections, self.config.max_connections_per_client,
-            self.refused_connection, self.connection_counts,
+            self.refused_connection, self.connection_counts if counts is None else counts, where,
         )
-        return wrapServerTLS(context, limited)
+
+    def _capped_publish(self, endpoint: Any) -> Any:
+        return self._capped(endpoint, self.publish_connection_counts, " on the publishing listener")
+
+    def _capped_metrics(self, endpoint: Any) -> Any:
+        """The metrics and health listener's own cap (limits.METRICS_CONNECTIONS),
+        so that a flood of the other listeners never starves /health."""
+        return LimitedEndpoint(
+            endpoint, limits.METRICS_CONNECTIONS, self.config.max_connections_per_client,
+            self.refused_connection, self.metrics_connection_counts, "on the metrics listener",
+        )
 
     def refused_connection(self, code: str) -> None:
         if self.gateway is not None:
@@ -299,14 +327,14 @@ class GatewayService(service.Service):
                 operations.resource.putChild(b"health", health)
                 self.metrics_ports = listen_all(
                     self.reactor, self.config.metrics_interface, self.config.metrics_port,
-                    operations, what="metrics",
+                    operations, self._capped_metrics, what="metrics",
                 )
             if self.config.publish_port is not None and self.side_listeners:
                 self.publish_ports = listen_all(
                     self.reactor, self.config.publish_interface, self.config.publish_port,
                     # Relying parties may be anywhere: the same request limits.
                     limits.limit_site(publish_site(self.published), self.config, gateway.metrics),
-                    what="CRL publishing",
+                    self._capped_publish, what="CRL publishing",
                 )
             if self.config.coaps_port is not None and self.side_listeners:
                 self.coaps_port = self._listen_coaps(gateway)
@@ -414,6 +442,10 @@ class GatewayService(service.Service):
             refresh.stop()
         if self.gateway is not None:
             await self.gateway.portal.close()
+        for procedure in self.state.procedures.values():
+            threads = threads_of(procedure)
+            if threads is not None:
+                threads.stop()
         await self.store.close()
         observer, self.audit_observer = self.audit_observer, None
         if observer is not None:
@@ -442,6 +474,9 @@ def _supervisor(options: Options, reactor: Any) -> workers.Supervisor:
     return workers.Supervisor(config, options["config"], sockets, reactor)
 
 
+_log = Logger()
+
+
 def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     config = options.loaded
     worker = options["worker-fds"] is not None
@@ -466,6 +501,19 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     # rotates the human log as twistd does for its --logfile.
     signals = logfiles.SignalService(reactor, rotate=log_file.rotate if log_file is not None else None)
     signals.setServiceParent(top)
+    try:
+        # Before any listener exists: a cap the system's descriptor limit
+        # would beat is refused here, with the numbers.
+        raised = limits.ensure_descriptors(
+            config.max_connections, config.workers, config.publish_port is not None, config.metrics_port is not None
+        )
+    except ValueError as e:
+        raise SystemExit(f"estgw: {config.source}: {e}") from None
+    if raised is not None and not worker:
+        _log.info(
+            "raised the open files limit (RLIMIT_NOFILE) from {before} to {after} for server.maxConnections",
+            before=raised[0], after=raised[1],
+        )
     if not worker and config.workers > 1:
         supervisor = _supervisor(options, reactor)
         signals.on_hangup.append(supervisor.hangup)
@@ -473,8 +521,8 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         return top
     try:
         gateway = GatewayService(
-            config, reactor, inherited_fds=options["worker-fds"], side_listeners=options["worker-number"] == 1,
-            settle_gc=True,
+            workers.share_of(config) if worker else config, reactor, inherited_fds=options["worker-fds"],
+            side_listeners=options["worker-number"] == 1, settle_gc=True, workers=config.workers if worker else 1,
         )
         gateway.bind()
     except (usage.UsageError, StartError) as e:

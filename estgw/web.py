@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import time
+from io import BytesIO
 from typing import Any
 
 from twisted.internet import defer
@@ -81,9 +82,13 @@ class LimitedRequest(server.Request):
         return reason
 
     def gotLength(self, length: int | None) -> None:
-        super().gotLength(None if length is not None and length > self.max_body else length)
+        # Always in memory, as the body is at most max_body bytes
+        # (server.maxRequestBytes, 1 MiB at most): twisted.web puts a
+        # chunked body, or one over 100000 bytes, into a temporary file, a
+        # descriptor and disk writes per connection the caps do not count.
+        self.content = BytesIO()
         if length is not None and length > self.max_body:
-            self._too_large()
+            self.too_large()
 
     def handleContentChunk(self, data: bytes) -> None:
         if self.body_too_large:
@@ -92,14 +97,15 @@ class LimitedRequest(server.Request):
         if self.content.tell() + len(data) > self.max_body:
             self.content.seek(0)
             self.content.truncate()
-            self._too_large()
+            self.too_large()
             return
         super().handleContentChunk(data)
 
-    def _too_large(self) -> None:
+    def too_large(self) -> None:
         """Answer 413 at once and close the connection: a body past the
-        limit is not read to its end, so a client streaming a chunked body
-        without end cannot hold a connection open with it."""
+        limit (by Content-Length, by the chunk sizes announced, or as it
+        arrives) is not read to its end, so a client streaming a chunked
+        body without end cannot hold a connection open with it."""
         self.body_too_large = True
         transport = self.channel.transport if self.channel is not None else None
         if transport is None:

@@ -34,13 +34,14 @@ import socket
 import sys
 from typing import Any
 
+import attr
 from twisted.application import service
 from twisted.internet import defer, error, main, protocol
 from twisted.internet.interfaces import IReadDescriptor
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from estgw import logs
+from estgw import limits, logs
 from estgw.config import Config
 from estgw.daemon import StartError, listen_addresses
 
@@ -51,6 +52,25 @@ _RESTART_DELAYS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 # A worker that lived this long was healthy: its successor starts at once.
 _HEALTHY_SECONDS = 30.0
 _BACKLOG = 1024
+
+
+def share_of(config: Config) -> Config:
+    """What one of ``config.workers`` worker processes may hold of the
+    gateway-wide limits: its share of ``server.maxConnections`` and of
+    ``ca.maxQueued``, each divided and rounded up
+    (:func:`estgw.limits.per_process`), so that all workers
+    together hold at most the value plus ``workers - 1``.  A worker gets
+    no more than its share even while the others are idle: the kernel,
+    not estgw, picks the worker of each connection.
+    ``server.maxConnectionsPerClient`` is not divided (one client's
+    connections may all reach one worker): each worker applies it, so one
+    address may hold up to ``workers`` times it."""
+    n = config.workers
+    return attr.evolve(
+        config,
+        max_connections=limits.per_process(config.max_connections, n),
+        ca_max_queued=limits.per_process(config.ca_max_queued, n),
+    )
 
 
 def _bind_one(address: str, port: int) -> socket.socket:
@@ -157,7 +177,7 @@ class Supervisor(service.Service):
                 "import signal; signal.signal(signal.SIGHUP, signal.SIG_IGN); "
                 "from twisted.scripts.twistd import run; run()",
                 "-n", "--pidfile=", "--logger=estgw.logs.worker_observer",
-                "estgw", "--config", self.config_path,
+                "estgw", "--config", self.config_path, "--workers", str(len(self.workers)),
                 "--worker-fds", ",".join(str(3 + i) for i in range(len(self.sockets)))]
 
     def _arguments(self, worker: _Worker) -> list[str]:

@@ -462,6 +462,12 @@ SEEDS = [
     bytes([1, 0, 1, 1, 1, 4, 1, 5, 0, 2]),
     bytes([1, 0, 2, 1, 1, 7, 1, 4, 0, 3]),
     bytes([0, 0, 1]) + b"GET /.well-known/est/cacerts HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    # Framing faults (RFC 9112): two Host lines, obs-fold, a chunk size
+    # past any body limit.
+    bytes([0, 0, 1]) + b"GET /.well-known/est/cacerts HTTP/1.1\r\nHost: localhost\r\nHost: x\r\n\r\n",
+    bytes([0, 0, 1]) + b"GET /.well-known/est/cacerts HTTP/1.1\r\nHost: localhost\r\nX-A: 1\r\n 2\r\n\r\n",
+    bytes([0, 0, 1]) + b"POST /.well-known/est/simpleenroll HTTP/1.1\r\nHost: localhost\r\n"
+    b"Transfer-Encoding: chunked\r\n\r\nfffffffffffffffffffffffffff\r\n",
 ]
 
 

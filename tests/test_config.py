@@ -230,7 +230,7 @@ class ErrorTests(SynchronousTestCase):
         """server.port must be a number within 0..65535."""
         self.error(BASE + "server.port = https\n", "server.port", "whole number")
         self.error(BASE + "server.port = 65536\n", "server.port", "not a TCP port")
-        self.error(BASE + "server.port = -1\n", "server.port", "at least 1")
+        self.error(BASE + "server.port = -1\n", "server.port", "must be 0 (a free port) or more, not -1")
 
     def test_bad_max_request_bytes(self) -> None:
         """server.maxRequestBytes must be at least 1024 (a CSR must fit)."""
@@ -436,3 +436,103 @@ class TrailingNewlineTests(SynchronousTestCase):
     def test_label_with_encoded_newline(self) -> None:
         with self.assertRaises(ValueError):
             config._label("lab%0A")
+
+
+def _numeric_keys() -> list[tuple[str, str, str]]:
+    """Every key of the tables whose value is a number, as (key as written
+    in a file, a value it accepts, what the file needs besides): found by
+    asking each parser, so a key added later is covered too."""
+    found = []
+    tables = [
+        (config._GLOBAL_KEYS, "{}", ""),
+        (config._TOKEN_PROCEDURE_KEYS, "tokenprocedure.1.{}", ""),
+        (config._HANDLER_KEYS, "handler.1.{}", ""),
+    ]
+    for table, written, _extra in tables:
+        for key, (_attribute, parse) in table.items():
+            for text in ("5", "30", "2048", "4096", "16384", "72"):
+                try:
+                    value = parse(text)
+                except Exception:
+                    continue
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    found.append((written.format(key), text, parse))
+                    break
+    return found
+
+
+class NumberTests(SynchronousTestCase):
+    """Every numeric key is read one way: ASCII digits (and a '.' where a
+    fraction makes sense), with its bounds in the message."""
+
+    def test_every_numeric_key_takes_only_ascii_digits(self) -> None:
+        """'1_0', '+5', Arabic-Indic or fullwidth digits, '1e3', 'inf' and
+        '0x10' are refused for every numeric key with a reason that says
+        what is expected; the plain value is accepted."""
+        keys = _numeric_keys()
+        # The limits at least, and the keys of handlers and procedures.
+        names = {key for key, _, _ in keys}
+        for expected in ("server.maxConnections", "server.maxConnectionsPerClient", "server.headerTimeout",
+                         "ca.maxOverdue", "server.port", "tokenprocedure.1.validity.days",
+                         "handler.1.idm.retryAfter", "handler.1.idm.pendingLifetime", "log.maxBytes"):
+            self.assertIn(expected, names)
+        arabic = str.maketrans("0123456789", "٠١٢٣٤٥٦٧٨٩")
+        fullwidth = str.maketrans("0123456789", "０１２３４５６７８９")
+        for key, text, parse in keys:
+            self.assertIsNotNone(parse(text))
+            for bad in (text[0] + "_" + text[1:] if len(text) > 1 else "0_" + text,
+                        "+" + text, text.translate(arabic), text.translate(fullwidth), "1e3", "inf", "nan", "0x10"):
+                with self.assertRaises(ValueError, msg=f"{key} = {bad}") as caught:
+                    parse(bad)
+                self.assertRegex(str(caught.exception), r"digits 0-9|security level|must be", f"{key} = {bad}")
+
+    def test_from_a_file(self) -> None:
+        """The same through a whole file: the key is named."""
+        self.error(BASE + "server.maxConnections = 1_0\n", "server.maxConnections",
+                   "expected a whole number (digits 0-9), not '1_0'")
+        self.error(BASE + "server.maxConnectionsPerClient = ٥٠\n", "server.maxConnectionsPerClient",
+                   "expected a whole number (digits 0-9), not '٥٠'")
+        self.error(BASE + "server.idleTimeout = 6_0\n", "server.idleTimeout",
+                   "expected a number of seconds (digits 0-9 and a '.'), not '6_0'")
+        self.error(BASE + "tokenprocedure.1.validity.days = ３０\n", "tokenprocedure.1.validity.days",
+                   "expected a whole number (digits 0-9)")
+
+    def test_zero_means_no_cap(self) -> None:
+        """The connection caps: 0 (however written) is no cap, a negative
+        value is refused naming 0 as allowed."""
+        for key, attribute in (("server.maxConnections", "max_connections"),
+                               ("server.maxConnectionsPerClient", "max_connections_per_client")):
+            for zero in ("0", "00", " 000 "):
+                self.assertEqual(getattr(from_string(BASE + f"{key} = {zero}\n"), attribute), 0)
+            self.error(BASE + f"{key} = -1\n", key, "must be 0 (no cap) or more, not -1")
+            self.assertEqual(getattr(from_string(BASE + f"{key} = 0050\n"), attribute), 50)
+        self.error(BASE + "server.port = -1\n", "server.port", "must be 0 (a free port) or more, not -1")
+        self.error(BASE + "log.maxBytes = 100\n", "log.maxBytes", "must be 0 (never rotate) or at least 4096 bytes, not 100")
+
+    def test_upper_bounds(self) -> None:
+        """Values no server can use are refused with the bound: more header
+        fields or body bytes than one connection should hold, more
+        connections than a process can have descriptors, a validity
+        or lifetime past what the dates can hold."""
+        for key, value, reason in [
+            ("server.maxHeaders", "100000000", "must be at most 1000, not 100000000"),
+            ("server.maxRequestBytes", "1048577", "must be at most 1048576 bytes, not 1048577"),
+            ("server.maxConnections", "1048577", "must be at most 1048576, not 1048577"),
+            ("server.maxConnectionsPerClient", "1048577", "must be at most 1048576, not 1048577"),
+            ("ca.maxOverdue", "65", "must be at most 64, not 65"),
+            ("ca.maxQueued", "65537", "must be at most 65536, not 65537"),
+            ("tokenprocedure.1.validity.days", "99999999999", "must be at most 36525 days"),
+            ("handler.1.idm.pendingLifetime", "99999999999d", "must be at most 366 days"),
+            ("handler.1.idm.retryAfter", "86401", "must be at most 86400 seconds"),
+            ("publish.crl.nextUpdateHours", "8785", "must be at most 8784 hours"),
+            ("log.maxFiles", "1001", "must be at most 1000"),
+        ]:
+            self.error(BASE + f"{key} = {value}\n", key, reason)
+        config_ = from_string(BASE + "server.maxHeaders = 1000\nserver.maxRequestBytes = 1048576\nca.maxOverdue = 64\n")
+        self.assertEqual((config_.max_headers, config_.max_request_bytes, config_.ca_max_overdue), (1000, 1048576, 64))
+
+    def error(self, text: str, key: str, reason: str) -> ConfigError:
+        e = self.assertRaises(ConfigError, from_string, text, "test.properties", os.path.abspath(self.mktemp()))
+        self.assertEqual(e.key, key, str(e))
+        self.assertIn(reason, e.reason)
+        return e

@@ -225,6 +225,73 @@ class HungCATests(FaultTestCase):
         self.assertEqual(await self.count_on_disk(), 2)
 
 
+class _HungSigner:
+    """The real CA, made slow (so it signs on a thread, as an RSA-4096 key
+    or an HSM does) and hung until ``release`` is set."""
+
+    signs_quickly = False
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+        self.release = threading.Event()
+        self.entered = 0
+
+    def sign(self, request: Any, profile: Any) -> Any:
+        self.entered += 1
+        self.release.wait(60)  # bounded: the test sets it
+        return self.real.sign(request, profile)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+
+class HungCAThreadTests(FaultTestCase):
+    """A hung CA holds only its token procedure's own threads (ca.maxOverdue
+    of them), never the reactor's pool that checks passwords."""
+
+    config = TEST_CONFIG + (
+        "ca.timeout = 2\nca.maxOverdue = 2\n"
+        "tokenprocedure.2.name = Lab Procedure\nhandler.6.tokenprocedure = Lab Procedure\n"
+    )
+
+    async def test_more_hung_calls_than_the_reactor_has_threads(self) -> None:
+        """Twelve enrollments (more than the reactor pool's ten threads)
+        reach a hung CA at once: each is 503 ca-timeout, at most
+        ca.maxOverdue threads enter the CA, and meanwhile a device never
+        seen before (its password checked on the reactor's pool) enrolls
+        with the other token procedure.  Once released, nothing late is
+        recorded and the procedure issues again."""
+        from tests.test_auth import run_cli
+
+        hung = _HungSigner(self.real_procedure.ca)
+        self.addCleanup(hung.release.set)
+        self.real_procedure.ca = hung
+        await run_cli(self.gateway, "device", "add", "pump-18", "--password", "other-secret")
+        results = await defer.gatherResults([defer.ensureDeferred(self.enroll()) for _ in range(12)])
+        for result in results:
+            self.assertEqual(result.status, 503, result.text)
+        self.assertEqual(sorted(set(self.audit.refused)), ["ca-timeout"])
+        self.assertEqual(hung.entered, 2)
+        pool = self.real_procedure.threads.pool
+        self.assertEqual((pool.name, pool.max), ("estgw-ca-Test Procedure", 2))
+        self.assertLessEqual(len(pool.threads), 2)
+
+        lab = await self.gateway.curl("lab/simpleenroll", data=basic_csr("pump-18"), user="pump-18:other-secret")
+        self.assertEqual(lab.status, 200, lab.text)
+        result = await self.enroll()
+        self.assertEqual(result.status, 503, result.text)
+        self.assertIn("has not answered earlier requests", result.text)
+        self.assertEqual(hung.entered, 2)  # refused without calling the CA
+
+        hung.release.set()
+        await _until(lambda: not self.gw.ca_guard.overdue)
+        self.assertEqual(await self.count_on_disk(), 1)  # none of the late ones recorded
+        self.real_procedure.ca = hung.real
+        result = await self.enroll()
+        self.assertEqual(result.status, 200, result.text)
+        self.assertEqual(await self.count_on_disk(), 2)
+
+
 class CAGuardTests(SynchronousTestCase):
     """CAGuard's counting, on a Clock."""
 

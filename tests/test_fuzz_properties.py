@@ -8,6 +8,10 @@ operator writes in est.properties, loading it either gives a
 configuration or a :class:`ConfigError` naming a key, never another
 exception (a traceback instead of a message at start-up).
 
+The numeric keys of est.properties take ASCII digits only.  On every
+listener, RFC 9112 framing faults (a repeated or missing Host, obs-fold,
+any chunk-size line) are refused at once with 400 or 413.
+
 The Authorization header parsers are fuzzed in tests/test_httpauth.py,
 names in tests/test_names.py; the whole request path in fuzz/ (atheris)
 and tests/test_fuzz_regressions.py.
@@ -271,3 +275,135 @@ class ConfigTests(unittest.TestCase):
                 lines = [line for line in lines if not line.startswith(key + " ")]
             lines.append(f"{key} = {value}".replace("\n", " "))
         self._load("\n".join(lines) + "\n")
+
+
+# -- numbers in est.properties ----------------------------------------------------
+
+_NUMERIC = [
+    (key, parse) for key, (_attribute, parse) in config._GLOBAL_KEYS.items()
+    if key.startswith(("server.max", "server.header", "server.body", "server.idle", "ca.max", "ca.timeout", "log.max"))
+]
+
+
+class NumberTests(unittest.TestCase):
+    @FUZZ
+    @given(st.sampled_from(_NUMERIC), st.text(max_size=12))
+    def test_a_numeric_value_is_ascii_digits_or_refused(self, key_parse: tuple[str, object], text: str) -> None:
+        """Whatever text a numeric key is given, it is accepted only when
+        written in ASCII digits (with at most one '.'), and then it reads
+        as Python reads those digits; anything else is a ValueError with
+        a reason."""
+        key, parse = key_parse
+        try:
+            value = parse(text)  # type: ignore[operator]
+        except ValueError as e:
+            self.assertTrue(str(e))
+            return
+        written = text.strip()
+        self.assertRegex(written, r"\A[0-9]*\.?[0-9]*\Z", key)
+        self.assertEqual(value, float(written) if "." in written else int(written), key)
+
+
+# -- HTTP/1.1 framing on every listener ------------------------------------------------
+
+def _sites() -> list[tuple[str, object, bytes, int]]:
+    """(name, site, a path that takes a body, its body limit) of every
+    twisted.web site estgw runs, as tests/test_fuzz_regressions.py builds them."""
+    from estgw.approval.service import MAX_BODY, build_site as approval_site
+    from estgw.ca.publish import MAX_OCSP_REQUEST, publish_site
+    from estgw.metrics import METRICS_MAX_BODY, Metrics, metrics_site
+    from estgw.web import build_site
+
+    class _Gateway:
+        config = config.from_string(TEST_CONFIG, base_dir=os.path.abspath("fuzz-state"))
+        metrics = Metrics()
+
+    return [
+        ("est", build_site(_Gateway()), b"/not-est", _Gateway.config.max_request_bytes),
+        ("metrics", metrics_site(Metrics()), b"/metrics", METRICS_MAX_BODY),
+        ("publish", publish_site({}), b"/ocsp/x", MAX_OCSP_REQUEST),
+        ("approval", approval_site(None, lambda request: None, None), b"/approval/requests/x", MAX_BODY),
+    ]
+
+
+_SITES = _sites()
+
+
+def _exchange(site: object, data: bytes) -> tuple[bytes, bool]:
+    """Feed ``data`` to a new connection of ``site`` without letting any
+    time pass: what it answered at once, and whether it closed."""
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.task import Clock
+    from twisted.internet.testing import StringTransport
+
+    site.reactor = Clock()  # type: ignore[attr-defined]
+    peer = IPv4Address("TCP", "127.0.0.1", 40000)
+    channel = site.buildProtocol(peer)  # type: ignore[attr-defined]
+    transport = StringTransport(peerAddress=peer)
+    channel.makeConnection(transport)
+    channel.dataReceived(data)
+    output, closed = transport.value(), transport.disconnecting
+    channel.connectionLost(None)
+    return output, closed
+
+
+def _status(output: bytes) -> int:
+    return int(output[9:12]) if output.startswith(b"HTTP/1.1 ") else 0
+
+
+_field_names = st.sampled_from([b"Host", b"host", b"HOST", b"Content-Type", b"content-type", b"X-Other", b"Accept"])
+_field_values = st.binary(max_size=20).filter(lambda v: b"\r" not in v and b"\n" not in v and b"\0" not in v)
+
+
+class FramingTests(unittest.TestCase):
+    """RFC 9112 framing faults are refused at once, on every listener."""
+
+    @FUZZ
+    @given(st.sampled_from(_SITES), st.lists(st.tuples(_field_names, _field_values), max_size=6),
+           st.integers(0, 6), st.sampled_from([b" ", b"\t", b"  \t"]))
+    def test_repeated_host_and_folded_lines(self, site: tuple, fields: list[tuple[bytes, bytes]],
+                                            fold_at: int, fold: bytes) -> None:
+        """A request with two Host (or Content-Type) field lines, no Host
+        at all, or a line folded onto the next (obs-fold) is answered 400
+        at once and the connection closed; one Host and no fold is not
+        refused for that."""
+        name, built, path, _limit = site
+        fields = [(b"Host", b"localhost")] + fields
+        lines = [n + b": " + v.strip(b" \t") for n, v in fields]
+        folded = fold_at < len(lines) and fold_at > 0
+        if folded:
+            lines.insert(fold_at, fold + b"continued")
+        data = b"GET " + path + b" HTTP/1.1\r\n" + b"".join(line + b"\r\n" for line in lines) + b"\r\n"
+        output, closed = _exchange(built, data)
+        counts = {n.lower(): sum(1 for m, _ in fields if m.lower() == n.lower()) for n, _ in fields}
+        faulty = folded or counts.get(b"host", 0) != 1 or counts.get(b"content-type", 0) > 1
+        if faulty:
+            self.assertEqual(_status(output), 400, (name, data, output))
+            self.assertTrue(closed, name)
+        else:
+            self.assertNotIn(b"RFC 9112", output, (name, data))
+
+    @FUZZ
+    @given(st.sampled_from(_SITES), st.one_of(
+        st.integers(0, 2**128).map(lambda n: b"%x" % n),
+        st.integers(0, 2**128).map(lambda n: b"%X" % n),
+        st.binary(max_size=40).filter(lambda b: b"\r\n" not in b and b";" not in b),
+    ))
+    def test_any_chunk_size(self, site: tuple, size: bytes) -> None:
+        """A chunk-size line (RFC 9112 §7.1) is refused at once: 413 when
+        it announces more than the listener's body limit, 400 when it is
+        not a hexadecimal number; a size within the limit waits for its
+        data (nothing answered yet)."""
+        name, built, path, limit = site
+        data = (b"POST " + path + b" HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n"
+                + size + b"\r\n")
+        output, closed = _exchange(built, data)
+        parsed = int(size, 16) if size and all(c in b"0123456789abcdefABCDEF" for c in size) else None
+        if parsed is None:
+            self.assertEqual(_status(output), 400, (name, size, output))
+            self.assertTrue(closed)
+        elif parsed > limit:
+            self.assertEqual(_status(output), 413, (name, size, output))
+            self.assertTrue(closed)
+        elif parsed > 0:
+            self.assertEqual(output, b"", (name, size))

@@ -19,6 +19,7 @@ from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.error import ConnectionDone
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.internet.testing import StringTransport
+from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.http_headers import Headers
@@ -222,19 +223,80 @@ class SlowClientTests(TestCase):
         self.assertNotIn("status", line)
         self.assertIn('estgw_refusals_total{code="idle-timeout"} 1.0', gateway.service.gateway.metrics.render().decode())
 
-    async def test_idle_after_a_request_on_the_metrics_listener(self) -> None:
-        """The plain-HTTP metrics listener: a kept-alive connection silent
-        after its answer is closed after server.idleTimeout, audited."""
+    async def test_idle_after_answered_requests_is_no_refusal(self) -> None:
+        """On every listener (EST over TLS, metrics, publishing): a
+        kept-alive client that had two requests answered and then just
+        leaves its connection at rest is closed after server.idleTimeout
+        without a refusal (no audit line, no estgw_refusals_total), with
+        one debug line."""
         audit = AuditLog(self)
-        gateway = await RunningGateway.start(self, TEST_CONFIG + "metrics.port = 0\nserver.idleTimeout = 1\n")
-        client = RawClient()
-        client.handshake.addErrback(lambda failure: None)  # plain TCP: there is no handshake
-        port = gateway.service.metrics_ports[0].getHost().port
-        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=5), client)
-        client.transport.write(request_head("/health/live"))
+        debug: list[dict[str, Any]] = []
+
+        def observe(event: dict[str, Any]) -> None:
+            if event.get("log_namespace", "").startswith("estgw.limits") and "count" in event:
+                debug.append(event)
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        gateway = await RunningGateway.start(
+            self, TEST_CONFIG + "metrics.port = 0\npublish.port = 0\nserver.idleTimeout = 1\n"
+        )
+        listeners = [
+            ("est", gateway.port, "/.well-known/est/cacerts", b"HTTP/1.1 200 OK\r\n"),
+            ("metrics", gateway.service.metrics_ports[0].getHost().port, "/health/live", b"HTTP/1.1 200 OK\r\n"),
+            ("publish", gateway.service.publish_ports[0].getHost().port, "/", b"HTTP/1.1 404 Not Found\r\n"),
+        ]
+        for name, port, path, status in listeners:
+            client = await (connect(gateway) if name == "est" else plain_connect(port))
+            if name == "est":
+                await client.handshake
+            for _ in range(2):
+                client.received = b""
+                client.transport.write(request_head(path))
+                await until_received(client, b"\r\n\r\n")
+                self.assertTrue(client.received.startswith(status), (name, client.received))
+            started = time.monotonic()
+            await closed_within(client, 5)
+            self.assertGreaterEqual(client.closed_at - started, 0.9, name)
+        self.assertEqual(audit.refused, [])
+        self.assertNotIn("idle-timeout", gateway.service.gateway.metrics.render().decode())
+        self.assertEqual([(e["count"], e["client"]) for e in debug], [(2, "127.0.0.1")] * 3)
+        self.assertTrue(all(e["log_level"].name == "debug" for e in debug))
+
+    async def test_idle_with_a_request_half_sent_is_a_refusal(self) -> None:
+        """After an answered request, a next request left half-sent past
+        server.idleTimeout (below server.headerTimeout here) is a refusal:
+        audited idle-timeout with the reason, counted."""
+        audit = AuditLog(self)
+        gateway = await RunningGateway.start(
+            self, TEST_CONFIG + "server.idleTimeout = 1\nserver.headerTimeout = 10\n"
+        )
+        client = await connect(gateway)
+        await client.handshake
+        client.transport.write(request_head())
+        await until_received(client, b"\r\n\r\n")
+        client.transport.write(b"GET /.well-known/est/cacerts HTTP/1.1\r\nHost: loc")
         await closed_within(client, 5)
-        self.assertTrue(client.received.startswith(b"HTTP/1.1 200 OK\r\n"), client.received)
         self.assertEqual(audit.refused, ["idle-timeout"])
+        self.assertEqual(audit_record(audit, "idle-timeout")["reason"],
+                         "the connection was idle for 1 seconds with a request half-sent")
+        self.assertIn('estgw_refusals_total{code="idle-timeout"} 1.0', gateway.service.gateway.metrics.render().decode())
+
+
+async def plain_connect(port: int) -> RawClient:
+    """A plain TCP client of a 127.0.0.1 listener (metrics, publishing)."""
+    client = RawClient()
+    client.handshake.addErrback(lambda failure: None)  # plain TCP: there is no handshake
+    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=5), client)
+    return client
+
+
+async def until_received(client: RawClient, marker: bytes, seconds: float = 5.0) -> None:
+    for _ in range(int(seconds / 0.05)):
+        if marker in client.received or client.closed.called:
+            return
+        await task.deferLater(reactor, 0.05, lambda: None)
+    raise AssertionError(f"{marker!r} not received within {seconds} s: {client.received!r}")
 
 
 class HeaderLimitTests(TestCase):
@@ -353,6 +415,148 @@ class ConnectionLimitTests(TestCase):
         await task.deferLater(reactor, 0.1, lambda: None)
         again = await self.accepted(gateway)
         await self.close(again)
+
+
+class EveryListenerCappedTests(TestCase):
+    """The publishing and metrics listeners are capped too, each on its own
+    count: a full listener refuses new connections without starving the
+    others."""
+
+    async def plain(self, port: int) -> RawClient:
+        client = RawClient()
+        client.handshake.addErrback(lambda failure: None)  # plain TCP: no handshake
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=5), client)
+        return client
+
+    async def answers(self, port: int, path: str) -> bytes:
+        client = await self.plain(port)
+        client.transport.write(f"GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode())
+        await closed_within(client, 5)
+        return client.received.split(b"\r\n", 1)[0]
+
+    async def refused(self, port: int) -> None:
+        client = await self.plain(port)
+        await closed_within(client, 5)
+        self.assertEqual(client.received, b"")
+
+    async def test_each_listener_its_own_count(self) -> None:
+        """server.maxConnections = 2: two idle connections fill the
+        publishing listener, whose third is refused (audited, naming the
+        listener), while EST and /health serve; two fill EST while
+        publishing serves; the metrics listener takes
+        limits.METRICS_CONNECTIONS and refuses the next."""
+        audit = AuditLog(self)
+        gateway = await RunningGateway.start(
+            self, TEST_CONFIG + "server.maxConnections = 2\nserver.maxConnectionsPerClient = 0\n"
+            "publish.port = 0\nmetrics.port = 0\n",
+        )
+        publish = gateway.service.publish_ports[0].getHost().port
+        metrics = gateway.service.metrics_ports[0].getHost().port
+        held = [await self.plain(publish), await self.plain(publish)]
+        await self.refused(publish)
+        [line] = [record(e) for e in audit.events if e.get("code") == "too-many-connections"]
+        self.assertEqual(line["reason"], "open connections: at most 2 in all on the publishing listener (server.maxConnections)")
+        self.assertEqual((await gateway.curl("cacerts")).status, 200)
+        self.assertEqual(await self.answers(metrics, "/health/live"), b"HTTP/1.1 200 OK")
+        for client in held:
+            client.transport.loseConnection()
+            await client.closed
+        tls = [await connect(gateway), await connect(gateway)]
+        for client in tls:
+            await client.handshake
+        self.assertEqual((await gateway.curl("cacerts")).status, 0)  # EST is full
+        self.assertEqual(await self.answers(publish, "/"), b"HTTP/1.1 404 Not Found")
+        for client in tls:
+            client.transport.loseConnection()
+            await client.closed
+        scrapers = [await self.plain(metrics) for _ in range(limits.METRICS_CONNECTIONS)]
+        await self.refused(metrics)
+        self.assertIn("open connections: at most 16 on the metrics listener",
+                      [record(e)["reason"] for e in audit.events if e.get("code") == "too-many-connections"])
+        for client in scrapers:
+            client.transport.loseConnection()
+            await client.closed
+        await task.deferLater(reactor, 0.1, lambda: None)
+        self.assertEqual(await self.answers(metrics, "/health/live"), b"HTTP/1.1 200 OK")
+        self.assertEqual(await gateway.store.count_certificates(), 0)
+
+    async def test_per_client_on_every_listener(self) -> None:
+        """server.maxConnectionsPerClient = 1 holds on the publishing and
+        metrics listeners as on EST, per listener."""
+        gateway = await RunningGateway.start(
+            self, TEST_CONFIG + "server.maxConnectionsPerClient = 1\npublish.port = 0\nmetrics.port = 0\n",
+        )
+        for port in (gateway.service.publish_ports[0].getHost().port, gateway.service.metrics_ports[0].getHost().port):
+            first = await self.plain(port)
+            await self.refused(port)
+            first.transport.loseConnection()
+            await first.closed
+
+
+class FramingTests(TestCase):
+    """RFC 9112 framing faults twisted.web lets through, refused at once on
+    every listener, over real sockets: two Host field lines or none
+    (§3.2), obs-fold (§5.2), a chunk size past the body limit (413) or
+    not a number (400); an enrollment so framed issues nothing."""
+
+    CASES = [
+        ("two Host field lines", "Host: localhost\r\nHost: other\r\n", b"", 400, "bad-request-head",
+         "the request has more than one Host header field (RFC 9112 §3.2)"),
+        ("no Host", "", b"", 400, "bad-request-head",
+         "an HTTP/1.1 request must have a Host header field (RFC 9112 §3.2)"),
+        ("a Host that is no host", "Host: a b@c\r\n", b"", 400, "bad-request-head",
+         "the Host header field is not a host name or address with an optional port (RFC 9112 §3.2)"),
+        ("obs-fold", "Host: localhost\r\nX-Note: one\r\n two\r\n", b"", 400, "bad-request-head",
+         "a header field line starts with whitespace (obsolete line folding, RFC 9112 §5.2)"),
+        ("two Content-Type field lines", "Host: localhost\r\nContent-Type: application/pkcs10\r\n"
+         "Content-Type: text/plain\r\nContent-Length: 0\r\n", b"", 400, "bad-request-head",
+         "the request has more than one Content-Type header field (RFC 9112 §3.2)"),
+        ("a chunk size past the limit", "Host: localhost\r\nTransfer-Encoding: chunked\r\n",
+         b"fffffffffffffffffffffffffff\r\n", 413, "body-too-large", "the request body exceeds {limit} bytes"),
+        ("a chunk size that is no number", "Host: localhost\r\nTransfer-Encoding: chunked\r\n",
+         b"0x10\r\n", 400, "bad-chunked-body",
+         "the chunked request body is malformed: Chunk-size must be an integer."),
+    ]
+
+    async def send(self, client: RawClient, method: str, path: str, fields: str, body: bytes) -> None:
+        client.transport.write(f"{method} {path} HTTP/1.1\r\n{fields}\r\n".encode("ascii") + body)
+
+    async def test_every_listener(self) -> None:
+        """Each case on the EST (TLS), metrics and publishing listeners:
+        the status and reason at once (well before server.bodyTimeout,
+        30 s), the connection closed, one audit line with the code."""
+        from estgw.ca.publish import MAX_OCSP_REQUEST
+        from estgw.metrics import METRICS_MAX_BODY
+
+        audit = AuditLog(self)
+        gateway = await RunningGateway.start(self, TEST_CONFIG + "metrics.port = 0\npublish.port = 0\n")
+        await register(gateway)
+        listeners = [
+            ("est", None, "/.well-known/est/simpleenroll", gateway.config.max_request_bytes),
+            ("metrics", gateway.service.metrics_ports[0].getHost().port, "/metrics", METRICS_MAX_BODY),
+            ("publish", gateway.service.publish_ports[0].getHost().port, "/ocsp", MAX_OCSP_REQUEST),
+        ]
+        for listener, port, path, limit in listeners:
+            for what, fields, body, status, code, reason in self.CASES:
+                if listener == "est":
+                    fields = "Authorization: Basic cHVtcC0xNzpzM2NyZXQ=\r\n" + fields
+                client = await (connect(gateway) if port is None else plain_connect(port))
+                if port is None:
+                    await client.handshake
+                count = len(audit.events)
+                started = time.monotonic()
+                await self.send(client, "POST", path, fields, body)
+                await closed_within(client, 5)
+                self.assertLess(client.closed_at - started, 2, (listener, what))
+                expected = reason.format(limit=limit)
+                self.assertTrue(client.received.startswith(b"HTTP/1.1 %d " % status), (listener, what, client.received))
+                self.assertIn(expected.encode("utf-8"), client.received, (listener, what))
+                [line] = [record(e) for e in audit.events[count:]]
+                self.assertEqual((line["code"], line["status"], line["reason"]), (code, status, expected), (listener, what))
+        self.assertEqual(await gateway.store.count_certificates(), 0)
+        # A well-framed enrollment is served.
+        ok = await gateway.curl("simpleenroll", data=basic_csr(), user="pump-17:s3cret")
+        self.assertEqual(ok.status, 200, ok.text)
 
 
 class StatusLineTests(TestCase):

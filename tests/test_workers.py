@@ -99,6 +99,52 @@ class WorkerTests(TwistdTestCase):
         self.assertEqual(daemon.output.count(b"Server Shut Down."), 3)  # both workers and the supervisor
         self.assertEqual(sorted(os.listdir(self.directory)), ["body", "est.properties", "request", "state"])
 
+    async def test_caps_are_shared_out(self) -> None:
+        """server.maxConnections = 2 over two workers: each takes its share,
+        one, so of three TLS connections held open at most two are
+        served, whichever worker the kernel gives each to; the refusal
+        names the share.  ca.maxQueued is shared out the same way."""
+        self.append("server.maxConnections = 2\nserver.maxConnectionsPerClient = 0\nserver.workers = 2")
+        daemon = self.spawn("--port", "0")
+        port = await daemon.ready()
+        await _until(lambda: len(re.findall(rb"\] estgw serving EST", daemon.output)) >= 2)
+        from tests.test_limits import RawClient
+        from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
+        from twisted.internet.ssl import Certificate, optionsForClientTLS
+
+        with open(os.path.join(self.directory, "state", "ca", "root-ca.pem"), "rb") as f:
+            anchor = Certificate.loadPEM(f.read())
+        clients = []
+        for _ in range(3):
+            client = RawClient()
+            client.handshake.addErrback(lambda failure: None)
+            endpoint = wrapClientTLS(optionsForClientTLS("localhost", trustRoot=anchor),
+                                     TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=5))
+            await connectProtocol(endpoint, client)
+            clients.append(client)
+        await _until(lambda: all(c.handshake_done or c.closed.called for c in clients), 10)
+        served = [c for c in clients if c.handshake_done and not c.closed.called]
+        self.assertIn(len(served), (1, 2))
+        self.assertIn(b"too-many-connections", daemon.output)
+        self.assertIn(b"at most 1 in this worker process (server.maxConnections over 2 workers)", daemon.output)
+        for client in served:
+            client.transport.loseConnection()
+            await client.closed
+
+    def test_share_of(self) -> None:
+        """Each worker's share is the cap divided and rounded up; 0 (no
+        cap) stays 0; the per-client cap is not divided."""
+        from estgw import workers
+        from estgw.testing import TEST_CONFIG
+
+        config = config_module.from_string(
+            TEST_CONFIG + "server.workers = 4\nserver.maxConnections = 10\nca.maxQueued = 1\n"
+        )
+        share = workers.share_of(config)
+        self.assertEqual((share.max_connections, share.ca_max_queued, share.max_connections_per_client), (3, 1, 64))
+        config = config_module.from_string(TEST_CONFIG + "server.workers = 4\nserver.maxConnections = 0\n")
+        self.assertEqual(workers.share_of(config).max_connections, 0)
+
     async def test_supervisor_killed_workers_stop(self) -> None:
         """A supervisor killed outright (SIGKILL) leaves no worker behind."""
         self.append("server.workers = 2")

@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 import attr
 
-from estgw.config import ConfigError, default_hostnames
+from estgw.config import ConfigError, default_hostnames, whole_number
 from estgw.properties import PropertiesError, parse_properties
 
 __all__ = ["ServiceConfig", "load", "from_string", "REQUEST_PATH"]
@@ -28,10 +28,7 @@ def _list(value: str) -> tuple[str, ...]:
 
 
 def _port(value: str) -> int:
-    try:
-        number = int(value.strip())
-    except ValueError:
-        raise ValueError(f"expected a TCP port number, not {value!r}") from None
+    number = whole_number(value)
     if not 0 <= number <= 65535:
         raise ValueError(f"not a TCP port: {number}")
     return number

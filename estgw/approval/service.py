@@ -33,6 +33,7 @@ from twisted.python.failure import Failure
 from twisted.web import resource, server
 from twisted.web.server import Request
 
+from estgw import limits
 from estgw.approval import pki
 from estgw.approval.config import REQUEST_PATH, ServiceConfig
 from estgw.ca import CAError
@@ -611,10 +612,13 @@ class ApprovalService(service.Service):
         names the address, the port and the reason."""
         if self.ports:
             return
+        # The connection caps of the gateway's listeners, with their defaults.
+        counts = limits.ConnectionCounts()
+        caps = limits.default_caps()
         self.ports = listen_all(
             self.reactor, self.config.interface, self.config.port,
             build_site(self.store, self.identify, self.reactor),
-            lambda endpoint: wrapServerTLS(server_context(self.pki), endpoint),
+            lambda endpoint: wrapServerTLS(server_context(self.pki), limits.LimitedEndpoint(endpoint, *caps, counts=counts)),
             what="the approval service",
         )
         for port in self.ports:

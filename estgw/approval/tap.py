@@ -20,12 +20,12 @@ from twisted.application import service
 from twisted.logger import textFileLogObserver
 from twisted.python import usage
 
-from estgw import logfiles, logs
+from estgw import limits, logfiles, logs
 
 from estgw.approval import config as config_module
 from estgw.approval.config import ServiceConfig
 from estgw.approval.service import ApprovalService
-from estgw.config import ConfigError
+from estgw.config import ConfigError, whole_number
 from estgw.daemon import StartError, end_process_on_failure
 
 
@@ -37,7 +37,7 @@ class Options(usage.Options):
     )
     optParameters = [
         ["config", "c", "etc/approval.properties", "The approval.properties file."],
-        ["port", "p", None, "Listen on this TCP port instead of service.port.", int],
+        ["port", "p", None, "Listen on this TCP port instead of service.port.", whole_number],
     ]
 
     def postOptions(self) -> None:
@@ -69,6 +69,10 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     target: Any = log_file
     top = logs.LoggingService(textFileLogObserver(target) if target is not None else None)
     logfiles.SignalService(reactor, rotate=log_file.rotate if log_file is not None else None).setServiceParent(top)
+    try:
+        limits.ensure_descriptors(limits.default_caps()[0], key="the approval service's connection cap")
+    except ValueError as e:
+        raise SystemExit(f"estgw-approval: {e}") from None
     try:
         approval = ApprovalService(options.loaded, reactor)
         approval.bind()  # before twistd daemonizes: see estgw.daemon

@@ -16,6 +16,7 @@ from estgw.ca import CASettingError, ITokenProcedure, Profile
 
 if TYPE_CHECKING:
     from estgw.ca.local import LocalCA
+    from estgw.ca.threads import CAThreads
     from estgw.config import Config, TokenProcedureConfig
 
 #: ``tokenprocedure.<n>.ca`` value -> module implementing it.
@@ -45,6 +46,14 @@ def profile_of(procedure: "TokenProcedureConfig") -> Profile:
         ocsp_url=procedure.ocsp_url,
         ca_issuers_url=procedure.ca_issuers_url,
     )
+
+
+def ca_threads(procedure: "TokenProcedureConfig", context: Context) -> "CAThreads":
+    """The threads of ``procedure``'s blocking CA calls: ``ca.maxOverdue``
+    of them, its own (see :mod:`estgw.ca.threads`)."""
+    from estgw.ca.threads import CAThreads
+
+    return CAThreads(context.reactor, procedure.name, context.config.ca_max_overdue)
 
 
 def token_procedure(procedure: "TokenProcedureConfig", context: Context) -> ITokenProcedure:

@@ -206,7 +206,7 @@ def _load_settings(settings: Any, directory: str, rsa_padding: str, now: datetim
 
 def token_procedure(procedure: Any, context: Any) -> FileTokenProcedure:
     """``tokenprocedure.<n>.ca = file`` (see :mod:`estgw.ca.factory`)."""
-    from estgw.ca.factory import profile_of
+    from estgw.ca.factory import ca_threads, profile_of
 
     directory = state_directory(context.config, procedure.name)
     padding = context.config.ca_rsa_padding
@@ -226,7 +226,9 @@ def token_procedure(procedure: Any, context: Any) -> FileTokenProcedure:
             raise FileCAError(settings.prefix + "certificate", "is the current issuing CA (file.certificate)")
         previous.append(earlier)
     ca = attr.evolve(current, previous=tuple(previous))
-    return FileTokenProcedure(procedure.name, ca, profile_of(procedure), reactor=context.reactor)
+    return FileTokenProcedure(
+        procedure.name, ca, profile_of(procedure), reactor=context.reactor, threads=ca_threads(procedure, context)
+    )
 
 
 def _not_after(settings: Any) -> datetime:

@@ -571,6 +571,9 @@ class LocalTokenProcedure(SigningTokenProcedure):
 
 def token_procedure(procedure: Any, context: Any) -> LocalTokenProcedure:
     """``tokenprocedure.<n>.ca = local``: sign with the embedded CA (see :mod:`estgw.ca.factory`)."""
-    from estgw.ca.factory import profile_of
+    from estgw.ca.factory import ca_threads, profile_of
 
-    return LocalTokenProcedure(procedure.name, context.local_ca, profile_of(procedure), reactor=context.reactor)
+    return LocalTokenProcedure(
+        procedure.name, context.local_ca, profile_of(procedure), reactor=context.reactor,
+        threads=ca_threads(procedure, context),
+    )

@@ -21,8 +21,9 @@ a key of that type and size.
 
 PKCS#11 sessions are not safe to share between threads, and a login
 belongs to the whole process: one logged-in session per token, used
-under a lock, on the reactor's thread pool, so the reactor never waits
-for the token.
+under a lock, on the token procedure's own threads (estgw.ca.threads), so
+the reactor never waits for the token and a hung token holds no thread
+of the reactor's pool.
 """
 
 from __future__ import annotations
@@ -40,7 +41,6 @@ from pyasn1.codec.der import encoder as der_encoder
 from pyasn1.type import univ
 from pyasn1_modules import rfc2560, rfc5280
 from twisted.internet.defer import Deferred
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -49,6 +49,7 @@ from estgw.ca import CAError, CASettingError, IssueRequest, ISigningCA, ITokenPr
 from estgw.ca._files import _read, _utc, read_secret_file
 from estgw.ca._der import _basic_response, _der_sequence, _signature_algorithm_der, assemble_ocsp_response, with_responses
 from estgw.ca.signing import SigningCA
+from estgw.ca.threads import CAThreads
 
 __all__ = ["Pkcs11CA", "Pkcs11TokenProcedure", "open_token_key", "token_procedure"]
 
@@ -452,11 +453,13 @@ RETRY_AFTER = 60
 
 @implementer(ITokenProcedure)
 class Pkcs11TokenProcedure:
-    """Issue with a :class:`Pkcs11CA` under one :class:`Profile`, on the reactor's thread pool."""
+    """Issue with a :class:`Pkcs11CA` under one :class:`Profile`, on the procedure's own threads."""
 
     _log = Logger()
 
-    def __init__(self, name: str, ca: Pkcs11CA, profile: Profile, reactor: Any = None) -> None:
+    def __init__(
+        self, name: str, ca: Pkcs11CA, profile: Profile, reactor: Any = None, threads: CAThreads | None = None
+    ) -> None:
         if reactor is None:
             from twisted.internet import reactor as _reactor
 
@@ -465,6 +468,8 @@ class Pkcs11TokenProcedure:
         self.ca = ca
         self.profile = profile
         self._reactor = reactor
+        # Every token call runs here, not on the reactor's pool (estgw.ca.threads).
+        self.threads = threads if threads is not None else CAThreads(reactor, name, 4)
 
     def __repr__(self) -> str:
         return f"<Pkcs11TokenProcedure {self.name!r}>"
@@ -475,7 +480,7 @@ class Pkcs11TokenProcedure:
         A token that cannot sign (gone, even after logging in again) is a
         503 Refusal with Retry-After for the device: nothing was issued.
         """
-        signing = deferToThreadPool(self._reactor, self._reactor.getThreadPool(), self.ca.sign, request, self.profile)
+        signing = self.threads.run(self.ca.sign, request, self.profile)
         return signing.addErrback(self._unavailable)
 
     def _unavailable(self, failure: Failure) -> NoReturn:
@@ -509,7 +514,7 @@ def token_procedure(procedure: Any, context: Any) -> Pkcs11TokenProcedure:
     """``tokenprocedure.<n>.ca = pkcs11`` (see :mod:`estgw.ca.factory`):
     logs in and checks key and certificate now, so that a wrong PIN or a
     missing key stops start-up; CASettingError names the setting."""
-    from estgw.ca.factory import profile_of
+    from estgw.ca.factory import ca_threads, profile_of
 
     certificates = _certificates(procedure.pkcs11_certificate, "pkcs11.certificate")
     chain = _certificates(procedure.pkcs11_chain, "pkcs11.chain") if procedure.pkcs11_chain else []
@@ -522,4 +527,6 @@ def token_procedure(procedure: Any, context: Any) -> Pkcs11TokenProcedure:
     directory = state_directory(context.config, procedure.name)
     _ensure_directory(directory)
     ca = Pkcs11CA(certificates[0], certificates[1:] + chain, login, key, where, directory)
-    return Pkcs11TokenProcedure(procedure.name, ca, profile_of(procedure), reactor=context.reactor)
+    return Pkcs11TokenProcedure(
+        procedure.name, ca, profile_of(procedure), reactor=context.reactor, threads=ca_threads(procedure, context)
+    )

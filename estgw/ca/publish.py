@@ -50,6 +50,7 @@ from estgw.ca._der import resigned_with_responses, single_response
 from estgw.ca._files import _load_cert, _load_key, _locked, _spki, _write_cert, _write_key
 from estgw.ca.keys import key_type_of, new_key, sign_arguments
 from estgw.ca.signing import RevokedEntry
+from estgw.ca.threads import threads_of
 from estgw.plaintext import Branch, Leaf, NotFound, respond, text
 from estgw.store import IssuedCertificate, IStore, iterate_certificates
 
@@ -149,6 +150,7 @@ class PublishedCA:
     reactor: Any
     crl_validity: timedelta = timedelta(hours=24)
     responder: str = "ca"  # or "delegated"
+    threads: Any = None  # estgw.ca.threads.CAThreads of a token procedure signing with ``ca``
     _crl: x509.CertificateRevocationList | None = attr.ib(default=None, init=False)
     _crl_entries: list[RevokedEntry] = attr.ib(factory=list, init=False)
     _lock: defer.DeferredLock = attr.ib(factory=defer.DeferredLock, init=False)
@@ -159,6 +161,13 @@ class PublishedCA:
 
     def _in_thread(self, f: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
         return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), f, *args)
+
+    def _signing(self, f: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
+        # With the CA's key: on its token procedure's threads, so that a
+        # hung HSM holds none of the reactor's (estgw.ca.threads).
+        if self.threads is not None:
+            return self.threads.run(f, *args)
+        return self._in_thread(f, *args)
 
     async def crl(self) -> x509.CertificateRevocationList:
         """The current CRL, signed anew when the revocations changed or
@@ -177,7 +186,7 @@ class PublishedCA:
             ):
                 return crl
             try:
-                crl = await self._in_thread(self.ca.write_crl, entries, self.crl_validity, now)
+                crl = await self._signing(self.ca.write_crl, entries, self.crl_validity, now)
             except Exception as e:
                 _log_signing_failure("the CRL", self, e)
                 if crl is not None and crl.next_update_utc is not None and now < crl.next_update_utc:
@@ -220,7 +229,7 @@ class PublishedCA:
         builder = singles[0]
         if nonce is not None:
             builder = builder.add_extension(nonce, critical=False)
-        return await self._in_thread(self._sign, builder, singles[1:])
+        return await self._signing(self._sign, builder, singles[1:])
 
     def _sign(self, builder: ocsp.OCSPResponseBuilder, others: list[ocsp.OCSPResponseBuilder]) -> ocsp.OCSPResponse:
         more = [_single_response_der(other) for other in others]
@@ -580,7 +589,7 @@ def published_cas(
         for ca in issuers():
             key = (id(ca), responder)
             if key not in shared:
-                shared[key] = PublishedCA(ca, store, reactor, crl_validity, responder)
+                shared[key] = PublishedCA(ca, store, reactor, crl_validity, responder, threads_of(procedure))
             generations.append(shared[key])
         result[name] = PublishedProcedure(generations)
     return result

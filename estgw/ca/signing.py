@@ -21,7 +21,6 @@ from cryptography.x509.oid import AuthorityInformationAccessOID
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IReactorThreads
 from twisted.internet.threads import deferToThreadPool
-from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from estgw.ca import (
@@ -30,6 +29,7 @@ from estgw.ca import (
 from estgw.ca._der import resigned_with_responses
 from estgw.ca._files import _CERT_MODE, _locked, _read, _utc, _write_atomically
 from estgw.ca.keys import sign_arguments
+from estgw.ca.threads import CAThreads
 
 #: Devices' clocks drift; a certificate that is "not yet valid" for a
 #: device a minute behind would fail its first TLS handshake.
@@ -298,7 +298,7 @@ class SigningTokenProcedure:
         ca: SigningCA,
         profile: Profile,
         reactor: IReactorThreads | None = None,
-        threadpool: ThreadPool | None = None,
+        threads: CAThreads | None = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as _reactor
@@ -308,7 +308,8 @@ class SigningTokenProcedure:
         self.ca = ca
         self.profile = profile
         self._reactor = reactor
-        self._threadpool = threadpool
+        # Blocking signatures run here, not on the reactor's pool (estgw.ca.threads).
+        self.threads = threads
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r}>"
@@ -324,11 +325,12 @@ class SigningTokenProcedure:
         """
         if self.ca.signs_quickly:
             return maybeDeferred(self.ca.sign, request, self.profile)
+        if self.threads is not None:
+            return self.threads.run(self.ca.sign, request, self.profile)
         assert self._reactor is not None
         # The reactor's pool is looked up here, not in __init__: asking for
         # it starts it, which should not happen merely by loading a config.
-        pool = self._threadpool or self._reactor.getThreadPool()
-        return deferToThreadPool(self._reactor, pool, self.ca.sign, request, self.profile)
+        return deferToThreadPool(self._reactor, self._reactor.getThreadPool(), self.ca.sign, request, self.profile)
 
     def chain(self) -> list[x509.Certificate]:
         return self.ca.chain()

@@ -71,11 +71,12 @@ def _spki(key: Any) -> bytes:
 
 
 def _retry_after(value: bytes | None) -> int:
-    # RFC 9110 10.2.3 also allows an HTTP date; EST servers send seconds.
-    try:
-        seconds = int((value or b"").decode("ascii").strip())
-    except (UnicodeDecodeError, ValueError):
+    # RFC 9110 10.2.3 also allows an HTTP date; EST servers send seconds
+    # (delay-seconds = 1*DIGIT: not int()'s "1_0" or "+5").
+    text = (value or b"").strip()
+    if not text.isdigit():  # bytes: ASCII digits only
         return RETRY_AFTER
+    seconds = int(text)
     return seconds if 0 < seconds <= 7 * 86400 else RETRY_AFTER
 
 
