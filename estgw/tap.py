@@ -333,7 +333,7 @@ class GatewayService(service.Service):
                 self.publish_ports = listen_all(
                     self.reactor, self.config.publish_interface, self.config.publish_port,
                     # Relying parties may be anywhere: the same request limits.
-                    limits.limit_site(publish_site(self.published), self.config, gateway.metrics),
+                    publish_site(self.published, self.config, gateway.metrics),
                     self._capped_publish, what="CRL publishing",
                 )
             if self.config.coaps_port is not None and self.side_listeners:

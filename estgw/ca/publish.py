@@ -557,8 +557,11 @@ class _Directory(Branch):
         return CRLResource(generation) if self.kind == "crl" else IssuerResource(generation)
 
 
-def publish_site(published: Mapping[str, PublishedProcedure]) -> server.Site:
-    """The publishing listener's site for ``published`` (token procedure name → what it publishes)."""
+def publish_site(
+    published: Mapping[str, PublishedProcedure], config: Any = None, metrics: Any = None
+) -> server.Site:
+    """The publishing listener's site for ``published`` (token procedure name → what it publishes),
+    with the request limits of ``config`` (the defaults when None), counted in ``metrics``."""
     from estgw.web import limited_site
 
     root = Branch(_NOT_FOUND)
@@ -566,7 +569,7 @@ def publish_site(published: Mapping[str, PublishedProcedure]) -> server.Site:
     root.putChild(b"ocsp", _Directory("ocsp", published))
     root.putChild(b"ca", _Directory("ca", published))
     # The EST listener's limits; no body here is larger than an OCSP request.
-    return limited_site(root, MAX_OCSP_REQUEST)
+    return limited_site(root, MAX_OCSP_REQUEST, config, metrics)
 
 
 def published_cas(
