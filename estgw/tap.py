@@ -175,6 +175,8 @@ class GatewayService(service.Service):
         self.published = published_cas(
             self.state.procedures, config.token_procedures, self.store, self.reactor,
             timedelta(hours=config.publish_crl_hours),
+            # Half the CA's threads at most: enrollments keep the rest.
+            timeout=config.ca_timeout, max_signing=max(1, config.ca_max_overdue // 2),
         )
         self._crl_refresh: Any = None
         self.coaps_port: Any = None

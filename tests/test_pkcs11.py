@@ -450,6 +450,76 @@ class HsmPublishTests(Pkcs11TestCase):
             finally:
                 await gateway.stop()
 
+    async def test_token_hung_while_publishing(self) -> None:
+        """The token hangs while relying parties ask for OCSP answers (anyone
+        may ask the publishing listener): each answer waits at most
+        ca.timeout and is tryLater; past ca.maxOverdue // 2 signatures still
+        running, at once and without queueing more work; enrollments keep
+        their share of the CA's threads; once the token answers again, so
+        does OCSP."""
+        import time
+        from urllib.parse import quote
+
+        from twisted.internet.task import deferLater
+
+        from tests import test_publish
+
+        publish = test_publish.free_port()
+        base = f"http://127.0.0.1:{publish}"
+        name = quote("HSM Procedure", safe="")
+        token, label, certificate, chain = self.files("ec-p256")
+        extra = (f"publish.port = {publish}\npublish.interface = 127.0.0.1\n"
+                 "ca.timeout = 2\nca.maxOverdue = 2\n")
+        gateway = await RunningGateway.start(
+            self, hsm_config(certificate, chain, softhsm.shared().pin_file, token, label, extra))
+        await gateway.store.add_device(Device(DEVICE, hash_password(PASSWORD)))
+        client = Client(self, gateway, "device")
+        _key, csr = await client.key_and_csr(f"/CN={DEVICE}")
+        result = await client.enroll("simpleenroll", csr, user=f"{DEVICE}:{PASSWORD}")
+        self.assertEqual(result.status, 200, result.text)
+        issued = await client.certificates(result.body)
+        issuer = client.path("issuer.pem")
+        write(issuer, cert_pem(x509.load_pem_x509_certificates(open(certificate, "rb").read())[0]))
+
+        ca = gateway.service.state.procedures["HSM Procedure"].ca
+        released = threading.Event()
+        self.addCleanup(released.set)
+        signed_ocsp = ca.sign_ocsp
+        calls: list[float] = []
+
+        def hung(*args: Any) -> Any:
+            calls.append(time.monotonic())
+            released.wait(30)
+            return signed_ocsp(*args)
+
+        ca.sign_ocsp = hung
+
+        async def ask() -> tuple[str, float]:
+            started = time.monotonic()
+            answer = await client.openssl("ocsp", "-issuer", issuer, "-cert", issued, "-url", f"{base}/ocsp/{name}",
+                                          "-noverify", "-resp_text", "-timeout", "20", check=False)
+            return (answer.stdout + answer.stderr).decode(), time.monotonic() - started
+
+        text, took = await ask()  # its signature hangs: tryLater after ca.timeout
+        self.assertIn("Responder Error: trylater (3)", text)
+        self.assertGreaterEqual(took, 1.5)
+        text, took = await ask()  # one is still running (maxOverdue 2 // 2): tryLater at once
+        self.assertIn("Responder Error: trylater (3)", text)
+        self.assertLess(took, 1.5)
+        self.assertEqual(len(calls), 1)  # no work queued behind the hung call
+        # Enrollments keep the other thread of the CA.
+        _key, csr = await client.key_and_csr(f"/CN={DEVICE}")
+        result = await client.enroll("simpleenroll", csr, user=f"{DEVICE}:{PASSWORD}")
+        self.assertEqual(result.status, 200, result.text)
+        released.set()
+        for _ in range(100):  # the hung call returns and frees its place
+            if gateway.service.published["HSM Procedure"].generations[0]._signing_now == 0:
+                break
+            await deferLater(reactor, 0.05)
+        text, _took = await ask()
+        self.assertNotIn("trylater", text)
+        self.assertIn("Cert Status: good", text)
+
     async def test_token_gone_while_publishing(self) -> None:
         """The token stops signing while the gateway runs: an OCSP request
         gets tryLater (unsigned, RFC 6960 2.3), the CRL signed before is

@@ -420,6 +420,12 @@ class Pkcs11CA(SigningCA):
     def _issuing_key(self) -> Any:  # type: ignore[override]
         return self._scheme.draft_key
 
+    @property
+    def signs_quickly(self) -> bool:
+        """Never: a call into the token may wait on it (a busy or hung
+        HSM), so it is never made on the reactor thread."""
+        return False
+
     def authority_key_identifier(self) -> x509.AuthorityKeyIdentifier:
         try:
             ski = self.issuing.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value

@@ -151,6 +151,11 @@ class PublishedCA:
     crl_validity: timedelta = timedelta(hours=24)
     responder: str = "ca"  # or "delegated"
     threads: Any = None  # estgw.ca.threads.CAThreads of a token procedure signing with ``ca``
+    # ca.timeout: how long an answer waits for a signature; and how many
+    # signatures may run on threads at once, counted until they return.
+    timeout: float = 30.0
+    max_signing: int = 2
+    _signing_now: int = attr.ib(default=0, init=False)
     _crl: x509.CertificateRevocationList | None = attr.ib(default=None, init=False)
     _crl_entries: list[RevokedEntry] = attr.ib(factory=list, init=False)
     _lock: defer.DeferredLock = attr.ib(factory=defer.DeferredLock, init=False)
@@ -162,12 +167,46 @@ class PublishedCA:
     def _in_thread(self, f: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
         return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), f, *args)
 
-    def _signing(self, f: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
-        # With the CA's key: on its token procedure's threads, so that a
-        # hung HSM holds none of the reactor's (estgw.ca.threads).
-        if self.threads is not None:
-            return self.threads.run(f, *args)
-        return self._in_thread(f, *args)
+    def _signing(self, f: Callable[..., Any], *args: Any, quick: bool = False) -> defer.Deferred[Any]:
+        """``f(*args)`` with the CA's key, bounded like an enrollment's
+        signature (estgw.guard.CAGuard): anyone may ask the publishing
+        listener, so a CA that hangs must not collect work without end.
+
+        ``quick`` work (an OCSP response) of a CA that signs quickly in
+        software is done at once, as SigningTokenProcedure.issue does.
+        Otherwise it runs on the token procedure's threads (a hung HSM
+        holds none of the reactor's, estgw.ca.threads); at most
+        :attr:`max_signing` at a time, each counted until its thread
+        returns, and the answer waits at most :attr:`timeout` seconds.
+        Beyond either: CAError, which the listener answers with OCSP
+        tryLater, or 503 for a CRL with none still valid.
+        """
+        if quick and getattr(self.ca, "signs_quickly", False):
+            return defer.maybeDeferred(f, *args)
+        if self._signing_now >= self.max_signing:
+            return defer.fail(CAError(
+                f"{self._signing_now} signatures with this CA's key are still running; try again later"
+            ))
+        answer: defer.Deferred[Any] = defer.Deferred()
+
+        def overdue() -> None:
+            answer.errback(CAError(f"the CA did not sign within {self.timeout:g} s (ca.timeout)"))
+
+        def returned(result: Any) -> None:
+            self._signing_now -= 1
+            if not timer.active():
+                return  # answered already (overdue): a late result or failure is dropped
+            timer.cancel()
+            if isinstance(result, Failure):
+                answer.errback(result)
+            else:
+                answer.callback(result)
+
+        timer = self.reactor.callLater(self.timeout, overdue)
+        self._signing_now += 1
+        running = self.threads.run(f, *args) if self.threads is not None else self._in_thread(f, *args)
+        running.addBoth(returned)
+        return answer
 
     async def crl(self) -> x509.CertificateRevocationList:
         """The current CRL, signed anew when the revocations changed or
@@ -229,7 +268,7 @@ class PublishedCA:
         builder = singles[0]
         if nonce is not None:
             builder = builder.add_extension(nonce, critical=False)
-        return await self._signing(self._sign, builder, singles[1:])
+        return await self._signing(self._sign, builder, singles[1:], quick=True)
 
     def _sign(self, builder: ocsp.OCSPResponseBuilder, others: list[ocsp.OCSPResponseBuilder]) -> ocsp.OCSPResponse:
         more = [_single_response_der(other) for other in others]
@@ -578,9 +617,12 @@ def published_cas(
     store: Any,
     reactor: Any,
     crl_validity: timedelta,
+    timeout: float = 30.0,
+    max_signing: int = 2,
 ) -> dict[str, PublishedProcedure]:
     """What each token procedure that signs with keys held here publishes;
-    procedures sharing a CA (and responder setting) share its CRL."""
+    procedures sharing a CA (and responder setting) share its CRL.
+    ``timeout`` and ``max_signing``: see :meth:`PublishedCA._signing`."""
     shared: dict[tuple[int, str], PublishedCA] = {}
     result = {}
     for name, procedure in procedures.items():
@@ -592,7 +634,9 @@ def published_cas(
         for ca in issuers():
             key = (id(ca), responder)
             if key not in shared:
-                shared[key] = PublishedCA(ca, store, reactor, crl_validity, responder, threads_of(procedure))
+                shared[key] = PublishedCA(
+                    ca, store, reactor, crl_validity, responder, threads_of(procedure), timeout, max_signing
+                )
             generations.append(shared[key])
         result[name] = PublishedProcedure(generations)
     return result
