@@ -200,7 +200,8 @@ def descriptors_needed(connections: int, publish: bool, metrics: bool) -> int:
 
 
 def ensure_descriptors(
-    total: int, workers: int = 1, publish: bool = False, metrics: bool = False, key: str = "server.maxConnections"
+    total: int, workers: int = 1, publish: bool = False, metrics: bool = False, key: str = "server.maxConnections",
+    settable: bool = True,
 ) -> tuple[int, int] | None:
     """Make sure each gateway process may open the descriptors its share of
     ``total`` connections (``server.maxConnections``, over ``workers``
@@ -212,7 +213,8 @@ def ensure_descriptors(
 
     :returns: ``(before, after)`` when the soft limit was raised, else None.
     :raises ValueError: the hard limit is too low, with a message naming
-        ``key`` (where ``total`` comes from), the limit and what to do: a cap that
+        ``key`` (where ``total`` comes from; when not ``settable``, a fixed
+        cap, the advice is only to raise the limit), the limit and what to do: a cap that
         cannot act before the system's limit would be a false promise, and
         at EMFILE every listener fails at once.
     """
@@ -235,10 +237,11 @@ def ensure_descriptors(
         parts.append(f"{RESERVED_DESCRIPTORS} for the store, logs and listening sockets")
         share = f" ({connections} in each of {workers} workers)" if workers > 1 else ""
         advice = f"lower {key} to at most {fits}" if fits > 0 else f"lower {key}"
+        fix = f"{advice}, or raise the limit" if settable else "raise the limit"
         raise ValueError(
-            f"{key} = {total}{share} needs {needed} file descriptors per process"
-            f" ({', '.join(parts)}), but the process may open at most {hard} (RLIMIT_NOFILE, ulimit -n):"
-            f" {advice}, or raise the limit (systemd: LimitNOFILE=)"
+            f"{key}{f' = {total}' if settable else f' of {total}'}{share} needs {needed} file descriptors"
+            f" per process ({', '.join(parts)}), but the process may open at most {hard}"
+            f" (RLIMIT_NOFILE, ulimit -n): {fix} (systemd: LimitNOFILE=)"
         )
     resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
     return soft, needed

@@ -257,8 +257,13 @@ class GatewayService(service.Service):
     def _capped_metrics(self, endpoint: Any) -> Any:
         """The metrics and health listener's own cap (limits.METRICS_CONNECTIONS),
         so that a flood of the other listeners never starves /health."""
+        # One address may hold half of them at most, so that one client
+        # cannot take /health from the others.
+        per_client = limits.METRICS_CONNECTIONS // 2
+        if self.config.max_connections_per_client:
+            per_client = min(per_client, self.config.max_connections_per_client)
         return LimitedEndpoint(
-            endpoint, limits.METRICS_CONNECTIONS, self.config.max_connections_per_client,
+            endpoint, limits.METRICS_CONNECTIONS, per_client,
             self.refused_connection, self.metrics_connection_counts, "on the metrics listener",
         )
 

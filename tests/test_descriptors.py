@@ -16,6 +16,7 @@ import sys
 from typing import Any
 
 from twisted.internet import reactor, task, threads
+from twisted.trial.unittest import TestCase
 
 from estgw import limits
 from estgw.testing import _which, run_process
@@ -204,3 +205,22 @@ class DescriptorLimitTests(TwistdTestCase):
         await until(lambda: open_sockets(daemon.transport.pid) <= 2)
         self.assertEqual((await self.curl(cacerts))[0], 200)
         self.assertIsNone(daemon.exit_code)
+
+
+class FixedCapMessageTests(TestCase):
+    def test_a_cap_without_a_key_is_not_offered_to_lower(self) -> None:
+        """The approval service's cap is not a setting: when the hard limit
+        is too low, the only advice is to raise it."""
+        import resource
+
+        from estgw import limits
+
+        self.patch(resource, "getrlimit", lambda which: (256, 256))
+        with self.assertRaises(ValueError) as raised:
+            limits.ensure_descriptors(1024, key="the approval service's connection cap", settable=False)
+        message = str(raised.exception)
+        self.assertIn("raise the limit", message)
+        self.assertNotIn("lower", message)
+        with self.assertRaises(ValueError) as raised:
+            limits.ensure_descriptors(1024)
+        self.assertIn("lower server.maxConnections to at most", str(raised.exception))

@@ -422,10 +422,11 @@ class EveryListenerCappedTests(TestCase):
     count: a full listener refuses new connections without starving the
     others."""
 
-    async def plain(self, port: int) -> RawClient:
+    async def plain(self, port: int, source: str = "127.0.0.1") -> RawClient:
         client = RawClient()
         client.handshake.addErrback(lambda failure: None)  # plain TCP: no handshake
-        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=5), client)
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=5, bindAddress=(source, 0))
+        await connectProtocol(endpoint, client)
         return client
 
     async def answers(self, port: int, path: str) -> bytes:
@@ -434,8 +435,8 @@ class EveryListenerCappedTests(TestCase):
         await closed_within(client, 5)
         return client.received.split(b"\r\n", 1)[0]
 
-    async def refused(self, port: int) -> None:
-        client = await self.plain(port)
+    async def refused(self, port: int, source: str = "127.0.0.1") -> None:
+        client = await self.plain(port, source)
         await closed_within(client, 5)
         self.assertEqual(client.received, b"")
 
@@ -469,7 +470,8 @@ class EveryListenerCappedTests(TestCase):
         for client in tls:
             client.transport.loseConnection()
             await client.closed
-        scrapers = [await self.plain(metrics) for _ in range(limits.METRICS_CONNECTIONS)]
+        # From two addresses: one may hold half of the metrics listener.
+        scrapers = [await self.plain(metrics, f"127.0.0.{2 + i % 2}") for i in range(limits.METRICS_CONNECTIONS)]
         await self.refused(metrics)
         self.assertIn("open connections: at most 16 on the metrics listener",
                       [record(e)["reason"] for e in audit.events if e.get("code") == "too-many-connections"])
@@ -479,6 +481,21 @@ class EveryListenerCappedTests(TestCase):
         await task.deferLater(reactor, 0.1, lambda: None)
         self.assertEqual(await self.answers(metrics, "/health/live"), b"HTTP/1.1 200 OK")
         self.assertEqual(await gateway.store.count_certificates(), 0)
+
+    async def test_one_client_takes_half_of_the_metrics_listener(self) -> None:
+        """However high server.maxConnectionsPerClient, one address holds at
+        most half of the metrics listener's connections: /health stays
+        reachable for the others."""
+        audit = AuditLog(self)
+        gateway = await RunningGateway.start(self, TEST_CONFIG + "metrics.port = 0\n")
+        metrics = gateway.service.metrics_ports[0].getHost().port
+        held = [await self.plain(metrics, "127.0.0.2") for _ in range(limits.METRICS_CONNECTIONS // 2)]
+        await self.refused(metrics, "127.0.0.2")
+        self.assertIn("too-many-connections-per-client", audit.refused)
+        self.assertEqual(await self.answers(metrics, "/health/live"), b"HTTP/1.1 200 OK")  # from 127.0.0.1
+        for client in held:
+            client.transport.loseConnection()
+            await client.closed
 
     async def test_per_client_on_every_listener(self) -> None:
         """server.maxConnectionsPerClient = 1 holds on the publishing and

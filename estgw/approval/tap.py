@@ -17,7 +17,7 @@ from typing import Any
 
 import attr
 from twisted.application import service
-from twisted.logger import textFileLogObserver
+from twisted.logger import Logger, textFileLogObserver
 from twisted.python import usage
 
 from estgw import limits, logfiles, logs
@@ -70,9 +70,16 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     top = logs.LoggingService(textFileLogObserver(target) if target is not None else None)
     logfiles.SignalService(reactor, rotate=log_file.rotate if log_file is not None else None).setServiceParent(top)
     try:
-        limits.ensure_descriptors(limits.default_caps()[0], key="the approval service's connection cap")
+        raised = limits.ensure_descriptors(
+            limits.default_caps()[0], key="the approval service's connection cap", settable=False
+        )
     except ValueError as e:
         raise SystemExit(f"estgw-approval: {e}") from None
+    if raised is not None:
+        Logger(namespace="estgw.approval").info(
+            "raised the open files limit (RLIMIT_NOFILE) from {before} to {after} for its connection cap",
+            before=raised[0], after=raised[1],
+        )
     try:
         approval = ApprovalService(options.loaded, reactor)
         approval.bind()  # before twistd daemonizes: see estgw.daemon
