@@ -147,49 +147,73 @@ class CAGuard:
             self.in_flight -= 1
 
     def _call(self, issue: Callable[[], Any], procedure: str) -> defer.Deferred[Any]:
-        """``issue()``'s outcome, or TimeoutError after ``timeout`` seconds.
-
-        The call itself is not cancelled then: no token procedure can stop
-        a signature in a thread or an HSM, and cancelling its Deferred
-        would only hide that it still runs.  It counts as overdue until it
-        returns; what it returns then is dropped (nothing was recorded, so
-        nothing is sent)."""
-        answer: defer.Deferred[Any] = defer.Deferred()
-        late = False
+        """``issue()``'s outcome, or TimeoutError after ``timeout`` seconds
+        (:func:`answer_within`).  A call past the timeout counts as overdue
+        until it returns; what it returns then is dropped (nothing was
+        recorded, so nothing is sent)."""
         started = self._clock.seconds()
 
-        def expire() -> None:
-            nonlocal late
-            late = True
+        def expired() -> None:
             self.overdue[procedure] = self.overdue.get(procedure, 0) + 1
-            if not answer.called:
-                answer.errback(defer.TimeoutError(f"{self.timeout:g} s"))
 
-        timer = self._clock.callLater(self.timeout, expire)
+        def returned_late(outcome: Any) -> None:
+            left = self.overdue.get(procedure, 1) - 1
+            if left > 0:
+                self.overdue[procedure] = left
+            else:
+                self.overdue.pop(procedure, None)
+            serial = getattr(outcome, "serial_number", None)
+            _log.warn(
+                "token procedure {procedure} returned {seconds:.1f} s after it was called, past ca.timeout:"
+                " {what} dropped, nothing recorded or sent",
+                procedure=procedure, seconds=self._clock.seconds() - started,
+                what=f"certificate serial {serial:x}" if serial is not None else "its answer",
+            )
 
-        def returned(outcome: Any) -> None:
-            if late:
-                left = self.overdue.get(procedure, 1) - 1
-                if left > 0:
-                    self.overdue[procedure] = left
-                else:
-                    self.overdue.pop(procedure, None)
-                serial = getattr(outcome, "serial_number", None)
-                _log.warn(
-                    "token procedure {procedure} returned {seconds:.1f} s after it was called, past ca.timeout:"
-                    " {what} dropped, nothing recorded or sent",
-                    procedure=procedure, seconds=self._clock.seconds() - started,
-                    what=f"certificate serial {serial:x}" if serial is not None else "its answer",
-                )
-                return None
-            if timer.active():
-                timer.cancel()
-            if not answer.called:
-                if isinstance(outcome, Failure):
-                    answer.errback(outcome)
-                else:
-                    answer.callback(outcome)
+        return answer_within(self._clock, self.timeout, defer.maybeDeferred(issue), expired, returned_late)
+
+
+def answer_within(
+    clock: Any,
+    seconds: float,
+    running: defer.Deferred[Any],
+    expired: Callable[[], None] | None = None,
+    returned_late: Callable[[Any], None] | None = None,
+) -> defer.Deferred[Any]:
+    """A Deferred with ``running``'s outcome, or :class:`defer.TimeoutError`
+    once ``seconds`` have passed on ``clock``.
+
+    ``running`` is not cancelled then: no signature in a thread or call
+    into an HSM can be stopped, and cancelling its Deferred would only hide
+    that it still runs.  ``expired()`` is called when the time runs out,
+    ``returned_late(outcome)`` when ``running`` ends after that; its
+    outcome (a failure too) is consumed there.  Every CA call with a
+    deadline (enrollments, the publishing listener's signatures) goes
+    through here.
+    """
+    answer: defer.Deferred[Any] = defer.Deferred()
+    late = False
+
+    def expire() -> None:
+        nonlocal late
+        late = True
+        if expired is not None:
+            expired()
+        answer.errback(defer.TimeoutError(f"{seconds:g} s"))
+
+    timer = clock.callLater(seconds, expire)
+
+    def returned(outcome: Any) -> None:
+        if late:
+            if returned_late is not None:
+                returned_late(outcome)
             return None
+        timer.cancel()
+        if isinstance(outcome, Failure):
+            answer.errback(outcome)
+        else:
+            answer.callback(outcome)
+        return None
 
-        defer.maybeDeferred(issue).addBoth(returned)
-        return answer
+    running.addBoth(returned)
+    return answer

@@ -51,6 +51,7 @@ from estgw.ca._files import _load_cert, _load_key, _locked, _spki, _write_cert, 
 from estgw.ca.keys import key_type_of, new_key, sign_arguments
 from estgw.ca.signing import RevokedEntry
 from estgw.ca.threads import threads_of
+from estgw.guard import answer_within
 from estgw.plaintext import Branch, Leaf, NotFound, respond, text
 from estgw.store import IssuedCertificate, IStore, iterate_certificates
 
@@ -187,26 +188,19 @@ class PublishedCA:
             return defer.fail(CAError(
                 f"{self._signing_now} signatures with this CA's key are still running; try again later"
             ))
-        answer: defer.Deferred[Any] = defer.Deferred()
-
-        def overdue() -> None:
-            answer.errback(CAError(f"the CA did not sign within {self.timeout:g} s (ca.timeout)"))
-
-        def returned(result: Any) -> None:
-            self._signing_now -= 1
-            if not timer.active():
-                return  # answered already (overdue): a late result or failure is dropped
-            timer.cancel()
-            if isinstance(result, Failure):
-                answer.errback(result)
-            else:
-                answer.callback(result)
-
-        timer = self.reactor.callLater(self.timeout, overdue)
         self._signing_now += 1
         running = self.threads.run(f, *args) if self.threads is not None else self._in_thread(f, *args)
-        running.addBoth(returned)
-        return answer
+
+        def returned(outcome: Any) -> Any:
+            self._signing_now -= 1  # counted until its thread returns, late or not
+            return outcome
+
+        def too_late(failure: Failure) -> None:
+            failure.trap(defer.TimeoutError)
+            raise CAError(f"the CA did not sign within {self.timeout:g} s (ca.timeout)")
+
+        answer = answer_within(self.reactor, self.timeout, running.addBoth(returned))
+        return answer.addErrback(too_late)
 
     async def crl(self) -> x509.CertificateRevocationList:
         """The current CRL, signed anew when the revocations changed or
