@@ -177,6 +177,56 @@ def _approval_params(approval: Approval) -> tuple[Any, ...]:
     )
 
 
+class _Grouped:
+    """Calls that arrive while a group of them is in flight go together in
+    the next group: the store's group commit and its grouped lookups.
+
+    ``run(batch)`` gets the waiting ``(item, Deferred)`` pairs (at most
+    ``most``), settles every Deferred and returns a Deferred that fires
+    once it has; the next group starts then.
+    """
+
+    def __init__(
+        self, run: Callable[[list[tuple[Any, Deferred[Any]]]], Deferred[Any]], most: int | None = None
+    ) -> None:
+        self._run = run
+        self._most = most
+        self._waiting: list[tuple[Any, Deferred[Any]]] = []
+        self._busy = False
+        self._drained: list[Deferred[None]] = []
+
+    def add(self, item: Any) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self._waiting.append((item, d))
+        if not self._busy:
+            self._next()
+        return d
+
+    def drained(self) -> Deferred[None] | None:
+        """Fires once every group in flight or waiting has run; None when idle."""
+        if not self._busy:
+            return None
+        d: Deferred[None] = Deferred()
+        self._drained.append(d)
+        return d
+
+    def _next(self) -> None:
+        cut = len(self._waiting) if self._most is None else self._most
+        batch, self._waiting = self._waiting[:cut], self._waiting[cut:]
+        self._busy = True
+
+        def ran(_: object) -> None:
+            self._busy = False
+            if self._waiting:
+                self._next()
+                return
+            waiting, self._drained = self._drained, []
+            for d in waiting:
+                d.callback(None)
+
+        self._run(batch).addBoth(ran)
+
+
 @implementer(IStore)
 class _SQLStore:
     """
@@ -224,13 +274,9 @@ class _SQLStore:
         self._in_flight: set[Deferred[None]] = set()
         # Group commit of record_certificate: waiting records, whether a
         # transaction of them is in flight, and who waits for both to end.
-        self._records: list[tuple[IssuedCertificate, Deferred[None]]] = []
-        self._recording = False
-        self._records_drained: list[Deferred[None]] = []
+        self._records = _Grouped(self._write_records)
         # Grouped get_certificate: the same, for lookups by serial.
-        self._lookups: list[tuple[int, Deferred[IssuedCertificate | None]]] = []
-        self._looking_up = False
-        self._lookups_drained: list[Deferred[None]] = []
+        self._lookups = _Grouped(self._look_up, MAX_LOOKUPS)
 
     # -- plumbing
 
@@ -439,14 +485,10 @@ class _SQLStore:
             return defer.succeed(None)
         self._closing = True  # refuse new work; let work in flight finish
         waits = list(self._in_flight)
-        if self._recording:  # and the records queued behind it
-            drained: Deferred[None] = Deferred()
-            self._records_drained.append(drained)
-            waits.append(drained)
-        if self._looking_up:  # and the lookups queued behind it
-            looked_up: Deferred[None] = Deferred()
-            self._lookups_drained.append(looked_up)
-            waits.append(looked_up)
+        for group in (self._records, self._lookups):  # and the work queued behind it
+            drained = group.drained()
+            if drained is not None:
+                waits.append(drained)
 
         def close_pool(_: object) -> None:
             assert self._pool is not None
@@ -501,16 +543,9 @@ class _SQLStore:
             return defer.fail(StoreNotRunning("the store is not started, or closed"))
         if renewing is not None:
             return self._run(self._record_renewal, issued, renewing)
-        d: Deferred[None] = Deferred()
-        self._records.append((issued, d))
-        if not self._recording:
-            self._write_records()
-        return d
+        return self._records.add(issued)
 
-    def _write_records(self) -> None:
-        batch, self._records = self._records, []
-        self._recording = True
-
+    def _write_records(self, batch: list[tuple[IssuedCertificate, Deferred[None]]]) -> Deferred[Any]:
         def written(_: object) -> None:
             for _issued, d in batch:
                 d.callback(None)
@@ -526,18 +561,9 @@ class _SQLStore:
                 result.chainDeferred(d)
             return defer.DeferredList(alone)
 
-        def next_batch(_: object) -> None:
-            self._recording = False
-            if self._records:
-                self._write_records()
-                return
-            waiting, self._records_drained = self._records_drained, []
-            for d in waiting:
-                d.callback(None)
-
-        self._run_now(self._insert_certificates, [issued for issued, _d in batch]).addCallbacks(
+        return self._run_now(self._insert_certificates, [issued for issued, _d in batch]).addCallbacks(
             written, failed
-        ).addBoth(next_batch)
+        )
 
     def _insert_certificates(self, txn: Any, records: list[IssuedCertificate]) -> None:
         for issued in records:
@@ -621,16 +647,9 @@ class _SQLStore:
         """
         if self._pool is None or self._closing:
             return defer.fail(StoreNotRunning("the store is not started, or closed"))
-        d: Deferred[IssuedCertificate | None] = Deferred()
-        self._lookups.append((serial, d))
-        if not self._looking_up:
-            self._look_up()
-        return d
+        return self._lookups.add(serial)
 
-    def _look_up(self) -> None:
-        batch, self._lookups = self._lookups[:MAX_LOOKUPS], self._lookups[MAX_LOOKUPS:]
-        self._looking_up = True
-
+    def _look_up(self, batch: list[tuple[int, Deferred[IssuedCertificate | None]]]) -> Deferred[None]:
         def found(recorded: dict[int, IssuedCertificate]) -> None:
             for serial, d in batch:
                 d.callback(recorded.get(serial))
@@ -639,17 +658,8 @@ class _SQLStore:
             for _serial, d in batch:
                 d.errback(failure)
 
-        def next_batch(_: object) -> None:
-            self._looking_up = False
-            if self._lookups:
-                self._look_up()
-                return
-            waiting, self._lookups_drained = self._lookups_drained, []
-            for d in waiting:
-                d.callback(None)
-
         serials = sorted({serial for serial, _d in batch})
-        self._run_now(self._select_certificates, serials).addCallbacks(found, failed).addBoth(next_batch)
+        return self._run_now(self._select_certificates, serials).addCallbacks(found, failed)
 
     def _select_certificates(self, txn: Any, serials: list[int]) -> dict[int, IssuedCertificate]:
         marks = ", ".join("?" * len(serials))
