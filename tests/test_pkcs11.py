@@ -450,26 +450,18 @@ class HsmPublishTests(Pkcs11TestCase):
             finally:
                 await gateway.stop()
 
-    async def test_token_hung_while_publishing(self) -> None:
-        """The token hangs while relying parties ask for OCSP answers (anyone
-        may ask the publishing listener): each answer waits at most
-        ca.timeout and is tryLater; past ca.maxOverdue // 2 signatures still
-        running, at once and without queueing more work; enrollments keep
-        their share of the CA's threads; once the token answers again, so
-        does OCSP."""
-        import time
+    async def _publishing_hsm(self, extra: str = "") -> tuple[RunningGateway, Client, str, str, str, str]:
+        """A gateway signing with an EC key in SoftHSM and publishing its CRL
+        and OCSP, and one device certificate it issued: (gateway, client,
+        the certificate's PEM file, the publishing URL, the procedure's
+        name quoted for URLs, the CA certificate file)."""
         from urllib.parse import quote
-
-        from twisted.internet.task import deferLater
 
         from tests import test_publish
 
         publish = test_publish.free_port()
-        base = f"http://127.0.0.1:{publish}"
-        name = quote("HSM Procedure", safe="")
         token, label, certificate, chain = self.files("ec-p256")
-        extra = (f"publish.port = {publish}\npublish.interface = 127.0.0.1\n"
-                 "ca.timeout = 2\nca.maxOverdue = 2\n")
+        extra = f"publish.port = {publish}\npublish.interface = 127.0.0.1\n" + extra
         gateway = await RunningGateway.start(
             self, hsm_config(certificate, chain, softhsm.shared().pin_file, token, label, extra))
         await gateway.store.add_device(Device(DEVICE, hash_password(PASSWORD)))
@@ -478,6 +470,21 @@ class HsmPublishTests(Pkcs11TestCase):
         result = await client.enroll("simpleenroll", csr, user=f"{DEVICE}:{PASSWORD}")
         self.assertEqual(result.status, 200, result.text)
         issued = await client.certificates(result.body)
+        return gateway, client, issued, f"http://127.0.0.1:{publish}", quote("HSM Procedure", safe=""), certificate
+
+    async def test_token_hung_while_publishing(self) -> None:
+        """The token hangs while relying parties ask for OCSP answers (anyone
+        may ask the publishing listener): each answer waits at most
+        ca.timeout and is tryLater; past ca.maxOverdue // 2 signatures still
+        running, at once and without queueing more work; enrollments keep
+        their share of the CA's threads; once the token answers again, so
+        does OCSP."""
+        import time
+
+        from twisted.internet.task import deferLater
+
+        gateway, client, issued, base, name, certificate = await self._publishing_hsm(
+            "ca.timeout = 2\nca.maxOverdue = 2\n")
         issuer = client.path("issuer.pem")
         write(issuer, cert_pem(x509.load_pem_x509_certificates(open(certificate, "rb").read())[0]))
 
@@ -526,25 +533,10 @@ class HsmPublishTests(Pkcs11TestCase):
         still served, a first CRL that cannot be signed is 503 with
         Retry-After; never a 500, and no critical log event."""
         import pkcs11
-        from urllib.parse import quote
 
         from twisted.logger import LogLevel, globalLogPublisher
 
-        from tests import test_publish
-
-        publish = test_publish.free_port()
-        base = f"http://127.0.0.1:{publish}"
-        name = quote("HSM Procedure", safe="")
-        token, label, certificate, chain = self.files("ec-p256")
-        extra = f"publish.port = {publish}\npublish.interface = 127.0.0.1\n"
-        gateway = await RunningGateway.start(
-            self, hsm_config(certificate, chain, softhsm.shared().pin_file, token, label, extra))
-        await gateway.store.add_device(Device(DEVICE, hash_password(PASSWORD)))
-        client = Client(self, gateway, "device")
-        _key, csr = await client.key_and_csr(f"/CN={DEVICE}")
-        result = await client.enroll("simpleenroll", csr, user=f"{DEVICE}:{PASSWORD}")
-        self.assertEqual(result.status, 200, result.text)
-        issued = await client.certificates(result.body)
+        gateway, client, issued, base, name, certificate = await self._publishing_hsm()
 
         async def get(url: str) -> tuple[int, bytes, str]:
             out = client.path(f"get-{abs(hash(url))}")
