@@ -380,7 +380,38 @@ class _TLSReader:
         return data
 
 
-class FastConnection:
+def _fast_context(root: str, cert: str | None, key: str | None) -> Any:
+    from OpenSSL import SSL
+
+    context = SSL.Context(SSL.TLS_CLIENT_METHOD)
+    context.set_min_proto_version(SSL.TLS1_2_VERSION)
+    context.load_verify_locations(root)
+    context.set_verify(SSL.VERIFY_PEER)
+    if cert is not None and key is not None:
+        context.use_certificate_chain_file(cert)
+        context.use_privatekey_file(key)
+    return context
+
+
+class Connection:
+    def __init__(self, context: ssl.SSLContext, port: int, host: str = HOST) -> None:
+        raw = socket.create_connection((host, port), timeout=REQUEST_TIMEOUT)
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # The gateway's certificate names localhost, not 127.0.0.1's name.
+        # Any: FastConnection keeps a pyOpenSSL connection and its reader here.
+        self.sock: Any = context.wrap_socket(raw, server_hostname="localhost" if host == HOST else host)
+        self.stream: Any = self.sock.makefile("rb")
+
+    def post(self, request: bytes) -> tuple[int, bytes]:
+        self.sock.sendall(request)
+        return _response(self.stream)
+
+    def close(self) -> None:
+        self.stream.close()
+        self.sock.close()
+
+
+class FastConnection(Connection):
     """The device side through pyOpenSSL: the OpenSSL of the cryptography
     wheel (4.x), whose handshake costs the client about half of what the
     system OpenSSL 3.0 behind Python's ``ssl`` costs, so more of the
@@ -405,42 +436,8 @@ class FastConnection:
         self.raw = raw
         self.stream = _TLSReader(self.sock)
 
-    def post(self, request: bytes) -> tuple[int, bytes]:
-        self.sock.sendall(request)
-        return _response(self.stream)
-
     def close(self) -> None:
         self.raw.close()
-
-
-def _fast_context(root: str, cert: str | None, key: str | None) -> Any:
-    from OpenSSL import SSL
-
-    context = SSL.Context(SSL.TLS_CLIENT_METHOD)
-    context.set_min_proto_version(SSL.TLS1_2_VERSION)
-    context.load_verify_locations(root)
-    context.set_verify(SSL.VERIFY_PEER)
-    if cert is not None:
-        context.use_certificate_chain_file(cert)
-        context.use_privatekey_file(key)
-    return context
-
-
-class Connection:
-    def __init__(self, context: ssl.SSLContext, port: int, host: str = HOST) -> None:
-        raw = socket.create_connection((host, port), timeout=REQUEST_TIMEOUT)
-        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        # The gateway's certificate names localhost, not 127.0.0.1's name.
-        self.sock = context.wrap_socket(raw, server_hostname="localhost" if host == HOST else host)
-        self.stream = self.sock.makefile("rb")
-
-    def post(self, request: bytes) -> tuple[int, bytes]:
-        self.sock.sendall(request)
-        return _response(self.stream)
-
-    def close(self) -> None:
-        self.stream.close()
-        self.sock.close()
 
 
 def client_process(job: dict[str, Any], out: Any) -> None:
