@@ -45,6 +45,7 @@ import platform
 import re
 import socket
 import ssl
+import statistics
 import struct
 import subprocess
 import sys
@@ -71,6 +72,8 @@ def _arguments(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--modes", default="device", help=f"comma-separated, of {', '.join(MODES)} (device)")
     parser.add_argument("--count", type=int, default=3000, help="at most this many enrollments per run (3000)")
     parser.add_argument("--seconds", type=float, default=15.0, help="at most this long per run (15)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="rounds: every --workers value in turn, this many times, and the medians (1)")
     parser.add_argument("--warmup", type=int, default=100, help="enrollments before each run, not counted (100)")
     parser.add_argument("--ca-key", choices=KEY_TYPES, default="ec-p256", help="ca.keyType (ec-p256)")
     parser.add_argument("--tls-key", choices=KEY_TYPES, default="ec-p256", help="tls.keyType (ec-p256)")
@@ -106,8 +109,9 @@ def _arguments(argv: list[str]) -> argparse.Namespace:
         host, _, port = options.target.rpartition(":")
         options.target = (host or HOST, int(port))
         options.workers = [0]  # whatever the running daemon has
-    if min(options.concurrency) < 1 or min(options.workers) < (0 if options.target else 1) or options.count < 1 or options.seconds <= 0:
-        parser.error("--concurrency, --workers, --count and --seconds must be positive")
+    if (min(options.concurrency) < 1 or min(options.workers) < (0 if options.target else 1) or options.count < 1
+            or options.seconds <= 0 or options.repeat < 1):
+        parser.error("--concurrency, --workers, --count, --seconds and --repeat must be positive")
     return options
 
 
@@ -263,6 +267,18 @@ class Daemon:
             if pid == self.pid:
                 total += sum(int(v) for v in fields[13:15])
         return total / TICK if self.pid else float("nan")
+
+    def cpu_by_process(self) -> dict[int, tuple[float, float]]:
+        """pid -> (user, system) CPU seconds of the daemon and its live workers."""
+        times = {}
+        for pid in self.pids():
+            try:
+                with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            times[pid] = (int(fields[11]) / TICK, int(fields[12]) / TICK)
+        return times
 
     def peak_rss_mib(self) -> tuple[float, float]:
         """(largest VmHWM of one process, sum of VmHWM) in MiB."""
@@ -652,11 +668,12 @@ def measure(options: argparse.Namespace, directory: str, workers: int) -> list[d
                 if mode != "basic" and options.warmup:
                     run_load(daemon.port, root, mode, devices, options.clients, options.warmup, options.seconds,
                              daemon.host, options.client_tls)
-                cpu0, t0 = daemon.cpu_seconds(), time.time()
+                cpu0, t0, split0 = daemon.cpu_seconds(), time.time(), daemon.cpu_by_process()
                 latencies, errors, wall, client_cpu = run_load(daemon.port, root, mode, devices, options.clients,
                                                    count, options.seconds, daemon.host, options.client_tls)
                 cpu = daemon.cpu_seconds() - cpu0
                 done = len(latencies)
+                split = _split_ms(split0, daemon.cpu_by_process(), daemon.pid, done)
                 rows.append({
                     "workers": workers, "mode": mode, "concurrency": concurrency, "enrollments": done,
                     "errors": len(errors), "first_error": errors[0] if errors else "",
@@ -666,6 +683,7 @@ def measure(options: argparse.Namespace, directory: str, workers: int) -> list[d
                     "cpu_ms": 1000 * cpu / done if done else float("nan"),
                     "lag_ms": daemon.lag_ms(t0, time.time()),
                     "client_cpu_ms": 1000 * client_cpu / done if done else float("nan"),
+                    "cpu_split": split,
                 })
                 print(format_row(rows[-1]), file=sys.stderr)
         rows_rss = daemon.peak_rss_mib()
@@ -674,6 +692,21 @@ def measure(options: argparse.Namespace, directory: str, workers: int) -> list[d
     finally:
         daemon.stop()
     return rows
+
+
+def _split_ms(before: dict[int, tuple[float, float]], after: dict[int, tuple[float, float]], main_pid: int,
+              done: int) -> str:
+    """Each server process's user+system CPU ms per enrollment over a run,
+    e.g. ``main 0.10+0.02 w1 1.2+0.3``: where the CPU goes."""
+    if not done:
+        return ""
+    parts = []
+    for n, pid in enumerate(sorted(after, key=lambda p: (p != main_pid, p))):
+        user = after[pid][0] - before.get(pid, (0.0, 0.0))[0]
+        system = after[pid][1] - before.get(pid, (0.0, 0.0))[1]
+        name = "main" if pid == main_pid else f"w{n}"
+        parts.append(f"{name} {1000 * user / done:.2f}+{1000 * system / done:.2f}")
+    return " ".join(parts)
 
 
 # -- report -----------------------------------------------------------------------
@@ -686,6 +719,23 @@ def format_row(r: dict[str, Any]) -> str:
     return (f"{r['workers']:>7} {r['mode']:<11} {r['concurrency']:>4} {r['enrollments']:>6} {r['errors']:>6} "
             f"{r['rate']:>8.1f} {r['p50']:>7.1f} {r['p90']:>7.1f} {r['p99']:>7.1f} {r['cpu_ms']:>10.2f} "
             f"{r['lag_ms']:>10.1f}")
+
+
+def medians(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (workers, mode, concurrency): the median of each figure
+    over the rounds (the errors summed, the lag the largest)."""
+    groups: dict[tuple[int, str, int], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["workers"], row["mode"], row["concurrency"]), []).append(row)
+    out = []
+    for same in groups.values():
+        merged = dict(same[0])
+        for key in ("enrollments", "rate", "p50", "p90", "p99", "cpu_ms", "client_cpu_ms"):
+            merged[key] = statistics.median(r[key] for r in same)
+        merged["errors"] = sum(r["errors"] for r in same)
+        merged["lag_ms"] = max(r["lag_ms"] for r in same)
+        out.append(merged)
+    return out
 
 
 def plot(rows: list[dict[str, Any]], path: str, title: str) -> None:
@@ -719,9 +769,12 @@ def main(argv: list[str] | None = None) -> None:
     directory = tempfile.mkdtemp(prefix="estgw-load-")
     rows: list[dict[str, Any]] = []
     try:
-        for workers in options.workers:
-            # One state directory for every run: the same CA and devices.
-            rows += measure(options, directory, workers)
+        # Rounds in turn (1, 2, 1, 2 workers...): on a shared machine the
+        # CPU figure drifts over minutes, and the comparison must not.
+        for _round in range(options.repeat):
+            for workers in options.workers:
+                # One state directory for every run: the same CA and devices.
+                rows += measure(options, directory, workers)
     finally:
         if options.keep:
             print(f"kept {directory}", file=sys.stderr)
@@ -736,10 +789,16 @@ def main(argv: list[str] | None = None) -> None:
     print(HEADER)
     for row in rows:
         print(format_row(row))
+    if options.repeat > 1:
+        print(f"medians of {options.repeat} rounds:")
+        for row in medians(rows):
+            print(format_row(row))
     for workers in options.workers:
         row = next(r for r in rows if r["workers"] == workers)
         print(f"daemon peak RSS (VmHWM), {workers} worker(s): {row['rss_max']:.1f} MiB largest process, "
               f"{row['rss_sum']:.1f} MiB all processes")
+    print("server CPU ms per enrollment by process, user+system: "
+          + "; ".join(f"{r['workers']}/{r['mode']}/{r['concurrency']} {r['cpu_split']}" for r in rows))
     print("load generator CPU ms per enrollment (its processes share the CPUs with the daemon): "
           + ", ".join(f"{r['workers']}/{r['mode']}/{r['concurrency']} {r['client_cpu_ms']:.2f}" for r in rows))
     for row in rows:

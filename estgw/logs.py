@@ -16,12 +16,14 @@ writes ``log.file``, so that it too reopens after a rotation.  twistd's
 own observer is left for standard output, ``--syslog`` and ``--logger``.
 
 Worker processes (:mod:`estgw.workers`) write their events as JSON lines
-to standard output, already filtered by level; the supervisor publishes
-them into its own log (:func:`worker_observer`, :func:`publish_worker_line`).
+to standard output, already filtered by level and formatted; the
+supervisor publishes them into its own log (:func:`worker_observer`,
+:func:`publish_worker_lines`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -29,14 +31,14 @@ from typing import IO, Any
 
 from twisted.application import service
 from twisted.logger import (
+    FileLogObserver,
     FilteringLogObserver,
     ILogObserver,
+    InvalidLogLevelError,
     LogLevel,
     LogLevelFilterPredicate,
-    eventFromJSON,
-    formatEvent,
+    eventAsText,
     globalLogPublisher,
-    jsonFileLogObserver,
     textFileLogObserver,
 )
 from estgw.config import Config
@@ -44,7 +46,7 @@ from estgw.logfiles import FollowingLogFile, open_log_file as _open_log_file
 
 __all__ = [
     "configured", "human_observer", "open_log_file", "twistd_log_file", "LoggingService", "worker_observer",
-    "publish_worker_line",
+    "publish_worker_lines",
 ]
 
 #: The level a worker filters at, handed down by the supervisor.
@@ -135,48 +137,61 @@ def worker_level(config: Config) -> str:
     return config.log_level + (",audit-elsewhere" if _audit_kept_elsewhere(config) else "")
 
 
-def _formatted_here(observer: Any) -> Any:
-    """Pass events on with their message already formatted.
-
-    twisted.logger's JSON keeps a field's value but not its format
-    specification ({serial:x} came out in decimal at the supervisor), so
-    the worker formats the message, as a single process would, and the
-    JSON carries the text."""
-
-    def observe(event: dict[str, Any]) -> None:
-        if event.get("log_format") is not None:
-            event = dict(event, log_format="{log_text}", log_text=formatEvent(event))
-        observer(event)
-
-    return observe
+def _worker_line(event: dict[str, Any]) -> str:
+    """One event as a worker writes it for the supervisor: a JSON object
+    of its time (``t``), level (``l``), namespace (``n``), system (``s``,
+    when set) and text (``m``), formatted here as a single process would
+    format it (a format specification such as ``{serial:x}`` applied, a
+    failure's traceback appended)."""
+    level = event.get("log_level")
+    record = {
+        "t": event.get("log_time") or time.time(),
+        "l": getattr(level, "name", "info"),
+        "n": event.get("log_namespace") or "-",
+        "m": eventAsText(event, includeTimestamp=False, includeSystem=False),
+    }
+    if event.get("log_system"):
+        record["s"] = str(event["log_system"])
+    return json.dumps(record) + "\n"
 
 
 def worker_observer() -> Any:
-    """twistd ``--logger`` of a worker: JSON lines on standard output."""
+    """twistd ``--logger`` of a worker: :func:`_worker_line` lines on
+    standard output, filtered at the level the supervisor handed down."""
     level, _, keep_audit = os.environ.get(WORKER_LEVEL_VARIABLE, "info").partition(",")
-    return _level_filter(
-        _formatted_here(jsonFileLogObserver(sys.stdout, recordSeparator="")), level, keep_audit != "audit-elsewhere"
-    )
+    return _level_filter(FileLogObserver(sys.stdout, _worker_line), level, keep_audit != "audit-elsewhere")
 
 
-def publish_worker_line(line: bytes, worker: int) -> None:
-    """Publish one line a worker wrote into this process's log.
-
-    A JSON event keeps its level and namespace; anything else (a
-    traceback printed before logging started) is logged as an error.
-    """
+def _worker_event(line: bytes, worker: int, now: float) -> dict[str, Any] | None:
     text = line.decode("utf-8", "replace").rstrip("\r\n")
     if not text:
-        return
+        return None
     try:
-        event = eventFromJSON(text)
-        if not isinstance(event, dict) or "log_level" not in event:
-            raise ValueError("not an event")
-    except ValueError:
+        record = json.loads(text)
+        level = LogLevel.levelWithName(record["l"])
+        event = {"log_format": "{log_text}", "log_text": str(record["m"]), "log_level": level,
+                 "log_namespace": str(record["n"]), "log_time": float(record["t"])}
+        own = record.get("s") or f"{event['log_namespace']}#{level.name}"
+    except (ValueError, TypeError, KeyError, InvalidLogLevelError):
+        # Not a worker's event: text printed before logging started (a
+        # traceback) is an error line.
         event = {"log_format": "{line}", "line": text, "log_level": LogLevel.error,
-                 "log_namespace": "estgw.workers", "log_time": time.time()}
+                 "log_namespace": "estgw.workers", "log_time": now}
+        own = f"estgw.workers#{LogLevel.error.name}"
     # "[w2 estgw.audit#info]": which worker, then what twistd would show.
-    level = event.get("log_level")
-    own = event.get("log_system") or f"{event.get('log_namespace', '-')}#{getattr(level, 'name', level)}"
     event["log_system"] = f"w{worker} {own}"
-    globalLogPublisher(event)
+    return event
+
+
+def publish_worker_lines(lines: list[tuple[bytes, int]]) -> None:
+    """Publish lines workers wrote, each with its worker's number, into
+    this process's log, in the order of their times.
+
+    A worker's event keeps its level, namespace and time; anything else
+    (a traceback printed before logging started) is logged as an error.
+    """
+    now = time.time()
+    events = [e for e in (_worker_event(line, worker, now) for line, worker in lines) if e is not None]
+    events.sort(key=lambda e: e["log_time"])
+    for event in events:
+        globalLogPublisher(event)

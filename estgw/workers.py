@@ -22,13 +22,15 @@ supervisor (SIGTERM, SIGINT) sends SIGTERM to every worker, waits for them
 stops when its standard input, a pipe from the supervisor, closes: a
 supervisor killed outright leaves no workers behind.
 
-Workers log JSON events to the supervisor (:mod:`estgw.logs`), which
-writes the one human log.
+Workers log their events as JSON lines to a pipe, which the supervisor
+reads every :data:`DRAIN_INTERVAL` seconds into the one human log
+(:mod:`estgw.logs`).
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import socket
 import sys
@@ -36,7 +38,7 @@ from typing import Any
 
 import attr
 from twisted.application import service
-from twisted.internet import defer, error, main, protocol
+from twisted.internet import defer, error, main, protocol, task
 from twisted.internet.interfaces import IReadDescriptor
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -48,6 +50,10 @@ from estgw.daemon import StartError, listen_addresses
 __all__ = ["Supervisor", "bind", "watch_parent", "STOP_TIMEOUT"]
 
 STOP_TIMEOUT = 10.0
+#: Seconds between two reads of the workers' log pipes: how late a
+#: worker's line may reach the log.
+DRAIN_INTERVAL = 0.1
+_PIPE_BYTES = 1 << 20
 _RESTART_DELAYS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 # A worker that lived this long was healthy: its successor starts at once.
 _HEALTHY_SECONDS = 30.0
@@ -123,28 +129,65 @@ class _Worker:
         self.started = 0.0
         self.failures = 0  # deaths in a row, each before _HEALTHY_SECONDS
         self.ended: defer.Deferred[None] | None = None
+        self.output: _WorkerOutput | None = None
+
+
+class _WorkerOutput:
+    """A worker's standard output and error: one pipe that the supervisor
+    empties every :data:`DRAIN_INTERVAL` seconds rather than as each line
+    arrives.  A worker writes one line per enrollment; waking the
+    supervisor for each cost more CPU than writing the line.  Lines a
+    worker wrote before it died stay in the pipe and are still read."""
+
+    def __init__(self, worker: int) -> None:
+        self.worker = worker
+        self.read_fd, self.write_fd = os.pipe()
+        os.set_blocking(self.read_fd, False)
+        try:
+            # Room for far more than one interval's lines, so that a worker
+            # never waits for the supervisor to read.
+            fcntl.fcntl(self.read_fd, fcntl.F_SETPIPE_SZ, _PIPE_BYTES)
+        except OSError:
+            pass  # over /proc/sys/fs/pipe-max-size: the default (64 KiB)
+        self.rest = b""
+
+    def spawned(self) -> None:
+        """The worker holds the write end now; the supervisor must not."""
+        os.close(self.write_fd)
+
+    def drain(self) -> list[bytes]:
+        """Every whole line written so far (a runaway line is cut)."""
+        chunks = [self.rest]
+        while True:
+            try:
+                data = os.read(self.read_fd, _PIPE_BYTES)
+            except BlockingIOError:
+                break
+            if not data:
+                break
+            chunks.append(data)
+        *lines, self.rest = b"".join(chunks).split(b"\n")
+        if len(self.rest) >= 1 << 20:
+            lines.append(self.rest)
+            self.rest = b""
+        return lines
+
+    def close(self) -> list[bytes]:
+        """The last lines, the unterminated one too; the pipe is closed."""
+        lines = self.drain()
+        if self.rest:
+            lines.append(self.rest)
+            self.rest = b""
+        os.close(self.read_fd)
+        return lines
 
 
 class _WorkerProtocol(protocol.ProcessProtocol):
-    """stdout/stderr of one worker into the supervisor's log."""
-
     def __init__(self, supervisor: "Supervisor", worker: _Worker) -> None:
         self.supervisor = supervisor
         self.worker = worker
-        self.buffers = {1: b"", 2: b""}
-
-    def childDataReceived(self, fd: int, data: bytes) -> None:
-        buffered = self.buffers.get(fd, b"") + data
-        *lines, rest = buffered.split(b"\n")
-        # A runaway line is cut rather than held.
-        self.buffers[fd] = rest if len(rest) < 1 << 20 else b""
-        for line in lines:
-            logs.publish_worker_line(line, self.worker.number)
 
     def processEnded(self, reason: Any) -> None:
-        for fd in (1, 2):
-            if self.buffers[fd]:
-                logs.publish_worker_line(self.buffers[fd], self.worker.number)
         self.supervisor._ended(self.worker, reason)
 
 
@@ -165,6 +208,7 @@ class Supervisor(service.Service):
         self.reactor = reactor
         self.workers = [_Worker(n) for n in range(1, config.workers + 1)]
         self._stopping = False
+        self._draining: task.LoopingCall | None = None
         self._pending: dict[int, Any] = {}
         self._argv = argv
 
@@ -191,13 +235,29 @@ class Supervisor(service.Service):
         env = dict(os.environ, **{logs.WORKER_LEVEL_VARIABLE: logs.worker_level(self.config)})
         worker.ended = defer.Deferred()
         worker.started = self.reactor.seconds()
-        worker.process = self.reactor.spawnProcess(
-            _WorkerProtocol(self, worker), argv[0], argv, env=env,
-            childFDs={0: "w", 1: "r", 2: "r", **{3 + i: s.fileno() for i, s in enumerate(self.sockets)}},
-        )
+        output = _WorkerOutput(worker.number)
+        try:
+            worker.process = self.reactor.spawnProcess(
+                _WorkerProtocol(self, worker), argv[0], argv, env=env,
+                childFDs={0: "w", 1: output.write_fd, 2: output.write_fd,
+                          **{3 + i: s.fileno() for i, s in enumerate(self.sockets)}},
+            )
+        finally:
+            output.spawned()
+        worker.output = output
         self._log.info("started worker {number} (pid {pid})", number=worker.number, pid=worker.process.pid)
 
+    def _drain(self) -> None:
+        """Publish what every worker wrote since the last drain, in the
+        order of the lines' times."""
+        lines = [(line, w.number) for w in self.workers if w.output is not None for line in w.output.drain()]
+        logs.publish_worker_lines(lines)
+
     def _ended(self, worker: _Worker, reason: Any) -> None:
+        self._drain()
+        if worker.output is not None:
+            logs.publish_worker_lines([(line, worker.number) for line in worker.output.close()])
+            worker.output = None
         ended, worker.ended, worker.process = worker.ended, None, None
         if ended is not None:
             ended.callback(None)
@@ -214,6 +274,9 @@ class Supervisor(service.Service):
 
     def startService(self) -> None:
         super().startService()
+        self._draining = task.LoopingCall(self._drain)
+        self._draining.clock = self.reactor
+        self._draining.start(DRAIN_INTERVAL, now=False)
         for worker in self.workers:
             self._spawn(worker)
         self._log.info(
@@ -238,6 +301,9 @@ class Supervisor(service.Service):
         await defer.DeferredList(waits)
         if kill.active():
             kill.cancel()
+        if self._draining is not None and self._draining.running:
+            self._draining.stop()
+        self._drain()
         for sock in self.sockets:
             sock.close()
 

@@ -75,7 +75,8 @@ class WorkerTests(TwistdTestCase):
         # Keep-alive is off with curl per request: connections spread over both.
         for _ in range(4):
             await self.enroll(port, "pump-1", "pw-1")
-        self.assertRegex(daemon.output.decode(), r"\[w[12] estgw\.audit#info\] issued serial")
+        # The supervisor reads its workers' lines every DRAIN_INTERVAL.
+        await _until(lambda: re.search(rb"\[w[12] estgw\.audit#info\] issued serial", daemon.output), 5)
         # One line per enrollment: its audit line, no access-log line besides;
         # requests without an audit line keep theirs.
         self.assertNotIn(b'"POST /.well-known/est/simpleenroll', daemon.output)
@@ -276,28 +277,40 @@ class HumanLogTests(SynchronousTestCase):
         events: list[dict] = []
         globalLogPublisher.addObserver(events.append)
         self.addCleanup(globalLogPublisher.removeObserver, events.append)
-        for line in "".join(pipe_writes).splitlines(keepends=True):
-            logs.publish_worker_line(line.encode(), 1)
+        logs.publish_worker_lines([(line.encode(), 1) for line in "".join(pipe_writes).splitlines(keepends=True)])
         texts = [formatEvent(e) for e in events if str(e.get("log_system", "")).startswith("w1 ")]
         self.assertEqual(texts, ["issued serial ab12 after 3 s", "issued serial cd34 after 0 s"])
         self.assertEqual(events[0]["log_level"], LogLevel.info)
 
     def test_worker_lines_published(self) -> None:
-        """A worker's JSON event keeps level and namespace; other text is an error line."""
-        events: list[dict] = []
-        from twisted.logger import globalLogPublisher, eventAsJSON, LogLevel
+        """A worker's event keeps level, namespace and time, a failure its
+        traceback; lines of several workers go out in the order of their
+        times; other text is an error line."""
+        import json
 
+        from twisted.logger import LogLevel, Logger, globalLogPublisher
+
+        events: list[dict] = []
         globalLogPublisher.addObserver(events.append)
         self.addCleanup(globalLogPublisher.removeObserver, events.append)
-        event = {"log_format": "issued {x}", "x": 1, "log_level": LogLevel.info,
-                 "log_namespace": "estgw.audit", "log_time": 1.0}
-        logs.publish_worker_line(eventAsJSON(event).encode() + b"\n", 2)
-        logs.publish_worker_line(b"Traceback (most recent call last):\n", 2)
-        mine = [e for e in events if str(e.get("log_system", "")).startswith("w2 ")]
-        self.assertEqual(mine[0]["log_namespace"], "estgw.audit")
+        written: list[str] = []
+        log = Logger(namespace="estgw.audit", observer=lambda e: written.append(logs._worker_line(e)))
+        log.info("issued {x}", x=1)
+        try:
+            1 / 0
+        except ZeroDivisionError:
+            log.failure("signing failed")
+        later = json.dumps({"t": 1e10, "l": "warn", "n": "estgw.ca", "m": "late"}) + "\n"
+        logs.publish_worker_lines([(later.encode(), 1), (written[0].encode(), 2), (written[1].encode(), 2),
+                                   (b"Traceback (most recent call last):\n", 2), (b"\n", 2)])
+        mine = [e for e in events if str(e.get("log_system", "")).startswith("w")]
+        self.assertEqual([e["log_system"] for e in mine],
+                         ["w2 estgw.audit#info", "w2 estgw.audit#critical", "w2 estgw.workers#error",
+                          "w1 estgw.ca#warn"])
+        self.assertEqual(mine[0]["log_text"], "issued 1")
         self.assertEqual(mine[0]["log_level"], LogLevel.info)
-        self.assertEqual(mine[0]["log_system"], "w2 estgw.audit#info")
-        self.assertEqual(mine[1]["log_level"], LogLevel.error)
-        self.assertEqual(mine[1]["line"], "Traceback (most recent call last):")
-
-
+        self.assertIn("signing failed", mine[1]["log_text"])
+        self.assertIn("ZeroDivisionError", mine[1]["log_text"])
+        self.assertEqual(mine[2]["log_level"], LogLevel.error)
+        self.assertEqual(mine[2]["line"], "Traceback (most recent call last):")
+        self.assertEqual(mine[3]["log_time"], 1e10)
