@@ -28,6 +28,13 @@ over the system OpenSSL 3.0, leaving more of the shared CPUs to the
 daemon; ``--client-tls ssl`` for the latter).  The load generator's own
 CPU per enrollment is printed below the table.
 
+On one machine the load generator and the daemon compete for the same
+cores, caches and wake-ups.  ``--server-cpus 0 --client-cpus 1`` keeps
+them apart (CPU affinity, inherited by the daemon's threads and workers),
+as a load generator on another machine would be.  ``--repeat K`` runs
+every ``--workers`` value in turn K times and prints the medians: the
+figures of a shared machine drift over minutes, comparisons should not.
+
 Prints one table and writes a PNG plot (``--plot``) of throughput and p99
 against concurrency.
 """
@@ -84,6 +91,11 @@ def _arguments(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--client-tls", choices=("pyopenssl", "ssl"), default="pyopenssl",
                         help="the devices' TLS: pyOpenSSL (cryptography's OpenSSL, the lighter client)"
                              " or Python's ssl module (the system OpenSSL) (pyopenssl)")
+    parser.add_argument("--server-cpus", default="", metavar="LIST",
+                        help="CPUs the daemon (and its workers and threads) may run on, e.g. 0; default any")
+    parser.add_argument("--client-cpus", default="", metavar="LIST",
+                        help="CPUs the load generator may run on, e.g. 1: kept off the daemon's, the load"
+                             " generator no longer takes CPU time, caches and wake-ups from it; default any")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="an est.properties override for the daemon (repeatable)")
     parser.add_argument("--plot", default="", help="write the PNG plot here")
@@ -100,6 +112,15 @@ def _arguments(argv: list[str]) -> argparse.Namespace:
     options.concurrency = [int(c) for c in options.concurrency.split(",")]
     options.workers = [int(w) for w in options.workers.split(",")]
     options.modes = options.modes.split(",")
+    for which in ("server_cpus", "client_cpus"):
+        text = getattr(options, which)
+        try:
+            cpus = {int(c) for c in text.split(",")} if text else None
+        except ValueError:
+            parser.error(f"--{which.replace('_', '-')}: not CPU numbers: {text!r}")
+        if cpus and not cpus <= os.sched_getaffinity(0):
+            parser.error(f"--{which.replace('_', '-')}: this machine's CPUs are {sorted(os.sched_getaffinity(0))}")
+        setattr(options, which, cpus)
     for mode in options.modes:
         if mode not in MODES:
             parser.error(f"--modes: unknown mode {mode!r}")
@@ -210,15 +231,17 @@ def cert_pem_from_pkcs7(body: bytes) -> bytes:
 class Daemon:
     """``twistd -n estgw`` with its log in a file."""
 
-    def __init__(self, config_path: str, directory: str, workers: int) -> None:
+    def __init__(self, config_path: str, directory: str, workers: int, cpus: set[int] | None = None) -> None:
         self.log_path = os.path.join(directory, f"daemon-{workers}.log")
         self.lag_path = os.path.join(directory, f"lag-{workers}.txt")
         argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
                 "-n", "--pidfile=", "estgw", "--config", config_path, "--port", "0"]
         env = dict(os.environ, PYTHONPATH=REPO, ESTGW_LAG_PROBE=self.lag_path)
         self.log = open(self.log_path, "wb")
+        # Set in the child before exec: its threads and worker processes inherit it.
+        pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
         self.process = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, env=env,
-                                        cwd=directory)
+                                        cwd=directory, preexec_fn=pin)
         self.pid = self.process.pid
         self.host = HOST
         self.port = self._wait_port()
@@ -458,6 +481,8 @@ class FastConnection(Connection):
 
 def client_process(job: dict[str, Any], out: Any) -> None:
     """Runs ``job["threads"]`` simulated devices; sends back latencies and errors."""
+    if job.get("cpus"):
+        os.sched_setaffinity(0, set(job["cpus"]))
     from OpenSSL.SSL import Error as TLSError
     port, mode = job["port"], job["mode"]
     started = time.time()
@@ -518,7 +543,8 @@ def client_process(job: dict[str, Any], out: Any) -> None:
 
 def run_load(port: int, root: str, mode: str, devices: list[dict[str, Any]], clients: int,
              count: int, seconds: float, host: str = HOST,
-             client_tls: str = "pyopenssl") -> tuple[list[float], list[str], float, float]:
+             client_tls: str = "pyopenssl",
+             client_cpus: set[int] | None = None) -> tuple[list[float], list[str], float, float]:
     """Spread ``devices`` over ``clients`` processes; (latencies, errors, wall
     seconds, the client processes' CPU seconds)."""
     clients = max(1, min(clients, len(devices)))
@@ -530,7 +556,7 @@ def run_load(port: int, root: str, mode: str, devices: list[dict[str, Any]], cli
     pipes, processes = [], []
     for share, n in zip(per, counts):
         job = {"port": port, "host": host, "root": root, "mode": mode, "devices": share, "count": n,
-               "seconds": seconds, "client_tls": client_tls}
+               "seconds": seconds, "client_tls": client_tls, "cpus": sorted(client_cpus or ())}
         receive, send = context.Pipe(duplex=False)
         process = context.Process(target=client_process, args=(job, send))
         process.start()
@@ -641,7 +667,7 @@ def measure(options: argparse.Namespace, directory: str, workers: int) -> list[d
     if options.target:
         daemon = Targeted(*options.target, options.pid, options.lag_file)
     else:
-        daemon = Daemon(config_path, directory, workers)
+        daemon = Daemon(config_path, directory, workers, options.server_cpus)
     rows = []
     try:
         root = _ca_certificate(config_path)
@@ -667,10 +693,11 @@ def measure(options: argparse.Namespace, directory: str, workers: int) -> list[d
                     count = options.count
                 if mode != "basic" and options.warmup:
                     run_load(daemon.port, root, mode, devices, options.clients, options.warmup, options.seconds,
-                             daemon.host, options.client_tls)
+                             daemon.host, options.client_tls, options.client_cpus)
                 cpu0, t0, split0 = daemon.cpu_seconds(), time.time(), daemon.cpu_by_process()
                 latencies, errors, wall, client_cpu = run_load(daemon.port, root, mode, devices, options.clients,
-                                                   count, options.seconds, daemon.host, options.client_tls)
+                                                   count, options.seconds, daemon.host, options.client_tls,
+                                                   options.client_cpus)
                 cpu = daemon.cpu_seconds() - cpu0
                 done = len(latencies)
                 split = _split_ms(split0, daemon.cpu_by_process(), daemon.pid, done)
@@ -784,7 +811,10 @@ def main(argv: list[str] | None = None) -> None:
 
     title = (f"estgw load: CA {options.ca_key}, TLS {options.tls_key}, devices {options.device_key}; "
              f"{os.cpu_count()} CPUs, Python {platform.python_version()}, "
-             f"cryptography {cryptography.__version__}, {options.clients} client processes ({options.client_tls})")
+             f"cryptography {cryptography.__version__}, {options.clients} client processes ({options.client_tls})"
+             + (f"; daemon on CPU {','.join(map(str, sorted(options.server_cpus)))}" if options.server_cpus else "")
+             + (f"; load generator on CPU {','.join(map(str, sorted(options.client_cpus)))}"
+                if options.client_cpus else ""))
     print(title)
     print(HEADER)
     for row in rows:
@@ -799,7 +829,9 @@ def main(argv: list[str] | None = None) -> None:
               f"{row['rss_sum']:.1f} MiB all processes")
     print("server CPU ms per enrollment by process, user+system: "
           + "; ".join(f"{r['workers']}/{r['mode']}/{r['concurrency']} {r['cpu_split']}" for r in rows))
-    print("load generator CPU ms per enrollment (its processes share the CPUs with the daemon): "
+    shared = not (options.server_cpus and options.client_cpus and not options.server_cpus & options.client_cpus)
+    print("load generator CPU ms per enrollment"
+          + (" (its processes share the CPUs with the daemon): " if shared else ": ")
           + ", ".join(f"{r['workers']}/{r['mode']}/{r['concurrency']} {r['client_cpu_ms']:.2f}" for r in rows))
     for row in rows:
         if row["first_error"]:
