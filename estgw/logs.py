@@ -34,7 +34,6 @@ from twisted.logger import (
     FileLogObserver,
     FilteringLogObserver,
     ILogObserver,
-    InvalidLogLevelError,
     LogLevel,
     LogLevelFilterPredicate,
     eventAsText,
@@ -172,7 +171,7 @@ def _worker_event(line: bytes, worker: int, now: float) -> dict[str, Any] | None
         event = {"log_format": "{log_text}", "log_text": str(record["m"]), "log_level": level,
                  "log_namespace": str(record["n"]), "log_time": float(record["t"])}
         own = record.get("s") or f"{event['log_namespace']}#{level.name}"
-    except (ValueError, TypeError, KeyError, InvalidLogLevelError):
+    except Exception:  # RecursionError, OverflowError... as well as ValueError
         # Not a worker's event: text printed before logging started (a
         # traceback) is an error line.
         event = {"log_format": "{line}", "line": text, "log_level": LogLevel.error,

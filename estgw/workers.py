@@ -249,9 +249,13 @@ class Supervisor(service.Service):
 
     def _drain(self) -> None:
         """Publish what every worker wrote since the last drain, in the
-        order of the lines' times."""
-        lines = [(line, w.number) for w in self.workers if w.output is not None for line in w.output.drain()]
-        logs.publish_worker_lines(lines)
+        order of the lines' times.  Never raises: the drain must go on, or
+        the workers would block once their pipes are full."""
+        try:
+            lines = [(line, w.number) for w in self.workers if w.output is not None for line in w.output.drain()]
+            logs.publish_worker_lines(lines)
+        except Exception:
+            self._log.failure("could not relay the workers' log lines")
 
     def _ended(self, worker: _Worker, reason: Any) -> None:
         self._drain()

@@ -314,3 +314,21 @@ class HumanLogTests(SynchronousTestCase):
         self.assertEqual(mine[2]["log_level"], LogLevel.error)
         self.assertEqual(mine[2]["line"], "Traceback (most recent call last):")
         self.assertEqual(mine[3]["log_time"], 1e10)
+
+    def test_worker_lines_that_are_not_events(self) -> None:
+        """Whatever a worker writes is published, never raised: deep
+        nesting, numbers no float holds, JSON that is not an event, bytes
+        that are not UTF-8 all become error lines (the supervisor's drain
+        must go on, or the workers would block on full pipes)."""
+        from twisted.logger import LogLevel, globalLogPublisher
+
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        odd = [b"[" * 100_000, b'{"t": 1' + b"0" * 400 + b', "l": "info", "n": "x", "m": "big"}',
+               b'[1, 2]', b'{"t": 1, "l": "loud", "n": "x", "m": "?"}', b"\xff\xfe not utf-8"]
+        logs.publish_worker_lines([(line, 3) for line in odd])
+        mine = [e for e in events if str(e.get("log_system", "")).startswith("w3 ")]
+        self.assertEqual(len(mine), len(odd))
+        self.assertTrue(all(e["log_level"] == LogLevel.error for e in mine))
+        self.assertTrue(all(e["log_system"] == "w3 estgw.workers#error" for e in mine))
