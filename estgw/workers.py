@@ -242,8 +242,11 @@ class Supervisor(service.Service):
                 childFDs={0: "w", 1: output.write_fd, 2: output.write_fd,
                           **{3 + i: s.fileno() for i, s in enumerate(self.sockets)}},
             )
-        finally:
+        except BaseException:
             output.spawned()
+            output.close()
+            raise
+        output.spawned()
         worker.output = output
         self._log.info("started worker {number} (pid {pid})", number=worker.number, pid=worker.process.pid)
 
