@@ -43,7 +43,9 @@ from twisted.internet import defer, task
 from estgw.store import Device, IssuedCertificate, open_store
 from estgw.testing import name
 
-T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+# Recent enough that the certificates are valid (and the revoked ones on
+# the CRL) whenever the bench runs.
+T0 = datetime.now(timezone.utc).replace(microsecond=0) - timedelta(days=60)
 BATCH = 10000
 COLUMNS = (
     "serial, subject, sans, not_before, not_after, public_key_sha256,"
@@ -51,16 +53,25 @@ COLUMNS = (
 )
 
 
-def sample_der() -> bytes:
-    """One real certificate (P-256, like the shipped config issues)."""
+def sample_der(ca_directory: str) -> bytes:
+    """One real certificate (P-256, like the shipped config issues), signed
+    by the local CA that ``estgw init`` made in ``ca_directory``: the
+    revoked rows are then this CA's, and ``crl write`` lists them (each
+    one's signature checked, as for a real store)."""
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    with open(os.path.join(ca_directory, "issuing-ca.pem"), "rb") as f:
+        issuer = x509.load_pem_x509_certificate(f.read())
+    with open(os.path.join(ca_directory, "issuing-ca.key"), "rb") as f:
+        issuer_key = load_pem_private_key(f.read(), None)
     key = ec.generate_private_key(ec.SECP256R1())
     cert = (
         x509.CertificateBuilder()
-        .subject_name(name("dev-0")).issuer_name(name("bench CA"))
+        .subject_name(name("dev-0")).issuer_name(issuer.subject)
         .public_key(key.public_key()).serial_number(x509.random_serial_number())
         .not_valid_before(T0).not_valid_after(T0 + timedelta(days=365))
         .add_extension(x509.SubjectAlternativeName([x509.DNSName("dev-0")]), critical=False)
-        .sign(key, hashes.SHA256())
+        .sign(issuer_key, hashes.SHA256())  # type: ignore[arg-type]
     )
     return cert.public_bytes(Encoding.DER)
 
@@ -221,7 +232,10 @@ async def run(reactor: Any, options: argparse.Namespace, directory: str) -> None
     store = open_store(store_url, reactor)
     await store.start()
     await store.add_device(Device("bench-device", None, single_use=True, created_at=T0))
-    der = sample_der()
+    # The local CA (and the schema) as an operator would make them.
+    subprocess.run([sys.executable, "-m", "estgw.cli", "--config", config, "init"], check=True,
+                   stdout=subprocess.DEVNULL, env=dict(os.environ, PYTHONPATH=REPO))
+    der = sample_der(os.path.join(directory, "state", "ca"))
     backend = "PostgreSQL" if options.postgresql else "SQLite"
     print(f"estgw store growth, {backend}; {os.cpu_count()} CPUs; figures of one run\n")
     header = (f"{'certificates':>12} {'fill s':>7} {'reads ms':>8} {'writes ms':>9} | {'cert list: 1st line s':>21}"
