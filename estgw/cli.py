@@ -19,6 +19,7 @@ import tempfile
 from datetime import datetime, timedelta, timezone
 from typing import Any, Sequence
 
+from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 from twisted.internet import defer, task
@@ -34,6 +35,7 @@ from estgw.config import Config, ConfigError
 from estgw.escape import printable
 from estgw.store import (
     REVOCATION_REASONS,
+    CertificateFilter,
     DuplicateDevice,
     DuplicateFactoryCertificate,
     IssuedCertificate,
@@ -392,9 +394,48 @@ def _cert_json(c: IssuedCertificate) -> dict[str, Any]:
     }
 
 
+# How far the database's notAfter bounds are widened: a row near the
+# moment of the listing is decided by the exact check, never left out.
+_NOT_AFTER_MARGIN = timedelta(days=1)
+
+
+def _subject_texts(wanted: str) -> tuple[str, ...]:
+    """What the subject text contains wherever :func:`_matches_subject`
+    holds: ``wanted`` itself (a whole DN), or the commonName ``wanted`` as
+    ``rfc4514_string()`` writes it; () (no narrowing) when that cannot be
+    written."""
+    try:
+        common_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, wanted)]).rfc4514_string()
+    except ValueError:
+        return ()
+    return (wanted, common_name)
+
+
+def _listing_filter(options: Any, now: datetime, horizon: datetime | None) -> CertificateFilter:
+    """What the store can leave out of a ``cert list``: never a row the
+    exact check (``wanted`` in :func:`cmd_cert_list`) keeps, so that it
+    scans the store rather than Python reading every row.  ``--search``
+    stays with the exact check: Python's case folding is not SQL's."""
+    statuses = set(options["status"] or ())
+    revoked: bool | None = None
+    start = end = None
+    if horizon is not None:
+        revoked, start, end = False, now - _NOT_AFTER_MARGIN, horizon + _NOT_AFTER_MARGIN
+    elif statuses == {"revoked"}:
+        revoked = True
+    elif statuses and "revoked" not in statuses:
+        revoked = False
+        if statuses == {"valid"}:
+            start = now - _NOT_AFTER_MARGIN
+        elif statuses == {"expired"}:
+            end = now + _NOT_AFTER_MARGIN
+    subjects = () if options["subject"] is None else _subject_texts(options["subject"])
+    return CertificateFilter(subjects, revoked, start, end)
+
+
 async def cmd_cert_list(options: Any, config: Config, store: IStore, out: Any) -> None:
-    # Streamed page by page and filtered row by row: memory stays flat
-    # however many were issued.
+    # Streamed page by page; the store leaves out what it can, the rest is
+    # filtered row by row: memory stays flat however many were issued.
     now = datetime.now(timezone.utc)
     horizon = None if options["expires_within"] is None else now + timedelta(days=options["expires_within"])
     needle = None if options["search"] is None else options["search"].lower()
@@ -411,7 +452,7 @@ async def cmd_cert_list(options: Any, config: Config, store: IStore, out: Any) -
         return True
 
     shown = 0
-    async for c in iterate_certificates(store):
+    async for c in iterate_certificates(store, where=_listing_filter(options, now, horizon)):
         if not wanted(c):
             continue
         if options["json"]:

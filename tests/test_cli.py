@@ -286,9 +286,9 @@ class CertTests(CLITestCase):
         original = SQLiteStore.certificate_page
 
         def page(store: Any, after: Any = None, limit: int = 1000, subject: Any = None,
-                 revoked_only: bool = False) -> Any:
+                 revoked_only: bool = False, where: Any = None) -> Any:
             asked.append((limit, revoked_only))
-            return original(store, after, 2 if limit == 1000 else limit, subject, revoked_only)
+            return original(store, after, 2 if limit == 1000 else limit, subject, revoked_only, where)
 
         def whole_table(*args: Any, **kwargs: Any) -> Any:
             raise AssertionError("the whole table was read")
@@ -421,6 +421,22 @@ class OperatorToolTests(CLITestCase):
         self.assertEqual(records[0]["subject"], "CN=pump-17")
         self.assertEqual(records[0]["status"], "valid")
         self.assertEqual(json.loads(await self.cli("cert", "list", "--json", "--subject", "nobody")), [])
+        # The store leaves out rows first (LIKE), the exact check decides:
+        # an escaped comma, LIKE's wildcards and a prefix are plain text.
+        comma = await self.issue("a,b")
+        sale = await self.issue("50%_off!")
+        self.assertEqual(serials(await self.cli("cert", "list", "--subject", "a,b")),
+                         {format_serial(comma.serial_number)})
+        self.assertEqual(serials(await self.cli("cert", "list", "--subject", "CN=a\\,b")),
+                         {format_serial(comma.serial_number)})
+        self.assertEqual(serials(await self.cli("cert", "list", "--subject", "50%_off!")),
+                         {format_serial(sale.serial_number)})
+        self.assertEqual(await self.cli("cert", "list", "--subject", "50%"), "no certificates match\n")
+        self.assertEqual(await self.cli("cert", "list", "--subject", "pump-1%"), "no certificates match\n")
+        self.assertEqual(len(serials(await self.cli("cert", "list", "--status", "expired"))), 0)
+        self.assertEqual(len(serials(await self.cli("cert", "list", "--status", "valid", "--status", "expired"))), 4)
+        # A commonName no certificate may hold (over 64 characters) is looked for row by row.
+        self.assertEqual(await self.cli("cert", "list", "--subject", "x" * 65), "no certificates match\n")
 
     async def test_serial_as_openssl_prints_it(self) -> None:
         """cert list prints the serial as openssl x509 -serial does, and

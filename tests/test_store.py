@@ -38,6 +38,7 @@ from estgw.store import (
     FAULT_UNREACHABLE,
     MIGRATIONS,
     Approval,
+    CertificateFilter,
     CertificatePage,
     Device,
     NotLastIssued,
@@ -801,6 +802,42 @@ class PagingTests(StoreTestCase):
         self.assertEqual(got, every)
         got = [c async for c in iterate_certificates(store, revoked_only=True, page_size=4)]
         self.assertEqual(got, [c for c in every if c.revoked])
+
+    async def test_filter_is_decided_by_the_database(self) -> None:
+        """A CertificateFilter's conditions are checked by the database as
+        it walks the rows: one page of 10 holds the one match even when
+        30 newer rows do not match; LIKE's wildcards and the escape
+        character in the text are plain characters; every condition
+        holds at once."""
+        store = await self.open_store()
+        odd = issued("50%_off!", issued_at=T0)
+        await store.record_certificate(odd)
+        for i in range(30):
+            await store.record_certificate(issued(f"5000off{i}", issued_at=T0 + timedelta(seconds=1 + i)))
+
+        async def every(where: CertificateFilter, limit: int = 10) -> list[IssuedCertificate]:
+            return [c for page in await self.pages(store, limit, where=where) for c in page.certificates]
+
+        (first,) = (await store.certificate_page(None, 10, where=CertificateFilter(("CN=50%_off!",)))).certificates
+        self.assertEqual(first, odd)
+        # Only odd's subject holds a '%' or '!'; an unescaped '%' would match all 31.
+        self.assertEqual(await every(CertificateFilter(("%",))), [odd])
+        self.assertEqual(await every(CertificateFilter(("0%_",))), [odd])
+        self.assertEqual(await every(CertificateFilter(("!",))), [odd])
+        # off1 and off10-19, off2 and off20-29
+        self.assertEqual(len(await every(CertificateFilter(("off2", "off1")))), 22)
+        await store.revoke_certificate(odd.serial, "superseded", T0 + timedelta(days=1))
+        self.assertEqual([c.serial for c in await every(CertificateFilter(revoked=True))], [odd.serial])
+        self.assertEqual(len(await every(CertificateFilter(revoked=False))), 30)
+        self.assertEqual(await every(CertificateFilter(("50%",), revoked=False)), [])
+        # notAfter is T0 + 365 days for all: the bounds take all or none.
+        end = T0 + timedelta(days=365)
+        self.assertEqual(len(await every(CertificateFilter(not_after_from=end))), 31)
+        self.assertEqual(await every(CertificateFilter(not_after_from=end + timedelta(microseconds=1))), [])
+        self.assertEqual(len(await every(CertificateFilter(not_after_before=end + timedelta(microseconds=1)))), 31)
+        self.assertEqual(await every(CertificateFilter(not_after_before=end)), [])
+        got = [c async for c in iterate_certificates(store, page_size=4, where=CertificateFilter(("off1",)))]
+        self.assertEqual(len(got), 11)
 
     async def test_page_size_bounds(self) -> None:
         """A page of 0 or of more than 10000 certificates is refused."""

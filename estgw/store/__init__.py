@@ -34,6 +34,7 @@ from zope.interface import Attribute, Interface
 __all__ = [
     "IssuedCertificate",
     "CertificatePage",
+    "CertificateFilter",
     "Device",
     "DuplicateDevice",
     "DuplicateFactoryCertificate",
@@ -166,6 +167,27 @@ class IssuedCertificate:
 
 def _certificate_tuple(values: Iterable[IssuedCertificate]) -> tuple[IssuedCertificate, ...]:
     return tuple(values)
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class CertificateFilter:
+    """Which certificates :meth:`IStore.certificate_page` returns, decided by
+    the database while it walks the rows in order (a scan in the database,
+    not a row at a time in Python).  Every given condition must hold:
+
+    - ``subject_contains``: the subject text (as ``rfc4514_string()``
+      wrote it) contains at least one of these strings; the match may be
+      wider than exact (SQLite compares ASCII letters in any case), so a
+      caller that needs exactness checks each row again;
+    - ``revoked``: True, only revoked; False, only not revoked;
+    - ``not_after_from`` / ``not_after_before``: notAfter at or after /
+      before this instant (timezone-aware).
+    """
+
+    subject_contains: tuple[str, ...] = ()
+    revoked: bool | None = None
+    not_after_from: datetime | None = attr.ib(default=None, validator=_require_utc)
+    not_after_before: datetime | None = attr.ib(default=None, validator=_require_utc)
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -375,15 +397,18 @@ class IStore(Interface):
         limit: int = 1000,
         subject: str | None = None,
         revoked_only: bool = False,
+        where: CertificateFilter | None = None,
     ) -> Deferred[CertificatePage]:
         """
         Up to ``limit`` certificates (1 to 10000, else ValueError), newest
         first as list_certificates orders them, starting after the position
         ``after`` (the ``after`` of the previous page; None: from the
         newest); only those of ``subject``, or only revoked ones, when
-        asked.  Each page is one indexed range query, so reading every page
-        costs the same per row at any table size and holds one page in
-        memory (see :func:`iterate_certificates`).
+        asked, and only those ``where`` keeps.  Each page is one indexed
+        range query, so reading every page costs the same per row at any
+        table size and holds one page in memory (see
+        :func:`iterate_certificates`); the conditions of ``where`` are
+        checked by the database as it walks that range.
         """
 
     def copy_from_sqlite(path: str, batch: int = 1000) -> Deferred[dict[str, int]]:
@@ -520,19 +545,21 @@ class IStore(Interface):
 
 
 async def iterate_certificates(
-    store: IStore, subject: str | None = None, revoked_only: bool = False, page_size: int = 1000
+    store: IStore, subject: str | None = None, revoked_only: bool = False, page_size: int = 1000,
+    where: CertificateFilter | None = None,
 ) -> AsyncIterator[IssuedCertificate]:
-    """Every certificate (or those of ``subject``, or the revoked ones),
-    newest first, read ``page_size`` at a time: memory stays bounded by two
-    pages however many certificates the store holds."""
-    following: Deferred[CertificatePage] = store.certificate_page(None, page_size, subject, revoked_only)
+    """Every certificate (or those of ``subject``, or the revoked ones, or
+    those ``where`` keeps), newest first, read ``page_size`` at a time:
+    memory stays bounded by two pages however many certificates the store
+    holds."""
+    following: Deferred[CertificatePage] = store.certificate_page(None, page_size, subject, revoked_only, where)
     try:
         while True:
             page = await following
             if page.after is not None:
                 # Read the next page while the caller works through this
                 # one: two pages in memory at most.
-                following = store.certificate_page(page.after, page_size, subject, revoked_only)
+                following = store.certificate_page(page.after, page_size, subject, revoked_only, where)
             for certificate in page.certificates:
                 yield certificate
             if page.after is None:

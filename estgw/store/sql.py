@@ -23,6 +23,7 @@ from estgw.store import (
     REVOCATION_REASONS,
     Approval,
     AuditEntry,
+    CertificateFilter,
     CertificatePage,
     Device,
     DuplicateCertificate,
@@ -86,6 +87,27 @@ _DEVICE_COLUMNS = (
     " factory_cert_sha256, factory_cn, subject_values, digest_ha1"
 )
 _OFFICER_COLUMNS = "fingerprint, role, subject, issuer, serial, granted_at"
+
+
+def _like_contains(text: str) -> str:
+    """A LIKE pattern (with ``ESCAPE '!'``) for "contains ``text``"."""
+    return "%" + text.replace("!", "!!").replace("%", "!%").replace("_", "!_") + "%"
+
+
+def _filter_conditions(where: CertificateFilter, conditions: list[str], params: list[Any]) -> None:
+    """The SQL of ``where`` (but its ``revoked=True``, which the caller
+    writes as the partial index's condition), added to ``conditions``."""
+    if where.subject_contains:
+        conditions.append("(" + " OR ".join("subject LIKE ? ESCAPE '!'" for _ in where.subject_contains) + ")")
+        params += [_like_contains(text) for text in where.subject_contains]
+    if where.revoked is False:
+        conditions.append("revoked_at IS NULL")
+    if where.not_after_from is not None:
+        conditions.append("not_after >= ?")
+        params.append(_time_text(where.not_after_from))
+    if where.not_after_before is not None:
+        conditions.append("not_after < ?")
+        params.append(_time_text(where.not_after_before))
 
 
 def _certificate_from_row(row: Sequence[Any]) -> IssuedCertificate:
@@ -592,6 +614,7 @@ class _SQLStore:
         limit: int = 1000,
         subject: str | None = None,
         revoked_only: bool = False,
+        where: CertificateFilter | None = None,
     ) -> Deferred[CertificatePage]:
         if not 1 <= limit <= MAX_PAGE:
             return defer.fail(ValueError(f"a page holds 1 to {MAX_PAGE} certificates, not {limit}"))
@@ -600,9 +623,11 @@ class _SQLStore:
         if subject is not None:
             conditions.append("subject = ?")
             params.append(subject)
-        if revoked_only:
+        if revoked_only or (where is not None and where.revoked):
             # Written as the partial index's WHERE so the planner uses it.
             conditions.append("revoked_at IS NOT NULL")
+        if where is not None:
+            _filter_conditions(where, conditions, params)
         if after is not None:
             # Keyset paging: the position is the last row's (issued_at,
             # id).  "issued_at <= ?" bounds the index range scan on both
@@ -610,9 +635,9 @@ class _SQLStore:
             # instant already shown.
             conditions.append("issued_at <= ? AND (issued_at < ? OR id < ?)")
             params += [after[0], after[0], int(after[1])]
-        where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
+        clause = f" WHERE {' AND '.join(conditions)}" if conditions else ""
         query = (
-            f"SELECT {_CERT_COLUMNS}, id FROM certificates{where}"
+            f"SELECT {_CERT_COLUMNS}, id FROM certificates{clause}"
             f" ORDER BY issued_at DESC, id DESC LIMIT {int(limit)}"
         )
 
