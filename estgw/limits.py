@@ -63,12 +63,22 @@ class ConnectionCounts:
         self.total = 0
         self.by_client: dict[str, int] = {}
 
-    def opened(self, host: str) -> None:
+    def opened(self, host: str | None) -> None:
+        """One more connection, and one more of ``host`` (None: the
+        client is counted elsewhere, see :class:`ClientLimits`)."""
         self.total += 1
+        if host is not None:
+            self.client_opened(host)
+
+    def closed(self, host: str | None) -> None:
+        self.total -= 1
+        if host is not None:
+            self.client_closed(host)
+
+    def client_opened(self, host: str) -> None:
         self.by_client[host] = self.by_client.get(host, 0) + 1
 
-    def closed(self, host: str) -> None:
-        self.total -= 1
+    def client_closed(self, host: str) -> None:
         left = self.by_client.get(host, 1) - 1
         if left > 0:
             self.by_client[host] = left
@@ -92,6 +102,7 @@ class ConnectionLimits(WrappingFactory):
     def __init__(
         self, wrapped: Any, total: int, per_client: int, refused: Counter | None = None,
         counts: ConnectionCounts | None = None, total_where: str = TOTAL_WHERE,
+        clients_here: bool = True,
     ) -> None:
         super().__init__(wrapped)
         self.total = total
@@ -99,7 +110,10 @@ class ConnectionLimits(WrappingFactory):
         self.total_where = total_where
         self._refused = refused or (lambda code: None)
         self.counts = counts if counts is not None else ConnectionCounts()
-        self._hosts: dict[Any, str] = {}
+        # False behind a PROXY header: the TCP peer is the load balancer,
+        # and ClientLimits counts the client the header names.
+        self.clients_here = clients_here
+        self._hosts: dict[Any, str | None] = {}
 
     def buildProtocol(self, addr: IAddress | None) -> Any:
         host = _host(addr)
@@ -107,32 +121,100 @@ class ConnectionLimits(WrappingFactory):
         if self.total and self.counts.total >= self.total:
             code = "too-many-connections"
             reason = f"open connections: at most {self.total} {self.total_where}"
-        elif self.per_client and self.counts.by_client.get(host, 0) >= self.per_client:
-            code = "too-many-connections-per-client"
-            reason = f"open connections: at most {self.per_client} per client address (server.maxConnectionsPerClient)"
+        elif self.clients_here:
+            code, reason = _over_client_cap(self.counts, self.per_client, host)
         if code is not None:
-            self._refused(code)
-            # No HTTP status: the connection is closed before any request.
-            _audit.info(
-                "{event} connection from {client}: {code}: {reason}",
-                event="refused", code=code, client=host, reason=reason,
-            )
+            _refuse(self._refused, code, host, reason)
             return None  # the listening port closes the socket at once
         protocol = super().buildProtocol(addr)
-        self._hosts[protocol] = host
+        self._hosts[protocol] = host if self.clients_here else None
         return protocol
 
     def registerProtocol(self, p: Any) -> None:
         super().registerProtocol(p)
-        host = self._hosts.get(p)
-        if host is not None:
-            self.counts.opened(host)
+        if p in self._hosts:
+            self.counts.opened(self._hosts[p])
 
     def unregisterProtocol(self, p: Any) -> None:
         super().unregisterProtocol(p)
-        host = self._hosts.pop(p, None)
-        if host is not None:
-            self.counts.closed(host)
+        if p in self._hosts:
+            self.counts.closed(self._hosts.pop(p))
+
+
+def _over_client_cap(counts: ConnectionCounts, per_client: int, host: str) -> tuple[str | None, str | None]:
+    if per_client and counts.by_client.get(host, 0) >= per_client:
+        return (
+            "too-many-connections-per-client",
+            f"open connections: at most {per_client} per client address (server.maxConnectionsPerClient)",
+        )
+    return None, None
+
+
+def _refuse(refused: Counter, code: str, host: str, reason: str | None) -> None:
+    refused(code)
+    # No HTTP status: the connection is closed before any request.
+    _audit.info(
+        "{event} connection from {client}: {code}: {reason}",
+        event="refused", code=code, client=host, reason=reason,
+    )
+
+
+class _CountedClient(ProtocolWrapper):
+    """Counts its connection for the client its transport names once data
+    comes: behind a PROXY protocol wrapper, only after the header."""
+
+    factory: "ClientLimits"
+    host: str | None = None
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.host is None:
+            transport: Any = self.transport
+            host = _host(transport.getPeer())
+            code, reason = _over_client_cap(self.factory.counts, self.factory.per_client, host)
+            if code is not None:
+                _refuse(self.factory.refused, code, host, reason)
+                transport.abortConnection()
+                return
+            self.host = host
+            self.factory.counts.client_opened(host)
+        super().dataReceived(data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self.host is not None:
+            self.factory.counts.client_closed(self.host)
+            self.host = None
+        super().connectionLost(reason)
+
+
+class ClientLimits(WrappingFactory):
+    """``server.maxConnectionsPerClient`` behind a PROXY protocol header
+    (``server.proxyProtocol``): the client is the address the header names,
+    so the connection is counted, or closed, at its first data after the
+    header, inside the PROXY wrapper.  The total cap stays outside it, on
+    the TCP connections (:class:`ConnectionLimits` with ``clients_here``
+    False), sharing ``counts``."""
+
+    protocol = _CountedClient
+
+    def __init__(self, wrapped: Any, per_client: int, refused: Counter | None, counts: ConnectionCounts) -> None:
+        super().__init__(wrapped)
+        self.per_client = per_client
+        self.refused: Counter = refused or (lambda code: None)
+        self.counts = counts
+
+
+@implementer(IStreamServerEndpoint)
+class ClientLimitedEndpoint:
+    """A server endpoint whose factories are wrapped in :class:`ClientLimits`."""
+
+    def __init__(self, endpoint: Any, per_client: int, refused: Counter | None, counts: ConnectionCounts) -> None:
+        self._endpoint = endpoint
+        self._per_client = per_client
+        self._refused = refused
+        self._counts = counts
+
+    def listen(self, factory: Any) -> Any:
+        return self._endpoint.listen(ClientLimits(factory, self._per_client, self._refused, self._counts))
 
 
 @implementer(IStreamServerEndpoint)
@@ -142,6 +224,7 @@ class LimitedEndpoint:
     def __init__(
         self, endpoint: Any, total: int, per_client: int, refused: Counter | None = None,
         counts: ConnectionCounts | None = None, total_where: str = TOTAL_WHERE,
+        clients_here: bool = True,
     ) -> None:
         self._endpoint = endpoint
         self._total = total
@@ -149,11 +232,13 @@ class LimitedEndpoint:
         self._refused = refused
         self._counts = counts
         self._total_where = total_where
+        self._clients_here = clients_here
         self.limits: ConnectionLimits | None = None
 
     def listen(self, factory: Any) -> Any:
         self.limits = ConnectionLimits(
-            factory, self._total, self._per_client, self._refused, self._counts, self._total_where
+            factory, self._total, self._per_client, self._refused, self._counts, self._total_where,
+            self._clients_here,
         )
         return self._endpoint.listen(self.limits)
 

@@ -44,7 +44,7 @@ from estgw.health import (
     certificate_in_validity,
     health_resource,
 )
-from estgw.limits import ConnectionCounts, LimitedEndpoint
+from estgw.limits import ClientLimitedEndpoint, ConnectionCounts, LimitedEndpoint
 from estgw.revocation import build_checker
 from estgw.store import StoreUnavailable
 from estgw.metrics import Metrics, metrics_site
@@ -229,18 +229,25 @@ class GatewayService(service.Service):
             self.state.trust_anchors,
             settings_of(self.config),
         )
-        if self.config.proxy_protocol:
-            # The PROXY header comes before the TLS handshake (and names the
-            # client the per-client connection cap counts).
-            endpoint = proxyEndpoint(endpoint)
         # Connection caps outside TLS: a refused connection costs no handshake.
+        if self.config.proxy_protocol:
+            # The PROXY header comes before the TLS handshake.  The total
+            # cap counts TCP connections as they are accepted; the client
+            # of the per-client cap is the one the header names, counted
+            # once the header is read.
+            endpoint = proxyEndpoint(self._capped(endpoint, clients_here=False))
+            return wrapServerTLS(context, ClientLimitedEndpoint(
+                endpoint, self.config.max_connections_per_client, self.refused_connection, self.connection_counts,
+            ))
         return wrapServerTLS(context, self._capped(endpoint))
 
-    def _capped(self, endpoint: Any, counts: ConnectionCounts | None = None, listener: str = "") -> Any:
+    def _capped(self, endpoint: Any, counts: ConnectionCounts | None = None, listener: str = "",
+                clients_here: bool = True) -> Any:
         """``endpoint`` under the connection caps, server.maxConnections and
-        server.maxConnectionsPerClient, counted over every address of one
-        listener: the EST listener's count (the default) or the publishing
-        listener's own, so that neither can starve the other."""
+        server.maxConnectionsPerClient (unless ``clients_here`` is False:
+        :class:`estgw.limits.ClientLimits` counts them), counted over every
+        address of one listener: the EST listener's count (the default) or
+        the publishing listener's own, so that neither can starve the other."""
         where = "in all" + listener
         if self.workers > 1:
             where = f"in this worker process{listener} (server.maxConnections over {self.workers} workers)"
@@ -248,7 +255,7 @@ class GatewayService(service.Service):
             where += " (server.maxConnections)"
         return LimitedEndpoint(
             endpoint, self.config.max_connections, self.config.max_connections_per_client,
-            self.refused_connection, self.connection_counts if counts is None else counts, where,
+            self.refused_connection, self.connection_counts if counts is None else counts, where, clients_here,
         )
 
     def _capped_publish(self, endpoint: Any) -> Any:

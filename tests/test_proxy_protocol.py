@@ -29,7 +29,7 @@ def _get_cacerts(port: int, root: str, header: bytes | None) -> bytes:
                 answer += data
 
 
-class ProxyProtocolTests(TwistdTestCase):
+class _ProxyCase(TwistdTestCase):
     def root(self) -> str:
         return os.path.join(self.directory, "state", "ca", "root-ca.pem")
 
@@ -39,6 +39,8 @@ class ProxyProtocolTests(TwistdTestCase):
         self.daemon = self.spawn("--port", "0")
         return await self.daemon.ready()
 
+
+class ProxyProtocolTests(_ProxyCase):
     async def check_proxied(self, port: int) -> None:
         header = f"PROXY TCP4 203.0.113.7 127.0.0.1 40000 {port}\r\n".encode()
         answer = await threads.deferToThread(_get_cacerts, port, self.root(), header)
@@ -61,3 +63,71 @@ class ProxyProtocolTests(TwistdTestCase):
         answer = await threads.deferToThread(_get_cacerts, port, self.root(), None)
         self.assertTrue(answer.startswith(b"HTTP/1.1 200 "), answer[:200])
         self.assertIn(b'"127.0.0.1" - - [', self.daemon.output)
+
+
+def _open_proxied(port: int, root: str, client: str) -> ssl.SSLSocket | None:
+    """A TLS connection behind a PROXY header naming ``client``, handshake
+    done and kept open; None when the gateway closed it instead."""
+    context = ssl.create_default_context(cafile=root)
+    raw = socket.create_connection(("127.0.0.1", port), timeout=20)
+    raw.sendall(f"PROXY TCP4 {client} 127.0.0.1 40000 {port}\r\n".encode())
+    try:
+        return context.wrap_socket(raw, server_hostname="localhost")
+    except (ssl.SSLError, OSError):
+        raw.close()
+        return None
+
+
+class ProxiedConnectionCapTests(_ProxyCase):
+    """Behind a balancer every TCP connection comes from its address: the
+    per-client cap counts the client the PROXY header names, the total cap
+    the connections; a refused connection is closed, never left open."""
+
+    async def test_per_client_cap_counts_the_named_client(self) -> None:
+        port = await self.start_with("server.proxyProtocol = true", "server.maxConnectionsPerClient = 2")
+        held = []
+        for client in ("198.51.100.1", "198.51.100.1", "198.51.100.2", "198.51.100.3", "198.51.100.2"):
+            conn = await threads.deferToThread(_open_proxied, port, self.root(), client)
+            self.assertIsNotNone(conn, client)  # two each at most: all served
+            held.append(conn)
+        third = await threads.deferToThread(_open_proxied, port, self.root(), "198.51.100.1")
+        self.assertIsNone(third)
+        await _until(lambda: b"refused connection from 198.51.100.1: too-many-connections-per-client"
+                     in self.daemon.output, 10)
+        self.assertNotIn(b"refused connection from 127.0.0.1", self.daemon.output)
+        # Its slot comes back when one of its connections ends.
+        held[0].close()
+        await _until(lambda: self._served(port, "198.51.100.1"), 10)
+        for conn in held[1:]:
+            conn.close()
+        self.assertNotIn(b"Unhandled Error", self.daemon.output)
+
+    def _served(self, port: int, client: str) -> bool:
+        conn = _open_proxied(port, self.root(), client)
+        if conn is None:
+            return False
+        conn.close()
+        return True
+
+    async def test_total_cap_closes_at_once(self) -> None:
+        port = await self.start_with("server.proxyProtocol = true", "server.maxConnections = 2",
+                                     "server.maxConnectionsPerClient = 0")
+        held = [await threads.deferToThread(_open_proxied, port, self.root(), f"198.51.100.{i}") for i in (1, 2)]
+        self.assertTrue(all(held))
+
+        def refused_quickly() -> bool:
+            raw = socket.create_connection(("127.0.0.1", port), timeout=5)
+            try:
+                raw.sendall(f"PROXY TCP4 198.51.100.3 127.0.0.1 40000 {port}\r\n".encode())
+                return raw.recv(1) == b""  # closed, not left hanging (the timeout would raise)
+            except ConnectionResetError:
+                return True
+            finally:
+                raw.close()
+
+        self.assertTrue(await threads.deferToThread(refused_quickly))
+        await _until(lambda: b"too-many-connections" in self.daemon.output, 10)
+        for conn in held:
+            conn.close()
+        self.assertTrue(await threads.deferToThread(self._served, port, "198.51.100.3"))
+        self.assertNotIn(b"Unhandled Error", self.daemon.output)
