@@ -259,8 +259,32 @@ def open_log_file(path: str, max_bytes: int | None, max_files: int | None) -> Fo
     :raises OSError: the file or its directory cannot be written.
     """
     directory, name = os.path.split(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
+    make_private_directories(directory)
     return FollowingLogFile(name, directory, rotateLength=max_bytes, maxRotatedFiles=max_files)
+
+
+def make_private_directories(directory: str) -> None:
+    """Create ``directory`` and its missing parents with mode 0700 each (a
+    log file often sits in the state directory, which holds the store: it
+    must not become readable by others because the log made it first).
+    Directories that exist are left as they are.
+
+    :raises OSError: a directory cannot be created.
+    """
+    missing = []
+    while directory and not os.path.isdir(directory):
+        missing.append(directory)
+        parent = os.path.dirname(directory)
+        if parent == directory:
+            break
+        directory = parent
+    for each in reversed(missing):
+        try:
+            os.mkdir(each, 0o700)
+        except FileExistsError:
+            pass  # made meanwhile (another worker)
+        else:
+            os.chmod(each, 0o700)  # mkdir's mode is subject to the umask
 
 
 def reopen_all() -> tuple[list[str], list[str]]:

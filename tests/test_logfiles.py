@@ -354,3 +354,42 @@ class AuditFileTests(SynchronousTestCase):
         log.info("issued serial {serial:x}", serial=2, event="issued")
         self.assertEqual([json.loads(line)["serial"] for line in lines(path + ".1")], ["1"])
         self.assertEqual([json.loads(line)["serial"] for line in lines(path)], ["2"])
+
+
+class LogDirectoryModeTests(SynchronousTestCase):
+    """A log file's missing directories are made private: ``log.file =
+    state/estgw.log`` (the shipped example) used to create the state
+    directory 0755 before the gateway made it 0700, leaving the store (with
+    its password hashes) readable by every user."""
+
+    def test_missing_directories_are_0700_existing_ones_kept(self) -> None:
+        import stat
+
+        base = self.mktemp()
+        os.mkdir(base)
+        os.chmod(base, 0o755)
+        old = os.umask(0o022)
+        self.addCleanup(os.umask, old)
+        log = logfiles.open_log_file(os.path.join(base, "state", "logs", "estgw.log"), None, None)
+        self.addCleanup(log.close)
+        for directory in ("state", os.path.join("state", "logs")):
+            self.assertEqual(stat.S_IMODE(os.stat(os.path.join(base, directory)).st_mode), 0o700, directory)
+        self.assertEqual(stat.S_IMODE(os.stat(base).st_mode), 0o755)
+
+    def test_gateway_state_directory_private_with_log_file_inside(self) -> None:
+        """The whole start-up path: logs.human_observer then bootstrap."""
+        import stat
+
+        from estgw import bootstrap
+        from estgw.testing import TEST_CONFIG
+
+        base = os.path.abspath(self.mktemp())
+        os.mkdir(base)
+        config = config_module.from_string(
+            TEST_CONFIG.replace("state.directory = state", f"state.directory = {base}/state")
+            + f"\nlog.file = {base}/state/estgw.log\n"
+        )
+        observer_file = logs.open_log_file(config)
+        self.addCleanup(observer_file.close)
+        bootstrap.initialize(config)
+        self.assertEqual(stat.S_IMODE(os.stat(os.path.join(base, "state")).st_mode), 0o700)
