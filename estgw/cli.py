@@ -42,7 +42,9 @@ from estgw.store import (
     IStore,
     SQLiteStore,
     StoreNotEmpty,
+    StoreUnavailable,
     UnknownCertificate,
+    UnsupportedSchemaVersion,
     certificate_fingerprint,
     iterate_certificates,
     open_store,
@@ -1000,11 +1002,18 @@ async def run(reactor: Any, argv: Sequence[str], out: Any = None, err: Any = Non
     except (ConfigError, CAError) as e:
         raise CommandError(str(e)) from None
     store = bootstrap.open_store(config, reactor)
-    await store.start()
+    try:
+        await store.start()
+    except (StoreUnavailable, UnsupportedSchemaVersion) as e:
+        # Unreachable, no permission to create the schema, a newer schema:
+        # the reason (no password: the store redacts its URL), not a traceback.
+        raise CommandError(f"the store cannot be used: {e}") from None
     # Operator actions go to the same JSON audit file as the daemon's events.
     observer = audit.start_audit_file(config.audit_file) if config.audit_file else None
     try:
         await options.run(vars(options), config, store, out)
+    except StoreUnavailable as e:
+        raise CommandError(f"the store cannot be used: {e}") from None
     finally:
         if observer is not None:
             audit.stop_audit_file(observer)

@@ -324,6 +324,23 @@ class ProcessTests(CLITestCase):
         code, _out, err = await self.run_cli("cert", "show", "ff")
         self.assertEqual((code, err), (1, "estgw: no certificate with serial FF\n"))
 
+    async def test_store_that_cannot_be_used(self) -> None:
+        """A store that cannot be opened or migrated (here: written by a
+        newer estgw) makes every store command exit 1 with one line, never
+        a traceback."""
+        import sqlite3
+
+        self.assertEqual((await self.run_cli("device", "list"))[0], 0)
+        with sqlite3.connect(self.config.store_path) as db:
+            db.execute("UPDATE schema_version SET version = 99")
+        for argv in (("cert", "list"), ("device", "list"), ("init",)):
+            code, out, err = await self.run_cli(*argv)
+            self.assertEqual((code, out), (1, ""), argv)
+            self.assertTrue(err.startswith("estgw: the store cannot be used: "), err)
+            self.assertIn("schema version 99", err)
+            self.assertNotIn("Traceback", err)
+            self.assertEqual(err.count("\n"), 1, err)
+
     async def test_usage_errors(self) -> None:
         """An unknown command or revocation reason exits 2 with argparse's
         usage message, and revokes nothing."""
