@@ -746,6 +746,10 @@ async def cmd_store_migrate(options: Any, config: Config, store: IStore, out: An
         raise CommandError(str(e)) from None
     finally:
         await target.close()
+    if isinstance(target, SQLiteStore):
+        # A relative --to is relative to where the command ran; in
+        # est.properties, sqlite: paths are relative to the state directory.
+        target_url = "sqlite:" + os.path.abspath(target.path)
     out.write(f"copied {copied} from {config.store_path} to {redact_url(target_url)}\n")
     out.write(f"to use it, set store.url = {redact_url(target_url)} in {config.source}\n")
 

@@ -385,6 +385,12 @@ class CLITests(TestCase):
         self.assertEqual(await target.list_certificates(), wrote["certificates"])
         self.assertEqual(await target.list_officer_roles(), [wrote["role"]])
 
+        # A relative --to is where the command runs; the advice names it
+        # absolutely (est.properties would read it from the state directory).
+        output = await self.cli(config, "store", "migrate", "--to", "sqlite:relative-copy.sqlite")
+        self.addCleanup(os.remove, os.path.abspath("relative-copy.sqlite"))
+        self.assertIn(f"set store.url = sqlite:{os.path.abspath('relative-copy.sqlite')} in ", output)
+
 
 class DaemonsTests(TwistdTestCase):
     """Two real ``twistd estgw`` processes on one PostgreSQL database."""
