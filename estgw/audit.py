@@ -14,7 +14,7 @@ object), with these keys where they apply::
     requester who asked: "device:pump-17", "cert:CN=..#serial=..", the
               device id tried on a refused login
     subject   the certificate's or CSR's subject (RFC 4514)
-    serial    the certificate's serial, lower-case hex
+    serial    the certificate's serial as openssl prints it (estgw.serials)
     code      the refusal code (README, Every refusal); status its HTTP status
               (none for a connection closed without an answer: idle-timeout,
               too-many-connections, too-many-connections-per-client)
@@ -49,6 +49,7 @@ from zope.interface import implementer
 
 from estgw.escape import printable
 from estgw.logfiles import AppendFile
+from estgw.serials import format_serial
 
 NAMESPACE = "estgw.audit"
 FIELDS = (
@@ -61,7 +62,7 @@ _audit = Logger(namespace=NAMESPACE)
 
 def _value(key: str, value: Any) -> Any:
     if key == "serial" and isinstance(value, int):
-        return format(value, "x")
+        return format_serial(value)
     if isinstance(value, (int, float, bool)) or value is None:
         return value
     return str(value)

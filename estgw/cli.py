@@ -33,6 +33,7 @@ from estgw.ca.keys import KEY_TYPES, read_passphrase
 from estgw.ca.publish import revoked_entries
 from estgw.config import Config, ConfigError
 from estgw.escape import printable
+from estgw.serials import format_serial
 from estgw.store import (
     REVOCATION_REASONS,
     CertificateFilter,
@@ -57,13 +58,6 @@ _HEX = re.compile(r"[0-9a-f]+")
 
 class CommandError(Exception):
     """An operator mistake: printed as ``estgw: <message>``, exit status 1."""
-
-
-def format_serial(serial: int) -> str:
-    """A serial number as ``openssl x509 -serial`` prints it: upper-case
-    hex, whole octets (so with its leading zero), e.g. ``0A1B``."""
-    text = f"{serial:X}"
-    return "0" + text if len(text) % 2 else text
 
 
 def parse_serial(text: str) -> int:

@@ -29,6 +29,7 @@ from estgw.refusal import Refusal
 from estgw.revocation import RevocationChecker
 from estgw.store import DuplicateCertificate, IssuedCertificate, IStore, NotLastIssued
 from estgw.tls import PeerInfo, channel_binding
+from estgw.serials import format_serial
 
 _log = Logger(namespace="estgw.audit")
 
@@ -170,8 +171,8 @@ async def _record(
         if recorded is None or recorded.der != certificate.public_bytes(Encoding.DER):
             raise
         _log.info(
-            "sent again serial {serial:x} to {requester}: the CA answered with a certificate already recorded",
-            serial=certificate.serial_number, requester=printable(identity.requester), event="reissued",
+            "sent again serial {serial} to {requester}: the CA answered with a certificate already recorded",
+            serial=format_serial(certificate.serial_number), requester=printable(identity.requester), event="reissued",
         )
         return False
     return True
@@ -198,9 +199,9 @@ async def _sent_again(
     for issued in await gateway.store.certificates_for_public_key(hashlib.sha256(spki).hexdigest()):
         if issued.requester == identity.requester and not issued.revoked and issued.issued_at >= device.consumed_at:
             _log.info(
-                "reissued serial {serial:x} to {requester}: its single-use registration was"
+                "reissued serial {serial} to {requester}: its single-use registration was"
                 " consumed by this certificate {age:.0f} s ago (same key)",
-                serial=issued.serial, requester=printable(identity.requester),
+                serial=format_serial(issued.serial), requester=printable(identity.requester),
                 age=(now - device.consumed_at).total_seconds(), event="reissued",
             )
             return issued.certificate
@@ -272,8 +273,8 @@ async def enroll(
         if not await _record(gateway, certificate, handler, identity, renewing):
             return certificate
     _log.info(
-        "issued serial {serial:x} subject {subject} to {requester} by handler {handler}",
-        serial=certificate.serial_number,
+        "issued serial {serial} subject {subject} to {requester} by handler {handler}",
+        serial=format_serial(certificate.serial_number),
         subject=printable(certificate.subject.rfc4514_string()),
         requester=printable(identity.requester),
         handler=handler.id,

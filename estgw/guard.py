@@ -30,6 +30,7 @@ from twisted.python.failure import Failure
 
 from estgw.refusal import Refusal
 from estgw.store import StoreUnavailable
+from estgw.serials import format_serial
 
 # Seconds a device is told to wait after a CA or store fault.
 RETRY_AFTER_SECONDS = 30
@@ -167,7 +168,7 @@ class CAGuard:
                 "token procedure {procedure} returned {seconds:.1f} s after it was called, past ca.timeout:"
                 " {what} dropped, nothing recorded or sent",
                 procedure=procedure, seconds=self._clock.seconds() - started,
-                what=f"certificate serial {serial:x}" if serial is not None else "its answer",
+                what=f"certificate serial {format_serial(serial)}" if serial is not None else "its answer",
             )
 
         return answer_within(self._clock, self.timeout, defer.maybeDeferred(issue), expired, returned_late)

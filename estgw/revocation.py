@@ -53,6 +53,7 @@ from twisted.web.http import PotentialDataLoss
 from estgw.config import Config, ConfigError
 from estgw.escape import printable
 from estgw.refusal import Refusal
+from estgw.serials import format_serial
 
 __all__ = [
     "CRLError",
@@ -492,8 +493,8 @@ class OCSPChecker:
 
     def _failed(self, cert: x509.Certificate, url: str, why: str) -> None:
         self._log.warn(
-            "OCSP check of serial {serial:x} ({subject}) at {url} failed: {why}; {outcome}",
-            serial=cert.serial_number,
+            "OCSP check of serial {serial} ({subject}) at {url} failed: {why}; {outcome}",
+            serial=format_serial(cert.serial_number),
             subject=printable(cert.subject.rfc4514_string()),
             url=printable(url),
             why=printable(why),

@@ -180,7 +180,11 @@ class AuditFileTests(TestCase):
         self.assertTrue(refusal["client"].startswith("127.0.0.1"))
         self.assertIn("+00:00", refusal["time"])
         issuance = by_event["issued"]
-        self.assertEqual(issuance["serial"], format(certificate.serial, "x"))
+        # As cert list and openssl print it, so that one grep finds both.
+        from estgw.serials import format_serial
+
+        self.assertEqual(issuance["serial"], format_serial(certificate.serial))
+        self.assertIn(f"issued serial {format_serial(certificate.serial)} ", "\n".join(logs.lines))
         self.assertEqual(issuance["subject"], "CN=pump-17")
         self.assertEqual(issuance["requester"], "device:pump-17")
         self.assertEqual(issuance["handler"], "2")

@@ -352,8 +352,8 @@ class AuditFileTests(SynchronousTestCase):
         os.rename(path, path + ".1")
         self.assertIn(path, logfiles.reopen_all()[0])
         log.info("issued serial {serial:x}", serial=2, event="issued")
-        self.assertEqual([json.loads(line)["serial"] for line in lines(path + ".1")], ["1"])
-        self.assertEqual([json.loads(line)["serial"] for line in lines(path)], ["2"])
+        self.assertEqual([json.loads(line)["serial"] for line in lines(path + ".1")], ["01"])
+        self.assertEqual([json.loads(line)["serial"] for line in lines(path)], ["02"])
 
 
 class LogDirectoryModeTests(SynchronousTestCase):

@@ -33,7 +33,8 @@ from estgw.approval.tls import (
     load_pem_credentials,
 )
 from estgw.ca import CAError
-from estgw.cli import CommandError, format_serial, read_password
+from estgw.cli import CommandError, read_password
+from estgw.serials import format_serial
 from estgw.config import ConfigError
 from estgw.escape import printable
 

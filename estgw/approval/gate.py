@@ -39,6 +39,7 @@ from estgw.config import HandlerConfig
 from estgw.escape import printable
 from estgw.refusal import Pending, Refusal
 from estgw.store import Approval, IssuedCertificate, IStore
+from estgw.serials import format_serial
 
 __all__ = ["ApprovalGate", "request_key"]
 
@@ -204,8 +205,8 @@ class ApprovalGate:
         if issued is None or issued.revoked:
             return None
         _audit.info(
-            "sent again serial {serial:x} for approval request {request_id}",
-            serial=row.serial, request_id=row.request_id, event="reissued",
+            "sent again serial {serial} for approval request {request_id}",
+            serial=format_serial(row.serial), request_id=row.request_id, event="reissued",
         )
         return issued.certificate
 
@@ -293,9 +294,9 @@ class ApprovalGate:
             recorded = await self._store.issue_approved(row.request_id, issued)
         if recorded:
             _audit.info(
-                "issued serial {serial:x} subject {subject} to {requester} by handler {handler}"
+                "issued serial {serial} subject {subject} to {requester} by handler {handler}"
                 " after approval {request_id}",
-                serial=certificate.serial_number, subject=printable(certificate.subject.rfc4514_string()),
+                serial=format_serial(certificate.serial_number), subject=printable(certificate.subject.rfc4514_string()),
                 requester=printable(row.requester), handler=row.handler, request_id=row.request_id, event="issued",
             )
             return certificate

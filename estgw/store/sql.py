@@ -41,6 +41,7 @@ from estgw.store import (
     UnsupportedSchemaVersion,
 )
 from estgw.store.migrations import MIGRATIONS, TABLE_KEYS
+from estgw.serials import format_serial
 
 _T = TypeVar("_T")
 
@@ -548,7 +549,7 @@ class _SQLStore:
         except Exception as e:
             # Raising rolls back whatever the transaction did before.
             if self._is_integrity_error(e):
-                raise DuplicateCertificate(f"serial {issued.serial:x} is already recorded") from e
+                raise DuplicateCertificate(f"serial {format_serial(issued.serial)} is already recorded") from e
             raise
 
     def record_certificate(self, issued: IssuedCertificate, renewing: int | None = None) -> Deferred[None]:
