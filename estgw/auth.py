@@ -41,17 +41,15 @@ from estgw import audit, officers
 from estgw.config import HandlerConfig
 from estgw.escape import printable
 from estgw.httpauth import (
-    DIGEST_NONCES_FILE,
     BasicCredentialFactory,
     DigestCredentialFactory,
     DigestResponse,
     InvalidNonce,
     MalformedCredentials,
-    MemoryNonceCounts,
     NonceCounts,
     ReplayedResponse,
-    SQLiteNonceCounts,
     StaleNonce,
+    StoreNonceCounts,
     authorization_header,
 )
 from estgw.passwords import VerificationCache, check_password_in_thread
@@ -67,7 +65,6 @@ __all__ = [
     "DevicePortal",
     "device_portal",
     "digest_secret",
-    "digest_nonce_counts",
     "credential_factory",
     "authenticate",
     "single_use",
@@ -156,7 +153,7 @@ class DeviceChecker:
     ) -> None:
         self._store = store
         self._reactor = reactor
-        self._nonce_counts = nonce_counts if nonce_counts is not None else MemoryNonceCounts()
+        self._nonce_counts = nonce_counts if nonce_counts is not None else StoreNonceCounts(store)
         # auth.passwordCacheSeconds; None: every login pays for scrypt.
         self._password_cache = password_cache
 
@@ -275,17 +272,12 @@ def digest_secret(directory: str) -> bytes:
         return f.read().strip()
 
 
-def digest_nonce_counts(directory: str, reactor: Any = None) -> SQLiteNonceCounts:
-    """The record of used Digest nonce counts in the state directory
-    ``directory``: a response replayed to any process sharing it is refused."""
-    return SQLiteNonceCounts(os.path.join(directory, DIGEST_NONCES_FILE), reactor)
-
-
 class DevicePortal(Portal):
     """The device-login portal, and what the filters need besides it: the
     store (factory certificates, officer roles), the gateway's CA, the
     key of Digest challenges (random per portal unless given) and the
-    used Digest nonce counts (this process's memory unless given)."""
+    used Digest nonce counts (the store's, so a response replayed to any
+    gateway on the store is refused, unless given)."""
 
     def __init__(
         self,
@@ -297,7 +289,7 @@ class DevicePortal(Portal):
         issuers: Sequence[x509.Certificate] = (),
         password_cache_seconds: float = 0,
     ) -> None:
-        self.nonce_counts = nonce_counts if nonce_counts is not None else MemoryNonceCounts()
+        self.nonce_counts = nonce_counts if nonce_counts is not None else StoreNonceCounts(store)
         clock = reactor.seconds if reactor is not None else None
         self.password_cache = VerificationCache(password_cache_seconds, clock) if password_cache_seconds > 0 else None
         super().__init__(DeviceRealm(), [DeviceChecker(store, reactor, self.nonce_counts, self.password_cache)])

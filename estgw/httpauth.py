@@ -19,8 +19,8 @@ Digest (MD5, ``qop=auth``):
 - each (nonce, nonce count) answers one request only: :class:`NonceCounts`
   remembers, per nonce, the highest ``nc`` a correct response used, and a
   response whose ``nc`` is not higher is a replay (:class:`ReplayedResponse`).
-  :class:`SQLiteNonceCounts` keeps that record in the state directory, so
-  it holds across the processes sharing that directory.
+  :class:`StoreNonceCounts` keeps that record in the gateway's store, so
+  it holds across every process and machine sharing the store.
 """
 
 from __future__ import annotations
@@ -32,17 +32,17 @@ import hmac
 import os
 import re
 import time
+from datetime import datetime, timezone
 from typing import Any, Callable, Mapping
 
 import attr
 from twisted.cred import credentials, error
-from twisted.enterprise import adbapi
 from twisted.internet import defer
 from twisted.web.iweb import ICredentialFactory
 from zope.interface import implementer
 
 from estgw.escape import printable
-from estgw.store.sqlite import enable_wal
+from estgw.store import IStore
 
 __all__ = [
     "MAX_AUTHORIZATION",
@@ -58,8 +58,7 @@ __all__ = [
     "DigestCredentialFactory",
     "DigestResponse",
     "NonceCounts",
-    "MemoryNonceCounts",
-    "SQLiteNonceCounts",
+    "StoreNonceCounts",
 ]
 
 #: Longest Authorization header read, in bytes.  A Digest response with a
@@ -440,107 +439,19 @@ class NonceCounts:
         return defer.succeed(None)
 
 
-class MemoryNonceCounts(NonceCounts):
-    """Nonce counts of this process only."""
+class StoreNonceCounts(NonceCounts):
+    """Nonce counts in the gateway's store (:meth:`IStore.use_digest_nonce`):
+    every process and machine on one store refuses a response that any of
+    them accepted, decided by one statement in the database.
 
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
-        self._clock = clock
-        self._counts: dict[str, tuple[int, float]] = {}
-        self._purge_at = 0.0
+    ``use`` fails with :class:`~estgw.store.StoreUnavailable` when the
+    database does, which a request is answered as any other store fault
+    (503 ``store-unavailable``); the store is started and closed by its
+    owner, not here.
+    """
 
-    def use(self, nonce: str, nc: int, expires_at: float) -> defer.Deferred[bool]:
-        now = self._clock()
-        if now >= self._purge_at:  # at most once a minute, so each use stays cheap
-            self._counts = {n: v for n, v in self._counts.items() if v[1] >= now}
-            self._purge_at = now + 60
-        last = self._counts.get(nonce)
-        if last is not None and last[0] >= nc:
-            return defer.succeed(False)
-        self._counts[nonce] = (nc, expires_at)
-        return defer.succeed(True)
-
-
-DIGEST_NONCES_FILE = "digest-nonces.sqlite3"
-
-
-class SQLiteNonceCounts(NonceCounts):
-    """Nonce counts in an SQLite file of the state directory, shared by
-    every process that uses it: one atomic upsert per Digest login, in a
-    thread (twisted.enterprise.adbapi)."""
-
-    _SCHEMA = (
-        "CREATE TABLE IF NOT EXISTS digest_nonce ("
-        " nonce TEXT PRIMARY KEY, nc INTEGER NOT NULL, expires_at REAL NOT NULL)",
-        "CREATE INDEX IF NOT EXISTS digest_nonce_expires ON digest_nonce (expires_at)",
-    )
-
-    def __init__(self, path: str, reactor: Any = None, clock: Callable[[], float] = time.time) -> None:
-        if reactor is None:
-            from twisted.internet import reactor as _reactor
-
-            reactor = _reactor
-        self.path = path
-        self._reactor = reactor
-        self._clock = clock
-        self._pool: adbapi.ConnectionPool | None = None
-        # Uses in flight: close() waits for them in the reactor, since
-        # stopping the pool joins its thread.
-        self._in_flight: set[defer.Deferred[Any]] = set()
-
-    @staticmethod
-    def _open(connection: Any) -> None:
-        cursor = connection.cursor()
-        enable_wal(cursor)
-        # A count lost to a power cut can at worst let one response made
-        # before the cut be replayed, within the nonce's lifetime.
-        cursor.execute("PRAGMA synchronous=NORMAL")
-        cursor.close()
-
-    def start(self) -> defer.Deferred[None]:
-        self._pool = adbapi.ConnectionPool(
-            "sqlite3", self.path, timeout=10, check_same_thread=False,
-            cp_min=1, cp_max=1, cp_openfun=self._open, cp_reactor=self._reactor,
-        )
-        self._pool.start()
-
-        def create(txn: Any) -> None:
-            for statement in self._SCHEMA:
-                txn.execute(statement)
-
-        return self._pool.runInteraction(create)
-
-    async def _close(self, pool: adbapi.ConnectionPool) -> None:
-        while self._in_flight:
-            await defer.DeferredList(list(self._in_flight), consumeErrors=True)
-        pool.close()
-
-    def close(self) -> defer.Deferred[None]:
-        pool, self._pool = self._pool, None
-        if pool is None:
-            return defer.succeed(None)
-        return defer.Deferred.fromCoroutine(self._close(pool))
+    def __init__(self, store: IStore) -> None:
+        self._store = store
 
     def use(self, nonce: str, nc: int, expires_at: float) -> defer.Deferred[bool]:
-        if self._pool is None:
-            return defer.fail(RuntimeError("the Digest nonce counts are not started"))
-        now = self._clock()
-
-        def interaction(txn: Any) -> bool:
-            txn.execute("DELETE FROM digest_nonce WHERE expires_at < ?", (now,))
-            # One statement decides: inserted, or raised to a higher count
-            # (one row changed), or a count not higher (none changed).
-            txn.execute(
-                "INSERT INTO digest_nonce (nonce, nc, expires_at) VALUES (?, ?, ?)"
-                " ON CONFLICT (nonce) DO UPDATE SET nc = excluded.nc WHERE excluded.nc > digest_nonce.nc",
-                (nonce, nc, expires_at),
-            )
-            return bool(txn.rowcount == 1)
-
-        d: defer.Deferred[bool] = self._pool.runInteraction(interaction)
-        self._in_flight.add(d)
-
-        def done(result: Any) -> Any:
-            self._in_flight.discard(d)
-            return result
-
-        return d.addBoth(done)
+        return self._store.use_digest_nonce(nonce, nc, datetime.fromtimestamp(expires_at, timezone.utc))

@@ -28,7 +28,7 @@ from zope.interface import implementer
 
 from estgw import audit, bootstrap, collector, config as config_module, lagprobe, limits, logfiles, logs, workers
 from estgw.approval.gateway import build_gates, load_approval_tls
-from estgw.auth import device_portal, digest_nonce_counts, digest_secret
+from estgw.auth import device_portal, digest_secret
 from estgw.ca import CAError
 from estgw.ca.publish import keep_fresh, publish_site, published_cas
 from estgw.ca.threads import threads_of
@@ -200,8 +200,9 @@ class GatewayService(service.Service):
             procedures=self.state.procedures,
             ca_chain=self.state.ca.chain(),
             portal=device_portal(
+                # The used Digest nonce counts are the store's: a response
+                # is accepted once by all the gateways sharing it.
                 self.store, self.reactor, self.state.ca.chain(), digest_secret(self.config.state_directory),
-                digest_nonce_counts(self.config.state_directory, self.reactor),
                 issuers=self.state.issuers,
                 password_cache_seconds=self.config.password_cache_seconds,
             ),

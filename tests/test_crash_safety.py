@@ -17,7 +17,6 @@ import sys
 from twisted.internet import threads
 from twisted.trial import unittest
 
-from estgw.httpauth import DIGEST_NONCES_FILE
 from estgw.testing import RunningGateway
 
 _BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
@@ -136,8 +135,3 @@ class PragmaTests(unittest.TestCase):
         with open(gateway.store.path, "rb") as f:
             header = f.read(20)
         self.assertEqual(header[18:20], b"\x02\x02")  # WAL read/write versions
-        nonces = os.path.join(gateway.config.state_directory, DIGEST_NONCES_FILE)
-        if os.path.exists(nonces):
-            connection = sqlite3.connect(nonces)
-            self.assertEqual(connection.execute("PRAGMA journal_mode").fetchone()[0], "wal")
-            connection.close()

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+import sqlite3
 
-from twisted.internet import task
+from twisted.internet import defer, task
 from twisted.internet.address import IPv4Address
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
@@ -20,7 +22,8 @@ from estgw.refusal import Refusal
 from estgw.store import Device, SQLiteStore
 from estgw.testing import TEST_CONFIG, HTTPResult, RunningGateway, _which, run_process, write
 from estgw.tls import PeerInfo
-from tests.test_auth import SecurityTestCase, csr_for, run_cli
+from tests import postgresql
+from tests.test_auth import AuditLog, SecurityTestCase, csr_for, run_cli
 from tests.test_twistd import TwistdTestCase
 
 DIGEST_PATH = b"/.well-known/est/digest/simpleenroll"
@@ -92,9 +95,9 @@ class DigestOverTLSTests(SecurityTestCase):
         self.assertIn("stale=true", challenge)
 
     async def test_replayed_to_another_process(self) -> None:
-        """A second gateway on the same state directory (as a second process
-        would be) accepts the first one's challenges and refuses a response
-        the first one accepted."""
+        """A second gateway on the same state directory and store (as a
+        second process would be) accepts the first one's challenges and
+        refuses a response the first one accepted."""
         await run_cli(self.gateway, "device", "add", "pump-17", "--password", "s3cret")
         with open(self.gateway.config_path) as f:
             other = RunningGateway(self.gateway.directory, f.read())
@@ -112,6 +115,32 @@ class DigestOverTLSTests(SecurityTestCase):
         self.assertEqual(again.status, 200, again.text)
         self.assertEqual(await self.gateway.store.count_certificates(), 2)
 
+    async def test_store_fails_recording_the_count(self) -> None:
+        """The store cannot record the nonce count (the database fails
+        under the write): 503 store-unavailable, as any store fault, and
+        nothing issued; once the store is back, the same login works."""
+        await run_cli(self.gateway, "device", "add", "pump-17", "--password", "s3cret")
+        path = self.gateway.store.path
+        other = sqlite3.connect(path, isolation_level=None)
+        self.addCleanup(other.close)
+        other.execute("ALTER TABLE digest_nonce RENAME TO digest_nonce_away")
+        failed = await self.gateway.curl("digest/simpleenroll", data=csr_for("pump-17"), user="pump-17:s3cret", digest=True)
+        await self.assertRefused(failed, 503, "store-unavailable", "cannot use its certificate store", challenges=1)
+        self.assertEqual(failed.headers["retry-after"], "30")
+        self.flushLoggedErrors()
+        other.execute("ALTER TABLE digest_nonce_away RENAME TO digest_nonce")
+        self.audit.events.clear()
+        again = await self.gateway.curl("digest/simpleenroll", data=csr_for("pump-17"), user="pump-17:s3cret", digest=True)
+        await self.assertIssued(again, "device:pump-17")
+
+    async def test_no_file_of_its_own(self) -> None:
+        """The nonce counts are the store's: no other file in the state directory."""
+        await run_cli(self.gateway, "device", "add", "pump-17", "--password", "s3cret")
+        result = await self.gateway.curl("digest/simpleenroll", data=csr_for("pump-17"), user="pump-17:s3cret", digest=True)
+        await self.assertIssued(result, "device:pump-17")
+        self.assertEqual(await self.gateway.store._run(_nonce_rows), 1)
+        self.assertFalse(os.path.exists(os.path.join(self.gateway.config.state_directory, "digest-nonces.sqlite3")))
+
     async def test_registration_stores_realm_hashes(self) -> None:
         """device add stores H(A1) for each Digest realm of the config and
         for no other realm; the Basic hash is scrypt."""
@@ -121,6 +150,105 @@ class DigestOverTLSTests(SecurityTestCase):
         self.assertEqual(device.digest_ha1, (("digest realm", expected),))
         self.assertTrue(device.password_hash.startswith("scrypt$"))
         self.assertNotIn("ha1", repr(device).lower())
+
+
+def _nonce_rows(txn: object) -> int:
+    txn.execute("SELECT COUNT(*) FROM digest_nonce")  # type: ignore[attr-defined]
+    return int(txn.fetchone()[0])  # type: ignore[attr-defined]
+
+
+class DigestAcrossGatewaysTests(SecurityTestCase):
+    """Two gateways on one store, each with a state directory of its own:
+    the second's a copy of the first's (the CA and the Digest key), as on
+    two machines behind one load balancer.  Here the store is one SQLite
+    file; :class:`PostgreSQLDigestAcrossGatewaysTests` runs the same on
+    PostgreSQL."""
+
+    async def store_url(self, directory: str) -> str:
+        return "sqlite:" + os.path.join(directory, "shared.sqlite3")
+
+    async def setUp(self) -> None:
+        self.audit = AuditLog(self)
+        base = os.path.abspath(self.mktemp())
+        url = await self.store_url(base)
+        self.gateways = []
+        for name in ("a", "b"):
+            state = os.path.join(base, name, "state")
+            if name == "b":
+                shutil.copytree(os.path.join(base, "a", "state"), state)
+            config = TEST_CONFIG.replace("state.directory = state\n", f"state.directory = {state}\n") + (
+                f"store.url = {url}\n"
+                "handler.20.operation = simpleenroll\nhandler.20.label = digest\n"
+                "handler.20.authtype = Digest\nhandler.20.realm = digest realm\n"
+            )
+            gateway = RunningGateway(os.path.join(base, name), config)
+            await gateway.run()
+            self.addCleanup(gateway.stop)
+            self.gateways.append(gateway)
+        self.gateway = self.gateways[0]  # the store the assertions count in
+        ha1 = auth.digest_ha1("pump-17", "digest realm", "s3cret")
+        await self.gateway.store.add_device(Device("pump-17", hash_password("s3cret"), digest_ha1={"digest realm": ha1}))
+
+    async def test_replayed_to_the_other_gateway(self) -> None:
+        """A response accepted by one gateway, replayed to the other (and to
+        itself): 401 digest-replayed with stale=true and no certificate;
+        a fresh login at the other gateway still enrolls."""
+        one, other = self.gateways
+        self.assertNotEqual(one.config.state_directory, other.config.state_directory)
+        first = await one.curl(
+            "digest/simpleenroll", data=csr_for("pump-17"), user="pump-17:s3cret", digest=True, extra=["-v"]
+        )
+        await self.assertIssued(first, "device:pump-17")
+        header = sent_authorization(first)
+        for gateway in (other, one, other):
+            self.audit.events.clear()
+            replay = await gateway.curl("digest/simpleenroll", data=csr_for("pump-17"), headers=[header])
+            await self.assertRefused(
+                replay, 401, "digest-replayed", "this Digest response was used before (nonce count 00000001)", before=1
+            )
+            self.assertIn("stale=true", replay.headers["www-authenticate"])
+        self.audit.events.clear()
+        fresh = await other.curl("digest/simpleenroll", data=csr_for("pump-17"), user="pump-17:s3cret", digest=True)
+        self.assertEqual(fresh.status, 200, fresh.text)
+        self.assertEqual(await other.store.count_certificates(), 2)
+        for gateway in self.gateways:
+            self.assertFalse(os.path.exists(os.path.join(gateway.config.state_directory, "digest-nonces.sqlite3")))
+
+    async def test_one_response_at_both_at_once(self) -> None:
+        """The same response sent to both gateways at once, several times
+        over: one certificate in all, every other answer digest-replayed."""
+        one, other = self.gateways
+        first = await one.curl(
+            "digest/simpleenroll", data=csr_for("pump-17"), user="pump-17:s3cret", digest=True, extra=["-v"]
+        )
+        self.assertEqual(first.status, 200, first.text)
+        # The next count on the same nonce: a new request, never sent before.
+        header = sent_authorization(first)
+        fields = dict(part.strip().split("=", 1) for part in header.split(" ", 2)[2].split(","))
+        nonce, cnonce = fields["nonce"].strip('"'), fields["cnonce"].strip('"')
+        ha1 = auth.digest_ha1("pump-17", "digest realm", "s3cret")
+        ha2 = _md5(f"POST:{DIGEST_PATH.decode()}")
+        digest = _md5(f"{ha1}:{nonce}:00000002:{cnonce}:auth:{ha2}")
+        second = (
+            header.replace("nc=00000001", "nc=00000002").replace(fields["response"], f'"{digest}"')
+        )
+        self.assertNotEqual(second, header)
+        self.audit.events.clear()
+        attempts = [
+            defer.Deferred.fromCoroutine(gateway.curl("digest/simpleenroll", data=csr_for("pump-17"), headers=[second]))
+            for gateway in (one, other) * 3
+        ]
+        results = await defer.gatherResults(attempts)
+        self.assertEqual(sorted(r.status for r in results), [200, 401, 401, 401, 401, 401], [r.text for r in results])
+        self.assertEqual(sorted(self.audit.refused), ["digest-replayed"] * 5)
+        self.assertEqual(await one.store.count_certificates(), 2)
+
+
+class PostgreSQLDigestAcrossGatewaysTests(DigestAcrossGatewaysTests):
+    """The same with a PostgreSQL store (``store.url = postgresql://...``)."""
+
+    async def store_url(self, directory: str) -> str:
+        return await postgresql.new_database(self)
 
 
 def sent_authorization(result: HTTPResult) -> str:
@@ -331,8 +459,9 @@ class DigestAcrossDaemonsTests(TwistdTestCase):
 
     async def test_replay_to_the_other_daemon(self) -> None:
         """A Digest response accepted by one daemon is refused by the other
-        (401 digest-replayed), and a fresh login there works: the key and
-        the nonce counts are shared through the state directory."""
+        (401 digest-replayed), and a fresh login there works: the key is
+        shared through the state directory, the nonce counts through the
+        store."""
         with open(self.config, "a") as f:
             f.write("handler.90.operation = simpleenroll\nhandler.90.label = digest\n"
                     "handler.90.authtype = Digest\nhandler.90.realm = digest realm\n")

@@ -24,11 +24,11 @@ from estgw.httpauth import (
     DigestCredentialFactory,
     InvalidNonce,
     MalformedCredentials,
-    MemoryNonceCounts,
-    SQLiteNonceCounts,
     StaleNonce,
+    StoreNonceCounts,
     parse_authorization,
 )
+from estgw.store import SQLiteStore
 from tests.test_auth import SecurityTestCase, csr_for
 from tests.test_refusals import register
 
@@ -307,50 +307,31 @@ class DigestTests(SynchronousTestCase):
         creds.checkHash(b"0" * 32)  # computing the hash never fails either
 
 
-class MemoryNonceCountTests(SynchronousTestCase):
-    def test_counts(self) -> None:
-        """First use of a count: True; the same or a lower count again:
-        False; a higher one: True; other nonces are independent."""
-        counts = MemoryNonceCounts(lambda: 0.0)
-        use = lambda nonce, nc: self.successResultOf(counts.use(nonce, nc, 100.0))  # noqa: E731
-        self.assertEqual([use("a", 1), use("a", 1), use("a", 2), use("a", 1), use("b", 1)], [True, False, True, False, True])
+class StoreNonceCountTests(TestCase):
+    """The nonce counts the gateway uses: its store's."""
 
-    def test_expired_records_dropped(self) -> None:
-        """Records are dropped after their nonce expired (it is then refused as stale anyway)."""
-        clock = task.Clock()
-        counts = MemoryNonceCounts(clock.seconds)
-        self.successResultOf(counts.use("a", 1, 10.0))
-        clock.advance(120)
-        self.successResultOf(counts.use("b", 1, 500.0))
-        self.assertEqual(list(counts._counts), ["b"])
+    async def test_in_the_store(self) -> None:
+        """A count used through one StoreNonceCounts is refused through
+        another on the same store file (as another process's would be); a
+        higher one is accepted; the record keeps the nonce's expiry, in
+        the store's spelling of times."""
+        path = os.path.abspath(self.mktemp())
+        stores = [SQLiteStore(path), SQLiteStore(path)]
+        for store in stores:
+            await store.start()
+            self.addCleanup(store.close)
+        one, other = (StoreNonceCounts(store) for store in stores)
+        expires = 4102444800.0  # 2100-01-01
+        self.assertTrue(await one.use("n", 1, expires))
+        self.assertFalse(await other.use("n", 1, expires))
+        self.assertTrue(await other.use("n", 2, expires))
+        self.assertFalse(await one.use("n", 2, expires))
 
+        def rows(txn: Any) -> Any:
+            txn.execute("SELECT nonce, nc, expires_at FROM digest_nonce")
+            return txn.fetchall()
 
-class SQLiteNonceCountTests(TestCase):
-    """The record that processes sharing a state directory share."""
-
-    async def test_shared_between_instances(self) -> None:
-        """Two instances on one file (as two processes would be): a count
-        used through one is refused through the other; expired rows go."""
-        path = os.path.join(os.path.abspath(self.mktemp()))
-        now = [1000.0]
-        one, other = SQLiteNonceCounts(path, clock=lambda: now[0]), SQLiteNonceCounts(path, clock=lambda: now[0])
-        for counts in (one, other):
-            await counts.start()
-            self.addCleanup(counts.close)
-        self.assertTrue(await one.use("n", 1, 2000.0))
-        self.assertFalse(await other.use("n", 1, 2000.0))
-        self.assertFalse(await one.use("n", 1, 2000.0))
-        self.assertTrue(await other.use("n", 2, 2000.0))
-        self.assertFalse(await one.use("n", 2, 2000.0))
-        now[0] = 3000.0
-        self.assertTrue(await one.use("m", 1, 4000.0))
-        rows = await one._pool.runQuery("SELECT nonce FROM digest_nonce")
-        self.assertEqual(rows, [("m",)])
-
-    async def test_not_started(self) -> None:
-        """Used before start: an error, never a silent yes."""
-        with self.assertRaises(RuntimeError):
-            await SQLiteNonceCounts(os.path.abspath(self.mktemp())).use("n", 1, 1.0)
+        self.assertEqual(await stores[0]._run(rows), [("n", 2, "2100-01-01T00:00:00.000000+00:00")])
 
 
 # -- over real TLS, curl as the client ------------------------------------------------------

@@ -31,6 +31,9 @@ from estgw.passwords import hash_password
 from estgw.store.migrations import TABLE_KEYS
 from tests import postgresql
 from estgw.store import (
+    DIGEST_NONCE_GRACE,
+    DIGEST_NONCE_PURGE,
+    MAX_DIGEST_NONCE,
     FAULT_FULL,
     FAULT_LOCKED,
     FAULT_OTHER,
@@ -941,6 +944,7 @@ class IndexTests(StoreTestCase):
         await store.certificate_page(page.after, 1)
         page = await store.certificate_page(None, 1, subject=old.subject)
         await store.certificate_page(page.after, 1, subject=old.subject)
+        await store.use_digest_nonce("n", 1, T0, when=T0)
         queries = [
             (q, p) for q, p in store.recorded
             if q.lstrip().split()[0].upper() in ("SELECT", "UPDATE", "DELETE") and "pg_advisory" not in q
@@ -964,7 +968,9 @@ class IndexTests(StoreTestCase):
         self.assertGreater(len(queries), 20)
         for query, params in queries:
             plan = await self.plan(store, query, params)
-            self.assertNotRegex(plan, r"\bSCAN (certificates|devices|officer_roles|approvals)\b(?! USING)", f"{query}\n{plan}")
+            self.assertNotRegex(
+                plan, r"\bSCAN (certificates|devices|officer_roles|approvals|digest_nonce)\b(?! USING)", f"{query}\n{plan}"
+            )
             self.assertNotIn("TEMP B-TREE", plan, f"{query}\n{plan}")
             if "FROM certificates" in query and "revoked_at IS NOT NULL" in query:
                 self.assertIn("certificates_revoked", plan)
@@ -982,6 +988,104 @@ class MigrateTableTests(StoreTestCase):
             if not row[0].startswith("sqlite_")
         }
         self.assertEqual(tables - {"schema_version"}, set(TABLE_KEYS))
+
+
+class DigestNonceTests(StoreTestCase):
+    """use_digest_nonce: the HTTP Digest replay rule (RFC 7616 §3.4),
+    decided by the database."""
+
+    async def test_counts(self) -> None:
+        """The first use of a nonce is accepted; a higher count is, and a
+        count not higher than the highest seen (the same or lower) is
+        refused; other nonces are their own; the largest count nc can
+        spell (ffffffff) is recorded."""
+        store = await self.open_store(reactor=_ClockedReactor(T0))
+        until = T0 + timedelta(minutes=15)
+        use = lambda nonce, nc: store.use_digest_nonce(nonce, nc, until)  # noqa: E731
+        answers = [await use("a", 1), await use("a", 1), await use("a", 3), await use("a", 2), await use("a", 3),
+                   await use("b", 1), await use("a", 4), await use("b", 1)]
+        self.assertEqual(answers, [True, False, True, False, False, True, True, False])
+        self.assertTrue(await use("c", 0xFFFFFFFF))
+        self.assertFalse(await use("c", 0xFFFFFFFF))
+        rows = sorted(tuple(row) for row in self.on_disk("SELECT nonce, nc FROM digest_nonce"))
+        self.assertEqual(rows, [("a", 4), ("b", 1), ("c", 0xFFFFFFFF)])
+
+    async def test_bad_arguments(self) -> None:
+        """A count outside 1..ffffffff, an empty or over-long nonce, a naive
+        expiry: ValueError, nothing recorded."""
+        store = await self.open_store(reactor=_ClockedReactor(T0))
+        until = T0 + timedelta(minutes=15)
+        for nonce, nc, expires in [
+            ("a", 0, until), ("a", -1, until), ("a", 0x1_0000_0000, until),
+            ("", 1, until), ("x" * (MAX_DIGEST_NONCE + 1), 1, until), ("a", 1, until.replace(tzinfo=None)),
+        ]:
+            with self.assertRaises(ValueError):
+                await store.use_digest_nonce(nonce, nc, expires)
+        self.assertEqual(self.on_disk("SELECT COUNT(*) FROM digest_nonce"), [(0,)])
+        self.assertTrue(await store.use_digest_nonce("x" * MAX_DIGEST_NONCE, 1, until))
+
+    async def test_expired_records_removed(self) -> None:
+        """A record is kept past its expiry for DIGEST_NONCE_GRACE seconds
+        (and still refuses a replay then); after that each call removes
+        at most DIGEST_NONCE_PURGE of them, oldest first, until none is
+        left; records not expired stay."""
+        store = await self.open_store(reactor=_ClockedReactor(T0))
+        total = 2 * DIGEST_NONCE_PURGE + 5
+        for number in range(total):
+            self.assertTrue(await store.use_digest_nonce(f"old-{number:03d}", 1, T0 + timedelta(seconds=number)))
+        live = T0 + timedelta(days=1)
+        self.assertTrue(await store.use_digest_nonce("live", 1, live))
+
+        def left() -> list[str]:
+            return sorted(row[0] for row in self.on_disk("SELECT nonce FROM digest_nonce"))
+
+        # Expired, but within the grace: kept, and a replay is refused.
+        within = T0 + timedelta(seconds=DIGEST_NONCE_GRACE - 1)
+        self.assertFalse(await store.use_digest_nonce("old-000", 1, T0, when=within))
+        self.assertEqual(len(left()), total + 1)
+        # Past the grace of them all: one bounded batch per call, oldest first.
+        after = T0 + timedelta(seconds=total + DIGEST_NONCE_GRACE + 1)
+        self.assertTrue(await store.use_digest_nonce("new-1", 1, live, when=after))
+        self.assertEqual([n for n in left() if n.startswith("old-")][0], f"old-{DIGEST_NONCE_PURGE:03d}")
+        self.assertEqual(len(left()), total + 2 - DIGEST_NONCE_PURGE)
+        for number in range(2, 5):
+            await store.use_digest_nonce(f"new-{number}", 1, live, when=after)
+        self.assertEqual(left(), ["live", "new-1", "new-2", "new-3", "new-4"])
+
+    async def test_one_count_once_across_stores(self) -> None:
+        """Two store objects on one database (as two processes or machines
+        have) use the same (nonce, nc) at once, many times over: exactly
+        one use of each is accepted."""
+        one = await self.open_store(reactor=_ClockedReactor(T0))
+        other = await self.open_store(reactor=_ClockedReactor(T0))
+        until = T0 + timedelta(minutes=15)
+        uses = []
+        for number in range(20):
+            for store in (one, other, other, one):
+                uses.append((number, store.use_digest_nonce(f"n-{number}", 1 + number % 2, until)))
+        answers = await defer.gatherResults([d for _, d in uses])
+        accepted: dict[int, int] = {}
+        for (number, _), answer in zip(uses, answers):
+            accepted[number] = accepted.get(number, 0) + int(answer)
+        self.assertEqual(accepted, {number: 1 for number in range(20)})
+        self.assertFalse(await one.use_digest_nonce("n-3", 2, until))
+        self.assertTrue(await other.use_digest_nonce("n-3", 3, until))
+        self.assertFalse(await one.use_digest_nonce("n-3", 3, until))
+
+    async def test_copied_by_migrate(self) -> None:
+        """`estgw store migrate` copies the records: a response used before
+        the move is still refused after it."""
+        source_path = os.path.join(os.path.dirname(self.path), "source.sqlite")
+        source = SQLiteStore(source_path, reactor=_ClockedReactor(T0))
+        await source.start()
+        until = T0 + timedelta(minutes=15)
+        self.assertTrue(await source.use_digest_nonce("moved", 5, until))
+        await source.close()
+        target = await self.open_store(reactor=_ClockedReactor(T0))
+        copied = await target.copy_from_sqlite(source_path)
+        self.assertEqual(copied["digest_nonce"], 1)
+        self.assertFalse(await target.use_digest_nonce("moved", 5, until))
+        self.assertTrue(await target.use_digest_nonce("moved", 6, until))
 
 
 class OpenStoreTests(unittest.TestCase):
@@ -1210,6 +1314,10 @@ class PostgreSQLIndexTests(OnPostgreSQL, IndexTests):
             # the table's statistics: bench/store_growth.py shows it at scale.)
             self.assertNotIn("Seq Scan", plan, f"{query}\n{plan}")
             self.assertNotRegex(plan, r"\bSort\b", f"{query}\n{plan}")
+
+
+class PostgreSQLDigestNonceTests(OnPostgreSQL, DigestNonceTests):
+    pass
 
 
 class PostgreSQLMigrateTableTests(OnPostgreSQL, MigrateTableTests):

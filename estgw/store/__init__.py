@@ -1,5 +1,5 @@
 """Durable state: issued certificates, revocations, pre-registered devices,
-officer roles and pending approvals.
+officer roles, pending approvals and used HTTP Digest nonce counts.
 
 Callers see only :class:`IStore`, whose methods return Deferreds; the SQL
 runs in threads, never on the reactor, and every write is committed before
@@ -13,9 +13,9 @@ is on disk).  :func:`open_store` picks the backend from ``store.url``:
 
 Both run the same SQL (:mod:`estgw.store.sql`) and the same schema
 migrations (:mod:`estgw.store.migrations`).  Every rule that reads the
-store (last issued, revoked, single use, approvals) is decided in the
-database, by constraints, conditional UPDATEs and locks, never from a
-copy kept in a process, so it holds across processes.
+store (last issued, revoked, single use, approvals, Digest replays) is
+decided in the database, by constraints, conditional UPDATEs, upserts and
+locks, never from a copy kept in a process, so it holds across processes.
 """
 
 from __future__ import annotations
@@ -50,6 +50,9 @@ __all__ = [
     "UnsupportedSchemaVersion",
     "StoreNotRunning",
     "StoreUnavailable",
+    "MAX_DIGEST_NONCE",
+    "DIGEST_NONCE_PURGE",
+    "DIGEST_NONCE_GRACE",
     "AuditEntry",
     "REVOCATION_REASONS",
     "MIGRATIONS",
@@ -322,6 +325,22 @@ FAULT_UNREACHABLE = "the database cannot be reached, or the connection was lost"
 FAULT_OTHER = "the database failed"
 
 
+#: Longest Digest nonce :meth:`IStore.use_digest_nonce` records, in
+#: characters (the gateway's own are about 115).
+MAX_DIGEST_NONCE = 256
+
+#: Expired Digest nonce records :meth:`IStore.use_digest_nonce` removes at
+#: most per call: more than the one record a call adds, so the expired
+#: ones never pile up, and few enough that each call stays short.
+DIGEST_NONCE_PURGE = 16
+
+#: Seconds a Digest nonce record is kept after it expired: the clocks of
+#: the machines sharing a store may differ this much without one of them
+#: removing a record that another still needs (one whose clock is behind
+#: still accepts the nonce).
+DIGEST_NONCE_GRACE = 60
+
+
 #: States of a request that waits for an operator:
 #: pending -> approved -> issued, pending -> rejected, pending|approved -> expired.
 APPROVAL_STATES = ("pending", "approved", "rejected", "issued", "expired")
@@ -539,6 +558,29 @@ class IStore(Interface):
         approved -> issued and record ``issued``, in one transaction.  True
         for the one call that did it; False (and nothing recorded) when the
         request was not approved, e.g. another call issued first.
+        """
+
+    def use_digest_nonce(nonce: str, nc: int, expires_at: datetime, when: datetime | None = None) -> Deferred[bool]:
+        """
+        Record that a correct HTTP Digest response used nonce count ``nc``
+        (1 to 2**32 - 1, the eight hex digits of RFC 7616 §3.4) with
+        ``nonce`` (the gateway's nonce text, at most
+        :data:`MAX_DIGEST_NONCE` characters), and say whether it may
+        answer a request: True if ``nc`` is higher than every count
+        recorded for the nonce (the first use included), False for a
+        replay (nothing changes).  Decided by one statement in the
+        database, so of concurrent uses of one (nonce, nc) through any
+        processes or machines on this store exactly one is True.
+
+        The record is kept until ``expires_at`` (timezone-aware; when the
+        nonce itself is refused as stale) and :data:`DIGEST_NONCE_GRACE`
+        seconds more; each call removes at most :data:`DIGEST_NONCE_PURGE`
+        records older than that at ``when`` (default: now), so the work
+        per call is bounded and the table holds about the nonces still
+        alive.  ValueError for ``nc`` out of
+        range, an over-long nonce or a naive datetime; StoreUnavailable
+        when the database fails (nothing recorded: the response may be
+        tried again).
         """
 
 

@@ -144,6 +144,26 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             "CREATE INDEX certificates_public_key ON certificates (public_key_sha256, issued_at, id)",
         ],
     ),
+    (
+        7,
+        [
+            # HTTP Digest replay protection (RFC 7616 §3.4): the highest
+            # nonce count a correct response used with each nonce, kept
+            # until the nonce expires.  In the store, so that every gateway
+            # process and machine on it refuses a response used once.  nc
+            # goes up to 2**32 - 1: BIGINT, since PostgreSQL's INTEGER is
+            # 32-bit signed.
+            """
+            CREATE TABLE digest_nonce (
+                nonce TEXT PRIMARY KEY,
+                nc BIGINT NOT NULL,
+                expires_at TEXT NOT NULL
+            )
+            """,
+            # The removal of expired records reads them oldest first.
+            "CREATE INDEX digest_nonce_expires ON digest_nonce (expires_at)",
+        ],
+    ),
 ]
 
 #: Every table of the schema and the columns that order its rows: how
@@ -156,6 +176,7 @@ TABLE_KEYS: dict[str, tuple[str, ...]] = {
     "officer_roles": ("fingerprint", "role"),
     "approvals": ("id",),
     "audit": ("id",),
+    "digest_nonce": ("nonce",),
 }
 
 #: Tables whose ``id`` the database assigns: copied ids are kept (so the

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, ClassVar, Sequence, TypeVar
 
 from twisted.internet import defer
@@ -20,6 +20,9 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from estgw.store import (
+    DIGEST_NONCE_GRACE,
+    DIGEST_NONCE_PURGE,
+    MAX_DIGEST_NONCE,
     REVOCATION_REASONS,
     Approval,
     AuditEntry,
@@ -1181,5 +1184,45 @@ class _SQLStore:
                 return False
             self._insert_certificate(txn, issued)
             return True
+
+        return self._run(interaction)
+
+    # -- HTTP Digest nonce counts
+
+    def use_digest_nonce(
+        self, nonce: str, nc: int, expires_at: datetime, when: datetime | None = None
+    ) -> Deferred[bool]:
+        if not 1 <= nc <= 0xFFFFFFFF:
+            return defer.fail(ValueError(f"a Digest nonce count is 1 to ffffffff, not {nc!r}"))
+        if not 0 < len(nonce) <= MAX_DIGEST_NONCE:
+            return defer.fail(ValueError(f"a Digest nonce has 1 to {MAX_DIGEST_NONCE} characters, not {len(nonce)}"))
+        try:
+            until = _time_text(expires_at)
+            cut = _time_text((self._now() if when is None else when) - timedelta(seconds=DIGEST_NONCE_GRACE))
+        except ValueError as e:
+            return defer.fail(e)
+
+        def interaction(txn: Any) -> bool:
+            # Expired records first, a bounded number (oldest first, by the
+            # index): a call adds one record at most and removes up to
+            # DIGEST_NONCE_PURGE, so the table never grows past the live ones.
+            self._execute(
+                txn,
+                "DELETE FROM digest_nonce WHERE nonce IN (SELECT nonce FROM digest_nonce"
+                f" WHERE expires_at < ? ORDER BY expires_at LIMIT {int(DIGEST_NONCE_PURGE)})",
+                (cut,),
+            )
+            # One statement decides, in the database: inserted (first use)
+            # or raised to a higher count, one row; a count not higher,
+            # none.  Of two uses of one count at once, PostgreSQL makes the
+            # second wait for the first's row and then re-checks the
+            # condition; SQLite has one writer at a time.
+            self._execute(
+                txn,
+                "INSERT INTO digest_nonce (nonce, nc, expires_at) VALUES (?, ?, ?)"
+                " ON CONFLICT (nonce) DO UPDATE SET nc = excluded.nc WHERE excluded.nc > digest_nonce.nc",
+                (nonce, nc, until),
+            )
+            return bool(txn.rowcount == 1)
 
         return self._run(interaction)

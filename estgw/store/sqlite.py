@@ -35,7 +35,7 @@ def enable_wal(cursor: Any) -> None:
     exclusive lock that SQLite's busy timeout does not wait for, so
     processes opening one file at once retry (for up to five seconds, on
     the pool's thread) instead of failing to start.  Every SQLite file of
-    estgw (store, Digest nonce counts, approval service) opens this way."""
+    estgw (store, approval service) opens this way."""
     for attempt in range(50):
         try:
             cursor.execute("PRAGMA journal_mode=WAL")
