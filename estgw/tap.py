@@ -484,6 +484,16 @@ _log = Logger()
 
 
 def makeService(options: Options, reactor: Any = None) -> service.MultiService:
+    try:
+        return _make_service(options, reactor)
+    except SystemExit as e:
+        if options["worker-fds"] is not None and options["worker-ready-fd"] is not None:
+            # The supervisor's own log line then says why.
+            workers.report_failure(options["worker-ready-fd"], str(e.code).removeprefix("estgw: "))
+        raise
+
+
+def _make_service(options: Options, reactor: Any) -> service.MultiService:
     config = options.loaded
     worker = options["worker-fds"] is not None
     # A worker's events go to its supervisor as JSON (twistd --logger).
@@ -523,6 +533,9 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     if not worker and config.workers > 1:
         supervisor = _supervisor(options, reactor)
         signals.on_hangup.append(supervisor.hangup)
+        # A worker that could not start ends the supervisor, as a start
+        # failure ends a single process.
+        end_process_on_failure(supervisor.ready, supervisor.reactor)
         supervisor.setServiceParent(top)
         return top
     try:
@@ -535,6 +548,9 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         # twistd shows a traceback for errors raised here; the message is
         # what the operator needs, and the exit status is non-zero.
         raise SystemExit(f"estgw: {e}") from None
+    if worker and options["worker-ready-fd"] is not None:
+        # Before end_process_on_failure, which ends the failure's chain.
+        workers.report_start(gateway.ready, options["worker-ready-fd"])
     end_process_on_failure(gateway.ready, gateway.reactor)
     gateway.setServiceParent(top)
     if worker:
