@@ -321,6 +321,52 @@ class DaemonizedWorkerTests(DaemonizeTestCase):
         await _until(lambda: not any(_alive(int(p)) for _, p in STARTED.findall(log())), 10)
 
 
+class ReportTests(SynchronousTestCase):
+    """What a worker writes on its ready pipe, and how the supervisor reads it."""
+
+    def read_report(self, tell: Any) -> bytes:
+        read_fd, write_fd = os.pipe()
+        tell(write_fd)  # closes write_fd
+        with os.fdopen(read_fd, "rb") as f:
+            return f.read()
+
+    def test_ready_and_failure_lines(self) -> None:
+        """'ready' once the gateway serves; 'failed' and the reason on one
+        line when it could not start (the failure passed on); a reason
+        given before the reactor runs (SystemExit) the same way.  The
+        supervisor names that reason, or else how the process ended."""
+        from twisted.internet import defer
+        from twisted.python.failure import Failure
+
+        from estgw import workers
+
+        def served(fd: int) -> None:
+            ready: defer.Deferred[None] = defer.Deferred()
+            workers.report_start(ready, fd)
+            ready.callback(None)
+
+        self.assertEqual(self.read_report(served), b"ready\n")
+        passed_on: list[Failure] = []
+
+        def failed(fd: int) -> None:
+            ready: defer.Deferred[None] = defer.Deferred()
+            workers.report_start(ready, fd)
+            ready.addErrback(passed_on.append)
+            ready.errback(RuntimeError("the store\ncannot open"))
+
+        report = self.read_report(failed)
+        self.assertEqual(report, b"failed the store cannot open\n")
+        self.assertEqual(len(passed_on), 1)
+        # One write a pipe takes at once, however long the reason.
+        self.assertEqual(len(self.read_report(lambda fd: workers.report_failure(fd, "x" * 5000))), 1024)
+        worker = workers._Worker(1)
+        ended = Failure(RuntimeError("process ended by signal 15"))
+        worker.report = report
+        self.assertEqual(workers.Supervisor._why(worker, ended), "the store cannot open")
+        worker.report = b""
+        self.assertEqual(workers.Supervisor._why(worker, ended), "process ended by signal 15")
+
+
 class HumanLogTests(SynchronousTestCase):
     def config(self, directory: str, extra: str) -> config_module.Config:
         return config_module.from_string(extra, base_dir=directory)
