@@ -897,9 +897,19 @@ def _resolve(base: str, path: str) -> str:
     return os.path.normpath(os.path.join(base, os.path.expanduser(path)))
 
 
-def from_string(text: str, source: str = "est.properties", base_dir: str = ".") -> Config:
+def from_string(text: str, source: str = "est.properties", base_dir: str = ".",
+                options: Mapping[str, tuple[str, str]] | None = None) -> Config:
     """Parse the text of an est.properties file; relative paths are
-    taken relative to ``base_dir``."""
+    taken relative to ``base_dir``.
+
+    ``options``: command-line options that take the place of a key, as
+    ``{"server.workers": ("--workers", "2")}``: read by the key's own
+    parser and applied before any check that involves the key, so that
+    every check sees the value that will be used.  An error about such a
+    value names the option.
+
+    :raises ConfigError: naming the key (or option) and the reason.
+    """
     try:
         raw = parse_properties(text)
     except PropertiesError as e:
@@ -927,6 +937,11 @@ def from_string(text: str, source: str = "est.properties", base_dir: str = ".") 
                 raise ConfigError(key, "unknown key", source)
             kind, number, name = match.groups()
             numbered.setdefault((kind, number), {})[name] = value
+    given: dict[str, str] = {}  # attribute -> the option that set it
+    for key, (option, value) in (options or {}).items():
+        attribute, parser = _GLOBAL_KEYS[key]
+        global_values[attribute] = _parse(option, parser, value, "")
+        given[attribute] = option
 
     procedures = [_resolve_procedure_files(p, base_dir, source) for p in _token_procedures(numbered, source)]
     handlers = _handlers(numbered, defaults, procedures, source)
@@ -952,7 +967,8 @@ def from_string(text: str, source: str = "est.properties", base_dir: str = ".") 
     if global_values.get("workers", 1) > 1 and global_values.get("metrics_port") is not None:
         # Each worker counts only what it served: one scrape would see one
         # worker's counters, and a counter must never go backwards.
-        raise ConfigError("metrics.port", "not available with server.workers above 1", source)
+        workers = given.get("workers", "server.workers")
+        raise ConfigError("metrics.port", f"not available with {workers} above 1", source)
     if global_values.get("ca_key_password_file"):
         if global_values.get("ca_key_password_env"):
             raise ConfigError("ca.keyPasswordEnv", "ca.keyPasswordFile already names the passphrase", source)
@@ -1504,14 +1520,15 @@ def _load_shared_keys(handler: HandlerConfig, base_dir: str, source: str) -> Han
     return attr.evolve(handler, serverkeygen_shared_keys_file=path, serverkeygen_shared_keys=tuple(pairs.items()))
 
 
-def load(path: str) -> Config:
-    """Read and check the configuration file at ``path``."""
+def load(path: str, options: Mapping[str, tuple[str, str]] | None = None) -> Config:
+    """Read and check the configuration file at ``path``, with the
+    command-line ``options`` in place of keys (see :func:`from_string`)."""
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except OSError as e:
         raise ConfigError("--config", f"cannot read {path}: {e.strerror}") from None
-    return from_string(text, source=path, base_dir=os.path.dirname(os.path.abspath(path)))
+    return from_string(text, source=path, base_dir=os.path.dirname(os.path.abspath(path)), options=options)
 
 
 def is_ip_address(name: str) -> bool:

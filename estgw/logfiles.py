@@ -324,7 +324,9 @@ class SignalService(service.Service):
     * SIGHUP: :func:`reopen_all`, then each of ``on_hangup`` (the supervisor
       of ``server.workers`` sends SIGHUP on to its workers).  Nothing else
       is reloaded: the configuration needs a restart.
-    * SIGUSR1 (only when ``rotate`` is given): rotate the human log now.
+    * SIGUSR1: rotate the human log now with ``rotate``; ignored without
+      it (the log goes to standard output, or, in a worker of
+      ``server.workers``, to the supervisor, which rotates it).
 
     The handlers only schedule the work on the reactor thread
     (``callFromThread``), so a signal that arrives in the middle of a write
@@ -349,11 +351,11 @@ class SignalService(service.Service):
         super().startService()
         if threading.current_thread() is not threading.main_thread():
             return  # signal handlers can only be set from the main thread
-        wanted = {signal.SIGHUP: self._hangup}
-        if self._rotate is not None:
-            wanted[signal.SIGUSR1] = self._rotate_now
+        wanted: dict[int, Any] = {signal.SIGHUP: self._handler(self._hangup)}
+        # SIGUSR1's default action ends the process: never leave it at that.
+        wanted[signal.SIGUSR1] = signal.SIG_IGN if self._rotate is None else self._handler(self._rotate_now)
         for number, action in wanted.items():
-            self._previous[number] = signal.signal(number, self._handler(action))
+            self._previous[number] = signal.signal(number, action)
 
     def _handler(self, action: Callable[[], None]) -> Callable[[int, Any], None]:
         def handle(signum: int, frame: Any) -> None:

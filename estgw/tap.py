@@ -61,36 +61,28 @@ class Options(usage.Options):
     longdesc = "Serve EST (RFC 7030 / RFC 8951) over TLS as configured in est.properties."
     optParameters = [
         ["config", "c", "etc/est.properties", "The est.properties file."],
-        ["port", "p", None, "Listen on this TCP port instead of server.port.", config_module.whole_number],
-        ["workers", "w", None, "Run this many worker processes instead of server.workers.", config_module.whole_number],
+        # --port and --workers are read by their keys' own parsers, in place
+        # of the keys (config.from_string): every check sees them.
+        ["port", "p", None, "Listen on this TCP port instead of server.port (0: a free port)."],
+        ["workers", "w", None, "Run this many worker processes (1 to 64) instead of server.workers."],
         # Internal: a worker of estgw.workers serves the listening sockets it inherited.
         ["worker-fds", None, None, "(internal) serve the inherited listening sockets on these descriptors."],
         ["worker-number", None, 1, "(internal) which worker this is; worker 1 also serves publish.port and coaps.port.", config_module.whole_number],
+        ["worker-ready-fd", None, None, "(internal) report on this descriptor that this worker serves, or why it could not start.", config_module.whole_number],
     ]
 
     def postOptions(self) -> None:
+        options = {key: (f"--{name}", self[name])
+                   for key, name in (("server.port", "port"), ("server.workers", "workers"))
+                   if self[name] is not None}
         try:
-            loaded = config_module.load(self["config"])
+            loaded = config_module.load(self["config"], options)
             bootstrap.configured_trust_anchors(loaded)  # unreadable files stop start-up here
             load_approval_tls(loaded)  # so does a wrong idm.tls.password
         except ConfigError as e:
             # Not a usage error: twistd would print its whole usage text
-            # before it.  The message names the file and the key.
+            # before it.  The message names the file and the key, or the option.
             raise SystemExit(f"estgw: {e}") from None
-        if self["port"] is not None:
-            if not 0 <= self["port"] <= 65535:
-                raise usage.UsageError(f"--port: not a TCP port: {self['port']}")
-            import attr
-
-            loaded = attr.evolve(loaded, port=self["port"])
-        if self["workers"] is not None:
-            if not 1 <= self["workers"] <= 64:
-                raise usage.UsageError(f"--workers: must be from 1 to 64, not {self['workers']}")
-            if self["workers"] > 1 and loaded.metrics_port is not None:
-                raise usage.UsageError(f"{loaded.source}: metrics.port: not available with --workers above 1")
-            import attr
-
-            loaded = attr.evolve(loaded, workers=self["workers"])
         if self["worker-fds"] is not None:
             try:
                 self["worker-fds"] = [config_module.whole_number(fd) for fd in self["worker-fds"].split(",")]
@@ -493,6 +485,16 @@ _log = Logger()
 
 
 def makeService(options: Options, reactor: Any = None) -> service.MultiService:
+    try:
+        return _make_service(options, reactor)
+    except SystemExit as e:
+        if options["worker-fds"] is not None and options["worker-ready-fd"] is not None:
+            # The supervisor's own log line then says why.
+            workers.report_failure(options["worker-ready-fd"], str(e.code).removeprefix("estgw: "))
+        raise
+
+
+def _make_service(options: Options, reactor: Any) -> service.MultiService:
     config = options.loaded
     worker = options["worker-fds"] is not None
     # A worker's events go to its supervisor as JSON (twistd --logger).
@@ -532,6 +534,9 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     if not worker and config.workers > 1:
         supervisor = _supervisor(options, reactor)
         signals.on_hangup.append(supervisor.hangup)
+        # A worker that could not start ends the supervisor, as a start
+        # failure ends a single process.
+        end_process_on_failure(supervisor.ready, supervisor.reactor)
         supervisor.setServiceParent(top)
         return top
     try:
@@ -544,6 +549,9 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         # twistd shows a traceback for errors raised here; the message is
         # what the operator needs, and the exit status is non-zero.
         raise SystemExit(f"estgw: {e}") from None
+    if worker and options["worker-ready-fd"] is not None:
+        # Before end_process_on_failure, which ends the failure's chain.
+        workers.report_start(gateway.ready, options["worker-ready-fd"])
     end_process_on_failure(gateway.ready, gateway.reactor)
     gateway.setServiceParent(top)
     if worker:

@@ -12,11 +12,24 @@ also serves ``publish.port`` and ``coaps.port`` (one socket each);
 ``metrics.port`` is refused with more than one worker, since each worker
 counts only what it served.
 
-A worker that exits while the supervisor runs is started again (after a
-delay that grows while workers keep dying young).  SIGHUP to the
-supervisor reopens its log files and goes on to every worker, which
-reopens its own (``log.audit.file``; :mod:`estgw.logfiles`); a worker
-ignores SIGHUP from its first instruction until it handles it.  Stopping the
+Each worker reports on a pipe (``--worker-ready-fd``) that it serves, or
+why it could not start.  A worker that ends before it ever served (the
+store cannot be opened or migrated, a key cannot be read...) ends the
+supervisor as a start failure ends a single process: every worker is
+stopped, the reason is logged and the supervisor ends with a non-zero
+status (:func:`estgw.daemon.end_process_on_failure`) rather than starting
+workers that cannot serve forever.  The supervisor says it serves once
+every worker does.  A worker that exits after it served is started again
+(after a delay that grows while workers keep dying young); so is its
+successor if that one cannot start (the cause may pass: a database
+restarting), while the other workers serve on.
+
+SIGHUP to the supervisor reopens its log files and goes on to every
+worker, which reopens its own (``log.audit.file``; :mod:`estgw.logfiles`);
+a worker ignores SIGHUP from its first instruction until it handles it.
+A worker ignores SIGUSR1 (from ``systemctl kill -s USR1``, which signals
+every process of the unit): its log is the supervisor's, which rotates
+it.  Stopping the
 supervisor (SIGTERM, SIGINT) sends SIGTERM to every worker, waits for them
 (SIGKILL after :data:`STOP_TIMEOUT` seconds) and exits.  A worker also
 stops when its standard input, a pipe from the supervisor, closes: a
@@ -47,7 +60,7 @@ from estgw import limits, logs
 from estgw.config import Config
 from estgw.daemon import StartError, listen_addresses
 
-__all__ = ["Supervisor", "bind", "watch_parent", "STOP_TIMEOUT"]
+__all__ = ["Supervisor", "bind", "report_failure", "report_start", "watch_parent", "STOP_TIMEOUT"]
 
 STOP_TIMEOUT = 10.0
 #: Seconds between two reads of the workers' log pipes: how late a
@@ -58,6 +71,11 @@ _RESTART_DELAYS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 # A worker that lived this long was healthy: its successor starts at once.
 _HEALTHY_SECONDS = 30.0
 _BACKLOG = 1024
+# What a worker writes on its ready pipe: _READY once it serves, or
+# _FAILED and the reason when it could not start (report_start).
+_READY = b"ready\n"
+_FAILED = b"failed "
+_REPORT_BYTES = 1024
 
 
 def share_of(config: Config) -> Config:
@@ -128,6 +146,9 @@ class _Worker:
         self.process: Any = None
         self.started = 0.0
         self.failures = 0  # deaths in a row, each before _HEALTHY_SECONDS
+        self.ready = False  # this process reported that it serves
+        self.served = False  # one of this worker's processes ever did
+        self.report = b""  # what this process wrote on its ready pipe
         self.ended: defer.Deferred[None] | None = None
         self.output: _WorkerOutput | None = None
 
@@ -187,6 +208,12 @@ class _WorkerProtocol(protocol.ProcessProtocol):
         self.supervisor = supervisor
         self.worker = worker
 
+    def childDataReceived(self, fd: int, data: bytes) -> None:
+        if fd == self.supervisor.ready_fd:
+            self.worker.report = (self.worker.report + data)[:_REPORT_BYTES]
+            if self.worker.report.startswith(_READY) and not self.worker.ready:
+                self.supervisor._ready(self.worker)
+
     def processEnded(self, reason: Any) -> None:
         self.supervisor._ended(self.worker, reason)
 
@@ -196,8 +223,7 @@ class Supervisor(service.Service):
 
     _log = Logger()
 
-    def __init__(self, config: Config, config_path: str, sockets: list[socket.socket], reactor: Any = None,
-                 argv: list[str] | None = None) -> None:
+    def __init__(self, config: Config, config_path: str, sockets: list[socket.socket], reactor: Any = None) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
 
@@ -210,19 +236,24 @@ class Supervisor(service.Service):
         self._stopping = False
         self._draining: task.LoopingCall | None = None
         self._pending: dict[int, Any] = {}
-        self._argv = argv
+        #: The worker's end of its ready pipe: after the sockets.
+        self.ready_fd = 3 + len(sockets)
+        #: Fires once every worker serves; fails (StartError) when a worker
+        #: ends before it ever served.
+        self.ready: defer.Deferred[None] = defer.Deferred()
 
     def _command(self) -> list[str]:
-        if self._argv is not None:
-            return list(self._argv)
-        # SIGHUP ignored at once: one forwarded while the worker starts up
-        # must not end it (estgw.logfiles.SignalService handles it later).
+        # SIGHUP and SIGUSR1 ignored at once: one sent while the worker
+        # starts up must not end it (estgw.logfiles.SignalService handles
+        # SIGHUP later; SIGUSR1 stays ignored, the log being the supervisor's).
         return [sys.executable, "-c",
                 "import signal; signal.signal(signal.SIGHUP, signal.SIG_IGN); "
+                "signal.signal(signal.SIGUSR1, signal.SIG_IGN); "
                 "from twisted.scripts.twistd import run; run()",
                 "-n", "--pidfile=", "--logger=estgw.logs.worker_observer",
                 "estgw", "--config", self.config_path, "--workers", str(len(self.workers)),
-                "--worker-fds", ",".join(str(3 + i) for i in range(len(self.sockets)))]
+                "--worker-fds", ",".join(str(3 + i) for i in range(len(self.sockets))),
+                "--worker-ready-fd", str(self.ready_fd)]
 
     def _arguments(self, worker: _Worker) -> list[str]:
         return self._command() + ["--worker-number", str(worker.number)]
@@ -235,12 +266,13 @@ class Supervisor(service.Service):
         env = dict(os.environ, **{logs.WORKER_LEVEL_VARIABLE: logs.worker_level(self.config)})
         worker.ended = defer.Deferred()
         worker.started = self.reactor.seconds()
+        worker.ready, worker.report = False, b""
         output = _WorkerOutput(worker.number)
         try:
             worker.process = self.reactor.spawnProcess(
                 _WorkerProtocol(self, worker), argv[0], argv, env=env,
                 childFDs={0: "w", 1: output.write_fd, 2: output.write_fd,
-                          **{3 + i: s.fileno() for i, s in enumerate(self.sockets)}},
+                          **{3 + i: s.fileno() for i, s in enumerate(self.sockets)}, self.ready_fd: "r"},
             )
         except BaseException:
             output.spawned()
@@ -270,14 +302,51 @@ class Supervisor(service.Service):
             ended.callback(None)
         if self._stopping:
             return
+        if not worker.served:
+            self._start_failed(worker, reason)
+            return
         lived = self.reactor.seconds() - worker.started
         worker.failures = 0 if lived >= _HEALTHY_SECONDS else worker.failures + 1
         delay = _RESTART_DELAYS[min(worker.failures, len(_RESTART_DELAYS)) - 1] if worker.failures else 0.0
         self._log.error(
             "worker {number} ended ({reason}) after {lived:.1f} s; starting it again in {delay:g} s",
-            number=worker.number, reason=reason.getErrorMessage(), lived=lived, delay=delay,
+            number=worker.number, reason=self._why(worker, reason), lived=lived, delay=delay,
         )
         self._pending[worker.number] = self.reactor.callLater(delay, self._spawn, worker)
+
+    def _ready(self, worker: _Worker) -> None:
+        worker.ready = True
+        first = not worker.served
+        worker.served = True
+        if first and all(w.served for w in self.workers) and not self.ready.called:
+            self._drain()  # the workers' own lines first
+            self._log.info(
+                "estgw serving EST at https://{host}:{port}/.well-known/est/ with {n} worker processes ;"
+                " CA certificate (trust anchor for clients): {ca}",
+                host=self.config.hostnames[0] if self.config.hostnames else "localhost",
+                port=self.sockets[0].getsockname()[1], n=len(self.workers), ca=self.config.ca_certificate_path,
+            )
+            self.ready.callback(None)
+
+    @staticmethod
+    def _why(worker: _Worker, reason: Any) -> str:
+        """Why ``worker``'s process ended: the reason it reported, if it
+        could not start, else how it ended (exit status or signal)."""
+        report = worker.report
+        if report.startswith(_FAILED):
+            why = report[len(_FAILED):].decode("utf-8", "replace").strip()
+            if why:
+                return why
+        return str(reason.getErrorMessage())
+
+    def _start_failed(self, worker: _Worker, reason: Any) -> None:
+        """``worker`` ended before it ever served: what a single process
+        does on a start failure, the supervisor does for all."""
+        why = self._why(worker, reason)
+        self._log.error("estgw could not start: worker {number} failed to start: {why}; stopping every worker",
+                        number=worker.number, why=why)
+        if not self.ready.called:
+            self.ready.errback(StartError(f"worker {worker.number} failed to start: {why}"))
 
     def startService(self) -> None:
         super().startService()
@@ -286,12 +355,6 @@ class Supervisor(service.Service):
         self._draining.start(DRAIN_INTERVAL, now=False)
         for worker in self.workers:
             self._spawn(worker)
-        self._log.info(
-            "estgw serving EST at https://{host}:{port}/.well-known/est/ with {n} worker processes ;"
-            " CA certificate (trust anchor for clients): {ca}",
-            host=self.config.hostnames[0] if self.config.hostnames else "localhost",
-            port=self.sockets[0].getsockname()[1], n=len(self.workers), ca=self.config.ca_certificate_path,
-        )
 
     async def _stop(self) -> None:
         self._stopping = True
@@ -362,6 +425,36 @@ class _ParentPipe:
         if self.reactor.running:
             Logger().warn("the supervisor is gone: worker {pid} stops", pid=os.getpid())
             self.reactor.stop()
+
+
+def _tell(fd: int, line: bytes) -> None:
+    try:
+        os.write(fd, line[:_REPORT_BYTES])  # a pipe takes this much at once
+    except OSError:
+        pass  # the supervisor is gone: watch_parent stops this worker
+    finally:
+        os.close(fd)
+
+
+def report_failure(fd: int, reason: str) -> None:
+    """Tell the supervisor on descriptor ``fd`` (its ready pipe) why this
+    worker could not start (one line); then close ``fd``."""
+    _tell(fd, _FAILED + " ".join(reason.split()).encode("utf-8", "replace") + b"\n")
+
+
+def report_start(ready: defer.Deferred[None], fd: int) -> None:
+    """Tell the supervisor on descriptor ``fd`` (its ready pipe) that this
+    worker serves, once ``ready`` fires, or why it could not start when
+    ``ready`` fails (:func:`report_failure`; the failure is passed on)."""
+
+    def served(result: None) -> None:
+        _tell(fd, _READY)
+
+    def failed(failure: Any) -> Any:
+        report_failure(fd, failure.getErrorMessage() or failure.type.__name__)
+        return failure
+
+    ready.addCallbacks(served, failed)
 
 
 def watch_parent(reactor: Any) -> None:

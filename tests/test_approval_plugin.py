@@ -38,6 +38,23 @@ class PluginTests(SynchronousTestCase):
         self.assertIn('"estgw.approval.tap"', source)
 
 
+class OptionsTests(SynchronousTestCase):
+    def test_port_option(self) -> None:
+        """--port takes service.port's place, read by its parser: 0 is a
+        free port; a bad value stops in one line naming the option, not
+        with twistd's usage text."""
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        config = write(os.path.join(directory, "approval.properties"), b"service.port = 8444\n")
+        options = tap.Options()
+        options.parseOptions(["--config", config, "--port", "0"])
+        self.assertEqual(options.loaded.port, 0)
+        for value, reason in (("70000", "not a TCP port: 70000"),
+                              ("https", "expected a whole number (digits 0-9), not 'https'")):
+            e = self.assertRaises(SystemExit, tap.Options().parseOptions, ["--config", config, "--port", value])
+            self.assertEqual(str(e), f"estgw-approval: --port: {reason}")
+
+
 class _Watch(protocol.ProcessProtocol):
     """Collects a daemon's output; fires ``serving`` with its URL."""
 

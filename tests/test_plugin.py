@@ -153,10 +153,33 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(self.parse("-p", "10443").loaded.port, 10443)
 
     def test_bad_port(self) -> None:
-        """A --port that is no TCP port is a UsageError."""
-        self.assertRaises(usage.UsageError, self.parse, "--port", "https")
-        e = self.assertRaises(usage.UsageError, self.parse, "--port", "70000")
-        self.assertIn("--port", str(e))
+        """A --port that is no TCP port stops with one line naming the
+        option, as a bad key does (not twistd's usage text)."""
+        e = self.assertRaises(SystemExit, self.parse, "--port", "https")
+        self.assertEqual(str(e), "estgw: --port: expected a whole number (digits 0-9), not 'https'")
+        e = self.assertRaises(SystemExit, self.parse, "--port", "70000")
+        self.assertEqual(str(e), "estgw: --port: not a TCP port: 70000")
+        self.assertEqual(self.parse("--port", "0").loaded.port, 0)
+
+    def test_workers_override_every_check(self) -> None:
+        """--workers takes the place of server.workers before any check:
+        --workers 1 serves a file with server.workers = 2 and metrics.port;
+        --workers 2 with metrics.port in the file is refused in one line
+        naming the option; the range is 1 to 64, as for the key."""
+        write(self.path, TEST_CONFIG.encode() + b"server.workers = 2\nmetrics.port = 0\n")
+        e = self.assertRaises(SystemExit, self.parse)
+        self.assertEqual(str(e), f"estgw: {self.path}: metrics.port: not available with server.workers above 1")
+        loaded = self.parse("--workers", "1").loaded
+        self.assertEqual((loaded.workers, loaded.metrics_port), (1, 0))
+        write(self.path, TEST_CONFIG.encode() + b"server.workers = 1\nmetrics.port = 0\n")
+        e = self.assertRaises(SystemExit, self.parse, "--workers", "2")
+        self.assertEqual(str(e), f"estgw: {self.path}: metrics.port: not available with --workers above 1")
+        write(self.path, TEST_CONFIG.encode())
+        for value, reason in (("0", "must be at least 1, not 0"), ("65", "must be at most 64, not 65"),
+                              ("two", "expected a whole number (digits 0-9), not 'two'")):
+            e = self.assertRaises(SystemExit, self.parse, "--workers", value)
+            self.assertEqual(str(e), f"estgw: --workers: {reason}")
+        self.assertEqual(self.parse("-w", "64").loaded.workers, 64)
 
     def test_bad_config_names_key(self) -> None:
         """A bad config stops with the file, the key and the reason (not a

@@ -120,6 +120,15 @@ class HangupTests(TwistdTestCase):
         self.assertEqual((await self.curl(port, "cacerts"))[0], 200)
         self.assertIsNone(daemon.exit_code)
 
+    async def test_usr1_without_a_log_file(self) -> None:
+        """twistd -n logging to standard output has no file to rotate:
+        SIGUSR1 is ignored (its default action would end the process)."""
+        daemon = await self.start()
+        daemon.transport.signalProcess(signal.SIGUSR1)
+        await self._pause(0.5)
+        self.assertEqual((await self.curl(daemon.port, "cacerts"))[0], 200)
+        self.assertIsNone(daemon.exit_code)
+
     async def test_sighup_goes_on_to_every_worker(self) -> None:
         """server.workers = 2: SIGHUP to the supervisor reopens its log and
         each worker's audit file (each worker says so in the log); no worker

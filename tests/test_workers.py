@@ -21,7 +21,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from estgw import config as config_module, logs
 from estgw.testing import make_csr, new_key
-from tests.test_twistd import TWISTD, Daemon, TwistdTestCase, environment
+from tests.test_twistd import TWISTD, Daemon, DaemonizeTestCase, TwistdTestCase, environment
 
 STARTED = re.compile(rb"started worker (\d+) \(pid (\d+)\)")
 
@@ -41,6 +41,19 @@ async def _until(predicate: Any, seconds: float = 30.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"not within {seconds} s: {predicate}")
         await task.deferLater(reactor, 0.1, lambda: None)
+
+
+def _newer_store(directory: str) -> None:
+    """A store whose schema a newer estgw wrote: found only once the store
+    opens, in each worker (the supervisor's checks before forking pass)."""
+    import sqlite3
+
+    os.makedirs(os.path.join(directory, "state"), exist_ok=True)
+    db = sqlite3.connect(os.path.join(directory, "state", "estgw.sqlite"))
+    db.execute("CREATE TABLE IF NOT EXISTS schema_version (id INTEGER PRIMARY KEY, version INTEGER NOT NULL)")
+    db.execute("INSERT OR REPLACE INTO schema_version VALUES (1, 9999)")
+    db.commit()
+    db.close()
 
 
 class WorkerTests(TwistdTestCase):
@@ -64,7 +77,11 @@ class WorkerTests(TwistdTestCase):
         the supervisor stops every process."""
         daemon = self.spawn("--port", "0", "--workers", "2")
         port = await daemon.ready()
-        await _until(lambda: len(re.findall(rb"\] estgw serving EST", daemon.output)) >= 2)
+        await _until(lambda: b"with 2 worker processes" in daemon.output)
+        # The supervisor says it serves once both workers do, not before.
+        said = daemon.output.index(b"with 2 worker processes")
+        for n in (1, 2):
+            self.assertRegex(daemon.output[:said], rb"\[w%d [^\]]*\] estgw serving EST" % n)
         first = self.workers(daemon)
         self.assertEqual(sorted(first), [1, 2])
         supervisor = daemon.transport.pid
@@ -158,11 +175,92 @@ class WorkerTests(TwistdTestCase):
         await _until(lambda: not any(_alive(pid) for pid in pids), 15)
 
     async def test_metrics_refused_with_workers(self) -> None:
+        """metrics.port with --workers 2: one 'estgw:' line naming the
+        option, no usage text; --workers 1 serves a file that says
+        server.workers = 2 (the option takes the key's place for every check)."""
         self.append("metrics.port = 0")
         daemon = self.spawn("--port", "0", "--workers", "2")
         code = await daemon.ended
         self.assertNotEqual(code, 0)
-        self.assertIn(b"metrics.port: not available with --workers above 1", daemon.output)
+        self.assertIn(b"estgw: " + self.config.encode() + b": metrics.port: not available with --workers above 1",
+                      daemon.output)
+        self.assertNotIn(b"Usage:", daemon.output)
+        self.append("server.workers = 2")
+        daemon = self.spawn("--port", "0", "--workers", "1")
+        await daemon.ready()
+        self.assertNotIn(b"started worker", daemon.output)
+
+    async def test_worker_start_failure_ends_the_supervisor(self) -> None:
+        """Workers that cannot start end the supervisor as a single process
+        ends: every worker stopped, the reason logged, terminated by SIGTERM
+        (non-zero), no worker started again, the port closed, and no
+        claim that it serves."""
+        _newer_store(self.directory)
+        daemon = self.spawn("--port", "0", "--workers", "2")
+        started = time.monotonic()
+        code = await daemon.ended.addTimeout(30, reactor)
+        self.assertLess(time.monotonic() - started, 20)
+        self.assertEqual((code, daemon.signal), (None, 15), daemon.output.decode())
+        self.assertRegex(daemon.output, rb"estgw could not start: worker [12] failed to start: "
+                                        rb"the database has schema version 9999")
+        self.assertNotIn(b"starting it again", daemon.output)
+        self.assertNotIn(b"with 2 worker processes", daemon.output)
+        await _until(lambda: not any(_alive(pid) for pid in self.workers(daemon).values()), 10)
+
+    async def test_restarted_worker_that_cannot_start_is_tried_again(self) -> None:
+        """A worker that served and then died is started again even when its
+        successor cannot start (the cause may pass): the supervisor and the
+        other worker serve on."""
+        daemon = self.spawn("--port", "0", "--workers", "2")
+        port = await daemon.ready()
+        await _until(lambda: b"with 2 worker processes" in daemon.output)
+        first = self.workers(daemon)
+        _newer_store(self.directory)
+        os.kill(first[1], signal.SIGKILL)
+        await _until(lambda: re.search(rb"worker 1 ended \(the database has schema version 9999.*\)"
+                                       rb" after [0-9.]+ s; starting it again", daemon.output), 20)
+        self.assertIsNone(daemon.exit_code)
+        self.assertNotIn(b"estgw could not start: worker", daemon.output)
+        self.assertEqual(self.workers(daemon)[2], first[2])
+        self.assertTrue(_alive(first[2]))
+        self.assertEqual((await self.curl(port, "cacerts"))[0], 200)
+
+    async def test_sigusr1_leaves_every_worker_serving(self) -> None:
+        """SIGUSR1 to a worker, then to the whole process group (as
+        ``systemctl kill -s USR1`` signals every process of the unit): no
+        process ends, the supervisor rotates its log, the workers serve."""
+        self.append("log.file = est.log")
+        log = os.path.join(self.directory, "est.log")
+        daemon = Daemon()
+        # In a session of its own, so that its process group is its alone.
+        argv = ["setsid"] + TWISTD + ["-n", "--pidfile=", "estgw", "--config", self.config, "--port", "0",
+                                      "--workers", "2"]
+        reactor.spawnProcess(daemon, "/usr/bin/setsid", argv, env=environment(), path=self.directory)
+        self.addCleanup(self._stop, daemon)
+
+        def text() -> str:
+            try:
+                with open(log, encoding="utf-8") as f:
+                    return f.read()
+            except FileNotFoundError:
+                return ""
+
+        await _until(lambda: "with 2 worker processes" in text())
+        port = int(re.findall(r"serving EST at https://[^:/]+:([0-9]+)/", text())[0])
+        pids = {int(n): int(pid) for n, pid in STARTED.findall(text().encode())}
+        supervisor = daemon.transport.pid
+        self.assertEqual(os.getpgid(supervisor), supervisor)
+        os.kill(pids[1], signal.SIGUSR1)
+        os.killpg(supervisor, signal.SIGUSR1)
+        await _until(lambda: os.path.exists(log + ".1") and "SIGUSR1: log rotated" in text(), 10)
+        self.assertEqual((await self.curl(port, "cacerts"))[0], 200)
+        self.assertEqual((await self.curl(port, "cacerts"))[0], 200)
+        self.assertTrue(all(_alive(pid) for pid in pids.values()))
+        self.assertIsNone(daemon.exit_code)
+        with open(log + ".1", encoding="utf-8") as f:
+            whole = f.read() + text()
+        self.assertNotIn("ended", whole)
+        self.assertEqual({int(n): int(pid) for n, pid in STARTED.findall(whole.encode())}, pids)
 
     async def test_log_file_workers_and_lag_probe(self) -> None:
         """log.file gets the supervisor's and the workers' lines; the lag
@@ -199,6 +297,74 @@ class WorkerTests(TwistdTestCase):
 
     def workers_from(self, text: str) -> list[int]:
         return [int(pid) for _, pid in re.findall(r"started worker (\d+) \(pid (\d+)\)", text)]
+
+
+class DaemonizedWorkerTests(DaemonizeTestCase):
+    async def test_worker_start_failure_removes_the_pid_file(self) -> None:
+        """twistd without -n, --workers 2, a store the workers cannot open:
+        the daemon logs why, ends and removes its pid file, and leaves no
+        worker behind."""
+        _newer_store(self.directory)
+        result = await self.daemonize("--port", "0", "--workers", "2")
+        self.assertEqual(result.code, 0, result)  # detached before the workers start
+        with open(self.pidfile) as f:
+            pid = int(f.read())
+
+        def log() -> bytes:
+            with open(self.logfile, "rb") as f:
+                return f.read()
+
+        await _until(lambda: not os.path.exists(self.pidfile) and not _alive(pid), 20)
+        self.assertRegex(log(), rb"estgw could not start: worker [12] failed to start: "
+                                rb"the database has schema version 9999")
+        self.assertNotIn(b"with 2 worker processes", log())
+        await _until(lambda: not any(_alive(int(p)) for _, p in STARTED.findall(log())), 10)
+
+
+class ReportTests(SynchronousTestCase):
+    """What a worker writes on its ready pipe, and how the supervisor reads it."""
+
+    def read_report(self, tell: Any) -> bytes:
+        read_fd, write_fd = os.pipe()
+        tell(write_fd)  # closes write_fd
+        with os.fdopen(read_fd, "rb") as f:
+            return f.read()
+
+    def test_ready_and_failure_lines(self) -> None:
+        """'ready' once the gateway serves; 'failed' and the reason on one
+        line when it could not start (the failure passed on); a reason
+        given before the reactor runs (SystemExit) the same way.  The
+        supervisor names that reason, or else how the process ended."""
+        from twisted.internet import defer
+        from twisted.python.failure import Failure
+
+        from estgw import workers
+
+        def served(fd: int) -> None:
+            ready: defer.Deferred[None] = defer.Deferred()
+            workers.report_start(ready, fd)
+            ready.callback(None)
+
+        self.assertEqual(self.read_report(served), b"ready\n")
+        passed_on: list[Failure] = []
+
+        def failed(fd: int) -> None:
+            ready: defer.Deferred[None] = defer.Deferred()
+            workers.report_start(ready, fd)
+            ready.addErrback(passed_on.append)
+            ready.errback(RuntimeError("the store\ncannot open"))
+
+        report = self.read_report(failed)
+        self.assertEqual(report, b"failed the store cannot open\n")
+        self.assertEqual(len(passed_on), 1)
+        # One write a pipe takes at once, however long the reason.
+        self.assertEqual(len(self.read_report(lambda fd: workers.report_failure(fd, "x" * 5000))), 1024)
+        worker = workers._Worker(1)
+        ended = Failure(RuntimeError("process ended by signal 15"))
+        worker.report = report
+        self.assertEqual(workers.Supervisor._why(worker, ended), "the store cannot open")
+        worker.report = b""
+        self.assertEqual(workers.Supervisor._why(worker, ended), "process ended by signal 15")
 
 
 class HumanLogTests(SynchronousTestCase):

@@ -6,7 +6,7 @@ are errors, and every error names the key."""
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import attr
 
@@ -113,8 +113,15 @@ def _resolve(base: str, path: str) -> str:
     return os.path.normpath(os.path.join(base, os.path.expanduser(path)))
 
 
-def from_string(text: str, source: str = "approval.properties", base_dir: str = ".") -> ServiceConfig:
-    """Parse approval.properties text; relative paths are relative to ``base_dir``."""
+def from_string(text: str, source: str = "approval.properties", base_dir: str = ".",
+                options: Mapping[str, tuple[str, str]] | None = None) -> ServiceConfig:
+    """Parse approval.properties text; relative paths are relative to ``base_dir``.
+    ``options``: command-line options in place of keys, as
+    ``{"service.port": ("--port", "0")}``, read by the key's parser; an
+    error about one names the option.
+
+    :raises ConfigError: naming the key (or option) and the reason.
+    """
     try:
         raw = parse_properties(text)
     except PropertiesError as e:
@@ -128,6 +135,12 @@ def from_string(text: str, source: str = "approval.properties", base_dir: str = 
             fields[attribute] = parser(value)
         except ValueError as e:
             raise ConfigError(key, str(e), source) from None
+    for key, (option, value) in (options or {}).items():
+        attribute, parser = _KEYS[key]
+        try:
+            fields[attribute] = parser(value)
+        except ValueError as e:
+            raise ConfigError(option, str(e)) from None
     for attribute in _PATH_KEYS:
         if fields.get(attribute):
             fields[attribute] = _resolve(base_dir, fields[attribute])
@@ -142,10 +155,12 @@ def from_string(text: str, source: str = "approval.properties", base_dir: str = 
     return ServiceConfig(source=source, state_directory=_resolve(base_dir, state), **fields)
 
 
-def load(path: str) -> ServiceConfig:
+def load(path: str, options: Mapping[str, tuple[str, str]] | None = None) -> ServiceConfig:
+    """Read and check ``path``, with the command-line ``options`` in place
+    of keys (see :func:`from_string`)."""
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except OSError as e:
         raise ConfigError("--config", f"cannot read {path}: {e.strerror}") from None
-    return from_string(text, source=path, base_dir=os.path.dirname(os.path.abspath(path)))
+    return from_string(text, source=path, base_dir=os.path.dirname(os.path.abspath(path)), options=options)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import attr
 from twisted.application import service
 from twisted.logger import Logger, textFileLogObserver
 from twisted.python import usage
@@ -25,7 +24,7 @@ from estgw import limits, logfiles, logs
 from estgw.approval import config as config_module
 from estgw.approval.config import ServiceConfig
 from estgw.approval.service import ApprovalService
-from estgw.config import ConfigError, whole_number
+from estgw.config import ConfigError
 from estgw.daemon import StartError, end_process_on_failure
 
 
@@ -37,19 +36,17 @@ class Options(usage.Options):
     )
     optParameters = [
         ["config", "c", "etc/approval.properties", "The approval.properties file."],
-        ["port", "p", None, "Listen on this TCP port instead of service.port.", whole_number],
+        # Read by service.port's own parser (config.from_string).
+        ["port", "p", None, "Listen on this TCP port instead of service.port (0: a free port)."],
     ]
 
     def postOptions(self) -> None:
+        options = {"service.port": ("--port", self["port"])} if self["port"] is not None else {}
         try:
-            loaded = config_module.load(self["config"])
+            loaded = config_module.load(self["config"], options)
         except ConfigError as e:
             # Not a usage error: twistd would print its usage text before it.
             raise SystemExit(f"estgw-approval: {e}") from None
-        if self["port"] is not None:
-            if not 0 <= self["port"] <= 65535:
-                raise usage.UsageError(f"--port: not a TCP port: {self['port']}")
-            loaded = attr.evolve(loaded, port=self["port"])
         self.loaded: ServiceConfig = loaded
 
 
