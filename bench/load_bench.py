@@ -228,6 +228,16 @@ def cert_pem_from_pkcs7(body: bytes) -> bytes:
 # -- the daemon -------------------------------------------------------------------
 
 
+def _stat_fields(path: str) -> list[str] | None:
+    """The fields of a /proc/PID/stat file after the command name (None:
+    the process is gone)."""
+    try:
+        with open(path, encoding="ascii", errors="replace") as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
 class Daemon:
     """``twistd -n estgw`` with its log in a file."""
 
@@ -267,12 +277,8 @@ class Daemon:
         """The daemon and its worker processes."""
         found = [self.pid] if self.pid else []
         for stat in glob.glob("/proc/[0-9]*/stat"):
-            try:
-                with open(stat, encoding="ascii", errors="replace") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if self.pid and int(fields[1]) == self.pid:
+            fields = _stat_fields(stat)
+            if fields is not None and self.pid and int(fields[1]) == self.pid:
                 found.append(int(stat.split("/")[2]))
         return found
 
@@ -280,10 +286,8 @@ class Daemon:
         """User + system time of the daemon, its live workers and its reaped ones."""
         total = 0
         for pid in self.pids():
-            try:
-                with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
+            fields = _stat_fields(f"/proc/{pid}/stat")
+            if fields is None:
                 continue
             # utime stime cutime cstime: fields 14-17 of proc(5), 12-15 after the name
             total += sum(int(v) for v in fields[11:13])
@@ -295,12 +299,9 @@ class Daemon:
         """pid -> (user, system) CPU seconds of the daemon and its live workers."""
         times = {}
         for pid in self.pids():
-            try:
-                with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            times[pid] = (int(fields[11]) / TICK, int(fields[12]) / TICK)
+            fields = _stat_fields(f"/proc/{pid}/stat")
+            if fields is not None:
+                times[pid] = (int(fields[11]) / TICK, int(fields[12]) / TICK)
         return times
 
     def peak_rss_mib(self) -> tuple[float, float]:
