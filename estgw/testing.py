@@ -259,7 +259,19 @@ class RunningGateway:
         self.port = self.service.port.getHost().port
 
     def stop(self) -> defer.Deferred[None]:
-        return self.service.stopService()
+        return defer.Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        from twisted.internet import reactor, task
+
+        await self.service.stopService()
+        # A client that left just before the test ended: give the reactor
+        # a moment to see its connection end, so that none of its timers
+        # outlives the test (trial's clean-reactor check).  Bounded.
+        for _ in range(60):
+            if self.service.connection_counts.total == 0:
+                return
+            await task.deferLater(reactor, 0.05, lambda: None)
 
     @property
     def store(self) -> Any:

@@ -12,6 +12,7 @@ import sys
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from twisted.internet import reactor, task
 from twisted.trial.unittest import TestCase
 
 from estgw.passwords import hash_password
@@ -219,6 +220,13 @@ class BodyLimitTests(WireTestCase):
         self.assertIn(status, ("413", "none"), result.stderr)
         self.assertLess(int(sent), 20_000_000)  # before the end (socket buffers hold a few MB)
         await self.assert_nothing_issued(gateway)
+        # The gateway's side of the connection ends too (on a busy machine
+        # a moment after the client's process): nothing of it is left.
+        for _ in range(200):  # at most 10 s
+            if gateway.service.connection_counts.total == 0:
+                break
+            await task.deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(gateway.service.connection_counts.total, 0)
 
     async def test_announced_body_too_large_closes_at_once(self) -> None:
         """Content-Length over the limit and no body sent: 413 at once, and
