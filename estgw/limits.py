@@ -33,6 +33,7 @@ in time).
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import Any, Callable
 
@@ -52,7 +53,13 @@ Counter = Callable[[str], None]
 
 
 def _host(address: Any) -> str:
-    return str(getattr(address, "host", address))
+    """The client of ``address`` as counted and logged: an IP address in
+    its one canonical spelling (``2001:db8::5``, however it was written)."""
+    host = str(getattr(address, "host", address))
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        return host
 
 
 class ConnectionCounts:
@@ -160,24 +167,36 @@ def _refuse(refused: Counter, code: str, host: str, reason: str | None) -> None:
 
 
 class _CountedClient(ProtocolWrapper):
-    """Counts its connection for the client its transport names once data
-    comes: behind a PROXY protocol wrapper, only after the header."""
+    """Counts its connection for the client its transport names, once that
+    client is known: behind a PROXY protocol wrapper, when the header has
+    been read (:meth:`count`, called by :mod:`estgw.proxied`) or at the
+    first data after it, whichever comes first, before TLS sees a byte."""
 
     factory: "ClientLimits"
     host: str | None = None
+    refused = False
+
+    def count(self) -> bool:
+        """Count the connection for its client, or close it when that client
+        holds its cap already; False when it is (or was) refused.  Once per
+        connection: later calls say what the first decided."""
+        if self.host is not None or self.refused:
+            return not self.refused
+        transport: Any = self.transport
+        host = _host(transport.getPeer())
+        code, reason = _over_client_cap(self.factory.counts, self.factory.per_client, host)
+        if code is not None:
+            self.refused = True
+            _refuse(self.factory.refused, code, host, reason)
+            transport.abortConnection()
+            return False
+        self.host = host
+        self.factory.counts.client_opened(host)
+        return True
 
     def dataReceived(self, data: bytes) -> None:
-        if self.host is None:
-            transport: Any = self.transport
-            host = _host(transport.getPeer())
-            code, reason = _over_client_cap(self.factory.counts, self.factory.per_client, host)
-            if code is not None:
-                _refuse(self.factory.refused, code, host, reason)
-                transport.abortConnection()
-                return
-            self.host = host
-            self.factory.counts.client_opened(host)
-        super().dataReceived(data)
+        if self.count():
+            super().dataReceived(data)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self.host is not None:

@@ -22,7 +22,6 @@ from twisted.internet import defer
 from twisted.internet.endpoints import wrapServerTLS
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger
-from twisted.protocols.haproxy import proxyEndpoint
 from twisted.python import usage
 from zope.interface import implementer
 
@@ -45,6 +44,7 @@ from estgw.health import (
     health_resource,
 )
 from estgw.limits import ClientLimitedEndpoint, ConnectionCounts, LimitedEndpoint
+from estgw.proxied import ProxyProtocolEndpoint
 from estgw.revocation import build_checker
 from estgw.store import StoreUnavailable
 from estgw.metrics import Metrics, metrics_site
@@ -228,7 +228,7 @@ class GatewayService(service.Service):
             # cap counts TCP connections as they are accepted; the client
             # of the per-client cap is the one the header names, counted
             # once the header is read.
-            endpoint = proxyEndpoint(self._capped(endpoint, clients_here=False))
+            endpoint = ProxyProtocolEndpoint(self._capped(endpoint, clients_here=False), self.refused_connection)
             return wrapServerTLS(context, ClientLimitedEndpoint(
                 endpoint, self.config.max_connections_per_client, self.refused_connection, self.connection_counts,
             ))

@@ -7,7 +7,7 @@ import os
 import socket
 import ssl
 
-from twisted.internet import threads
+from twisted.internet import reactor, task, threads
 
 from tests.test_twistd import TwistdTestCase
 from tests.test_workers import _until
@@ -131,3 +131,69 @@ class ProxiedConnectionCapTests(_ProxyCase):
             conn.close()
         self.assertTrue(await threads.deferToThread(self._served, port, "198.51.100.3"))
         self.assertNotIn(b"Unhandled Error", self.daemon.output)
+
+
+def _v2_header(source: str, port: int) -> bytes:
+    """A PROXY v2 header (TCP over IPv6) naming ``source``."""
+    import ipaddress
+    import struct
+
+    body = (ipaddress.IPv6Address(source).packed + ipaddress.IPv6Address("::1").packed
+            + struct.pack("!HH", 40000, port))
+    return b"\r\n\r\n\x00\r\nQUIT\n" + bytes([0x21, 0x21]) + struct.pack("!H", len(body)) + body
+
+
+def _closed_within(port: int, header: bytes, seconds: float) -> bool:
+    """Send ``header`` alone and nothing more; True when the gateway closes
+    the connection within ``seconds``."""
+    raw = socket.create_connection(("127.0.0.1", port), timeout=seconds)
+    try:
+        raw.sendall(header)
+        return raw.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except socket.timeout:
+        return False
+    finally:
+        raw.close()
+
+
+class ProxiedClientCountTests(_ProxyCase):
+    async def test_header_alone_is_counted(self) -> None:
+        """A balancer sends the header as the client connects, often alone:
+        the named client is counted then, so silent connections cannot
+        hold more than its share."""
+        port = await self.start_with("server.proxyProtocol = true", "server.maxConnectionsPerClient = 2")
+        held = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
+        for raw in held:
+            raw.sendall(f"PROXY TCP4 198.51.100.7 127.0.0.1 40000 {port}\r\n".encode())
+        await task.deferLater(reactor, 0.5, lambda: None)  # the gateway reads them first
+        header = f"PROXY TCP4 198.51.100.7 127.0.0.1 40001 {port}\r\n".encode()
+        self.assertTrue(await threads.deferToThread(_closed_within, port, header, 10))
+        await _until(lambda: b"refused connection from 198.51.100.7: too-many-connections-per-client"
+                     in self.daemon.output, 10)
+        # Another client is served meanwhile.
+        self.assertIsNotNone(await threads.deferToThread(_open_proxied, port, self.root(), "198.51.100.8"))
+        for raw in held:
+            raw.close()
+
+    async def test_one_ipv6_client_however_spelled(self) -> None:
+        """v1 and v2 headers, compressed or not, upper or lower case: one
+        client, one count, one name in the audit."""
+        port = await self.start_with("server.proxyProtocol = true", "server.maxConnectionsPerClient = 2")
+        held = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
+        held[0].sendall(f"PROXY TCP6 2001:DB8:0::5 ::1 40000 {port}\r\n".encode())
+        held[1].sendall(_v2_header("2001:db8::5", port))
+        await task.deferLater(reactor, 0.5, lambda: None)  # the gateway reads them first
+        third = f"PROXY TCP6 2001:db8::5 ::1 40002 {port}\r\n".encode()
+        self.assertTrue(await threads.deferToThread(_closed_within, port, third, 10))
+        await _until(lambda: b"refused connection from 2001:db8::5: too-many-connections-per-client"
+                     in self.daemon.output, 10)
+        for raw in held:
+            raw.close()
+
+    async def test_missing_header_is_audited(self) -> None:
+        port = await self.start_with("server.proxyProtocol = true")
+        self.assertTrue(await threads.deferToThread(
+            _closed_within, port, b"GET / HTTP/1.0\r\nHost: x\r\n\r\n", 10))
+        await _until(lambda: b"refused connection from 127.0.0.1: bad-proxy-header" in self.daemon.output, 10)
