@@ -52,7 +52,7 @@ _audit = Logger(namespace="estgw.audit")
 Counter = Callable[[str], None]
 
 
-def _host(address: Any) -> str:
+def client_host(address: Any) -> str:
     """The client of ``address`` as counted and logged: an IP address in
     its one canonical spelling (``2001:db8::5``, however it was written)."""
     host = str(getattr(address, "host", address))
@@ -72,7 +72,7 @@ class ConnectionCounts:
 
     def opened(self, host: str | None) -> None:
         """One more connection, and one more of ``host`` (None: the
-        client is counted elsewhere, see :class:`ClientLimits`)."""
+        client is counted elsewhere, see :class:`estgw.proxied.ClientLimits`)."""
         self.total += 1
         if host is not None:
             self.client_opened(host)
@@ -118,20 +118,20 @@ class ConnectionLimits(WrappingFactory):
         self._refused = refused or (lambda code: None)
         self.counts = counts if counts is not None else ConnectionCounts()
         # False behind a PROXY header: the TCP peer is the load balancer,
-        # and ClientLimits counts the client the header names.
+        # and estgw.proxied.ClientLimits counts the client the header names.
         self.clients_here = clients_here
         self._hosts: dict[Any, str | None] = {}
 
     def buildProtocol(self, addr: IAddress | None) -> Any:
-        host = _host(addr)
+        host = client_host(addr)
         code = reason = None
         if self.total and self.counts.total >= self.total:
             code = "too-many-connections"
             reason = f"open connections: at most {self.total} {self.total_where}"
         elif self.clients_here:
-            code, reason = _over_client_cap(self.counts, self.per_client, host)
+            code, reason = over_client_cap(self.counts, self.per_client, host)
         if code is not None:
-            _refuse(self._refused, code, host, reason)
+            refuse_connection(self._refused, code, host, reason)
             return None  # the listening port closes the socket at once
         protocol = super().buildProtocol(addr)
         self._hosts[protocol] = host if self.clients_here else None
@@ -148,7 +148,7 @@ class ConnectionLimits(WrappingFactory):
             self.counts.closed(self._hosts.pop(p))
 
 
-def _over_client_cap(counts: ConnectionCounts, per_client: int, host: str) -> tuple[str | None, str | None]:
+def over_client_cap(counts: ConnectionCounts, per_client: int, host: str) -> tuple[str | None, str | None]:
     if per_client and counts.by_client.get(host, 0) >= per_client:
         return (
             "too-many-connections-per-client",
@@ -157,83 +157,13 @@ def _over_client_cap(counts: ConnectionCounts, per_client: int, host: str) -> tu
     return None, None
 
 
-def _refuse(refused: Counter, code: str, host: str, reason: str | None) -> None:
+def refuse_connection(refused: Counter, code: str, host: str, reason: str | None) -> None:
     refused(code)
     # No HTTP status: the connection is closed before any request.
     _audit.info(
         "{event} connection from {client}: {code}: {reason}",
         event="refused", code=code, client=host, reason=reason,
     )
-
-
-class _CountedClient(ProtocolWrapper):
-    """Counts its connection for the client its transport names, once that
-    client is known: behind a PROXY protocol wrapper, when the header has
-    been read (:meth:`count`, called by :mod:`estgw.proxied`) or at the
-    first data after it, whichever comes first, before TLS sees a byte."""
-
-    factory: "ClientLimits"
-    host: str | None = None
-    refused = False
-
-    def count(self) -> bool:
-        """Count the connection for its client, or close it when that client
-        holds its cap already; False when it is (or was) refused.  Once per
-        connection: later calls say what the first decided."""
-        if self.host is not None or self.refused:
-            return not self.refused
-        transport: Any = self.transport
-        host = _host(transport.getPeer())
-        code, reason = _over_client_cap(self.factory.counts, self.factory.per_client, host)
-        if code is not None:
-            self.refused = True
-            _refuse(self.factory.refused, code, host, reason)
-            transport.abortConnection()
-            return False
-        self.host = host
-        self.factory.counts.client_opened(host)
-        return True
-
-    def dataReceived(self, data: bytes) -> None:
-        if self.count():
-            super().dataReceived(data)
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if self.host is not None:
-            self.factory.counts.client_closed(self.host)
-            self.host = None
-        super().connectionLost(reason)
-
-
-class ClientLimits(WrappingFactory):
-    """``server.maxConnectionsPerClient`` behind a PROXY protocol header
-    (``server.proxyProtocol``): the client is the address the header names,
-    so the connection is counted, or closed, at its first data after the
-    header, inside the PROXY wrapper.  The total cap stays outside it, on
-    the TCP connections (:class:`ConnectionLimits` with ``clients_here``
-    False), sharing ``counts``."""
-
-    protocol = _CountedClient
-
-    def __init__(self, wrapped: Any, per_client: int, refused: Counter | None, counts: ConnectionCounts) -> None:
-        super().__init__(wrapped)
-        self.per_client = per_client
-        self.refused: Counter = refused or (lambda code: None)
-        self.counts = counts
-
-
-@implementer(IStreamServerEndpoint)
-class ClientLimitedEndpoint:
-    """A server endpoint whose factories are wrapped in :class:`ClientLimits`."""
-
-    def __init__(self, endpoint: Any, per_client: int, refused: Counter | None, counts: ConnectionCounts) -> None:
-        self._endpoint = endpoint
-        self._per_client = per_client
-        self._refused = refused
-        self._counts = counts
-
-    def listen(self, factory: Any) -> Any:
-        return self._endpoint.listen(ClientLimits(factory, self._per_client, self._refused, self._counts))
 
 
 @implementer(IStreamServerEndpoint)
@@ -479,7 +409,7 @@ class LimitedChannel(http.HTTPChannel):
         if self._answered and self._between_requests():
             self._log.debug(
                 "closed the connection from {client}, idle for {seconds:g} seconds after {count} answered requests",
-                client=_host(self.getPeer()), seconds=self.timeOut, count=self._answered,
+                client=client_host(self.getPeer()), seconds=self.timeOut, count=self._answered,
             )
         else:
             if stalled:
@@ -491,7 +421,7 @@ class LimitedChannel(http.HTTPChannel):
             self.refused("idle-timeout")
             _audit.info(
                 "{event} connection from {client}: {code}: {reason}",
-                event="refused", code="idle-timeout", client=_host(self.getPeer()), reason=reason,
+                event="refused", code="idle-timeout", client=client_host(self.getPeer()), reason=reason,
             )
         self._cancel_deadline()
         if stalled:
@@ -537,7 +467,7 @@ class LimitedChannel(http.HTTPChannel):
         self.refused(code)
         _audit.info(
             "{event} connection from {client}: {status} {code}: {reason}",
-            event="refused", code=code, client=_host(self.getPeer()), status=status, reason=reason,
+            event="refused", code=code, client=client_host(self.getPeer()), status=status, reason=reason,
         )
         self.close_with(status, reason)
 
@@ -626,7 +556,7 @@ class LimitedChannel(http.HTTPChannel):
         self.refused(code)
         _audit.info(
             "{event} connection from {client}: {status} {code}: {reason}",
-            event="refused", code=code, client=_host(peer), status=408, reason=reason,
+            event="refused", code=code, client=client_host(peer), status=408, reason=reason,
         )
         self.close_with(408, reason)
 

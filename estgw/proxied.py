@@ -5,7 +5,7 @@ gateway needs on top of it:
 
 - the client the header names is counted against
   ``server.maxConnectionsPerClient`` as soon as the header is read
-  (:class:`estgw.limits.ClientLimits`), even when nothing follows it yet
+  (:class:`ClientLimits`), even when nothing follows it yet
   (a balancer sends the header alone when the client connects);
 - that client's address has one spelling however the header wrote it
   (v2 headers give IPv6 addresses uncompressed), so one client is one
@@ -20,6 +20,9 @@ from typing import Any
 
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.internet.protocol import connectionDone
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.python.failure import Failure
 # The classes behind twisted.protocols.haproxy.proxyEndpoint, which the
 # package does not re-export; tests/test_proxy_protocol.py pins what is
 # used of them.
@@ -29,6 +32,64 @@ from zope.interface import implementer
 from estgw import limits
 
 __all__ = ["ProxyProtocolEndpoint"]
+
+
+class _CountedClient(ProtocolWrapper):
+    """Counts its connection for the client its transport names, once that
+    client is known: behind a PROXY protocol wrapper, when the header has
+    been read (:meth:`count`, called by :class:`_ProxyHeader`) or at the
+    first data after it, whichever comes first, before TLS sees a byte."""
+
+    factory: "ClientLimits"
+    host: str | None = None
+    refused = False
+
+    def count(self) -> bool:
+        """Count the connection for its client, or close it when that client
+        holds its cap already; False when it is (or was) refused.  Once per
+        connection: later calls say what the first decided."""
+        if self.host is not None or self.refused:
+            return not self.refused
+        transport: Any = self.transport
+        host = limits.client_host(transport.getPeer())
+        code, reason = limits.over_client_cap(self.factory.counts, self.factory.per_client, host)
+        if code is not None:
+            self.refused = True
+            limits.refuse_connection(self.factory.refused, code, host, reason)
+            transport.abortConnection()
+            return False
+        self.host = host
+        self.factory.counts.client_opened(host)
+        return True
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.count():
+            super().dataReceived(data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self.host is not None:
+            self.factory.counts.client_closed(self.host)
+            self.host = None
+        super().connectionLost(reason)
+
+
+class ClientLimits(WrappingFactory):
+    """``server.maxConnectionsPerClient`` behind a PROXY protocol header
+    (``server.proxyProtocol``): the client is the address the header names,
+    so the connection is counted, or closed, once the header is read,
+    inside the PROXY wrapper.  The total cap stays outside it, on the TCP
+    connections (:class:`estgw.limits.ConnectionLimits` with
+    ``clients_here`` False), sharing ``counts``."""
+
+    protocol = _CountedClient
+
+    def __init__(
+        self, wrapped: Any, per_client: int, refused: limits.Counter | None, counts: limits.ConnectionCounts
+    ) -> None:
+        super().__init__(wrapped)
+        self.per_client = per_client
+        self.refused: limits.Counter = refused or (lambda code: None)
+        self.counts = counts
 
 
 class _ProxyHeader(HAProxyProtocolWrapper):
@@ -46,18 +107,18 @@ class _ProxyHeader(HAProxyProtocolWrapper):
             return
         if self._header_read():
             counted = self.wrappedProtocol
-            if isinstance(counted, limits._CountedClient):
+            if isinstance(counted, _CountedClient):
                 counted.count()
         elif getattr(self.transport, "disconnecting", False):
-            host = limits._host(super().getPeer())
-            limits._refuse(self.factory.refused, "bad-proxy-header", host,
-                           "no PROXY protocol header (server.proxyProtocol)")
+            host = limits.client_host(super().getPeer())
+            limits.refuse_connection(self.factory.refused, "bad-proxy-header", host,
+                                     "no PROXY protocol header (server.proxyProtocol)")
 
     def getPeer(self) -> Any:
         peer = super().getPeer()
         host = getattr(peer, "host", None)
         if isinstance(peer, (IPv4Address, IPv6Address)) and host is not None:
-            canonical = limits._host(peer)
+            canonical = limits.client_host(peer)
             if canonical != host:
                 return type(peer)(peer.type, canonical, peer.port)
         return peer
@@ -73,12 +134,18 @@ class _ProxyHeaderFactory(HAProxyWrappingFactory):
 
 @implementer(IStreamServerEndpoint)
 class ProxyProtocolEndpoint:
-    """``endpoint`` whose connections start with a PROXY protocol header;
-    ``refused`` counts those without one (by reason code)."""
+    """``endpoint`` whose connections start with a PROXY protocol header,
+    each counted for the client it names under ``per_client``
+    (``server.maxConnectionsPerClient``, in ``counts``); ``refused``
+    counts refusals by reason code."""
 
-    def __init__(self, endpoint: Any, refused: limits.Counter | None = None) -> None:
+    def __init__(self, endpoint: Any, per_client: int, refused: limits.Counter | None,
+                 counts: limits.ConnectionCounts) -> None:
         self._endpoint = endpoint
+        self._per_client = per_client
         self._refused = refused
+        self._counts = counts
 
     def listen(self, factory: Any) -> Any:
-        return self._endpoint.listen(_ProxyHeaderFactory(factory, self._refused))
+        counted = ClientLimits(factory, self._per_client, self._refused, self._counts)
+        return self._endpoint.listen(_ProxyHeaderFactory(counted, self._refused))

@@ -43,7 +43,7 @@ from estgw.health import (
     certificate_in_validity,
     health_resource,
 )
-from estgw.limits import ClientLimitedEndpoint, ConnectionCounts, LimitedEndpoint
+from estgw.limits import ConnectionCounts, LimitedEndpoint
 from estgw.proxied import ProxyProtocolEndpoint
 from estgw.revocation import build_checker
 from estgw.store import StoreUnavailable
@@ -228,9 +228,9 @@ class GatewayService(service.Service):
             # cap counts TCP connections as they are accepted; the client
             # of the per-client cap is the one the header names, counted
             # once the header is read.
-            endpoint = ProxyProtocolEndpoint(self._capped(endpoint, clients_here=False), self.refused_connection)
-            return wrapServerTLS(context, ClientLimitedEndpoint(
-                endpoint, self.config.max_connections_per_client, self.refused_connection, self.connection_counts,
+            return wrapServerTLS(context, ProxyProtocolEndpoint(
+                self._capped(endpoint, clients_here=False), self.config.max_connections_per_client,
+                self.refused_connection, self.connection_counts,
             ))
         return wrapServerTLS(context, self._capped(endpoint))
 
@@ -238,7 +238,7 @@ class GatewayService(service.Service):
                 clients_here: bool = True) -> Any:
         """``endpoint`` under the connection caps, server.maxConnections and
         server.maxConnectionsPerClient (unless ``clients_here`` is False:
-        :class:`estgw.limits.ClientLimits` counts them), counted over every
+        :class:`estgw.proxied.ClientLimits` counts them), counted over every
         address of one listener: the EST listener's count (the default) or
         the publishing listener's own, so that neither can starve the other."""
         where = "in all" + listener
