@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+import time
 from typing import Any, Iterable, Mapping, Sequence
 
 import attr
@@ -226,6 +227,21 @@ class HeldTokenProcedure:
 
     def chain(self) -> list[x509.Certificate]:
         return self._procedure.chain()
+
+
+# -- waiting in tests ---------------------------------------------------------------------
+
+
+async def until(predicate: Any, seconds: float = 30.0, interval: float = 0.1) -> None:
+    """Poll ``predicate`` every ``interval`` seconds in the reactor until it
+    holds; AssertionError after ``seconds``."""
+    from twisted.internet import reactor, task
+
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {seconds} s: {predicate}")
+        await task.deferLater(reactor, interval, lambda: None)
 
 
 # -- a gateway in this process ----------------------------------------------------------

@@ -10,7 +10,6 @@ from __future__ import annotations
 import re
 import sqlite3
 import threading
-import time
 from typing import Any
 
 from twisted.internet import defer, reactor, task, threads
@@ -21,7 +20,7 @@ from estgw.ca import IssueRequest, Profile
 from estgw.guard import CAGuard
 from estgw.refusal import Refusal
 from estgw.store import SQLiteStore, StoreUnavailable
-from estgw.testing import TEST_CONFIG, HTTPResult, RunningGateway, name, new_key
+from estgw.testing import TEST_CONFIG, HTTPResult, RunningGateway, name, new_key, until
 from tests.test_auth import AuditLog
 from tests.test_refusals import basic_csr, register
 
@@ -167,11 +166,7 @@ class _HangingInThread:
 
 
 async def _until(predicate: Any, seconds: float = 20.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {seconds} s")
-        await task.deferLater(reactor, 0.05, lambda: None)
+    await until(predicate, seconds, 0.05)
 
 
 class HungCATests(FaultTestCase):

@@ -12,13 +12,12 @@ import sys
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-from twisted.internet import reactor, task
 from twisted.trial.unittest import TestCase
 
 from estgw.passwords import hash_password
 from estgw.protocol import decode_certs_only, decode_csrattrs
 from estgw.store import Device
-from estgw.testing import TEST_CONFIG, HTTPResult, RunningGateway, csr_pem, make_csr, new_key, run_process
+from estgw.testing import TEST_CONFIG, HTTPResult, RunningGateway, csr_pem, make_csr, new_key, run_process, until
 
 DEVICE, PASSWORD = "dev-1", "correct horse"
 USER = f"{DEVICE}:{PASSWORD}"
@@ -222,10 +221,7 @@ class BodyLimitTests(WireTestCase):
         await self.assert_nothing_issued(gateway)
         # The gateway's side of the connection ends too (on a busy machine
         # a moment after the client's process): nothing of it is left.
-        for _ in range(200):  # at most 10 s
-            if gateway.service.connection_counts.total == 0:
-                break
-            await task.deferLater(reactor, 0.05, lambda: None)
+        await until(lambda: gateway.service.connection_counts.total == 0, 10, 0.05)
         self.assertEqual(gateway.service.connection_counts.total, 0)
 
     async def test_announced_body_too_large_closes_at_once(self) -> None:

@@ -15,12 +15,12 @@ import time
 from typing import Any
 
 from cryptography.hazmat.primitives.serialization import Encoding
-from twisted.internet import reactor, task
+from twisted.internet import reactor
 from twisted.logger import Logger
 from twisted.trial.unittest import SynchronousTestCase
 
 from estgw import config as config_module, logs
-from estgw.testing import make_csr, new_key
+from estgw.testing import make_csr, new_key, until
 from tests.test_twistd import TWISTD, Daemon, DaemonizeTestCase, TwistdTestCase, environment
 
 STARTED = re.compile(rb"started worker (\d+) \(pid (\d+)\)")
@@ -34,13 +34,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
-async def _until(predicate: Any, seconds: float = 30.0) -> None:
-    """Poll ``predicate`` every 0.1 s; fail after ``seconds``."""
-    deadline = time.monotonic() + seconds
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {seconds} s: {predicate}")
-        await task.deferLater(reactor, 0.1, lambda: None)
+_until = until
 
 
 def _newer_store(directory: str) -> None:
