@@ -62,6 +62,7 @@ class _Watch(protocol.ProcessProtocol):
         self.output = b""
         self.serving: defer.Deferred = defer.Deferred()
         self.ended: defer.Deferred = defer.Deferred()
+        self.process: Any = None
 
     def outReceived(self, data: bytes) -> None:
         self.output += data
@@ -85,6 +86,24 @@ class DaemonTests(TestCase):
         os.makedirs(self.directory)
         self.env = dict(os.environ, PYTHONPATH=ROOT)
 
+    def spawn(self, *arguments: str) -> _Watch:
+        """``twistd -n --pidfile= ARGUMENTS`` in the test's directory,
+        stopped (SIGTERM, then waited for) in the test's cleanup."""
+        from twisted.internet import reactor
+
+        watch = _Watch()
+        watch.process = daemon = reactor.spawnProcess(
+            watch, TWISTD, [TWISTD, "-n", "--pidfile=", *arguments], env=self.env, path=self.directory,
+        )
+
+        async def stop() -> None:
+            if daemon.pid is not None:
+                daemon.signalProcess(signal.SIGTERM)
+            await watch.ended
+
+        self.addCleanup(lambda: defer.ensureDeferred(stop()))
+        return watch
+
     async def test_serves_operators(self) -> None:
         """`twistd -n estgw-approval --config FILE` makes its CAs on first
         start, serves HTTPS, and answers its default operator (curl with
@@ -95,18 +114,7 @@ class DaemonTests(TestCase):
         )
         from twisted.internet import reactor
 
-        watch = _Watch()
-        daemon = reactor.spawnProcess(
-            watch, TWISTD, [TWISTD, "-n", "--pidfile=", "estgw-approval", "--config", config],
-            env=self.env, path=self.directory,
-        )
-
-        async def stop() -> None:
-            if daemon.pid is not None:
-                daemon.signalProcess(signal.SIGTERM)
-            await watch.ended
-
-        self.addCleanup(lambda: defer.ensureDeferred(stop()))
+        watch = self.spawn("estgw-approval", "--config", config)
         url = await watch.serving.addTimeout(30, reactor)
         certificate, key = pki.default_operator_paths(load(config))
         ca = os.path.join(self.directory, "approval-state", "ca", "root-ca.pem")
@@ -130,19 +138,9 @@ class DaemonTests(TestCase):
             b"service.port = 0\nservice.interface = 127.0.0.1\nservice.hostnames = 127.0.0.1\n",
         )
         log = os.path.join(self.directory, "approval.log")
-        watch = _Watch()
+        watch = self.spawn("--logfile", log, "estgw-approval", "--config", config)
+        daemon = watch.process
         watch.serving.addErrback(lambda failure: None)  # the log goes to the file, not to stdout
-        daemon = reactor.spawnProcess(
-            watch, TWISTD, [TWISTD, "-n", "--pidfile=", "--logfile", log, "estgw-approval", "--config", config],
-            env=self.env, path=self.directory,
-        )
-
-        async def stop() -> None:
-            if daemon.pid is not None:
-                daemon.signalProcess(signal.SIGTERM)
-            await watch.ended
-
-        self.addCleanup(lambda: defer.ensureDeferred(stop()))
 
         def text(path: str) -> bytes:
             try:
