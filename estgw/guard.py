@@ -209,7 +209,8 @@ def answer_within(
             if returned_late is not None:
                 returned_late(outcome)
             return None
-        timer.cancel()
+        if timer.active():  # a test's reactor clean-up may have cancelled it
+            timer.cancel()
         if isinstance(outcome, Failure):
             answer.errback(outcome)
         else:

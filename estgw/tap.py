@@ -34,6 +34,7 @@ from estgw.ca.threads import threads_of
 from estgw.config import Config, ConfigError
 from estgw.daemon import StartError, _listen_now, end_process_on_failure, listen_all, shown_address
 from estgw.enroll import Gateway
+from estgw.guard import answer_within
 from estgw.health import (
     WRITE_CHECK_CACHE,
     WRITE_CHECK_SECONDS,
@@ -54,6 +55,8 @@ from estgw.web import build_site
 
 #: How often the store is looked at for revocations to put on the CRLs.
 CRL_REFRESH_SECONDS = 60.0
+# How long stopping waits for a CRL signature in progress (seconds).
+STOP_WAIT_SECONDS = 5.0
 
 
 class Options(usage.Options):
@@ -171,6 +174,7 @@ class GatewayService(service.Service):
             timeout=config.ca_timeout, max_signing=max(1, config.ca_max_overdue // 2),
         )
         self._crl_refresh: Any = None
+        self._crl_refresh_ended: defer.Deferred[Any] | None = None
         self.coaps_port: Any = None
         self.ready: defer.Deferred[None] = defer.Deferred()
         self.lag_probe = lagprobe.from_environment(reactor)
@@ -384,7 +388,7 @@ class GatewayService(service.Service):
             # CRLs re-signed after revocations (also by `estgw cert revoke` in
             # another process) and before their nextUpdate.
             self._crl_refresh = keep_fresh(self.published, self.reactor)
-            self._crl_refresh.start(CRL_REFRESH_SECONDS, now=True)
+            self._crl_refresh_ended = self._crl_refresh.start(CRL_REFRESH_SECONDS, now=True)
         if self.settle_gc:
             collector.settle()
         for port in self.ports:
@@ -447,6 +451,16 @@ class GatewayService(service.Service):
         refresh, self._crl_refresh = self._crl_refresh, None
         if refresh is not None and refresh.running:
             refresh.stop()
+        ended, self._crl_refresh_ended = self._crl_refresh_ended, None
+        if ended is not None:
+            # A CRL being signed (the first one starts with the service) is
+            # let finish, so its file is written whole and no CA call is
+            # left behind; a CA that hangs holds the stop only so long.
+            try:
+                await answer_within(self.reactor, STOP_WAIT_SECONDS, ended)
+            except defer.TimeoutError:
+                self._log.warn("stopping while a CRL is still being signed (waited {seconds:g} s)",
+                               seconds=STOP_WAIT_SECONDS)
         if self.gateway is not None:
             await self.gateway.portal.close()
         for procedure in self.state.procedures.values():

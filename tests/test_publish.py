@@ -25,7 +25,7 @@ from estgw import cli
 from estgw.config import ConfigError, from_string
 from estgw.passwords import hash_password
 from estgw.store import Device
-from estgw.testing import TEST_CONFIG, RunningGateway, _which, run_process, write
+from estgw.testing import TEST_CONFIG, RunningGateway, _which, run_process, until, write
 
 from .test_e2e import DEVICE, PASSWORD, Client, load_pem
 from .test_pki import FILE_PROCEDURE, operator_ca
@@ -345,3 +345,33 @@ class PublishConfigTests(TestCase):
         ):
             e = self.assertRaises(ConfigError, from_string, TEST_CONFIG + line + "\n")
             self.assertIn(f"{key}: ", str(e))
+
+
+class StopWhileSigningTests(TestCase):
+    async def test_stop_waits_for_the_first_crl(self) -> None:
+        """The CRL the publishing listener signs as it starts is let finish
+        when the gateway stops at once: its file is written whole and no
+        CA call or deadline is left in the reactor (trial fails the test
+        on a pending call)."""
+        import threading
+
+        from estgw.ca import publish
+        from estgw.ca.signing import CRL_FILE
+
+        reading = threading.Event()
+        entries_of = publish.entries_of
+
+        def slow(*args: Any) -> Any:
+            reading.set()
+            threading.Event().wait(1.0)  # a store slow to list its revocations, on a thread
+            return entries_of(*args)
+
+        self.patch(publish, "entries_of", slow)
+        gateway = await RunningGateway.start(self, TEST_CONFIG + "publish.port = 0\n")
+        [published] = {id(g): g for p in gateway.service.published.values() for g in p.generations}.values()
+        crl_path = os.path.join(published.ca.home(), CRL_FILE)
+        await until(reading.is_set, 10, 0.01)
+        self.assertFalse(os.path.exists(crl_path))
+        await gateway.stop()
+        with open(crl_path, "rb") as f:
+            x509.load_pem_x509_crl(f.read())
