@@ -10,6 +10,13 @@ gateway needs on top of it:
 - that client's address has one spelling however the header wrote it
   (v2 headers give IPv6 addresses uncompressed), so one client is one
   count, one audit name and one Digest binding;
+- a header that arrives in pieces is read whole (Twisted decides the
+  version from the first segment alone and closes the connection when it
+  is shorter than 8 or 16 bytes);
+- ``PROXY UNKNOWN\r\n`` (v1 without addresses, which a balancer sends
+  for its own health checks) is read as the spec says, "the receiver must
+  ignore anything presented before the CRLF is found", like v2's LOCAL
+  command: the connection is served and named by its TCP peer;
 - a connection without a readable header is audited (``bad-proxy-header``)
   before Twisted closes it: a balancer that sends none leaves a trace.
 """
@@ -92,8 +99,39 @@ class ClientLimits(WrappingFactory):
         self.counts = counts
 
 
+# The PROXY protocol spec (haproxy.org proxy-protocol.txt): v2 headers
+# start with this signature and are 16 bytes before their addresses; a v1
+# line is at most 107 bytes with its CRLF.
+_V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
+_V2_FIXED_PART = 16
+_V1_START = b"PROXY "
+_V1_MAX_LINE = 107
+_V1_UNKNOWN = b"PROXY UNKNOWN"
+
+
+def _held_enough(held: bytes) -> bool:
+    """Whether ``held`` (a connection's first bytes) is enough for
+    Twisted's header reader to decide on: a v2 header's fixed part, a whole
+    v1 line, or what can be neither."""
+    if _V2_SIGNATURE.startswith(held[:12]):
+        return len(held) >= _V2_FIXED_PART
+    if _V1_START.startswith(held[:6]):
+        return b"\r\n" in held or len(held) >= _V1_MAX_LINE
+    return True
+
+
+def _unknown_read_as_twisted_reads_it(held: bytes) -> bytes:
+    # Twisted's v1 parser wants a space after UNKNOWN; what follows it is
+    # ignored in either case.
+    line, crlf, rest = held.partition(b"\r\n")
+    if crlf and line == _V1_UNKNOWN:
+        return _V1_UNKNOWN + b" " + crlf + rest
+    return held
+
+
 class _ProxyHeader(HAProxyProtocolWrapper):
     factory: "_ProxyHeaderFactory"
+    _held = b""
 
     def _header_read(self) -> bool:
         # Twisted keeps what the header said here; there is no public
@@ -102,6 +140,13 @@ class _ProxyHeader(HAProxyProtocolWrapper):
 
     def dataReceived(self, data: bytes) -> None:
         before = self._header_read()
+        if not before and self._parser is None:
+            held = self._held + data
+            if not _held_enough(held):
+                self._held = held  # bounded: at most a v1 line
+                return
+            self._held = b""
+            data = _unknown_read_as_twisted_reads_it(held)
         super().dataReceived(data)
         if before:
             return
@@ -110,9 +155,18 @@ class _ProxyHeader(HAProxyProtocolWrapper):
             if isinstance(counted, _CountedClient):
                 counted.count()
         elif getattr(self.transport, "disconnecting", False):
-            host = limits.client_host(super().getPeer())
-            limits.refuse_connection(self.factory.refused, "bad-proxy-header", host,
-                                     "no PROXY protocol header (server.proxyProtocol)")
+            self._audit_no_header()
+
+    def _audit_no_header(self) -> None:
+        host = limits.client_host(super().getPeer())
+        limits.refuse_connection(self.factory.refused, "bad-proxy-header", host,
+                                 "no PROXY protocol header (server.proxyProtocol)")
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._held:  # it left in the middle of its header
+            self._held = b""
+            self._audit_no_header()
+        super().connectionLost(reason)
 
     def getPeer(self) -> Any:
         peer = super().getPeer()

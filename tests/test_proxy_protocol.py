@@ -13,11 +13,19 @@ from tests.test_twistd import TwistdTestCase
 from tests.test_workers import _until
 
 
-def _get_cacerts(port: int, root: str, header: bytes | None) -> bytes:
-    """One TLS request for cacerts, the PROXY header first when given."""
+def _get_cacerts(port: int, root: str, header: bytes | None, piece: int = 0) -> bytes:
+    """One TLS request for cacerts, the PROXY header first when given (in
+    TCP segments of ``piece`` bytes, 50 ms apart, when given)."""
+    import time
+
     context = ssl.create_default_context(cafile=root)
     with socket.create_connection(("127.0.0.1", port), timeout=20) as raw:
-        if header is not None:
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if header is not None and piece:
+            for start in range(0, len(header), piece):
+                raw.sendall(header[start:start + piece])
+                time.sleep(0.05)
+        elif header is not None:
             raw.sendall(header)
         with context.wrap_socket(raw, server_hostname="localhost") as tls:
             tls.sendall(b"GET /.well-known/est/cacerts HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
@@ -197,3 +205,46 @@ class ProxiedClientCountTests(_ProxyCase):
         self.assertTrue(await threads.deferToThread(
             _closed_within, port, b"GET / HTTP/1.0\r\nHost: x\r\n\r\n", 10))
         await _until(lambda: b"refused connection from 127.0.0.1: bad-proxy-header" in self.daemon.output, 10)
+
+
+class ProxyHeaderFormsTests(_ProxyCase):
+    """Every form of header the PROXY protocol spec allows is read, however
+    the TCP segments cut it; a header cut short is audited."""
+
+    async def served(self, header: bytes, piece: int = 0) -> None:
+        answer = await threads.deferToThread(_get_cacerts, self.port, self.root(), header, piece)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 200 "), (header, piece, answer[:200]))
+
+    async def test_headers_in_pieces_unknown_and_local(self) -> None:
+        self.port = port = await self.start_with("server.proxyProtocol = true")
+        # In pieces shorter than the bytes that tell v1 from v2.
+        await self.served(f"PROXY TCP4 203.0.113.9 127.0.0.1 40000 {port}\r\n".encode(), piece=3)
+        await _until(lambda: b'"203.0.113.9" - - [' in self.daemon.output, 10)
+        await self.served(_v2_header("2001:db8::9", port), piece=5)
+        await _until(lambda: b'"2001:db8::9" - - [' in self.daemon.output, 10)
+        # A balancer's own connections (health checks): v1 UNKNOWN with or
+        # without addresses, v2 LOCAL; named by the TCP peer.
+        served_before = self.daemon.output.count(b'"127.0.0.1" - - [')
+        await self.served(b"PROXY UNKNOWN\r\n")
+        await self.served(b"PROXY UNKNOWN\r\n", piece=4)
+        await self.served(b"PROXY UNKNOWN ffff:f::1 ffff:f::2 1 2\r\n")
+        await self.served(b"\r\n\r\n\x00\r\nQUIT\n" + bytes([0x20, 0x00, 0x00, 0x00]))
+        await _until(lambda: self.daemon.output.count(b'"127.0.0.1" - - [') == served_before + 4, 10)
+        self.assertNotIn(b"bad-proxy-header", self.daemon.output)
+
+    async def test_header_cut_short_is_audited(self) -> None:
+        port = await self.start_with("server.proxyProtocol = true")
+        refusal = b"refused connection from 127.0.0.1: bad-proxy-header"
+        for cut in (b"PROXY TCP4 198.51.", b"\r\n\r\n\x00\r\nQU", b"PRO"):
+            before = self.daemon.output.count(refusal)
+            raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+            raw.sendall(cut)
+            await task.deferLater(reactor, 0.3, lambda: None)  # the gateway holds it
+            raw.close()
+            await _until(lambda: self.daemon.output.count(refusal) == before + 1, 10)
+        # A v1 line longer than the spec's 107 bytes, and an UNKNOWN line
+        # that never ends, are refused at once.
+        for endless in (b"PROXY TCP4 " + b"1" * 120 + b"\r\n", b"PROXY UNKNOWN " + b"x" * 120):
+            before = self.daemon.output.count(refusal)
+            self.assertTrue(await threads.deferToThread(_closed_within, port, endless, 10))
+            await _until(lambda: self.daemon.output.count(refusal) == before + 1, 10)
