@@ -168,6 +168,8 @@ class Daemon(protocol.ProcessProtocol):
 
     def peak_rss_kib(self) -> int | None:
         """VmHWM of the daemon (twistd -n does not fork: the child is it)."""
+        if self.transport is None:
+            return None
         try:
             with open(f"/proc/{self.transport.pid}/status", encoding="ascii") as f:
                 for line in f:
@@ -178,7 +180,7 @@ class Daemon(protocol.ProcessProtocol):
         return None
 
     def _signal(self, name: str) -> None:
-        if not self.ended.called:
+        if not self.ended.called and self.transport is not None:
             try:
                 self.transport.signalProcess(name)
             except error.ProcessExitedAlready:

@@ -134,10 +134,10 @@ def _as_ca(local: Any, public_key: Any, kind: str) -> Any:
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
 
-    from estgw.ca import ROOT_KEY
+    from estgw.ca.local import ROOT_KEY
 
     with open(os.path.join(local.directory, ROOT_KEY), "rb") as f:
-        root_key = serialization.load_pem_private_key(f.read(), None)
+        root_key: Any = serialization.load_pem_private_key(f.read(), None)  # the root's EC or RSA key
     now = datetime.datetime.now(datetime.timezone.utc)
     return (
         x509.CertificateBuilder()

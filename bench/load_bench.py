@@ -656,8 +656,9 @@ def measure(options: argparse.Namespace, directory: str, workers: int) -> list[d
     # One set of basic devices per concurrency: a device seen in an earlier
     # run of the same daemon would hit the password cache, not scrypt.
     basic_names = [f"{prefix}-basic-{i}" for i in range(options.basic_devices * len(options.concurrency))]
+    notes: list[str] = []
     if options.target:
-        config_path, notes = options.config, []
+        config_path = options.config
         first = not hasattr(options, "enrolled")
     else:
         config_path, notes = write_config(directory, options, workers)
@@ -666,7 +667,8 @@ def measure(options: argparse.Namespace, directory: str, workers: int) -> list[d
         register(config_path, directory, device_names + basic_names)
     daemon: Daemon
     if options.target:
-        daemon = Targeted(*options.target, options.pid, options.lag_file)
+        host, port = options.target  # (host, port), from _arguments
+        daemon = Targeted(host, port, options.pid, options.lag_file)
     else:
         daemon = Daemon(config_path, directory, workers, options.server_cpus)
     rows = []

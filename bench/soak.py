@@ -46,7 +46,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from daemon import Client, Daemon, certificates_of, csr_body, proc_sample  # noqa: E402
 
 PASSWORD = "soak-password"
-EXPECTED = {
+EXPECTED: dict[str, set[int | None]] = {
     "enroll": {200}, "renew": {200}, "cacerts": {200}, "csrattrs": {200, 204}, "bad-csr": {400},
     "bad-auth": {401}, "not-found": {404}, "close-mid-body": {None}, "close-before-tls": {None},
 }
@@ -59,7 +59,7 @@ WEIGHTS = {
 class Worker:
     """One client thread with its own device and certificate."""
 
-    def __init__(self, daemon: Daemon, number: int, seed: int, counts: collections.Counter, lock: threading.Lock) -> None:
+    def __init__(self, daemon: Daemon, number: int, seed: int, counts: collections.Counter[str], lock: threading.Lock) -> None:
         self.daemon = daemon
         self.device = f"soak-{number}"
         self.random = random.Random(seed + number)
@@ -154,7 +154,7 @@ def soak(directory: str, minutes: float, clients: int, interval: float, seed: in
         if result.returncode:
             raise RuntimeError(f"estgw {' '.join(argv)}: {result.stderr.decode()}")
     daemon.start()
-    counts: collections.Counter = collections.Counter()
+    counts: collections.Counter[str] = collections.Counter()
     lock = threading.Lock()
     samples: list[tuple[float, int, int, int]] = []
     started = time.monotonic()
@@ -182,7 +182,7 @@ def soak(directory: str, minutes: float, clients: int, interval: float, seed: in
     def mean(rows: list[tuple[float, int, int, int]], column: int) -> float:
         return statistics.mean(r[column] for r in rows)
 
-    summary = {
+    summary: dict[str, Any] = {
         "requests": sum(v for k, v in counts.items() if k != "unexpected"),
         "counts": dict(counts),
         "unexpected": [u for w in workers for u in w.unexpected],
