@@ -417,7 +417,9 @@ class LimitedChannel(http.HTTPChannel):
             elif self._answered:
                 reason = f"the connection was idle for {self.timeOut:g} seconds with a request half-sent"
             else:
-                reason = f"the connection was idle for {self.timeOut:g} seconds"
+                # The TLS handshake (and a PROXY header) may have trickled
+                # in meanwhile: what is certain is that no request came.
+                reason = f"no request was received within {self.timeOut:g} seconds"
             self.refused("idle-timeout")
             _audit.info(
                 "{event} connection from {client}: {code}: {reason}",

@@ -23,6 +23,7 @@ gateway needs on top of it:
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any
 
 from twisted.internet.address import IPv4Address, IPv6Address
@@ -107,17 +108,48 @@ _V2_FIXED_PART = 16
 _V1_START = b"PROXY "
 _V1_MAX_LINE = 107
 _V1_UNKNOWN = b"PROXY UNKNOWN"
+_V1_ADDRESSES: dict[bytes, type[ipaddress.IPv4Address] | type[ipaddress.IPv6Address]] = {
+    b"TCP4": ipaddress.IPv4Address, b"TCP6": ipaddress.IPv6Address,
+}
+_NO_HEADER = "no PROXY protocol header (server.proxyProtocol)"
 
 
 def _held_enough(held: bytes) -> bool:
-    """Whether ``held`` (a connection's first bytes) is enough for
-    Twisted's header reader to decide on: a v2 header's fixed part, a whole
-    v1 line, or what can be neither."""
+    """Whether ``held`` (a connection's first bytes) is enough to decide
+    on: a v2 header's fixed part, a whole v1 line (or more bytes than one
+    may have), or what can be neither."""
     if _V2_SIGNATURE.startswith(held[:12]):
         return len(held) >= _V2_FIXED_PART
     if _V1_START.startswith(held[:6]):
         return b"\r\n" in held or len(held) >= _V1_MAX_LINE
     return True
+
+
+def _v1_problem(held: bytes) -> str | None:
+    """Why the v1 line ``held`` starts with is not one the spec (2.1)
+    allows; None when it is.  Twisted's parser takes any text for an
+    address or port, and raises on some (a traceback, no audit): the line
+    is judged here first, so what a client is named is an address."""
+    end = held.find(b"\r\n", 0, _V1_MAX_LINE)
+    if end < 0:
+        return f"the PROXY v1 header has no CRLF within {_V1_MAX_LINE} bytes"
+    fields = held[:end].split(b" ")
+    if fields[:2] == [b"PROXY", b"UNKNOWN"]:
+        return None  # "the receiver must ignore anything presented before the CRLF"
+    kind = _V1_ADDRESSES.get(fields[1]) if len(fields) == 6 and fields[0] == b"PROXY" else None
+    if kind is None:
+        return "the PROXY v1 header is not PROXY TCP4|TCP6|UNKNOWN with two addresses and two ports"
+    for address in fields[2:4]:
+        try:
+            kind(address.decode("ascii"))
+        except ValueError:  # UnicodeDecodeError too; a zone (%eth0) is refused below
+            return f"the PROXY v1 header names no {fields[1].decode()} address"
+        if b"%" in address:
+            return f"the PROXY v1 header names no {fields[1].decode()} address"
+    for port in fields[4:6]:
+        if not port.isdigit() or port != str(int(port)).encode() or int(port) > 65535:
+            return "the PROXY v1 header names no port (0 to 65535, in decimal)"
+    return None
 
 
 def _unknown_read_as_twisted_reads_it(held: bytes) -> bytes:
@@ -129,9 +161,29 @@ def _unknown_read_as_twisted_reads_it(held: bytes) -> bytes:
     return held
 
 
+def _named_client(peer: Any) -> Any:
+    """``peer`` (an address a header named) in the one spelling of its
+    client: IPv6 compressed, an IPv4-mapped IPv6 address as the IPv4 one."""
+    host = getattr(peer, "host", None)
+    if not isinstance(peer, (IPv4Address, IPv6Address)) or host is None:
+        return peer
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return peer
+    mapped = getattr(address, "ipv4_mapped", None)
+    if mapped is not None:
+        return IPv4Address(peer.type, str(mapped), peer.port)
+    if str(address) != host:
+        return type(peer)(peer.type, str(address), peer.port)
+    return peer
+
+
 class _ProxyHeader(HAProxyProtocolWrapper):
     factory: "_ProxyHeaderFactory"
     _held = b""
+    _audited = False  # one bad-proxy-header line per connection
+    _closed_here = False  # the gateway closed it (a timeout, a refusal), not the client
 
     def _header_read(self) -> bool:
         # Twisted keeps what the header said here; there is no public
@@ -140,42 +192,71 @@ class _ProxyHeader(HAProxyProtocolWrapper):
 
     def dataReceived(self, data: bytes) -> None:
         before = self._header_read()
-        if not before and self._parser is None:
+        if before or self._audited:
+            if before:
+                super().dataReceived(data)
+            return
+        if self._parser is None:
             held = self._held + data
             if not _held_enough(held):
                 self._held = held  # bounded: at most a v1 line
                 return
             self._held = b""
+            problem = _v1_problem(held) if _V1_START.startswith(held[:6]) else None
+            if problem is not None:
+                self._refuse(problem)
+                return
             data = _unknown_read_as_twisted_reads_it(held)
-        super().dataReceived(data)
-        if before:
+        try:
+            super().dataReceived(data)
+        except Exception:
+            if self._header_read():
+                raise  # from what follows the header, not the header
+            self._refuse("the PROXY protocol header cannot be read")
             return
         if self._header_read():
             counted = self.wrappedProtocol
             if isinstance(counted, _CountedClient):
                 counted.count()
-        elif getattr(self.transport, "disconnecting", False):
-            self._audit_no_header()
+        elif self._closed_here:  # Twisted refused what it read
+            self._audit_no_header(_NO_HEADER)
 
-    def _audit_no_header(self) -> None:
-        host = limits.client_host(super().getPeer())
-        limits.refuse_connection(self.factory.refused, "bad-proxy-header", host,
-                                 "no PROXY protocol header (server.proxyProtocol)")
+    def _refuse(self, reason: str) -> None:
+        self._audit_no_header(reason)
+        self.loseConnection()
+
+    def _audit_no_header(self, reason: str) -> None:
+        if self._audited:
+            return
+        self._audited = True
+        transport: Any = self.transport
+        host = limits.client_host(transport.getPeer())
+        limits.refuse_connection(self.factory.refused, "bad-proxy-header", host, reason)
+
+    def loseConnection(self) -> None:
+        self._closed_here = True
+        super().loseConnection()
+
+    def abortConnection(self) -> None:
+        # ProtocolWrapper hands this to its transport through __getattr__.
+        self._closed_here = True
+        transport: Any = self.transport
+        transport.abortConnection()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if self._held:  # it left in the middle of its header
-            self._held = b""
-            self._audit_no_header()
+        if not self._header_read() and (self._held or self._parser is not None) and not self._closed_here:
+            self._audit_no_header("the client left in the middle of its PROXY protocol header")
+        self._held = b""
         super().connectionLost(reason)
 
     def getPeer(self) -> Any:
         peer = super().getPeer()
-        host = getattr(peer, "host", None)
-        if isinstance(peer, (IPv4Address, IPv6Address)) and host is not None:
-            canonical = limits.client_host(peer)
-            if canonical != host:
-                return type(peer)(peer.type, canonical, peer.port)
-        return peer
+        if not isinstance(peer, (IPv4Address, IPv6Address)):
+            # A v2 header naming a UNIX socket: the balancer's own peer,
+            # as for LOCAL and UNSPEC, rather than a path per client.
+            transport: Any = self.transport
+            return transport.getPeer()
+        return _named_client(peer)
 
 
 class _ProxyHeaderFactory(HAProxyWrappingFactory):

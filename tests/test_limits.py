@@ -219,7 +219,7 @@ class SlowClientTests(TestCase):
         self.assertEqual(client.received, b"")
         self.assertEqual(audit.refused, ["idle-timeout"])
         line = audit_record(audit, "idle-timeout")
-        self.assertEqual((line["reason"], line["client"]), ("the connection was idle for 1 seconds", "127.0.0.1"))
+        self.assertEqual((line["reason"], line["client"]), ("no request was received within 1 seconds", "127.0.0.1"))
         self.assertNotIn("status", line)
         self.assertIn('estgw_refusals_total{code="idle-timeout"} 1.0', gateway.service.gateway.metrics.render().decode())
 

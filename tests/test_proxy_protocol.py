@@ -248,3 +248,104 @@ class ProxyHeaderFormsTests(_ProxyCase):
             before = self.daemon.output.count(refusal)
             self.assertTrue(await threads.deferToThread(_closed_within, port, endless, 10))
             await _until(lambda: self.daemon.output.count(refusal) == before + 1, 10)
+
+
+def _v2(command: int, family: int, body: bytes) -> bytes:
+    import struct
+
+    return b"\r\n\r\n\x00\r\nQUIT\n" + bytes([command, family]) + struct.pack("!H", len(body)) + body
+
+
+class ProxyHeaderRefusalTests(_ProxyCase):
+    """A header the spec does not allow is refused with one audit line and
+    its reason, never a traceback; whatever a header names, the client is
+    an IP address in one spelling."""
+
+    def refusals(self) -> int:
+        return self.daemon.output.count(b"refused connection from 127.0.0.1: bad-proxy-header")
+
+    async def test_malformed_v1_lines(self) -> None:
+        port = await self.start_with("server.proxyProtocol = true")
+        bad = [
+            b"PROXY TCP4 192.0.2.7 10.0.0.1 abc 8443\r\n",  # a port that is no number
+            b"PROXY TCP4  192.0.2.7 10.0.0.1 1 2\r\n",  # two spaces
+            b"PROXY TCP4 \xff\xfe 10.0.0.1 1 2\r\n",  # not ASCII
+            b"PROXY TCP4 evil.example 10.0.0.1 1 2\r\n",
+            b"PROXY TCP4 999.1.1.1 10.0.0.1 1 2\r\n",
+            b"PROXY TCP4 192.0.2.01 10.0.0.1 1 2\r\n",  # a leading zero
+            b"PROXY TCP4 3221225985 10.0.0.1 1 2\r\n",  # an integer
+            b"PROXY TCP4 2001:db8::9 10.0.0.1 1 2\r\n",  # the other family
+            b"PROXY TCP6 192.0.2.10 ::1 1 2\r\n",
+            b"PROXY TCP6 fe80::1%eth0 ::1 1 2\r\n",  # a zone
+            b"PROXY TCP4 192.0.2.7 10.0.0.1 99999 2\r\n",
+            b"PROXY TCP4 192.0.2.7 10.0.0.1 -1 2\r\n",
+            b"PROXY TCP4 192.0.2.7 10.0.0.1 0080 2\r\n",
+            b"PROXY TCP4 a\x1b[31mb 10.0.0.1 1 2\r\n",  # an escape sequence as a client
+            b"PROXY TCP4 192.0.2.7 10.0.0.1 1 2 3\r\n",  # a seventh field
+            b"PROXY TCP4 192.0.2.7 10.0.0.1 1 2" + b" " * 100 + b"\r\n",  # past 107 bytes
+            b"PROXY TCP4 192.0.2.7 10.0.0.1 1 2" + b" " * 74,  # 107 bytes, no CRLF yet
+        ]
+        for header in bad:
+            before = self.refusals()
+            self.assertTrue(await threads.deferToThread(_closed_within, port, header, 10), header)
+            await _until(lambda: self.refusals() == before + 1, 10)
+        self.assertNotIn(b"Unhandled Error", self.daemon.output)
+        self.assertNotIn(b"Traceback", self.daemon.output)
+        self.assertNotIn(b"\x1b", self.daemon.output)
+        self.assertIn(b"bad-proxy-header: the PROXY v1 header names no TCP4 address", self.daemon.output)
+        self.assertIn(b"bad-proxy-header: the PROXY v1 header names no port (0 to 65535, in decimal)",
+                      self.daemon.output)
+        # The gateway serves on.
+        answer = await threads.deferToThread(
+            _get_cacerts, port, self.root(), f"PROXY TCP4 192.0.2.7 127.0.0.1 1 {port}\r\n".encode())
+        self.assertTrue(answer.startswith(b"HTTP/1.1 200 "), answer[:200])
+
+    async def test_leaving_mid_header_once_and_timeouts_not_twice(self) -> None:
+        port = await self.start_with("server.proxyProtocol = true", "server.idleTimeout = 1")
+        # Parts of v2 headers that Twisted's reader holds, then the client leaves.
+        for cut in (_v2(0x21, 0x11, b"")[:-2] + b"\x00\x0c\x01\x02", _v2(0x21, 0x11, b"")[:-2] + b"\xff\xff",
+                    _v2(0x20, 0x00, b"\x01\x00\x05ab")[:-1]):
+            before = self.refusals()
+            raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+            raw.sendall(cut)
+            await task.deferLater(reactor, 0.2, lambda: None)
+            raw.close()
+            await _until(lambda: self.refusals() == before + 1, 10)
+        self.assertIn(b"the client left in the middle of its PROXY protocol header", self.daemon.output)
+        # A header that stops coming is closed by server.idleTimeout: one
+        # line, idle-timeout, and no second one.
+        before = self.refusals()
+        for cut in (b"PROX", _v2(0x21, 0x11, b"")[:-2] + b"\x00\x0c\x01"):
+            idle_before = self.daemon.output.count(b"idle-timeout")
+            self.assertTrue(await threads.deferToThread(_closed_within, port, cut, 10))
+            await _until(lambda: self.daemon.output.count(b"idle-timeout") == idle_before + 1, 10)
+        await task.deferLater(reactor, 0.5, lambda: None)
+        self.assertEqual(self.refusals(), before)
+        self.assertIn(b"idle-timeout: no request was received within 1 seconds", self.daemon.output)
+
+    async def test_one_client_however_named(self) -> None:
+        """A UNIX socket in a v2 header is the balancer's connection (as
+        LOCAL); an IPv4-mapped IPv6 address is its IPv4 client."""
+        import ipaddress
+        import struct
+
+        port = await self.start_with("server.proxyProtocol = true", "server.maxConnectionsPerClient = 2")
+        unix = b"/tmp/a".ljust(108, b"\x00") + b"/tmp/b".ljust(108, b"\x00")
+        await self.check_named(port, _v2(0x21, 0x31, unix), b'"127.0.0.1" - - [')
+        mapped = ipaddress.IPv6Address("::ffff:192.0.2.1").packed
+        held = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
+        held[0].sendall(f"PROXY TCP6 ::ffff:192.0.2.1 ::1 40000 {port}\r\n".encode())
+        held[1].sendall(_v2(0x21, 0x21, mapped + ipaddress.IPv6Address("::1").packed
+                            + struct.pack("!HH", 40001, port)))
+        await task.deferLater(reactor, 0.5, lambda: None)  # the gateway reads them first
+        third = f"PROXY TCP4 192.0.2.1 127.0.0.1 40002 {port}\r\n".encode()
+        self.assertTrue(await threads.deferToThread(_closed_within, port, third, 10))
+        await _until(lambda: b"refused connection from 192.0.2.1: too-many-connections-per-client"
+                     in self.daemon.output, 10)
+        for raw in held:
+            raw.close()
+
+    async def check_named(self, port: int, header: bytes, access: bytes) -> None:
+        answer = await threads.deferToThread(_get_cacerts, port, self.root(), header)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 200 "), answer[:200])
+        await _until(lambda: access in self.daemon.output, 10)
