@@ -191,11 +191,11 @@ class _ProxyHeader(HAProxyProtocolWrapper):
         return self._proxyInfo is not None
 
     def dataReceived(self, data: bytes) -> None:
-        before = self._header_read()
-        if before or self._audited:
-            if before:
-                super().dataReceived(data)
+        if self._header_read():
+            super().dataReceived(data)
             return
+        if self._audited or self._closed_here:
+            return  # being closed: what still comes is not read
         if self._parser is None:
             held = self._held + data
             if not _held_enough(held):

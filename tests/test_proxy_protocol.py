@@ -137,7 +137,8 @@ class ProxiedConnectionCapTests(_ProxyCase):
         await _until(lambda: b"too-many-connections" in self.daemon.output, 10)
         for conn in held:
             conn.close()
-        self.assertTrue(await threads.deferToThread(self._served, port, "198.51.100.3"))
+        # Served once the gateway has seen the two close (not at once).
+        await _until(lambda: self._served(port, "198.51.100.3"), 10)
         self.assertNotIn(b"Unhandled Error", self.daemon.output)
 
 
