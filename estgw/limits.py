@@ -386,6 +386,17 @@ class LimitedChannel(http.HTTPChannel):
         self._answered += 1
         super().requestDone(request)
 
+    def loseConnection(self) -> None:
+        """Close after what was written (``Connection: close``, HTTP/1.0,
+        a refusal).  Over TLS the close waits for the client's close_notify,
+        which a client may never send: it is cut off after
+        ``server.idleTimeout`` seconds (at least :attr:`refusal_abort_seconds`)
+        instead of holding its connection slot for ever."""
+        if self._abortingCall is None and self.transport is not None:
+            grace = max(self._savedTimeOut or self.timeOut or 0, self.refusal_abort_seconds)
+            self._abortingCall = self.callLater(grace, self.forceAbortClient)
+        super().loseConnection()
+
     def _between_requests(self) -> bool:
         """Every request read was answered and the answers taken, and no
         byte of a next request has come: a kept-alive connection at rest."""

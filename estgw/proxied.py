@@ -112,6 +112,7 @@ _V1_ADDRESSES: dict[bytes, type[ipaddress.IPv4Address] | type[ipaddress.IPv6Addr
     b"TCP4": ipaddress.IPv4Address, b"TCP6": ipaddress.IPv6Address,
 }
 _NO_HEADER = "no PROXY protocol header (server.proxyProtocol)"
+_NOT_VALID = "the PROXY protocol header is not valid"
 
 
 def _held_enough(held: bytes) -> bool:
@@ -125,11 +126,31 @@ def _held_enough(held: bytes) -> bool:
     return True
 
 
+_V2_COMMANDS = (0x20, 0x21)  # version 2: LOCAL, PROXY
+# AF_UNSPEC, then TCP and UDP over IPv4, IPv6 and UNIX sockets; "other
+# values are unspecified and must not be emitted ... and must be rejected
+# as invalid by receivers" (2.2).
+_V2_FAMILIES = (0x00, 0x11, 0x12, 0x21, 0x22, 0x31, 0x32)
+
+
+def _v2_problem(held: bytes) -> str | None:
+    """Why the v2 header's fixed part (``held``, at least 16 bytes) is
+    not one the spec (2.2) allows; None when it is.  Twisted's reader
+    takes a family byte the spec says to refuse."""
+    if held[12] not in _V2_COMMANDS:
+        return "the PROXY v2 header has no version 2 LOCAL or PROXY command"
+    if held[13] not in _V2_FAMILIES:
+        return f"the PROXY v2 header has an address family and protocol the spec does not define (0x{held[13]:02x})"
+    return None
+
+
 def _v1_problem(held: bytes) -> str | None:
     """Why the v1 line ``held`` starts with is not one the spec (2.1)
     allows; None when it is.  Twisted's parser takes any text for an
     address or port, and raises on some (a traceback, no audit): the line
     is judged here first, so what a client is named is an address."""
+    if not held.startswith(_V1_START):
+        return "the PROXY v1 header does not start with PROXY and a space"
     end = held.find(b"\r\n", 0, _V1_MAX_LINE)
     if end < 0:
         return f"the PROXY v1 header has no CRLF within {_V1_MAX_LINE} bytes"
@@ -202,7 +223,11 @@ class _ProxyHeader(HAProxyProtocolWrapper):
                 self._held = held  # bounded: at most a v1 line
                 return
             self._held = b""
-            problem = _v1_problem(held) if _V1_START.startswith(held[:6]) else None
+            problem = None
+            if held.startswith(b"PROXY"):
+                problem = _v1_problem(held)
+            elif held.startswith(_V2_SIGNATURE):
+                problem = _v2_problem(held)
             if problem is not None:
                 self._refuse(problem)
                 return
@@ -219,7 +244,7 @@ class _ProxyHeader(HAProxyProtocolWrapper):
             if isinstance(counted, _CountedClient):
                 counted.count()
         elif self._closed_here:  # Twisted refused what it read
-            self._audit_no_header(_NO_HEADER)
+            self._audit_no_header(_NOT_VALID if self._parser is not None else _NO_HEADER)
 
     def _refuse(self, reason: str) -> None:
         self._audit_no_header(reason)

@@ -735,3 +735,54 @@ class LimitConfigTests(SynchronousTestCase):
     def test_zero_connections_means_no_cap(self) -> None:
         """server.maxConnections = 0 turns the cap off (documented)."""
         self.assertEqual(from_string(TEST_CONFIG + "server.maxConnections = 0\n").max_connections, 0)
+
+
+def _answered_then_silent(port: int, ca_file: str, wait: float) -> tuple[bytes, float | None]:
+    """GET cacerts with Connection: close over TLS, read the answer and the
+    gateway's close_notify, then keep the TCP connection open without
+    answering it.  The answer, and how long after it the gateway closed the
+    TCP connection (None: not within ``wait`` seconds)."""
+    import socket
+    import ssl
+
+    context = ssl.create_default_context(cafile=ca_file)
+    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+    tls = context.wrap_socket(raw, server_hostname="localhost")
+    tls.sendall(b"GET /.well-known/est/cacerts HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+    answer = b""
+    while True:
+        data = tls.recv(65536)  # b"" once the gateway's close_notify came
+        if not data:
+            break
+        answer += data
+    beneath = socket.socket(fileno=os.dup(tls.fileno()))  # TCP, without sending close_notify back
+    beneath.settimeout(wait)
+    started = time.monotonic()
+    try:
+        closed = beneath.recv(1) == b""
+    except ConnectionResetError:
+        closed = True
+    except socket.timeout:
+        closed = False
+    finally:
+        beneath.close()
+        raw.detach()
+        tls.detach()
+    return answer, (time.monotonic() - started) if closed else None
+
+
+class CloseWithoutCloseNotifyTests(TestCase):
+    async def test_client_that_never_sends_close_notify_is_cut_off(self) -> None:
+        """After an answer with Connection: close the gateway sends
+        close_notify and waits for the client's; a client that never sends
+        it is cut off after server.idleTimeout, not held for ever."""
+        from twisted.internet import threads
+
+        gateway = await RunningGateway.start(self, TEST_CONFIG + "server.idleTimeout = 2\n")
+        answer, closed_after = await threads.deferToThread(
+            _answered_then_silent, gateway.port, gateway.ca_file, 15)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 200 "), answer[:100])
+        self.assertIsNotNone(closed_after)
+        assert closed_after is not None
+        self.assertLess(closed_after, 10)
+        self.assertEqual(gateway.service.connection_counts.total, 0)

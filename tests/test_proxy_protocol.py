@@ -350,3 +350,23 @@ class ProxyHeaderRefusalTests(_ProxyCase):
         answer = await threads.deferToThread(_get_cacerts, port, self.root(), header)
         self.assertTrue(answer.startswith(b"HTTP/1.1 200 "), answer[:200])
         await _until(lambda: access in self.daemon.output, 10)
+
+    async def test_malformed_v2_and_v1_starts_with_their_reasons(self) -> None:
+        port = await self.start_with("server.proxyProtocol = true")
+        cases = [
+            (_v2(0x21, 0x10, b"\x00" * 12), b"address family and protocol the spec does not define (0x10)"),
+            (_v2(0x11, 0x11, b"\x00" * 12), b"no version 2 LOCAL or PROXY command"),
+            (_v2(0x22, 0x11, b"\x00" * 12), b"no version 2 LOCAL or PROXY command"),
+            (_v2(0x21, 0x11, b"\x00" * 4), b"bad-proxy-header: the PROXY protocol header is not valid"),
+            (b"PROXYXTCP4 1.2.3.4 5.6.7.8 1 2", b"does not start with PROXY and a space"),
+            (b"PROXY\r\n", b"does not start with PROXY and a space"),
+            (b"GET / HTTP/1.0\r\n\r\n", b"bad-proxy-header: no PROXY protocol header"),
+        ]
+        for header, reason in cases:
+            before = self.refusals()
+            # Refused at once: well before the idle timeout (60 s).
+            self.assertTrue(await threads.deferToThread(_closed_within, port, header, 5), header)
+            await _until(lambda: self.refusals() == before + 1, 10)
+            [*_, last] = (line for line in self.daemon.output.splitlines() if b"bad-proxy-header" in line)
+            self.assertIn(reason, last, header)
+        self.assertNotIn(b"Traceback", self.daemon.output)
