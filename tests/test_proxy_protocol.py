@@ -370,3 +370,29 @@ class ProxyHeaderRefusalTests(_ProxyCase):
             [*_, last] = (line for line in self.daemon.output.splitlines() if b"bad-proxy-header" in line)
             self.assertIn(reason, last, header)
         self.assertNotIn(b"Traceback", self.daemon.output)
+
+    async def test_long_v2_header_in_small_pieces(self) -> None:
+        """A v2 header with 60,000 bytes of TLVs (PP2_TYPE_NOOP), sent in
+        7-byte segments, is read whole and names its client."""
+        import ipaddress
+        import struct
+
+        port = await self.start_with("server.proxyProtocol = true")
+        noop = b"\x04" + struct.pack("!H", 60000 - 3) + b"\x00" * (60000 - 3)
+        addresses = (ipaddress.IPv4Address("203.0.113.77").packed + ipaddress.IPv4Address("127.0.0.1").packed
+                     + struct.pack("!HH", 40000, port))
+        header = _v2(0x21, 0x11, addresses + noop)
+
+        def send() -> bytes:
+            raw = socket.create_connection(("127.0.0.1", port), timeout=20)
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            for start in range(0, len(header), 7):
+                raw.sendall(header[start:start + 7])
+            context = ssl.create_default_context(cafile=self.root())
+            with context.wrap_socket(raw, server_hostname="localhost") as tls:
+                tls.sendall(b"GET /.well-known/est/cacerts HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                return tls.recv(100)
+
+        answer = await threads.deferToThread(send)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 200 "), answer)
+        await _until(lambda: b'"203.0.113.77" - - [' in self.daemon.output, 10)
