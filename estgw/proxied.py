@@ -17,8 +17,12 @@ gateway needs on top of it:
   for its own health checks) is read as the spec says, "the receiver must
   ignore anything presented before the CRLF is found", like v2's LOCAL
   command: the connection is served and named by its TCP peer;
-- a connection without a readable header is audited (``bad-proxy-header``)
-  before Twisted closes it: a balancer that sends none leaves a trace.
+- a v1 line and a v2 header's fixed part are judged by the spec before
+  Twisted reads them (its v1 parser takes any text for an address and
+  raises on some): what names a client is an IP address;
+- a connection without a header, with one the spec does not allow, or
+  that leaves in the middle of it, is audited once (``bad-proxy-header``,
+  with the reason): a balancer that sends none leaves a trace.
 """
 
 from __future__ import annotations
@@ -248,13 +252,13 @@ class _ProxyHeader(HAProxyProtocolWrapper):
             if isinstance(counted, _CountedClient):
                 counted.count()
         elif self._closed_here:  # Twisted refused what it read
-            self._audit_no_header(_NOT_VALID if self._parser is not None else _NO_HEADER)
+            self._audit_bad_header(_NOT_VALID if self._parser is not None else _NO_HEADER)
 
     def _refuse(self, reason: str) -> None:
-        self._audit_no_header(reason)
+        self._audit_bad_header(reason)
         self.loseConnection()
 
-    def _audit_no_header(self, reason: str) -> None:
+    def _audit_bad_header(self, reason: str) -> None:
         if self._audited:
             return
         self._audited = True
@@ -274,7 +278,7 @@ class _ProxyHeader(HAProxyProtocolWrapper):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if not self._header_read() and (self._held or self._parser is not None) and not self._closed_here:
-            self._audit_no_header("the client left in the middle of its PROXY protocol header")
+            self._audit_bad_header("the client left in the middle of its PROXY protocol header")
         self._held = bytearray()
         super().connectionLost(reason)
 
