@@ -41,6 +41,20 @@ class _ProxyCase(TwistdTestCase):
     def root(self) -> str:
         return os.path.join(self.directory, "state", "ca", "root-ca.pem")
 
+    async def third_refused(self, port: int, two: list[bytes], third: bytes, client: str) -> None:
+        """With server.maxConnectionsPerClient = 2: connections held behind
+        the ``two`` headers and one behind ``third`` are one client's, so
+        the third is refused, and the audit names ``client``."""
+        held = [socket.create_connection(("127.0.0.1", port)) for _ in two]
+        for raw, header in zip(held, two):
+            raw.sendall(header)
+        await task.deferLater(reactor, 0.5, lambda: None)  # the gateway reads them first
+        self.assertTrue(await threads.deferToThread(_closed_within, port, third, 10))
+        refusal = f"refused connection from {client}: too-many-connections-per-client".encode()
+        await _until(lambda: refusal in self.daemon.output, 10)
+        for raw in held:
+            raw.close()
+
     async def start_with(self, *lines: str) -> int:
         with open(self.config, "a", encoding="utf-8") as f:
             f.write("\n" + "\n".join(lines) + "\n")
@@ -190,16 +204,9 @@ class ProxiedClientCountTests(_ProxyCase):
         """v1 and v2 headers, compressed or not, upper or lower case: one
         client, one count, one name in the audit."""
         port = await self.start_with("server.proxyProtocol = true", "server.maxConnectionsPerClient = 2")
-        held = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
-        held[0].sendall(f"PROXY TCP6 2001:DB8:0::5 ::1 40000 {port}\r\n".encode())
-        held[1].sendall(_v2_header("2001:db8::5", port))
-        await task.deferLater(reactor, 0.5, lambda: None)  # the gateway reads them first
-        third = f"PROXY TCP6 2001:db8::5 ::1 40002 {port}\r\n".encode()
-        self.assertTrue(await threads.deferToThread(_closed_within, port, third, 10))
-        await _until(lambda: b"refused connection from 2001:db8::5: too-many-connections-per-client"
-                     in self.daemon.output, 10)
-        for raw in held:
-            raw.close()
+        await self.third_refused(port, [f"PROXY TCP6 2001:DB8:0::5 ::1 40000 {port}\r\n".encode(),
+                                        _v2_header("2001:db8::5", port)],
+                                 f"PROXY TCP6 2001:db8::5 ::1 40002 {port}\r\n".encode(), "2001:db8::5")
 
     async def test_missing_header_is_audited(self) -> None:
         port = await self.start_with("server.proxyProtocol = true")
@@ -334,17 +341,9 @@ class ProxyHeaderRefusalTests(_ProxyCase):
         unix = b"/tmp/a".ljust(108, b"\x00") + b"/tmp/b".ljust(108, b"\x00")
         await self.check_named(port, _v2(0x21, 0x31, unix), b'"127.0.0.1" - - [')
         mapped = ipaddress.IPv6Address("::ffff:192.0.2.1").packed
-        held = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
-        held[0].sendall(f"PROXY TCP6 ::ffff:192.0.2.1 ::1 40000 {port}\r\n".encode())
-        held[1].sendall(_v2(0x21, 0x21, mapped + ipaddress.IPv6Address("::1").packed
-                            + struct.pack("!HH", 40001, port)))
-        await task.deferLater(reactor, 0.5, lambda: None)  # the gateway reads them first
-        third = f"PROXY TCP4 192.0.2.1 127.0.0.1 40002 {port}\r\n".encode()
-        self.assertTrue(await threads.deferToThread(_closed_within, port, third, 10))
-        await _until(lambda: b"refused connection from 192.0.2.1: too-many-connections-per-client"
-                     in self.daemon.output, 10)
-        for raw in held:
-            raw.close()
+        v2_mapped = _v2(0x21, 0x21, mapped + ipaddress.IPv6Address("::1").packed + struct.pack("!HH", 40001, port))
+        await self.third_refused(port, [f"PROXY TCP6 ::ffff:192.0.2.1 ::1 40000 {port}\r\n".encode(), v2_mapped],
+                                 f"PROXY TCP4 192.0.2.1 127.0.0.1 40002 {port}\r\n".encode(), "192.0.2.1")
 
     async def check_named(self, port: int, header: bytes, access: bytes) -> None:
         answer = await threads.deferToThread(_get_cacerts, port, self.root(), header)
